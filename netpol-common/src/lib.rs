@@ -1,0 +1,180 @@
+//! Map keys, values and constants shared by the TC programs (`netpol-ebpf`) and userspace
+//! (`netpol-daemon`). Everything here is `#[repr(C)]`, padding is explicit and must be zero.
+//!
+//! # Datapath design
+//!
+//! Every pod interface the daemon manages has an entry in [`ENDPOINTS`](map names below), keyed
+//! by the host-side ifindex, giving the pod's endpoint id and which directions are isolated.
+//!
+//! Policy lookup is two longest-prefix-match lookups, never a loop over rules:
+//!
+//! 1. `POLICY_PEERS`: LPM trie keyed by ([`PeerKey`]: endpoint, direction, family, peer address).
+//!    The compiler inserts every prefix that matters for that endpoint and direction (ipBlock
+//!    cidrs, their excepts, peer pod addresses) and gives each prefix the set of ports allowed
+//!    to the addresses for which it is the longest match. The value ([`PeerValue`]) names an
+//!    interned port set, or says "all traffic".
+//! 2. `POLICY_PORTS`: LPM trie keyed by ([`PortKey`]: port set id, protocol, port). A port range
+//!    is stored as at most 30 port prefixes, so `endPort` ranges of any width cost O(log) entries.
+//!
+//! Allowed flows are recorded in the `CONNTRACK` LRU hash ([`CtKey`]) per endpoint and direction,
+//! so replies pass the other direction even when it is isolated.
+#![no_std]
+
+/// Traffic entering the pod (enforced at TC egress of the host-side veth).
+pub const DIR_INGRESS: u8 = 0;
+/// Traffic leaving the pod (enforced at TC ingress of the host-side veth).
+pub const DIR_EGRESS: u8 = 1;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+/// [`EndpointInfo::flags`]: the pod is isolated for ingress.
+pub const EP_ISOLATE_INGRESS: u32 = 1;
+/// [`EndpointInfo::flags`]: the pod is isolated for egress.
+pub const EP_ISOLATE_EGRESS: u32 = 2;
+
+/// [`PeerValue::flags`]: every protocol and port is allowed for this peer prefix.
+pub const PEER_ALLOW_ALL: u32 = 1;
+
+/// Upper bound on endpoint ids (pods with programs on this node); sizes the counter array.
+pub const MAX_ENDPOINTS: u32 = 4096;
+/// Counter slots per endpoint: direction (2) x verdict (2).
+pub const COUNTER_SLOTS: u32 = 4;
+pub const VERDICT_ALLOW: u32 = 0;
+pub const VERDICT_DENY: u32 = 1;
+
+/// Index of a counter in `COUNTERS` for an endpoint, direction and verdict.
+#[inline(always)]
+pub const fn counter_index(endpoint: u32, dir: u8, verdict: u32) -> u32 {
+    endpoint * COUNTER_SLOTS + (dir as u32) * 2 + verdict
+}
+
+/// Map names, shared so userspace and the programs cannot drift apart.
+pub mod maps {
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const POLICY_PEERS: &str = "POLICY_PEERS";
+    pub const POLICY_PORTS: &str = "POLICY_PORTS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Program names (the function names in netpol-ebpf).
+pub mod programs {
+    /// Attached at TC ingress of the host veth: enforces the pod's egress.
+    pub const FROM_POD: &str = "netpol_from_pod";
+    /// Attached at TC egress of the host veth: enforces the pod's ingress.
+    pub const TO_POD: &str = "netpol_to_pod";
+}
+
+pub const ENDPOINTS_MAX: u32 = MAX_ENDPOINTS;
+pub const POLICY_PEERS_MAX: u32 = 262_144;
+pub const POLICY_PORTS_MAX: u32 = 262_144;
+pub const CONNTRACK_MAX: u32 = 262_144;
+pub const NODE_ADDRS_MAX: u32 = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EndpointInfo {
+    pub id: u32,
+    pub flags: u32,
+}
+
+/// Data part of the `POLICY_PEERS` LPM key. The prefix length counts
+/// [`PEER_KEY_FIXED_BITS`] plus the address prefix bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PeerKey {
+    pub endpoint: u32,
+    pub dir: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    /// Network byte order; IPv4 uses the first 4 bytes, the rest is zero.
+    pub addr: [u8; 16],
+}
+pub const PEER_KEY_FIXED_BITS: u32 = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PeerValue {
+    pub portset: u32,
+    pub flags: u32,
+}
+
+/// Data part of the `POLICY_PORTS` LPM key. The prefix length counts [`PORT_KEY_FIXED_BITS`]
+/// plus the port prefix bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PortKey {
+    pub portset: u32,
+    pub proto: u8,
+    pub _pad: u8,
+    /// Network byte order.
+    pub port: [u8; 2],
+}
+pub const PORT_KEY_FIXED_BITS: u32 = 48;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PortValue {
+    pub flags: u32,
+}
+
+/// Conntrack key: the packet's own tuple as seen by `endpoint` in direction `dir`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub endpoint: u32,
+    pub dir: u8,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+pub const CT_TCP_FIN_SEEN: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtValue {
+    pub last_seen_ns: u64,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Key of `NODE_ADDRS`: the node's own addresses, always allowed into local pods.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct AddrKey {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// Conntrack idle timeouts (nanoseconds).
+pub const CT_TIMEOUT_TCP_NS: u64 = 7_200 * 1_000_000_000;
+pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_TIMEOUT_UDP_NS: u64 = 120 * 1_000_000_000;
+pub const CT_TIMEOUT_OTHER_NS: u64 = 60 * 1_000_000_000;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for PeerValue {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for PortValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for AddrKey {}
+}

@@ -1,0 +1,42 @@
+//! Builds the eBPF programs (netpol-ebpf, target bpfel-unknown-none) and leaves the object in
+//! OUT_DIR for `include_bytes_aligned!`. The eBPF crate needs Debian's rustc-web (its library
+//! source matches exactly) with RUSTC_BOOTSTRAP=1 for build-std, and bpf-linker: both installed
+//! by `cargo xtask setup` (see netpol-ebpf/.cargo/config.toml).
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let root = manifest_dir.parent().unwrap().to_path_buf();
+    let ebpf_dir = root.join("netpol-ebpf");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    for p in ["netpol-ebpf/src", "netpol-ebpf/Cargo.toml", "netpol-ebpf/Cargo.lock", "netpol-ebpf/.cargo/config.toml", "netpol-common/src", "netpol-common/Cargo.toml"] {
+        println!("cargo:rerun-if-changed={}", root.join(p).display());
+    }
+    // A target dir of its own, stable across builds of the daemon, so rebuilds are incremental.
+    let target_dir = std::env::var_os("NETPOL_EBPF_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target").join("ebpf"));
+
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&ebpf_dir)
+        .args(["build", "--release", "--target-dir"])
+        .arg(&target_dir)
+        .env("RUSTC_BOOTSTRAP", "1");
+    // Do not leak the host build's settings into the BPF build.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CARGO_") && k != "CARGO_HOME" || k == "RUSTC" || k == "RUSTC_WRAPPER" || k == "RUSTFLAGS" || k == "RUSTC_WORKSPACE_WRAPPER" || k == "RUSTDOC" {
+            cmd.env_remove(&k);
+        }
+    }
+    let status = cmd.status().expect("running cargo for netpol-ebpf");
+    if !status.success() {
+        panic!(
+            "building netpol-ebpf failed. The eBPF toolchain (Debian rustc-web + rust-web-src, \
+             bpf-linker built against LLVM 22) is installed by `cargo xtask setup`."
+        );
+    }
+    let obj = target_dir.join("bpfel-unknown-none/release/netpol");
+    std::fs::copy(&obj, out_dir.join("netpol")).unwrap_or_else(|e| panic!("copying {}: {e}", obj.display()));
+}

@@ -1,0 +1,140 @@
+//! The run loop: source (manifests directory) -> cluster model -> compiler -> datapath.
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::compiler;
+use crate::datapath::{Datapath, LocalPod};
+use crate::manifests;
+use crate::metrics::{self, Shared};
+use crate::model::ObjKey;
+use crate::netlink;
+
+pub struct RunConfig {
+    pub node_name: String,
+    pub manifests: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub bpffs: PathBuf,
+    pub poll_interval: Duration,
+}
+
+/// A fingerprint of the directory: names, sizes, mtimes and contents of the manifest files.
+fn fingerprint(dir: &Path) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Ok(files) = manifests::manifest_files(dir) {
+        for f in files {
+            f.hash(&mut h);
+            if let Ok(bytes) = std::fs::read(&f) {
+                bytes.hash(&mut h);
+            }
+        }
+    }
+    h.finish()
+}
+
+pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
+    let shared = Arc::new(Shared::default());
+    let mut dp = Datapath::load(&cfg.bpffs)?;
+    metrics::serve(cfg.metrics_addr, shared.clone(), cfg.bpffs.clone())
+        .with_context(|| format!("listening on {}", cfg.metrics_addr))?;
+    log::info!(
+        "netpol-daemon: node {}, manifests {}, metrics on {}, maps pinned in {}",
+        cfg.node_name,
+        cfg.manifests.display(),
+        cfg.metrics_addr,
+        cfg.bpffs.display()
+    );
+
+    let mut last_fp = None;
+    let mut last_errors: Vec<String> = Vec::new();
+    let mut cluster = compiler::Cluster::default();
+    let mut manifest_errors = 0;
+    let mut last_resolve = Instant::now() - Duration::from_secs(3600);
+    let mut unresolved = false;
+    while !stop.load(Ordering::SeqCst) {
+        let fp = fingerprint(&cfg.manifests);
+        let changed = last_fp != Some(fp);
+        // Pods whose interface is not there yet are retried every second.
+        let retry = unresolved && last_resolve.elapsed() >= Duration::from_secs(1);
+        if changed {
+            last_fp = Some(fp);
+            match manifests::load_dir(&cfg.manifests) {
+                Ok(loaded) => {
+                    for e in &loaded.errors {
+                        log::error!("skipped: {e}");
+                    }
+                    manifest_errors = loaded.errors.len();
+                    cluster = loaded.cluster;
+                }
+                Err(e) => {
+                    log::error!("reading {}: {e}; keeping the last state", cfg.manifests.display());
+                    std::thread::sleep(cfg.poll_interval);
+                    continue;
+                }
+            }
+        }
+        if changed || retry {
+            let t0 = Instant::now();
+            last_resolve = Instant::now();
+            let compiled = compiler::compile_node(&cluster, &cfg.node_name);
+            let mut local: BTreeMap<ObjKey, LocalPod> = BTreeMap::new();
+            let mut errors = Vec::new();
+            unresolved = false;
+            for (k, c) in compiled {
+                let found = c.ips.iter().find_map(|ip| netlink::pod_interface(*ip).ok());
+                match found {
+                    Some((ifindex, ifname)) => {
+                        local.insert(k, LocalPod { ifindex, ifname, compiled: c });
+                    }
+                    None => {
+                        unresolved = true;
+                        errors.push(format!("{k}: no host interface for {:?} yet", c.ips));
+                    }
+                }
+            }
+            if let Ok(addrs) = netlink::local_addresses() {
+                if let Err(e) = dp.set_node_addrs(&addrs) {
+                    errors.push(format!("NODE_ADDRS: {e}"));
+                }
+            }
+            let report = dp.sync(&local);
+            errors.extend(report.errors.iter().cloned());
+            if errors != last_errors {
+                for e in &errors {
+                    log::warn!("{e}");
+                }
+                last_errors = errors.clone();
+            }
+            {
+                let mut st = shared.status.lock().unwrap();
+                st.endpoints = dp.endpoint_ids();
+                st.manifest_errors = manifest_errors;
+                st.sync_errors = report.errors.len();
+                st.syncs += 1;
+                st.peer_entries = report.peers;
+                st.port_entries = report.ports;
+                st.policies = cluster.policies.len();
+                st.last_sync_seconds = t0.elapsed().as_secs_f64();
+            }
+            if changed {
+                log::info!(
+                    "synced: {} local pods, {} peer entries, {} port entries in {:?}",
+                    report.endpoints,
+                    report.peers,
+                    report.ports,
+                    t0.elapsed()
+                );
+            }
+            shared.ready.store(true, Ordering::SeqCst);
+        }
+        std::thread::sleep(cfg.poll_interval);
+    }
+    log::info!("stopping; maps stay pinned in {}", dp.pin_dir().display());
+    Ok(())
+}

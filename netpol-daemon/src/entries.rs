@@ -1,0 +1,197 @@
+//! Pure translation of compiled pods into datapath map entries (keys and values of
+//! netpol-common), and back: what the BPF programs will look up. No I/O.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use netpol_common::*;
+
+use crate::cidr::Cidr;
+use crate::compiler::{Allow, CompiledPod, PortSet};
+use crate::model::{Direction, Protocol};
+
+/// An LPM key: prefix length and data.
+pub type Lpm<K> = (u32, K);
+
+/// Decomposes an inclusive port range into (value, prefix length) blocks: at most 30 for any
+/// range of the 16-bit space.
+pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (lo as u32, hi as u32);
+    while lo <= hi {
+        // Largest aligned block starting at lo that does not pass hi.
+        let mut size = if lo == 0 { 1u32 << 16 } else { 1u32 << lo.trailing_zeros().min(16) };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        out.push((lo as u16, 16 - size.trailing_zeros() as u8));
+        lo += size;
+    }
+    out
+}
+
+/// Interns port sets so that pods and prefixes allowing the same ports share one set of
+/// `POLICY_PORTS` entries. Ids are stable while a set is in use.
+#[derive(Debug, Default)]
+pub struct PortSetInterner {
+    ids: HashMap<PortSet, u32>,
+    next: u32,
+}
+
+impl PortSetInterner {
+    pub fn starting_at(next: u32) -> Self {
+        PortSetInterner { ids: HashMap::new(), next: next.max(1) }
+    }
+
+    pub fn id(&mut self, ps: &PortSet) -> u32 {
+        if let Some(id) = self.ids.get(ps) {
+            return *id;
+        }
+        if self.next == 0 {
+            self.next = 1;
+        }
+        let id = self.next;
+        self.next += 1;
+        self.ids.insert(ps.clone(), id);
+        id
+    }
+
+    /// Forgets sets not in `used`.
+    pub fn retain(&mut self, used: &BTreeSet<u32>) {
+        self.ids.retain(|_, id| used.contains(id));
+    }
+}
+
+/// Everything the datapath needs, as map contents.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub peers: BTreeMap<Lpm<PeerKey>, PeerValue>,
+    pub ports: BTreeMap<Lpm<PortKey>, PortValue>,
+}
+
+pub fn endpoint_flags(c: &CompiledPod) -> u32 {
+    let mut f = 0;
+    if c.ingress.is_some() {
+        f |= EP_ISOLATE_INGRESS;
+    }
+    if c.egress.is_some() {
+        f |= EP_ISOLATE_EGRESS;
+    }
+    f
+}
+
+pub fn peer_key(endpoint: u32, dir: Direction, cidr: &Cidr) -> Lpm<PeerKey> {
+    (
+        PEER_KEY_FIXED_BITS + cidr.len() as u32,
+        PeerKey {
+            endpoint,
+            dir: dir.datapath(),
+            family: if cidr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
+            _pad: [0; 2],
+            addr: cidr.addr_bytes(),
+        },
+    )
+}
+
+pub fn portset_entries(id: u32, ps: &PortSet, out: &mut BTreeMap<Lpm<PortKey>, PortValue>) {
+    for (proto, ranges) in ps.iter() {
+        for &(lo, hi) in ranges {
+            for (value, len) in port_prefixes(lo, hi) {
+                out.insert(
+                    (
+                        PORT_KEY_FIXED_BITS + len as u32,
+                        PortKey { portset: id, proto: proto.number(), _pad: 0, port: value.to_be_bytes() },
+                    ),
+                    PortValue { flags: 0 },
+                );
+            }
+        }
+    }
+}
+
+/// Adds one endpoint's entries.
+pub fn add_pod(endpoint: u32, c: &CompiledPod, interner: &mut PortSetInterner, out: &mut Desired) {
+    for dir in Direction::BOTH {
+        let Some(dp) = c.dir(dir) else { continue };
+        for (cidr, allow) in &dp.entries {
+            let value = match allow {
+                Allow::All => PeerValue { portset: 0, flags: PEER_ALLOW_ALL },
+                Allow::Ports(ps) => {
+                    let id = if ps.is_empty() { 0 } else { interner.id(ps) };
+                    if id != 0 {
+                        portset_entries(id, ps, &mut out.ports);
+                    }
+                    PeerValue { portset: id, flags: 0 }
+                }
+            };
+            out.peers.insert(peer_key(endpoint, dir, cidr), value);
+        }
+    }
+}
+
+/// Emulates the BPF lookup on map contents (used to prove the translation in tests).
+pub fn lookup(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::IpAddr, proto: u8, port: Option<u16>) -> bool {
+    let host = Cidr::host(peer);
+    let full = peer_key(endpoint, dir, &host);
+    let best = d
+        .peers
+        .iter()
+        .filter(|((len, k), _)| {
+            k.endpoint == endpoint
+                && k.dir == full.1.dir
+                && k.family == full.1.family
+                && Cidr::new(peer, (*len - PEER_KEY_FIXED_BITS) as u8).addr_bytes() == k.addr
+        })
+        .max_by_key(|((len, _), _)| *len);
+    let Some((_, v)) = best else { return false };
+    if v.flags & PEER_ALLOW_ALL != 0 {
+        return true;
+    }
+    let (Some(_), Some(port)) = (Protocol::from_number(proto), port) else { return false };
+    d.ports.keys().any(|(len, k)| {
+        let bits = len - PORT_KEY_FIXED_BITS;
+        let mask: u16 = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
+        k.portset == v.portset && k.proto == proto && (port & mask) == u16::from_be_bytes(k.port)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn covered(p: &[(u16, u8)]) -> Vec<u32> {
+        let mut v: Vec<u32> = p
+            .iter()
+            .flat_map(|&(val, len)| {
+                let size = 1u32 << (16 - len);
+                (val as u32)..(val as u32 + size)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn port_prefixes_cover_exactly_the_range() {
+        for (lo, hi) in [(1u16, 65535u16), (0, 65535), (80, 80), (8000, 9000), (1, 1), (65535, 65535), (1024, 2047), (3, 60000)] {
+            let p = port_prefixes(lo, hi);
+            assert!(p.len() <= 32, "{lo}-{hi}: {} prefixes", p.len());
+            assert_eq!(covered(&p), (lo as u32..=hi as u32).collect::<Vec<_>>(), "{lo}-{hi}");
+        }
+        assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
+        assert_eq!(port_prefixes(1, 65535).len(), 16);
+    }
+
+    #[test]
+    fn interner_shares_equal_sets() {
+        let mut i = PortSetInterner::default();
+        let mut a = PortSet::default();
+        a.add(Protocol::Tcp, 80, 80);
+        let mut b = PortSet::default();
+        b.add(Protocol::Tcp, 80, 80);
+        let mut c = PortSet::default();
+        c.add(Protocol::Udp, 80, 80);
+        assert_eq!(i.id(&a), i.id(&b));
+        assert_ne!(i.id(&a), i.id(&c));
+        assert_ne!(i.id(&a), 0);
+    }
+}

@@ -1,0 +1,506 @@
+//! A network-namespace lab: one "node" namespace and, per pod, a namespace joined to it by a
+//! veth pair with a /32 host route on the node side and, on the pod side, a default route via
+//! the gateway address held by the host-side veth (the ptp CNI plugin's wiring, as in kind). Servers
+//! and probes run in-process on threads that enter the namespaces. Everything created is named
+//! after this process and lab number, registered for cleanup, and removed on drop, on
+//! [`cleanup_all`] (Ctrl-C) and by the next lab if this process died.
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+pub const NODE_NAME: &str = "lab-node";
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+pub const METRICS_PORT: u16 = 9090;
+/// Address of every host-side veth (the pods' gateway), as the ptp CNI plugin does.
+pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+const NETNS_PREFIX: &str = "netpol-lab-";
+
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// What must be removed if the process is interrupted.
+#[derive(Default)]
+struct Registry {
+    netns: Vec<String>,
+    dirs: Vec<PathBuf>,
+    children: Vec<u32>,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry { netns: Vec::new(), dirs: Vec::new(), children: Vec::new() });
+
+fn run(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn delete_netns(name: &str) {
+    let _ = Command::new("ip").args(["netns", "delete", name]).stderr(Stdio::null()).status();
+}
+
+/// Removes everything every live lab of this process created (for a Ctrl-C handler).
+pub fn cleanup_all() {
+    let mut reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    for pid in reg.children.drain(..) {
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    for ns in reg.netns.drain(..) {
+        delete_netns(&ns);
+    }
+    for d in reg.dirs.drain(..) {
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+/// Removes labs left behind by processes that no longer exist.
+fn reap_stale() {
+    let Ok(entries) = std::fs::read_dir("/var/run/netns") else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(NETNS_PREFIX) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            delete_netns(&name);
+            let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/{NETNS_PREFIX}{rest}"));
+        }
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `netns`.
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::spawn(move || -> Result<T> {
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns");
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow!("thread in {netns} panicked"))?
+}
+
+#[derive(Clone, Debug)]
+pub struct NamedPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug)]
+pub struct LabPod {
+    pub namespace: String,
+    pub name: String,
+    pub netns: String,
+    pub host_if: String,
+    pub ip: Ipv4Addr,
+    pub labels: BTreeMap<String, String>,
+    pub tcp: Vec<u16>,
+    pub udp: Vec<u16>,
+    pub named: Vec<NamedPort>,
+    /// Written into the manifests as a Pod (false: a host outside the cluster).
+    pub declared: bool,
+}
+
+impl LabPod {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+pub struct Lab {
+    pub id: String,
+    pub node_netns: String,
+    pub dir: PathBuf,
+    pub pin_dir: PathBuf,
+    pub pods: Vec<LabPod>,
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+    daemon: Option<Child>,
+    next_if: u32,
+}
+
+impl Lab {
+    /// Creates the node namespace. Needs root.
+    pub fn new() -> Result<Lab> {
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("the netns lab needs root (network namespaces, veth, BPF)");
+        }
+        reap_stale();
+        let n = LAB_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-{n}", std::process::id());
+        let node_netns = format!("{NETNS_PREFIX}{id}-node");
+        let dir = std::env::temp_dir().join(format!("{NETNS_PREFIX}{id}"));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{NETNS_PREFIX}{id}"));
+        {
+            let mut reg = REGISTRY.lock().unwrap();
+            reg.netns.push(node_netns.clone());
+            reg.dirs.push(dir.clone());
+            reg.dirs.push(pin_dir.clone());
+        }
+        let lab = Lab {
+            id,
+            node_netns: node_netns.clone(),
+            dir: dir.clone(),
+            pin_dir,
+            pods: Vec::new(),
+            namespaces: BTreeMap::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+            daemon: None,
+            next_if: 0,
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("manifests"))?;
+        run("ip", &["netns", "add", &node_netns])?;
+        let n = node_netns.as_str();
+        run("ip", &["-n", n, "link", "set", "lo", "up"])?;
+        // The node's own address (what kubelet probes come from).
+        run("ip", &["-n", n, "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
+        run("ip", &["netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        Ok(lab)
+    }
+
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    pub fn add_namespace(&mut self, name: &str, labels: &[(&str, &str)]) {
+        self.namespaces.insert(name.to_string(), labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+    }
+
+    /// Adds a pod (or, with `declared` false, an outside host) wired like a CNI would.
+    pub fn add_pod(&mut self, namespace: &str, name: &str, ip: Ipv4Addr, labels: &[(&str, &str)], tcp: &[u16], udp: &[u16]) -> Result<usize> {
+        self.add_endpoint(namespace, name, ip, labels, tcp, udp, true)
+    }
+
+    pub fn add_external(&mut self, name: &str, ip: Ipv4Addr) -> Result<usize> {
+        self.add_endpoint("external", name, ip, &[], &[], &[], false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add_endpoint(&mut self, namespace: &str, name: &str, ip: Ipv4Addr, labels: &[(&str, &str)], tcp: &[u16], udp: &[u16], declared: bool) -> Result<usize> {
+        let idx = self.next_if;
+        self.next_if += 1;
+        let netns = format!("{NETNS_PREFIX}{}-p{idx}", self.id);
+        // Interface names are at most 15 bytes: "np" + pid (hex) + lab + index.
+        let (pid, lab) = self.id.split_once('-').unwrap_or((&self.id, "0"));
+        let host_if = format!("np{:x}{lab}x{idx}", pid.parse::<u32>().unwrap_or(0));
+        if host_if.len() > 15 {
+            bail!("interface name {host_if} too long");
+        }
+        REGISTRY.lock().unwrap().netns.push(netns.clone());
+        let node = self.node_netns.as_str();
+        run("ip", &["netns", "add", &netns])?;
+        run("ip", &["-n", node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        let p = netns.as_str();
+        run("ip", &["-n", p, "link", "set", "lo", "up"])?;
+        run("ip", &["-n", p, "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        run("ip", &["-n", p, "link", "set", "eth0", "up"])?;
+        // ptp wiring: the host side holds the gateway address, the pod routes everything to it.
+        let gw = GATEWAY_IP.to_string();
+        run("ip", &["-n", p, "route", "add", &gw, "dev", "eth0", "scope", "link"])?;
+        run("ip", &["-n", p, "route", "add", "default", "via", &gw, "dev", "eth0"])?;
+        run("ip", &["-n", node, "addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
+        run("ip", &["-n", node, "link", "set", &host_if, "up"])?;
+        run("ip", &["-n", node, "route", "add", &format!("{ip}/32"), "dev", &host_if, "src", &gw])?;
+        self.pods.push(LabPod {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            netns,
+            host_if,
+            ip,
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            tcp: tcp.to_vec(),
+            udp: udp.to_vec(),
+            named: Vec::new(),
+            declared,
+        });
+        let i = self.pods.len() - 1;
+        self.serve(i)?;
+        Ok(i)
+    }
+
+    /// Adds a named container port to a pod's manifest (the server must be one of its ports).
+    pub fn name_port(&mut self, pod: usize, name: &str, port: u16, protocol: &'static str) {
+        self.pods[pod].named.push(NamedPort { name: name.to_string(), port, protocol });
+    }
+
+    pub fn pod(&self, key: &str) -> &LabPod {
+        self.pods.iter().find(|p| p.key() == key || p.name == key).unwrap_or_else(|| panic!("no lab pod {key}"))
+    }
+
+    fn serve(&mut self, i: usize) -> Result<()> {
+        let pod = self.pods[i].clone();
+        for port in pod.tcp.clone() {
+            let addr = SocketAddr::new(IpAddr::V4(pod.ip), port);
+            let l = in_netns(&pod.netns, move || TcpListener::bind(addr))??;
+            l.set_nonblocking(true)?;
+            let stop = self.stop.clone();
+            let reply = format!("{} tcp/{port}\n", pod.key());
+            self.servers.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((mut s, _)) => {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                            let mut buf = [0u8; 64];
+                            let _ = s.read(&mut buf);
+                            let _ = s.write_all(reply.as_bytes());
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            }));
+        }
+        for port in pod.udp.clone() {
+            let addr = SocketAddr::new(IpAddr::V4(pod.ip), port);
+            let s = in_netns(&pod.netns, move || UdpSocket::bind(addr))??;
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
+            let stop = self.stop.clone();
+            let reply = format!("{} udp/{port}\n", pod.key());
+            self.servers.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, from)) = s.recv_from(&mut buf) {
+                        let _ = s.send_to(reply.as_bytes(), from);
+                    }
+                }
+            }));
+        }
+        Ok(())
+    }
+
+    /// Writes the Namespace and Pod manifests of every declared pod (file `00-cluster.yaml`).
+    pub fn write_cluster_manifest(&self) -> Result<()> {
+        let mut y = String::new();
+        let mut nss: BTreeMap<String, BTreeMap<String, String>> = self.namespaces.clone();
+        for p in self.pods.iter().filter(|p| p.declared) {
+            nss.entry(p.namespace.clone()).or_default();
+        }
+        for (ns, labels) in &nss {
+            y.push_str(&format!("---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels: {}\n", json_map(labels)));
+        }
+        for p in self.pods.iter().filter(|p| p.declared) {
+            let mut ports: Vec<String> = Vec::new();
+            for port in &p.tcp {
+                let name = p.named.iter().find(|n| n.port == *port && n.protocol == "TCP").map(|n| format!(", \"name\": \"{}\"", n.name)).unwrap_or_default();
+                ports.push(format!("{{\"containerPort\": {port}, \"protocol\": \"TCP\"{name}}}"));
+            }
+            for port in &p.udp {
+                let name = p.named.iter().find(|n| n.port == *port && n.protocol == "UDP").map(|n| format!(", \"name\": \"{}\"", n.name)).unwrap_or_default();
+                ports.push(format!("{{\"containerPort\": {port}, \"protocol\": \"UDP\"{name}}}"));
+            }
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {}\nspec:\n  nodeName: {NODE_NAME}\n  containers:\n  - name: app\n    image: lab\n    ports: [{}]\nstatus:\n  phase: Running\n  podIP: {}\n  podIPs: [{{\"ip\": \"{}\"}}]\n",
+                p.name,
+                p.namespace,
+                json_map(&p.labels),
+                ports.join(", "),
+                p.ip,
+                p.ip
+            ));
+        }
+        self.write_manifest("00-cluster.yaml", &y)
+    }
+
+    /// Writes (atomically, by rename) a manifest file into the daemon's directory.
+    pub fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
+        let dir = self.manifests_dir();
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, dir.join(name))?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, name: &str) -> Result<()> {
+        std::fs::remove_file(self.manifests_dir().join(name))?;
+        Ok(())
+    }
+
+    /// Starts `netpol-daemon run` inside the node namespace and waits for /readyz.
+    pub fn start_daemon(&mut self, daemon_bin: &Path) -> Result<()> {
+        let log = File::create(self.dir.join("daemon.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.node_netns])
+            .arg(daemon_bin)
+            .args(["run", "--node-name", NODE_NAME, "--manifests"])
+            .arg(self.manifests_dir())
+            .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}"), "--bpffs"])
+            .arg(&self.pin_dir)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting netpol-daemon")?;
+        REGISTRY.lock().unwrap().children.push(child.id());
+        self.daemon = Some(child);
+        let t0 = Instant::now();
+        loop {
+            if let Some(c) = self.daemon.as_mut() {
+                if let Some(st) = c.try_wait()? {
+                    bail!("netpol-daemon exited with {st}:\n{}", self.daemon_log());
+                }
+            }
+            if matches!(self.http_get("/readyz"), Ok((200, _))) {
+                return Ok(());
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("netpol-daemon not ready after 30 s:\n{}", self.daemon_log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the daemon (SIGKILL) and reaps it.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        let path = path.to_string();
+        let addr = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
+        Ok(in_netns(&self.node_netns, move || crate::metrics::http_get(addr, &path))??)
+    }
+
+    pub fn metrics(&self) -> Result<String> {
+        let (code, body) = self.http_get("/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        Ok(body)
+    }
+
+    /// Waits until the daemon has applied the current manifests (a sync after `since_syncs`).
+    pub fn wait_synced(&self, since_syncs: f64) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            let m = self.metrics()?;
+            if crate::metrics::sample(&m, "netpol_syncs_total").is_some_and(|v| v > since_syncs) {
+                return Ok(());
+            }
+            if t0.elapsed() > Duration::from_secs(15) {
+                bail!("daemon did not resync:\n{}", self.daemon_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn syncs(&self) -> f64 {
+        self.metrics().ok().and_then(|m| crate::metrics::sample(&m, "netpol_syncs_total")).unwrap_or(0.0)
+    }
+
+    /// Writes a manifest and waits until the daemon has programmed it.
+    pub fn apply(&self, name: &str, text: &str) -> Result<()> {
+        let before = self.syncs();
+        self.write_manifest(name, text)?;
+        self.wait_synced(before)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let before = self.syncs();
+        self.remove_manifest(name)?;
+        self.wait_synced(before)
+    }
+
+    /// Opens a TCP connection from `from` to `to:port` and exchanges a line.
+    pub fn tcp(&self, from: &str, to: &str, port: u16) -> bool {
+        let src = self.source_netns(from);
+        let dst = SocketAddr::new(IpAddr::V4(self.address(to)), port);
+        in_netns(&src, move || probe_tcp(dst, Duration::from_millis(800))).unwrap_or(false)
+    }
+
+    /// Sends a UDP datagram from `from` to `to:port` and waits for the answer.
+    pub fn udp(&self, from: &str, to: &str, port: u16) -> bool {
+        let src = self.source_netns(from);
+        let dst = SocketAddr::new(IpAddr::V4(self.address(to)), port);
+        in_netns(&src, move || probe_udp(dst, Duration::from_millis(800))).unwrap_or(false)
+    }
+
+    /// "node" means the node namespace itself.
+    fn source_netns(&self, from: &str) -> String {
+        if from == "node" {
+            self.node_netns.clone()
+        } else {
+            self.pod(from).netns.clone()
+        }
+    }
+
+    pub fn address(&self, who: &str) -> Ipv4Addr {
+        if who == "node" {
+            NODE_IP
+        } else {
+            self.pod(who).ip
+        }
+    }
+}
+
+pub fn probe_tcp(dst: SocketAddr, timeout: Duration) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&dst, timeout) else { return false };
+    let _ = s.set_read_timeout(Some(timeout));
+    if s.write_all(b"ping\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 128];
+    matches!(s.read(&mut buf), Ok(n) if n > 0)
+}
+
+pub fn probe_udp(dst: SocketAddr, timeout: Duration) -> bool {
+    let Ok(s) = UdpSocket::bind("0.0.0.0:0") else { return false };
+    let _ = s.set_read_timeout(Some(timeout));
+    if s.send_to(b"ping\n", dst).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 128];
+    matches!(s.recv_from(&mut buf), Ok((n, _)) if n > 0)
+}
+
+fn json_map(m: &BTreeMap<String, String>) -> String {
+    let inner: Vec<String> = m.iter().map(|(k, v)| format!("{k:?}: {v:?}")).collect();
+    format!("{{{}}}", inner.join(", "))
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(c) = &self.daemon {
+            let pid = c.id();
+            REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).children.retain(|p| *p != pid);
+        }
+        self.kill_daemon();
+        for h in self.servers.drain(..) {
+            let _ = h.join();
+        }
+        let mut names: Vec<String> = self.pods.iter().map(|p| p.netns.clone()).collect();
+        names.push(self.node_netns.clone());
+        for ns in &names {
+            delete_netns(ns);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if std::env::var_os("NETPOL_KEEP_LAB_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        let mut reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        reg.netns.retain(|n| !names.contains(n));
+        reg.dirs.retain(|d| *d != self.dir && *d != self.pin_dir);
+    }
+}

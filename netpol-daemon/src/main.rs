@@ -1,0 +1,76 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "netpol-daemon", about = "Kubernetes NetworkPolicy enforcement with eBPF")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Enforce the policies of this node's pods.
+    Run {
+        /// This node's name: pods with spec.nodeName equal to it are enforced here.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// Read Namespaces, Pods and NetworkPolicies from *.yaml/*.yml/*.json files in this
+        /// directory (watched for changes) instead of the Kubernetes API.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Address of the /metrics, /readyz and /healthz endpoint.
+        #[arg(long, default_value = "0.0.0.0:9090")]
+        metrics_addr: SocketAddr,
+        /// Directory on a bpffs where the maps are pinned (re-used across restarts).
+        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
+        bpffs: PathBuf,
+        /// How often the manifests directory is checked for changes, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        poll_ms: u64,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { node_name, manifests, metrics_addr, bpffs, poll_ms } => {
+            unsafe {
+                libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+                libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let s2 = stop.clone();
+            std::thread::spawn(move || loop {
+                if STOP.load(Ordering::SeqCst) {
+                    s2.store(true, Ordering::SeqCst);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            });
+            let cfg = netpol_daemon::daemon::RunConfig {
+                node_name,
+                manifests,
+                metrics_addr,
+                bpffs,
+                poll_interval: Duration::from_millis(poll_ms),
+            };
+            if let Err(e) = netpol_daemon::daemon::run(cfg, stop) {
+                eprintln!("netpol-daemon: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The metrics and health endpoint: `GET /metrics` (Prometheus text format), `GET /readyz`
+//! (200 once the first full sync is programmed), `GET /healthz`. A tiny HTTP/1.1 server on a
+//! thread of its own; counters are read straight from the pinned BPF map.
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use netpol_common::{DIR_EGRESS, DIR_INGRESS, VERDICT_ALLOW, VERDICT_DENY};
+
+use crate::datapath::CounterReader;
+use crate::model::ObjKey;
+
+#[derive(Debug, Default, Clone)]
+pub struct Status {
+    pub endpoints: Vec<(u32, ObjKey)>,
+    pub manifest_errors: usize,
+    pub sync_errors: usize,
+    pub syncs: u64,
+    pub peer_entries: usize,
+    pub port_entries: usize,
+    pub policies: usize,
+    pub last_sync_seconds: f64,
+}
+
+#[derive(Default)]
+pub struct Shared {
+    pub ready: AtomicBool,
+    pub status: Mutex<Status>,
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) -> String {
+    let mut out = String::new();
+    out.push_str("# HELP netpol_packets_total Packets seen by netpol per pod, direction and verdict.\n");
+    out.push_str("# TYPE netpol_packets_total counter\n");
+    if let Some(c) = counters {
+        for (id, pod) in &status.endpoints {
+            for (dir, dname) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
+                for (verdict, vname) in [(VERDICT_ALLOW, "allow"), (VERDICT_DENY, "deny")] {
+                    out.push_str(&format!(
+                        "netpol_packets_total{{namespace=\"{}\",pod=\"{}\",direction=\"{dname}\",verdict=\"{vname}\"}} {}\n",
+                        escape(&pod.namespace),
+                        escape(&pod.name),
+                        c.read(*id, dir, verdict)
+                    ));
+                }
+            }
+        }
+    }
+    let gauges: [(&str, &str, f64); 7] = [
+        ("netpol_ready", "1 once the first full sync is programmed.", if ready { 1.0 } else { 0.0 }),
+        ("netpol_endpoints", "Pod interfaces with programs attached.", status.endpoints.len() as f64),
+        ("netpol_policies", "NetworkPolicies in the cluster model.", status.policies as f64),
+        ("netpol_manifest_errors", "Objects skipped because they are invalid.", status.manifest_errors as f64),
+        ("netpol_sync_errors", "Errors of the last datapath sync.", status.sync_errors as f64),
+        ("netpol_policy_map_entries", "Entries in the POLICY_PEERS map.", status.peer_entries as f64),
+        ("netpol_last_sync_duration_seconds", "Compile and program time of the last sync.", status.last_sync_seconds),
+    ];
+    for (name, help, v) in gauges {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+    }
+    out.push_str(&format!(
+        "# HELP netpol_syncs_total Datapath syncs done.\n# TYPE netpol_syncs_total counter\nnetpol_syncs_total {}\n",
+        status.syncs
+    ));
+    out
+}
+
+fn respond(mut s: TcpStream, code: u16, reason: &str, ctype: &str, body: &str) {
+    let _ = write!(
+        s,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+fn handle(s: TcpStream, shared: &Shared, counters: &Option<CounterReader>) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let mut r = BufReader::new(match s.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    });
+    if r.read_line(&mut line).is_err() {
+        return;
+    }
+    // Drain headers.
+    let mut h = String::new();
+    while r.read_line(&mut h).is_ok_and(|n| n > 2) {
+        h.clear();
+    }
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let ready = shared.ready.load(Ordering::SeqCst);
+    match (method, path) {
+        ("GET", "/metrics") => {
+            let status = shared.status.lock().unwrap().clone();
+            respond(s, 200, "OK", "text/plain; version=0.0.4", &render(&status, ready, counters.as_ref()))
+        }
+        ("GET", "/readyz") if ready => respond(s, 200, "OK", "text/plain", "ready\n"),
+        ("GET", "/readyz") => respond(s, 503, "Service Unavailable", "text/plain", "not synced yet\n"),
+        ("GET", "/healthz") => respond(s, 200, "OK", "text/plain", "ok\n"),
+        _ => respond(s, 404, "Not Found", "text/plain", "not found\n"),
+    }
+}
+
+/// Serves until the process exits. `counters` is opened lazily (the map exists once loaded).
+pub fn serve(addr: SocketAddr, shared: Arc<Shared>, pin_dir: std::path::PathBuf) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        let mut counters: Option<CounterReader> = None;
+        for s in listener.incoming().flatten() {
+            if counters.is_none() && shared.ready.load(Ordering::SeqCst) {
+                counters = CounterReader::open(&pin_dir).ok();
+            }
+            handle(s, &shared, &counters);
+        }
+    })?;
+    Ok(())
+}
+
+/// A minimal HTTP GET for tests and tools (status code and body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::Read;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Value of one sample in Prometheus text (exact label set match).
+pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name_and_labels).then(|| v.parse().ok()).flatten()
+    })
+}

@@ -1,0 +1,103 @@
+//! Connection tracking: an LRU hash of allowed flows per endpoint and direction. A packet whose
+//! own tuple is known continues its flow; a packet whose reverse tuple is known (recorded in the
+//! other direction) is a reply. Entries are only created for allowed traffic.
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
+use netpol_common::*;
+
+use crate::parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN};
+
+#[map(name = "CONNTRACK")]
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_MAX, 0);
+
+#[inline(always)]
+fn timeout(proto: u8, flags: u32) -> u64 {
+    match proto {
+        PROTO_TCP if flags & CT_TCP_FIN_SEEN != 0 => CT_TIMEOUT_TCP_CLOSING_NS,
+        PROTO_TCP | PROTO_SCTP => CT_TIMEOUT_TCP_NS,
+        PROTO_UDP => CT_TIMEOUT_UDP_NS,
+        _ => CT_TIMEOUT_OTHER_NS,
+    }
+}
+
+#[inline(always)]
+pub fn key(endpoint: u32, dir: u8, p: &Packet) -> CtKey {
+    CtKey {
+        endpoint,
+        dir,
+        proto: p.proto,
+        family: p.family,
+        _pad: 0,
+        src: p.src,
+        dst: p.dst,
+        sport: p.sport,
+        dport: p.dport,
+    }
+}
+
+#[inline(always)]
+fn reverse(k: &CtKey) -> CtKey {
+    CtKey {
+        endpoint: k.endpoint,
+        dir: k.dir ^ 1,
+        proto: k.proto,
+        family: k.family,
+        _pad: 0,
+        src: k.dst,
+        dst: k.src,
+        sport: k.dport,
+        dport: k.sport,
+    }
+}
+
+/// Looks the packet up in the table (forward, then reply). Returns true when it belongs to a
+/// live tracked flow; refreshes the entry and follows TCP teardown.
+#[inline(always)]
+pub fn track_existing(k: &CtKey, p: &Packet) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if hit(k, p, now) {
+        return true;
+    }
+    let r = reverse(k);
+    hit(&r, p, now)
+}
+
+#[inline(always)]
+fn hit(k: &CtKey, p: &Packet, now: u64) -> bool {
+    let Some(v) = CONNTRACK.get_ptr_mut(k) else {
+        return false;
+    };
+    let v = unsafe { &mut *v };
+    if now.wrapping_sub(v.last_seen_ns) > timeout(k.proto, v.flags) {
+        let _ = CONNTRACK.remove(k);
+        return false;
+    }
+    if p.proto == PROTO_TCP {
+        if p.tcp_flags & TCP_RST != 0 {
+            // The RST itself passes; the flow is gone.
+            let _ = CONNTRACK.remove(k);
+            return true;
+        }
+        if p.tcp_flags & TCP_FIN != 0 {
+            v.flags |= CT_TCP_FIN_SEEN;
+        } else if p.tcp_flags & TCP_SYN != 0 && v.flags & CT_TCP_FIN_SEEN != 0 {
+            // Port reuse after a close: a fresh connection is checked against policy again.
+            let _ = CONNTRACK.remove(k);
+            return false;
+        }
+    }
+    v.last_seen_ns = now;
+    true
+}
+
+/// Records a newly allowed flow.
+#[inline(always)]
+pub fn create(k: &CtKey, p: &Packet) {
+    if !p.has_ports {
+        return;
+    }
+    if p.proto == PROTO_TCP && p.tcp_flags & TCP_RST != 0 {
+        return;
+    }
+    let v = CtValue { last_seen_ns: unsafe { bpf_ktime_get_ns() }, flags: 0, _pad: 0 };
+    let _ = CONNTRACK.insert(k, &v, 0);
+}

@@ -1,0 +1,78 @@
+//! netpol TC classifiers. `netpol_from_pod` runs at TC ingress of a pod's host-side interface
+//! (packets the pod sends: its egress policy); `netpol_to_pod` runs at TC egress of that
+//! interface (packets delivered to the pod: its ingress policy).
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod counters;
+mod parse;
+mod policy;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use netpol_common::*;
+use parse::Parsed;
+
+#[classifier]
+pub fn netpol_from_pod(ctx: TcContext) -> i32 {
+    enforce(&ctx, DIR_EGRESS)
+}
+
+#[classifier]
+pub fn netpol_to_pod(ctx: TcContext) -> i32 {
+    enforce(&ctx, DIR_INGRESS)
+}
+
+#[inline(always)]
+fn enforce(ctx: &TcContext, dir: u8) -> i32 {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(ep) = policy::endpoint(ifindex) else {
+        // Not an interface we manage (or being torn down).
+        return TC_ACT_OK;
+    };
+    let isolate_flag = if dir == DIR_INGRESS { EP_ISOLATE_INGRESS } else { EP_ISOLATE_EGRESS };
+    let isolated = ep.flags & isolate_flag != 0;
+    let p = match parse::parse(ctx) {
+        Ok(Parsed::Ip(p)) => p,
+        Ok(Parsed::NotIp) => return TC_ACT_OK,
+        Err(()) => {
+            // Truncated or malformed IP packet: never let it through an isolated direction.
+            return verdict(ep.id, dir, !isolated);
+        }
+    };
+    // IPv6 neighbour discovery and router messages keep the link working.
+    if p.proto == PROTO_ICMPV6 && (133..=137).contains(&p.icmp_type) {
+        return TC_ACT_OK;
+    }
+    let ct = conntrack::key(ep.id, dir, &p);
+    if p.has_ports && conntrack::track_existing(&ct, &p) {
+        return verdict(ep.id, dir, true);
+    }
+    let allow = !isolated
+        || (dir == DIR_INGRESS && policy::is_node_addr(p.family, &p.src))
+        || policy::allowed(ep.id, dir, &p);
+    if allow {
+        conntrack::create(&ct, &p);
+    }
+    verdict(ep.id, dir, allow)
+}
+
+#[inline(always)]
+fn verdict(endpoint: u32, dir: u8, allow: bool) -> i32 {
+    counters::count(endpoint, dir, if allow { VERDICT_ALLOW } else { VERDICT_DENY });
+    if allow {
+        TC_ACT_OK
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,149 @@
+//! Packet parsing: Ethernet, IPv4, IPv6 (extension headers walked with a fixed bound), and the
+//! first bytes of TCP/UDP/SCTP/ICMP. All reads go through `bpf_skb_load_bytes`, so no direct
+//! packet pointer arithmetic has to be proven safe to the verifier.
+use aya_ebpf::programs::TcContext;
+use netpol_common::{FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+/// Extension headers walked before giving up (the packet is then treated as having no ports).
+const MAX_V6_EXT_HEADERS: usize = 6;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+pub struct Packet {
+    pub family: u8,
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// The L4 ports are known (TCP/UDP/SCTP first fragment, or ICMP echo identifier).
+    pub has_ports: bool,
+    pub tcp_flags: u8,
+    /// ICMP/ICMPv6 type (0 otherwise).
+    pub icmp_type: u8,
+}
+
+pub enum Parsed {
+    /// Not IP (ARP, LLDP, ...): never subject to policy.
+    NotIp,
+    Ip(Packet),
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    ctx.load::<T>(off).map_err(|_| ())
+}
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
+    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    let mut p = Packet {
+        family: 0,
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        has_ports: false,
+        tcp_flags: 0,
+        icmp_type: 0,
+    };
+    let l4_off;
+    let first_fragment;
+    match ethertype {
+        ETH_P_IP => {
+            let vihl = load::<u8>(ctx, ETH_HLEN)?;
+            let ihl = ((vihl & 0x0f) as usize) * 4;
+            if ihl < 20 {
+                return Err(());
+            }
+            let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
+            first_fragment = frag & 0x1fff == 0;
+            p.family = FAMILY_V4;
+            p.proto = load::<u8>(ctx, ETH_HLEN + 9)?;
+            let s = load::<[u8; 4]>(ctx, ETH_HLEN + 12)?;
+            let d = load::<[u8; 4]>(ctx, ETH_HLEN + 16)?;
+            p.src[..4].copy_from_slice(&s);
+            p.dst[..4].copy_from_slice(&d);
+            l4_off = ETH_HLEN + ihl;
+        }
+        ETH_P_IPV6 => {
+            p.family = FAMILY_V6;
+            p.src = load::<[u8; 16]>(ctx, ETH_HLEN + 8)?;
+            p.dst = load::<[u8; 16]>(ctx, ETH_HLEN + 24)?;
+            let mut next = load::<u8>(ctx, ETH_HLEN + 6)?;
+            let mut off = ETH_HLEN + 40;
+            let mut first = true;
+            let mut done = false;
+            for _ in 0..MAX_V6_EXT_HEADERS {
+                match next {
+                    // hop-by-hop, routing, destination options
+                    0 | 43 | 60 => {
+                        let hdr = load::<[u8; 2]>(ctx, off)?;
+                        next = hdr[0];
+                        off += (hdr[1] as usize + 1) * 8;
+                    }
+                    // fragment header
+                    44 => {
+                        let hdr = load::<[u8; 4]>(ctx, off)?;
+                        next = hdr[0];
+                        let frag_off = u16::from_be_bytes([hdr[2], hdr[3]]) >> 3;
+                        if frag_off != 0 {
+                            first = false;
+                        }
+                        off += 8;
+                    }
+                    // authentication header
+                    51 => {
+                        let hdr = load::<[u8; 2]>(ctx, off)?;
+                        next = hdr[0];
+                        off += (hdr[1] as usize + 2) * 4;
+                    }
+                    _ => {
+                        done = true;
+                        break;
+                    }
+                }
+            }
+            p.proto = next;
+            // Too many extension headers: no trustworthy L4 header.
+            first_fragment = first && done;
+            l4_off = off;
+        }
+        _ => return Ok(Parsed::NotIp),
+    }
+    if first_fragment {
+        match p.proto {
+            PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+                p.sport = u16::from_be(load::<u16>(ctx, l4_off)?);
+                p.dport = u16::from_be(load::<u16>(ctx, l4_off + 2)?);
+                if p.proto == PROTO_TCP {
+                    p.tcp_flags = load::<u8>(ctx, l4_off + 13)?;
+                }
+                p.has_ports = true;
+            }
+            PROTO_ICMP | PROTO_ICMPV6 => {
+                p.icmp_type = load::<u8>(ctx, l4_off)?;
+                let echo = matches!(
+                    (p.proto, p.icmp_type),
+                    (PROTO_ICMP, 0) | (PROTO_ICMP, 8) | (PROTO_ICMPV6, 128) | (PROTO_ICMPV6, 129)
+                );
+                if echo {
+                    // Echo request and reply share the identifier: use it as both "ports" so
+                    // that a reply is the reverse tuple of its request.
+                    let id = u16::from_be(load::<u16>(ctx, l4_off + 4)?);
+                    p.sport = id;
+                    p.dport = id;
+                    p.has_ports = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(Parsed::Ip(p))
+}

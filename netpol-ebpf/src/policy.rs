@@ -1,0 +1,59 @@
+//! Policy lookup: endpoint table, then two LPM lookups (peer prefix -> port set, port set +
+//! protocol + port). Constant work per packet whatever the number of rules.
+use aya_ebpf::{
+    macros::map,
+    maps::{lpm_trie::Key, HashMap, LpmTrie},
+};
+use netpol_common::*;
+
+use crate::parse::Packet;
+
+#[map(name = "ENDPOINTS")]
+static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
+
+#[map(name = "POLICY_PEERS")]
+static POLICY_PEERS: LpmTrie<PeerKey, PeerValue> = LpmTrie::pinned(POLICY_PEERS_MAX, 0);
+
+#[map(name = "POLICY_PORTS")]
+static POLICY_PORTS: LpmTrie<PortKey, PortValue> = LpmTrie::pinned(POLICY_PORTS_MAX, 0);
+
+#[map(name = "NODE_ADDRS")]
+static NODE_ADDRS: HashMap<AddrKey, u8> = HashMap::pinned(NODE_ADDRS_MAX, 0);
+
+#[inline(always)]
+pub fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
+    unsafe { ENDPOINTS.get(&ifindex) }.copied()
+}
+
+#[inline(always)]
+pub fn is_node_addr(family: u8, addr: &[u8; 16]) -> bool {
+    let k = AddrKey { family, _pad: [0; 3], addr: *addr };
+    unsafe { NODE_ADDRS.get(&k) }.is_some()
+}
+
+/// Does the union of the endpoint's policies allow this packet in direction `dir`?
+#[inline(always)]
+pub fn allowed(endpoint: u32, dir: u8, p: &Packet) -> bool {
+    let peer = if dir == DIR_INGRESS { p.src } else { p.dst };
+    let bits = if p.family == FAMILY_V4 { 32 } else { 128 };
+    let key = Key::new(
+        PEER_KEY_FIXED_BITS + bits,
+        PeerKey { endpoint, dir, family: p.family, _pad: [0; 2], addr: peer },
+    );
+    let Some(v) = POLICY_PEERS.get(&key) else {
+        return false;
+    };
+    if v.flags & PEER_ALLOW_ALL != 0 {
+        return true;
+    }
+    // Only port-carrying protocols can match a port rule; ICMP and non-first fragments need an
+    // "all traffic" rule.
+    if !p.has_ports || !matches!(p.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
+        return false;
+    }
+    let pkey = Key::new(
+        PORT_KEY_FIXED_BITS + 16,
+        PortKey { portset: v.portset, proto: p.proto, _pad: 0, port: p.dport.to_be_bytes() },
+    );
+    POLICY_PORTS.get(&pkey).is_some()
+}
