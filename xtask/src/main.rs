@@ -1,1 +1,186 @@
-fn main(){}
+//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|demo>`.
+//!
+//! `setup` installs everything the build and the tests need on a fresh Debian 12 machine,
+//! idempotently: Debian packages (Debian's rustc-web 1.96 with its library source for the eBPF
+//! crate, LLVM 22, test tools) and bpf-linker 0.13 built against LLVM 22. The other commands run
+//! it first when something is missing.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages: the eBPF toolchain, then the lab and test tools.
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "bpftool",
+    "socat",
+    "netcat-openbsd",
+    "nftables",
+    "iptables",
+    "iperf3",
+    "dnsmasq-base",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let desc = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("running {desc}"))?;
+    if !st.success() {
+        bail!("{desc} failed with {st}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn cargo_bin(name: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
+    home.join("bin").join(name)
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new(cargo_bin("bpf-linker"))
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false)
+}
+
+fn bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| m.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 2 && f[1] == "/sys/fs/bpf" && f[2] == "bpf"
+        }))
+        .unwrap_or(false)
+}
+
+fn setup_needed() -> bool {
+    !missing_packages().is_empty() || !bpf_linker_ok() || (is_root() && !bpffs_mounted())
+}
+
+fn setup() -> Result<()> {
+    let missing = missing_packages();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root");
+        }
+        eprintln!("xtask setup: installing {missing:?}");
+        sh(Command::new("apt-get").arg("update").arg("-q"))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !bpf_linker_ok() {
+        eprintln!("xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+        sh(Command::new(cargo())
+            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    if is_root() && !bpffs_mounted() {
+        std::fs::create_dir_all("/sys/fs/bpf").ok();
+        sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    let rustc = Command::new("/usr/bin/rustc").arg("--version").output().context("/usr/bin/rustc")?;
+    eprintln!("xtask setup: ok ({}, bpf-linker {BPF_LINKER_VERSION})", String::from_utf8_lossy(&rustc.stdout).trim());
+    Ok(())
+}
+
+fn ensure_setup() -> Result<()> {
+    if setup_needed() {
+        setup()?;
+    }
+    Ok(())
+}
+
+/// Builds the eBPF object on its own (build.rs does the same for the daemon).
+fn build_ebpf() -> Result<()> {
+    ensure_setup()?;
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(root().join("netpol-ebpf"))
+        .args(["build", "--release", "--target-dir"])
+        .arg(root().join("target/ebpf"))
+        .env("RUSTC_BOOTSTRAP", "1");
+    sh(&mut cmd)?;
+    eprintln!("eBPF object: {}", root().join("target/ebpf/bpfel-unknown-none/release/netpol").display());
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    ensure_setup()?;
+    sh(Command::new(cargo()).current_dir(root()).args(["build", "-p", "netpol-daemon", "--bins"]))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    ensure_setup()?;
+    if !is_root() {
+        eprintln!("xtask test: not root; the lab tests will report that they cannot run");
+    }
+    sh(Command::new(cargo())
+        .current_dir(root())
+        .args(["test", "--workspace", "--all-targets"])
+        .args(extra)
+        .env("PROPTEST_CASES", std::env::var("PROPTEST_CASES").unwrap_or_else(|_| "2000".into())))
+}
+
+fn demo(extra: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the demo builds network namespaces and loads BPF programs: run it as root");
+    }
+    build()?;
+    sh(Command::new(root().join("target/debug/netpol-lab")).arg("demo").args(extra))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = args.split_first().map(|(c, r)| (c.as_str(), r)).unwrap_or(("help", &[]));
+    match cmd {
+        "setup" => setup(),
+        "build-ebpf" => build_ebpf(),
+        "build" => build(),
+        "test" => test(rest),
+        "demo" => demo(rest),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n  setup       install Debian packages and bpf-linker (idempotent)\n  build-ebpf  build the eBPF object\n  build       build the daemon (eBPF object embedded)\n  test        run every test (lab tests need root)\n  demo        run the netns lab demo (root)"
+            );
+            if cmd == "help" || cmd == "--help" {
+                Ok(())
+            } else {
+                bail!("unknown command {cmd}")
+            }
+        }
+    }
+}
