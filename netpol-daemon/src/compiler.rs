@@ -370,7 +370,7 @@ fn rule_allow(index: &Index, pod: &Pod, dir: Direction, rule: &Rule, prefix: &Ci
                     Direction::Egress if prefix.is_host() => index.pod_by_ip(prefix.addr()),
                     Direction::Egress => None,
                 };
-                if let Some(port) = target.and_then(|t| t.named_port(name, spec.protocol)) {
+                for port in target.into_iter().flat_map(|t| t.named_ports(name, spec.protocol)) {
                     ps.add(spec.protocol, port, port);
                 }
             }

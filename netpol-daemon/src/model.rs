@@ -140,10 +140,11 @@ pub struct Pod {
 
 impl Pod {
     /// Resolves a named port against this pod's containers (name and protocol must match).
-    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+    /// Every container port with that name counts (names may repeat across containers).
+    pub fn named_ports<'a>(&'a self, name: &'a str, protocol: Protocol) -> impl Iterator<Item = u16> + 'a {
         self.ports
             .iter()
-            .find(|p| p.protocol == protocol && p.name.as_deref() == Some(name))
+            .filter(move |p| p.protocol == protocol && p.name.as_deref() == Some(name))
             .map(|p| p.port)
     }
 
