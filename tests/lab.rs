@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use netpol_daemon::lab::{Lab, NODE_NAME};
+use netpol_daemon::lab::Lab;
 use netpol_daemon::metrics::sample;
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_netpol-daemon");
@@ -128,4 +128,107 @@ fn default_deny_ingress_then_allow_labelled_pods_and_live_edit() {
     assert!(denied >= 5.0, "denied counter {denied}\n{m}");
     assert!(allowed >= 5.0, "allowed counter {allowed}\n{m}");
     assert_eq!(sample(&m, "netpol_ready"), Some(1.0));
+}
+
+#[test]
+fn ip_block_except_namespace_selector_deny_all_egress_replies_and_bad_input() {
+    let Some(mut lab) = lab() else { return };
+    standard(&mut lab);
+    lab.add_external("outside2", ip("192.168.77.6")).unwrap();
+    lab.write_manifest(
+        "broker.yaml",
+        r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: broker-in, namespace: kafka}
+spec:
+  podSelector: {matchLabels: {app: kafka}}
+  ingress:
+  - from: [{ipBlock: {cidr: 192.168.77.0/24, except: [192.168.77.5/32]}}]
+    ports: [{port: 9092}]
+  - from: [{namespaceSelector: {matchLabels: {team: apps}}}]
+    ports: [{port: 9093}, {port: 5353, protocol: UDP}]
+"#,
+    )
+    .unwrap();
+    // Deny all egress from the api pod; its ingress stays open.
+    lab.write_manifest(
+        "api.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: api-no-egress, namespace: clients}\nspec:\n  podSelector: {matchLabels: {app: api}}\n  policyTypes: [Egress]\n",
+    )
+    .unwrap();
+    // An invalid object next to valid ones: reported and skipped, the rest enforced.
+    lab.write_manifest(
+        "broken.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: other}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{protocol: ICMP, port: 1}]}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad-cidr, namespace: other}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/40}}]}]\n",
+    )
+    .unwrap();
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    check(
+        &lab,
+        &[
+            // ipBlock with except.
+            ("outside2", "broker", "tcp", 9092, true),
+            ("outside", "broker", "tcp", 9092, false),
+            ("outside2", "broker", "tcp", 9093, false),
+            // namespaceSelector team=apps: the namespace "other" (team=other) is not selected.
+            ("stranger", "broker", "tcp", 9093, false),
+            ("stranger", "broker", "udp", 5353, false),
+            // Deny-all egress on api.
+            ("api", "broker", "tcp", 9093, false),
+            ("api", "stranger", "tcp", 8080, false),
+            ("api", "outside", "tcp", 8080, false),
+            // Replies of connections into api pass its isolated egress (conntrack).
+            ("stranger", "api", "tcp", 8080, true),
+            ("broker", "api", "udp", 53, true),
+            // The broken policies in namespace other were skipped: nothing isolates stranger.
+            ("broker", "stranger", "tcp", 8080, true),
+        ],
+    );
+    let m = lab.metrics().unwrap();
+    assert_eq!(sample(&m, "netpol_manifest_errors"), Some(2.0), "{m}");
+    let log = lab.daemon_log();
+    assert!(log.contains("other/broken: spec.ingress[0].ports[0].protocol: unknown protocol \"ICMP\""), "{log}");
+    assert!(log.contains("other/bad-cidr: spec.ingress[0].from[0].ipBlock.cidr: invalid CIDR"), "{log}");
+    assert!(log.contains("broken.yaml (document 2)"), "{log}");
+
+    // A namespace label change moves a pod into the allowed set, live.
+    lab.namespaces.insert("other".into(), [("team".to_string(), "apps".to_string())].into());
+    let before = lab.syncs();
+    lab.write_cluster_manifest().unwrap();
+    lab.wait_synced(before).unwrap();
+    check(&lab, &[("stranger", "broker", "tcp", 9093, true), ("stranger", "broker", "udp", 5353, true), ("stranger", "broker", "tcp", 9092, false)]);
+
+    // The deny drops were counted on the api pod's egress.
+    let m = lab.metrics().unwrap();
+    let denied = sample(&m, "netpol_packets_total{namespace=\"clients\",pod=\"api\",direction=\"egress\",verdict=\"deny\"}").unwrap();
+    assert!(denied >= 3.0, "{m}");
+}
+
+#[test]
+fn readyz_metrics_and_node_name_filtering() {
+    let Some(mut lab) = lab() else { return };
+    lab.add_pod("web", "here", ip("10.244.0.50"), &[("app", "web")], &[80], &[]).unwrap();
+    lab.add_pod("web", "client", ip("10.244.0.51"), &[("app", "client")], &[80], &[]).unwrap();
+    lab.write_cluster_manifest().unwrap();
+    // A pod of another node with a selected label: not attached here, not counted.
+    lab.write_manifest(
+        "remote.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: remote, namespace: web, labels: {{app: web}}}}\nspec: {{nodeName: other-node, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: 10.244.9.9}}\n"),
+    )
+    .unwrap();
+    lab.write_manifest(
+        "deny.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: web}\nspec: {podSelector: {matchLabels: {app: web}}}\n",
+    )
+    .unwrap();
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    let (code, _) = lab.http_get("/readyz").unwrap();
+    assert_eq!(code, 200);
+    let (code, _) = lab.http_get("/nope").unwrap();
+    assert_eq!(code, 404);
+    let m = lab.metrics().unwrap();
+    assert_eq!(sample(&m, "netpol_endpoints"), Some(2.0), "{m}");
+    assert!(!m.contains("pod=\"remote\""), "{m}");
+    assert!(m.contains("# TYPE netpol_packets_total counter"));
+    check(&lab, &[("client", "here", "tcp", 80, false), ("here", "client", "tcp", 80, true)]);
 }

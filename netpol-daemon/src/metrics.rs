@@ -144,3 +144,34 @@ pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
         (k == name_and_labels).then(|| v.parse().ok()).flatten()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readyz_is_503_until_the_first_sync_then_200() {
+        let shared = Arc::new(Shared::default());
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        serve(addr, shared.clone(), std::path::PathBuf::from("/nonexistent")).unwrap();
+        let (code, _) = http_get(addr, "/readyz").unwrap();
+        assert_eq!(code, 503);
+        let (code, body) = http_get(addr, "/metrics").unwrap();
+        assert_eq!(code, 200);
+        assert_eq!(sample(&body, "netpol_ready"), Some(0.0));
+        shared.ready.store(true, Ordering::SeqCst);
+        let (code, _) = http_get(addr, "/readyz").unwrap();
+        assert_eq!(code, 200);
+        assert_eq!(http_get(addr, "/healthz").unwrap().0, 200);
+    }
+
+    #[test]
+    fn render_escapes_labels() {
+        let st = Status { endpoints: vec![], syncs: 3, ..Default::default() };
+        let text = render(&st, true, None);
+        assert_eq!(sample(&text, "netpol_syncs_total"), Some(3.0));
+        assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
+    }
+}
