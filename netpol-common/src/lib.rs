@@ -6,18 +6,19 @@
 //! Every pod interface the daemon manages has an entry in [`ENDPOINTS`](map names below), keyed
 //! by the host-side ifindex, giving the pod's endpoint id and which directions are isolated.
 //!
-//! Policy lookup is two longest-prefix-match lookups, never a loop over rules:
+//! Policy lookup is one longest-prefix match and two exact/prefix lookups, never a loop over
+//! rules:
 //!
-//! 1. `POLICY_PEERS`: LPM trie keyed by ([`PeerKey`]: endpoint, direction, family, peer address).
-//!    The compiler inserts every prefix that matters for that endpoint and direction (ipBlock
-//!    cidrs, their excepts, peer pod addresses) and gives each prefix the set of ports allowed
-//!    to the addresses for which it is the longest match. The value ([`PeerValue`]) names an
-//!    interned port set, or says "all traffic".
-//! 2. `POLICY_PORTS`: LPM trie keyed by ([`PortKey`]: port set id, protocol, port). A port range
+//! 1. `IDENTITIES`: node-wide LPM trie from address ([`IdKey`]) to an *identity*: a class of
+//!    addresses that every rule enforced on this node treats the same (replicas of a deployment
+//!    share one; an ipBlock except splits its cidr into classes). Addresses in no class are
+//!    identity 0. This is what keeps the per-endpoint tables small: a rule that allows "every
+//!    pod of every namespace" is one entry per endpoint, not one per pod.
+//! 2. `POLICY`: hash from ([`PolicyKey`]: endpoint, identity, direction) to [`PolicyValue`]: an
+//!    interned port set, or "all traffic". Missing means denied.
+//! 3. `POLICY_PORTS`: LPM trie keyed by ([`PortKey`]: port set id, protocol, port). A port range
 //!    is stored as at most 30 port prefixes, so `endPort` ranges of any width cost O(log) entries.
 //!
-//! Allowed flows are recorded in the `CONNTRACK` LRU hash ([`CtKey`]) per endpoint and direction,
-//! so replies pass the other direction even when it is isolated.
 #![no_std]
 
 /// Traffic entering the pod (enforced at TC egress of the host-side veth).
@@ -39,8 +40,8 @@ pub const EP_ISOLATE_INGRESS: u32 = 1;
 /// [`EndpointInfo::flags`]: the pod is isolated for egress.
 pub const EP_ISOLATE_EGRESS: u32 = 2;
 
-/// [`PeerValue::flags`]: every protocol and port is allowed for this peer prefix.
-pub const PEER_ALLOW_ALL: u32 = 1;
+/// [`PolicyValue::flags`]: every protocol and port is allowed.
+pub const POLICY_ALLOW_ALL: u32 = 1;
 
 /// Upper bound on endpoint ids (pods with programs on this node); sizes the counter array.
 pub const MAX_ENDPOINTS: u32 = 4096;
@@ -58,7 +59,8 @@ pub const fn counter_index(endpoint: u32, dir: u8, verdict: u32) -> u32 {
 /// Map names, shared so userspace and the programs cannot drift apart.
 pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS";
-    pub const POLICY_PEERS: &str = "POLICY_PEERS";
+    pub const IDENTITIES: &str = "IDENTITIES";
+    pub const POLICY: &str = "POLICY";
     pub const POLICY_PORTS: &str = "POLICY_PORTS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
@@ -74,7 +76,8 @@ pub mod programs {
 }
 
 pub const ENDPOINTS_MAX: u32 = MAX_ENDPOINTS;
-pub const POLICY_PEERS_MAX: u32 = 262_144;
+pub const IDENTITIES_MAX: u32 = 262_144;
+pub const POLICY_MAX: u32 = 524_288;
 pub const POLICY_PORTS_MAX: u32 = 262_144;
 pub const CONNTRACK_MAX: u32 = 262_144;
 pub const NODE_ADDRS_MAX: u32 = 256;
@@ -86,23 +89,30 @@ pub struct EndpointInfo {
     pub flags: u32,
 }
 
-/// Data part of the `POLICY_PEERS` LPM key. The prefix length counts
-/// [`PEER_KEY_FIXED_BITS`] plus the address prefix bits.
+/// Data part of the `IDENTITIES` LPM key. The prefix length counts [`ID_KEY_FIXED_BITS`] plus
+/// the address prefix bits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
-pub struct PeerKey {
-    pub endpoint: u32,
-    pub dir: u8,
+pub struct IdKey {
     pub family: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
     /// Network byte order; IPv4 uses the first 4 bytes, the rest is zero.
     pub addr: [u8; 16],
 }
-pub const PEER_KEY_FIXED_BITS: u32 = 64;
+pub const ID_KEY_FIXED_BITS: u32 = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub endpoint: u32,
+    pub identity: u32,
+    pub dir: u8,
+    pub _pad: [u8; 3],
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct PeerValue {
+pub struct PolicyValue {
     pub portset: u32,
     pub flags: u32,
 }
@@ -170,8 +180,9 @@ pub const CT_TIMEOUT_OTHER_NS: u64 = 60 * 1_000_000_000;
 mod user {
     use super::*;
     unsafe impl aya::Pod for EndpointInfo {}
-    unsafe impl aya::Pod for PeerKey {}
-    unsafe impl aya::Pod for PeerValue {}
+    unsafe impl aya::Pod for IdKey {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for PortValue {}
     unsafe impl aya::Pod for CtKey {}

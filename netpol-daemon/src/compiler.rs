@@ -1,14 +1,19 @@
-//! The policy compiler: pure functions from the cluster model to what the datapath needs for
-//! each local pod. No I/O, no kernel, no clock.
+//! The policy compiler: pure functions from the cluster model to what the datapath needs on
+//! one node. No I/O, no kernel, no clock.
 //!
-//! For a pod and a direction, the union of the rules of every policy that selects the pod (and
-//! isolates it in that direction) is turned into a set of address prefixes, each with the ports
-//! allowed to the addresses for which that prefix is the *longest* match. The candidate prefixes
-//! are every ipBlock cidr and except and every peer pod address; because prefixes are nested or
-//! disjoint, the set of rules whose peers contain an address depends only on its longest
-//! matching candidate, so one allowed-port set per prefix is exact. That is what the datapath's
-//! LPM trie looks up: no per-rule work per packet, and overlapping rules are a true union (an
-//! `except` in one rule never hides an address another rule allows).
+//! For every pod on the node and each direction in which some policy isolates it, the union of
+//! the rules of the policies that select it decides. The compiler splits the address space into
+//! *classes*: addresses that every one of those rules treats alike. The candidate prefixes are
+//! every ipBlock cidr and except and every peer pod address; because prefixes are nested or
+//! disjoint, the rules whose peers contain an address depend only on its longest matching
+//! candidate, so one class per prefix is exact. (Pod addresses covered by an egress rule with a
+//! named port also carry the pod's container ports in their class, since the port a name means
+//! is the destination pod's.) Then each pod gets, per direction and class, the ports allowed.
+//!
+//! That is what the datapath looks up: address -> class (LPM), (pod, class, direction) ->
+//! ports. No per-rule work per packet, overlapping rules are a true union (an `except` in one
+//! rule never hides an address another rule allows), and a rule selecting every pod of the
+//! cluster costs one entry per local pod, not one per cluster pod.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
@@ -98,28 +103,32 @@ impl Allow {
     }
 }
 
+/// Identifies one rule: policy, direction, index in the policy's rule list.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleRef {
+    pub policy: ObjKey,
+    pub dir: Direction,
+    pub index: usize,
+}
+
+/// What all addresses of a class have in common. The empty key is the class of addresses no
+/// rule names (identity 0 in the datapath).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClassKey {
+    /// Rules with explicit peers whose peers contain the addresses.
+    pub rules: Vec<RuleRef>,
+    /// The container ports of the pod owning the address, when an egress rule with a named
+    /// port covers it: (name, protocol, port), sorted.
+    pub ports: Vec<(String, Protocol, u16)>,
+}
+
 /// The compiled policy of one pod in one direction in which it is isolated.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DirPolicy {
-    /// Longest-prefix-match table. Prefixes not present (and not covered) allow nothing.
-    pub entries: BTreeMap<Cidr, Allow>,
+    /// Class index -> what it may send/receive. Classes not present allow nothing.
+    pub allows: BTreeMap<usize, Allow>,
     /// The policies that isolate the pod in this direction.
     pub policies: Vec<ObjKey>,
-}
-
-impl DirPolicy {
-    /// Looks a packet up exactly as the datapath does (longest prefix, then port).
-    pub fn permits(&self, peer: IpAddr, proto: u8, port: Option<u16>) -> bool {
-        self.longest_match(peer).is_some_and(|a| a.permits(proto, port))
-    }
-
-    pub fn longest_match(&self, peer: IpAddr) -> Option<&Allow> {
-        self.entries
-            .iter()
-            .filter(|(c, _)| c.contains_addr(peer))
-            .max_by_key(|(c, _)| c.len())
-            .map(|(_, a)| a)
-    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -138,11 +147,38 @@ impl CompiledPod {
             Direction::Egress => self.egress.as_ref(),
         }
     }
+}
 
-    /// Would this pod let the packet through in direction `d` (policy only, without the
-    /// datapath's always-allowed node addresses and conntrack)?
-    pub fn permits(&self, d: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> bool {
-        self.dir(d).is_none_or(|p| p.permits(peer, proto, port))
+/// Everything one node enforces.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePolicy {
+    /// Address classes; index 0 is always the empty class.
+    pub classes: Vec<ClassKey>,
+    /// Longest-prefix-match table from address to class index. Addresses under no prefix are
+    /// in class 0.
+    pub prefixes: BTreeMap<Cidr, usize>,
+    /// The node's pods that get programs.
+    pub pods: BTreeMap<ObjKey, CompiledPod>,
+}
+
+impl NodePolicy {
+    pub fn class_of(&self, addr: IpAddr) -> usize {
+        self.prefixes
+            .iter()
+            .filter(|(c, _)| c.contains_addr(addr))
+            .max_by_key(|(c, _)| c.len())
+            .map_or(0, |(_, i)| *i)
+    }
+
+    /// Would `pod` let the packet through in direction `d`, looked up as the datapath does
+    /// (policy only: without the always-allowed node addresses and conntrack)? `proto` is the
+    /// IP protocol number, `port` the destination port when the packet has one.
+    pub fn permits(&self, pod: &ObjKey, d: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> bool {
+        let Some(p) = self.pods.get(pod) else { return true };
+        match p.dir(d) {
+            None => true,
+            Some(dp) => dp.allows.get(&self.class_of(peer)).is_some_and(|a| a.permits(proto, port)),
+        }
     }
 }
 
@@ -252,41 +288,39 @@ impl PeerSet<'_> {
     }
 }
 
-fn all_v4() -> Cidr {
-    Cidr::parse("0.0.0.0/0").expect("static")
-}
-fn all_v6() -> Cidr {
-    Cidr::parse("::/0").expect("static")
-}
-
-/// Compiles one pod. Pure: the same inputs always give the same output.
-pub fn compile_pod(index: &Index, pod: &Pod) -> CompiledPod {
-    let mut out = CompiledPod { key: pod.key.clone(), ips: pod.ips.clone(), ingress: None, egress: None };
-    let selecting: Vec<&Policy> = index.policies_for(pod).collect();
-    for dir in Direction::BOTH {
-        let isolating: Vec<&Policy> = selecting.iter().copied().filter(|p| p.isolates(dir)).collect();
-        if isolating.is_empty() {
-            continue;
-        }
-        let compiled = compile_dir(index, pod, dir, &isolating);
-        match dir {
-            Direction::Ingress => out.ingress = Some(compiled),
-            Direction::Egress => out.egress = Some(compiled),
-        }
-    }
-    out
-}
-
 fn has_named(rule: &Rule) -> bool {
     rule.ports.iter().flatten().any(|p| matches!(p.port, PortRef::Named(_)))
 }
 
-fn compile_dir(index: &Index, pod: &Pod, dir: Direction, policies: &[&Policy]) -> DirPolicy {
-    // Resolve each rule's peers once.
-    let mut rules: Vec<(&Rule, PeerSet)> = Vec::new();
-    let mut candidates: BTreeSet<Cidr> = BTreeSet::new();
-    for pol in policies {
-        for rule in pol.rules(dir) {
+/// Compiles everything the pods of `node` (not host-network, with an address) need.
+pub fn compile_node(cluster: &Cluster, node: &str) -> NodePolicy {
+    let index = Index::new(cluster);
+    let local: Vec<&Pod> =
+        cluster.pods.values().filter(|p| p.node_name.as_deref() == Some(node) && p.selectable()).collect();
+    compile_pods(&index, &local)
+}
+
+/// Compiles the given pods as the pods of one node.
+pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
+    // Per pod and direction: the isolating policies.
+    let mut isolating: Vec<[Vec<&Policy>; 2]> = Vec::with_capacity(local.len());
+    let mut used: BTreeMap<(ObjKey, Direction), &Policy> = BTreeMap::new();
+    for pod in local {
+        let selecting: Vec<&Policy> = index.policies_for(pod).collect();
+        let per_dir = Direction::BOTH.map(|d| {
+            let v: Vec<&Policy> = selecting.iter().copied().filter(|p| p.isolates(d)).collect();
+            for p in &v {
+                used.insert((p.key.clone(), d), p);
+            }
+            v
+        });
+        isolating.push(per_dir);
+    }
+
+    // Resolve every rule in use once.
+    let mut resolved: BTreeMap<RuleRef, (&Rule, PeerSet)> = BTreeMap::new();
+    for ((_, dir), pol) in &used {
+        for (i, rule) in pol.rules(*dir).iter().enumerate() {
             let set = match &rule.peers {
                 None => PeerSet::Any,
                 Some(peers) => {
@@ -305,56 +339,109 @@ fn compile_dir(index: &Index, pod: &Pod, dir: Direction, policies: &[&Policy]) -
                     PeerSet::Some { blocks, pod_ips }
                 }
             };
-            match &set {
-                PeerSet::Any => {
-                    candidates.insert(all_v4());
-                    candidates.insert(all_v6());
-                }
-                PeerSet::Some { blocks, pod_ips } => {
-                    for b in blocks {
-                        candidates.insert(b.cidr);
-                        candidates.extend(b.except.iter().copied());
-                    }
-                    candidates.extend(pod_ips.iter().map(|ip| Cidr::host(*ip)));
-                }
-            }
-            // A named port in an egress rule resolves against each destination pod, so every
-            // pod address the rule's address ranges cover needs its own entry.
-            if dir == Direction::Egress && has_named(rule) {
-                for ip in index.pod_by_ip.keys() {
-                    let host = Cidr::host(*ip);
-                    if set.contains_region(&host) {
-                        candidates.insert(host);
-                    }
-                }
-            }
-            rules.push((rule, set));
+            resolved.insert(RuleRef { policy: pol.key.clone(), dir: *dir, index: i }, (rule, set));
         }
     }
 
-    let mut table: BTreeMap<Cidr, Allow> = BTreeMap::new();
+    // Candidate prefixes.
+    let mut candidates: BTreeSet<Cidr> = BTreeSet::new();
+    let mut named_egress: Vec<&PeerSet> = Vec::new();
+    for (r, (rule, set)) in &resolved {
+        if let PeerSet::Some { blocks, pod_ips } = set {
+            for b in blocks {
+                candidates.insert(b.cidr);
+                candidates.extend(b.except.iter().copied());
+            }
+            candidates.extend(pod_ips.iter().map(|ip| Cidr::host(*ip)));
+        }
+        if r.dir == Direction::Egress && has_named(rule) {
+            named_egress.push(set);
+        }
+    }
+    // A named port in an egress rule resolves against each destination pod, so every pod
+    // address such a rule covers needs a prefix (and a class) of its own.
+    if !named_egress.is_empty() {
+        for ip in index.pod_by_ip.keys() {
+            let host = Cidr::host(*ip);
+            if named_egress.iter().any(|s| s.contains_region(&host)) {
+                candidates.insert(host);
+            }
+        }
+    }
+
+    // Classify each candidate's region.
+    let mut classes: Vec<ClassKey> = vec![ClassKey::default()];
+    let mut class_ids: HashMap<ClassKey, usize> = HashMap::from([(ClassKey::default(), 0)]);
+    let mut table: BTreeMap<Cidr, usize> = BTreeMap::new();
     for prefix in &candidates {
-        let mut allow = Allow::nothing();
-        for (rule, set) in &rules {
-            if !set.contains_region(prefix) {
+        let rules: Vec<RuleRef> = resolved
+            .iter()
+            .filter(|(_, (_, set))| !matches!(set, PeerSet::Any) && set.contains_region(prefix))
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut ports = Vec::new();
+        if prefix.is_host() && named_egress.iter().any(|s| s.contains_region(prefix)) {
+            if let Some(q) = index.pod_by_ip(prefix.addr()) {
+                ports = q.ports.iter().filter_map(|p| p.name.clone().map(|n| (n, p.protocol, p.port))).collect();
+                ports.sort();
+                ports.dedup();
+            }
+        }
+        let key = ClassKey { rules, ports };
+        let id = *class_ids.entry(key.clone()).or_insert_with(|| {
+            classes.push(key);
+            classes.len() - 1
+        });
+        table.insert(*prefix, id);
+    }
+    let prefixes = prune(table);
+
+    // Per pod, direction and class: the allowed ports.
+    let mut pods = BTreeMap::new();
+    for (pod, per_dir) in local.iter().zip(isolating) {
+        let mut out = CompiledPod { key: pod.key.clone(), ips: pod.ips.clone(), ingress: None, egress: None };
+        for (dir, policies) in Direction::BOTH.into_iter().zip(per_dir) {
+            if policies.is_empty() {
                 continue;
             }
-            allow.union(&rule_allow(index, pod, dir, rule, prefix));
-            if allow == Allow::All {
-                break;
+            let rules: Vec<(&RuleRef, &Rule, bool)> = policies
+                .iter()
+                .flat_map(|p| {
+                    (0..p.rules(dir).len()).map(move |i| RuleRef { policy: p.key.clone(), dir, index: i })
+                })
+                .map(|r| {
+                    let (k, (rule, set)) = resolved.get_key_value(&r).expect("resolved above");
+                    (k, *rule, matches!(set, PeerSet::Any))
+                })
+                .collect();
+            let mut allows = BTreeMap::new();
+            for (ci, class) in classes.iter().enumerate() {
+                let mut allow = Allow::nothing();
+                for (r, rule, any) in &rules {
+                    if *any || class.rules.binary_search(r).is_ok() {
+                        allow.union(&rule_allow(pod, dir, rule, class));
+                        if allow == Allow::All {
+                            break;
+                        }
+                    }
+                }
+                if !allow.is_nothing() {
+                    allows.insert(ci, allow);
+                }
+            }
+            let dp = DirPolicy { allows, policies: policies.iter().map(|p| p.key.clone()).collect() };
+            match dir {
+                Direction::Ingress => out.ingress = Some(dp),
+                Direction::Egress => out.egress = Some(dp),
             }
         }
-        table.insert(*prefix, allow);
+        pods.insert(pod.key.clone(), out);
     }
-
-    DirPolicy {
-        entries: prune(table),
-        policies: policies.iter().map(|p| p.key.clone()).collect(),
-    }
+    NodePolicy { classes, prefixes, pods }
 }
 
-/// Ports a rule allows to the addresses of `prefix`'s region.
-fn rule_allow(index: &Index, pod: &Pod, dir: Direction, rule: &Rule, prefix: &Cidr) -> Allow {
+/// Ports a rule allows to the addresses of a class.
+fn rule_allow(pod: &Pod, dir: Direction, rule: &Rule, class: &ClassKey) -> Allow {
     let Some(specs) = &rule.ports else {
         return Allow::All;
     };
@@ -363,58 +450,48 @@ fn rule_allow(index: &Index, pod: &Pod, dir: Direction, rule: &Rule, prefix: &Ci
         match &spec.port {
             PortRef::Any => ps.add(spec.protocol, 0, u16::MAX),
             PortRef::Range(a, b) => ps.add(spec.protocol, *a, *b),
-            PortRef::Named(name) => {
-                // Ingress: the selected pod's own port. Egress: the destination pod's port.
-                let target = match dir {
-                    Direction::Ingress => Some(pod),
-                    Direction::Egress if prefix.is_host() => index.pod_by_ip(prefix.addr()),
-                    Direction::Egress => None,
-                };
-                for port in target.into_iter().flat_map(|t| t.named_ports(name, spec.protocol)) {
-                    ps.add(spec.protocol, port, port);
+            // Ingress: the selected pod's own ports. Egress: the destination pod's, carried
+            // by the class.
+            PortRef::Named(name) => match dir {
+                Direction::Ingress => {
+                    for port in pod.named_ports(name, spec.protocol) {
+                        ps.add(spec.protocol, port, port);
+                    }
                 }
-            }
+                Direction::Egress => {
+                    for (n, proto, port) in &class.ports {
+                        if n == name && *proto == spec.protocol {
+                            ps.add(spec.protocol, *port, *port);
+                        }
+                    }
+                }
+            },
         }
     }
     Allow::Ports(ps)
 }
 
-/// Drops entries that change nothing: an entry equal to what its nearest enclosing entry
-/// gives (or allowing nothing where no enclosing entry exists).
-fn prune(table: BTreeMap<Cidr, Allow>) -> BTreeMap<Cidr, Allow> {
+/// Drops prefixes that change nothing: one whose class equals its nearest enclosing prefix's
+/// (or is class 0 with no enclosing prefix).
+fn prune(table: BTreeMap<Cidr, usize>) -> BTreeMap<Cidr, usize> {
     // BTreeMap order on Cidr is (address, length): an enclosing prefix sorts before the
     // prefixes inside it, so a stack of open ancestors suffices.
     let mut out = BTreeMap::new();
-    let mut stack: Vec<(Cidr, Allow)> = Vec::new();
-    for (c, a) in table {
+    let mut stack: Vec<(Cidr, usize)> = Vec::new();
+    for (c, class) in table {
         while let Some((top, _)) = stack.last() {
             if top.contains(&c) {
                 break;
             }
             stack.pop();
         }
-        let inherits_nothing = stack.last().is_none_or(|(_, pa)| pa.is_nothing());
-        let redundant = match stack.last() {
-            Some((_, pa)) => *pa == a,
-            None => inherits_nothing && a.is_nothing(),
-        };
-        if !redundant {
-            out.insert(c, a.clone());
+        let inherited = stack.last().map_or(0, |(_, k)| *k);
+        if class != inherited {
+            out.insert(c, class);
         }
-        stack.push((c, a));
+        stack.push((c, class));
     }
     out
-}
-
-/// Compiles every pod on `node` that gets programs (not host-network, with an address).
-pub fn compile_node(cluster: &Cluster, node: &str) -> BTreeMap<ObjKey, CompiledPod> {
-    let index = Index::new(cluster);
-    cluster
-        .pods
-        .values()
-        .filter(|p| p.node_name.as_deref() == Some(node) && p.selectable())
-        .map(|p| (p.key.clone(), compile_pod(&index, p)))
-        .collect()
 }
 
 #[cfg(test)]

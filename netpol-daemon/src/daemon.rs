@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::compiler;
-use crate::datapath::{Datapath, LocalPod};
+use crate::datapath::{Datapath, Iface};
 use crate::manifests;
 use crate::metrics::{self, Shared};
 use crate::model::ObjKey;
@@ -82,15 +82,14 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         if changed || retry {
             let t0 = Instant::now();
             last_resolve = Instant::now();
-            let compiled = compiler::compile_node(&cluster, &cfg.node_name);
-            let mut local: BTreeMap<ObjKey, LocalPod> = BTreeMap::new();
+            let node = compiler::compile_node(&cluster, &cfg.node_name);
+            let mut ifaces: BTreeMap<ObjKey, Iface> = BTreeMap::new();
             let mut errors = Vec::new();
             unresolved = false;
-            for (k, c) in compiled {
-                let found = c.ips.iter().find_map(|ip| netlink::pod_interface(*ip).ok());
-                match found {
+            for (k, c) in &node.pods {
+                match c.ips.iter().find_map(|ip| netlink::pod_interface(*ip).ok()) {
                     Some((ifindex, ifname)) => {
-                        local.insert(k, LocalPod { ifindex, ifname, compiled: c });
+                        ifaces.insert(k.clone(), Iface { ifindex, ifname });
                     }
                     None => {
                         unresolved = true;
@@ -103,7 +102,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     errors.push(format!("NODE_ADDRS: {e}"));
                 }
             }
-            let report = dp.sync(&local);
+            let report = dp.sync(&node, &ifaces);
             errors.extend(report.errors.iter().cloned());
             if errors != last_errors {
                 for e in &errors {
@@ -117,16 +116,18 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 st.manifest_errors = manifest_errors;
                 st.sync_errors = report.errors.len();
                 st.syncs += 1;
-                st.peer_entries = report.peers;
+                st.identity_entries = report.identities;
+                st.policy_entries = report.policy;
                 st.port_entries = report.ports;
                 st.policies = cluster.policies.len();
                 st.last_sync_seconds = t0.elapsed().as_secs_f64();
             }
             if changed {
                 log::info!(
-                    "synced: {} local pods, {} peer entries, {} port entries in {:?}",
+                    "synced: {} local pods, {} identity, {} policy and {} port entries in {:?}",
                     report.endpoints,
-                    report.peers,
+                    report.identities,
+                    report.policy,
                     report.ports,
                     t0.elapsed()
                 );

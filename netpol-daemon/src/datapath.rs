@@ -14,19 +14,18 @@ use aya::{Ebpf, EbpfLoader};
 use netpol_common::*;
 
 use crate::cidr::addr_bytes;
-use crate::compiler::CompiledPod;
-use crate::entries::{self, Desired, Lpm, PortSetInterner};
+use crate::compiler::NodePolicy;
+use crate::entries::{self, ClassInterner, Desired, Lpm, PortSetInterner};
 use crate::model::ObjKey;
 
 /// The compiled eBPF object, built by build.rs from netpol-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpol"));
 
-/// A local pod ready to be programmed.
-#[derive(Clone, Debug)]
-pub struct LocalPod {
+/// A local pod's host-side interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Iface {
     pub ifindex: u32,
     pub ifname: String,
-    pub compiled: CompiledPod,
 }
 
 struct Attached {
@@ -39,7 +38,8 @@ struct Attached {
 #[derive(Debug, Default)]
 pub struct SyncReport {
     pub errors: Vec<String>,
-    pub peers: usize,
+    pub identities: usize,
+    pub policy: usize,
     pub ports: usize,
     pub endpoints: usize,
 }
@@ -48,14 +48,17 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
-    peers: LpmTrie<MapData, PeerKey, PeerValue>,
+    identities: LpmTrie<MapData, IdKey, u32>,
+    policy: BpfHashMap<MapData, PolicyKey, PolicyValue>,
     ports: LpmTrie<MapData, PortKey, PortValue>,
     node_addrs: BpfHashMap<MapData, AddrKey, u8>,
     counters: PerCpuArray<MapData, u64>,
-    installed_peers: HashMap<Lpm<PeerKey>, PeerValue>,
+    installed_identities: HashMap<Lpm<IdKey>, u32>,
+    installed_policy: HashMap<PolicyKey, PolicyValue>,
     installed_ports: BTreeSet<Lpm<PortKey>>,
     installed_node_addrs: BTreeSet<AddrKey>,
-    interner: PortSetInterner,
+    portsets: PortSetInterner,
+    classes: ClassInterner,
     attached: BTreeMap<ObjKey, Attached>,
     /// Endpoint ids found in the pinned ENDPOINTS map at start, by ifindex (adopted on restart).
     adopted_ids: HashMap<u32, u32>,
@@ -104,16 +107,26 @@ impl Datapath {
             prog.load().with_context(|| format!("verifier rejected {name}"))?;
         }
         let endpoints: BpfHashMap<MapData, u32, EndpointInfo> = take(&mut ebpf, maps::ENDPOINTS)?;
-        let peers: LpmTrie<MapData, PeerKey, PeerValue> = take(&mut ebpf, maps::POLICY_PEERS)?;
+        let identities: LpmTrie<MapData, IdKey, u32> = take(&mut ebpf, maps::IDENTITIES)?;
+        let policy: BpfHashMap<MapData, PolicyKey, PolicyValue> = take(&mut ebpf, maps::POLICY)?;
         let ports: LpmTrie<MapData, PortKey, PortValue> = take(&mut ebpf, maps::POLICY_PORTS)?;
         let node_addrs: BpfHashMap<MapData, AddrKey, u8> = take(&mut ebpf, maps::NODE_ADDRS)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::COUNTERS)?;
 
-        // Adopt what a previous daemon left in the pinned maps.
-        let mut installed_peers = HashMap::new();
-        for item in peers.iter() {
+        // Adopt what a previous daemon left in the pinned maps: it keeps enforcing until the
+        // first sync replaces it entry by entry. New ids start above the adopted ones.
+        let mut installed_identities = HashMap::new();
+        let mut max_class = 0;
+        for item in identities.iter() {
             let (k, v) = item?;
-            installed_peers.insert((k.prefix_len(), k.data()), v);
+            max_class = max_class.max(v);
+            installed_identities.insert((k.prefix_len(), k.data()), v);
+        }
+        let mut installed_policy = HashMap::new();
+        for item in policy.iter() {
+            let (k, v) = item?;
+            max_class = max_class.max(k.identity);
+            installed_policy.insert(k, v);
         }
         let mut installed_ports = BTreeSet::new();
         let mut max_set = 0;
@@ -136,14 +149,17 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             endpoints,
-            peers,
+            identities,
+            policy,
             ports,
             node_addrs,
             counters,
-            installed_peers,
+            installed_identities,
+            installed_policy,
             installed_ports,
             installed_node_addrs,
-            interner: PortSetInterner::starting_at(max_set + 1),
+            portsets: PortSetInterner::starting_at(max_set + 1),
+            classes: ClassInterner::starting_at(max_class + 1),
             attached: BTreeMap::new(),
             adopted_ids,
             free_ids: Vec::new(),
@@ -246,15 +262,22 @@ impl Datapath {
         self.attached.iter().map(|(k, a)| (a.id, k.clone())).collect()
     }
 
-    /// Programs the maps and attachments to be exactly `pods`.
-    pub fn sync(&mut self, pods: &BTreeMap<ObjKey, LocalPod>) -> SyncReport {
+    /// Programs the maps and attachments to be exactly what `node` says for the pods in
+    /// `ifaces` (pods without an interface are not programmed). Only differences are written;
+    /// new entries go in before the entries that refer to them, stale ones go last.
+    pub fn sync(&mut self, node: &NodePolicy, ifaces: &BTreeMap<ObjKey, Iface>) -> SyncReport {
         let mut report = SyncReport::default();
+        let pods: BTreeMap<&ObjKey, (&Iface, u32)> = node
+            .pods
+            .iter()
+            .filter_map(|(k, c)| ifaces.get(k).map(|i| (k, (i, entries::endpoint_flags(c)))))
+            .collect();
 
         // Interfaces that disappeared or changed: detach first (the ids are freed below).
         let stale: Vec<ObjKey> = self
             .attached
             .iter()
-            .filter(|(k, a)| pods.get(*k).is_none_or(|p| p.ifindex != a.ifindex))
+            .filter(|(k, a)| pods.get(*k).is_none_or(|(i, _)| i.ifindex != a.ifindex))
             .map(|(k, _)| k.clone())
             .collect();
         let mut removed_ifindexes = Vec::new();
@@ -267,26 +290,21 @@ impl Datapath {
 
         // Ids for new pods.
         let mut ids: BTreeMap<ObjKey, u32> = self.attached.iter().map(|(k, a)| (k.clone(), a.id)).collect();
-        for (k, p) in pods {
-            if !ids.contains_key(k) {
-                match self.alloc_id(p.ifindex) {
+        for (k, (iface, _)) in &pods {
+            if !ids.contains_key(*k) {
+                match self.alloc_id(iface.ifindex) {
                     Ok(id) => {
-                        ids.insert(k.clone(), id);
+                        ids.insert((*k).clone(), id);
                     }
                     Err(e) => report.errors.push(format!("{k}: {e}")),
                 }
             }
         }
 
-        // Desired map contents.
-        let mut desired = Desired::default();
-        for (k, p) in pods {
-            if let Some(id) = ids.get(k) {
-                entries::add_pod(*id, &p.compiled, &mut self.interner, &mut desired);
-            }
-        }
+        let mut desired = entries::desired(node, &ids, &mut self.classes, &mut self.portsets);
+        self.fit_maps(node, &mut desired, &ids, &mut report);
 
-        // Port sets first, then peers that reference them, then endpoints that enable them.
+        // Port sets, then per-endpoint policy, then address classes, then endpoints.
         for (k, v) in &desired.ports {
             if !self.installed_ports.contains(k) {
                 match self.ports.insert(&Key::new(k.0, k.1), *v, 0) {
@@ -298,36 +316,46 @@ impl Datapath {
             }
         }
         let owner: HashMap<u32, &ObjKey> = ids.iter().map(|(k, id)| (*id, k)).collect();
-        for (k, v) in &desired.peers {
-            if self.installed_peers.get(k) != Some(v) {
-                match self.peers.insert(&Key::new(k.0, k.1), *v, 0) {
+        for (k, v) in &desired.policy {
+            if self.installed_policy.get(k) != Some(v) {
+                match self.policy.insert(k, *v, 0) {
                     Ok(()) => {
-                        self.installed_peers.insert(*k, *v);
+                        self.installed_policy.insert(*k, *v);
                     }
                     Err(e) => {
-                        let pod = owner.get(&k.1.endpoint).map(|p| p.to_string()).unwrap_or_default();
-                        report.errors.push(format!("{pod}: POLICY_PEERS insert: {e}"));
+                        let pod = owner.get(&k.endpoint).map(|p| p.to_string()).unwrap_or_default();
+                        report.errors.push(format!("{pod}: POLICY insert: {e}"));
                     }
                 }
             }
         }
-        for (k, p) in pods {
-            let Some(&id) = ids.get(k) else { continue };
-            let info = EndpointInfo { id, flags: entries::endpoint_flags(&p.compiled) };
-            if self.endpoints.get(&p.ifindex, 0).ok() != Some(info) {
-                if let Err(e) = self.endpoints.insert(p.ifindex, info, 0) {
+        for (k, v) in &desired.identities {
+            if self.installed_identities.get(k) != Some(v) {
+                match self.identities.insert(&Key::new(k.0, k.1), *v, 0) {
+                    Ok(()) => {
+                        self.installed_identities.insert(*k, *v);
+                    }
+                    Err(e) => report.errors.push(format!("IDENTITIES insert: {e}")),
+                }
+            }
+        }
+        for (k, (iface, flags)) in &pods {
+            let Some(&id) = ids.get(*k) else { continue };
+            let info = EndpointInfo { id, flags: *flags };
+            if self.endpoints.get(&iface.ifindex, 0).ok() != Some(info) {
+                if let Err(e) = self.endpoints.insert(iface.ifindex, info, 0) {
                     report.errors.push(format!("{k}: ENDPOINTS insert: {e}"));
                     continue;
                 }
             }
-            if !self.attached.contains_key(k) {
-                match self.attach(&p.ifname) {
+            if !self.attached.contains_key(*k) {
+                match self.attach(&iface.ifname) {
                     Ok(links) => {
-                        self.attached.insert(k.clone(), Attached { ifindex: p.ifindex, id, links });
+                        self.attached.insert((*k).clone(), Attached { ifindex: iface.ifindex, id, links });
                     }
                     Err(e) => {
-                        report.errors.push(format!("{k}: attaching to {}: {e:#}", p.ifname));
-                        let _ = self.endpoints.remove(&p.ifindex);
+                        report.errors.push(format!("{k}: attaching to {}: {e:#}", iface.ifname));
+                        let _ = self.endpoints.remove(&iface.ifindex);
                         self.free_ids.push(id);
                     }
                 }
@@ -335,37 +363,90 @@ impl Datapath {
         }
 
         // Remove what is no longer wanted.
-        let live_ifindexes: BTreeSet<u32> = pods.values().map(|p| p.ifindex).collect();
-        for ifindex in removed_ifindexes {
-            if !live_ifindexes.contains(&ifindex) {
-                let _ = self.endpoints.remove(&ifindex);
-            }
-        }
+        let live_ifindexes: BTreeSet<u32> = pods.values().map(|(i, _)| i.ifindex).collect();
         let adopted: Vec<u32> = self.adopted_ids.drain().map(|(ifindex, _)| ifindex).collect();
-        for ifindex in adopted {
+        for ifindex in removed_ifindexes.into_iter().chain(adopted) {
             if !live_ifindexes.contains(&ifindex) {
                 let _ = self.endpoints.remove(&ifindex);
             }
         }
-        let stale_peers: Vec<Lpm<PeerKey>> =
-            self.installed_peers.keys().filter(|k| !desired.peers.contains_key(k)).copied().collect();
-        for k in stale_peers {
-            let _ = self.peers.remove(&Key::new(k.0, k.1));
-            self.installed_peers.remove(&k);
+        let stale: Vec<Lpm<IdKey>> =
+            self.installed_identities.keys().filter(|k| !desired.identities.contains_key(k)).copied().collect();
+        for k in stale {
+            let _ = self.identities.remove(&Key::new(k.0, k.1));
+            self.installed_identities.remove(&k);
         }
-        let stale_ports: Vec<Lpm<PortKey>> =
+        let stale: Vec<PolicyKey> =
+            self.installed_policy.keys().filter(|k| !desired.policy.contains_key(k)).copied().collect();
+        for k in stale {
+            let _ = self.policy.remove(&k);
+            self.installed_policy.remove(&k);
+        }
+        let stale: Vec<Lpm<PortKey>> =
             self.installed_ports.iter().filter(|k| !desired.ports.contains_key(k)).copied().collect();
-        for k in stale_ports {
+        for k in stale {
             let _ = self.ports.remove(&Key::new(k.0, k.1));
             self.installed_ports.remove(&k);
         }
-        let used_sets: BTreeSet<u32> = desired.peers.values().map(|v| v.portset).collect();
-        self.interner.retain(&used_sets);
+        let used_sets: BTreeSet<u32> = desired.policy.values().map(|v| v.portset).collect();
+        self.portsets.retain(&used_sets);
+        let used_classes: BTreeSet<u32> = desired.identities.values().copied().collect();
+        self.classes.retain(&used_classes);
 
-        report.peers = self.installed_peers.len();
+        report.identities = self.installed_identities.len();
+        report.policy = self.installed_policy.len();
         report.ports = self.installed_ports.len();
         report.endpoints = self.attached.len();
         report
+    }
+
+    /// Never truncates silently: when the node needs more entries than a map holds, the pods
+    /// with the most entries lose theirs (their isolated directions then deny everything) and
+    /// each is reported with the policies that isolate it.
+    fn fit_maps(&self, node: &NodePolicy, d: &mut Desired, ids: &BTreeMap<ObjKey, u32>, report: &mut SyncReport) {
+        let policies_of = |k: &ObjKey| -> String {
+            let Some(p) = node.pods.get(k) else { return String::new() };
+            let mut v: Vec<String> = p.ingress.iter().chain(p.egress.iter()).flat_map(|d| d.policies.iter().map(|k| k.to_string())).collect();
+            v.sort();
+            v.dedup();
+            v.join(", ")
+        };
+        let global_overflow = d.identities.len() > IDENTITIES_MAX as usize || d.ports.len() > POLICY_PORTS_MAX as usize;
+        if global_overflow {
+            report.errors.push(format!(
+                "node needs {} IDENTITIES and {} POLICY_PORTS entries, the maps hold {IDENTITIES_MAX} and {POLICY_PORTS_MAX}: every isolated pod fails closed",
+                d.identities.len(),
+                d.ports.len()
+            ));
+            for k in ids.keys() {
+                report.errors.push(format!("{k}: failing closed (policies: {})", policies_of(k)));
+            }
+            d.policy.clear();
+            d.ports.clear();
+            return;
+        }
+        if d.policy.len() <= POLICY_MAX as usize {
+            return;
+        }
+        let mut by_size: Vec<(usize, &ObjKey)> = d.policy_entries.iter().map(|(k, n)| (*n, k)).collect();
+        by_size.sort_by(|a, b| b.cmp(a));
+        let mut total = d.policy.len();
+        let mut dropped = BTreeSet::new();
+        for (n, k) in by_size {
+            if total <= POLICY_MAX as usize {
+                break;
+            }
+            total -= n;
+            if let Some(id) = ids.get(k) {
+                dropped.insert(*id);
+            }
+            report.errors.push(format!(
+                "{k}: needs {n} POLICY entries (policies: {}); the node needs {} and the map holds {POLICY_MAX}: failing closed",
+                policies_of(k),
+                d.policy.len()
+            ));
+        }
+        d.policy.retain(|k, _| !dropped.contains(&k.endpoint));
     }
 }
 

@@ -1,12 +1,12 @@
-//! Pure translation of compiled pods into datapath map entries (keys and values of
-//! netpol-common), and back: what the BPF programs will look up. No I/O.
+//! Pure translation of a compiled node into datapath map contents (keys and values of
+//! netpol-common), and an emulation of the BPF lookup over them. No I/O.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use netpol_common::*;
 
 use crate::cidr::Cidr;
-use crate::compiler::{Allow, CompiledPod, PortSet};
-use crate::model::{Direction, Protocol};
+use crate::compiler::{Allow, ClassKey, CompiledPod, NodePolicy, PortSet};
+use crate::model::{Direction, ObjKey, Protocol};
 
 /// An LPM key: prefix length and data.
 pub type Lpm<K> = (u32, K);
@@ -28,43 +28,53 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
     out
 }
 
-/// Interns port sets so that pods and prefixes allowing the same ports share one set of
-/// `POLICY_PORTS` entries. Ids are stable while a set is in use.
-#[derive(Debug, Default)]
-pub struct PortSetInterner {
-    ids: HashMap<PortSet, u32>,
+/// Gives values stable small ids while they are in use: port sets (shared by every pod and
+/// class allowing the same ports) and address classes. Id 0 is never handed out.
+#[derive(Debug)]
+pub struct Interner<K> {
+    ids: HashMap<K, u32>,
     next: u32,
 }
 
-impl PortSetInterner {
+impl<K> Default for Interner<K> {
+    fn default() -> Self {
+        Interner { ids: HashMap::new(), next: 1 }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Interner<K> {
+    /// Starts handing out ids at `next` (ids below may be in use in adopted maps).
     pub fn starting_at(next: u32) -> Self {
-        PortSetInterner { ids: HashMap::new(), next: next.max(1) }
+        Interner { ids: HashMap::new(), next: next.max(1) }
     }
 
-    pub fn id(&mut self, ps: &PortSet) -> u32 {
-        if let Some(id) = self.ids.get(ps) {
+    pub fn id(&mut self, k: &K) -> u32 {
+        if let Some(id) = self.ids.get(k) {
             return *id;
-        }
-        if self.next == 0 {
-            self.next = 1;
         }
         let id = self.next;
         self.next += 1;
-        self.ids.insert(ps.clone(), id);
+        self.ids.insert(k.clone(), id);
         id
     }
 
-    /// Forgets sets not in `used`.
+    /// Forgets values whose ids are not in `used`.
     pub fn retain(&mut self, used: &BTreeSet<u32>) {
         self.ids.retain(|_, id| used.contains(id));
     }
 }
 
+pub type PortSetInterner = Interner<PortSet>;
+pub type ClassInterner = Interner<ClassKey>;
+
 /// Everything the datapath needs, as map contents.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub peers: BTreeMap<Lpm<PeerKey>, PeerValue>,
+    pub identities: BTreeMap<Lpm<IdKey>, u32>,
+    pub policy: BTreeMap<PolicyKey, PolicyValue>,
     pub ports: BTreeMap<Lpm<PortKey>, PortValue>,
+    /// Number of POLICY entries per pod (to name the pods when a map is too small).
+    pub policy_entries: BTreeMap<ObjKey, usize>,
 }
 
 pub fn endpoint_flags(c: &CompiledPod) -> u32 {
@@ -78,16 +88,10 @@ pub fn endpoint_flags(c: &CompiledPod) -> u32 {
     f
 }
 
-pub fn peer_key(endpoint: u32, dir: Direction, cidr: &Cidr) -> Lpm<PeerKey> {
+pub fn id_key(cidr: &Cidr) -> Lpm<IdKey> {
     (
-        PEER_KEY_FIXED_BITS + cidr.len() as u32,
-        PeerKey {
-            endpoint,
-            dir: dir.datapath(),
-            family: if cidr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
-            _pad: [0; 2],
-            addr: cidr.addr_bytes(),
-        },
+        ID_KEY_FIXED_BITS + cidr.len() as u32,
+        IdKey { family: if cidr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }, _pad: [0; 3], addr: cidr.addr_bytes() },
     )
 }
 
@@ -107,42 +111,58 @@ pub fn portset_entries(id: u32, ps: &PortSet, out: &mut BTreeMap<Lpm<PortKey>, P
     }
 }
 
-/// Adds one endpoint's entries.
-pub fn add_pod(endpoint: u32, c: &CompiledPod, interner: &mut PortSetInterner, out: &mut Desired) {
-    for dir in Direction::BOTH {
-        let Some(dp) = c.dir(dir) else { continue };
-        for (cidr, allow) in &dp.entries {
-            let value = match allow {
-                Allow::All => PeerValue { portset: 0, flags: PEER_ALLOW_ALL },
-                Allow::Ports(ps) => {
-                    let id = if ps.is_empty() { 0 } else { interner.id(ps) };
-                    if id != 0 {
-                        portset_entries(id, ps, &mut out.ports);
-                    }
-                    PeerValue { portset: id, flags: 0 }
-                }
-            };
-            out.peers.insert(peer_key(endpoint, dir, cidr), value);
-        }
+/// The map contents for a compiled node, given each programmed pod's endpoint id.
+pub fn desired(
+    node: &NodePolicy,
+    endpoints: &BTreeMap<ObjKey, u32>,
+    classes: &mut ClassInterner,
+    portsets: &mut PortSetInterner,
+) -> Desired {
+    let mut out = Desired::default();
+    let class_ids: Vec<u32> =
+        node.classes.iter().enumerate().map(|(i, k)| if i == 0 { 0 } else { classes.id(k) }).collect();
+    for (cidr, class) in &node.prefixes {
+        out.identities.insert(id_key(cidr), class_ids[*class]);
     }
+    for (key, pod) in &node.pods {
+        let Some(&endpoint) = endpoints.get(key) else { continue };
+        let mut n = 0;
+        for dir in Direction::BOTH {
+            let Some(dp) = pod.dir(dir) else { continue };
+            for (class, allow) in &dp.allows {
+                let value = match allow {
+                    Allow::All => PolicyValue { portset: 0, flags: POLICY_ALLOW_ALL },
+                    Allow::Ports(ps) => {
+                        let id = portsets.id(ps);
+                        portset_entries(id, ps, &mut out.ports);
+                        PolicyValue { portset: id, flags: 0 }
+                    }
+                };
+                let k = PolicyKey { endpoint, identity: class_ids[*class], dir: dir.datapath(), _pad: [0; 3] };
+                out.policy.insert(k, value);
+                n += 1;
+            }
+        }
+        out.policy_entries.insert(key.clone(), n);
+    }
+    out
 }
 
 /// Emulates the BPF lookup on map contents (used to prove the translation in tests).
 pub fn lookup(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::IpAddr, proto: u8, port: Option<u16>) -> bool {
-    let host = Cidr::host(peer);
-    let full = peer_key(endpoint, dir, &host);
-    let best = d
-        .peers
+    let full = id_key(&Cidr::host(peer));
+    let identity = d
+        .identities
         .iter()
         .filter(|((len, k), _)| {
-            k.endpoint == endpoint
-                && k.dir == full.1.dir
-                && k.family == full.1.family
-                && Cidr::new(peer, (*len - PEER_KEY_FIXED_BITS) as u8).addr_bytes() == k.addr
+            k.family == full.1.family && Cidr::new(peer, (*len - ID_KEY_FIXED_BITS) as u8).addr_bytes() == k.addr
         })
-        .max_by_key(|((len, _), _)| *len);
-    let Some((_, v)) = best else { return false };
-    if v.flags & PEER_ALLOW_ALL != 0 {
+        .max_by_key(|((len, _), _)| *len)
+        .map_or(0, |(_, id)| *id);
+    let Some(v) = d.policy.get(&PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] }) else {
+        return false;
+    };
+    if v.flags & POLICY_ALLOW_ALL != 0 {
         return true;
     }
     let (Some(_), Some(port)) = (Protocol::from_number(proto), port) else { return false };

@@ -18,7 +18,8 @@ pub struct Status {
     pub manifest_errors: usize,
     pub sync_errors: usize,
     pub syncs: u64,
-    pub peer_entries: usize,
+    pub identity_entries: usize,
+    pub policy_entries: usize,
     pub port_entries: usize,
     pub policies: usize,
     pub last_sync_seconds: f64,
@@ -52,13 +53,15 @@ pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) ->
             }
         }
     }
-    let gauges: [(&str, &str, f64); 7] = [
+    let gauges: [(&str, &str, f64); 9] = [
         ("netpol_ready", "1 once the first full sync is programmed.", if ready { 1.0 } else { 0.0 }),
         ("netpol_endpoints", "Pod interfaces with programs attached.", status.endpoints.len() as f64),
         ("netpol_policies", "NetworkPolicies in the cluster model.", status.policies as f64),
         ("netpol_manifest_errors", "Objects skipped because they are invalid.", status.manifest_errors as f64),
         ("netpol_sync_errors", "Errors of the last datapath sync.", status.sync_errors as f64),
-        ("netpol_policy_map_entries", "Entries in the POLICY_PEERS map.", status.peer_entries as f64),
+        ("netpol_identity_map_entries", "Entries in the IDENTITIES map (address classes).", status.identity_entries as f64),
+        ("netpol_policy_map_entries", "Entries in the POLICY map.", status.policy_entries as f64),
+        ("netpol_port_map_entries", "Entries in the POLICY_PORTS map.", status.port_entries as f64),
         ("netpol_last_sync_duration_seconds", "Compile and program time of the last sync.", status.last_sync_seconds),
     ];
     for (name, help, v) in gauges {

@@ -1,5 +1,5 @@
-//! Policy lookup: endpoint table, then two LPM lookups (peer prefix -> port set, port set +
-//! protocol + port). Constant work per packet whatever the number of rules.
+//! Policy lookup: endpoint table, peer identity (LPM), per-endpoint policy (hash), port set
+//! (LPM on protocol + port). Constant work per packet whatever the number of rules.
 use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::Key, HashMap, LpmTrie},
@@ -11,8 +11,11 @@ use crate::parse::Packet;
 #[map(name = "ENDPOINTS")]
 static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 
-#[map(name = "POLICY_PEERS")]
-static POLICY_PEERS: LpmTrie<PeerKey, PeerValue> = LpmTrie::pinned(POLICY_PEERS_MAX, 0);
+#[map(name = "IDENTITIES")]
+static IDENTITIES: LpmTrie<IdKey, u32> = LpmTrie::pinned(IDENTITIES_MAX, 0);
+
+#[map(name = "POLICY")]
+static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(POLICY_MAX, 0);
 
 #[map(name = "POLICY_PORTS")]
 static POLICY_PORTS: LpmTrie<PortKey, PortValue> = LpmTrie::pinned(POLICY_PORTS_MAX, 0);
@@ -36,14 +39,13 @@ pub fn is_node_addr(family: u8, addr: &[u8; 16]) -> bool {
 pub fn allowed(endpoint: u32, dir: u8, p: &Packet) -> bool {
     let peer = if dir == DIR_INGRESS { p.src } else { p.dst };
     let bits = if p.family == FAMILY_V4 { 32 } else { 128 };
-    let key = Key::new(
-        PEER_KEY_FIXED_BITS + bits,
-        PeerKey { endpoint, dir, family: p.family, _pad: [0; 2], addr: peer },
-    );
-    let Some(v) = POLICY_PEERS.get(&key) else {
+    let id_key = Key::new(ID_KEY_FIXED_BITS + bits, IdKey { family: p.family, _pad: [0; 3], addr: peer });
+    let identity = IDENTITIES.get(&id_key).copied().unwrap_or(0);
+    let key = PolicyKey { endpoint, identity, dir, _pad: [0; 3] };
+    let Some(v) = (unsafe { POLICY.get(&key) }) else {
         return false;
     };
-    if v.flags & PEER_ALLOW_ALL != 0 {
+    if v.flags & POLICY_ALLOW_ALL != 0 {
         return true;
     }
     // Only port-carrying protocols can match a port rule; ICMP and non-first fragments need an

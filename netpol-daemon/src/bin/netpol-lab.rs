@@ -167,7 +167,7 @@ fn demo(daemon: PathBuf) -> Result<()> {
     for l in m.lines().filter(|l| l.starts_with("netpol_packets_total{") && !l.ends_with(" 0")) {
         println!("  {l}");
     }
-    for g in ["netpol_endpoints", "netpol_policies", "netpol_policy_map_entries", "netpol_manifest_errors"] {
+    for g in ["netpol_endpoints", "netpol_policies", "netpol_identity_map_entries", "netpol_policy_map_entries", "netpol_port_map_entries", "netpol_manifest_errors"] {
         println!("  {g} {}", sample(&m, g).unwrap_or(f64::NAN));
     }
     let open_before = before.iter().filter(|b| **b).count();

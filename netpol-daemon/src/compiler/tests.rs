@@ -6,7 +6,7 @@ use std::path::Path;
 use proptest::prelude::*;
 
 use super::*;
-use crate::entries::{self, Desired, PortSetInterner};
+use crate::entries::{self, ClassInterner, PortSetInterner};
 use crate::manifests::{load_text, Loaded};
 use crate::reference;
 use crate::selector::{Op, Requirement};
@@ -81,17 +81,21 @@ fn with(policies: &str) -> Cluster {
 /// map entries the datapath would get.
 fn verdict(c: &Cluster, pod: &str, dir: Direction, peer: &str, proto: u8, port: Option<u16>) -> bool {
     let (ns, name) = pod.split_once('/').unwrap();
-    let p = &c.pods[&ObjKey::new(ns, name)];
-    let index = Index::new(c);
-    let compiled = compile_pod(&index, p);
-    let got = compiled.permits(dir, ip(peer), proto, port);
+    let key = ObjKey::new(ns, name);
+    let p = &c.pods[&key];
+    let node = compile_node(c, p.node_name.as_deref().unwrap());
+    let got = node.permits(&key, dir, ip(peer), proto, port);
     let want = reference::allowed(c, p, dir, ip(peer), proto, port);
-    assert_eq!(got, want, "compiler and reference disagree: {pod} {dir:?} peer {peer} proto {proto} port {port:?}\n{compiled:#?}");
-    let mut d = Desired::default();
-    entries::add_pod(7, &compiled, &mut PortSetInterner::default(), &mut d);
-    let via_maps = compiled.dir(dir).is_none() || entries::lookup(&d, 7, dir, ip(peer), proto, port);
-    assert_eq!(got, via_maps, "map entries disagree: {pod} {dir:?} {peer} {proto} {port:?}");
+    assert_eq!(got, want, "compiler and reference disagree: {pod} {dir:?} peer {peer} proto {proto} port {port:?}\n{node:#?}");
+    assert_eq!(got, via_maps(&node, &key, dir, ip(peer), proto, port), "map entries disagree: {pod} {dir:?} {peer} {proto} {port:?}");
     got
+}
+
+/// The verdict looked up in the map contents the datapath would be given.
+fn via_maps(node: &NodePolicy, key: &ObjKey, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> bool {
+    let ids: BTreeMap<ObjKey, u32> = node.pods.keys().enumerate().map(|(i, k)| (k.clone(), i as u32 + 3)).collect();
+    let d = entries::desired(node, &ids, &mut ClassInterner::default(), &mut PortSetInterner::default());
+    node.pods[key].dir(dir).is_none() || entries::lookup(&d, ids[key], dir, peer, proto, port)
 }
 
 use Direction::{Egress, Ingress};
@@ -101,7 +105,7 @@ fn no_policy_means_no_isolation() {
     let c = with("");
     assert!(verdict(&c, "ns1/a", Ingress, "1.2.3.4", TCP, Some(1)));
     assert!(verdict(&c, "ns1/a", Egress, "1.2.3.4", ICMP, None));
-    assert!(compile_node(&c, "n1").values().all(|p| p.ingress.is_none() && p.egress.is_none()));
+    assert!(compile_node(&c, "n1").pods.values().all(|p| p.ingress.is_none() && p.egress.is_none()));
 }
 
 #[test]
@@ -310,19 +314,43 @@ spec: {podSelector: {}, ingress: [{from: [{podSelector: {matchLabels: {app: a}}}
 "#,
     );
     let node = compile_node(&c, "n1");
-    assert_eq!(node.keys().map(|k| k.name.as_str()).collect::<Vec<_>>(), vec!["t"]);
-    let t = &node[&ObjKey::new("ns1", "t")];
-    assert!(!t.permits(Ingress, ip("10.9.0.1"), TCP, Some(1)));
-    assert!(!t.permits(Ingress, ip("10.9.0.2"), TCP, Some(1)));
+    assert_eq!(node.pods.keys().map(|k| k.name.as_str()).collect::<Vec<_>>(), vec!["t"]);
+    let t = ObjKey::new("ns1", "t");
+    assert!(!node.permits(&t, Ingress, ip("10.9.0.1"), TCP, Some(1)));
+    assert!(!node.permits(&t, Ingress, ip("10.9.0.2"), TCP, Some(1)));
 }
 
 #[test]
 fn prune_keeps_shadowing_entries_only() {
     let c = with("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: ns1}\nspec:\n  podSelector: {matchLabels: {app: a}}\n  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}, {ipBlock: {cidr: 10.2.0.0/16}}]\n");
-    let compiled = compile_node(&c, "n1").remove(&ObjKey::new("ns1", "a")).unwrap();
-    let entries: Vec<String> = compiled.ingress.unwrap().entries.keys().map(|c| c.to_string()).collect();
-    // 10.2.0.0/16 allows the same as 10.0.0.0/8 and is dropped; the except must stay.
-    assert_eq!(entries, vec!["10.0.0.0/8", "10.1.0.0/16"]);
+    let node = compile_node(&c, "n1");
+    let prefixes: Vec<String> = node.prefixes.keys().map(|c| c.to_string()).collect();
+    // 10.2.0.0/16 is in the same class as 10.0.0.0/8 and is dropped; the except (class 0
+    // under a non-zero class) must stay.
+    assert_eq!(prefixes, vec!["10.0.0.0/8", "10.1.0.0/16"]);
+    assert_eq!(node.prefixes.values().copied().collect::<Vec<_>>()[1], 0);
+}
+
+#[test]
+fn a_rule_selecting_every_pod_is_one_class_not_one_entry_per_pod() {
+    // The seed's "namespaceSelector: {} + podSelector: {}" on a cluster of many pods.
+    let mut y = String::from("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: ns1}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {}}], ports: [{port: 8080}]}]\n");
+    for i in 0..500 {
+        y.push_str(&format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: ns{}}}\nspec: {{nodeName: n{}, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: 10.1.{}.{}}}\n", i % 7, i % 2, i / 250, i % 250 + 1));
+    }
+    let c = with(&y);
+    let node = compile_node(&c, "n1");
+    assert_eq!(node.classes.len(), 2, "class 0 and the all-pods class");
+    for p in node.pods.values().filter(|p| p.key.namespace == "ns1") {
+        assert_eq!(p.ingress.as_ref().unwrap().allows.len(), 1);
+    }
+    let ids: BTreeMap<ObjKey, u32> = node.pods.keys().enumerate().map(|(i, k)| (k.clone(), i as u32 + 1)).collect();
+    let d = entries::desired(&node, &ids, &mut ClassInterner::default(), &mut PortSetInterner::default());
+    let isolated = node.pods.values().filter(|p| p.ingress.is_some()).count();
+    assert_eq!(d.policy.len(), isolated);
+    assert!(verdict(&c, "ns1/a", Ingress, "10.1.1.7", TCP, Some(8080)));
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.1.1.7", TCP, Some(8081)));
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.9.1.7", TCP, Some(8080)));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -485,11 +513,10 @@ proptest! {
     #[test]
     fn compiler_agrees_with_reference(seed in any::<u64>()) {
         let c = random_cluster(seed);
-        let index = Index::new(&c);
+        let node = compile_node(&c, "n");
+        let ids: BTreeMap<ObjKey, u32> = node.pods.keys().enumerate().map(|(i, k)| (k.clone(), i as u32 + 1)).collect();
+        let d = entries::desired(&node, &ids, &mut ClassInterner::default(), &mut PortSetInterner::default());
         for pod in c.pods.values().filter(|p| p.selectable()) {
-            let compiled = compile_pod(&index, pod);
-            let mut d = Desired::default();
-            entries::add_pod(1, &compiled, &mut PortSetInterner::default(), &mut d);
             for dir in Direction::BOTH {
                 for peer in PEERS {
                     let peer = ip(peer);
@@ -497,9 +524,9 @@ proptest! {
                         let ports: &[Option<u16>] = if proto == ICMP { &[None] } else { &[Some(53), Some(80), Some(81), Some(443), Some(444), Some(8080), Some(9999)] };
                         for &port in ports {
                             let want = reference::allowed(&c, pod, dir, peer, proto, port);
-                            let got = compiled.permits(dir, peer, proto, port);
-                            let via_maps = compiled.dir(dir).is_none() || entries::lookup(&d, 1, dir, peer, proto, port);
-                            prop_assert_eq!(got, want, "seed {} pod {} {:?} peer {} proto {} port {:?}\ncluster: {:#?}\ncompiled: {:#?}", seed, pod.key, dir, peer, proto, port, c, compiled);
+                            let got = node.permits(&pod.key, dir, peer, proto, port);
+                            let via_maps = node.pods[&pod.key].dir(dir).is_none() || entries::lookup(&d, ids[&pod.key], dir, peer, proto, port);
+                            prop_assert_eq!(got, want, "seed {} pod {} {:?} peer {} proto {} port {:?}\ncluster: {:?}\ncompiled: {:?}", seed, pod.key, dir, peer, proto, port, c, node);
                             prop_assert_eq!(via_maps, want, "map entries: seed {} pod {} {:?} peer {} proto {} port {:?}", seed, pod.key, dir, peer, proto, port);
                         }
                     }
