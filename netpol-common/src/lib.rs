@@ -15,7 +15,8 @@
 //!    identity 0. This is what keeps the per-endpoint tables small: a rule that allows "every
 //!    pod of every namespace" is one entry per endpoint, not one per pod.
 //! 2. `POLICY`: hash from ([`PolicyKey`]: endpoint, identity, direction) to [`PolicyValue`]: an
-//!    interned port set, or "all traffic". Missing means denied.
+//!    interned port set, or "all traffic". A missing identity falls back to the endpoint's
+//!    identity-0 entry (what its rules without peer restriction allow); missing too: denied.
 //! 3. `POLICY_PORTS`: LPM trie keyed by ([`PortKey`]: port set id, protocol, port). A port range
 //!    is stored as at most 30 port prefixes, so `endPort` ranges of any width cost O(log) entries.
 //!

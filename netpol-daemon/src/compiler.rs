@@ -16,6 +16,7 @@
 //! cluster costs one entry per local pod, not one per cluster pod.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::rc::Rc;
 
 use crate::cidr::Cidr;
 use crate::model::*;
@@ -125,10 +126,17 @@ pub struct ClassKey {
 /// The compiled policy of one pod in one direction in which it is isolated.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DirPolicy {
-    /// Class index -> what it may send/receive. Classes not present allow nothing.
+    /// Class index -> what it may send/receive. A class without an entry gets class 0's
+    /// entry (what the rules without peer restriction allow), or nothing.
     pub allows: BTreeMap<usize, Allow>,
     /// The policies that isolate the pod in this direction.
     pub policies: Vec<ObjKey>,
+}
+
+impl DirPolicy {
+    pub fn allow_for(&self, class: usize) -> Option<&Allow> {
+        self.allows.get(&class).or_else(|| self.allows.get(&0))
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -177,7 +185,7 @@ impl NodePolicy {
         let Some(p) = self.pods.get(pod) else { return true };
         match p.dir(d) {
             None => true,
-            Some(dp) => dp.allows.get(&self.class_of(peer)).is_some_and(|a| a.permits(proto, port)),
+            Some(dp) => dp.allow_for(self.class_of(peer)).is_some_and(|a| a.permits(proto, port)),
         }
     }
 }
@@ -196,48 +204,50 @@ impl Cluster {
     pub fn namespace(&self, name: &str) -> Namespace {
         self.namespaces.get(name).cloned().unwrap_or_else(|| Namespace::implicit(name))
     }
-
-    fn namespace_names(&self) -> BTreeSet<&str> {
-        let mut out: BTreeSet<&str> = self.namespaces.keys().map(|s| s.as_str()).collect();
-        out.extend(self.pods.keys().map(|k| k.namespace.as_str()));
-        out
-    }
 }
 
 /// Cluster-wide lookups built once per compilation.
 pub struct Index<'a> {
-    cluster: &'a Cluster,
+    policies_by_ns: HashMap<&'a str, Vec<&'a Policy>>,
     pods_by_ns: HashMap<&'a str, Vec<&'a Pod>>,
     pod_by_ip: HashMap<IpAddr, &'a Pod>,
-    ns_labels: HashMap<&'a str, Labels>,
+    /// Labels of every namespace that exists or has pods (implicit ones carry only the
+    /// automatic name label).
+    ns_labels: Vec<(&'a str, std::borrow::Cow<'a, Labels>)>,
 }
 
 impl<'a> Index<'a> {
     pub fn new(cluster: &'a Cluster) -> Index<'a> {
         let mut pods_by_ns: HashMap<&str, Vec<&Pod>> = HashMap::new();
-        let mut pod_by_ip = HashMap::new();
+        let mut pod_by_ip = HashMap::with_capacity(cluster.pods.len());
         for p in cluster.pods.values().filter(|p| p.selectable()) {
             pods_by_ns.entry(p.key.namespace.as_str()).or_default().push(p);
             for ip in &p.ips {
                 pod_by_ip.insert(*ip, p);
             }
         }
-        let ns_labels = cluster
-            .namespace_names()
-            .into_iter()
-            .map(|n| (n, cluster.namespace(n).labels))
-            .collect();
-        Index { cluster, pods_by_ns, pod_by_ip, ns_labels }
+        let mut ns_labels: Vec<(&str, std::borrow::Cow<Labels>)> =
+            cluster.namespaces.iter().map(|(n, ns)| (n.as_str(), std::borrow::Cow::Borrowed(&ns.labels))).collect();
+        for n in pods_by_ns.keys() {
+            if !cluster.namespaces.contains_key(*n) {
+                ns_labels.push((n, std::borrow::Cow::Owned(Namespace::implicit(n).labels)));
+            }
+        }
+        let mut policies_by_ns: HashMap<&str, Vec<&Policy>> = HashMap::new();
+        for p in cluster.policies.values() {
+            policies_by_ns.entry(p.key.namespace.as_str()).or_default().push(p);
+        }
+        Index { policies_by_ns, pods_by_ns, pod_by_ip, ns_labels }
     }
 
     /// Policies that select `pod`.
-    pub fn policies_for(&self, pod: &Pod) -> impl Iterator<Item = &'a Policy> + '_ {
-        let labels = pod.labels.clone();
-        let ns = pod.key.namespace.clone();
-        self.cluster
-            .policies
-            .values()
-            .filter(move |p| p.key.namespace == ns && p.pod_selector.matches(&labels))
+    pub fn policies_for<'p>(&self, pod: &'p Pod) -> impl Iterator<Item = &'a Policy> + use<'a, 'p, '_> {
+        self.policies_by_ns
+            .get(pod.key.namespace.as_str())
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(move |p| p.pod_selector.matches(&pod.labels))
     }
 
     fn peer_pods(&self, policy_ns: &str, namespaces: &Option<Selector>, pods: &Selector) -> Vec<&'a Pod> {
@@ -253,7 +263,7 @@ impl<'a> Index<'a> {
             None => add_ns(policy_ns),
             Some(sel) => {
                 for (ns, labels) in &self.ns_labels {
-                    if sel.matches(labels) {
+                    if sel.matches(labels.as_ref()) {
                         add_ns(ns);
                     }
                 }
@@ -267,10 +277,35 @@ impl<'a> Index<'a> {
     }
 }
 
+/// The addresses of the pods a peer selects: sorted, shared by every rule with the same
+/// selectors, compared by identity (equal selectors give the same list).
+#[derive(Clone)]
+struct PodIps(Rc<Vec<IpAddr>>);
+
+impl PartialEq for PodIps {
+    fn eq(&self, o: &Self) -> bool {
+        Rc::ptr_eq(&self.0, &o.0)
+    }
+}
+impl Eq for PodIps {}
+impl std::hash::Hash for PodIps {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        Rc::as_ptr(&self.0).hash(h)
+    }
+}
+impl std::ops::Deref for PodIps {
+    type Target = Vec<IpAddr>;
+    fn deref(&self) -> &Vec<IpAddr> {
+        &self.0
+    }
+}
+
 /// The peers of one rule, resolved against the cluster.
+#[derive(Clone, PartialEq, Eq, Hash)]
 enum PeerSet<'a> {
     Any,
-    Some { blocks: Vec<&'a IpBlock>, pod_ips: BTreeSet<IpAddr> },
+    /// Address blocks, and the addresses of the selected pods.
+    Some { blocks: Vec<&'a IpBlock>, pod_ips: PodIps },
 }
 
 impl PeerSet<'_> {
@@ -279,7 +314,7 @@ impl PeerSet<'_> {
         match self {
             PeerSet::Any => true,
             PeerSet::Some { blocks, pod_ips } => {
-                (prefix.is_host() && pod_ips.contains(&prefix.addr()))
+                (prefix.is_host() && pod_ips.binary_search(&prefix.addr()).is_ok())
                     || blocks.iter().any(|b| {
                         b.cidr.contains(prefix) && !b.except.iter().any(|e| e.contains(prefix))
                     })
@@ -300,101 +335,213 @@ pub fn compile_node(cluster: &Cluster, node: &str) -> NodePolicy {
     compile_pods(&index, &local)
 }
 
+/// One rule in use on the node, with its peers resolved.
+struct Resolved<'a> {
+    rref: RuleRef,
+    rule: &'a Rule,
+    /// Index of its peer set in the node's distinct peer sets.
+    group: u32,
+    any: bool,
+    named_egress: bool,
+}
+
 /// Compiles the given pods as the pods of one node.
 pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
-    // Per pod and direction: the isolating policies.
+    // Per pod and direction: the isolating policies; every (policy, direction) in use once.
     let mut isolating: Vec<[Vec<&Policy>; 2]> = Vec::with_capacity(local.len());
-    let mut used: BTreeMap<(ObjKey, Direction), &Policy> = BTreeMap::new();
+    let mut used: BTreeMap<(&ObjKey, Direction), &Policy> = BTreeMap::new();
     for pod in local {
         let selecting: Vec<&Policy> = index.policies_for(pod).collect();
         let per_dir = Direction::BOTH.map(|d| {
             let v: Vec<&Policy> = selecting.iter().copied().filter(|p| p.isolates(d)).collect();
             for p in &v {
-                used.insert((p.key.clone(), d), p);
+                used.insert((&p.key, d), p);
             }
             v
         });
         isolating.push(per_dir);
     }
 
-    // Resolve every rule in use once.
-    let mut resolved: BTreeMap<RuleRef, (&Rule, PeerSet)> = BTreeMap::new();
-    for ((_, dir), pol) in &used {
+    // Resolve every rule in use once; rules are numbered in RuleRef order. Rules with the same
+    // peers share one peer set ("group"): classes are computed over groups.
+    type PodPeerKey<'s> = (Option<&'s Selector>, &'s Selector, Option<&'s str>);
+    let mut pod_peer_cache: HashMap<PodPeerKey, PodIps> = HashMap::new();
+    let empty = PodIps(Rc::new(Vec::new()));
+    let mut groups: Vec<PeerSet> = Vec::new();
+    let mut group_ids: HashMap<PeerSet, u32> = HashMap::new();
+    let mut rules: Vec<Resolved> = Vec::new();
+    let mut rule_no: HashMap<(&ObjKey, Direction), usize> = HashMap::new();
+    for ((key, dir), pol) in &used {
+        rule_no.insert((*key, *dir), rules.len());
         for (i, rule) in pol.rules(*dir).iter().enumerate() {
             let set = match &rule.peers {
                 None => PeerSet::Any,
                 Some(peers) => {
                     let mut blocks = Vec::new();
-                    let mut pod_ips = BTreeSet::new();
+                    let mut lists: Vec<PodIps> = Vec::new();
                     for peer in peers {
                         match peer {
                             Peer::IpBlock(b) => blocks.push(b),
                             Peer::Pods { namespaces, pods } => {
-                                for p in index.peer_pods(&pol.key.namespace, namespaces, pods) {
-                                    pod_ips.extend(p.ips.iter().copied());
-                                }
+                                let own = namespaces.is_none().then_some(pol.key.namespace.as_str());
+                                let list = pod_peer_cache
+                                    .entry((namespaces.as_ref(), pods, own))
+                                    .or_insert_with(|| {
+                                        let mut v: Vec<IpAddr> = index
+                                            .peer_pods(&pol.key.namespace, namespaces, pods)
+                                            .iter()
+                                            .flat_map(|p| p.ips.iter().copied())
+                                            .collect();
+                                        v.sort_unstable();
+                                        v.dedup();
+                                        PodIps(Rc::new(v))
+                                    })
+                                    .clone();
+                                lists.push(list);
                             }
                         }
                     }
+                    blocks.sort_by_key(|b| (b.cidr, b.except.clone()));
+                    blocks.dedup();
+                    lists.dedup();
+                    let pod_ips = match lists.len() {
+                        0 => empty.clone(),
+                        1 => lists.pop().unwrap(),
+                        _ => {
+                            let mut v: Vec<IpAddr> = lists.iter().flat_map(|l| l.iter().copied()).collect();
+                            v.sort_unstable();
+                            v.dedup();
+                            PodIps(Rc::new(v))
+                        }
+                    };
                     PeerSet::Some { blocks, pod_ips }
                 }
             };
-            resolved.insert(RuleRef { policy: pol.key.clone(), dir: *dir, index: i }, (rule, set));
+            let any = matches!(set, PeerSet::Any);
+            let group = *group_ids.entry(set.clone()).or_insert_with(|| {
+                groups.push(set);
+                groups.len() as u32 - 1
+            });
+            rules.push(Resolved {
+                rref: RuleRef { policy: pol.key.clone(), dir: *dir, index: i },
+                rule,
+                group,
+                any,
+                named_egress: *dir == Direction::Egress && has_named(rule),
+            });
         }
     }
 
-    // Candidate prefixes.
-    let mut candidates: BTreeSet<Cidr> = BTreeSet::new();
-    let mut named_egress: Vec<&PeerSet> = Vec::new();
-    for (r, (rule, set)) in &resolved {
-        if let PeerSet::Some { blocks, pod_ips } = set {
+    // Candidate prefixes: every cidr and except, every peer pod address, and (for egress rules
+    // with named ports, which resolve against each destination pod) every pod address such a
+    // rule covers.
+    let named_groups: BTreeSet<u32> = rules.iter().filter(|r| r.named_egress).map(|r| r.group).collect();
+    let any_named = named_groups.iter().any(|g| matches!(groups[*g as usize], PeerSet::Any));
+    let mut cands: Vec<Cidr> = Vec::new();
+    let mut seen_lists: BTreeSet<*const Vec<IpAddr>> = BTreeSet::new();
+    for g in &groups {
+        if let PeerSet::Some { blocks, pod_ips } = g {
             for b in blocks {
-                candidates.insert(b.cidr);
-                candidates.extend(b.except.iter().copied());
+                cands.push(b.cidr);
+                cands.extend(b.except.iter().copied());
             }
-            candidates.extend(pod_ips.iter().map(|ip| Cidr::host(*ip)));
-        }
-        if r.dir == Direction::Egress && has_named(rule) {
-            named_egress.push(set);
+            if seen_lists.insert(Rc::as_ptr(&pod_ips.0)) {
+                cands.extend(pod_ips.iter().map(|ip| Cidr::host(*ip)));
+            }
         }
     }
-    // A named port in an egress rule resolves against each destination pod, so every pod
-    // address such a rule covers needs a prefix (and a class) of its own.
-    if !named_egress.is_empty() {
+    if !named_groups.is_empty() {
         for ip in index.pod_by_ip.keys() {
             let host = Cidr::host(*ip);
-            if named_egress.iter().any(|s| s.contains_region(&host)) {
-                candidates.insert(host);
+            if any_named || named_groups.iter().any(|g| groups[*g as usize].contains_region(&host)) {
+                cands.push(host);
+            }
+        }
+    }
+    cands.sort_unstable();
+    cands.dedup();
+    let host_idx: HashMap<IpAddr, usize> =
+        cands.iter().enumerate().filter(|(_, c)| c.is_host()).map(|(i, c)| (c.addr(), i)).collect();
+
+    // Membership: each peer set marks the candidates whose region it contains.
+    let mut members: Vec<Vec<u32>> = vec![Vec::new(); cands.len()];
+    let mut list_hits: HashMap<*const Vec<IpAddr>, Rc<Vec<usize>>> = HashMap::new();
+    for (gi, g) in groups.iter().enumerate() {
+        let PeerSet::Some { blocks, pod_ips } = g else { continue };
+        let mut hits: Vec<usize> = Vec::new();
+        for b in blocks {
+            // Candidates inside the cidr are a contiguous run in (address, length) order.
+            let lo = cands.partition_point(|c| *c < b.cidr);
+            for (i, c) in cands.iter().enumerate().skip(lo) {
+                if !b.cidr.contains_addr(c.addr()) {
+                    break;
+                }
+                if c.len() >= b.cidr.len() && !b.except.iter().any(|e| e.contains(c)) {
+                    hits.push(i);
+                }
+            }
+        }
+        let from_pods = list_hits
+            .entry(Rc::as_ptr(&pod_ips.0))
+            .or_insert_with(|| Rc::new(pod_ips.iter().filter_map(|ip| host_idx.get(ip).copied()).collect()))
+            .clone();
+        // Groups are visited in order, so each candidate's list stays sorted; a candidate hit
+        // twice by one group is marked once.
+        for i in hits.into_iter().chain(from_pods.iter().copied()) {
+            if members[i].last() != Some(&(gi as u32)) {
+                members[i].push(gi as u32);
             }
         }
     }
 
-    // Classify each candidate's region.
+    // Classes: candidates in the same peer sets (and, under named egress rules, with the same
+    // pod ports) are one class.
+    let mut class_groups: Vec<Vec<u32>> = vec![Vec::new()];
     let mut classes: Vec<ClassKey> = vec![ClassKey::default()];
-    let mut class_ids: HashMap<ClassKey, usize> = HashMap::from([(ClassKey::default(), 0)]);
+    let mut class_ids: HashMap<(Vec<u32>, Vec<(String, Protocol, u16)>), usize> = HashMap::new();
+    class_ids.insert((Vec::new(), Vec::new()), 0);
     let mut table: BTreeMap<Cidr, usize> = BTreeMap::new();
-    for prefix in &candidates {
-        let rules: Vec<RuleRef> = resolved
-            .iter()
-            .filter(|(_, (_, set))| !matches!(set, PeerSet::Any) && set.contains_region(prefix))
-            .map(|(r, _)| r.clone())
-            .collect();
+    for (i, prefix) in cands.iter().enumerate() {
         let mut ports = Vec::new();
-        if prefix.is_host() && named_egress.iter().any(|s| s.contains_region(prefix)) {
+        if prefix.is_host()
+            && !named_groups.is_empty()
+            && (any_named || members[i].iter().any(|g| named_groups.contains(g)))
+        {
             if let Some(q) = index.pod_by_ip(prefix.addr()) {
                 ports = q.ports.iter().filter_map(|p| p.name.clone().map(|n| (n, p.protocol, p.port))).collect();
                 ports.sort();
                 ports.dedup();
             }
         }
-        let key = ClassKey { rules, ports };
-        let id = *class_ids.entry(key.clone()).or_insert_with(|| {
-            classes.push(key);
-            classes.len() - 1
-        });
+        let key = (std::mem::take(&mut members[i]), ports);
+        let id = match class_ids.get(&key) {
+            Some(id) => *id,
+            None => {
+                let id = classes.len();
+                classes.push(ClassKey {
+                    rules: rules
+                        .iter()
+                        .filter(|r| !r.any && key.0.binary_search(&r.group).is_ok())
+                        .map(|r| r.rref.clone())
+                        .collect(),
+                    ports: key.1.clone(),
+                });
+                class_groups.push(key.0.clone());
+                class_ids.insert(key, id);
+                id
+            }
+        };
         table.insert(*prefix, id);
     }
     let prefixes = prune(table);
+    // Which classes each peer set is part of; classes carrying pod ports.
+    let mut group_classes: Vec<Vec<usize>> = vec![Vec::new(); groups.len()];
+    for (ci, gs) in class_groups.iter().enumerate() {
+        for g in gs {
+            group_classes[*g as usize].push(ci);
+        }
+    }
+    let with_ports: Vec<usize> = (0..classes.len()).filter(|c| !classes[*c].ports.is_empty()).collect();
 
     // Per pod, direction and class: the allowed ports.
     let mut pods = BTreeMap::new();
@@ -404,28 +551,45 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
             if policies.is_empty() {
                 continue;
             }
-            let rules: Vec<(&RuleRef, &Rule, bool)> = policies
+            let pod_rules: Vec<&Resolved> = policies
                 .iter()
                 .flat_map(|p| {
-                    (0..p.rules(dir).len()).map(move |i| RuleRef { policy: p.key.clone(), dir, index: i })
-                })
-                .map(|r| {
-                    let (k, (rule, set)) = resolved.get_key_value(&r).expect("resolved above");
-                    (k, *rule, matches!(set, PeerSet::Any))
+                    let first = rule_no[&(&p.key, dir)];
+                    rules[first..first + p.rules(dir).len()].iter()
                 })
                 .collect();
+            // Class 0 is the fallback for classes without an entry: the rules without peer
+            // restriction. Only classes where the pod's verdict differs get an entry.
+            let mut base = Allow::nothing();
+            for r in pod_rules.iter().filter(|r| r.any) {
+                base.union(&rule_allow(pod, dir, r.rule, &classes[0]));
+            }
+            let mut relevant: BTreeSet<usize> = BTreeSet::new();
+            for r in &pod_rules {
+                if r.any {
+                    if r.named_egress {
+                        relevant.extend(with_ports.iter().copied());
+                    }
+                } else {
+                    relevant.extend(group_classes[r.group as usize].iter().copied());
+                }
+            }
             let mut allows = BTreeMap::new();
-            for (ci, class) in classes.iter().enumerate() {
-                let mut allow = Allow::nothing();
-                for (r, rule, any) in &rules {
-                    if *any || class.rules.binary_search(r).is_ok() {
-                        allow.union(&rule_allow(pod, dir, rule, class));
-                        if allow == Allow::All {
-                            break;
-                        }
+            if !base.is_nothing() {
+                allows.insert(0, base.clone());
+            }
+            for ci in relevant {
+                let class = &classes[ci];
+                let mut allow = base.clone();
+                for r in &pod_rules {
+                    if allow == Allow::All {
+                        break;
+                    }
+                    if (r.any && r.named_egress) || (!r.any && class_groups[ci].binary_search(&r.group).is_ok()) {
+                        allow.union(&rule_allow(pod, dir, r.rule, class));
                     }
                 }
-                if !allow.is_nothing() {
+                if allow != base {
                     allows.insert(ci, allow);
                 }
             }

@@ -159,7 +159,8 @@ pub fn lookup(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::IpAddr
         })
         .max_by_key(|((len, _), _)| *len)
         .map_or(0, |(_, id)| *id);
-    let Some(v) = d.policy.get(&PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] }) else {
+    let key = |identity| PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] };
+    let Some(v) = d.policy.get(&key(identity)).or_else(|| d.policy.get(&key(0))) else {
         return false;
     };
     if v.flags & POLICY_ALLOW_ALL != 0 {

@@ -16,3 +16,4 @@ pub mod model;
 pub mod netlink;
 pub mod reference;
 pub mod selector;
+pub mod synth;

@@ -170,7 +170,7 @@ pub struct PortSpec {
     pub port: PortRef,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct IpBlock {
     pub cidr: Cidr,
     pub except: Vec<Cidr>,

@@ -42,8 +42,18 @@ pub fn allowed(endpoint: u32, dir: u8, p: &Packet) -> bool {
     let id_key = Key::new(ID_KEY_FIXED_BITS + bits, IdKey { family: p.family, _pad: [0; 3], addr: peer });
     let identity = IDENTITIES.get(&id_key).copied().unwrap_or(0);
     let key = PolicyKey { endpoint, identity, dir, _pad: [0; 3] };
-    let Some(v) = (unsafe { POLICY.get(&key) }) else {
-        return false;
+    // A class without an entry of its own gets what the endpoint's rules without peer
+    // restriction allow: the entry of identity 0.
+    let v = match unsafe { POLICY.get(&key) } {
+        Some(v) => v,
+        None if identity != 0 => {
+            let key0 = PolicyKey { endpoint, identity: 0, dir, _pad: [0; 3] };
+            match unsafe { POLICY.get(&key0) } {
+                Some(v) => v,
+                None => return false,
+            }
+        }
+        None => return false,
     };
     if v.flags & POLICY_ALLOW_ALL != 0 {
         return true;
