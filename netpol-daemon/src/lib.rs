@@ -17,3 +17,4 @@ pub mod netlink;
 pub mod reference;
 pub mod selector;
 pub mod synth;
+pub mod testpkt;

@@ -1,0 +1,104 @@
+//! Crafted frames (Ethernet + IPv4/IPv6 + TCP/UDP/SCTP/ICMP) for BPF_PROG_TEST_RUN tests and
+//! per-packet benchmarks. Checksums are left zero: the programs do not read them.
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+fn eth(ethertype: u16) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+/// L4 header bytes for a protocol: TCP (20 bytes, flags), UDP (8), SCTP common header (12),
+/// ICMP/ICMPv6 echo (8, `sport` is the identifier, `flags` the type).
+pub fn l4(proto: u8, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut h = Vec::new();
+    match proto {
+        6 => {
+            h.extend_from_slice(&sport.to_be_bytes());
+            h.extend_from_slice(&dport.to_be_bytes());
+            h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        }
+        17 => {
+            h.extend_from_slice(&sport.to_be_bytes());
+            h.extend_from_slice(&dport.to_be_bytes());
+            h.extend_from_slice(&[0, 8 + 4, 0, 0]);
+            h.extend_from_slice(b"ping");
+        }
+        132 => {
+            h.extend_from_slice(&sport.to_be_bytes());
+            h.extend_from_slice(&dport.to_be_bytes());
+            h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
+            // INIT chunk header
+            h.extend_from_slice(&[1, 0, 0, 4]);
+        }
+        1 | 58 => {
+            h.extend_from_slice(&[flags, 0, 0, 0]);
+            h.extend_from_slice(&sport.to_be_bytes());
+            h.extend_from_slice(&[0, 1]);
+        }
+        _ => h.extend_from_slice(&[0; 8]),
+    }
+    h
+}
+
+/// An IPv4 frame. `frag_offset` is in 8-byte units (non-zero: a non-first fragment, whose
+/// payload is not an L4 header).
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, sport: u16, dport: u16, flags: u8, frag_offset: u16) -> Vec<u8> {
+    let payload = if frag_offset == 0 { l4(proto, sport, dport, flags) } else { vec![0xAB; 24] };
+    let mut f = eth(0x0800);
+    let total = (20 + payload.len()) as u16;
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0x12, 0x34]);
+    f.extend_from_slice(&(frag_offset & 0x1fff).to_be_bytes());
+    f.extend_from_slice(&[64, proto, 0, 0]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&payload);
+    f
+}
+
+pub fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    ipv4(src, dst, 6, sport, dport, flags, 0)
+}
+
+pub fn udp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    ipv4(src, dst, 17, sport, dport, 0, 0)
+}
+
+/// An IPv6 frame; `ext` lists extension headers to put first (0 hop-by-hop, 60 destination
+/// options, 43 routing, 44 fragment with offset 0).
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, sport: u16, dport: u16, flags: u8, ext: &[u8]) -> Vec<u8> {
+    let payload = l4(proto, sport, dport, flags);
+    let mut exts = Vec::new();
+    for (i, e) in ext.iter().enumerate() {
+        let next = ext.get(i + 1).copied().unwrap_or(proto);
+        match e {
+            44 => exts.extend_from_slice(&[next, 0, 0, 0, 0, 0, 0, 1]),
+            _ => exts.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]),
+        }
+    }
+    let mut f = eth(0x86DD);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&((exts.len() + payload.len()) as u16).to_be_bytes());
+    f.push(ext.first().copied().unwrap_or(proto));
+    f.push(64);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&exts);
+    f.extend_from_slice(&payload);
+    f
+}
+
+/// An ARP request (not IP: never subject to policy).
+pub fn arp() -> Vec<u8> {
+    let mut f = eth(0x0806);
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&[0; 20]);
+    f
+}
