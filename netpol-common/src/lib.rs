@@ -40,6 +40,12 @@ pub const PROTO_SCTP: u8 = 132;
 pub const EP_ISOLATE_INGRESS: u32 = 1;
 /// [`EndpointInfo::flags`]: the pod is isolated for egress.
 pub const EP_ISOLATE_EGRESS: u32 = 2;
+/// [`EndpointInfo::flags`]: the entry is in use (array slots of unmanaged interfaces are 0).
+pub const EP_PRESENT: u32 = 4;
+
+/// Interfaces with an ifindex below this are looked up in the `ENDPOINTS_ARRAY` (an array
+/// lookup the verifier inlines); larger ifindexes (nodes with much churn) in `ENDPOINTS`.
+pub const ENDPOINTS_ARRAY_SIZE: u32 = 65_536;
 
 /// [`PolicyValue::flags`]: every protocol and port is allowed.
 pub const POLICY_ALLOW_ALL: u32 = 1;
@@ -60,6 +66,7 @@ pub const fn counter_index(endpoint: u32, dir: u8, verdict: u32) -> u32 {
 /// Map names, shared so userspace and the programs cannot drift apart.
 pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const ENDPOINTS_ARRAY: &str = "ENDPOINTS_ARRAY";
     pub const IDENTITIES: &str = "IDENTITIES";
     pub const POLICY: &str = "POLICY";
     pub const POLICY_PORTS: &str = "POLICY_PORTS";
@@ -74,6 +81,8 @@ pub mod programs {
     pub const FROM_POD: &str = "netpol_from_pod";
     /// Attached at TC egress of the host veth: enforces the pod's ingress.
     pub const TO_POD: &str = "netpol_to_pod";
+    /// Returns TC_ACT_OK; used to measure the cost of the test harness itself.
+    pub const NOOP: &str = "netpol_noop";
 }
 
 pub const ENDPOINTS_MAX: u32 = MAX_ENDPOINTS;

@@ -47,7 +47,7 @@ pub struct SyncReport {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
+    endpoints: Endpoints,
     identities: LpmTrie<MapData, IdKey, u32>,
     policy: BpfHashMap<MapData, PolicyKey, PolicyValue>,
     ports: LpmTrie<MapData, PortKey, PortValue>,
@@ -67,6 +67,49 @@ pub struct Datapath {
     pub use_tcx: bool,
     /// Attach programs to interfaces (false: maps only, for BPF_PROG_TEST_RUN and benches).
     attach_programs: bool,
+}
+
+/// The endpoint table: an array indexed by ifindex, a hash for large ifindexes.
+struct Endpoints {
+    array: aya::maps::Array<MapData, EndpointInfo>,
+    hash: BpfHashMap<MapData, u32, EndpointInfo>,
+}
+
+impl Endpoints {
+    fn get(&self, ifindex: u32) -> Option<EndpointInfo> {
+        let e = if ifindex < ENDPOINTS_ARRAY_SIZE { self.array.get(&ifindex, 0).ok() } else { self.hash.get(&ifindex, 0).ok() };
+        e.filter(|e| e.flags & EP_PRESENT != 0)
+    }
+
+    fn insert(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), aya::maps::MapError> {
+        if ifindex < ENDPOINTS_ARRAY_SIZE {
+            self.array.set(ifindex, info, 0)
+        } else {
+            self.hash.insert(ifindex, info, 0)
+        }
+    }
+
+    fn remove(&mut self, ifindex: u32) {
+        if ifindex < ENDPOINTS_ARRAY_SIZE {
+            let _ = self.array.set(ifindex, EndpointInfo::default(), 0);
+        } else {
+            let _ = self.hash.remove(&ifindex);
+        }
+    }
+
+    fn all(&self) -> Result<Vec<(u32, EndpointInfo)>> {
+        let mut out = Vec::new();
+        for (i, e) in self.array.iter().enumerate() {
+            let e = e?;
+            if e.flags & EP_PRESENT != 0 {
+                out.push((i as u32, e));
+            }
+        }
+        for item in self.hash.iter() {
+            out.push(item?);
+        }
+        Ok(out)
+    }
 }
 
 fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
@@ -101,14 +144,14 @@ impl Datapath {
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (is this root, with bpffs mounted?)")?;
-        for name in [programs::FROM_POD, programs::TO_POD] {
+        for name in [programs::FROM_POD, programs::TO_POD, programs::NOOP] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?
                 .try_into()?;
             prog.load().with_context(|| format!("verifier rejected {name}"))?;
         }
-        let endpoints: BpfHashMap<MapData, u32, EndpointInfo> = take(&mut ebpf, maps::ENDPOINTS)?;
+        let endpoints = Endpoints { array: take(&mut ebpf, maps::ENDPOINTS_ARRAY)?, hash: take(&mut ebpf, maps::ENDPOINTS)? };
         let identities: LpmTrie<MapData, IdKey, u32> = take(&mut ebpf, maps::IDENTITIES)?;
         let policy: BpfHashMap<MapData, PolicyKey, PolicyValue> = take(&mut ebpf, maps::POLICY)?;
         let ports: LpmTrie<MapData, PortKey, PortValue> = take(&mut ebpf, maps::POLICY_PORTS)?;
@@ -138,8 +181,7 @@ impl Datapath {
             installed_ports.insert((k.prefix_len(), k.data()));
         }
         let mut adopted_ids = HashMap::new();
-        for item in endpoints.iter() {
-            let (ifindex, info) = item?;
+        for (ifindex, info) in endpoints.all()? {
             adopted_ids.insert(ifindex, info.id);
         }
         let mut installed_node_addrs = BTreeSet::new();
@@ -184,11 +226,16 @@ impl Datapath {
     /// `repeat` times with BPF_PROG_TEST_RUN: its verdict (TC_ACT_*) and the kernel-measured
     /// mean duration of one run.
     pub fn test_run(&mut self, dir: crate::model::Direction, frame: &[u8], repeat: u32) -> Result<(i32, std::time::Duration)> {
-        use aya::programs::{TestRun, TestRunOptions};
         let name = match dir {
             crate::model::Direction::Egress => programs::FROM_POD,
             crate::model::Direction::Ingress => programs::TO_POD,
         };
+        self.test_run_program(name, frame, repeat)
+    }
+
+    /// [`Datapath::test_run`] for any program of the object by name.
+    pub fn test_run_program(&mut self, name: &str, frame: &[u8], repeat: u32) -> Result<(i32, std::time::Duration)> {
+        use aya::programs::{TestRun, TestRunOptions};
         let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("loaded").try_into()?;
         let mut out = vec![0u8; frame.len() + 256];
         let r = prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: repeat.max(1), ..TestRunOptions::new() })?;
@@ -369,8 +416,8 @@ impl Datapath {
         for (k, (iface, flags)) in &pods {
             let Some(&id) = ids.get(*k) else { continue };
             let info = EndpointInfo { id, flags: *flags };
-            if self.endpoints.get(&iface.ifindex, 0).ok() != Some(info) {
-                if let Err(e) = self.endpoints.insert(iface.ifindex, info, 0) {
+            if self.endpoints.get(iface.ifindex) != Some(info) {
+                if let Err(e) = self.endpoints.insert(iface.ifindex, info) {
                     report.errors.push(format!("{k}: ENDPOINTS insert: {e}"));
                     continue;
                 }
@@ -383,7 +430,7 @@ impl Datapath {
                     }
                     Err(e) => {
                         report.errors.push(format!("{k}: attaching to {}: {e:#}", iface.ifname));
-                        let _ = self.endpoints.remove(&iface.ifindex);
+                        self.endpoints.remove(iface.ifindex);
                         self.free_ids.push(id);
                     }
                 }
@@ -395,7 +442,7 @@ impl Datapath {
         let adopted: Vec<u32> = self.adopted_ids.drain().map(|(ifindex, _)| ifindex).collect();
         for ifindex in removed_ifindexes.into_iter().chain(adopted) {
             if !live_ifindexes.contains(&ifindex) {
-                let _ = self.endpoints.remove(&ifindex);
+                self.endpoints.remove(ifindex);
             }
         }
         let stale: Vec<Lpm<IdKey>> =

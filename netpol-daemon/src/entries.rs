@@ -78,7 +78,7 @@ pub struct Desired {
 }
 
 pub fn endpoint_flags(c: &CompiledPod) -> u32 {
-    let mut f = 0;
+    let mut f = EP_PRESENT;
     if c.ingress.is_some() {
         f |= EP_ISOLATE_INGRESS;
     }

@@ -1,7 +1,8 @@
 //! Connection tracking: an LRU hash of allowed flows per endpoint and direction. A packet whose
 //! own tuple is known continues its flow; a packet whose reverse tuple is known (recorded in the
-//! other direction) is a reply. Entries are only created for allowed traffic.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
+//! other direction) is a reply. Entries are only created for allowed traffic. Time is the
+//! coarse monotonic clock (kernel 5.11+): timeouts are seconds, the precise clock is not needed.
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns as now_ns, macros::map, maps::LruHashMap};
 use netpol_common::*;
 
 use crate::parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN};
@@ -53,7 +54,7 @@ fn reverse(k: &CtKey) -> CtKey {
 /// live tracked flow; refreshes the entry and follows TCP teardown.
 #[inline(always)]
 pub fn track_existing(k: &CtKey, p: &Packet) -> bool {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { now_ns() };
     if hit(k, p, now) {
         return true;
     }
@@ -98,6 +99,6 @@ pub fn create(k: &CtKey, p: &Packet) {
     if p.proto == PROTO_TCP && p.tcp_flags & TCP_RST != 0 {
         return;
     }
-    let v = CtValue { last_seen_ns: unsafe { bpf_ktime_get_ns() }, flags: 0, _pad: 0 };
+    let v = CtValue { last_seen_ns: unsafe { now_ns() }, flags: 0, _pad: 0 };
     let _ = CONNTRACK.insert(k, &v, 0);
 }

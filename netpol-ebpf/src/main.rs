@@ -27,6 +27,13 @@ pub fn netpol_to_pod(ctx: TcContext) -> i32 {
     enforce(&ctx, DIR_INGRESS)
 }
 
+/// Does nothing: never attached; the benchmarks run it to measure the test harness's own cost
+/// per packet, which is subtracted from nothing but reported beside the real programs.
+#[classifier]
+pub fn netpol_noop(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
 #[inline(always)]
 fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };

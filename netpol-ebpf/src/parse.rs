@@ -39,8 +39,73 @@ fn load<T>(ctx: &TcContext, off: usize) -> Result<T, ()> {
     ctx.load::<T>(off).map_err(|_| ())
 }
 
+/// Reads a `T` at `off` by direct packet access when the bytes are in the linear part.
+#[inline(always)]
+fn direct<T: Copy>(data: usize, data_end: usize, off: usize) -> Option<T> {
+    let start = data + off;
+    if start + core::mem::size_of::<T>() > data_end {
+        return None;
+    }
+    Some(unsafe { core::ptr::read_unaligned(start as *const T) })
+}
+
+/// IPv4 without options-in-the-way surprises, headers in the linear part: the common case,
+/// read with direct packet access (no helper calls). `None`: use the general parser.
+#[inline(always)]
+fn parse_v4_fast(ctx: &TcContext) -> Option<Packet> {
+    let data = ctx.data();
+    let data_end = ctx.data_end();
+    let eth: [u8; 34] = direct(data, data_end, 0)?;
+    if eth[12] != 0x08 || eth[13] != 0x00 {
+        return None;
+    }
+    let ihl = ((eth[ETH_HLEN] & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    let mut p = Packet {
+        family: FAMILY_V4,
+        proto: eth[ETH_HLEN + 9],
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        has_ports: false,
+        tcp_flags: 0,
+        icmp_type: 0,
+    };
+    p.src[..4].copy_from_slice(&eth[ETH_HLEN + 12..ETH_HLEN + 16]);
+    p.dst[..4].copy_from_slice(&eth[ETH_HLEN + 16..ETH_HLEN + 20]);
+    let frag = u16::from_be_bytes([eth[ETH_HLEN + 6], eth[ETH_HLEN + 7]]);
+    if frag & 0x1fff != 0 {
+        return Some(p);
+    }
+    let l4 = ETH_HLEN + (ihl & 0x3c);
+    match p.proto {
+        PROTO_TCP => {
+            let h: [u8; 14] = direct(data, data_end, l4)?;
+            p.sport = u16::from_be_bytes([h[0], h[1]]);
+            p.dport = u16::from_be_bytes([h[2], h[3]]);
+            p.tcp_flags = h[13];
+            p.has_ports = true;
+        }
+        PROTO_UDP | PROTO_SCTP => {
+            let h: [u8; 4] = direct(data, data_end, l4)?;
+            p.sport = u16::from_be_bytes([h[0], h[1]]);
+            p.dport = u16::from_be_bytes([h[2], h[3]]);
+            p.has_ports = true;
+        }
+        // ICMP and the rest: the general parser.
+        _ => return None,
+    }
+    Some(p)
+}
+
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
+    if let Some(p) = parse_v4_fast(ctx) {
+        return Ok(Parsed::Ip(p));
+    }
     let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
     let mut p = Packet {
         family: 0,

@@ -2,11 +2,14 @@
 //! (LPM on protocol + port). Constant work per packet whatever the number of rules.
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, HashMap, LpmTrie},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
 };
 use netpol_common::*;
 
 use crate::parse::Packet;
+
+#[map(name = "ENDPOINTS_ARRAY")]
+static ENDPOINTS_ARRAY: Array<EndpointInfo> = Array::pinned(ENDPOINTS_ARRAY_SIZE, 0);
 
 #[map(name = "ENDPOINTS")]
 static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
@@ -25,7 +28,12 @@ static NODE_ADDRS: HashMap<AddrKey, u8> = HashMap::pinned(NODE_ADDRS_MAX, 0);
 
 #[inline(always)]
 pub fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
-    unsafe { ENDPOINTS.get(&ifindex) }.copied()
+    let e = if ifindex < ENDPOINTS_ARRAY_SIZE {
+        ENDPOINTS_ARRAY.get(ifindex).copied()
+    } else {
+        unsafe { ENDPOINTS.get(&ifindex) }.copied()
+    };
+    e.filter(|e| e.flags & EP_PRESENT != 0)
 }
 
 #[inline(always)]

@@ -88,6 +88,103 @@ fn compile_bench(pods: usize, policies: usize, repeats: usize) {
     println!("| one pod label change: recompile node + map contents | {} | {} | {repeats} changes |\n", ms(median(runs.clone())), ms(p99(runs)));
 }
 
+/// A pod with `n` ingress rules, each allowing one /24 on its own port, plus egress to 10.2/16.
+fn rules_policy(n: usize) -> String {
+    let mut y = String::from(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: t, labels: {app: web}}\nspec: {nodeName: n, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.1.0.10}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: many, namespace: t}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  egress: [{to: [{ipBlock: {cidr: 10.2.0.0/16}}], ports: [{port: 443}]}]\n  ingress:\n",
+    );
+    for i in 0..n {
+        y.push_str(&format!("  - from: [{{ipBlock: {{cidr: 10.{}.{}.0/24}}}}]\n    ports: [{{port: {}}}]\n", 100 + i / 256, i % 256, 1000 + i % 50000));
+    }
+    y
+}
+
+fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
+    use netpol_daemon::datapath::{Datapath, Iface};
+    use netpol_daemon::model::Direction;
+    use netpol_daemon::testpkt::*;
+    use std::net::Ipv4Addr;
+    let web = Ipv4Addr::new(10, 1, 0, 10);
+    println!("## Per-packet cost (BPF_PROG_TEST_RUN, kernel-measured ns per run)\n");
+    println!("Repeat count {repeat} per figure (median of 5 such runs); first packet: median of 2,000 single runs, each a new flow.\n");
+    let cases = [
+        "allowed, established (conntrack hit)",
+        "allowed, first packet (policy lookup + conntrack insert)",
+        "denied (policy lookup, drop)",
+        "allowed, established, egress",
+        "harness only (a classifier returning OK)",
+    ];
+    let mut table: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for &n in counts {
+        let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/netpol-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&pin);
+        let mut dp = Datapath::load_detached(&pin)?;
+        let mut loaded = netpol_daemon::manifests::Loaded::default();
+        netpol_daemon::manifests::load_text(std::path::Path::new("bench.yaml"), &rules_policy(n), &mut loaded);
+        anyhow::ensure!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let node = compiler::compile_node(&loaded.cluster, "n");
+        let ifaces: BTreeMap<ObjKey, Iface> = [(ObjKey::new("t", "web"), Iface { ifindex: 1, ifname: "lo".into() })].into();
+        let rep = dp.sync(&node, &ifaces);
+        anyhow::ensure!(rep.errors.is_empty(), "{:?}", rep.errors);
+        // The source is in the last rule's block, on its port.
+        let last = n - 1;
+        let src = Ipv4Addr::new(10, (100 + last / 256) as u8, (last % 256) as u8, 7);
+        let port = (1000 + last % 50000) as u16;
+        let med = |dp: &mut Datapath, dir, frame: &[u8], want: i32| -> anyhow::Result<f64> {
+            let mut v = Vec::new();
+            for _ in 0..5 {
+                let (rc, d) = dp.test_run(dir, frame, repeat)?;
+                anyhow::ensure!(rc == want, "verdict {rc}, expected {want}");
+                v.push(d.as_nanos() as f64);
+            }
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            Ok(v[2])
+        };
+        let est = tcp4(src, web, 40000, port, TCP_ACK);
+        dp.test_run(Direction::Ingress, &est, 1)?;
+        table[0].push(med(&mut dp, Direction::Ingress, &est, 0)?);
+        let mut firsts = Vec::new();
+        for k in 0..2000u16 {
+            let (rc, d) = dp.test_run(Direction::Ingress, &tcp4(src, web, 10000 + k, port, TCP_SYN), 1)?;
+            anyhow::ensure!(rc == 0, "first packet verdict {rc}");
+            firsts.push(d.as_nanos() as f64);
+        }
+        firsts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        table[1].push(firsts[firsts.len() / 2]);
+        table[2].push(med(&mut dp, Direction::Ingress, &tcp4(Ipv4Addr::new(11, 0, 0, 1), web, 40000, port, TCP_SYN), 2)?);
+        let out = tcp4(web, Ipv4Addr::new(10, 2, 0, 1), 40000, 443, TCP_ACK);
+        dp.test_run(Direction::Egress, &out, 1)?;
+        table[3].push(med(&mut dp, Direction::Egress, &out, 0)?);
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(dp.test_run_program(netpol_common::programs::NOOP, &est, repeat)?.1.as_nanos() as f64);
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        table[4].push(v[2]);
+        drop(dp);
+        let _ = std::fs::remove_dir_all(&pin);
+    }
+    print!("| case |");
+    for n in counts {
+        print!(" {n} rules |");
+    }
+    println!(" {}/{} |", counts[counts.len() - 1], counts[0]);
+    print!("| --- |");
+    for _ in 0..=counts.len() {
+        print!(" --- |");
+    }
+    println!();
+    for (i, c) in cases.iter().enumerate() {
+        print!("| {c} |");
+        for v in &table[i] {
+            print!(" {v:.0} ns |");
+        }
+        println!(" {:.2}x |", table[i][table[i].len() - 1] / table[i][0]);
+    }
+    println!();
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map(|s| s.as_str()).unwrap_or("compile");
@@ -98,8 +195,15 @@ fn main() {
             let repeats = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(21);
             compile_bench(pods, policies, repeats);
         }
+        "packet" => {
+            let repeat = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+            if let Err(e) = packet_bench(&[10, 100, 1000, 10_000], repeat) {
+                eprintln!("netpol-bench packet: {e:#}");
+                std::process::exit(1);
+            }
+        }
         other => {
-            eprintln!("usage: netpol-bench compile [PODS POLICIES REPEATS]   (unknown {other})");
+            eprintln!("usage: netpol-bench compile [PODS POLICIES REPEATS] | packet [REPEAT]   (unknown {other})");
             std::process::exit(2);
         }
     }
