@@ -232,3 +232,113 @@ fn readyz_metrics_and_node_name_filtering() {
     assert!(m.contains("# TYPE netpol_packets_total counter"));
     check(&lab, &[("client", "here", "tcp", 80, false), ("here", "client", "tcp", 80, true)]);
 }
+
+/// kill -9 under continuous allowed and denied traffic, then restart: enforcement never stops
+/// (the pinned TCX links keep the programs attached while no daemon runs), no allowed
+/// connection breaks, no denied packet passes.
+#[test]
+fn kill_9_and_restart_is_hitless() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let Some(mut lab) = lab() else { return };
+    lab.add_pod("app", "server", ip("10.244.0.60"), &[("app", "server")], &[8080], &[]).unwrap();
+    lab.add_pod("app", "client", ip("10.244.0.61"), &[("app", "client")], &[], &[]).unwrap();
+    lab.add_pod("app", "intruder", ip("10.244.0.62"), &[("app", "intruder")], &[], &[]).unwrap();
+    lab.write_cluster_manifest().unwrap();
+    lab.write_manifest(
+        "p.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: app}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n",
+    )
+    .unwrap();
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    check(&lab, &[("client", "server", "tcp", 8080, true), ("intruder", "server", "tcp", 8080, false)]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (long_fail, new_ok, new_fail, denied_passed, denied_tries) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let server = std::net::SocketAddr::from(([10, 244, 0, 60], 8080));
+    let client_ns = lab.pod("client").netns.clone();
+    let intruder_ns = lab.pod("intruder").netns.clone();
+    let mut threads = Vec::new();
+    // One long-lived allowed connection exchanging a message every 10 ms.
+    {
+        let (stop, fail, ns) = (stop.clone(), long_fail.clone(), client_ns.clone());
+        threads.push(std::thread::spawn(move || {
+            netpol_daemon::lab::in_netns(&ns, move || {
+                let mut s = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(1)).expect("long-lived connect");
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut buf = [0u8; 128];
+                while !stop.load(Ordering::SeqCst) {
+                    if s.write_all(b"x\n").is_err() || !matches!(s.read(&mut buf), Ok(n) if n > 0) {
+                        fail.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+            .unwrap()
+        }));
+    }
+    // New allowed connections, and denied attempts, continuously.
+    {
+        let (stop, ok, fail, ns) = (stop.clone(), new_ok.clone(), new_fail.clone(), client_ns.clone());
+        threads.push(std::thread::spawn(move || {
+            netpol_daemon::lab::in_netns(&ns, move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if netpol_daemon::lab::probe_tcp(server, Duration::from_secs(1)) {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        fail.fetch_add(1, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+            .unwrap()
+        }));
+    }
+    for _ in 0..3 {
+        let (stop, passed, tries, ns) = (stop.clone(), denied_passed.clone(), denied_tries.clone(), intruder_ns.clone());
+        threads.push(std::thread::spawn(move || {
+            netpol_daemon::lab::in_netns(&ns, move || {
+                while !stop.load(Ordering::SeqCst) {
+                    tries.fetch_add(1, Ordering::SeqCst);
+                    if netpol_daemon::lab::probe_tcp(server, Duration::from_millis(150)) {
+                        passed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+            .unwrap()
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    lab.kill_daemon();
+    let t_dead = Instant::now();
+    // No daemon at all for a while: the pinned programs keep enforcing.
+    std::thread::sleep(Duration::from_millis(800));
+    let denied_while_dead = denied_tries.load(Ordering::SeqCst);
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    let downtime = t_dead.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (lf, ok, nf, dp, dt) = (
+        long_fail.load(Ordering::SeqCst),
+        new_ok.load(Ordering::SeqCst),
+        new_fail.load(Ordering::SeqCst),
+        denied_passed.load(Ordering::SeqCst),
+        denied_tries.load(Ordering::SeqCst),
+    );
+    eprintln!("restart: daemon down {downtime:?}; allowed new connections ok {ok} failed {nf}; long-lived failures {lf}; denied attempts {dt} ({denied_while_dead} before restart) passed {dp}");
+    assert_eq!(lf, 0, "the long-lived allowed connection broke\n{}", lab.daemon_log());
+    assert_eq!(nf, 0, "{nf} new allowed connections failed\n{}", lab.daemon_log());
+    assert!(ok > 50, "too little allowed traffic measured: {ok}");
+    assert_eq!(dp, 0, "{dp} denied connections got through\n{}", lab.daemon_log());
+    assert!(dt > 10, "too few denied attempts: {dt}");
+    // The restarted daemon adopted the links: still exactly one program per hook.
+    check(&lab, &[("client", "server", "tcp", 8080, true), ("intruder", "server", "tcp", 8080, false)]);
+}

@@ -28,10 +28,18 @@ pub struct Iface {
     pub ifname: String,
 }
 
+/// One program attached to one interface.
+enum AttachedLink {
+    /// A TCX link pinned at `path`: it outlives the daemon, which re-adopts it on restart.
+    Pinned { link: aya::programs::links::FdLink, path: PathBuf },
+    /// A clsact/cls_bpf filter (kernels without TCX), owned by the program.
+    Netlink { prog: &'static str, id: tc::SchedClassifierLinkId },
+}
+
 struct Attached {
     ifindex: u32,
     id: u32,
-    links: Vec<(&'static str, aya::programs::tc::SchedClassifierLinkId)>,
+    links: Vec<AttachedLink>,
 }
 
 /// Problems met while programming, per pod; the rest of the node stays programmed.
@@ -62,6 +70,8 @@ pub struct Datapath {
     attached: BTreeMap<ObjKey, Attached>,
     /// Endpoint ids found in the pinned ENDPOINTS map at start, by ifindex (adopted on restart).
     adopted_ids: HashMap<u32, u32>,
+    /// Pinned links a previous daemon left, by (ifindex, program): re-used, not re-created.
+    adopted_links: HashMap<(u32, &'static str), PathBuf>,
     free_ids: Vec<u32>,
     next_id: u32,
     pub use_tcx: bool,
@@ -189,6 +199,20 @@ impl Datapath {
             installed_node_addrs.insert(k?);
         }
         let next_id = adopted_ids.values().max().map_or(0, |m| m + 1);
+        let mut adopted_links = HashMap::new();
+        if let Ok(rd) = std::fs::read_dir(pin_dir.join("links")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let Some((ifindex, prog)) = name.split_once('-') else { continue };
+                let Ok(ifindex) = ifindex.parse::<u32>() else { continue };
+                let prog = match prog {
+                    "from" => programs::FROM_POD,
+                    "to" => programs::TO_POD,
+                    _ => continue,
+                };
+                adopted_links.insert((ifindex, prog), e.path());
+            }
+        }
         Ok(Datapath {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
@@ -206,6 +230,7 @@ impl Datapath {
             classes: ClassInterner::starting_at(max_class + 1),
             attached: BTreeMap::new(),
             adopted_ids,
+            adopted_links,
             free_ids: Vec::new(),
             next_id,
             use_tcx: true,
@@ -296,39 +321,89 @@ impl Datapath {
         }
     }
 
-    fn attach(&mut self, ifname: &str) -> Result<Vec<(&'static str, tc::SchedClassifierLinkId)>> {
+fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
+        let short = if prog == programs::FROM_POD { "from" } else { "to" };
+        self.pin_dir.join("links").join(format!("{ifindex}-{short}"))
+    }
+
+    /// Attaches both programs to an interface: adopts the pinned links of a previous daemon
+    /// (atomically swapping in this daemon's program), else creates and pins TCX links, else
+    /// (no TCX) adds clsact filters.
+    fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<Vec<AttachedLink>> {
+        use aya::programs::links::{FdLink, PinnedLink};
         let mut links = Vec::new();
         for (name, ty) in [(programs::FROM_POD, TcAttachType::Ingress), (programs::TO_POD, TcAttachType::Egress)] {
+            let path = self.link_path(ifindex, name);
+            if let Some(old) = self.adopted_links.remove(&(ifindex, name)) {
+                let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("loaded").try_into()?;
+                let adopted = PinnedLink::from_pin(&old)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|p| Ok(tc::SchedClassifierLink::try_from(FdLink::from(p))?))
+                    .and_then(|l| Ok(prog.attach_to_link(l)?))
+                    .and_then(|id| Ok(FdLink::try_from(prog.take_link(id)?)?));
+                match adopted {
+                    Ok(link) => {
+                        links.push(AttachedLink::Pinned { link, path: old });
+                        continue;
+                    }
+                    Err(e) => {
+                        log::info!("pinned link {} not re-usable ({e:#}); attaching anew", old.display());
+                        let _ = std::fs::remove_file(&old);
+                    }
+                }
+            }
             let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("loaded").try_into()?;
-            let id = if self.use_tcx {
+            if self.use_tcx {
                 match prog.attach(ifname, ty) {
-                    Ok(id) => id,
+                    Ok(id) => {
+                        let link = FdLink::try_from(prog.take_link(id)?)?;
+                        std::fs::create_dir_all(path.parent().unwrap())?;
+                        let _ = std::fs::remove_file(&path);
+                        let pinned = link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+                        links.push(AttachedLink::Pinned { link: FdLink::from(pinned), path });
+                        continue;
+                    }
                     Err(e) => {
                         log::warn!("TCX attach of {name} to {ifname} failed ({e}); falling back to clsact");
                         self.use_tcx = false;
-                        let _ = tc::qdisc_add_clsact(ifname);
-                        prog.attach_with_options(ifname, ty, TcAttachOptions::Netlink(NlOptions::default()))?
                     }
                 }
-            } else {
-                let _ = tc::qdisc_add_clsact(ifname);
-                prog.attach_with_options(ifname, ty, TcAttachOptions::Netlink(NlOptions::default()))?
-            };
-            links.push((name, id));
+            }
+            let _ = tc::qdisc_add_clsact(ifname);
+            let id = prog.attach_with_options(ifname, ty, TcAttachOptions::Netlink(NlOptions::default()))?;
+            links.push(AttachedLink::Netlink { prog: name, id });
         }
         Ok(links)
     }
 
     fn detach(&mut self, a: Attached) {
-        for (name, link) in a.links {
-            if let Some(p) = self.ebpf.program_mut(name) {
-                let p: Result<&mut SchedClassifier, _> = p.try_into();
-                if let Ok(p) = p {
-                    // The interface may already be gone with its pod; nothing to undo then.
-                    let _ = p.detach(link);
+        for l in a.links {
+            match l {
+                AttachedLink::Pinned { link, path } => {
+                    // Unpinned and closed: the kernel detaches it (or it is gone with its
+                    // interface already).
+                    let _ = std::fs::remove_file(&path);
+                    drop(link);
+                }
+                AttachedLink::Netlink { prog, id } => {
+                    if let Some(p) = self.ebpf.program_mut(prog) {
+                        let p: Result<&mut SchedClassifier, _> = p.try_into();
+                        if let Ok(p) = p {
+                            let _ = p.detach(id);
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Removes every pinned link and map of this daemon: enforcement stops. (`netpol-daemon
+    /// uninstall`; a normal exit keeps enforcing.)
+    pub fn uninstall(pin_dir: &Path) -> Result<()> {
+        if pin_dir.exists() {
+            std::fs::remove_dir_all(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+        }
+        Ok(())
     }
 
     /// Endpoint id and pod of every attached interface (for metrics).
@@ -423,7 +498,7 @@ impl Datapath {
                 }
             }
             if !self.attached.contains_key(*k) {
-                let attached = if self.attach_programs { self.attach(&iface.ifname) } else { Ok(Vec::new()) };
+                let attached = if self.attach_programs { self.attach(&iface.ifname, iface.ifindex) } else { Ok(Vec::new()) };
                 match attached {
                     Ok(links) => {
                         self.attached.insert((*k).clone(), Attached { ifindex: iface.ifindex, id, links });
@@ -439,6 +514,10 @@ impl Datapath {
 
         // Remove what is no longer wanted.
         let live_ifindexes: BTreeSet<u32> = pods.values().map(|(i, _)| i.ifindex).collect();
+        // Pinned links of interfaces that are gone or no longer ours.
+        for (_, path) in self.adopted_links.drain() {
+            let _ = std::fs::remove_file(path);
+        }
         let adopted: Vec<u32> = self.adopted_ids.drain().map(|(ifindex, _)| ifindex).collect();
         for ifindex in removed_ifindexes.into_iter().chain(adopted) {
             if !live_ifindexes.contains(&ifindex) {

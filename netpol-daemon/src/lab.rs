@@ -254,13 +254,20 @@ impl Lab {
                 while !stop.load(Ordering::Relaxed) {
                     match l.accept() {
                         Ok((mut s, _)) => {
-                            let _ = s.set_nonblocking(false);
-                            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                            let mut buf = [0u8; 64];
-                            let _ = s.read(&mut buf);
-                            let _ = s.write_all(reply.as_bytes());
+                            // Answer every message until the client closes (or 5 s of silence).
+                            let reply = reply.clone();
+                            std::thread::spawn(move || {
+                                let _ = s.set_nonblocking(false);
+                                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                                let mut buf = [0u8; 256];
+                                while let Ok(n) = s.read(&mut buf) {
+                                    if n == 0 || s.write_all(reply.as_bytes()).is_err() {
+                                        break;
+                                    }
+                                }
+                            });
                         }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
                 }
             }));
@@ -333,8 +340,11 @@ impl Lab {
     /// Starts `netpol-daemon run` inside the node namespace and waits for /readyz.
     pub fn start_daemon(&mut self, daemon_bin: &Path) -> Result<()> {
         let log = File::create(self.dir.join("daemon.log"))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.node_netns])
+        // nsenter switches only the network namespace: the daemon sees the host's bpffs, as a
+        // DaemonSet with a /sys/fs/bpf hostPath does (`ip netns exec` would remount /sys, and
+        // pins would die with the daemon's private mount namespace).
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.node_netns))
             .arg(daemon_bin)
             .args(["run", "--node-name", NODE_NAME, "--manifests"])
             .arg(self.manifests_dir())

@@ -34,6 +34,12 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         poll_ms: u64,
     },
+    /// Stop enforcing on this node: remove the pinned links (programs detach) and maps.
+    /// A daemon that exits normally keeps enforcing until its successor takes over.
+    Uninstall {
+        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
+        bpffs: PathBuf,
+    },
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -46,6 +52,12 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Uninstall { bpffs } => {
+            if let Err(e) = netpol_daemon::datapath::Datapath::uninstall(&bpffs) {
+                eprintln!("netpol-daemon: {e:#}");
+                std::process::exit(1);
+            }
+        }
         Cmd::Run { node_name, manifests, metrics_addr, bpffs, poll_ms } => {
             unsafe {
                 libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);

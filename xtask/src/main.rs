@@ -19,6 +19,7 @@ const PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "iproute2",
+    "util-linux",
     "bpftool",
     "socat",
     "netcat-openbsd",
