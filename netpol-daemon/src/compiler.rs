@@ -604,6 +604,42 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
     NodePolicy { classes, prefixes, pods }
 }
 
+/// Why a packet is allowed or denied in one direction at one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    pub dir: Direction,
+    /// Some policy isolates the pod in this direction.
+    pub isolated: bool,
+    /// The policies that isolate it.
+    pub policies: Vec<ObjKey>,
+    /// The rules whose peers and ports match the packet.
+    pub allowing_rules: Vec<RuleRef>,
+    /// The compiled verdict (what the datapath does).
+    pub allowed: bool,
+}
+
+/// Explains the compiled verdict for `pod` (compiled in `node`) in direction `dir`.
+pub fn explain(cluster: &Cluster, node: &NodePolicy, pod: &ObjKey, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> Explanation {
+    let allowed = node.permits(pod, dir, peer, proto, port);
+    let mut out = Explanation { dir, isolated: false, policies: Vec::new(), allowing_rules: Vec::new(), allowed };
+    let (Some(compiled), Some(p)) = (node.pods.get(pod), cluster.pods.get(pod)) else { return out };
+    let Some(dp) = compiled.dir(dir) else { return out };
+    out.isolated = true;
+    out.policies = dp.policies.clone();
+    let class = &node.classes[node.class_of(peer)];
+    for pk in &dp.policies {
+        let Some(pol) = cluster.policies.get(pk) else { continue };
+        for (i, rule) in pol.rules(dir).iter().enumerate() {
+            let r = RuleRef { policy: pk.clone(), dir, index: i };
+            let peer_ok = rule.peers.is_none() || class.rules.binary_search(&r).is_ok();
+            if peer_ok && rule_allow(p, dir, rule, class).permits(proto, port) {
+                out.allowing_rules.push(r);
+            }
+        }
+    }
+    out
+}
+
 /// Ports a rule allows to the addresses of a class.
 fn rule_allow(pod: &Pod, dir: Direction, rule: &Rule, class: &ClassKey) -> Allow {
     let Some(specs) = &rule.ports else {

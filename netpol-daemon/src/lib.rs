@@ -5,6 +5,7 @@
 //! -> [`metrics`]. [`reference`] is an independent evaluator the compiler is tested against;
 //! [`lab`] builds network-namespace labs for tests and the demo.
 pub mod cidr;
+pub mod cli;
 pub mod compiler;
 pub mod daemon;
 pub mod datapath;

@@ -34,6 +34,27 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         poll_ms: u64,
     },
+    /// Explain whether a connection is allowed, for both ends, and by which rules.
+    Explain {
+        #[arg(long)]
+        manifests: PathBuf,
+        /// NAMESPACE/POD or an IP address.
+        #[arg(long)]
+        from: String,
+        /// NAMESPACE/POD or an IP address.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        port: Option<u16>,
+        /// TCP, UDP, SCTP or ICMP.
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+    },
+    /// Validate a manifests directory and list the problems (exit status 1 if any error).
+    Check {
+        #[arg(long)]
+        manifests: PathBuf,
+    },
     /// Stop enforcing on this node: remove the pinned links (programs detach) and maps.
     /// A daemon that exits normally keeps enforcing until its successor takes over.
     Uninstall {
@@ -52,6 +73,26 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Explain { manifests, from, to, port, protocol } => match netpol_daemon::cli::explain(&manifests, &from, &to, port, &protocol) {
+            Ok((allowed, text)) => {
+                print!("{text}");
+                std::process::exit(if allowed { 0 } else { 3 });
+            }
+            Err(e) => {
+                eprintln!("netpol-daemon explain: {e:#}");
+                std::process::exit(2);
+            }
+        },
+        Cmd::Check { manifests } => match netpol_daemon::cli::check(&manifests) {
+            Ok((errors, text)) => {
+                print!("{text}");
+                std::process::exit(if errors == 0 { 0 } else { 1 });
+            }
+            Err(e) => {
+                eprintln!("netpol-daemon check: {e:#}");
+                std::process::exit(2);
+            }
+        },
         Cmd::Uninstall { bpffs } => {
             if let Err(e) = netpol_daemon::datapath::Datapath::uninstall(&bpffs) {
                 eprintln!("netpol-daemon: {e:#}");

@@ -528,6 +528,9 @@ proptest! {
                             let via_maps = node.pods[&pod.key].dir(dir).is_none() || entries::lookup(&d, ids[&pod.key], dir, peer, proto, port);
                             prop_assert_eq!(got, want, "seed {} pod {} {:?} peer {} proto {} port {:?}\ncluster: {:?}\ncompiled: {:?}", seed, pod.key, dir, peer, proto, port, c, node);
                             prop_assert_eq!(via_maps, want, "map entries: seed {} pod {} {:?} peer {} proto {} port {:?}", seed, pod.key, dir, peer, proto, port);
+                            let e = explain(&c, &node, &pod.key, dir, peer, proto, port);
+                            prop_assert_eq!(e.allowed, want);
+                            prop_assert_eq!(!e.isolated || !e.allowing_rules.is_empty(), want, "explain: seed {} pod {} {:?} peer {} {:?}", seed, pod.key, dir, peer, e);
                         }
                     }
                 }
