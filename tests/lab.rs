@@ -342,3 +342,59 @@ fn kill_9_and_restart_is_hitless() {
     // The restarted daemon adopted the links: still exactly one program per hook.
     check(&lab, &[("client", "server", "tcp", 8080, true), ("intruder", "server", "tcp", 8080, false)]);
 }
+
+/// DNS through the kube-dns ClusterIP, with kube-proxy emulated by a real nftables DNAT and a
+/// real dnsmasq as the DNS pod: the egress program sees the ClusterIP before the DNAT and
+/// allows it because the policy allows the backends on their target ports.
+#[test]
+fn dns_through_the_cluster_ip_with_selector_and_ports_only_policies() {
+    use std::net::SocketAddr;
+    let Some(mut lab) = lab() else { return };
+    lab.add_namespace("kube-system", &[]);
+    let dns = lab.add_pod("kube-system", "coredns", ip("10.244.0.53"), &[("k8s-app", "kube-dns")], &[], &[]).unwrap();
+    lab.name_port(dns, "dns", 53, "UDP");
+    lab.name_port(dns, "dns-tcp", 53, "TCP");
+    // The lab writes named container ports only for served ports: declare them by hand.
+    lab.pods[dns].udp.push(53);
+    lab.pods[dns].tcp.push(53);
+    lab.add_pod("app", "client", ip("10.244.0.70"), &[("app", "client")], &[], &[]).unwrap();
+    lab.add_pod("app", "web", ip("10.244.0.71"), &[("app", "web")], &[8080], &[]).unwrap();
+    lab.spawn_in(
+        "coredns",
+        "dnsmasq",
+        &["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces", "--listen-address=10.244.0.53", "--address=/svc.netpol.test/192.0.2.44", "--user=root", "--pid-file="],
+    )
+    .unwrap();
+    lab.add_cluster_ip("kube-system", "kube-dns", ip("10.96.0.10"), "coredns", &[("k8s-app", "kube-dns")], &[("udp", 53, 53, "dns"), ("tcp", 53, 53, "dns-tcp")]).unwrap();
+    lab.write_cluster_manifest().unwrap();
+    // The DNS pod only takes DNS, from anywhere in the cluster.
+    lab.write_manifest(
+        "kube-system.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: dns-in, namespace: kube-system}\nspec:\n  podSelector: {matchLabels: {k8s-app: kube-dns}}\n  ingress: [{from: [{namespaceSelector: {}}], ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]}]\n",
+    )
+    .unwrap();
+    let selector_policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: client-out, namespace: app}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}, podSelector: {matchLabels: {k8s-app: kube-dns}}}]\n    ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]\n";
+    lab.write_manifest("client.yaml", selector_policy).unwrap();
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    let svc = SocketAddr::from(([10, 96, 0, 10], 53));
+    let want = Some(ip("192.0.2.44"));
+    // dnsmasq may take a moment to bind.
+    let t0 = std::time::Instant::now();
+    while lab.dns("web", svc, "svc.netpol.test", false).is_none() && t0.elapsed() < std::time::Duration::from_secs(5) {}
+    assert_eq!(lab.dns("web", svc, "svc.netpol.test", false), want, "unrestricted pod resolves\n{}", lab.daemon_log());
+    assert_eq!(lab.dns("client", svc, "svc.netpol.test", false), want, "UDP via the ClusterIP\n{}", lab.daemon_log());
+    assert_eq!(lab.dns("client", svc, "svc.netpol.test", true), want, "TCP via the ClusterIP");
+    check(&lab, &[("client", "web", "tcp", 8080, false), ("web", "coredns", "tcp", 8080, false)]);
+
+    // Ports-only egress, `to:` left null: DNS to anywhere on 53.
+    lab.apply("client.yaml", "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: client-out, namespace: app}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]\n").unwrap();
+    assert_eq!(lab.dns("client", svc, "svc.netpol.test", false), want);
+    assert_eq!(lab.dns("client", svc, "svc.netpol.test", true), want);
+    check(&lab, &[("client", "web", "tcp", 8080, false)]);
+
+    // Egress only to the web pods: the ClusterIP's backend is not allowed, DNS fails.
+    lab.apply("client.yaml", "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: client-out, namespace: app}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress: [{to: [{podSelector: {matchLabels: {app: web}}}]}]\n").unwrap();
+    assert_eq!(lab.dns("client", svc, "svc.netpol.test", false), None);
+    assert_eq!(lab.dns("client", svc, "svc.netpol.test", true), None);
+    check(&lab, &[("client", "web", "tcp", 8080, true)]);
+}

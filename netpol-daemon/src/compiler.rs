@@ -121,6 +121,10 @@ pub struct ClassKey {
     /// The container ports of the pod owning the address, when an egress rule with a named
     /// port covers it: (name, protocol, port), sorted.
     pub ports: Vec<(String, Protocol, u16)>,
+    /// The service whose cluster IP this is. Egress to it is decided by its backends (what
+    /// kube-proxy will DNAT it to), not by rules naming the cluster IP as an address; as a
+    /// source (ingress) it is matched like any address.
+    pub service: Option<ObjKey>,
 }
 
 /// The compiled policy of one pod in one direction in which it is isolated.
@@ -196,9 +200,57 @@ pub struct Cluster {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjKey, Pod>,
     pub policies: BTreeMap<ObjKey, Policy>,
+    pub services: BTreeMap<ObjKey, Service>,
+    pub endpoint_slices: BTreeMap<ObjKey, EndpointSlice>,
 }
 
 impl Cluster {
+    /// Where kube-proxy sends each service port: (backend address, target port) pairs. From
+    /// the service's EndpointSlices when it has any, else from its selector and the pods'
+    /// container ports (named target ports resolved per pod).
+    pub fn service_backends(&self, svc: &Service) -> Vec<(ServicePort, Vec<(IpAddr, u16)>)> {
+        let slices: Vec<&EndpointSlice> = self
+            .endpoint_slices
+            .values()
+            .filter(|s| s.key.namespace == svc.key.namespace && s.service == svc.key.name)
+            .collect();
+        svc.ports
+            .iter()
+            .map(|sp| {
+                let mut backends = Vec::new();
+                if !slices.is_empty() {
+                    for sl in &slices {
+                        for (name, proto, port) in &sl.ports {
+                            if *name == sp.name && *proto == sp.protocol {
+                                backends.extend(sl.addresses.iter().map(|a| (*a, *port)));
+                            }
+                        }
+                    }
+                } else if let Some(sel) = &svc.selector {
+                    for p in self.pods.values().filter(|p| {
+                        p.selectable() && p.key.namespace == svc.key.namespace && sel.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                    }) {
+                        let ports: Vec<u16> = match &sp.target {
+                            TargetPort::Number(n) => vec![*n],
+                            TargetPort::Named(n) => p.named_ports(n, sp.protocol).collect(),
+                        };
+                        for ip in &p.ips {
+                            backends.extend(ports.iter().map(|t| (*ip, *t)));
+                        }
+                    }
+                }
+                backends.sort_unstable();
+                backends.dedup();
+                (sp.clone(), backends)
+            })
+            .collect()
+    }
+
+    /// The service whose cluster IP is `ip`.
+    pub fn service_with_ip(&self, ip: IpAddr) -> Option<&Service> {
+        self.services.values().find(|s| s.cluster_ips.contains(&ip))
+    }
+
     /// Namespace labels; namespaces known only through their pods or policies get the
     /// automatic `kubernetes.io/metadata.name` label.
     pub fn namespace(&self, name: &str) -> Namespace {
@@ -208,6 +260,7 @@ impl Cluster {
 
 /// Cluster-wide lookups built once per compilation.
 pub struct Index<'a> {
+    cluster: &'a Cluster,
     policies_by_ns: HashMap<&'a str, Vec<&'a Policy>>,
     pods_by_ns: HashMap<&'a str, Vec<&'a Pod>>,
     pod_by_ip: HashMap<IpAddr, &'a Pod>,
@@ -237,7 +290,7 @@ impl<'a> Index<'a> {
         for p in cluster.policies.values() {
             policies_by_ns.entry(p.key.namespace.as_str()).or_default().push(p);
         }
-        Index { policies_by_ns, pods_by_ns, pod_by_ip, ns_labels }
+        Index { cluster, policies_by_ns, pods_by_ns, pod_by_ip, ns_labels }
     }
 
     /// Policies that select `pod`.
@@ -458,6 +511,14 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
             }
         }
     }
+    // Every service cluster IP is a class of its own.
+    let mut service_of: HashMap<IpAddr, &Service> = HashMap::new();
+    for svc in index.cluster.services.values() {
+        for ip in &svc.cluster_ips {
+            service_of.insert(*ip, svc);
+            cands.push(Cidr::host(*ip));
+        }
+    }
     cands.sort_unstable();
     cands.dedup();
     let host_idx: HashMap<IpAddr, usize> =
@@ -498,8 +559,9 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
     // pod ports) are one class.
     let mut class_groups: Vec<Vec<u32>> = vec![Vec::new()];
     let mut classes: Vec<ClassKey> = vec![ClassKey::default()];
-    let mut class_ids: HashMap<(Vec<u32>, Vec<(String, Protocol, u16)>), usize> = HashMap::new();
-    class_ids.insert((Vec::new(), Vec::new()), 0);
+    type ClassId = (Vec<u32>, Vec<(String, Protocol, u16)>, Option<ObjKey>);
+    let mut class_ids: HashMap<ClassId, usize> = HashMap::new();
+    class_ids.insert((Vec::new(), Vec::new(), None), 0);
     let mut table: BTreeMap<Cidr, usize> = BTreeMap::new();
     for (i, prefix) in cands.iter().enumerate() {
         let mut ports = Vec::new();
@@ -513,7 +575,11 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
                 ports.dedup();
             }
         }
-        let key = (std::mem::take(&mut members[i]), ports);
+        let service = if prefix.is_host() { service_of.get(&prefix.addr()).map(|s| s.key.clone()) } else { None };
+        let groups = std::mem::take(&mut members[i]);
+        // A cluster IP is a class of its own: egress to it is decided by its backends (below);
+        // as a source address it is an address like any other.
+        let key = (groups, ports, service);
         let id = match class_ids.get(&key) {
             Some(id) => *id,
             None => {
@@ -525,6 +591,7 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
                         .map(|r| r.rref.clone())
                         .collect(),
                     ports: key.1.clone(),
+                    service: key.2.clone(),
                 });
                 class_groups.push(key.0.clone());
                 class_ids.insert(key, id);
@@ -593,6 +660,27 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
                     allows.insert(ci, allow);
                 }
             }
+            if dir == Direction::Egress {
+                // Egress to a cluster IP: the service ports whose backends this pod may reach
+                // on their target ports. Always an explicit entry (no fallback to class 0).
+                let allow_at = |addr: IpAddr| -> Option<&Allow> {
+                    let class = lpm_class(&prefixes, addr);
+                    allows.get(&class).or_else(|| allows.get(&0))
+                };
+                let mut svc_allows = Vec::new();
+                for (ci, class) in classes.iter().enumerate() {
+                    let Some(sk) = &class.service else { continue };
+                    let Some(svc) = index.cluster.services.get(sk) else { continue };
+                    let mut ps = PortSet::default();
+                    for (sp, backends) in index.cluster.service_backends(svc) {
+                        if backends.iter().any(|(b, t)| allow_at(*b).is_some_and(|a| a.permits(sp.protocol.number(), Some(*t)))) {
+                            ps.add(sp.protocol, sp.port, sp.port);
+                        }
+                    }
+                    svc_allows.push((ci, Allow::Ports(ps)));
+                }
+                allows.extend(svc_allows);
+            }
             let dp = DirPolicy { allows, policies: policies.iter().map(|p| p.key.clone()).collect() };
             match dir {
                 Direction::Ingress => out.ingress = Some(dp),
@@ -627,12 +715,28 @@ pub fn explain(cluster: &Cluster, node: &NodePolicy, pod: &ObjKey, dir: Directio
     out.isolated = true;
     out.policies = dp.policies.clone();
     let class = &node.classes[node.class_of(peer)];
+    // For a cluster IP, the rules that let the pod reach a backend on its target port for a
+    // service port matching the packet.
+    let targets: Vec<(IpAddr, u8, Option<u16>)> = match class.service.as_ref().and_then(|k| cluster.services.get(k)) {
+        Some(svc) if dir == Direction::Egress => cluster
+            .service_backends(svc)
+            .into_iter()
+            .filter(|(sp, _)| sp.protocol.number() == proto && Some(sp.port) == port)
+            .flat_map(|(_, b)| b.into_iter().map(|(a, t)| (a, proto, Some(t))))
+            .collect(),
+        _ => vec![(peer, proto, port)],
+    };
     for pk in &dp.policies {
         let Some(pol) = cluster.policies.get(pk) else { continue };
         for (i, rule) in pol.rules(dir).iter().enumerate() {
             let r = RuleRef { policy: pk.clone(), dir, index: i };
-            let peer_ok = rule.peers.is_none() || class.rules.binary_search(&r).is_ok();
-            if peer_ok && rule_allow(p, dir, rule, class).permits(proto, port) {
+            let matches = targets.iter().any(|(addr, proto, port)| {
+                let class = if class.service.is_some() && dir == Direction::Egress { &node.classes[node.class_of(*addr)] } else { class };
+                debug_assert!(class.service.is_none() || dir == Direction::Ingress);
+                let peer_ok = rule.peers.is_none() || class.rules.binary_search(&r).is_ok();
+                peer_ok && rule_allow(p, dir, rule, class).permits(*proto, *port)
+            });
+            if matches {
                 out.allowing_rules.push(r);
             }
         }
@@ -669,6 +773,17 @@ fn rule_allow(pod: &Pod, dir: Direction, rule: &Rule, class: &ClassKey) -> Allow
         }
     }
     Allow::Ports(ps)
+}
+
+/// The class of `addr` in a pruned prefix table (longest match, class 0 if none).
+fn lpm_class(prefixes: &BTreeMap<Cidr, usize>, addr: IpAddr) -> usize {
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    for len in (0..=max).rev() {
+        if let Some(c) = prefixes.get(&Cidr::new(addr, len)) {
+            return *c;
+        }
+    }
+    0
 }
 
 /// Drops prefixes that change nothing: one whose class equals its nearest enclosing prefix's

@@ -129,6 +129,10 @@ pub struct Lab {
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
     daemon: Option<Child>,
+    /// Other processes started in the lab (DNS servers), killed on drop.
+    children: Vec<Child>,
+    /// Service manifests (ClusterIP services emulated with nftables DNAT).
+    services: Vec<String>,
     next_if: u32,
 }
 
@@ -160,6 +164,8 @@ impl Lab {
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             daemon: None,
+            children: Vec::new(),
+            services: Vec::new(),
             next_if: 0,
         };
         let _ = std::fs::remove_dir_all(&dir);
@@ -290,6 +296,48 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts a program inside a pod's network namespace (killed when the lab goes).
+    pub fn spawn_in(&mut self, pod: &str, program: &str, args: &[&str]) -> Result<()> {
+        let ns = self.pod(pod).netns.clone();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{ns}"))
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {program} in {pod}"))?;
+        REGISTRY.lock().unwrap().children.push(child.id());
+        self.children.push(child);
+        Ok(())
+    }
+
+    /// A ClusterIP service as kube-proxy makes it: nftables DNAT in the node namespace from
+    /// `cluster_ip:port` to the backend pod's `target` port, and the Service manifest (written
+    /// with the cluster manifest). `ports` are (protocol "tcp"/"udp", port, target, port name).
+    pub fn add_cluster_ip(&mut self, namespace: &str, name: &str, cluster_ip: Ipv4Addr, backend: &str, selector: &[(&str, &str)], ports: &[(&str, u16, u16, &str)]) -> Result<()> {
+        let b = self.pod(backend).ip;
+        let node = self.node_netns.clone();
+        let mut script = String::from("add table ip netpol_lab\nadd chain ip netpol_lab pre { type nat hook prerouting priority -100; }\n");
+        for (proto, port, target, _) in ports {
+            script.push_str(&format!("add rule ip netpol_lab pre ip daddr {cluster_ip} {proto} dport {port} dnat to {b}:{target}\n"));
+        }
+        let f = self.dir.join(format!("nft-{name}.nft"));
+        std::fs::write(&f, script)?;
+        run("ip", &["netns", "exec", &node, "nft", "-f", &f.to_string_lossy()])?;
+        let sel: BTreeMap<String, String> = selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let ps: Vec<String> = ports
+            .iter()
+            .map(|(proto, port, _, pname)| format!("{{\"name\": \"{pname}\", \"protocol\": \"{}\", \"port\": {port}, \"targetPort\": \"{pname}\"}}", proto.to_uppercase()))
+            .collect();
+        self.services.push(format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  clusterIP: {cluster_ip}\n  selector: {}\n  ports: [{}]\n",
+            json_map(&sel),
+            ps.join(", ")
+        ));
+        Ok(())
+    }
+
     /// Writes the Namespace and Pod manifests of every declared pod (file `00-cluster.yaml`).
     pub fn write_cluster_manifest(&self) -> Result<()> {
         let mut y = String::new();
@@ -319,6 +367,9 @@ impl Lab {
                 p.ip,
                 p.ip
             ));
+        }
+        for svc in &self.services {
+            y.push_str(svc);
         }
         self.write_manifest("00-cluster.yaml", &y)
     }
@@ -484,6 +535,61 @@ pub fn probe_udp(dst: SocketAddr, timeout: Duration) -> bool {
     matches!(s.recv_from(&mut buf), Ok((n, _)) if n > 0)
 }
 
+/// A DNS query for an A record; the answer's first IPv4 address.
+fn dns_query(name: &str, id: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+fn dns_answer(resp: &[u8], id: u16) -> Option<Ipv4Addr> {
+    if resp.len() < 12 || resp[0..2] != id.to_be_bytes() || resp[3] & 0x0f != 0 || u16::from_be_bytes([resp[6], resp[7]]) == 0 {
+        return None;
+    }
+    // The A record's data is the last 4 bytes of a one-answer response.
+    let n = resp.len();
+    Some(Ipv4Addr::new(resp[n - 4], resp[n - 3], resp[n - 2], resp[n - 1]))
+}
+
+/// Resolves `name` with the DNS server at `server` over UDP (or TCP).
+pub fn resolve(server: SocketAddr, name: &str, tcp: bool, timeout: Duration) -> Option<Ipv4Addr> {
+    let id = 0x4e50;
+    let q = dns_query(name, id);
+    if tcp {
+        let mut s = TcpStream::connect_timeout(&server, timeout).ok()?;
+        s.set_read_timeout(Some(timeout)).ok()?;
+        let mut msg = (q.len() as u16).to_be_bytes().to_vec();
+        msg.extend_from_slice(&q);
+        s.write_all(&msg).ok()?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).ok()?;
+        let mut resp = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut resp).ok()?;
+        dns_answer(&resp, id)
+    } else {
+        let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+        s.set_read_timeout(Some(timeout)).ok()?;
+        s.send_to(&q, server).ok()?;
+        let mut buf = [0u8; 512];
+        let (n, _) = s.recv_from(&mut buf).ok()?;
+        dns_answer(&buf[..n], id)
+    }
+}
+
+impl Lab {
+    /// Resolves `name` from inside pod `from` through `server`.
+    pub fn dns(&self, from: &str, server: SocketAddr, name: &str, tcp: bool) -> Option<Ipv4Addr> {
+        let ns = self.source_netns(from);
+        let name = name.to_string();
+        in_netns(&ns, move || resolve(server, &name, tcp, Duration::from_millis(800))).ok().flatten()
+    }
+}
+
 fn json_map(m: &BTreeMap<String, String>) -> String {
     let inner: Vec<String> = m.iter().map(|(k, v)| format!("{k:?}: {v:?}")).collect();
     format!("{{{}}}", inner.join(", "))
@@ -497,6 +603,10 @@ impl Drop for Lab {
             REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).children.retain(|p| *p != pid);
         }
         self.kill_daemon();
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for h in self.servers.drain(..) {
             let _ = h.join();
         }

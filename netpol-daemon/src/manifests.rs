@@ -135,6 +135,20 @@ fn add_object(value: serde_yaml::Value, out: &mut Loaded) -> Result<(), Vec<Stri
             out.cluster.policies.insert(pol.key.clone(), pol);
             Ok(())
         }
+        "Service" => {
+            let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_value(value).map_err(typed_err)?;
+            if let Some(svc) = model::service_from_k8s(&svc).map_err(fields)? {
+                out.cluster.services.insert(svc.key.clone(), svc);
+            }
+            Ok(())
+        }
+        "EndpointSlice" => {
+            let es: k8s_openapi::api::discovery::v1::EndpointSlice = serde_yaml::from_value(value).map_err(typed_err)?;
+            if let Some(es) = model::endpoint_slice_from_k8s(&es).map_err(fields)? {
+                out.cluster.endpoint_slices.insert(es.key.clone(), es);
+            }
+            Ok(())
+        }
         "" => Err(vec![format!("object {ns}/{name} has no kind")]),
         other => {
             *out.ignored.entry(other.to_string()).or_default() += 1;

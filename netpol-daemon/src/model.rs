@@ -209,6 +209,43 @@ pub struct Policy {
     pub isolates_egress: bool,
 }
 
+/// A Service port: `port` on the cluster IPs, forwarded to `target` on the backends.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub target: TargetPort,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TargetPort {
+    Number(u16),
+    /// A named container port, resolved on each backend pod.
+    Named(String),
+}
+
+/// A Service with cluster IPs (headless and ExternalName services have none and are not
+/// kept: traffic to them goes straight to pod or outside addresses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub key: ObjKey,
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// `spec.selector` (None: backends come only from EndpointSlices).
+    pub selector: Option<Labels>,
+}
+
+/// One EndpointSlice's backends of a service: addresses (ready ones) and named ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSlice {
+    pub key: ObjKey,
+    pub service: String,
+    pub addresses: Vec<IpAddr>,
+    /// (port name, protocol, port number) as in the slice.
+    pub ports: Vec<(Option<String>, Protocol, u16)>,
+}
+
 /// The direction of traffic relative to a pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Direction {
@@ -365,6 +402,113 @@ pub fn pod_from_k8s(pod: &K8sPod) -> Result<Option<Pod>, Vec<FieldError>> {
         ports,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
     }))
+}
+
+pub fn service_from_k8s(svc: &k8s_openapi::api::core::v1::Service) -> Result<Option<Service>, Vec<FieldError>> {
+    let key = meta_key("Service", &svc.metadata, true).map_err(|e| vec![e])?;
+    let object = key.to_string();
+    let mut errs = Errs { object: &object, list: vec![] };
+    let Some(spec) = &svc.spec else { return Ok(None) };
+    let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+    if let Some(ip) = &spec.cluster_ip {
+        if !ips.contains(ip) {
+            ips.insert(0, ip.clone());
+        }
+    }
+    let mut cluster_ips = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        if ip == "None" || ip.is_empty() {
+            continue;
+        }
+        match ip.parse::<IpAddr>() {
+            Ok(a) => cluster_ips.push(a),
+            Err(_) => errs.push(format!("spec.clusterIPs[{i}]"), format!("invalid IP address {ip:?}")),
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let path = format!("spec.ports[{i}]");
+        let protocol = match p.protocol.as_deref() {
+            None => Protocol::Tcp,
+            Some(s) => match Protocol::parse(s) {
+                Some(pr) => pr,
+                None => {
+                    errs.push(format!("{path}.protocol"), format!("unknown protocol {s:?} (want TCP, UDP or SCTP)"));
+                    continue;
+                }
+            },
+        };
+        if !(1..=65535).contains(&p.port) {
+            errs.push(format!("{path}.port"), format!("{} is not in 1-65535", p.port));
+            continue;
+        }
+        let target = match &p.target_port {
+            None => TargetPort::Number(p.port as u16),
+            Some(IntOrString::Int(n)) if (1..=65535).contains(n) => TargetPort::Number(*n as u16),
+            Some(IntOrString::Int(n)) => {
+                errs.push(format!("{path}.targetPort"), format!("{n} is not in 1-65535"));
+                continue;
+            }
+            Some(IntOrString::String(s)) => match s.parse::<u16>() {
+                Ok(n) if n > 0 => TargetPort::Number(n),
+                _ if valid_port_name(s) => TargetPort::Named(s.clone()),
+                _ => {
+                    errs.push(format!("{path}.targetPort"), format!("{s:?} is not a valid port name"));
+                    continue;
+                }
+            },
+        };
+        ports.push(ServicePort { name: p.name.clone(), protocol, port: p.port as u16, target });
+    }
+    if !errs.list.is_empty() {
+        return Err(errs.list);
+    }
+    if cluster_ips.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Service { key, cluster_ips, ports, selector: spec.selector.clone().map(|m| m.into_iter().collect()) }))
+}
+
+pub fn endpoint_slice_from_k8s(es: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Result<Option<EndpointSlice>, Vec<FieldError>> {
+    let key = meta_key("EndpointSlice", &es.metadata, true).map_err(|e| vec![e])?;
+    let object = key.to_string();
+    let mut errs = Errs { object: &object, list: vec![] };
+    let Some(service) = es.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")).cloned() else {
+        return Ok(None);
+    };
+    let mut addresses = Vec::new();
+    for (i, ep) in es.endpoints.iter().flatten().enumerate() {
+        // Endpoints that are not ready get no traffic from kube-proxy.
+        if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+            continue;
+        }
+        for (j, a) in ep.addresses.iter().enumerate() {
+            match a.parse::<IpAddr>() {
+                Ok(ip) => addresses.push(ip),
+                Err(_) => errs.push(format!("endpoints[{i}].addresses[{j}]"), format!("invalid IP address {a:?}")),
+            }
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in es.ports.iter().flatten().enumerate() {
+        let protocol = match p.protocol.as_deref().map(Protocol::parse) {
+            None => Protocol::Tcp,
+            Some(Some(pr)) => pr,
+            Some(None) => {
+                errs.push(format!("ports[{i}].protocol"), format!("unknown protocol {:?}", p.protocol));
+                continue;
+            }
+        };
+        match p.port {
+            Some(n) if (1..=65535).contains(&n) => ports.push((p.name.clone().filter(|n| !n.is_empty()), protocol, n as u16)),
+            Some(n) => errs.push(format!("ports[{i}].port"), format!("{n} is not in 1-65535")),
+            None => {}
+        }
+    }
+    if !errs.list.is_empty() {
+        return Err(errs.list);
+    }
+    Ok(Some(EndpointSlice { key, service, addresses, ports }))
 }
 
 /// Validates and converts a NetworkPolicy. Every problem is reported, not just the first.

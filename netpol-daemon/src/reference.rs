@@ -23,7 +23,26 @@ fn pod_with_ip(c: &Cluster, ip: IpAddr) -> Option<&Pod> {
 
 /// "The pod is isolated for <dir> if any NetworkPolicy selects it and has <dir> in its
 /// policyTypes"; then the union of those policies' <dir> rules decides.
+///
+/// Egress to a Service cluster IP is what kube-proxy makes of it: allowed on a service port
+/// when the pod may reach one of the backends on its target port.
 pub fn allowed(c: &Cluster, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> bool {
+    if dir == Direction::Egress {
+        if let Some(svc) = c.service_with_ip(peer) {
+            let isolated = c
+                .policies
+                .values()
+                .any(|p| p.key.namespace == pod.key.namespace && p.pod_selector.matches(&pod.labels) && p.isolates(dir));
+            if !isolated {
+                return true;
+            }
+            return c.service_backends(svc).iter().any(|(sp, backends)| {
+                sp.protocol.number() == proto
+                    && Some(sp.port) == port
+                    && backends.iter().any(|(b, t)| allowed(c, pod, dir, *b, proto, Some(*t)))
+            });
+        }
+    }
     let selecting: Vec<&Policy> = c
         .policies
         .values()

@@ -353,6 +353,75 @@ fn a_rule_selecting_every_pod_is_one_class_not_one_entry_per_pod() {
     assert!(!verdict(&c, "ns1/a", Ingress, "10.9.1.7", TCP, Some(8080)));
 }
 
+#[test]
+fn egress_to_a_cluster_ip_is_decided_by_its_backends() {
+    let c = cluster(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: kube-system}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec: {nodeName: n1, containers: [{name: c, image: i, ports: [{name: dns, containerPort: 5353, protocol: UDP}, {name: dns-tcp, containerPort: 5353}]}]}
+status: {podIP: 10.0.0.53}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {k8s-app: kube-dns}
+  ports: [{name: dns, port: 53, protocol: UDP, targetPort: dns}, {name: dns-tcp, port: 53, targetPort: dns-tcp}, {name: metrics, port: 9153, targetPort: 9153}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{port: 443, targetPort: 8443}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.80]}, {addresses: [10.0.0.81], conditions: {ready: false}}]
+ports: [{port: 8443}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: app, namespace: default, labels: {app: app}}
+spec: {nodeName: n1, containers: [{name: c, image: i}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: dns-only, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: app}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}, podSelector: {matchLabels: {k8s-app: kube-dns}}}]
+    ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}, {port: 5353, protocol: UDP}, {port: 5353, protocol: TCP}]
+  - ports: [{port: 443}]
+"#,
+    );
+    let e = |peer, proto, port| verdict(&c, "default/app", Egress, peer, proto, Some(port));
+    // kube-dns through its cluster IP: the backends are allowed on the target ports.
+    assert!(e("10.96.0.10", UDP, 53));
+    assert!(e("10.96.0.10", TCP, 53));
+    // Service port 9153 maps to a backend port the policy does not allow.
+    assert!(!e("10.96.0.10", TCP, 9153));
+    assert!(!e("10.96.0.10", UDP, 54));
+    // The pod directly, on its real port.
+    assert!(e("10.0.0.53", UDP, 5353));
+    // web:443 goes to 8443 on the backend: "any peer on 443" does not cover it.
+    assert!(!e("10.96.0.20", TCP, 443));
+    // ...while 443 to an outside address is allowed.
+    assert!(e("203.0.113.9", TCP, 443));
+}
+
 // ---------------------------------------------------------------------------------------
 // Differential property test.
 
@@ -487,6 +556,29 @@ fn random_cluster(seed: u64) -> Cluster {
         let key = ObjKey::new(g.pick(NAMESPACES), format!("p{i}"));
         c.pods.insert(key.clone(), Pod { key, labels: labels(&mut g), node_name: Some("n".into()), ips, ports, host_network: g.chance(5) });
     }
+    let pod_ips: Vec<IpAddr> = c.pods.values().flat_map(|p| p.ips.clone()).collect();
+    for i in 0..g.below(3) {
+        let key = ObjKey::new(g.pick(NAMESPACES), format!("svc{i}"));
+        let ports = (0..1 + g.below(2))
+            .map(|j| ServicePort {
+                name: Some(format!("p{j}")),
+                protocol: g.pick(&Protocol::ALL),
+                port: g.pick(PORTS),
+                target: if g.chance(50) { TargetPort::Number(g.pick(PORTS)) } else { TargetPort::Named(g.pick(PORT_NAMES).to_string()) },
+            })
+            .collect::<Vec<_>>();
+        if g.chance(30) {
+            // Backends from an EndpointSlice only.
+            let addresses = (0..g.below(3)).map(|_| g.pick(&pod_ips)).collect();
+            let sports = ports.iter().map(|p: &ServicePort| (p.name.clone(), p.protocol, g.pick(PORTS))).collect();
+            let es = ObjKey::new(key.namespace.clone(), format!("{}-x", key.name));
+            c.endpoint_slices.insert(es.clone(), EndpointSlice { key: es, service: key.name.clone(), addresses, ports: sports });
+            c.services.insert(key.clone(), Service { key, cluster_ips: vec![IpAddr::from([10, 96, 0, i as u8 + 1])], ports, selector: None });
+        } else {
+            let sel = labels(&mut g);
+            c.services.insert(key.clone(), Service { key, cluster_ips: vec![IpAddr::from([10, 96, 0, i as u8 + 1])], ports, selector: Some(sel) });
+        }
+    }
     for i in 0..(1 + g.below(4)) {
         let ingress: Vec<Rule> = (0..g.below(3)).map(|_| rule(&mut g)).collect();
         let egress: Vec<Rule> = (0..g.below(3)).map(|_| rule(&mut g)).collect();
@@ -502,7 +594,7 @@ fn random_cluster(seed: u64) -> Cluster {
     c
 }
 
-const PEERS: &[&str] = &["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.9", "10.9.9.9", "192.168.1.1", "8.8.8.8", "fd00::1", "fd00::2", "fd00::9", "2001:db8::1"];
+const PEERS: &[&str] = &["10.96.0.1", "10.96.0.2", "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.9", "10.9.9.9", "192.168.1.1", "8.8.8.8", "fd00::1", "fd00::2", "fd00::9", "2001:db8::1"];
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(2000), ..ProptestConfig::default() })]
