@@ -18,7 +18,8 @@ use crate::netlink;
 
 pub struct RunConfig {
     pub node_name: String,
-    pub manifests: PathBuf,
+    /// A manifests directory; `None`: the Kubernetes API (in-cluster config or KUBECONFIG).
+    pub manifests: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
     pub bpffs: PathBuf,
     pub poll_interval: Duration,
@@ -38,15 +39,60 @@ fn fingerprint(dir: &Path) -> u64 {
     h.finish()
 }
 
+/// Where the cluster state comes from.
+enum Source {
+    Manifests(PathBuf),
+    Kube(crate::kube_source::KubeSource),
+}
+
+impl Source {
+    /// A number that changes when the cluster state may have changed.
+    fn fingerprint(&self) -> u64 {
+        match self {
+            Source::Manifests(dir) => fingerprint(dir),
+            Source::Kube(k) => k.generation.load(Ordering::SeqCst),
+        }
+    }
+
+    /// The state is complete enough to program (the first lists are done).
+    fn ready(&self) -> bool {
+        match self {
+            Source::Manifests(_) => true,
+            Source::Kube(k) => k.synced.load(Ordering::SeqCst),
+        }
+    }
+
+    fn load(&self) -> Result<(compiler::Cluster, Vec<String>)> {
+        match self {
+            Source::Manifests(dir) => {
+                let loaded = manifests::load_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+                Ok((loaded.cluster, loaded.errors.iter().map(|e| e.to_string()).collect()))
+            }
+            Source::Kube(k) => Ok(k.snapshot()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Source::Manifests(dir) => format!("manifests {}", dir.display()),
+            Source::Kube(_) => "the Kubernetes API".to_string(),
+        }
+    }
+}
+
 pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let shared = Arc::new(Shared::default());
     let mut dp = Datapath::load(&cfg.bpffs)?;
     metrics::serve(cfg.metrics_addr, shared.clone(), cfg.bpffs.clone())
         .with_context(|| format!("listening on {}", cfg.metrics_addr))?;
+    let source = match &cfg.manifests {
+        Some(dir) => Source::Manifests(dir.clone()),
+        None => Source::Kube(crate::kube_source::KubeSource::start()?),
+    };
     log::info!(
-        "netpol-daemon: node {}, manifests {}, metrics on {}, maps pinned in {}",
+        "netpol-daemon: node {}, source {}, metrics on {}, maps pinned in {}",
         cfg.node_name,
-        cfg.manifests.display(),
+        source.describe(),
         cfg.metrics_addr,
         cfg.bpffs.display()
     );
@@ -58,22 +104,28 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut last_resolve = Instant::now() - Duration::from_secs(3600);
     let mut unresolved = false;
     while !stop.load(Ordering::SeqCst) {
-        let fp = fingerprint(&cfg.manifests);
+        if !source.ready() {
+            // Until every watch has listed once, the pinned state of a previous run (if any)
+            // keeps enforcing; nothing is programmed from a partial view.
+            std::thread::sleep(cfg.poll_interval);
+            continue;
+        }
+        let fp = source.fingerprint();
         let changed = last_fp != Some(fp);
         // Pods whose interface is not there yet are retried every second.
         let retry = unresolved && last_resolve.elapsed() >= Duration::from_secs(1);
         if changed {
             last_fp = Some(fp);
-            match manifests::load_dir(&cfg.manifests) {
-                Ok(loaded) => {
-                    for e in &loaded.errors {
+            match source.load() {
+                Ok((c, errors)) => {
+                    for e in &errors {
                         log::error!("skipped: {e}");
                     }
-                    manifest_errors = loaded.errors.len();
-                    cluster = loaded.cluster;
+                    manifest_errors = errors.len();
+                    cluster = c;
                 }
                 Err(e) => {
-                    log::error!("reading {}: {e}; keeping the last state", cfg.manifests.display());
+                    log::error!("{e:#}; keeping the last state");
                     std::thread::sleep(cfg.poll_interval);
                     continue;
                 }

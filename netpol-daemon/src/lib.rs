@@ -10,6 +10,7 @@ pub mod compiler;
 pub mod daemon;
 pub mod datapath;
 pub mod entries;
+pub mod kube_source;
 pub mod lab;
 pub mod manifests;
 pub mod metrics;

@@ -20,10 +20,11 @@ enum Cmd {
         /// This node's name: pods with spec.nodeName equal to it are enforced here.
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
-        /// Read Namespaces, Pods and NetworkPolicies from *.yaml/*.yml/*.json files in this
-        /// directory (watched for changes) instead of the Kubernetes API.
+        /// Read Namespaces, Pods, NetworkPolicies, Services and EndpointSlices from
+        /// *.yaml/*.yml/*.json files in this directory (watched for changes) instead of the
+        /// Kubernetes API. Without it: the API (in-cluster config or KUBECONFIG).
         #[arg(long)]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
         /// Address of the /metrics, /readyz and /healthz endpoint.
         #[arg(long, default_value = "0.0.0.0:9090")]
         metrics_addr: SocketAddr,

@@ -1,0 +1,172 @@
+//! The Kubernetes source: reflectors (list + watch, relisting with backoff on errors) for
+//! Namespaces, Pods, NetworkPolicies, Services and EndpointSlices, on a tokio runtime of their
+//! own. The daemon loop polls [`KubeSource::generation`] and takes a [`KubeSource::snapshot`]
+//! when it moved, exactly as it re-reads a manifests directory: same model, same compiler.
+//! While the API server is unreachable the stores keep the last state, and so does the node.
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource};
+
+use crate::compiler::Cluster;
+use crate::model;
+
+/// The resources watched, as (API group, resource): what the ClusterRole must grant
+/// get/list/watch on (checked against deploy/ by a test).
+pub const WATCHED: &[(&str, &str)] = &[
+    ("", "namespaces"),
+    ("", "pods"),
+    ("", "services"),
+    ("discovery.k8s.io", "endpointslices"),
+    ("networking.k8s.io", "networkpolicies"),
+];
+
+pub struct KubeSource {
+    /// Bumped on every change seen by any watcher.
+    pub generation: Arc<AtomicU64>,
+    /// Watch errors so far (each followed by a relist with backoff).
+    pub errors: Arc<AtomicU64>,
+    /// Every store has completed its first list.
+    pub synced: Arc<AtomicBool>,
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    policies: Store<NetworkPolicy>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn watch<K>(rt: &tokio::runtime::Runtime, api: Api<K>, generation: Arc<AtomicU64>, errors: Arc<AtomicU64>, slim: fn(&mut K)) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default()).default_backoff().modify(slim).reflect(writer);
+    rt.spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => {
+                    generation.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    errors.fetch_add(1, Ordering::SeqCst);
+                    log::warn!("watch {}: {e}; keeping the last state, relisting with backoff", K::plural(&Default::default()));
+                }
+            }
+        }
+    });
+    reader
+}
+
+impl KubeSource {
+    /// Connects with in-cluster config or KUBECONFIG and starts the watchers.
+    pub fn start() -> Result<KubeSource> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("kube").build()?;
+        let client = rt.block_on(Client::try_default()).context("Kubernetes client (in-cluster config or KUBECONFIG)")?;
+        Ok(KubeSource::with_client(rt, client))
+    }
+
+    pub fn with_client(rt: tokio::runtime::Runtime, client: Client) -> KubeSource {
+        let generation = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let g = || generation.clone();
+        let e = || errors.clone();
+        // Only the fields the model reads are kept in memory.
+        let namespaces = watch(&rt, Api::<Namespace>::all(client.clone()), g(), e(), |n| {
+            n.metadata.managed_fields = None;
+            n.metadata.annotations = None;
+        });
+        let pods = watch(&rt, Api::<Pod>::all(client.clone()), g(), e(), |p| {
+            p.metadata.managed_fields = None;
+            p.metadata.annotations = None;
+            if let Some(st) = p.status.as_mut() {
+                st.conditions = None;
+                st.container_statuses = None;
+                st.init_container_statuses = None;
+            }
+        });
+        let policies = watch(&rt, Api::<NetworkPolicy>::all(client.clone()), g(), e(), |n| n.metadata.managed_fields = None);
+        let services = watch(&rt, Api::<Service>::all(client.clone()), g(), e(), |s| {
+            s.metadata.managed_fields = None;
+            s.metadata.annotations = None;
+        });
+        let slices = watch(&rt, Api::<EndpointSlice>::all(client), g(), e(), |s| {
+            s.metadata.managed_fields = None;
+            s.metadata.annotations = None;
+        });
+        let synced = Arc::new(AtomicBool::new(false));
+        {
+            let (a, b, c, d, f, s) = (namespaces.clone(), pods.clone(), policies.clone(), services.clone(), slices.clone(), synced.clone());
+            let generation = generation.clone();
+            rt.spawn(async move {
+                let _ = a.wait_until_ready().await;
+                let _ = b.wait_until_ready().await;
+                let _ = c.wait_until_ready().await;
+                let _ = d.wait_until_ready().await;
+                let _ = f.wait_until_ready().await;
+                s.store(true, Ordering::SeqCst);
+                generation.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        KubeSource { generation, errors, synced, namespaces, pods, policies, services, slices, _rt: rt }
+    }
+
+    /// The cluster model from the stores; invalid objects are skipped and reported.
+    pub fn snapshot(&self) -> (Cluster, Vec<String>) {
+        let mut c = Cluster::default();
+        let mut errors = Vec::new();
+        for n in self.namespaces.state() {
+            match model::namespace_from_k8s(&n) {
+                Ok(ns) => {
+                    c.namespaces.insert(ns.name.clone(), ns);
+                }
+                Err(e) => errors.push(format!("Namespace {e}")),
+            }
+        }
+        for p in self.pods.state() {
+            match model::pod_from_k8s(&p) {
+                Ok(Some(pod)) => {
+                    c.pods.insert(pod.key.clone(), pod);
+                }
+                Ok(None) => {}
+                Err(es) => errors.extend(es.into_iter().map(|e| format!("Pod {e}"))),
+            }
+        }
+        for np in self.policies.state() {
+            match model::policy_from_k8s(&np) {
+                Ok(pol) => {
+                    c.policies.insert(pol.key.clone(), pol);
+                }
+                Err(es) => errors.extend(es.into_iter().map(|e| format!("NetworkPolicy {e}"))),
+            }
+        }
+        for s in self.services.state() {
+            match model::service_from_k8s(&s) {
+                Ok(Some(svc)) => {
+                    c.services.insert(svc.key.clone(), svc);
+                }
+                Ok(None) => {}
+                Err(es) => errors.extend(es.into_iter().map(|e| format!("Service {e}"))),
+            }
+        }
+        for s in self.slices.state() {
+            match model::endpoint_slice_from_k8s(&s) {
+                Ok(Some(es)) => {
+                    c.endpoint_slices.insert(es.key.clone(), es);
+                }
+                Ok(None) => {}
+                Err(es) => errors.extend(es.into_iter().map(|e| format!("EndpointSlice {e}"))),
+            }
+        }
+        (c, errors)
+    }
+}

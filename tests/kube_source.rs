@@ -1,0 +1,136 @@
+//! The Kubernetes source against a fake API server speaking the list + watch protocol:
+//! initial lists reach the cluster model, a watch event updates it, a failing watch is counted
+//! and the last state is kept.
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netpol_daemon::kube_source::KubeSource;
+use netpol_daemon::model::ObjKey;
+use serde_json::{json, Value};
+
+/// path -> (list items, watch events)
+type Routes = HashMap<&'static str, (Vec<Value>, Vec<Value>)>;
+
+fn fake_api(routes: Routes) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let routes = Arc::new(routes);
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let routes = routes.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut s = s;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut h = String::new();
+                    while r.read_line(&mut h).is_ok_and(|n| n > 2) {
+                        h.clear();
+                    }
+                    let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+                    let Some((items, events)) = routes.get(path) else {
+                        let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
+                        let _ = write!(s, "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                        continue;
+                    };
+                    if query.contains("watch=true") {
+                        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
+                        for ev in events {
+                            let line = format!("{ev}\n");
+                            let _ = write!(s, "{:x}\r\n{line}\r\n", line.len());
+                        }
+                        let _ = s.flush();
+                        std::thread::sleep(Duration::from_secs(60));
+                        return;
+                    }
+                    let kind = match path {
+                        "/api/v1/namespaces" => "NamespaceList",
+                        "/api/v1/pods" => "PodList",
+                        "/api/v1/services" => "ServiceList",
+                        "/apis/discovery.k8s.io/v1/endpointslices" => "EndpointSliceList",
+                        _ => "NetworkPolicyList",
+                    };
+                    let body = json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": "10"}, "items": items}).to_string();
+                    let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn pod(name: &str, ip: &str, app: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "shop", "resourceVersion": "5", "labels": {"app": app}, "managedFields": [{"manager": "kubectl"}]},
+           "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "i", "ports": [{"name": "http", "containerPort": 8080}]}]},
+           "status": {"podIP": ip, "podIPs": [{"ip": ip}], "phase": "Running"}})
+}
+
+#[test]
+fn lists_and_watch_events_reach_the_cluster_model() {
+    let mut routes = Routes::new();
+    routes.insert("/api/v1/namespaces", (vec![json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop", "labels": {"team": "a"}, "resourceVersion": "1"}})], vec![]));
+    routes.insert(
+        "/api/v1/pods",
+        (
+            vec![pod("web-1", "10.244.1.5", "web"), pod("db-1", "10.244.1.6", "db")],
+            vec![json!({"type": "ADDED", "object": pod("web-2", "10.244.1.7", "web")})],
+        ),
+    );
+    routes.insert(
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        (
+            vec![
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "db", "namespace": "shop", "resourceVersion": "3"},
+                       "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 5432}]}]}}),
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "broken", "namespace": "shop", "resourceVersion": "4"},
+                       "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 70000}]}]}}),
+            ],
+            vec![],
+        ),
+    );
+    routes.insert(
+        "/api/v1/services",
+        (vec![json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "shop", "resourceVersion": "6"}, "spec": {"clusterIP": "10.96.3.3", "selector": {"app": "db"}, "ports": [{"port": 5432}]}})], vec![]),
+    );
+    routes.insert("/apis/discovery.k8s.io/v1/endpointslices", (vec![], vec![]));
+    let url = fake_api(routes);
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let client = {
+        let _g = rt.enter();
+        let cfg = kube::Config::new(url.parse().unwrap());
+        kube::Client::try_from(cfg).unwrap()
+    };
+    let src = KubeSource::with_client(rt, client);
+    let t0 = Instant::now();
+    loop {
+        let (c, _) = src.snapshot();
+        if src.synced.load(Ordering::SeqCst) && c.pods.len() == 3 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "not synced: {} pods, synced={}", c.pods.len(), src.synced.load(Ordering::SeqCst));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (c, errors) = src.snapshot();
+    assert!(c.pods.contains_key(&ObjKey::new("shop", "web-2")), "the watch event was applied");
+    assert_eq!(c.namespaces["shop"].labels.get("team").map(|s| s.as_str()), Some("a"));
+    assert!(c.policies.contains_key(&ObjKey::new("shop", "db")));
+    assert_eq!(c.services[&ObjKey::new("shop", "db")].cluster_ips, vec!["10.96.3.3".parse::<std::net::IpAddr>().unwrap()]);
+    // The invalid policy is skipped and reported with its field.
+    assert!(!c.policies.contains_key(&ObjKey::new("shop", "broken")));
+    assert!(errors.iter().any(|e| e.contains("shop/broken: spec.ingress[0].ports[0].port: 70000 is not in 1-65535")), "{errors:?}");
+    assert!(src.generation.load(Ordering::SeqCst) > 0);
+    // The model compiles like any other source.
+    let node = netpol_daemon::compiler::compile_node(&c, "node-1");
+    let db = ObjKey::new("shop", "db-1");
+    assert!(node.permits(&db, netpol_daemon::model::Direction::Ingress, "10.244.1.7".parse().unwrap(), 6, Some(5432)));
+    assert!(!node.permits(&db, netpol_daemon::model::Direction::Ingress, "10.244.1.7".parse().unwrap(), 6, Some(5433)));
+}
