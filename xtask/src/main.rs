@@ -27,6 +27,7 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "iperf3",
     "dnsmasq-base",
+    "shellcheck",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
