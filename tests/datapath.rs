@@ -187,3 +187,42 @@ fn pod_without_policy_is_never_blocked_and_all_traffic_rules_allow_icmp() {
     assert_eq!(run(&mut f, Direction::Ingress, &ipv4(v4("10.9.1.1"), web, 6, 0, 0, 0, 100), ), OK, "fragment under a rule without ports");
     assert_eq!(run(&mut f, Direction::Ingress, &ipv4(v4("11.9.1.1"), web, 1, 7, 0, 8, 0)), SHOT);
 }
+
+#[test]
+fn later_fragments_follow_their_first_fragment() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    let web = v4("10.1.0.10");
+    let src = v4("192.0.2.1");
+    let i = Direction::Ingress;
+    // An allowed UDP 53 datagram in three fragments.
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 5353, 53, 77, 0, true)), OK);
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 0, 0, 77, 185, true)), OK, "middle fragment");
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 0, 0, 77, 370, false)), OK, "last fragment");
+    // Fragments of other datagrams, or from elsewhere, do not ride along.
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 0, 0, 78, 185, false)), SHOT, "unknown id");
+    assert_eq!(run(&mut f, i, &ipv4_frag(v4("192.0.2.2"), web, 17, 0, 0, 77, 185, false)), SHOT, "other source");
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 6, 0, 0, 77, 185, false)), SHOT, "other protocol");
+    // A denied first fragment opens nothing for the rest.
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 5353, 54, 90, 0, true)), SHOT);
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 0, 0, 90, 185, false)), SHOT);
+}
+
+#[test]
+fn icmp_errors_about_tracked_flows_pass() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    let web = v4("10.1.0.10");
+    let srv = v4("10.2.0.5");
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    let syn = tcp4(web, srv, 41000, 443, TCP_SYN);
+    let unreachable = icmp4_error(v4("10.2.0.1"), web, 3, 4, &syn);
+    assert_eq!(run(&mut f, i, &unreachable), SHOT, "no flow yet: ICMP is not allowed in");
+    assert_eq!(run(&mut f, e, &syn), OK);
+    assert_eq!(run(&mut f, i, &unreachable), OK, "fragmentation needed for an allowed flow");
+    assert_eq!(run(&mut f, i, &icmp4_error(v4("10.2.0.1"), web, 11, 0, &syn)), OK, "time exceeded");
+    let other = tcp4(web, srv, 41001, 443, TCP_SYN);
+    assert_eq!(run(&mut f, i, &icmp4_error(v4("10.2.0.1"), web, 3, 3, &other)), SHOT, "about a flow that does not exist");
+    // An error the pod sends about a flow that came in (UDP 53 from outside).
+    let q = udp4(v4("192.0.2.7"), web, 5353, 53);
+    assert_eq!(run(&mut f, i, &q), OK);
+    assert_eq!(run(&mut f, e, &icmp4_error(web, v4("192.0.2.7"), 3, 3, &q)), OK, "port unreachable back to the client");
+}

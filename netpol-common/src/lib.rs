@@ -72,6 +72,7 @@ pub mod maps {
     pub const POLICY_PORTS: &str = "POLICY_PORTS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    pub const FRAGS: &str = "FRAGS";
     pub const COUNTERS: &str = "COUNTERS";
 }
 
@@ -171,6 +172,23 @@ pub struct CtValue {
     pub _pad: u32,
 }
 
+/// A fragmented datagram whose first fragment was allowed: its later fragments (which carry
+/// no L4 header) follow it. Keyed by the IP identification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub endpoint: u32,
+    pub id: u32,
+    pub dir: u8,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+pub const FRAGS_MAX: u32 = 16_384;
+
 /// Key of `NODE_ADDRS`: the node's own addresses, always allowed into local pods.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -198,4 +216,5 @@ mod user {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for FragKey {}
 }

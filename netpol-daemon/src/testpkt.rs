@@ -102,3 +102,29 @@ pub fn arp() -> Vec<u8> {
     f.extend_from_slice(&[0; 20]);
     f
 }
+
+/// An IPv4 fragment: `offset` in 8-byte units, `more` the MF flag, `id` the identification.
+/// The first fragment (offset 0) carries the L4 header.
+pub fn ipv4_frag(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, sport: u16, dport: u16, id: u16, offset: u16, more: bool) -> Vec<u8> {
+    let mut f = ipv4(src, dst, proto, sport, dport, 0, offset);
+    f[18..20].copy_from_slice(&id.to_be_bytes());
+    let frag = (offset & 0x1fff) | if more { 0x2000 } else { 0 };
+    f[20..22].copy_from_slice(&frag.to_be_bytes());
+    f
+}
+
+/// An ICMPv4 error (`icmp_type` 3 unreachable, 11 time exceeded) from `src` to `dst` quoting
+/// the IP header and first 8 L4 bytes of `original` (a frame from [`ipv4`]).
+pub fn icmp4_error(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: u8, code: u8, original: &[u8]) -> Vec<u8> {
+    let quoted = &original[14..(14 + 20 + 8).min(original.len())];
+    let mut f = eth(0x0800);
+    let total = (20 + 8 + quoted.len()) as u16;
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0, 0, 64, 1, 0, 0]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&[icmp_type, code, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(quoted);
+    f
+}

@@ -55,8 +55,17 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     if p.proto == PROTO_ICMPV6 && (133..=137).contains(&p.icmp_type) {
         return TC_ACT_OK;
     }
+    // ICMP errors about a flow this endpoint has (port unreachable, fragmentation needed...).
+    if p.has_related && conntrack::related_to_flow(ep.id, dir, &p, &p.related) {
+        return verdict(ep.id, dir, true);
+    }
+    // The rest of a datagram whose first fragment was allowed.
+    if p.later_fragment && conntrack::fragment_allowed(ep.id, dir, &p) {
+        return verdict(ep.id, dir, true);
+    }
     let ct = conntrack::key(ep.id, dir, &p);
     if p.has_ports && conntrack::track_existing(&ct, &p) {
+        conntrack::remember_fragment(ep.id, dir, &p);
         return verdict(ep.id, dir, true);
     }
     let allow = !isolated
@@ -64,6 +73,7 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         || policy::allowed(ep.id, dir, &p);
     if allow {
         conntrack::create(&ct, &p);
+        conntrack::remember_fragment(ep.id, dir, &p);
     }
     verdict(ep.id, dir, allow)
 }

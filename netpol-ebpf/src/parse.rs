@@ -26,6 +26,28 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// ICMP/ICMPv6 type (0 otherwise).
     pub icmp_type: u8,
+    /// Part of a fragmented datagram (then `frag_id` is the IPv4 identification or the IPv6
+    /// fragment header id). Plain fields, not `Option`s: the verifier rejects copies of the
+    /// uninitialized payload of a `None`.
+    pub fragment: bool,
+    pub frag_id: u32,
+    /// A non-first fragment (no L4 header: ports unknown).
+    pub later_fragment: bool,
+    /// A first fragment with more to come.
+    pub more_fragments: bool,
+    /// For ICMP errors: the packet the error is about (its tuple as originally sent).
+    pub has_related: bool,
+    pub related: Inner,
+}
+
+/// The header embedded in an ICMP error.
+#[derive(Clone, Copy)]
+pub struct Inner {
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
 }
 
 pub enum Parsed {
@@ -73,12 +95,19 @@ fn parse_v4_fast(ctx: &TcContext) -> Option<Packet> {
         has_ports: false,
         tcp_flags: 0,
         icmp_type: 0,
+        fragment: false,
+        frag_id: 0,
+        later_fragment: false,
+        more_fragments: false,
+        has_related: false,
+        related: Inner { proto: 0, src: [0; 16], dst: [0; 16], sport: 0, dport: 0 },
     };
     p.src[..4].copy_from_slice(&eth[ETH_HLEN + 12..ETH_HLEN + 16]);
     p.dst[..4].copy_from_slice(&eth[ETH_HLEN + 16..ETH_HLEN + 20]);
     let frag = u16::from_be_bytes([eth[ETH_HLEN + 6], eth[ETH_HLEN + 7]]);
-    if frag & 0x1fff != 0 {
-        return Some(p);
+    if frag & 0x3fff != 0 {
+        // Fragments (rare): the general parser records what fragment tracking needs.
+        return None;
     }
     let l4 = ETH_HLEN + (ihl & 0x3c);
     match p.proto {
@@ -117,6 +146,12 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
         has_ports: false,
         tcp_flags: 0,
         icmp_type: 0,
+        fragment: false,
+        frag_id: 0,
+        later_fragment: false,
+        more_fragments: false,
+        has_related: false,
+        related: Inner { proto: 0, src: [0; 16], dst: [0; 16], sport: 0, dport: 0 },
     };
     let l4_off;
     let first_fragment;
@@ -129,6 +164,12 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
             }
             let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
             first_fragment = frag & 0x1fff == 0;
+            if frag & 0x3fff != 0 {
+                p.fragment = true;
+                p.frag_id = u16::from_be(load::<u16>(ctx, ETH_HLEN + 4)?) as u32;
+                p.later_fragment = !first_fragment;
+                p.more_fragments = frag & 0x2000 != 0;
+            }
             p.family = FAMILY_V4;
             p.proto = load::<u8>(ctx, ETH_HLEN + 9)?;
             let s = load::<[u8; 4]>(ctx, ETH_HLEN + 12)?;
@@ -155,12 +196,16 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
                     }
                     // fragment header
                     44 => {
-                        let hdr = load::<[u8; 4]>(ctx, off)?;
+                        let hdr = load::<[u8; 8]>(ctx, off)?;
                         next = hdr[0];
-                        let frag_off = u16::from_be_bytes([hdr[2], hdr[3]]) >> 3;
-                        if frag_off != 0 {
+                        let fo = u16::from_be_bytes([hdr[2], hdr[3]]);
+                        if fo >> 3 != 0 {
                             first = false;
                         }
+                        p.fragment = true;
+                        p.frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                        p.later_fragment = fo >> 3 != 0;
+                        p.more_fragments = fo & 1 != 0;
                         off += 8;
                     }
                     // authentication header
@@ -206,9 +251,49 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
                     p.dport = id;
                     p.has_ports = true;
                 }
+                let error = matches!(
+                    (p.proto, p.icmp_type),
+                    (PROTO_ICMP, 3) | (PROTO_ICMP, 11) | (PROTO_ICMP, 12) | (PROTO_ICMPV6, 1..=4)
+                );
+                if error {
+                    if let Ok(i) = inner(ctx, p.proto, l4_off + 8) {
+                        p.related = i;
+                        p.has_related = true;
+                    }
+                }
             }
             _ => {}
         }
     }
     Ok(Parsed::Ip(p))
+}
+
+/// The IP header (and first 4 bytes of L4) an ICMP error carries.
+#[inline(always)]
+fn inner(ctx: &TcContext, icmp: u8, off: usize) -> Result<Inner, ()> {
+    let mut i = Inner { proto: 0, src: [0; 16], dst: [0; 16], sport: 0, dport: 0 };
+    let l4 = if icmp == PROTO_ICMP {
+        let vihl = load::<u8>(ctx, off)?;
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if ihl < 20 {
+            return Err(());
+        }
+        i.proto = load::<u8>(ctx, off + 9)?;
+        i.src[..4].copy_from_slice(&load::<[u8; 4]>(ctx, off + 12)?);
+        i.dst[..4].copy_from_slice(&load::<[u8; 4]>(ctx, off + 16)?);
+        off + ihl
+    } else {
+        i.proto = load::<u8>(ctx, off + 6)?;
+        i.src = load::<[u8; 16]>(ctx, off + 8)?;
+        i.dst = load::<[u8; 16]>(ctx, off + 24)?;
+        off + 40
+    };
+    match i.proto {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            i.sport = u16::from_be(load::<u16>(ctx, l4)?);
+            i.dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
+            Ok(i)
+        }
+        _ => Err(()),
+    }
 }
