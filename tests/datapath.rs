@@ -226,3 +226,81 @@ fn icmp_errors_about_tracked_flows_pass() {
     assert_eq!(run(&mut f, i, &q), OK);
     assert_eq!(run(&mut f, e, &icmp4_error(web, v4("192.0.2.7"), 3, 3, &q)), OK, "port unreachable back to the client");
 }
+
+#[test]
+fn policy_change_keeps_or_revalidates_tracked_flows() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    let web = v4("10.1.0.10");
+    let srv = v4("10.2.0.5");
+    let e = Direction::Egress;
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 42000, 443, TCP_SYN)), OK);
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 42001, 443, TCP_SYN)), OK);
+    // The egress allow goes away.
+    let mut loaded = Loaded::default();
+    let narrower = POLICY.replace("cidr: 10.2.0.0/16", "cidr: 10.3.0.0/16");
+    load_text(Path::new("t.yaml"), &format!("{POD}\n---\n{narrower}"), &mut loaded);
+    let node = compile_node(&loaded.cluster, "n");
+    let ifaces: BTreeMap<ObjKey, Iface> = [(ObjKey::new("t", "web"), Iface { ifindex: 1, ifname: "lo".into() })].into();
+    assert!(f.dp.sync(&node, &ifaces).errors.is_empty());
+    // New connections follow the new policy at once; tracked ones continue (--established=keep).
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 42002, 443, TCP_SYN)), SHOT, "new connection");
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 42000, 443, TCP_ACK)), OK, "tracked flow kept");
+    // --established=revalidate: the daemon re-checks the tracked flows and cuts both.
+    let cut = f.dp.revalidate(&node, &["10.250.0.1".parse().unwrap()]);
+    assert_eq!(cut, 2, "two flows no longer allowed");
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 42000, 443, TCP_ACK)), SHOT, "flow cut");
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 42001, 443, TCP_ACK)), SHOT, "flow cut");
+    // Flows the new policy still allows survive revalidation.
+    assert_eq!(run(&mut f, e, &tcp4(web, v4("10.3.0.1"), 42003, 443, TCP_SYN)), OK);
+    assert_eq!(f.dp.revalidate(&node, &[]), 0);
+    assert_eq!(run(&mut f, e, &tcp4(web, v4("10.3.0.1"), 42003, 443, TCP_ACK)), OK);
+}
+
+#[test]
+fn conntrack_timeouts_come_from_the_config() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    let web = v4("10.1.0.10");
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    // UDP flows idle out after 1 ns: the reply finds the entry expired.
+    f.dp.set_config(&netpol_common::Config { ct_udp_ns: 1, ..Default::default() }).unwrap();
+    assert_eq!(run(&mut f, i, &udp4(v4("192.0.2.9"), web, 5353, 53)), OK);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert_eq!(run(&mut f, e, &udp4(web, v4("192.0.2.9"), 53, 5353)), SHOT, "expired");
+    // Back to the default (120 s): the reply passes.
+    f.dp.set_config(&netpol_common::Config::default()).unwrap();
+    assert_eq!(run(&mut f, i, &udp4(v4("192.0.2.9"), web, 5354, 53)), OK);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert_eq!(run(&mut f, e, &udp4(web, v4("192.0.2.9"), 53, 5354)), OK, "within the default timeout");
+}
+
+#[test]
+fn deny_events_are_rate_limited_and_off_by_default() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    let web = v4("10.1.0.10");
+    let i = Direction::Ingress;
+    let mut rb = f.dp.take_events().expect("ring buffer");
+    let denied = tcp4(v4("10.9.1.1"), web, 40000, 80, TCP_SYN);
+    assert_eq!(run(&mut f, i, &denied), SHOT);
+    assert!(rb.next().is_none(), "off by default");
+    f.dp.set_config(&netpol_common::Config { deny_events_per_sec: 3, ..Default::default() }).unwrap();
+    // Test runs execute on whichever CPU; pin to one so the per-CPU budget is one budget.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    for _ in 0..10 {
+        assert_eq!(run(&mut f, i, &denied), SHOT);
+    }
+    assert_eq!(run(&mut f, i, &tcp4(v4("10.1.1.1"), web, 40000, 80, TCP_SYN)), OK, "allowed: no event");
+    let mut events = Vec::new();
+    while let Some(item) = rb.next() {
+        events.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const netpol_common::DenyEvent) });
+    }
+    assert_eq!(events.len(), 3, "rate limit of 3 per second: {events:?}");
+    let ev = events[0];
+    assert_eq!((ev.dir, ev.proto, ev.family), (netpol_common::DIR_INGRESS, 6, netpol_common::FAMILY_V4));
+    assert_eq!(&ev.src[..4], &[10, 9, 1, 1]);
+    assert_eq!(&ev.dst[..4], &[10, 1, 0, 10]);
+    assert_eq!((ev.sport, ev.dport), (40000, 80));
+}

@@ -73,6 +73,9 @@ pub mod maps {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     pub const FRAGS: &str = "FRAGS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const EVENTS: &str = "EVENTS";
+    pub const EVENT_RATE: &str = "EVENT_RATE";
     pub const COUNTERS: &str = "COUNTERS";
 }
 
@@ -198,6 +201,45 @@ pub struct AddrKey {
     pub addr: [u8; 16],
 }
 
+/// Runtime settings written by the daemon into `CONFIG[0]`. Zero fields mean the defaults.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Config {
+    pub ct_tcp_ns: u64,
+    pub ct_tcp_closing_ns: u64,
+    pub ct_udp_ns: u64,
+    pub ct_other_ns: u64,
+    /// Deny events sent to userspace per second and CPU; 0: none.
+    pub deny_events_per_sec: u32,
+    pub _pad: u32,
+}
+
+/// A denied packet, sent through the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DenyEvent {
+    pub endpoint: u32,
+    pub dir: u8,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Per-CPU token bucket for deny events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RateState {
+    pub window_start_ns: u64,
+    pub sent: u32,
+    pub _pad: u32,
+}
+
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
 /// Conntrack idle timeouts (nanoseconds).
 pub const CT_TIMEOUT_TCP_NS: u64 = 7_200 * 1_000_000_000;
 pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
@@ -217,4 +259,6 @@ mod user {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for DenyEvent {}
 }

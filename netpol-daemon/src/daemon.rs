@@ -23,6 +23,60 @@ pub struct RunConfig {
     pub metrics_addr: SocketAddr,
     pub bpffs: PathBuf,
     pub poll_interval: Duration,
+    /// Re-check tracked flows against each new policy and cut those no longer allowed.
+    pub revalidate_established: bool,
+    /// Conntrack timeouts and deny events.
+    pub datapath_config: netpol_common::Config,
+}
+
+/// Logs deny events from the ring buffer as structured lines.
+fn log_deny_events(mut rb: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
+    use netpol_common::{DenyEvent, DIR_INGRESS, FAMILY_V4};
+    let ip = |f: u8, b: [u8; 16]| -> std::net::IpAddr {
+        if f == FAMILY_V4 {
+            std::net::IpAddr::from([b[0], b[1], b[2], b[3]])
+        } else {
+            std::net::IpAddr::from(b)
+        }
+    };
+    while !stop.load(Ordering::SeqCst) {
+        let mut any = false;
+        while let Some(item) = rb.next() {
+            any = true;
+            if item.len() < std::mem::size_of::<DenyEvent>() {
+                continue;
+            }
+            let ev: DenyEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const DenyEvent) };
+            let pod = shared
+                .status
+                .lock()
+                .unwrap()
+                .endpoints
+                .iter()
+                .find(|(id, _)| *id == ev.endpoint)
+                .map(|(_, k)| k.to_string())
+                .unwrap_or_else(|| format!("endpoint-{}", ev.endpoint));
+            let proto = match ev.proto {
+                6 => "TCP".to_string(),
+                17 => "UDP".to_string(),
+                132 => "SCTP".to_string(),
+                1 => "ICMP".to_string(),
+                58 => "ICMPv6".to_string(),
+                n => n.to_string(),
+            };
+            let (src, dst) = (ip(ev.family, ev.src), ip(ev.family, ev.dst));
+            log::info!(
+                target: "netpol::denied",
+                "denied pod={pod} direction={} proto={proto} src={} dst={}",
+                if ev.dir == DIR_INGRESS { "ingress" } else { "egress" },
+                std::net::SocketAddr::new(src, ev.sport),
+                std::net::SocketAddr::new(dst, ev.dport),
+            );
+        }
+        if !any {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// A fingerprint of the directory: names, sizes, mtimes and contents of the manifest files.
@@ -83,6 +137,13 @@ impl Source {
 pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let shared = Arc::new(Shared::default());
     let mut dp = Datapath::load(&cfg.bpffs)?;
+    dp.set_config(&cfg.datapath_config)?;
+    if cfg.datapath_config.deny_events_per_sec > 0 {
+        if let Some(rb) = dp.take_events() {
+            let (sh, st) = (shared.clone(), stop.clone());
+            std::thread::Builder::new().name("deny-events".into()).spawn(move || log_deny_events(rb, sh, st))?;
+        }
+    }
     metrics::serve(cfg.metrics_addr, shared.clone(), cfg.bpffs.clone())
         .with_context(|| format!("listening on {}", cfg.metrics_addr))?;
     let source = match &cfg.manifests {
@@ -149,12 +210,17 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     }
                 }
             }
-            if let Ok(addrs) = netlink::local_addresses() {
-                if let Err(e) = dp.set_node_addrs(&addrs) {
-                    errors.push(format!("NODE_ADDRS: {e}"));
-                }
+            let node_addrs = netlink::local_addresses().unwrap_or_default();
+            if let Err(e) = dp.set_node_addrs(&node_addrs) {
+                errors.push(format!("NODE_ADDRS: {e}"));
             }
             let report = dp.sync(&node, &ifaces);
+            if changed && cfg.revalidate_established {
+                let cut = dp.revalidate(&node, &node_addrs);
+                if cut > 0 {
+                    log::info!("revalidated tracked flows: {cut} no longer allowed, cut");
+                }
+            }
             errors.extend(report.errors.iter().cloned());
             if errors != last_errors {
                 for e in &errors {

@@ -61,6 +61,9 @@ pub struct Datapath {
     ports: LpmTrie<MapData, PortKey, PortValue>,
     node_addrs: BpfHashMap<MapData, AddrKey, u8>,
     counters: PerCpuArray<MapData, u64>,
+    config: aya::maps::Array<MapData, Config>,
+    conntrack: BpfHashMap<MapData, CtKey, CtValue>,
+    events: Option<aya::maps::RingBuf<MapData>>,
     installed_identities: HashMap<Lpm<IdKey>, u32>,
     installed_policy: HashMap<PolicyKey, PolicyValue>,
     installed_ports: BTreeSet<Lpm<PortKey>>,
@@ -167,6 +170,9 @@ impl Datapath {
         let ports: LpmTrie<MapData, PortKey, PortValue> = take(&mut ebpf, maps::POLICY_PORTS)?;
         let node_addrs: BpfHashMap<MapData, AddrKey, u8> = take(&mut ebpf, maps::NODE_ADDRS)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::COUNTERS)?;
+        let config: aya::maps::Array<MapData, Config> = take(&mut ebpf, maps::CONFIG)?;
+        let conntrack: BpfHashMap<MapData, CtKey, CtValue> = take(&mut ebpf, maps::CONNTRACK)?;
+        let events: aya::maps::RingBuf<MapData> = take(&mut ebpf, maps::EVENTS)?;
 
         // Adopt what a previous daemon left in the pinned maps: it keeps enforcing until the
         // first sync replaces it entry by entry. New ids start above the adopted ones.
@@ -222,6 +228,9 @@ impl Datapath {
             ports,
             node_addrs,
             counters,
+            config,
+            conntrack,
+            events: Some(events),
             installed_identities,
             installed_policy,
             installed_ports,
@@ -265,6 +274,50 @@ impl Datapath {
         let mut out = vec![0u8; frame.len() + 256];
         let r = prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: repeat.max(1), ..TestRunOptions::new() })?;
         Ok((r.return_value as i32, r.duration))
+    }
+
+    /// Runtime settings for the programs (conntrack timeouts, deny events).
+    pub fn set_config(&mut self, c: &Config) -> Result<()> {
+        self.config.set(0, *c, 0)?;
+        Ok(())
+    }
+
+    /// The deny-event ring buffer, for a reader thread.
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Removes tracked flows the compiled policy no longer allows (`--established=revalidate`).
+    /// Returns how many were cut.
+    pub fn revalidate(&mut self, node: &NodePolicy, node_addrs: &[IpAddr]) -> usize {
+        let pod_of: HashMap<u32, ObjKey> = self.attached.iter().map(|(k, a)| (a.id, k.clone())).collect();
+        let to_ip = |family: u8, b: [u8; 16]| -> IpAddr {
+            if family == FAMILY_V4 {
+                IpAddr::from([b[0], b[1], b[2], b[3]])
+            } else {
+                IpAddr::from(b)
+            }
+        };
+        let mut cut = Vec::new();
+        for k in self.conntrack.keys().flatten() {
+            let Some(pod) = pod_of.get(&k.endpoint) else { continue };
+            let (dir, peer) = if k.dir == DIR_INGRESS {
+                (crate::model::Direction::Ingress, to_ip(k.family, k.src))
+            } else {
+                (crate::model::Direction::Egress, to_ip(k.family, k.dst))
+            };
+            if dir == crate::model::Direction::Ingress && node_addrs.contains(&peer) {
+                continue;
+            }
+            let port = matches!(k.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP).then_some(k.dport);
+            if !node.permits(pod, dir, peer, k.proto, port) {
+                cut.push(k);
+            }
+        }
+        for k in &cut {
+            let _ = self.conntrack.remove(k);
+        }
+        cut.len()
     }
 
     pub fn pin_dir(&self) -> &Path {

@@ -34,6 +34,24 @@ enum Cmd {
         /// How often the manifests directory is checked for changes, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_ms: u64,
+        /// What a policy change does to flows already tracked: `keep` lets them run until
+        /// they end or idle out (new connections follow the new policy at once); `revalidate`
+        /// re-checks every tracked flow after each change and cuts those no longer allowed.
+        #[arg(long, default_value = "keep", value_parser = ["keep", "revalidate"])]
+        established: String,
+        /// Idle timeout of tracked TCP and SCTP flows, seconds.
+        #[arg(long, default_value_t = 7200)]
+        ct_tcp_timeout: u64,
+        /// Idle timeout of tracked UDP flows, seconds.
+        #[arg(long, default_value_t = 120)]
+        ct_udp_timeout: u64,
+        /// Idle timeout of other tracked flows (ICMP echo), seconds.
+        #[arg(long, default_value_t = 60)]
+        ct_other_timeout: u64,
+        /// Log denied packets (source, destination, ports, protocol, pod, direction), at most
+        /// this many per second and CPU. 0: off.
+        #[arg(long, default_value_t = 0)]
+        log_denied: u32,
     },
     /// Explain whether a connection is allowed, for both ends, and by which rules.
     Explain {
@@ -100,7 +118,7 @@ fn main() {
                 std::process::exit(1);
             }
         }
-        Cmd::Run { node_name, manifests, metrics_addr, bpffs, poll_ms } => {
+        Cmd::Run { node_name, manifests, metrics_addr, bpffs, poll_ms, established, ct_tcp_timeout, ct_udp_timeout, ct_other_timeout, log_denied } => {
             unsafe {
                 libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
                 libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -120,6 +138,15 @@ fn main() {
                 metrics_addr,
                 bpffs,
                 poll_interval: Duration::from_millis(poll_ms),
+                revalidate_established: established == "revalidate",
+                datapath_config: netpol_common::Config {
+                    ct_tcp_ns: ct_tcp_timeout.saturating_mul(1_000_000_000),
+                    ct_tcp_closing_ns: 0,
+                    ct_udp_ns: ct_udp_timeout.saturating_mul(1_000_000_000),
+                    ct_other_ns: ct_other_timeout.saturating_mul(1_000_000_000),
+                    deny_events_per_sec: log_denied,
+                    _pad: 0,
+                },
             };
             if let Err(e) = netpol_daemon::daemon::run(cfg, stop) {
                 eprintln!("netpol-daemon: {e:#}");

@@ -51,12 +51,22 @@ pub fn related_to_flow(endpoint: u32, dir: u8, p: &Packet, i: &Inner) -> bool {
 static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_MAX, 0);
 
 #[inline(always)]
+fn or(v: u64, default: u64) -> u64 {
+    if v == 0 {
+        default
+    } else {
+        v
+    }
+}
+
+#[inline(always)]
 fn timeout(proto: u8, flags: u32) -> u64 {
+    let c = crate::counters::config();
     match proto {
-        PROTO_TCP if flags & CT_TCP_FIN_SEEN != 0 => CT_TIMEOUT_TCP_CLOSING_NS,
-        PROTO_TCP | PROTO_SCTP => CT_TIMEOUT_TCP_NS,
-        PROTO_UDP => CT_TIMEOUT_UDP_NS,
-        _ => CT_TIMEOUT_OTHER_NS,
+        PROTO_TCP if flags & CT_TCP_FIN_SEEN != 0 => or(c.ct_tcp_closing_ns, CT_TIMEOUT_TCP_CLOSING_NS),
+        PROTO_TCP | PROTO_SCTP => or(c.ct_tcp_ns, CT_TIMEOUT_TCP_NS),
+        PROTO_UDP => or(c.ct_udp_ns, CT_TIMEOUT_UDP_NS),
+        _ => or(c.ct_other_ns, CT_TIMEOUT_OTHER_NS),
     }
 }
 

@@ -74,6 +74,8 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     if allow {
         conntrack::create(&ct, &p);
         conntrack::remember_fragment(ep.id, dir, &p);
+    } else {
+        counters::deny_event(ep.id, dir, &p);
     }
     verdict(ep.id, dir, allow)
 }
