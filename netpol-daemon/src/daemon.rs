@@ -95,7 +95,7 @@ fn fingerprint(dir: &Path) -> u64 {
 
 /// Where the cluster state comes from.
 enum Source {
-    Manifests(PathBuf),
+    Manifests(PathBuf, std::sync::Mutex<manifests::DirReader>),
     Kube(crate::kube_source::KubeSource),
 }
 
@@ -103,7 +103,7 @@ impl Source {
     /// A number that changes when the cluster state may have changed.
     fn fingerprint(&self) -> u64 {
         match self {
-            Source::Manifests(dir) => fingerprint(dir),
+            Source::Manifests(dir, _) => fingerprint(dir),
             Source::Kube(k) => k.generation.load(Ordering::SeqCst),
         }
     }
@@ -111,15 +111,15 @@ impl Source {
     /// The state is complete enough to program (the first lists are done).
     fn ready(&self) -> bool {
         match self {
-            Source::Manifests(_) => true,
+            Source::Manifests(..) => true,
             Source::Kube(k) => k.synced.load(Ordering::SeqCst),
         }
     }
 
     fn load(&self) -> Result<(compiler::Cluster, Vec<String>)> {
         match self {
-            Source::Manifests(dir) => {
-                let loaded = manifests::load_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+            Source::Manifests(dir, reader) => {
+                let loaded = reader.lock().unwrap().load(dir).with_context(|| format!("reading {}", dir.display()))?;
                 Ok((loaded.cluster, loaded.errors.iter().map(|e| e.to_string()).collect()))
             }
             Source::Kube(k) => Ok(k.snapshot()),
@@ -128,7 +128,7 @@ impl Source {
 
     fn describe(&self) -> String {
         match self {
-            Source::Manifests(dir) => format!("manifests {}", dir.display()),
+            Source::Manifests(dir, _) => format!("manifests {}", dir.display()),
             Source::Kube(_) => "the Kubernetes API".to_string(),
         }
     }
@@ -147,7 +147,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     metrics::serve(cfg.metrics_addr, shared.clone(), cfg.bpffs.clone())
         .with_context(|| format!("listening on {}", cfg.metrics_addr))?;
     let source = match &cfg.manifests {
-        Some(dir) => Source::Manifests(dir.clone()),
+        Some(dir) => Source::Manifests(dir.clone(), Default::default()),
         None => Source::Kube(crate::kube_source::KubeSource::start()?),
     };
     log::info!(

@@ -61,6 +61,76 @@ pub fn load_dir(dir: &Path) -> std::io::Result<Loaded> {
     Ok(out)
 }
 
+/// Reads a directory again and again, remembering what each file last contributed: when a file
+/// is unparsable or holds an invalid object (a partial write, a typo), the objects it had
+/// before that are not validly present now keep their previous version until a valid one
+/// arrives. A removed file removes its objects.
+#[derive(Debug, Default)]
+pub struct DirReader {
+    previous: BTreeMap<PathBuf, Cluster>,
+}
+
+impl DirReader {
+    pub fn load(&mut self, dir: &Path) -> std::io::Result<Loaded> {
+        let mut out = Loaded::default();
+        let mut now = BTreeMap::new();
+        for file in manifest_files(dir)? {
+            let mut one = Loaded::default();
+            match std::fs::read_to_string(&file) {
+                Ok(text) => load_text(&file, &text, &mut one),
+                Err(e) => one.errors.push(LoadError { file: file.clone(), document: 0, message: format!("cannot read: {e}") }),
+            }
+            if !one.errors.is_empty() {
+                if let Some(prev) = self.previous.get(&file) {
+                    let kept = keep_missing(&mut one.cluster, prev);
+                    if kept > 0 {
+                        one.errors.push(LoadError {
+                            file: file.clone(),
+                            document: 0,
+                            message: format!("keeping the previous version of {kept} object(s) of this file until it is valid again"),
+                        });
+                    }
+                }
+            }
+            merge(&mut out.cluster, &one.cluster);
+            out.errors.extend(one.errors);
+            for (k, n) in one.ignored {
+                *out.ignored.entry(k).or_default() += n;
+            }
+            now.insert(file, one.cluster);
+        }
+        self.previous = now;
+        Ok(out)
+    }
+}
+
+fn merge(into: &mut Cluster, from: &Cluster) {
+    into.namespaces.extend(from.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
+    into.pods.extend(from.pods.iter().map(|(k, v)| (k.clone(), v.clone())));
+    into.policies.extend(from.policies.iter().map(|(k, v)| (k.clone(), v.clone())));
+    into.services.extend(from.services.iter().map(|(k, v)| (k.clone(), v.clone())));
+    into.endpoint_slices.extend(from.endpoint_slices.iter().map(|(k, v)| (k.clone(), v.clone())));
+}
+
+/// Adds to `now` the objects of `prev` it lacks; returns how many.
+fn keep_missing(now: &mut Cluster, prev: &Cluster) -> usize {
+    fn fill<K: Ord + Clone, V: Clone>(now: &mut BTreeMap<K, V>, prev: &BTreeMap<K, V>) -> usize {
+        let mut n = 0;
+        for (k, v) in prev {
+            if !now.contains_key(k) {
+                now.insert(k.clone(), v.clone());
+                n += 1;
+            }
+        }
+        n
+    }
+    fill(&mut now.namespaces, &prev.namespaces)
+        + fill(&mut now.pods, &prev.pods)
+        + fill(&mut now.policies, &prev.policies)
+        + fill(&mut now.services, &prev.services)
+        + fill(&mut now.endpoint_slices, &prev.endpoint_slices)
+}
+
 /// Adds the objects of one file's text to `out`.
 pub fn load_text(file: &Path, text: &str, out: &mut Loaded) {
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -154,5 +224,65 @@ fn add_object(value: serde_yaml::Value, out: &mut Loaded) -> Result<(), Vec<Stri
             *out.ignored.entry(other.to_string()).or_default() += 1;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ObjKey;
+
+    const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: PORT}]}]\n";
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+
+    fn port(l: &Loaded) -> Option<String> {
+        l.cluster.policies.get(&ObjKey::new("a", "p")).map(|p| format!("{:?}", p.ingress[0].ports))
+    }
+
+    #[test]
+    fn a_bad_write_keeps_the_previous_version_until_a_valid_one_arrives() {
+        let dir = std::env::temp_dir().join(format!("netpol-dirreader-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("p.yaml");
+        let write = |s: &str| std::fs::write(&f, s).unwrap();
+        let mut r = DirReader::default();
+
+        write(&format!("{NS}---\n{}", POLICY.replace("PORT", "80")));
+        let l = r.load(&dir).unwrap();
+        assert!(l.errors.is_empty());
+        let v80 = port(&l).expect("policy loaded");
+        assert!(v80.contains("80"), "{v80}");
+
+        // A partial write: the YAML breaks off inside the policy.
+        let full = format!("{NS}---\n{}", POLICY.replace("PORT", "81"));
+        write(&full[..full.len() - 12]);
+        let l = r.load(&dir).unwrap();
+        assert!(!l.errors.is_empty());
+        assert_eq!(port(&l).as_deref(), Some(v80.as_str()), "previous version kept");
+        assert!(l.cluster.namespaces.contains_key("a"));
+        assert!(l.errors.iter().any(|e| e.message.contains("keeping the previous version")), "{:?}", l.errors);
+
+        // A complete but invalid object: still the previous version.
+        write(&format!("{NS}---\n{}", POLICY.replace("PORT", "70000")));
+        let l = r.load(&dir).unwrap();
+        assert!(l.errors.iter().any(|e| e.message.contains("spec.ingress[0].ports[0]")), "{:?}", l.errors);
+        assert_eq!(port(&l).as_deref(), Some(v80.as_str()));
+
+        // A valid version replaces it.
+        write(&format!("{NS}---\n{}", POLICY.replace("PORT", "8443")));
+        let l = r.load(&dir).unwrap();
+        assert!(l.errors.is_empty());
+        assert!(port(&l).unwrap().contains("8443"));
+
+        // A valid file without the policy removes it; so does removing the file.
+        write(NS);
+        assert!(port(&r.load(&dir).unwrap()).is_none());
+        write(&format!("{NS}---\n{}", POLICY.replace("PORT", "80")));
+        assert!(port(&r.load(&dir).unwrap()).is_some());
+        std::fs::remove_file(&f).unwrap();
+        let l = r.load(&dir).unwrap();
+        assert!(port(&l).is_none() && l.cluster.namespaces.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
