@@ -304,3 +304,43 @@ fn deny_events_are_rate_limited_and_off_by_default() {
     assert_eq!(&ev.dst[..4], &[10, 1, 0, 10]);
     assert_eq!((ev.sport, ev.dport), (40000, 80));
 }
+
+#[test]
+fn a_pod_whose_entries_do_not_fit_fails_closed_and_is_named() {
+    let Some(mut f) = fixture("") else { return };
+    // Twenty rules, each its own address class: twenty POLICY entries for web.
+    let rules: Vec<String> = (1..=20).map(|i| format!("{{from: [{{ipBlock: {{cidr: 10.7.{i}.0/24}}}}], ports: [{{port: {}}}]}}", 75 + i)).collect();
+    let yaml = format!(
+        "{POD}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: db, namespace: t, labels: {{app: db}}}}\nspec: {{nodeName: n, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: 10.1.0.11}}\n---\n\
+apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: wide, namespace: t}}\nspec: {{podSelector: {{matchLabels: {{app: web}}}}, ingress: [{}]}}\n---\n\
+apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: narrow, namespace: t}}\nspec: {{podSelector: {{matchLabels: {{app: db}}}}, ingress: [{{from: [{{ipBlock: {{cidr: 10.7.1.0/24}}}}]}}]}}\n",
+        rules.join(", ")
+    );
+    let mut loaded = Loaded::default();
+    load_text(Path::new("t.yaml"), &yaml, &mut loaded);
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let node = compile_node(&loaded.cluster, "n");
+    let ifaces: BTreeMap<ObjKey, Iface> = [
+        (ObjKey::new("t", "web"), Iface { ifindex: 1, ifname: "lo".into() }),
+        (ObjKey::new("t", "db"), Iface { ifindex: 2, ifname: "fake".into() }),
+    ]
+    .into();
+    let allowed = |sport| tcp4(v4("10.7.5.1"), v4("10.1.0.10"), sport, 80, TCP_SYN);
+    let r = f.dp.sync(&node, &ifaces);
+    assert!(r.errors.is_empty() && r.fail_closed.is_empty(), "{:?}", r.errors);
+    assert_eq!(run(&mut f, Direction::Ingress, &allowed(40000)), OK);
+
+    // A POLICY budget of 10 entries: web needs 20, db 1. web fails closed, named with its policy.
+    f.dp.set_limits(netpol_daemon::datapath::Limits { policy: 10, ..Default::default() });
+    let r = f.dp.sync(&node, &ifaces);
+    assert_eq!(r.fail_closed, vec![ObjKey::new("t", "web")]);
+    assert!(r.errors.iter().any(|e| e.contains("t/web") && e.contains("t/wide") && e.contains("failing closed")), "{:?}", r.errors);
+    assert_eq!(run(&mut f, Direction::Ingress, &allowed(40001)), SHOT, "fails closed, never open");
+    assert!(r.policy >= 1 && r.policy <= 10, "db keeps its entries: {}", r.policy);
+
+    // Room again: web is enforced as written.
+    f.dp.set_limits(netpol_daemon::datapath::Limits::default());
+    let r = f.dp.sync(&node, &ifaces);
+    assert!(r.fail_closed.is_empty());
+    assert_eq!(run(&mut f, Direction::Ingress, &allowed(40002)), OK);
+}

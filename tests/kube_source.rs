@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,13 +15,18 @@ use serde_json::{json, Value};
 /// path -> (list items, watch events)
 type Routes = HashMap<&'static str, (Vec<Value>, Vec<Value>)>;
 
-fn fake_api(routes: Routes) -> String {
+/// `down`: while set, every connection is dropped at once (an API server outage).
+fn fake_api(routes: Routes, down: Arc<AtomicBool>) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let routes = Arc::new(routes);
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
             let routes = routes.clone();
+            let down = down.clone();
+            if down.load(Ordering::SeqCst) {
+                continue;
+            }
             std::thread::spawn(move || {
                 let mut r = BufReader::new(s.try_clone().unwrap());
                 let mut s = s;
@@ -34,8 +39,16 @@ fn fake_api(routes: Routes) -> String {
                     while r.read_line(&mut h).is_ok_and(|n| n > 2) {
                         h.clear();
                     }
+                    if down.load(Ordering::SeqCst) {
+                        return;
+                    }
                     let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
                     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+                    if path == "/version" {
+                        let body = r#"{"major":"1","minor":"31","gitVersion":"v1.31.0","gitCommit":"x","gitTreeState":"clean","buildDate":"2024-01-01T00:00:00Z","goVersion":"go1.22","compiler":"gc","platform":"linux/amd64"}"#;
+                        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                        continue;
+                    }
                     let Some((items, events)) = routes.get(path) else {
                         let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
                         let _ = write!(s, "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
@@ -48,7 +61,10 @@ fn fake_api(routes: Routes) -> String {
                             let _ = write!(s, "{:x}\r\n{line}\r\n", line.len());
                         }
                         let _ = s.flush();
-                        std::thread::sleep(Duration::from_secs(60));
+                        let t = Instant::now();
+                        while t.elapsed() < Duration::from_secs(60) && !down.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
                         return;
                     }
                     let kind = match path {
@@ -101,7 +117,8 @@ fn lists_and_watch_events_reach_the_cluster_model() {
         (vec![json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "shop", "resourceVersion": "6"}, "spec": {"clusterIP": "10.96.3.3", "selector": {"app": "db"}, "ports": [{"port": 5432}]}})], vec![]),
     );
     routes.insert("/apis/discovery.k8s.io/v1/endpointslices", (vec![], vec![]));
-    let url = fake_api(routes);
+    let down = Arc::new(AtomicBool::new(false));
+    let url = fake_api(routes, down.clone());
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let client = {
@@ -109,7 +126,7 @@ fn lists_and_watch_events_reach_the_cluster_model() {
         let cfg = kube::Config::new(url.parse().unwrap());
         kube::Client::try_from(cfg).unwrap()
     };
-    let src = KubeSource::with_client(rt, client);
+    let src = KubeSource::with_client(rt, client, Duration::from_millis(500));
     let t0 = Instant::now();
     loop {
         let (c, _) = src.snapshot();
@@ -133,4 +150,24 @@ fn lists_and_watch_events_reach_the_cluster_model() {
     let db = ObjKey::new("shop", "db-1");
     assert!(node.permits(&db, netpol_daemon::model::Direction::Ingress, "10.244.1.7".parse().unwrap(), 6, Some(5432)));
     assert!(!node.permits(&db, netpol_daemon::model::Direction::Ingress, "10.244.1.7".parse().unwrap(), 6, Some(5433)));
+    assert!(src.healthy.load(Ordering::SeqCst));
+    assert!(src.pending_since.lock().unwrap().is_some(), "changes are stamped for the latency histogram");
+
+    // The API server goes away: the source says so and keeps the last state.
+    down.store(true, Ordering::SeqCst);
+    let t0 = Instant::now();
+    while src.healthy.load(Ordering::SeqCst) {
+        assert!(t0.elapsed() < Duration::from_secs(20), "outage not noticed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(src.errors.load(Ordering::SeqCst) > 0);
+    assert_eq!(src.snapshot().0.pods.len(), 3, "last state kept");
+    // It comes back: the watchers relist (with backoff) and the source is healthy again.
+    down.store(false, Ordering::SeqCst);
+    let t0 = Instant::now();
+    while !src.healthy.load(Ordering::SeqCst) {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no recovery");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(src.snapshot().0.pods.len(), 3);
 }

@@ -126,6 +126,31 @@ impl Source {
         }
     }
 
+    /// How long ago the change about to be loaded happened: the newest manifest write, or the
+    /// oldest watch event not yet taken.
+    fn take_change_age(&self) -> Option<Duration> {
+        match self {
+            Source::Manifests(dir, _) => {
+                let mut newest = std::fs::metadata(dir).and_then(|m| m.modified()).ok()?;
+                for f in manifests::manifest_files(dir).ok()? {
+                    if let Ok(t) = std::fs::metadata(&f).and_then(|m| m.modified()) {
+                        newest = newest.max(t);
+                    }
+                }
+                std::time::SystemTime::now().duration_since(newest).ok()
+            }
+            Source::Kube(k) => k.pending_since.lock().unwrap().take().map(|t| t.elapsed()),
+        }
+    }
+
+    /// False while the Kubernetes API is unreachable.
+    fn healthy(&self) -> bool {
+        match self {
+            Source::Manifests(..) => true,
+            Source::Kube(k) => k.healthy.load(Ordering::SeqCst),
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Source::Manifests(dir, _) => format!("manifests {}", dir.display()),
@@ -164,7 +189,15 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut manifest_errors = 0;
     let mut last_resolve = Instant::now() - Duration::from_secs(3600);
     let mut unresolved = false;
+    let mut change_age: Option<(Duration, Instant)> = None;
     while !stop.load(Ordering::SeqCst) {
+        let down = !source.healthy();
+        if shared.status.lock().unwrap().source_down != down {
+            shared.status.lock().unwrap().source_down = down;
+            if down {
+                log::warn!("the Kubernetes API is unreachable; enforcing the last known state");
+            }
+        }
         if !source.ready() {
             // Until every watch has listed once, the pinned state of a previous run (if any)
             // keeps enforcing; nothing is programmed from a partial view.
@@ -176,7 +209,10 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         // Pods whose interface is not there yet are retried every second.
         let retry = unresolved && last_resolve.elapsed() >= Duration::from_secs(1);
         if changed {
+            let first = last_fp.is_none();
             last_fp = Some(fp);
+            let age = source.take_change_age();
+            change_age = if first { None } else { age.map(|a| (a, Instant::now())) };
             match source.load() {
                 Ok((c, errors)) => {
                     for e in &errors {
@@ -239,6 +275,10 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 st.port_entries = report.ports;
                 st.policies = cluster.policies.len();
                 st.last_sync_seconds = t0.elapsed().as_secs_f64();
+                st.fail_closed = report.fail_closed.clone();
+                if let Some((age, at)) = change_age.take() {
+                    st.programming_latency.observe((age + at.elapsed()).as_secs_f64());
+                }
             }
             if changed {
                 log::info!(

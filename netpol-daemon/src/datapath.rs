@@ -50,6 +50,22 @@ pub struct SyncReport {
     pub policy: usize,
     pub ports: usize,
     pub endpoints: usize,
+    /// Local pods whose entries did not fit: their isolated directions deny everything.
+    pub fail_closed: Vec<ObjKey>,
+}
+
+/// How many entries the daemon lets each map hold (the map sizes; smaller in tests).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub identities: usize,
+    pub policy: usize,
+    pub ports: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { identities: IDENTITIES_MAX as usize, policy: POLICY_MAX as usize, ports: POLICY_PORTS_MAX as usize }
+    }
 }
 
 pub struct Datapath {
@@ -64,6 +80,7 @@ pub struct Datapath {
     config: aya::maps::Array<MapData, Config>,
     conntrack: BpfHashMap<MapData, CtKey, CtValue>,
     events: Option<aya::maps::RingBuf<MapData>>,
+    limits: Limits,
     installed_identities: HashMap<Lpm<IdKey>, u32>,
     installed_policy: HashMap<PolicyKey, PolicyValue>,
     installed_ports: BTreeSet<Lpm<PortKey>>,
@@ -231,6 +248,7 @@ impl Datapath {
             config,
             conntrack,
             events: Some(events),
+            limits: Limits::default(),
             installed_identities,
             installed_policy,
             installed_ports,
@@ -274,6 +292,12 @@ impl Datapath {
         let mut out = vec![0u8; frame.len() + 256];
         let r = prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: repeat.max(1), ..TestRunOptions::new() })?;
         Ok((r.return_value as i32, r.duration))
+    }
+
+    /// Lowers the entry budgets below the map sizes (to exercise the fail-closed path).
+    pub fn set_limits(&mut self, l: Limits) {
+        let d = Limits::default();
+        self.limits = Limits { identities: l.identities.min(d.identities), policy: l.policy.min(d.policy), ports: l.ports.min(d.ports) };
     }
 
     /// Runtime settings for the programs (conntrack timeouts, deny events).
@@ -618,21 +642,28 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
             v.dedup();
             v.join(", ")
         };
-        let global_overflow = d.identities.len() > IDENTITIES_MAX as usize || d.ports.len() > POLICY_PORTS_MAX as usize;
+        let global_overflow = d.identities.len() > self.limits.identities || d.ports.len() > self.limits.ports;
         if global_overflow {
             report.errors.push(format!(
-                "node needs {} IDENTITIES and {} POLICY_PORTS entries, the maps hold {IDENTITIES_MAX} and {POLICY_PORTS_MAX}: every isolated pod fails closed",
+                "node needs {} IDENTITIES and {} POLICY_PORTS entries, the maps hold {} and {}: every isolated pod fails closed",
                 d.identities.len(),
-                d.ports.len()
+                d.ports.len(),
+                self.limits.identities,
+                self.limits.ports
             ));
             for k in ids.keys() {
-                report.errors.push(format!("{k}: failing closed (policies: {})", policies_of(k)));
+                let isolated = node.pods.get(k).is_some_and(|p| p.ingress.is_some() || p.egress.is_some());
+                if isolated {
+                    report.errors.push(format!("{k}: failing closed (policies: {})", policies_of(k)));
+                    report.fail_closed.push(k.clone());
+                }
             }
             d.policy.clear();
             d.ports.clear();
+            d.identities.clear();
             return;
         }
-        if d.policy.len() <= POLICY_MAX as usize {
+        if d.policy.len() <= self.limits.policy {
             return;
         }
         let mut by_size: Vec<(usize, &ObjKey)> = d.policy_entries.iter().map(|(k, n)| (*n, k)).collect();
@@ -640,17 +671,19 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
         let mut total = d.policy.len();
         let mut dropped = BTreeSet::new();
         for (n, k) in by_size {
-            if total <= POLICY_MAX as usize {
+            if total <= self.limits.policy {
                 break;
             }
             total -= n;
             if let Some(id) = ids.get(k) {
                 dropped.insert(*id);
             }
+            report.fail_closed.push(k.clone());
             report.errors.push(format!(
-                "{k}: needs {n} POLICY entries (policies: {}); the node needs {} and the map holds {POLICY_MAX}: failing closed",
+                "{k}: needs {n} POLICY entries (policies: {}); the node needs {} and the map holds {}: failing closed",
                 policies_of(k),
-                d.policy.len()
+                d.policy.len(),
+                self.limits.policy
             ));
         }
         d.policy.retain(|k, _| !dropped.contains(&k.endpoint));

@@ -35,6 +35,10 @@ pub struct KubeSource {
     pub errors: Arc<AtomicU64>,
     /// Every store has completed its first list.
     pub synced: Arc<AtomicBool>,
+    /// The last thing each watcher saw was not an error (false while the API server is away).
+    pub healthy: Arc<AtomicBool>,
+    /// When the oldest change not yet taken by the daemon arrived (for the latency histogram).
+    pub pending_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
     policies: Store<NetworkPolicy>,
@@ -43,7 +47,16 @@ pub struct KubeSource {
     _rt: tokio::runtime::Runtime,
 }
 
-fn watch<K>(rt: &tokio::runtime::Runtime, api: Api<K>, generation: Arc<AtomicU64>, errors: Arc<AtomicU64>, slim: fn(&mut K)) -> Store<K>
+/// What every watcher reports into.
+#[derive(Clone)]
+struct Signals {
+    generation: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
+    pending_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+fn watch<K>(rt: &tokio::runtime::Runtime, api: Api<K>, sig: Signals, slim: fn(&mut K)) -> Store<K>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -55,10 +68,13 @@ where
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(_) => {
-                    generation.fetch_add(1, Ordering::SeqCst);
+                    sig.pending_since.lock().unwrap().get_or_insert_with(std::time::Instant::now);
+                    sig.generation.fetch_add(1, Ordering::SeqCst);
+                    sig.healthy.store(true, Ordering::SeqCst);
                 }
                 Err(e) => {
-                    errors.fetch_add(1, Ordering::SeqCst);
+                    sig.errors.fetch_add(1, Ordering::SeqCst);
+                    sig.healthy.store(false, Ordering::SeqCst);
                     log::warn!("watch {}: {e}; keeping the last state, relisting with backoff", K::plural(&Default::default()));
                 }
             }
@@ -72,20 +88,29 @@ impl KubeSource {
     pub fn start() -> Result<KubeSource> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("kube").build()?;
         let client = rt.block_on(Client::try_default()).context("Kubernetes client (in-cluster config or KUBECONFIG)")?;
-        Ok(KubeSource::with_client(rt, client))
+        Ok(KubeSource::with_client(rt, client, std::time::Duration::from_secs(10)))
     }
 
-    pub fn with_client(rt: tokio::runtime::Runtime, client: Client) -> KubeSource {
+    /// `probe_every`: how often the API server is asked for its version; a watch stream that
+    /// resumes quietly after an outage produces no event, so reachability is probed apart.
+    pub fn with_client(rt: tokio::runtime::Runtime, client: Client, probe_every: std::time::Duration) -> KubeSource {
         let generation = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
-        let g = || generation.clone();
-        let e = || errors.clone();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let pending_since = Arc::new(std::sync::Mutex::new(None));
+        let sig = Signals {
+            generation: generation.clone(),
+            errors: errors.clone(),
+            healthy: healthy.clone(),
+            pending_since: pending_since.clone(),
+        };
+        let g = || sig.clone();
         // Only the fields the model reads are kept in memory.
-        let namespaces = watch(&rt, Api::<Namespace>::all(client.clone()), g(), e(), |n| {
+        let namespaces = watch(&rt, Api::<Namespace>::all(client.clone()), g(), |n| {
             n.metadata.managed_fields = None;
             n.metadata.annotations = None;
         });
-        let pods = watch(&rt, Api::<Pod>::all(client.clone()), g(), e(), |p| {
+        let pods = watch(&rt, Api::<Pod>::all(client.clone()), g(), |p| {
             p.metadata.managed_fields = None;
             p.metadata.annotations = None;
             if let Some(st) = p.status.as_mut() {
@@ -94,15 +119,27 @@ impl KubeSource {
                 st.init_container_statuses = None;
             }
         });
-        let policies = watch(&rt, Api::<NetworkPolicy>::all(client.clone()), g(), e(), |n| n.metadata.managed_fields = None);
-        let services = watch(&rt, Api::<Service>::all(client.clone()), g(), e(), |s| {
+        let policies = watch(&rt, Api::<NetworkPolicy>::all(client.clone()), g(), |n| n.metadata.managed_fields = None);
+        let services = watch(&rt, Api::<Service>::all(client.clone()), g(), |s| {
             s.metadata.managed_fields = None;
             s.metadata.annotations = None;
         });
-        let slices = watch(&rt, Api::<EndpointSlice>::all(client), g(), e(), |s| {
+        let slices = watch(&rt, Api::<EndpointSlice>::all(client.clone()), g(), |s| {
             s.metadata.managed_fields = None;
             s.metadata.annotations = None;
         });
+        {
+            let (client, healthy) = (client.clone(), healthy.clone());
+            rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(probe_every).await;
+                    let ok = client.apiserver_version().await.is_ok();
+                    if healthy.swap(ok, Ordering::SeqCst) != ok {
+                        log::info!("Kubernetes API {}", if ok { "reachable again" } else { "unreachable" });
+                    }
+                }
+            });
+        }
         let synced = Arc::new(AtomicBool::new(false));
         {
             let (a, b, c, d, f, s) = (namespaces.clone(), pods.clone(), policies.clone(), services.clone(), slices.clone(), synced.clone());
@@ -117,7 +154,7 @@ impl KubeSource {
                 generation.fetch_add(1, Ordering::SeqCst);
             });
         }
-        KubeSource { generation, errors, synced, namespaces, pods, policies, services, slices, _rt: rt }
+        KubeSource { generation, errors, synced, healthy, pending_since, namespaces, pods, policies, services, slices, _rt: rt }
     }
 
     /// The cluster model from the stores; invalid objects are skipped and reported.

@@ -23,6 +23,43 @@ pub struct Status {
     pub port_entries: usize,
     pub policies: usize,
     pub last_sync_seconds: f64,
+    /// Local pods failing closed because their entries do not fit the maps.
+    pub fail_closed: Vec<ObjKey>,
+    /// The source (Kubernetes API) is unreachable; the last state is enforced.
+    pub source_down: bool,
+    /// Change observed (file written, watch event received) → maps updated.
+    pub programming_latency: Histogram,
+}
+
+/// Upper bounds (seconds) of the programming-latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+#[derive(Debug, Default, Clone)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); observations above the last bound only count in `count`.
+    pub buckets: [u64; LATENCY_BUCKETS.len()],
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| seconds <= *b) {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        let mut cum = 0;
+        for (b, n) in LATENCY_BUCKETS.iter().zip(self.buckets) {
+            cum += n;
+            out.push_str(&format!("{name}_bucket{{le=\"{b}\"}} {cum}\n"));
+        }
+        out.push_str(&format!("{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}\n", self.count, self.sum, self.count));
+    }
 }
 
 #[derive(Default)]
@@ -53,7 +90,16 @@ pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) ->
             }
         }
     }
-    let gauges: [(&str, &str, f64); 9] = [
+    out.push_str("# HELP netpol_pod_fail_closed 1 for a local pod whose map entries do not fit: its isolated directions deny everything.\n# TYPE netpol_pod_fail_closed gauge\n");
+    for pod in &status.fail_closed {
+        out.push_str(&format!("netpol_pod_fail_closed{{namespace=\"{}\",pod=\"{}\"}} 1\n", escape(&pod.namespace), escape(&pod.name)));
+    }
+    status.programming_latency.render(
+        "netpol_programming_latency_seconds",
+        "From a change being observed (manifest written, watch event received) to the maps updated.",
+        &mut out,
+    );
+    let gauges: [(&str, &str, f64); 11] = [
         ("netpol_ready", "1 once the first full sync is programmed.", if ready { 1.0 } else { 0.0 }),
         ("netpol_endpoints", "Pod interfaces with programs attached.", status.endpoints.len() as f64),
         ("netpol_policies", "NetworkPolicies in the cluster model.", status.policies as f64),
@@ -62,6 +108,8 @@ pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) ->
         ("netpol_identity_map_entries", "Entries in the IDENTITIES map (address classes).", status.identity_entries as f64),
         ("netpol_policy_map_entries", "Entries in the POLICY map.", status.policy_entries as f64),
         ("netpol_port_map_entries", "Entries in the POLICY_PORTS map.", status.port_entries as f64),
+        ("netpol_fail_closed_pods", "Local pods failing closed because the maps are full.", status.fail_closed.len() as f64),
+        ("netpol_source_up", "0 while the Kubernetes API is unreachable (the last state stays enforced).", if status.source_down { 0.0 } else { 1.0 }),
         ("netpol_last_sync_duration_seconds", "Compile and program time of the last sync.", status.last_sync_seconds),
     ];
     for (name, help, v) in gauges {
@@ -104,6 +152,9 @@ fn handle(s: TcpStream, shared: &Shared, counters: &Option<CounterReader>) {
         ("GET", "/metrics") => {
             let status = shared.status.lock().unwrap().clone();
             respond(s, 200, "OK", "text/plain; version=0.0.4", &render(&status, ready, counters.as_ref()))
+        }
+        ("GET", "/readyz") if ready && shared.status.lock().unwrap().source_down => {
+            respond(s, 503, "Service Unavailable", "text/plain", "Kubernetes API unreachable; enforcing the last known state\n")
         }
         ("GET", "/readyz") if ready => respond(s, 200, "OK", "text/plain", "ready\n"),
         ("GET", "/readyz") => respond(s, 503, "Service Unavailable", "text/plain", "not synced yet\n"),
@@ -168,6 +219,33 @@ mod tests {
         let (code, _) = http_get(addr, "/readyz").unwrap();
         assert_eq!(code, 200);
         assert_eq!(http_get(addr, "/healthz").unwrap().0, 200);
+        // The API server goes away: not ready (still healthy), the metric says why.
+        shared.status.lock().unwrap().source_down = true;
+        let (code, body) = http_get(addr, "/readyz").unwrap();
+        assert_eq!((code, body.contains("last known state")), (503, true));
+        assert_eq!(sample(&http_get(addr, "/metrics").unwrap().1, "netpol_source_up"), Some(0.0));
+        assert_eq!(http_get(addr, "/healthz").unwrap().0, 200);
+        shared.status.lock().unwrap().source_down = false;
+        assert_eq!(http_get(addr, "/readyz").unwrap().0, 200);
+    }
+
+    #[test]
+    fn latency_histogram_is_cumulative_and_fail_closed_pods_are_listed() {
+        let mut st = Status::default();
+        for v in [0.0005, 0.003, 0.003, 0.2, 30.0] {
+            st.programming_latency.observe(v);
+        }
+        st.fail_closed = vec![ObjKey::new("a", "big")];
+        let text = render(&st, true, None);
+        let b = |le: &str| sample(&text, &format!("netpol_programming_latency_seconds_bucket{{le=\"{le}\"}}"));
+        assert_eq!(b("0.001"), Some(1.0));
+        assert_eq!(b("0.005"), Some(3.0));
+        assert_eq!(b("0.25"), Some(4.0));
+        assert_eq!(b("10"), Some(4.0));
+        assert_eq!(b("+Inf"), Some(5.0));
+        assert_eq!(sample(&text, "netpol_programming_latency_seconds_count"), Some(5.0));
+        assert_eq!(sample(&text, "netpol_pod_fail_closed{namespace=\"a\",pod=\"big\"}"), Some(1.0));
+        assert_eq!(sample(&text, "netpol_fail_closed_pods"), Some(1.0));
     }
 
     #[test]
