@@ -344,3 +344,33 @@ apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: narrow,
     assert!(r.fail_closed.is_empty());
     assert_eq!(run(&mut f, Direction::Ingress, &allowed(40002)), OK);
 }
+
+#[test]
+fn audit_mode_passes_would_be_drops_and_counts_them() {
+    // An audit policy (port 80 only) beside an enforcing one (10.0.0.0/8 on any port).
+    let audit = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: trial, namespace: t, annotations: {netpol.io/audit: \"true\"}}\nspec: {podSelector: {}, policyTypes: [Ingress, Egress], ingress: [{ports: [{port: 80}]}], egress: [{ports: [{port: 53, protocol: UDP}]}]}\n";
+    let enforcing = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: live, namespace: t}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}}]}]}\n";
+    let Some(mut f) = fixture(&format!("{audit}---\n{enforcing}")) else { return };
+    let web = v4("10.1.0.10");
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    let mut rb = f.dp.take_events().unwrap();
+    f.dp.set_config(&netpol_common::Config { deny_events_per_sec: 100, ..Default::default() }).unwrap();
+    assert_eq!(run(&mut f, i, &tcp4(v4("192.0.2.1"), web, 40000, 80, TCP_SYN)), OK, "allowed by the audit policy's rule");
+    assert_eq!(run(&mut f, i, &tcp4(v4("10.5.0.1"), web, 40000, 22, TCP_SYN)), OK, "allowed by the enforcing policy");
+    assert_eq!(run(&mut f, i, &tcp4(v4("192.0.2.1"), web, 40000, 22, TCP_SYN)), SHOT, "the enforcing policy isolates ingress: a real drop");
+    // Egress is isolated by the audit policy alone: nothing is dropped.
+    assert_eq!(run(&mut f, e, &tcp4(web, v4("192.0.2.1"), 40000, 443, TCP_SYN)), OK, "audit");
+    assert_eq!(run(&mut f, e, &udp4(web, v4("192.0.2.1"), 40000, 53)), OK, "allowed");
+    let c = CounterReader::open(&f.pin).unwrap();
+    let (ig, eg) = (netpol_common::DIR_INGRESS, netpol_common::DIR_EGRESS);
+    use netpol_common::{VERDICT_ALLOW as A, VERDICT_AUDIT as AU, VERDICT_DENY as D};
+    assert_eq!((c.read(0, ig, A), c.read(0, ig, AU), c.read(0, ig, D)), (2, 0, 1));
+    assert_eq!((c.read(0, eg, A), c.read(0, eg, AU), c.read(0, eg, D)), (1, 1, 0));
+    let mut verdicts = Vec::new();
+    while let Some(item) = rb.next() {
+        let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const netpol_common::DenyEvent) };
+        verdicts.push((ev.dir, ev.verdict as u32, ev.dport));
+    }
+    verdicts.sort();
+    assert_eq!(verdicts, vec![(ig, D, 22), (eg, AU, 443)]);
+}

@@ -89,8 +89,7 @@ fn pod(name: &str, ip: &str, app: &str) -> Value {
            "status": {"podIP": ip, "podIPs": [{"ip": ip}], "phase": "Running"}})
 }
 
-#[test]
-fn lists_and_watch_events_reach_the_cluster_model() {
+fn shop_routes() -> Routes {
     let mut routes = Routes::new();
     routes.insert("/api/v1/namespaces", (vec![json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop", "labels": {"team": "a"}, "resourceVersion": "1"}})], vec![]));
     routes.insert(
@@ -117,6 +116,12 @@ fn lists_and_watch_events_reach_the_cluster_model() {
         (vec![json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "shop", "resourceVersion": "6"}, "spec": {"clusterIP": "10.96.3.3", "selector": {"app": "db"}, "ports": [{"port": 5432}]}})], vec![]),
     );
     routes.insert("/apis/discovery.k8s.io/v1/endpointslices", (vec![], vec![]));
+    routes
+}
+
+#[test]
+fn lists_and_watch_events_reach_the_cluster_model() {
+    let routes = shop_routes();
     let down = Arc::new(AtomicBool::new(false));
     let url = fake_api(routes, down.clone());
 
@@ -170,4 +175,31 @@ fn lists_and_watch_events_reach_the_cluster_model() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(src.snapshot().0.pods.len(), 3);
+}
+
+/// `explain` and `check` without --manifests read the live cluster (KUBECONFIG).
+#[test]
+fn explain_and_check_work_against_a_live_cluster() {
+    let url = fake_api(shop_routes(), Arc::new(AtomicBool::new(false)));
+    let dir = std::env::temp_dir().join(format!("netpol-kubeconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!("apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\ncurrent-context: c\n"),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_netpol-daemon")).args(args).env("KUBECONFIG", &kubeconfig).env_remove("KUBERNETES_SERVICE_HOST").output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, text) = run(&["explain", "--from", "shop/web-1", "--to", "shop/db-1", "--port", "5432"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("allowed by shop/db: spec.ingress[0]"), "{text}");
+    let (code, text) = run(&["explain", "--from", "shop/web-1", "--to", "shop/db-1", "--port", "5433"]);
+    assert_eq!(code, Some(3), "{text}");
+    let (code, text) = run(&["check"]);
+    assert_eq!(code, Some(1), "the invalid policy is an error: {text}");
+    assert!(text.contains("shop/broken: spec.ingress[0].ports[0].port"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

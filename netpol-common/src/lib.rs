@@ -42,6 +42,10 @@ pub const EP_ISOLATE_INGRESS: u32 = 1;
 pub const EP_ISOLATE_EGRESS: u32 = 2;
 /// [`EndpointInfo::flags`]: the entry is in use (array slots of unmanaged interfaces are 0).
 pub const EP_PRESENT: u32 = 4;
+/// [`EndpointInfo::flags`]: only audit-mode policies isolate the pod for ingress / egress:
+/// what the policy tables deny passes, counted and reported as `VERDICT_AUDIT`.
+pub const EP_AUDIT_INGRESS: u32 = 8;
+pub const EP_AUDIT_EGRESS: u32 = 16;
 
 /// Interfaces with an ifindex below this are looked up in the `ENDPOINTS_ARRAY` (an array
 /// lookup the verifier inlines); larger ifindexes (nodes with much churn) in `ENDPOINTS`.
@@ -52,15 +56,17 @@ pub const POLICY_ALLOW_ALL: u32 = 1;
 
 /// Upper bound on endpoint ids (pods with programs on this node); sizes the counter array.
 pub const MAX_ENDPOINTS: u32 = 4096;
-/// Counter slots per endpoint: direction (2) x verdict (2).
-pub const COUNTER_SLOTS: u32 = 4;
+/// Counter slots per endpoint: direction (2) x verdict (3).
+pub const COUNTER_SLOTS: u32 = 6;
 pub const VERDICT_ALLOW: u32 = 0;
 pub const VERDICT_DENY: u32 = 1;
+/// Denied by an audit-mode policy, let through.
+pub const VERDICT_AUDIT: u32 = 2;
 
 /// Index of a counter in `COUNTERS` for an endpoint, direction and verdict.
 #[inline(always)]
 pub const fn counter_index(endpoint: u32, dir: u8, verdict: u32) -> u32 {
-    endpoint * COUNTER_SLOTS + (dir as u32) * 2 + verdict
+    endpoint * COUNTER_SLOTS + (dir as u32) * 3 + verdict
 }
 
 /// Map names, shared so userspace and the programs cannot drift apart.
@@ -214,7 +220,7 @@ pub struct Config {
     pub _pad: u32,
 }
 
-/// A denied packet, sent through the `EVENTS` ring buffer.
+/// A denied (or audited) packet, sent through the `EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct DenyEvent {
@@ -222,7 +228,8 @@ pub struct DenyEvent {
     pub dir: u8,
     pub proto: u8,
     pub family: u8,
-    pub _pad: u8,
+    /// `VERDICT_DENY` or `VERDICT_AUDIT`.
+    pub verdict: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub sport: u16,

@@ -39,7 +39,11 @@ fn describe(e: &Explanation, cluster: &Cluster, who: &ObjKey, out: &mut String) 
         let _ = writeln!(out, "  {d} at {who}: ALLOWED (no policy isolates {who} for {d})");
         return;
     }
-    let verdict = if e.allowed { "ALLOWED" } else { "DENIED" };
+    let verdict = match e.verdict {
+        compiler::Verdict::Allow => "ALLOWED",
+        compiler::Verdict::Audit => "AUDIT (an audit-mode policy would deny it; it passes)",
+        compiler::Verdict::Deny => "DENIED",
+    };
     let pols: Vec<String> = e.policies.iter().map(|p| p.to_string()).collect();
     let _ = writeln!(out, "  {d} at {who}: {verdict} (isolated by {})", pols.join(", "));
     if e.allowing_rules.is_empty() {
@@ -71,14 +75,36 @@ fn describe(e: &Explanation, cluster: &Cluster, who: &ObjKey, out: &mut String) 
     }
 }
 
+/// The cluster from a manifests directory, or (`None`) from the live cluster's API
+/// (in-cluster config or KUBECONFIG), with the objects skipped as invalid.
+pub fn load(dir: Option<&Path>) -> Result<(Cluster, Vec<String>)> {
+    match dir {
+        Some(dir) => {
+            let loaded = anyhow::Context::with_context(manifests::load_dir(dir), || format!("reading {}", dir.display()))?;
+            Ok((loaded.cluster, loaded.errors.iter().map(|e| e.to_string()).collect()))
+        }
+        None => {
+            let src = crate::kube_source::KubeSource::start()?;
+            let t0 = std::time::Instant::now();
+            while !src.synced.load(std::sync::atomic::Ordering::SeqCst) {
+                if t0.elapsed() > std::time::Duration::from_secs(60) {
+                    bail!("the Kubernetes API did not list every watched resource within 60 s");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Ok(src.snapshot())
+        }
+    }
+}
+
 /// Prints the verdict of both ends for one connection.
-pub fn explain(dir: &Path, from: &str, to: &str, port: Option<u16>, protocol: &str) -> Result<(bool, String)> {
-    let loaded = manifests::load_dir(dir)?;
+pub fn explain(dir: Option<&Path>, from: &str, to: &str, port: Option<u16>, protocol: &str) -> Result<(bool, String)> {
+    let (cluster, errors) = load(dir)?;
     let mut out = String::new();
-    for e in &loaded.errors {
+    for e in &errors {
         let _ = writeln!(out, "warning: skipped {e}");
     }
-    let c = &loaded.cluster;
+    let c = &cluster;
     let proto: u8 = match protocol.to_ascii_uppercase().as_str() {
         "ICMP" => 1,
         "ICMPV6" => 58,
@@ -109,12 +135,12 @@ pub fn explain(dir: &Path, from: &str, to: &str, port: Option<u16>, protocol: &s
 
 /// Validates a manifests directory: invalid objects, and problems the compiler can see.
 /// Returns (number of errors, report).
-pub fn check(dir: &Path) -> Result<(usize, String)> {
-    let loaded = manifests::load_dir(dir)?;
-    let c = &loaded.cluster;
+pub fn check(dir: Option<&Path>) -> Result<(usize, String)> {
+    let (cluster, load_errors) = load(dir)?;
+    let c = &cluster;
     let mut out = String::new();
     let mut errors = 0;
-    for e in &loaded.errors {
+    for e in &load_errors {
         errors += 1;
         let _ = writeln!(out, "error: {e}");
     }
@@ -224,35 +250,35 @@ spec:
     #[test]
     fn explain_names_the_deciding_rules_for_both_ends() {
         let d = dir(&[("c.yaml", CLUSTER)]);
-        let (ok, text) = explain(&d.0, "apps/api", "data/db", Some(5432), "TCP").unwrap();
+        let (ok, text) = explain(Some(&d.0), "apps/api", "data/db", Some(5432), "TCP").unwrap();
         assert!(ok, "{text}");
         assert!(text.contains("egress at apps/api: ALLOWED (isolated by apps/api-out)"), "{text}");
         assert!(text.contains("allowed by apps/api-out: spec.egress[0] (any peer; TCP/5432)"), "{text}");
         assert!(text.contains("allowed by data/db-in: spec.ingress[0]"), "{text}");
         assert!(text.contains("allowed by data/db-in: spec.ingress[1]"), "{text}");
-        let (ok, text) = explain(&d.0, "apps/api", "data/db", Some(9187), "TCP").unwrap();
+        let (ok, text) = explain(Some(&d.0), "apps/api", "data/db", Some(9187), "TCP").unwrap();
         assert!(!ok, "{text}");
         assert!(text.contains("egress at apps/api: DENIED"), "{text}");
         assert!(text.contains("ingress at data/db: ALLOWED"), "{text}");
-        let (ok, text) = explain(&d.0, "192.168.1.1", "data/db", Some(5432), "UDP").unwrap();
+        let (ok, text) = explain(Some(&d.0), "192.168.1.1", "data/db", Some(5432), "UDP").unwrap();
         assert!(!ok);
         assert!(text.contains("egress at 192.168.1.1: not a pod"), "{text}");
         assert!(text.contains("no ingress rule of those policies matches"), "{text}");
-        assert!(explain(&d.0, "apps/nope", "data/db", Some(1), "TCP").is_err());
-        assert!(explain(&d.0, "apps/api", "data/db", Some(1), "GRE").is_err());
+        assert!(explain(Some(&d.0), "apps/nope", "data/db", Some(1), "TCP").is_err());
+        assert!(explain(Some(&d.0), "apps/api", "data/db", Some(1), "GRE").is_err());
     }
 
     #[test]
     fn check_reports_invalid_objects_and_suspicious_policies() {
         let bad = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: apps}\nspec: {podSelector: {}, ingress: [{ports: [{port: 0}]}]}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: lonely, namespace: apps}\nspec: {podSelector: {matchLabels: {app: nothing}}, ingress: [{ports: [{port: web}]}]}\n";
         let d = dir(&[("c.yaml", CLUSTER), ("bad.yaml", bad)]);
-        let (errors, text) = check(&d.0).unwrap();
+        let (errors, text) = check(Some(&d.0)).unwrap();
         assert_eq!(errors, 1, "{text}");
         assert!(text.contains("apps/bad: spec.ingress[0].ports[0].port: 0 is not in 1-65535"), "{text}");
         assert!(text.contains("warning: apps/lonely: spec.podSelector selects no pod"), "{text}");
         assert!(text.contains("no pod has a TCP port named \"web\""), "{text}");
         assert!(text.contains("node n2: 1 pods"), "{text}");
         let d = dir(&[("c.yaml", CLUSTER)]);
-        assert_eq!(check(&d.0).unwrap().0, 0);
+        assert_eq!(check(Some(&d.0)).unwrap().0, 0);
     }
 }

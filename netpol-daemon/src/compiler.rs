@@ -135,11 +135,42 @@ pub struct DirPolicy {
     pub allows: BTreeMap<usize, Allow>,
     /// The policies that isolate the pod in this direction.
     pub policies: Vec<ObjKey>,
+    /// Only audit-mode policies isolate the pod in this direction: what `allows` denies
+    /// passes, counted and logged as audit. (Rules only ever add allows, so where an enforcing
+    /// policy isolates the pod too, the full union denies nothing the enforcing policies alone
+    /// would allow: audit policies can only add drops by isolating a direction.)
+    pub audit: bool,
+}
+
+/// What happens to a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verdict {
+    Allow,
+    /// Denied by an audit-mode policy: counted, logged, let through.
+    Audit,
+    Deny,
+}
+
+impl Verdict {
+    pub fn passes(self) -> bool {
+        self != Verdict::Deny
+    }
 }
 
 impl DirPolicy {
     pub fn allow_for(&self, class: usize) -> Option<&Allow> {
         self.allows.get(&class).or_else(|| self.allows.get(&0))
+    }
+
+    pub fn verdict(&self, class: usize, proto: u8, port: Option<u16>) -> Verdict {
+        if self.allow_for(class).is_some_and(|a| a.permits(proto, port)) {
+            return Verdict::Allow;
+        }
+        if self.audit {
+            Verdict::Audit
+        } else {
+            Verdict::Deny
+        }
     }
 }
 
@@ -186,10 +217,15 @@ impl NodePolicy {
     /// (policy only: without the always-allowed node addresses and conntrack)? `proto` is the
     /// IP protocol number, `port` the destination port when the packet has one.
     pub fn permits(&self, pod: &ObjKey, d: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> bool {
-        let Some(p) = self.pods.get(pod) else { return true };
+        self.verdict(pod, d, peer, proto, port).passes()
+    }
+
+    /// [`NodePolicy::permits`], telling an allow from an audit-mode pass.
+    pub fn verdict(&self, pod: &ObjKey, d: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> Verdict {
+        let Some(p) = self.pods.get(pod) else { return Verdict::Allow };
         match p.dir(d) {
-            None => true,
-            Some(dp) => dp.allow_for(self.class_of(peer)).is_some_and(|a| a.permits(proto, port)),
+            None => Verdict::Allow,
+            Some(dp) => dp.verdict(self.class_of(peer), proto, port),
         }
     }
 }
@@ -610,6 +646,67 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
     }
     let with_ports: Vec<usize> = (0..classes.len()).filter(|c| !classes[*c].ports.is_empty()).collect();
 
+    // What one pod may send/receive per class in one direction under the given rules.
+    let dir_allows = |pod: &Pod, dir: Direction, pod_rules: &[&Resolved]| -> BTreeMap<usize, Allow> {
+        // Class 0 is the fallback for classes without an entry: the rules without peer
+        // restriction. Only classes where the pod's verdict differs get an entry.
+        let mut base = Allow::nothing();
+        for r in pod_rules.iter().filter(|r| r.any) {
+            base.union(&rule_allow(pod, dir, r.rule, &classes[0]));
+        }
+        let mut relevant: BTreeSet<usize> = BTreeSet::new();
+        for r in pod_rules {
+            if r.any {
+                if r.named_egress {
+                    relevant.extend(with_ports.iter().copied());
+                }
+            } else {
+                relevant.extend(group_classes[r.group as usize].iter().copied());
+            }
+        }
+        let mut allows = BTreeMap::new();
+        if !base.is_nothing() {
+            allows.insert(0, base.clone());
+        }
+        for ci in relevant {
+            let class = &classes[ci];
+            let mut allow = base.clone();
+            for r in pod_rules {
+                if allow == Allow::All {
+                    break;
+                }
+                if (r.any && r.named_egress) || (!r.any && class_groups[ci].binary_search(&r.group).is_ok()) {
+                    allow.union(&rule_allow(pod, dir, r.rule, class));
+                }
+            }
+            if allow != base {
+                allows.insert(ci, allow);
+            }
+        }
+        if dir == Direction::Egress {
+            // Egress to a cluster IP: the service ports whose backends this pod may reach
+            // on their target ports. Always an explicit entry (no fallback to class 0).
+            let allow_at = |addr: IpAddr| -> Option<&Allow> {
+                let class = lpm_class(&prefixes, addr);
+                allows.get(&class).or_else(|| allows.get(&0))
+            };
+            let mut svc_allows = Vec::new();
+            for (ci, class) in classes.iter().enumerate() {
+                let Some(sk) = &class.service else { continue };
+                let Some(svc) = index.cluster.services.get(sk) else { continue };
+                let mut ps = PortSet::default();
+                for (sp, backends) in index.cluster.service_backends(svc) {
+                    if backends.iter().any(|(b, t)| allow_at(*b).is_some_and(|a| a.permits(sp.protocol.number(), Some(*t)))) {
+                        ps.add(sp.protocol, sp.port, sp.port);
+                    }
+                }
+                svc_allows.push((ci, Allow::Ports(ps)));
+            }
+            allows.extend(svc_allows);
+        }
+        allows
+    };
+
     // Per pod, direction and class: the allowed ports.
     let mut pods = BTreeMap::new();
     for (pod, per_dir) in local.iter().zip(isolating) {
@@ -618,70 +715,17 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
             if policies.is_empty() {
                 continue;
             }
-            let pod_rules: Vec<&Resolved> = policies
-                .iter()
-                .flat_map(|p| {
-                    let first = rule_no[&(&p.key, dir)];
-                    rules[first..first + p.rules(dir).len()].iter()
-                })
-                .collect();
-            // Class 0 is the fallback for classes without an entry: the rules without peer
-            // restriction. Only classes where the pod's verdict differs get an entry.
-            let mut base = Allow::nothing();
-            for r in pod_rules.iter().filter(|r| r.any) {
-                base.union(&rule_allow(pod, dir, r.rule, &classes[0]));
-            }
-            let mut relevant: BTreeSet<usize> = BTreeSet::new();
-            for r in &pod_rules {
-                if r.any {
-                    if r.named_egress {
-                        relevant.extend(with_ports.iter().copied());
-                    }
-                } else {
-                    relevant.extend(group_classes[r.group as usize].iter().copied());
-                }
-            }
-            let mut allows = BTreeMap::new();
-            if !base.is_nothing() {
-                allows.insert(0, base.clone());
-            }
-            for ci in relevant {
-                let class = &classes[ci];
-                let mut allow = base.clone();
-                for r in &pod_rules {
-                    if allow == Allow::All {
-                        break;
-                    }
-                    if (r.any && r.named_egress) || (!r.any && class_groups[ci].binary_search(&r.group).is_ok()) {
-                        allow.union(&rule_allow(pod, dir, r.rule, class));
-                    }
-                }
-                if allow != base {
-                    allows.insert(ci, allow);
-                }
-            }
-            if dir == Direction::Egress {
-                // Egress to a cluster IP: the service ports whose backends this pod may reach
-                // on their target ports. Always an explicit entry (no fallback to class 0).
-                let allow_at = |addr: IpAddr| -> Option<&Allow> {
-                    let class = lpm_class(&prefixes, addr);
-                    allows.get(&class).or_else(|| allows.get(&0))
-                };
-                let mut svc_allows = Vec::new();
-                for (ci, class) in classes.iter().enumerate() {
-                    let Some(sk) = &class.service else { continue };
-                    let Some(svc) = index.cluster.services.get(sk) else { continue };
-                    let mut ps = PortSet::default();
-                    for (sp, backends) in index.cluster.service_backends(svc) {
-                        if backends.iter().any(|(b, t)| allow_at(*b).is_some_and(|a| a.permits(sp.protocol.number(), Some(*t)))) {
-                            ps.add(sp.protocol, sp.port, sp.port);
-                        }
-                    }
-                    svc_allows.push((ci, Allow::Ports(ps)));
-                }
-                allows.extend(svc_allows);
-            }
-            let dp = DirPolicy { allows, policies: policies.iter().map(|p| p.key.clone()).collect() };
+            let rules_of = |pols: &[&Policy]| -> Vec<&Resolved> {
+                pols.iter()
+                    .flat_map(|p| {
+                        let first = rule_no[&(&p.key, dir)];
+                        rules[first..first + p.rules(dir).len()].iter()
+                    })
+                    .collect()
+            };
+            let allows = dir_allows(pod, dir, &rules_of(&policies));
+            let audit = policies.iter().all(|p| p.audit);
+            let dp = DirPolicy { allows, policies: policies.iter().map(|p| p.key.clone()).collect(), audit };
             match dir {
                 Direction::Ingress => out.ingress = Some(dp),
                 Direction::Egress => out.egress = Some(dp),
@@ -702,14 +746,16 @@ pub struct Explanation {
     pub policies: Vec<ObjKey>,
     /// The rules whose peers and ports match the packet.
     pub allowing_rules: Vec<RuleRef>,
-    /// The compiled verdict (what the datapath does).
+    /// The compiled verdict passes the packet (what the datapath does).
     pub allowed: bool,
+    /// Allow, or Audit (an audit-mode policy would drop it; it passes), or Deny.
+    pub verdict: Verdict,
 }
 
 /// Explains the compiled verdict for `pod` (compiled in `node`) in direction `dir`.
 pub fn explain(cluster: &Cluster, node: &NodePolicy, pod: &ObjKey, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> Explanation {
-    let allowed = node.permits(pod, dir, peer, proto, port);
-    let mut out = Explanation { dir, isolated: false, policies: Vec::new(), allowing_rules: Vec::new(), allowed };
+    let verdict = node.verdict(pod, dir, peer, proto, port);
+    let mut out = Explanation { dir, isolated: false, policies: Vec::new(), allowing_rules: Vec::new(), allowed: verdict.passes(), verdict };
     let (Some(compiled), Some(p)) = (node.pods.get(pod), cluster.pods.get(pod)) else { return out };
     let Some(dp) = compiled.dir(dir) else { return out };
     out.isolated = true;

@@ -25,6 +25,8 @@ pub struct RunConfig {
     pub poll_interval: Duration,
     /// Re-check tracked flows against each new policy and cut those no longer allowed.
     pub revalidate_established: bool,
+    /// Every policy in audit mode.
+    pub audit_all: bool,
     /// Conntrack timeouts and deny events.
     pub datapath_config: netpol_common::Config,
 }
@@ -67,7 +69,8 @@ fn log_deny_events(mut rb: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
             let (src, dst) = (ip(ev.family, ev.src), ip(ev.family, ev.dst));
             log::info!(
                 target: "netpol::denied",
-                "denied pod={pod} direction={} proto={proto} src={} dst={}",
+                "{} pod={pod} direction={} proto={proto} src={} dst={}",
+                if ev.verdict as u32 == netpol_common::VERDICT_AUDIT { "audit" } else { "denied" },
                 if ev.dir == DIR_INGRESS { "ingress" } else { "egress" },
                 std::net::SocketAddr::new(src, ev.sport),
                 std::net::SocketAddr::new(dst, ev.dport),
@@ -220,6 +223,11 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     }
                     manifest_errors = errors.len();
                     cluster = c;
+                    if cfg.audit_all {
+                        for p in cluster.policies.values_mut() {
+                            p.audit = true;
+                        }
+                    }
                 }
                 Err(e) => {
                     log::error!("{e:#}; keeping the last state");

@@ -85,6 +85,12 @@ pub fn endpoint_flags(c: &CompiledPod) -> u32 {
     if c.egress.is_some() {
         f |= EP_ISOLATE_EGRESS;
     }
+    if c.ingress.as_ref().is_some_and(|d| d.audit) {
+        f |= EP_AUDIT_INGRESS;
+    }
+    if c.egress.as_ref().is_some_and(|d| d.audit) {
+        f |= EP_AUDIT_EGRESS;
+    }
     f
 }
 
@@ -148,7 +154,24 @@ pub fn desired(
     out
 }
 
-/// Emulates the BPF lookup on map contents (used to prove the translation in tests).
+/// Emulates the whole BPF decision on map contents for an endpoint with `flags` (conntrack
+/// and node addresses aside): isolation, policy tables, audit.
+pub fn verdict(d: &Desired, endpoint: u32, flags: u32, dir: Direction, peer: std::net::IpAddr, proto: u8, port: Option<u16>) -> crate::compiler::Verdict {
+    use crate::compiler::Verdict;
+    let (isolate, audit) = match dir {
+        Direction::Ingress => (EP_ISOLATE_INGRESS, EP_AUDIT_INGRESS),
+        Direction::Egress => (EP_ISOLATE_EGRESS, EP_AUDIT_EGRESS),
+    };
+    if flags & isolate == 0 || lookup(d, endpoint, dir, peer, proto, port) {
+        Verdict::Allow
+    } else if flags & audit != 0 {
+        Verdict::Audit
+    } else {
+        Verdict::Deny
+    }
+}
+
+/// Emulates the BPF policy lookup on map contents.
 pub fn lookup(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::IpAddr, proto: u8, port: Option<u16>) -> bool {
     let full = id_key(&Cidr::host(peer));
     let identity = d

@@ -52,11 +52,16 @@ enum Cmd {
         /// this many per second and CPU. 0: off.
         #[arg(long, default_value_t = 0)]
         log_denied: u32,
+        /// Audit mode for every policy: what policies would drop is counted and logged as
+        /// verdict="audit" and let through (one policy: annotation netpol.io/audit: "true").
+        #[arg(long)]
+        audit: bool,
     },
     /// Explain whether a connection is allowed, for both ends, and by which rules.
     Explain {
+        /// A manifests directory; without it, the live cluster (in-cluster config or KUBECONFIG).
         #[arg(long)]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
         /// NAMESPACE/POD or an IP address.
         #[arg(long)]
         from: String,
@@ -69,10 +74,12 @@ enum Cmd {
         #[arg(long, default_value = "TCP")]
         protocol: String,
     },
-    /// Validate a manifests directory and list the problems (exit status 1 if any error).
+    /// Validate a manifests directory (or the live cluster) and list the problems (exit
+    /// status 1 if any error).
     Check {
+        /// A manifests directory; without it, the live cluster (in-cluster config or KUBECONFIG).
         #[arg(long)]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
     },
     /// Stop enforcing on this node: remove the pinned links (programs detach) and maps.
     /// A daemon that exits normally keeps enforcing until its successor takes over.
@@ -92,7 +99,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Explain { manifests, from, to, port, protocol } => match netpol_daemon::cli::explain(&manifests, &from, &to, port, &protocol) {
+        Cmd::Explain { manifests, from, to, port, protocol } => match netpol_daemon::cli::explain(manifests.as_deref(), &from, &to, port, &protocol) {
             Ok((allowed, text)) => {
                 print!("{text}");
                 std::process::exit(if allowed { 0 } else { 3 });
@@ -102,7 +109,7 @@ fn main() {
                 std::process::exit(2);
             }
         },
-        Cmd::Check { manifests } => match netpol_daemon::cli::check(&manifests) {
+        Cmd::Check { manifests } => match netpol_daemon::cli::check(manifests.as_deref()) {
             Ok((errors, text)) => {
                 print!("{text}");
                 std::process::exit(if errors == 0 { 0 } else { 1 });
@@ -118,7 +125,7 @@ fn main() {
                 std::process::exit(1);
             }
         }
-        Cmd::Run { node_name, manifests, metrics_addr, bpffs, poll_ms, established, ct_tcp_timeout, ct_udp_timeout, ct_other_timeout, log_denied } => {
+        Cmd::Run { node_name, manifests, metrics_addr, bpffs, poll_ms, established, ct_tcp_timeout, ct_udp_timeout, ct_other_timeout, log_denied, audit } => {
             unsafe {
                 libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
                 libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -139,6 +146,7 @@ fn main() {
                 bpffs,
                 poll_interval: Duration::from_millis(poll_ms),
                 revalidate_established: established == "revalidate",
+                audit_all: audit,
                 datapath_config: netpol_common::Config {
                     ct_tcp_ns: ct_tcp_timeout.saturating_mul(1_000_000_000),
                     ct_tcp_closing_ns: 0,

@@ -207,7 +207,13 @@ pub struct Policy {
     /// The policy isolates the pods it selects for ingress (policyTypes, defaulted).
     pub isolates_ingress: bool,
     pub isolates_egress: bool,
+    /// Audit mode (annotation [`AUDIT_ANNOTATION`]: "true"): the drops this policy would add
+    /// are counted and logged as `verdict="audit"` and let through.
+    pub audit: bool,
 }
+
+/// The NetworkPolicy annotation that puts one policy in audit mode.
+pub const AUDIT_ANNOTATION: &str = "netpol.io/audit";
 
 /// A Service port: `port` on the cluster IPs, forwarded to `target` on the backends.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -551,6 +557,14 @@ pub fn policy_from_k8s(np: &NetworkPolicy) -> Result<Policy, Vec<FieldError>> {
             }
         }
     };
+    let audit = match np.metadata.annotations.as_ref().and_then(|a| a.get(AUDIT_ANNOTATION)).map(|v| v.as_str()) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            errs.push(format!("metadata.annotations[{AUDIT_ANNOTATION}]"), format!("{other:?} is not \"true\" or \"false\""));
+            false
+        }
+    };
     if !errs.list.is_empty() {
         return Err(errs.list);
     }
@@ -561,6 +575,7 @@ pub fn policy_from_k8s(np: &NetworkPolicy) -> Result<Policy, Vec<FieldError>> {
         egress,
         isolates_ingress,
         isolates_egress,
+        audit,
     })
 }
 

@@ -4,7 +4,7 @@
 //! tables (looked up the way the datapath looks them up) against it.
 use std::net::IpAddr;
 
-use crate::compiler::Cluster;
+use crate::compiler::{Cluster, Verdict};
 use crate::model::*;
 
 /// A packet's destination port as the datapath sees it (`None` for ICMP and other
@@ -27,11 +27,29 @@ fn pod_with_ip(c: &Cluster, ip: IpAddr) -> Option<&Pod> {
 /// Egress to a Service cluster IP is what kube-proxy makes of it: allowed on a service port
 /// when the pod may reach one of the backends on its target port.
 pub fn allowed(c: &Cluster, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> bool {
+    verdict(c, pod, dir, peer, proto, port).passes()
+}
+
+/// Audit mode: audit policies are evaluated as if enforced; what that denies passes anyway
+/// (verdict `Audit`) when the enforcing policies alone (the audit ones ignored) allow it.
+pub fn verdict(c: &Cluster, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> Verdict {
+    if allowed_by(c, &|_| true, pod, dir, peer, proto, port) {
+        Verdict::Allow
+    } else if allowed_by(c, &|p: &Policy| !p.audit, pod, dir, peer, proto, port) {
+        Verdict::Audit
+    } else {
+        Verdict::Deny
+    }
+}
+
+/// [`allowed`] for a cluster holding only the policies `counts` accepts.
+fn allowed_by(c: &Cluster, counts: &dyn Fn(&Policy) -> bool, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> bool {
     if dir == Direction::Egress {
         if let Some(svc) = c.service_with_ip(peer) {
             let isolated = c
                 .policies
                 .values()
+                .filter(|p| counts(p))
                 .any(|p| p.key.namespace == pod.key.namespace && p.pod_selector.matches(&pod.labels) && p.isolates(dir));
             if !isolated {
                 return true;
@@ -39,13 +57,14 @@ pub fn allowed(c: &Cluster, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, 
             return c.service_backends(svc).iter().any(|(sp, backends)| {
                 sp.protocol.number() == proto
                     && Some(sp.port) == port
-                    && backends.iter().any(|(b, t)| allowed(c, pod, dir, *b, proto, Some(*t)))
+                    && backends.iter().any(|(b, t)| allowed_by(c, counts, pod, dir, *b, proto, Some(*t)))
             });
         }
     }
     let selecting: Vec<&Policy> = c
         .policies
         .values()
+        .filter(|p| counts(p))
         .filter(|p| p.key.namespace == pod.key.namespace && p.pod_selector.matches(&pod.labels))
         .filter(|p| p.isolates(dir))
         .collect();

@@ -87,7 +87,7 @@ pub fn cluster(s: &Shape) -> Cluster {
         let key = ObjKey::new(ns.clone(), format!("np-{p}"));
         let port = |proto, port| PortSpec { protocol: proto, port };
         let pol = match kind % 6 {
-            0 => Policy { key, pod_selector: Selector::everything(), ingress: vec![], egress: vec![], isolates_ingress: true, isolates_egress: false },
+            0 => Policy { key, pod_selector: Selector::everything(), ingress: vec![], egress: vec![], isolates_ingress: true, isolates_egress: false, audit: false },
             1 => Policy {
                 key,
                 pod_selector: sel(&[("app", app.clone())]),
@@ -101,6 +101,7 @@ pub fn cluster(s: &Shape) -> Cluster {
                 egress: vec![],
                 isolates_ingress: true,
                 isolates_egress: false,
+                audit: false,
             },
             2 => Policy {
                 key,
@@ -112,6 +113,7 @@ pub fn cluster(s: &Shape) -> Cluster {
                 egress: vec![],
                 isolates_ingress: true,
                 isolates_egress: false,
+                audit: false,
             },
             3 => Policy {
                 key,
@@ -130,6 +132,7 @@ pub fn cluster(s: &Shape) -> Cluster {
                 ],
                 isolates_ingress: false,
                 isolates_egress: true,
+                audit: false,
             },
             4 => Policy {
                 key,
@@ -144,6 +147,7 @@ pub fn cluster(s: &Shape) -> Cluster {
                 egress: vec![],
                 isolates_ingress: true,
                 isolates_egress: false,
+                audit: false,
             },
             _ => Policy {
                 key,
@@ -152,6 +156,7 @@ pub fn cluster(s: &Shape) -> Cluster {
                 egress: vec![],
                 isolates_ingress: true,
                 isolates_egress: false,
+                audit: false,
             },
         };
         c.policies.insert(pol.key.clone(), pol);

@@ -27,7 +27,7 @@ pub fn config() -> &'static Config {
 
 /// Reports a denied packet, at most `deny_events_per_sec` per second on this CPU.
 #[inline(always)]
-pub fn deny_event(endpoint: u32, dir: u8, p: &Packet) {
+pub fn deny_event(endpoint: u32, dir: u8, p: &Packet, verdict: u32) {
     let limit = config().deny_events_per_sec;
     if limit == 0 {
         return;
@@ -48,7 +48,7 @@ pub fn deny_event(endpoint: u32, dir: u8, p: &Packet) {
         dir,
         proto: p.proto,
         family: p.family,
-        _pad: 0,
+        verdict: verdict as u8,
         src: p.src,
         dst: p.dst,
         sport: p.sport,

@@ -71,13 +71,36 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     let allow = !isolated
         || (dir == DIR_INGRESS && policy::is_node_addr(p.family, &p.src))
         || policy::allowed(ep.id, dir, &p);
-    if allow {
+    let v = if allow {
+        VERDICT_ALLOW
+    } else {
+        audit_verdict(&ep, dir)
+    };
+    if v != VERDICT_DENY {
         conntrack::create(&ct, &p);
         conntrack::remember_fragment(ep.id, dir, &p);
-    } else {
-        counters::deny_event(ep.id, dir, &p);
     }
-    verdict(ep.id, dir, allow)
+    if v != VERDICT_ALLOW {
+        counters::deny_event(ep.id, dir, &p, v);
+    }
+    counters::count(ep.id, dir, v);
+    if v == VERDICT_DENY {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
+}
+
+/// A packet the policy tables deny: dropped, unless only audit-mode policies isolate the
+/// endpoint in this direction (then it passes as audit).
+#[inline(always)]
+fn audit_verdict(ep: &EndpointInfo, dir: u8) -> u32 {
+    let audit = if dir == DIR_INGRESS { EP_AUDIT_INGRESS } else { EP_AUDIT_EGRESS };
+    if ep.flags & audit != 0 {
+        VERDICT_AUDIT
+    } else {
+        VERDICT_DENY
+    }
 }
 
 #[inline(always)]

@@ -95,7 +95,7 @@ fn verdict(c: &Cluster, pod: &str, dir: Direction, peer: &str, proto: u8, port: 
 fn via_maps(node: &NodePolicy, key: &ObjKey, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> bool {
     let ids: BTreeMap<ObjKey, u32> = node.pods.keys().enumerate().map(|(i, k)| (k.clone(), i as u32 + 3)).collect();
     let d = entries::desired(node, &ids, &mut ClassInterner::default(), &mut PortSetInterner::default());
-    node.pods[key].dir(dir).is_none() || entries::lookup(&d, ids[key], dir, peer, proto, port)
+    entries::verdict(&d, ids[key], entries::endpoint_flags(&node.pods[key]), dir, peer, proto, port).passes()
 }
 
 use Direction::{Egress, Ingress};
@@ -589,7 +589,8 @@ fn random_cluster(seed: u64) -> Cluster {
             _ => (true, true),
         };
         let key = ObjKey::new(g.pick(NAMESPACES), format!("np{i}"));
-        c.policies.insert(key.clone(), Policy { key, pod_selector: selector(&mut g), ingress, egress, isolates_ingress, isolates_egress });
+        let audit = g.chance(20);
+        c.policies.insert(key.clone(), Policy { key, pod_selector: selector(&mut g), ingress, egress, isolates_ingress, isolates_egress, audit });
     }
     c
 }
@@ -615,18 +616,52 @@ proptest! {
                     for proto in [TCP, UDP, SCTP, ICMP] {
                         let ports: &[Option<u16>] = if proto == ICMP { &[None] } else { &[Some(53), Some(80), Some(81), Some(443), Some(444), Some(8080), Some(9999)] };
                         for &port in ports {
-                            let want = reference::allowed(&c, pod, dir, peer, proto, port);
-                            let got = node.permits(&pod.key, dir, peer, proto, port);
-                            let via_maps = node.pods[&pod.key].dir(dir).is_none() || entries::lookup(&d, ids[&pod.key], dir, peer, proto, port);
+                            let want = reference::verdict(&c, pod, dir, peer, proto, port);
+                            let got = node.verdict(&pod.key, dir, peer, proto, port);
+                            let via_maps = entries::verdict(&d, ids[&pod.key], entries::endpoint_flags(&node.pods[&pod.key]), dir, peer, proto, port);
                             prop_assert_eq!(got, want, "seed {} pod {} {:?} peer {} proto {} port {:?}\ncluster: {:?}\ncompiled: {:?}", seed, pod.key, dir, peer, proto, port, c, node);
                             prop_assert_eq!(via_maps, want, "map entries: seed {} pod {} {:?} peer {} proto {} port {:?}", seed, pod.key, dir, peer, proto, port);
                             let e = explain(&c, &node, &pod.key, dir, peer, proto, port);
-                            prop_assert_eq!(e.allowed, want);
-                            prop_assert_eq!(!e.isolated || !e.allowing_rules.is_empty(), want, "explain: seed {} pod {} {:?} peer {} {:?}", seed, pod.key, dir, peer, e);
+                            prop_assert_eq!(e.verdict, want);
+                            prop_assert_eq!(!e.isolated || !e.allowing_rules.is_empty(), want == Verdict::Allow, "explain: seed {} pod {} {:?} peer {} {:?}", seed, pod.key, dir, peer, e);
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// Verdict (allow / audit / deny) checked three ways, like `verdict`.
+fn verdict3(c: &Cluster, pod: &str, dir: Direction, peer: &str, proto: u8, port: Option<u16>) -> Verdict {
+    let (ns, name) = pod.split_once('/').unwrap();
+    let key = ObjKey::new(ns, name);
+    let p = &c.pods[&key];
+    let node = compile_node(c, p.node_name.as_deref().unwrap());
+    let got = node.verdict(&key, dir, ip(peer), proto, port);
+    assert_eq!(got, reference::verdict(c, p, dir, ip(peer), proto, port), "reference: {pod} {dir:?} {peer} {port:?}");
+    let ids: BTreeMap<ObjKey, u32> = node.pods.keys().enumerate().map(|(i, k)| (k.clone(), i as u32 + 3)).collect();
+    let d = entries::desired(&node, &ids, &mut ClassInterner::default(), &mut PortSetInterner::default());
+    assert_eq!(got, entries::verdict(&d, ids[&key], entries::endpoint_flags(&node.pods[&key]), dir, ip(peer), proto, port), "maps");
+    got
+}
+
+#[test]
+fn audit_mode_policies_count_their_drops_and_let_traffic_through() {
+    const AUDIT: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: trial, namespace: ns1, annotations: {netpol.io/audit: \"true\"}}\nspec: {podSelector: {matchLabels: {app: a}}, ingress: [{from: [{podSelector: {matchLabels: {app: b}}}], ports: [{port: 80}]}]}\n";
+    const ENFORCED: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: live, namespace: ns1}\nspec: {podSelector: {matchLabels: {app: a}}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24}}]}]}\n";
+    // Audit policy alone: what it allows is allowed, what it would drop passes as audit.
+    let c = with(AUDIT);
+    assert_eq!(verdict3(&c, "ns1/a", Ingress, "10.0.0.2", TCP, Some(80)), Verdict::Allow);
+    assert_eq!(verdict3(&c, "ns1/a", Ingress, "10.0.0.2", TCP, Some(81)), Verdict::Audit);
+    assert_eq!(verdict3(&c, "ns1/a", Ingress, "9.9.9.9", UDP, Some(53)), Verdict::Audit);
+    assert_eq!(verdict3(&c, "ns1/a", Egress, "9.9.9.9", UDP, Some(53)), Verdict::Allow, "egress not isolated");
+    // Beside an enforcing policy: drops the enforcing policy makes stay drops.
+    let c = with(&format!("{AUDIT}---\n{ENFORCED}"));
+    assert_eq!(verdict3(&c, "ns1/a", Ingress, "10.0.0.2", TCP, Some(80)), Verdict::Allow);
+    assert_eq!(verdict3(&c, "ns1/a", Ingress, "10.0.0.3", TCP, Some(80)), Verdict::Allow, "the enforced ipBlock allows: union");
+    assert_eq!(verdict3(&c, "ns1/a", Ingress, "9.9.9.9", TCP, Some(80)), Verdict::Deny, "the enforcing policy drops it");
+    // An invalid annotation value is an error naming the field.
+    let errs = errors(&AUDIT.replace("\"true\"", "yes"));
+    assert!(errs.iter().any(|e| e.contains("ns1/trial: metadata.annotations[netpol.io/audit]")), "{errs:?}");
 }
