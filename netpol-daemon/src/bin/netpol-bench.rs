@@ -88,6 +88,67 @@ fn compile_bench(pods: usize, policies: usize, repeats: usize) {
     println!("| one pod label change: recompile node + map contents | {} | {} | {repeats} changes |\n", ms(median(runs.clone())), ms(p99(runs)));
 }
 
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// What a node's daemon does, end to end minus the file/API source: compile the node and
+/// program the real BPF maps (loaded, not attached), first in full, then after each single
+/// pod label change (only differing entries are rewritten).
+fn control_bench(pods: usize, policies: usize, changes: usize) -> anyhow::Result<()> {
+    use netpol_daemon::datapath::{Datapath, Iface};
+    let shape = Shape::new(pods, policies);
+    let mut cluster = synth::cluster(&shape);
+    let node = synth::node_name(0);
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/netpol-bench-ctl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin);
+    let mut dp = Datapath::load_detached(&pin)?;
+    let local = synth::pods_on(&cluster, &node);
+    let ifaces: BTreeMap<ObjKey, Iface> =
+        local.iter().enumerate().map(|(i, k)| (k.clone(), Iface { ifindex: 1000 + i as u32, ifname: format!("fake{i}") })).collect();
+    println!("## Control plane: {pods} pods, {policies} policies, node of {} pods (real BPF maps, programs loaded, not attached)\n", local.len());
+    println!("| what | median | p99 | detail |\n| --- | --- | --- | --- |");
+    let t = Instant::now();
+    let n = compiler::compile_node(&cluster, &node);
+    let rep = dp.sync(&n, &ifaces);
+    let full = t.elapsed();
+    anyhow::ensure!(rep.errors.is_empty(), "{:?}", rep.errors);
+    println!(
+        "| full compile + map programming, empty maps | {} | (one run) | {} IDENTITIES, {} POLICY, {} POLICY_PORTS entries written |",
+        ms(full),
+        rep.identities,
+        rep.policy,
+        rep.ports
+    );
+    let mut runs = Vec::new();
+    for i in 0..changes {
+        let key = &local[i % local.len()];
+        let pod = cluster.pods.get_mut(key).unwrap();
+        let old = pod.labels.insert("app".into(), format!("relabelled-{}", i % 3));
+        let t = Instant::now();
+        let n = compiler::compile_node(&cluster, &node);
+        let rep = dp.sync(&n, &ifaces);
+        runs.push(t.elapsed());
+        anyhow::ensure!(rep.errors.is_empty(), "{:?}", rep.errors);
+        let pod = cluster.pods.get_mut(key).unwrap();
+        match old {
+            Some(v) => pod.labels.insert("app".into(), v),
+            None => pod.labels.remove("app"),
+        };
+        // And back, so every change starts from the same state.
+        let n = compiler::compile_node(&cluster, &node);
+        dp.sync(&n, &ifaces);
+    }
+    println!("| one pod label change: compile + rewrite the differing map entries | {} | {} | {changes} changes |", ms(median(runs.clone())), ms(p99(runs)));
+    println!("\nPeak RSS of this process (cluster model of {pods} pods and {policies} policies, compiled node, map shadows): {:.1} MiB (VmHWM).\n", vm_hwm_kib() as f64 / 1024.0);
+    drop(dp);
+    let _ = std::fs::remove_dir_all(&pin);
+    Ok(())
+}
+
 /// A pod with `n` ingress rules, each allowing one /24 on its own port, plus egress to 10.2/16.
 fn rules_policy(n: usize) -> String {
     let mut y = String::from(
@@ -202,8 +263,17 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        "control" => {
+            let pods = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10_000);
+            let policies = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2_000);
+            let changes = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100);
+            if let Err(e) = control_bench(pods, policies, changes) {
+                eprintln!("netpol-bench control: {e:#}");
+                std::process::exit(1);
+            }
+        }
         other => {
-            eprintln!("usage: netpol-bench compile [PODS POLICIES REPEATS] | packet [REPEAT]   (unknown {other})");
+            eprintln!("usage: netpol-bench compile [PODS POLICIES REPEATS] | packet [REPEAT] | control [PODS POLICIES CHANGES]   (unknown {other})");
             std::process::exit(2);
         }
     }

@@ -10,6 +10,8 @@ use anyhow::{bail, Result};
 use netpol_daemon::lab::{self, Lab};
 use netpol_daemon::metrics::sample;
 
+mod throughput;
+
 const POLICIES: &str = r#"# Event streams namespace: isolate every pod for ingress.
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -192,8 +194,14 @@ fn main() {
     let daemon = std::env::current_exe().unwrap().with_file_name("netpol-daemon");
     let r = match args.first().map(|s| s.as_str()) {
         Some("demo") | None => demo(daemon),
+        // throughput [SECONDS] [REPEATS] [SVG]
+        Some("throughput") => {
+            let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+            let repeats = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
+            throughput::run(daemon, secs, repeats, args.get(3).map(std::path::Path::new))
+        }
         Some(other) => {
-            eprintln!("usage: netpol-lab demo   (unknown command {other})");
+            eprintln!("usage: netpol-lab demo | throughput [SECONDS] [REPEATS] [SVG]   (unknown command {other})");
             std::process::exit(2);
         }
     };

@@ -1,0 +1,208 @@
+//! `netpol-lab throughput`: iperf3 TCP and UDP between two lab pods with (a) no program,
+//! (b) netpol enforcing a policy set that allows the flow, (c) the same policies as iptables
+//! rules in the node namespace, at 10 and 1,000 policies. Prints a Markdown section and
+//! writes an SVG chart.
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use netpol_daemon::lab::Lab;
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+const PORT: u16 = 5201;
+
+/// `n` policies selecting the server: n-1 decoys (a /24 and a port each), then the one that
+/// allows the client; the client's egress allows the server and DNS.
+fn policies(n: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n.saturating_sub(1) {
+        let _ = write!(
+            s,
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: decoy-{i}, namespace: bench}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - from: [{{ipBlock: {{cidr: 10.{}.{}.0/24}}}}]\n    ports: [{{port: {}}}]\n---\n",
+            100 + i / 250,
+            i % 250,
+            10000 + i
+        );
+    }
+    s.push_str("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-client, namespace: bench}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 5201, protocol: TCP}, {port: 5201, protocol: UDP}]\n---\n");
+    s.push_str("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: client-egress, namespace: bench}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: server}}}]\n    ports: [{port: 5201, protocol: TCP}, {port: 5201, protocol: UDP}]\n  - ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]\n");
+    s
+}
+
+/// The same policies as iptables rules in the node's FORWARD chain, as iptables-based agents
+/// write them: established flows first, then one rule per (peer, port), then drop.
+fn iptables_rules(n: usize) -> String {
+    let mut s = String::from("*filter\n:NETPOL-BENCH - [0:0]\n-A FORWARD -j NETPOL-BENCH\n");
+    s.push_str("-A NETPOL-BENCH -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n");
+    // Client egress.
+    for proto in ["tcp", "udp"] {
+        let _ = writeln!(s, "-A NETPOL-BENCH -s {CLIENT_IP}/32 -d {SERVER_IP}/32 -p {proto} --dport {PORT} -j ACCEPT");
+        let _ = writeln!(s, "-A NETPOL-BENCH -s {CLIENT_IP}/32 -p {proto} --dport 53 -j ACCEPT");
+    }
+    let _ = writeln!(s, "-A NETPOL-BENCH -s {CLIENT_IP}/32 -j DROP");
+    // Server ingress.
+    for i in 0..n.saturating_sub(1) {
+        let _ = writeln!(s, "-A NETPOL-BENCH -d {SERVER_IP}/32 -s 10.{}.{}.0/24 -p tcp --dport {} -j ACCEPT", 100 + i / 250, i % 250, 10000 + i);
+    }
+    for proto in ["tcp", "udp"] {
+        let _ = writeln!(s, "-A NETPOL-BENCH -d {SERVER_IP}/32 -s {CLIENT_IP}/32 -p {proto} --dport {PORT} -j ACCEPT");
+    }
+    let _ = writeln!(s, "-A NETPOL-BENCH -d {SERVER_IP}/32 -j DROP\nCOMMIT");
+    s
+}
+
+fn iptables_restore(netns: &str, rules: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "iptables-restore", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("iptables-restore")?;
+    child.stdin.take().unwrap().write_all(rules.as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("iptables-restore failed");
+    }
+    Ok(())
+}
+
+fn iptables_clear(netns: &str) {
+    for args in [vec!["-D", "FORWARD", "-j", "NETPOL-BENCH"], vec!["-F", "NETPOL-BENCH"], vec!["-X", "NETPOL-BENCH"]] {
+        let _ = Command::new("ip").args(["netns", "exec", netns, "iptables"]).args(&args).status();
+    }
+}
+
+/// One iperf3 run from the client pod; received Gbit/s.
+fn iperf(lab: &Lab, udp: bool, secs: u32) -> Result<f64> {
+    let ns = lab.pod("bench/client").netns.clone();
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{ns}"))
+        .args(["iperf3", "-c", &SERVER_IP.to_string(), "-p", &PORT.to_string(), "-t", &secs.to_string(), "-J"]);
+    if udp {
+        cmd.args(["-u", "-b", "0", "-l", "1400"]);
+    }
+    let out = cmd.output().context("iperf3")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3: {e}");
+    }
+    let end = &v["end"];
+    let bps = if udp {
+        let sum = &end["sum"];
+        let lost = sum["lost_percent"].as_f64().unwrap_or(0.0);
+        end["sum_received"]["bits_per_second"].as_f64().unwrap_or(sum["bits_per_second"].as_f64().unwrap_or(0.0) * (1.0 - lost / 100.0))
+    } else {
+        end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0)
+    };
+    if bps <= 0.0 {
+        bail!("iperf3 measured nothing: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(bps / 1e9)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+struct Row {
+    case: String,
+    tcp: f64,
+    udp: f64,
+}
+
+fn measure(lab: &Lab, case: &str, secs: u32, repeats: usize) -> Result<Row> {
+    let (mut t, mut u) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        t.push(iperf(lab, false, secs)?);
+        u.push(iperf(lab, true, secs)?);
+    }
+    eprintln!("throughput: {case}: TCP {:.2} Gbit/s, UDP {:.2} Gbit/s", median(t.clone()), median(u.clone()));
+    Ok(Row { case: case.to_string(), tcp: median(t), udp: median(u) })
+}
+
+fn svg(rows: &[Row]) -> String {
+    let max = rows.iter().flat_map(|r| [r.tcp, r.udp]).fold(0.0f64, f64::max).max(0.001);
+    let (left, width, bar, gap) = (330.0, 420.0, 14.0, 10.0);
+    let height = 40.0 + rows.len() as f64 * (2.0 * bar + gap) + 30.0;
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n", left + width + 90.0);
+    let _ = writeln!(s, "<text x=\"10\" y=\"20\" font-size=\"14\">iperf3 between two lab pods, Gbit/s (median)</text>");
+    let _ = writeln!(s, "<rect x=\"{}\" y=\"28\" width=\"12\" height=\"10\" fill=\"#3b6fb6\"/><text x=\"{}\" y=\"37\">TCP</text><rect x=\"{}\" y=\"28\" width=\"12\" height=\"10\" fill=\"#e08a2c\"/><text x=\"{}\" y=\"37\">UDP</text>", left, left + 16.0, left + 60.0, left + 76.0);
+    let mut y = 50.0;
+    for r in rows {
+        let _ = writeln!(s, "<text x=\"10\" y=\"{}\">{}</text>", y + bar + 4.0, r.case);
+        for (v, color) in [(r.tcp, "#3b6fb6"), (r.udp, "#e08a2c")] {
+            let w = v / max * width;
+            let _ = writeln!(s, "<rect x=\"{left}\" y=\"{y}\" width=\"{w:.1}\" height=\"{bar}\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\">{v:.2}</text>", left + w + 4.0, y + bar - 3.0);
+            y += bar;
+        }
+        y += gap;
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) -> Result<()> {
+    let mut lab = Lab::new()?;
+    lab.add_namespace("bench", &[]);
+    lab.add_pod("bench", "client", CLIENT_IP, &[("app", "client")], &[], &[])?;
+    lab.add_pod("bench", "server", SERVER_IP, &[("app", "server")], &[], &[])?;
+    lab.write_cluster_manifest()?;
+    lab.spawn_in("bench/server", "iperf3", &["-s", "-p", &PORT.to_string()])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let node = lab.node_netns.clone();
+    let mut rows = Vec::new();
+    rows.push(measure(&lab, "(a) no program", secs, repeats)?);
+    for n in [10, 1000] {
+        iptables_restore(&node, &iptables_rules(n))?;
+        let r = measure(&lab, &format!("(c) iptables, {n} policies"), secs, repeats);
+        iptables_clear(&node);
+        rows.push(r?);
+    }
+    lab.write_manifest("policies.yaml", &policies(10))?;
+    lab.start_daemon(&daemon)?;
+    rows.push(measure(&lab, "(b) netpol, 10 policies", secs, repeats)?);
+    let syncs = lab.syncs();
+    lab.write_manifest("policies.yaml", &policies(1000))?;
+    lab.wait_synced(syncs)?;
+    let m = lab.metrics()?;
+    let policies_now = netpol_daemon::metrics::sample(&m, "netpol_policies").unwrap_or(0.0);
+    if policies_now < 1000.0 {
+        bail!("the daemon has {policies_now} policies, expected 1001");
+    }
+    rows.push(measure(&lab, "(b) netpol, 1000 policies", secs, repeats)?);
+    // The flow really was enforced: a port outside the policies is refused.
+    if lab.tcp("bench/client", "bench/server", 5202) {
+        bail!("a port no policy allows was reachable: the programs are not enforcing");
+    }
+
+    let a = &rows[0];
+    println!("## Throughput (iperf3, {secs} s per run, median of {repeats})\n");
+    println!("Two lab pods on one node namespace (veth, /32 routes); TCP single stream, UDP unlimited rate with 1400-byte datagrams (received rate).\n");
+    println!("| case | TCP Gbit/s | UDP Gbit/s | TCP vs (a) | UDP vs (a) |\n| --- | --- | --- | --- | --- |");
+    for r in &rows {
+        println!("| {} | {:.2} | {:.2} | {:.1}% | {:.1}% |", r.case, r.tcp, r.udp, r.tcp / a.tcp * 100.0, r.udp / a.udp * 100.0);
+    }
+    let find = |c: &str| rows.iter().find(|r| r.case == c).unwrap();
+    println!();
+    for n in [10, 1000] {
+        let b = find(&format!("(b) netpol, {n} policies"));
+        let c = find(&format!("(c) iptables, {n} policies"));
+        println!(
+            "- {n} policies: (b)/(a) TCP {:.1}%, UDP {:.1}% (target >= 97%); (b)/(c) TCP {:.2}x, UDP {:.2}x",
+            b.tcp / a.tcp * 100.0,
+            b.udp / a.udp * 100.0,
+            b.tcp / c.tcp,
+            b.udp / c.udp
+        );
+    }
+    if let Some(p) = svg_path {
+        std::fs::write(p, svg(&rows))?;
+        println!("\n![throughput]({})", p.file_name().unwrap().to_string_lossy());
+    }
+    println!();
+    Ok(())
+}
