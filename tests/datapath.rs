@@ -374,3 +374,19 @@ fn audit_mode_passes_would_be_drops_and_counts_them() {
     verdicts.sort();
     assert_eq!(verdicts, vec![(ig, D, 22), (eg, AU, 443)]);
 }
+
+#[test]
+fn programs_pass_the_verifier_well_below_its_limits() {
+    let Some(f) = fixture("") else { return };
+    let stats = f.dp.program_stats();
+    assert_eq!(stats.len(), 2, "{stats:?}");
+    for (name, verified, insns, _) in stats {
+        let verified = verified.expect("kernel reports verified_insns (5.16+)");
+        let insns = insns.expect("translated size");
+        eprintln!("{name}: {verified} instructions processed by the verifier, {insns} instructions");
+        // The verifier's complexity limit is 1,000,000 processed instructions; 4,096 is the
+        // size limit of unprivileged programs. Stay far from both.
+        assert!(verified < 200_000, "{name}: {verified} processed instructions");
+        assert!(insns < 4096, "{name}: {insns} instructions");
+    }
+}

@@ -300,6 +300,20 @@ impl Datapath {
         self.limits = Limits { identities: l.identities.min(d.identities), policy: l.policy.min(d.policy), ports: l.ports.min(d.ports) };
     }
 
+    /// Per program: (name, instructions the verifier processed, translated bytes / 8 = BPF
+    /// instructions after verification, JIT-compiled bytes), as the kernel reports them.
+    pub fn program_stats(&self) -> Vec<(String, Option<u32>, Option<u32>, Option<u32>)> {
+        let mut out = Vec::new();
+        for name in [programs::FROM_POD, programs::TO_POD] {
+            let Some(p) = self.ebpf.program(name) else { continue };
+            let Ok(p): Result<&SchedClassifier, _> = p.try_into() else { continue };
+            if let Ok(info) = p.info() {
+                out.push((name.to_string(), info.verified_instruction_count(), info.size_translated().map(|b| b / 8), Some(info.size_jitted())));
+            }
+        }
+        out
+    }
+
     /// Runtime settings for the programs (conntrack timeouts, deny events).
     pub fn set_config(&mut self, c: &Config) -> Result<()> {
         self.config.set(0, *c, 0)?;

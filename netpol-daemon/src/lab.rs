@@ -239,6 +239,30 @@ impl Lab {
         Ok(i)
     }
 
+    /// Removes a pod as the kubelet and CNI would: its network namespace and veth pair go away
+    /// (call `write_cluster_manifest` to drop it from the manifests).
+    pub fn remove_pod(&mut self, key: &str) -> Result<()> {
+        let i = self.pods.iter().position(|p| p.key() == key).ok_or_else(|| anyhow::anyhow!("no pod {key}"))?;
+        let pod = self.pods.remove(i);
+        run("ip", &["netns", "delete", &pod.netns])?;
+        REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).netns.retain(|n| *n != pod.netns);
+        Ok(())
+    }
+
+    /// The interfaces of the node namespace.
+    pub fn node_interfaces(&self) -> Result<Vec<String>> {
+        let out = Command::new("ip").args(["-n", &self.node_netns, "-o", "link", "show"]).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n).to_string()))
+            .collect())
+    }
+
+    /// The daemon's process id.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|c| c.id())
+    }
+
     /// Adds a named container port to a pod's manifest (the server must be one of its ports).
     pub fn name_port(&mut self, pod: usize, name: &str, port: u16, protocol: &'static str) {
         self.pods[pod].named.push(NamedPort { name: name.to_string(), port, protocol });

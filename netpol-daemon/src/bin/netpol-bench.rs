@@ -180,6 +180,14 @@ fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
         let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/netpol-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&pin);
         let mut dp = Datapath::load_detached(&pin)?;
+        if n == counts[0] {
+            println!("Programs as loaded by this kernel (verifier-processed instructions; BPF instructions after verification; JIT bytes):\n");
+            for (name, verified, insns, jited) in dp.program_stats() {
+                let f = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into());
+                println!("- `{name}`: {} verified, {} instructions, {} JIT bytes", f(verified), f(insns), f(jited));
+            }
+            println!();
+        }
         let mut loaded = netpol_daemon::manifests::Loaded::default();
         netpol_daemon::manifests::load_text(std::path::Path::new("bench.yaml"), &rules_policy(n), &mut loaded);
         anyhow::ensure!(loaded.errors.is_empty(), "{:?}", loaded.errors);
