@@ -14,7 +14,10 @@
 //! ports. No per-rule work per packet, overlapping rules are a true union (an `except` in one
 //! rule never hides an address another rule allows), and a rule selecting every pod of the
 //! cluster costs one entry per local pod, not one per cluster pod.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Hash maps keyed by our own values: a fast non-cryptographic hasher (no untrusted keys).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::net::IpAddr;
 use std::rc::Rc;
 
@@ -307,8 +310,8 @@ pub struct Index<'a> {
 
 impl<'a> Index<'a> {
     pub fn new(cluster: &'a Cluster) -> Index<'a> {
-        let mut pods_by_ns: HashMap<&str, Vec<&Pod>> = HashMap::new();
-        let mut pod_by_ip = HashMap::with_capacity(cluster.pods.len());
+        let mut pods_by_ns: HashMap<&str, Vec<&Pod>> = HashMap::default();
+        let mut pod_by_ip = HashMap::with_capacity_and_hasher(cluster.pods.len(), Default::default());
         for p in cluster.pods.values().filter(|p| p.selectable()) {
             pods_by_ns.entry(p.key.namespace.as_str()).or_default().push(p);
             for ip in &p.ips {
@@ -322,7 +325,7 @@ impl<'a> Index<'a> {
                 ns_labels.push((n, std::borrow::Cow::Owned(Namespace::implicit(n).labels)));
             }
         }
-        let mut policies_by_ns: HashMap<&str, Vec<&Policy>> = HashMap::new();
+        let mut policies_by_ns: HashMap<&str, Vec<&Policy>> = HashMap::default();
         for p in cluster.policies.values() {
             policies_by_ns.entry(p.key.namespace.as_str()).or_default().push(p);
         }
@@ -454,12 +457,12 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
     // Resolve every rule in use once; rules are numbered in RuleRef order. Rules with the same
     // peers share one peer set ("group"): classes are computed over groups.
     type PodPeerKey<'s> = (Option<&'s Selector>, &'s Selector, Option<&'s str>);
-    let mut pod_peer_cache: HashMap<PodPeerKey, PodIps> = HashMap::new();
+    let mut pod_peer_cache: HashMap<PodPeerKey, PodIps> = HashMap::default();
     let empty = PodIps(Rc::new(Vec::new()));
     let mut groups: Vec<PeerSet> = Vec::new();
-    let mut group_ids: HashMap<PeerSet, u32> = HashMap::new();
+    let mut group_ids: HashMap<PeerSet, u32> = HashMap::default();
     let mut rules: Vec<Resolved> = Vec::new();
-    let mut rule_no: HashMap<(&ObjKey, Direction), usize> = HashMap::new();
+    let mut rule_no: HashMap<(&ObjKey, Direction), usize> = HashMap::default();
     for ((key, dir), pol) in &used {
         rule_no.insert((*key, *dir), rules.len());
         for (i, rule) in pol.rules(*dir).iter().enumerate() {
@@ -548,7 +551,7 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
         }
     }
     // Every service cluster IP is a class of its own.
-    let mut service_of: HashMap<IpAddr, &Service> = HashMap::new();
+    let mut service_of: HashMap<IpAddr, &Service> = HashMap::default();
     for svc in index.cluster.services.values() {
         for ip in &svc.cluster_ips {
             service_of.insert(*ip, svc);
@@ -562,7 +565,7 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
 
     // Membership: each peer set marks the candidates whose region it contains.
     let mut members: Vec<Vec<u32>> = vec![Vec::new(); cands.len()];
-    let mut list_hits: HashMap<*const Vec<IpAddr>, Rc<Vec<usize>>> = HashMap::new();
+    let mut list_hits: HashMap<*const Vec<IpAddr>, Rc<Vec<usize>>> = HashMap::default();
     for (gi, g) in groups.iter().enumerate() {
         let PeerSet::Some { blocks, pod_ips } = g else { continue };
         let mut hits: Vec<usize> = Vec::new();
@@ -596,7 +599,7 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
     let mut class_groups: Vec<Vec<u32>> = vec![Vec::new()];
     let mut classes: Vec<ClassKey> = vec![ClassKey::default()];
     type ClassId = (Vec<u32>, Vec<(String, Protocol, u16)>, Option<ObjKey>);
-    let mut class_ids: HashMap<ClassId, usize> = HashMap::new();
+    let mut class_ids: HashMap<ClassId, usize> = HashMap::default();
     class_ids.insert((Vec::new(), Vec::new(), None), 0);
     let mut table: BTreeMap<Cidr, usize> = BTreeMap::new();
     for (i, prefix) in cands.iter().enumerate() {

@@ -1,7 +1,10 @@
 //! The kernel side: loads the TC programs with maps pinned under the bpffs path, attaches them
 //! to pod interfaces (TCX where the kernel has it, clsact + cls_bpf otherwise) and keeps the maps
 //! equal to the compiled state by applying only differences.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Hash maps keyed by our own values: a fast non-cryptographic hasher (no untrusted keys).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -193,14 +196,14 @@ impl Datapath {
 
         // Adopt what a previous daemon left in the pinned maps: it keeps enforcing until the
         // first sync replaces it entry by entry. New ids start above the adopted ones.
-        let mut installed_identities = HashMap::new();
+        let mut installed_identities = HashMap::default();
         let mut max_class = 0;
         for item in identities.iter() {
             let (k, v) = item?;
             max_class = max_class.max(v);
             installed_identities.insert((k.prefix_len(), k.data()), v);
         }
-        let mut installed_policy = HashMap::new();
+        let mut installed_policy = HashMap::default();
         for item in policy.iter() {
             let (k, v) = item?;
             max_class = max_class.max(k.identity);
@@ -213,7 +216,7 @@ impl Datapath {
             max_set = max_set.max(k.data().portset);
             installed_ports.insert((k.prefix_len(), k.data()));
         }
-        let mut adopted_ids = HashMap::new();
+        let mut adopted_ids = HashMap::default();
         for (ifindex, info) in endpoints.all()? {
             adopted_ids.insert(ifindex, info.id);
         }
@@ -222,7 +225,7 @@ impl Datapath {
             installed_node_addrs.insert(k?);
         }
         let next_id = adopted_ids.values().max().map_or(0, |m| m + 1);
-        let mut adopted_links = HashMap::new();
+        let mut adopted_links = HashMap::default();
         if let Ok(rd) = std::fs::read_dir(pin_dir.join("links")) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();

@@ -1,6 +1,9 @@
 //! Pure translation of a compiled node into datapath map contents (keys and values of
 //! netpol-common), and an emulation of the BPF lookup over them. No I/O.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Hash maps keyed by our own values: a fast non-cryptographic hasher (no untrusted keys).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use netpol_common::*;
 
@@ -38,14 +41,14 @@ pub struct Interner<K> {
 
 impl<K> Default for Interner<K> {
     fn default() -> Self {
-        Interner { ids: HashMap::new(), next: 1 }
+        Interner { ids: HashMap::default(), next: 1 }
     }
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Interner<K> {
     /// Starts handing out ids at `next` (ids below may be in use in adopted maps).
     pub fn starting_at(next: u32) -> Self {
-        Interner { ids: HashMap::new(), next: next.max(1) }
+        Interner { ids: HashMap::default(), next: next.max(1) }
     }
 
     pub fn id(&mut self, k: &K) -> u32 {

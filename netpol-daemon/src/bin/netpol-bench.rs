@@ -124,12 +124,14 @@ fn control_bench(pods: usize, policies: usize, changes: usize) -> anyhow::Result
         rep.ports
     );
     let mut runs = Vec::new();
+    let mut compile_runs = Vec::new();
     for i in 0..changes {
         let key = &local[i % local.len()];
         let pod = cluster.pods.get_mut(key).unwrap();
         let old = pod.labels.insert("app".into(), format!("relabelled-{}", i % 3));
         let t = Instant::now();
         let n = compiler::compile_node(&cluster, &node);
+        compile_runs.push(t.elapsed());
         let rep = dp.sync(&n, &ifaces);
         runs.push(t.elapsed());
         anyhow::ensure!(rep.errors.is_empty(), "{:?}", rep.errors);
@@ -143,6 +145,7 @@ fn control_bench(pods: usize, policies: usize, changes: usize) -> anyhow::Result
         dp.sync(&n, &ifaces);
     }
     println!("| one pod label change: compile + rewrite the differing map entries | {} | {} | {changes} changes |", ms(median(runs.clone())), ms(p99(runs)));
+    println!("| of which compile | {} | {} | |", ms(median(compile_runs.clone())), ms(p99(compile_runs)));
     println!("\nPeak RSS of this process (cluster model of {pods} pods and {policies} policies, compiled node, map shadows): {:.1} MiB (VmHWM).\n", vm_hwm_kib() as f64 / 1024.0);
     drop(dp);
     let _ = std::fs::remove_dir_all(&pin);
