@@ -474,3 +474,48 @@ fn five_hundred_pods_come_and_go_without_leaks() {
     assert_eq!(lab.node_interfaces().unwrap(), ifaces_before, "interfaces left behind");
     assert!(lab.daemon_log().lines().all(|l| !l.contains("panicked")));
 }
+
+/// A pod the CNI has wired but whose address the API does not report yet is default-deny in
+/// the directions its policies will isolate, until it is programmed; then its policies apply
+/// without a gap. A starting pod without policies is never blocked.
+#[test]
+fn a_starting_pod_is_closed_until_programmed_and_an_unisolated_one_is_never_blocked() {
+    let Some(mut lab) = lab() else { return };
+    lab.add_namespace("locked", &[]);
+    lab.add_namespace("open", &[]);
+    lab.add_pod("locked", "client", ip("10.244.6.2"), &[("app", "client")], &[], &[]).unwrap();
+    lab.write_cluster_manifest().unwrap();
+    lab.write_manifest(
+        "policy.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: locked}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n",
+    )
+    .unwrap();
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+
+    // The pod is scheduled and wired, its IP not reported: nothing may reach it yet.
+    lab.add_pod("locked", "web", ip("10.244.6.3"), &[("app", "web")], &[8080, 9090], &[]).unwrap();
+    lab.set_ip_reported("locked/web", false);
+    lab.write_cluster_manifest().unwrap();
+    let t0 = std::time::Instant::now();
+    while sample(&lab.metrics().unwrap(), "netpol_endpoints") != Some(2.0) {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "pending interface not programmed:\n{}", lab.daemon_log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!lab.tcp("locked/client", "locked/web", 8080), "open before its policies are programmed");
+    assert!(!lab.tcp("locked/client", "locked/web", 9090));
+
+    // The IP is reported: the policy applies (the client on 8080, nothing else).
+    lab.set_ip_reported("locked/web", true);
+    let syncs = lab.syncs();
+    lab.write_cluster_manifest().unwrap();
+    lab.wait_synced(syncs).unwrap();
+    check(&lab, &[("locked/client", "locked/web", "tcp", 8080, true), ("locked/client", "locked/web", "tcp", 9090, false)]);
+    assert_eq!(sample(&lab.metrics().unwrap(), "netpol_endpoints"), Some(2.0), "the pending entry became the pod's");
+
+    // A starting pod in a namespace without policies is reachable all along.
+    lab.add_pod("open", "free", ip("10.244.6.4"), &[("app", "free")], &[8080], &[]).unwrap();
+    lab.set_ip_reported("open/free", false);
+    lab.write_cluster_manifest().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert!(lab.tcp("locked/client", "open/free", 8080), "a pod without policies was blocked while starting");
+}

@@ -427,6 +427,39 @@ pub fn compile_node(cluster: &Cluster, node: &str) -> NodePolicy {
     compile_pods(&index, &local)
 }
 
+/// The namespace under which not-yet-identified pod interfaces are programmed.
+pub const PENDING_NAMESPACE: &str = "<pending>";
+
+/// Pods scheduled on `node` that have no address yet (the CNI is wiring them). Returns, per
+/// direction (ingress, egress), whether *every* such pod will be isolated in that direction;
+/// `None` when there is no such pod. A new pod interface that no known pod address claims yet
+/// is denied in those directions until its pod is programmed: no window where an isolated pod
+/// is open, and a pod without policies is never blocked (when pending pods disagree, the
+/// direction stays open).
+pub fn pending_isolation(cluster: &Cluster, node: &str) -> Option<[bool; 2]> {
+    let index = Index::new(cluster);
+    let mut out: Option<[bool; 2]> = None;
+    for pod in cluster.pods.values().filter(|p| p.node_name.as_deref() == Some(node) && !p.host_network && p.ips.is_empty()) {
+        let pols: Vec<&Policy> = index.policies_for(pod).collect();
+        let iso = Direction::BOTH.map(|d| pols.iter().any(|p| p.isolates(d)));
+        out = Some(match out {
+            None => iso,
+            Some(o) => [o[0] && iso[0], o[1] && iso[1]],
+        });
+    }
+    out
+}
+
+/// A compiled entry for a pending interface: isolated directions allow nothing.
+pub fn pending_pod(ifname: &str, iso: [bool; 2]) -> CompiledPod {
+    CompiledPod {
+        key: ObjKey::new(PENDING_NAMESPACE, ifname),
+        ips: Vec::new(),
+        ingress: iso[0].then(DirPolicy::default),
+        egress: iso[1].then(DirPolicy::default),
+    }
+}
+
 /// One rule in use on the node, with its peers resolved.
 struct Resolved<'a> {
     rref: RuleRef,

@@ -1,7 +1,7 @@
 //! The run loop: source (manifests directory) -> cluster model -> compiler -> datapath.
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,6 +30,10 @@ pub struct RunConfig {
     /// Conntrack timeouts and deny events.
     pub datapath_config: netpol_common::Config,
 }
+
+/// How long an interface nobody claims is held default-deny (a host route through a veth that
+/// is not a pod's after all is released).
+const PENDING_MAX: Duration = Duration::from_secs(60);
 
 /// Logs deny events from the ring buffer as structured lines.
 fn log_deny_events(mut rb: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
@@ -193,6 +197,9 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut last_resolve = Instant::now() - Duration::from_secs(3600);
     let mut unresolved = false;
     let mut change_age: Option<(Duration, Instant)> = None;
+    // Pod interfaces (veth host routes) no known pod address claims yet: first seen.
+    let mut unclaimed: BTreeMap<u32, (IpAddr, Instant)> = BTreeMap::new();
+    let mut last_pending: Vec<u32> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let down = !source.healthy();
         if shared.status.lock().unwrap().source_down != down {
@@ -236,7 +243,25 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 }
             }
         }
-        if changed || retry {
+        // New pod interfaces that no known pod claims: programmed default-deny (for the
+        // directions every pending pod's policies isolate) until their pod is known.
+        let local_ips: std::collections::BTreeSet<IpAddr> = cluster
+            .pods
+            .values()
+            .filter(|p| p.node_name.as_deref() == Some(cfg.node_name.as_str()))
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        let routes = netlink::veth_host_routes().unwrap_or_default();
+        unclaimed.retain(|ifindex, (ip, _)| routes.iter().any(|(a, i)| a == ip && i == ifindex) && !local_ips.contains(ip));
+        for (ip, ifindex) in &routes {
+            if !local_ips.contains(ip) {
+                unclaimed.entry(*ifindex).or_insert((*ip, Instant::now()));
+            }
+        }
+        let pending: Vec<u32> = unclaimed.iter().filter(|(_, (_, t))| t.elapsed() < PENDING_MAX).map(|(i, _)| *i).collect();
+        let pending_changed = pending != last_pending;
+        last_pending = pending.clone();
+        if changed || retry || pending_changed {
             let t0 = Instant::now();
             last_resolve = Instant::now();
             let node = compiler::compile_node(&cluster, &cfg.node_name);
@@ -251,6 +276,17 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     None => {
                         unresolved = true;
                         errors.push(format!("{k}: no host interface for {:?} yet", c.ips));
+                    }
+                }
+            }
+            let mut node = node;
+            if !pending.is_empty() {
+                if let Some(iso) = compiler::pending_isolation(&cluster, &cfg.node_name).filter(|i| i[0] || i[1]) {
+                    for ifindex in &pending {
+                        let Ok(ifname) = netlink::ifname(*ifindex) else { continue };
+                        let c = compiler::pending_pod(&ifname, iso);
+                        ifaces.insert(c.key.clone(), Iface { ifindex: *ifindex, ifname });
+                        node.pods.insert(c.key.clone(), c);
                     }
                 }
             }

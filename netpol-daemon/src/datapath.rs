@@ -516,6 +516,23 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
             .filter_map(|(k, c)| ifaces.get(k).map(|i| (k, (i, entries::endpoint_flags(c)))))
             .collect();
 
+        // A pending interface claimed by its pod keeps its programs and id (no detach, no
+        // window): only its entries and flags change below.
+        let claimed: Vec<(ObjKey, ObjKey)> = self
+            .attached
+            .iter()
+            .filter(|(k, _)| k.namespace == crate::compiler::PENDING_NAMESPACE && !pods.contains_key(*k))
+            .filter_map(|(k, a)| {
+                pods.iter()
+                    .find(|(pk, (i, _))| pk.namespace != crate::compiler::PENDING_NAMESPACE && i.ifindex == a.ifindex && !self.attached.contains_key(**pk))
+                    .map(|(pk, _)| (k.clone(), (*pk).clone()))
+            })
+            .collect();
+        for (old, new) in claimed {
+            let a = self.attached.remove(&old).expect("present");
+            self.attached.insert(new, a);
+        }
+
         // Interfaces that disappeared or changed: detach first (the ids are freed below).
         let stale: Vec<ObjKey> = self
             .attached

@@ -111,6 +111,8 @@ pub struct LabPod {
     pub named: Vec<NamedPort>,
     /// Written into the manifests as a Pod (false: a host outside the cluster).
     pub declared: bool,
+    /// Its address is in the Pod's status (false: scheduled and wired, IP not reported yet).
+    pub ip_reported: bool,
 }
 
 impl LabPod {
@@ -233,6 +235,7 @@ impl Lab {
             udp: udp.to_vec(),
             named: Vec::new(),
             declared,
+            ip_reported: true,
         });
         let i = self.pods.len() - 1;
         self.serve(i)?;
@@ -247,6 +250,13 @@ impl Lab {
         run("ip", &["netns", "delete", &pod.netns])?;
         REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).netns.retain(|n| *n != pod.netns);
         Ok(())
+    }
+
+    /// Sets whether a pod's address is reported in its status (call `write_cluster_manifest`).
+    pub fn set_ip_reported(&mut self, key: &str, reported: bool) {
+        if let Some(p) = self.pods.iter_mut().find(|p| p.key() == key) {
+            p.ip_reported = reported;
+        }
     }
 
     /// The interfaces of the node namespace.
@@ -382,14 +392,17 @@ impl Lab {
                 let name = p.named.iter().find(|n| n.port == *port && n.protocol == "UDP").map(|n| format!(", \"name\": \"{}\"", n.name)).unwrap_or_default();
                 ports.push(format!("{{\"containerPort\": {port}, \"protocol\": \"UDP\"{name}}}"));
             }
+            let status = if p.ip_reported {
+                format!("status:\n  phase: Running\n  podIP: {}\n  podIPs: [{{\"ip\": \"{}\"}}]\n", p.ip, p.ip)
+            } else {
+                "status:\n  phase: Pending\n".to_string()
+            };
             y.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {}\nspec:\n  nodeName: {NODE_NAME}\n  containers:\n  - name: app\n    image: lab\n    ports: [{}]\nstatus:\n  phase: Running\n  podIP: {}\n  podIPs: [{{\"ip\": \"{}\"}}]\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {}\nspec:\n  nodeName: {NODE_NAME}\n  containers:\n  - name: app\n    image: lab\n    ports: [{}]\n{status}",
                 p.name,
                 p.namespace,
                 json_map(&p.labels),
                 ports.join(", "),
-                p.ip,
-                p.ip
             ));
         }
         for svc in &self.services {

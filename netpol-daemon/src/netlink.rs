@@ -162,6 +162,142 @@ pub fn pod_interface(addr: IpAddr) -> io::Result<(u32, String)> {
     Ok((r.ifindex, name))
 }
 
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_DONE: u16 = 3;
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const RT_TABLE_MAIN: u8 = 254;
+
+/// Sends a dump request (`ty` with an `rtgenmsg`-sized family header padded to `hdr_len`) and
+/// returns the bodies of the `want` messages of the reply.
+fn dump(ty: u16, family: u8, hdr_len: usize, want: u16) -> io::Result<Vec<Vec<u8>>> {
+    let total = size_of::<NlMsgHdr>() + hdr_len;
+    let hdr = NlMsgHdr { len: total as u32, ty, flags: NLM_F_REQUEST | NLM_F_DUMP, seq: 2, pid: 0 };
+    let mut msg = Vec::with_capacity(total);
+    msg.extend_from_slice(as_bytes(&hdr));
+    msg.push(family);
+    msg.resize(total, 0);
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    struct Fd(i32);
+    impl Drop for Fd {
+        fn drop(&mut self) {
+            unsafe { libc::close(self.0) };
+        }
+    }
+    let fd = Fd(fd);
+    let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
+    unsafe {
+        libc::setsockopt(fd.0, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, size_of::<libc::timeval>() as u32);
+    }
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as u16;
+    let n = unsafe {
+        libc::sendto(fd.0, msg.as_ptr() as *const libc::c_void, msg.len(), 0, &sa as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_nl>() as u32)
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = unsafe { libc::recv(fd.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut rest = &buf[..n as usize];
+        while rest.len() >= size_of::<NlMsgHdr>() {
+            let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes([rest[4], rest[5]]);
+            if len < size_of::<NlMsgHdr>() || len > rest.len() {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed netlink dump"));
+            }
+            match ty {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(rest[16..20].try_into().unwrap());
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                t if t == want => out.push(rest[size_of::<NlMsgHdr>()..len].to_vec()),
+                _ => {}
+            }
+            rest = &rest[((len + 3) & !3).min(rest.len())..];
+        }
+    }
+}
+
+/// Walks netlink attributes: (type without flags, payload).
+fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let alen = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let aty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if alen < 4 || alen > b.len() {
+            break;
+        }
+        out.push((aty, &b[4..alen]));
+        b = &b[((alen + 3) & !3).min(b.len())..];
+    }
+    out
+}
+
+/// Interfaces of the calling thread's network namespace whose link kind is `veth`.
+pub fn veth_interfaces() -> io::Result<Vec<u32>> {
+    // struct ifinfomsg: family, pad, type (u16), index (i32), flags, change: 16 bytes.
+    let mut out = Vec::new();
+    for body in dump(RTM_GETLINK, libc::AF_UNSPEC as u8, 16, RTM_NEWLINK)? {
+        if body.len() < 16 {
+            continue;
+        }
+        let index = i32::from_ne_bytes(body[4..8].try_into().unwrap()) as u32;
+        let is_veth = attrs(&body[16..]).into_iter().any(|(t, v)| {
+            t == IFLA_LINKINFO && attrs(v).into_iter().any(|(t, k)| t == IFLA_INFO_KIND && k.split(|b| *b == 0).next() == Some(b"veth"))
+        });
+        if is_veth {
+            out.push(index);
+        }
+    }
+    Ok(out)
+}
+
+/// Host routes (/32, /128) of the main table through veth interfaces: (address, ifindex).
+/// What a CNI installs for each pod as it wires it, before the pod's IP is reported.
+pub fn veth_host_routes() -> io::Result<Vec<(IpAddr, u32)>> {
+    let veths = veth_interfaces()?;
+    let mut out = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for body in dump(RTM_GETROUTE, family, size_of::<RtMsg>(), RTM_NEWROUTE)? {
+            if body.len() < size_of::<RtMsg>() {
+                continue;
+            }
+            let (dst_len, table) = (body[1], body[4]);
+            let full = if family == libc::AF_INET as u8 { 32 } else { 128 };
+            if dst_len != full || table != RT_TABLE_MAIN {
+                continue;
+            }
+            let (mut dst, mut oif) = (None, None);
+            for (t, v) in attrs(&body[size_of::<RtMsg>()..]) {
+                match t {
+                    RTA_DST if v.len() == 4 => dst = Some(IpAddr::from(<[u8; 4]>::try_from(v).unwrap())),
+                    RTA_DST if v.len() == 16 => dst = Some(IpAddr::from(<[u8; 16]>::try_from(v).unwrap())),
+                    RTA_OIF if v.len() >= 4 => oif = Some(u32::from_ne_bytes(v[..4].try_into().unwrap())),
+                    _ => {}
+                }
+            }
+            if let (Some(d), Some(i)) = (dst, oif) {
+                if veths.contains(&i) {
+                    out.push((d, i));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Every address configured in the calling thread's network namespace.
 pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -200,6 +336,13 @@ mod tests {
         let r = route_get("127.0.0.1".parse().unwrap()).unwrap();
         assert_eq!(ifname(r.ifindex).unwrap(), "lo");
         assert!(pod_interface("127.0.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn dumps_parse() {
+        // The test's own namespace may have no veth at all; the dumps must still parse.
+        veth_interfaces().unwrap();
+        veth_host_routes().unwrap();
     }
 
     #[test]
