@@ -46,6 +46,37 @@ pub struct RouteInfo {
     pub dst_len: u8,
 }
 
+/// A netlink route socket, closed on drop.
+struct Fd(i32);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// Opens a NETLINK_ROUTE socket (2 s receive timeout) and sends `msg` to the kernel.
+fn send(msg: &[u8]) -> io::Result<Fd> {
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = Fd(fd);
+    let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
+    unsafe {
+        libc::setsockopt(fd.0, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, size_of::<libc::timeval>() as u32);
+    }
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as u16;
+    let n = unsafe {
+        libc::sendto(fd.0, msg.as_ptr() as *const libc::c_void, msg.len(), 0, &sa as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_nl>() as u32)
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
 fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, size_of::<T>()) }
 }
@@ -72,29 +103,7 @@ pub fn route_get(addr: IpAddr) -> io::Result<RouteInfo> {
     msg.extend_from_slice(&RTA_DST.to_ne_bytes());
     msg.extend_from_slice(&bytes);
 
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    struct Fd(i32);
-    impl Drop for Fd {
-        fn drop(&mut self) {
-            unsafe { libc::close(self.0) };
-        }
-    }
-    let fd = Fd(fd);
-    let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
-    unsafe {
-        libc::setsockopt(fd.0, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, size_of::<libc::timeval>() as u32);
-    }
-    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    sa.nl_family = libc::AF_NETLINK as u16;
-    let n = unsafe {
-        libc::sendto(fd.0, msg.as_ptr() as *const libc::c_void, msg.len(), 0, &sa as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_nl>() as u32)
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = send(&msg)?;
     let mut buf = vec![0u8; 8192];
     let n = unsafe { libc::recv(fd.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
     if n < 0 {
@@ -179,29 +188,7 @@ fn dump(ty: u16, family: u8, hdr_len: usize, want: u16) -> io::Result<Vec<Vec<u8
     msg.extend_from_slice(as_bytes(&hdr));
     msg.push(family);
     msg.resize(total, 0);
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    struct Fd(i32);
-    impl Drop for Fd {
-        fn drop(&mut self) {
-            unsafe { libc::close(self.0) };
-        }
-    }
-    let fd = Fd(fd);
-    let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
-    unsafe {
-        libc::setsockopt(fd.0, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, size_of::<libc::timeval>() as u32);
-    }
-    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    sa.nl_family = libc::AF_NETLINK as u16;
-    let n = unsafe {
-        libc::sendto(fd.0, msg.as_ptr() as *const libc::c_void, msg.len(), 0, &sa as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_nl>() as u32)
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = send(&msg)?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 65536];
     loop {
