@@ -510,7 +510,10 @@ fn a_starting_pod_is_closed_until_programmed_and_an_unisolated_one_is_never_bloc
     lab.write_cluster_manifest().unwrap();
     lab.wait_synced(syncs).unwrap();
     check(&lab, &[("locked/client", "locked/web", "tcp", 8080, true), ("locked/client", "locked/web", "tcp", 9090, false)]);
-    assert_eq!(sample(&lab.metrics().unwrap(), "netpol_endpoints"), Some(2.0), "the pending entry became the pod's");
+    let m = lab.metrics().unwrap();
+    assert_eq!(sample(&m, "netpol_endpoints"), Some(2.0), "the pending entry became the pod's");
+    assert_eq!(sample(&m, "netpol_pod_isolated_by{namespace=\"locked\",pod=\"web\",direction=\"ingress\",policy=\"web\"}"), Some(1.0), "{m}");
+    assert!(sample(&m, "netpol_packets_total{namespace=\"locked\",pod=\"web\",direction=\"ingress\",verdict=\"deny\"}").is_some_and(|v| v >= 1.0), "{m}");
 
     // A starting pod in a namespace without policies is reachable all along.
     lab.add_pod("open", "free", ip("10.244.6.4"), &[("app", "free")], &[8080], &[]).unwrap();

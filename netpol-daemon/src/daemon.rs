@@ -320,6 +320,16 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 st.policies = cluster.policies.len();
                 st.last_sync_seconds = t0.elapsed().as_secs_f64();
                 st.fail_closed = report.fail_closed.clone();
+                st.isolated_by = node
+                    .pods
+                    .iter()
+                    .filter(|(k, _)| ifaces.contains_key(*k))
+                    .flat_map(|(k, c)| {
+                        [("ingress", &c.ingress), ("egress", &c.egress)]
+                            .into_iter()
+                            .filter_map(move |(d, dp)| dp.as_ref().map(|dp| (k.clone(), d, dp.policies.clone())))
+                    })
+                    .collect();
                 if let Some((age, at)) = change_age.take() {
                     st.programming_latency.observe((age + at.elapsed()).as_secs_f64());
                 }

@@ -23,6 +23,9 @@ pub struct Status {
     pub port_entries: usize,
     pub policies: usize,
     pub last_sync_seconds: f64,
+    /// Per programmed pod and direction: the policies that isolate it (what its default-deny
+    /// drops are attributed to).
+    pub isolated_by: Vec<(ObjKey, &'static str, Vec<ObjKey>)>,
     /// Local pods failing closed because their entries do not fit the maps.
     pub fail_closed: Vec<ObjKey>,
     /// The source (Kubernetes API) is unreachable; the last state is enforced.
@@ -88,6 +91,17 @@ pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) ->
                     ));
                 }
             }
+        }
+    }
+    out.push_str("# HELP netpol_pod_isolated_by 1 for each policy isolating a pod in a direction: the policies its default-deny drops (verdict=\"deny\") come from.\n# TYPE netpol_pod_isolated_by gauge\n");
+    for (pod, dir, policies) in &status.isolated_by {
+        for p in policies {
+            out.push_str(&format!(
+                "netpol_pod_isolated_by{{namespace=\"{}\",pod=\"{}\",direction=\"{dir}\",policy=\"{}\"}} 1\n",
+                escape(&pod.namespace),
+                escape(&pod.name),
+                escape(&p.name)
+            ));
         }
     }
     out.push_str("# HELP netpol_pod_fail_closed 1 for a local pod whose map entries do not fit: its isolated directions deny everything.\n# TYPE netpol_pod_fail_closed gauge\n");
@@ -236,6 +250,7 @@ mod tests {
             st.programming_latency.observe(v);
         }
         st.fail_closed = vec![ObjKey::new("a", "big")];
+        st.isolated_by = vec![(ObjKey::new("a", "web"), "ingress", vec![ObjKey::new("a", "deny-all"), ObjKey::new("a", "allow-api")])];
         let text = render(&st, true, None);
         let b = |le: &str| sample(&text, &format!("netpol_programming_latency_seconds_bucket{{le=\"{le}\"}}"));
         assert_eq!(b("0.001"), Some(1.0));
@@ -246,6 +261,7 @@ mod tests {
         assert_eq!(sample(&text, "netpol_programming_latency_seconds_count"), Some(5.0));
         assert_eq!(sample(&text, "netpol_pod_fail_closed{namespace=\"a\",pod=\"big\"}"), Some(1.0));
         assert_eq!(sample(&text, "netpol_fail_closed_pods"), Some(1.0));
+        assert_eq!(sample(&text, "netpol_pod_isolated_by{namespace=\"a\",pod=\"web\",direction=\"ingress\",policy=\"allow-api\"}"), Some(1.0));
     }
 
     #[test]
