@@ -200,10 +200,14 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     // Pod interfaces (veth host routes) no known pod address claims yet: first seen.
     let mut unclaimed: BTreeMap<u32, (IpAddr, Instant)> = BTreeMap::new();
     let mut last_pending: Vec<u32> = Vec::new();
+    // Addresses of this node's pods in the current cluster state (recomputed on each load).
+    let mut local_ips: std::collections::BTreeSet<IpAddr> = Default::default();
+    // Some pod of this node has no address yet: only then are host routes watched.
+    let mut awaiting_ip = false;
     while !stop.load(Ordering::SeqCst) {
         let down = !source.healthy();
-        if shared.status.lock().unwrap().source_down != down {
-            shared.status.lock().unwrap().source_down = down;
+        let was_down = std::mem::replace(&mut shared.status.lock().unwrap().source_down, down);
+        if was_down != down {
             if down {
                 log::warn!("the Kubernetes API is unreachable; enforcing the last known state");
             }
@@ -235,6 +239,16 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                             p.audit = true;
                         }
                     }
+                    local_ips = cluster
+                        .pods
+                        .values()
+                        .filter(|p| p.node_name.as_deref() == Some(cfg.node_name.as_str()))
+                        .flat_map(|p| p.ips.iter().copied())
+                        .collect();
+                    awaiting_ip = cluster
+                        .pods
+                        .values()
+                        .any(|p| p.node_name.as_deref() == Some(cfg.node_name.as_str()) && !p.host_network && p.ips.is_empty());
                 }
                 Err(e) => {
                     log::error!("{e:#}; keeping the last state");
@@ -245,13 +259,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         }
         // New pod interfaces that no known pod claims: programmed default-deny (for the
         // directions every pending pod's policies isolate) until their pod is known.
-        let local_ips: std::collections::BTreeSet<IpAddr> = cluster
-            .pods
-            .values()
-            .filter(|p| p.node_name.as_deref() == Some(cfg.node_name.as_str()))
-            .flat_map(|p| p.ips.iter().copied())
-            .collect();
-        let routes = netlink::veth_host_routes().unwrap_or_default();
+        let routes = if awaiting_ip { netlink::veth_host_routes().unwrap_or_default() } else { Vec::new() };
         unclaimed.retain(|ifindex, (ip, _)| routes.iter().any(|(a, i)| a == ip && i == ifindex) && !local_ips.contains(ip));
         for (ip, ifindex) in &routes {
             if !local_ips.contains(ip) {

@@ -378,16 +378,7 @@ pub fn pod_from_k8s(pod: &K8sPod) -> Result<Option<Pod>, Vec<FieldError>> {
             let ci = idx.entry(field).or_default();
             for (pi, p) in c.ports.iter().flatten().enumerate() {
                 let path = format!("spec.{field}[{}].ports[{pi}]", *ci);
-                let protocol = match p.protocol.as_deref() {
-                    None => Protocol::Tcp,
-                    Some(s) => match Protocol::parse(s) {
-                        Some(p) => p,
-                        None => {
-                            errs.push(format!("{path}.protocol"), format!("unknown protocol {s:?} (want TCP, UDP or SCTP)"));
-                            continue;
-                        }
-                    },
-                };
+                let Some(protocol) = protocol(&mut errs, &path, p.protocol.as_deref()) else { continue };
                 if !(1..=65535).contains(&p.container_port) {
                     errs.push(format!("{path}.containerPort"), format!("{} is not in 1-65535", p.container_port));
                     continue;
@@ -434,16 +425,7 @@ pub fn service_from_k8s(svc: &k8s_openapi::api::core::v1::Service) -> Result<Opt
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let path = format!("spec.ports[{i}]");
-        let protocol = match p.protocol.as_deref() {
-            None => Protocol::Tcp,
-            Some(s) => match Protocol::parse(s) {
-                Some(pr) => pr,
-                None => {
-                    errs.push(format!("{path}.protocol"), format!("unknown protocol {s:?} (want TCP, UDP or SCTP)"));
-                    continue;
-                }
-            },
-        };
+        let Some(protocol) = protocol(&mut errs, &path, p.protocol.as_deref()) else { continue };
         if !(1..=65535).contains(&p.port) {
             errs.push(format!("{path}.port"), format!("{} is not in 1-65535", p.port));
             continue;
@@ -678,17 +660,22 @@ fn peer(errs: &mut Errs, path: &str, p: &NetworkPolicyPeer) -> Option<Peer> {
     }
 }
 
-fn port(errs: &mut Errs, path: &str, p: &NetworkPolicyPort) -> Option<PortSpec> {
-    let protocol = match p.protocol.as_deref() {
-        None => Protocol::Tcp,
-        Some(s) => match Protocol::parse(s) {
-            Some(pr) => pr,
-            None => {
+/// A `protocol` field of `path`: absent means TCP; an unknown one is an error.
+fn protocol(errs: &mut Errs, path: &str, value: Option<&str>) -> Option<Protocol> {
+    match value {
+        None => Some(Protocol::Tcp),
+        Some(s) => {
+            let p = Protocol::parse(s);
+            if p.is_none() {
                 errs.push(format!("{path}.protocol"), format!("unknown protocol {s:?} (want TCP, UDP or SCTP)"));
-                return None;
             }
-        },
-    };
+            p
+        }
+    }
+}
+
+fn port(errs: &mut Errs, path: &str, p: &NetworkPolicyPort) -> Option<PortSpec> {
+    let protocol = protocol(errs, path, p.protocol.as_deref())?;
     let port = match (&p.port, p.end_port) {
         (None, None) => PortRef::Any,
         (None, Some(_)) => {

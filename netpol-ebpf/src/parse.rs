@@ -40,6 +40,30 @@ pub struct Packet {
     pub related: Inner,
 }
 
+impl Packet {
+    /// Every field set (the verifier rejects reads of uninitialized stack).
+    #[inline(always)]
+    fn new(family: u8, proto: u8) -> Packet {
+        Packet {
+            family,
+            proto,
+            src: [0; 16],
+            dst: [0; 16],
+            sport: 0,
+            dport: 0,
+            has_ports: false,
+            tcp_flags: 0,
+            icmp_type: 0,
+            fragment: false,
+            frag_id: 0,
+            later_fragment: false,
+            more_fragments: false,
+            has_related: false,
+            related: Inner { proto: 0, src: [0; 16], dst: [0; 16], sport: 0, dport: 0 },
+        }
+    }
+}
+
 /// The header embedded in an ICMP error.
 #[derive(Clone, Copy)]
 pub struct Inner {
@@ -85,23 +109,7 @@ fn parse_v4_fast(ctx: &TcContext) -> Option<Packet> {
     if ihl < 20 {
         return None;
     }
-    let mut p = Packet {
-        family: FAMILY_V4,
-        proto: eth[ETH_HLEN + 9],
-        src: [0; 16],
-        dst: [0; 16],
-        sport: 0,
-        dport: 0,
-        has_ports: false,
-        tcp_flags: 0,
-        icmp_type: 0,
-        fragment: false,
-        frag_id: 0,
-        later_fragment: false,
-        more_fragments: false,
-        has_related: false,
-        related: Inner { proto: 0, src: [0; 16], dst: [0; 16], sport: 0, dport: 0 },
-    };
+    let mut p = Packet::new(FAMILY_V4, eth[ETH_HLEN + 9]);
     p.src[..4].copy_from_slice(&eth[ETH_HLEN + 12..ETH_HLEN + 16]);
     p.dst[..4].copy_from_slice(&eth[ETH_HLEN + 16..ETH_HLEN + 20]);
     let frag = u16::from_be_bytes([eth[ETH_HLEN + 6], eth[ETH_HLEN + 7]]);
@@ -136,23 +144,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
         return Ok(Parsed::Ip(p));
     }
     let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
-    let mut p = Packet {
-        family: 0,
-        proto: 0,
-        src: [0; 16],
-        dst: [0; 16],
-        sport: 0,
-        dport: 0,
-        has_ports: false,
-        tcp_flags: 0,
-        icmp_type: 0,
-        fragment: false,
-        frag_id: 0,
-        later_fragment: false,
-        more_fragments: false,
-        has_related: false,
-        related: Inner { proto: 0, src: [0; 16], dst: [0; 16], sport: 0, dport: 0 },
-    };
+    let mut p = Packet::new(0, 0);
     let l4_off;
     let first_fragment;
     match ethertype {
