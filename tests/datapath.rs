@@ -390,3 +390,49 @@ fn programs_pass_the_verifier_well_below_its_limits() {
         assert!(insns < 4096, "{name}: {insns} instructions");
     }
 }
+
+#[test]
+fn allowed_packets_are_counted_against_the_policy_that_allowed_them() {
+    let pol = |name: &str, ingress: &str| {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: t}}\nspec: {{podSelector: {{}}, ingress: [{ingress}]}}\n")
+    };
+    let a = pol("a-internal", "{from: [{ipBlock: {cidr: 10.0.0.0/8}}], ports: [{port: 80}]}");
+    let b = pol("b-public", "{ports: [{port: 80}, {port: 443}]}");
+    let Some(mut f) = fixture(&format!("{a}---\n{b}")) else { return };
+    let web = v4("10.1.0.10");
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    // Port 80 from 10/8: both allow, counted once, against the first (slot 0); its reply
+    // (egress is not isolated) belongs to the same flow.
+    assert_eq!(run(&mut f, i, &tcp4(v4("10.7.0.1"), web, 40000, 80, TCP_SYN)), OK);
+    assert_eq!(run(&mut f, e, &tcp4(web, v4("10.7.0.1"), 80, 40000, TCP_SYN | TCP_ACK)), OK);
+    assert_eq!(run(&mut f, i, &tcp4(v4("10.7.0.1"), web, 40000, 80, TCP_ACK)), OK);
+    // 443 from anywhere: only b-public.
+    assert_eq!(run(&mut f, i, &tcp4(v4("192.0.2.1"), web, 40001, 443, TCP_SYN)), OK);
+    // Denied, and egress that no policy had to allow: not counted against any policy.
+    assert_eq!(run(&mut f, i, &tcp4(v4("192.0.2.1"), web, 40002, 22, TCP_SYN)), SHOT);
+    assert_eq!(run(&mut f, e, &tcp4(web, v4("192.0.2.9"), 40003, 443, TCP_SYN)), OK);
+    let c = CounterReader::open(&f.pin).unwrap();
+    let (ig, eg) = (netpol_common::DIR_INGRESS, netpol_common::DIR_EGRESS);
+    let slots = |c: &CounterReader, d| (0..4).map(|s| c.read_policy(0, d, s)).collect::<Vec<_>>();
+    assert_eq!(slots(&c, ig), vec![3, 1, 0, 0]);
+    assert_eq!(slots(&c, eg), vec![0, 0, 0, 0]);
+    let (labels, retired) = f.dp.policy_slots();
+    assert_eq!(labels, vec![(0, ObjKey::new("t", "web"), ig, vec!["a-internal".to_string(), "b-public".to_string()])]);
+    assert!(retired.is_empty());
+
+    // A policy sorting first shifts the slots: the old counts are kept under their policies
+    // and the slots start again from zero with their new meaning.
+    let z = pol("0-ssh", "{ports: [{port: 22}]}");
+    let mut loaded = Loaded::default();
+    load_text(Path::new("t.yaml"), &format!("{POD}\n---\n{z}---\n{a}---\n{b}"), &mut loaded);
+    let node = compile_node(&loaded.cluster, "n");
+    let ifaces: BTreeMap<ObjKey, Iface> = [(ObjKey::new("t", "web"), Iface { ifindex: 1, ifname: "lo".into() })].into();
+    assert!(f.dp.sync(&node, &ifaces).errors.is_empty());
+    assert_eq!(run(&mut f, i, &tcp4(v4("192.0.2.1"), web, 40004, 22, TCP_SYN)), OK);
+    assert_eq!(slots(&c, ig), vec![1, 0, 0, 0]);
+    let (labels, retired) = f.dp.policy_slots();
+    assert_eq!(labels[0].3, vec!["0-ssh".to_string(), "a-internal".to_string(), "b-public".to_string()]);
+    let web_key = ObjKey::new("t", "web");
+    assert_eq!(retired.get(&(web_key.clone(), ig, "a-internal".to_string())), Some(&3));
+    assert_eq!(retired.get(&(web_key, ig, "b-public".to_string())), Some(&1));
+}

@@ -127,6 +127,11 @@ fn default_deny_ingress_then_allow_labelled_pods_and_live_edit() {
     let allowed = sample(&m, "netpol_packets_total{namespace=\"kafka\",pod=\"broker\",direction=\"ingress\",verdict=\"allow\"}").unwrap();
     assert!(denied >= 5.0, "denied counter {denied}\n{m}");
     assert!(allowed >= 5.0, "allowed counter {allowed}\n{m}");
+    // The allowed connections are counted against the policy that allowed them (kept after
+    // the policy went away), never against the default-deny one.
+    let by_policy = sample(&m, "netpol_policy_allowed_packets_total{namespace=\"kafka\",pod=\"broker\",direction=\"ingress\",policy=\"allow-api\"}");
+    assert!(by_policy.is_some_and(|v| v >= 4.0), "allowed by allow-api: {by_policy:?}\n{m}");
+    assert!(sample(&m, "netpol_policy_allowed_packets_total{namespace=\"kafka\",pod=\"broker\",direction=\"ingress\",policy=\"default-deny\"}").is_none_or(|v| v == 0.0), "{m}");
     assert_eq!(sample(&m, "netpol_ready"), Some(1.0));
 }
 

@@ -63,6 +63,22 @@ pub const VERDICT_DENY: u32 = 1;
 /// Denied by an audit-mode policy, let through.
 pub const VERDICT_AUDIT: u32 = 2;
 
+/// Policies per endpoint and direction that allowed packets are attributed to: the slot is
+/// the policy's index in the pod's sorted list of policies isolating it in that direction; the
+/// last slot also stands for every later policy.
+pub const POLICY_SLOTS: u32 = 16;
+/// No policy decided (the direction is not isolated, a node address, an audit pass).
+pub const SLOT_NONE: u32 = u32::MAX;
+/// [`PolicyValue::flags`] bits 8..16: the slot of the policy allowing everything.
+pub const POLICY_SLOT_SHIFT: u32 = 8;
+
+/// Index in `POLICY_COUNTERS` (packets of flows a policy allowed) for an endpoint, the
+/// direction of the policy and its slot.
+#[inline(always)]
+pub const fn policy_counter_index(endpoint: u32, dir: u8, slot: u32) -> u32 {
+    (endpoint * 2 + dir as u32) * POLICY_SLOTS + slot
+}
+
 /// Index of a counter in `COUNTERS` for an endpoint, direction and verdict.
 #[inline(always)]
 pub const fn counter_index(endpoint: u32, dir: u8, verdict: u32) -> u32 {
@@ -83,6 +99,7 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_RATE: &str = "EVENT_RATE";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const POLICY_COUNTERS: &str = "POLICY_COUNTERS";
 }
 
 /// Program names (the function names in netpol-ebpf).
@@ -153,7 +170,8 @@ pub const PORT_KEY_FIXED_BITS: u32 = 48;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PortValue {
-    pub flags: u32,
+    /// Slot of the policy that allows these ports (see [`POLICY_SLOTS`]).
+    pub slot: u32,
 }
 
 /// Conntrack key: the packet's own tuple as seen by `endpoint` in direction `dir`.
@@ -178,7 +196,9 @@ pub const CT_TCP_FIN_SEEN: u32 = 1;
 pub struct CtValue {
     pub last_seen_ns: u64,
     pub flags: u32,
-    pub _pad: u32,
+    /// Slot of the policy (of the entry's endpoint, in the entry's direction) that allowed the
+    /// flow, or [`SLOT_NONE`]: the flow's packets, both ways, count in `POLICY_COUNTERS`.
+    pub policy: u32,
 }
 
 /// A fragmented datagram whose first fragment was allowed: its later fragments (which carry

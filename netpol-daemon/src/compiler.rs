@@ -25,10 +25,30 @@ use crate::cidr::Cidr;
 use crate::model::*;
 use crate::selector::Selector;
 
-/// Allowed ports: per protocol, sorted disjoint non-adjacent inclusive ranges.
+/// Slot of the policy that allowed a port or class: its index in the pod's
+/// [`DirPolicy::policies`] for that direction, capped at `POLICY_SLOTS - 1` (which then stands
+/// for "that policy or a later one"). Used only to attribute allowed packets in the counters.
+pub type Slot = u8;
+
+/// The slot a policy at `index` in a pod's policy list gets.
+pub fn slot_of(index: usize) -> Slot {
+    index.min(netpol_common::POLICY_SLOTS as usize - 1) as Slot
+}
+
+/// One run of allowed ports and the slot of a policy that allows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+    pub slot: Slot,
+}
+
+/// Allowed ports: per protocol, sorted disjoint inclusive ranges, each attributed to the
+/// lowest slot of the policies whose rules allow it (adjacent ranges merge when their slots
+/// agree).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortSet {
-    ranges: BTreeMap<Protocol, Vec<(u16, u16)>>,
+    ranges: BTreeMap<Protocol, Vec<PortRange>>,
 }
 
 impl PortSet {
@@ -36,15 +56,47 @@ impl PortSet {
         self.ranges.is_empty()
     }
 
+    /// Adds `lo..=hi` attributed to slot 0.
     pub fn add(&mut self, proto: Protocol, lo: u16, hi: u16) {
+        self.add_from(proto, lo, hi, 0);
+    }
+
+    /// Adds `lo..=hi` allowed by the policy in `slot`; where the set already has ports, the
+    /// lower slot keeps them.
+    pub fn add_from(&mut self, proto: Protocol, lo: u16, hi: u16, slot: Slot) {
         let v = self.ranges.entry(proto).or_default();
-        v.push((lo, hi));
-        v.sort_unstable();
-        let mut merged: Vec<(u16, u16)> = Vec::with_capacity(v.len());
-        for &(a, b) in v.iter() {
+        let (lo32, hi32) = (lo as u32, hi as u32);
+        let mut out: Vec<PortRange> = Vec::with_capacity(v.len() + 3);
+        // Next port of lo..=hi not yet emitted.
+        let mut next = lo32;
+        for r in v.iter() {
+            let (a, b) = (r.lo as u32, r.hi as u32);
+            if b < lo32 || a > hi32 {
+                out.push(*r);
+                continue;
+            }
+            if a < lo32 {
+                out.push(PortRange { lo: r.lo, hi: lo - 1, slot: r.slot });
+            }
+            if next < a {
+                out.push(PortRange { lo: next as u16, hi: (a - 1) as u16, slot });
+            }
+            let (s, e) = (a.max(lo32), b.min(hi32));
+            out.push(PortRange { lo: s as u16, hi: e as u16, slot: r.slot.min(slot) });
+            if b > hi32 {
+                out.push(PortRange { lo: hi + 1, hi: r.hi, slot: r.slot });
+            }
+            next = e + 1;
+        }
+        if next <= hi32 {
+            out.push(PortRange { lo: next as u16, hi, slot });
+        }
+        out.sort_unstable();
+        let mut merged: Vec<PortRange> = Vec::with_capacity(out.len());
+        for r in out {
             match merged.last_mut() {
-                Some(last) if a as u32 <= last.1 as u32 + 1 => last.1 = last.1.max(b),
-                _ => merged.push((a, b)),
+                Some(last) if last.slot == r.slot && r.lo as u32 == last.hi as u32 + 1 => last.hi = r.hi,
+                _ => merged.push(r),
             }
         }
         *v = merged;
@@ -52,20 +104,24 @@ impl PortSet {
 
     pub fn union(&mut self, other: &PortSet) {
         for (p, rs) in &other.ranges {
-            for &(a, b) in rs {
-                self.add(*p, a, b);
+            for r in rs {
+                self.add_from(*p, r.lo, r.hi, r.slot);
             }
         }
     }
 
-    pub fn contains(&self, proto: Protocol, port: u16) -> bool {
-        self.ranges.get(&proto).is_some_and(|rs| {
-            let i = rs.partition_point(|&(_, hi)| hi < port);
-            i < rs.len() && rs[i].0 <= port
-        })
+    /// The slot of the policy allowing `port`, if allowed.
+    pub fn slot(&self, proto: Protocol, port: u16) -> Option<Slot> {
+        let rs = self.ranges.get(&proto)?;
+        let i = rs.partition_point(|r| r.hi < port);
+        (i < rs.len() && rs[i].lo <= port).then(|| rs[i].slot)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (Protocol, &[(u16, u16)])> {
+    pub fn contains(&self, proto: Protocol, port: u16) -> bool {
+        self.slot(proto, port).is_some()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Protocol, &[PortRange])> {
         self.ranges.iter().map(|(p, r)| (*p, r.as_slice()))
     }
 }
@@ -73,8 +129,8 @@ impl PortSet {
 /// What a prefix allows.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Allow {
-    /// Every protocol and port (a rule without `ports`).
-    All,
+    /// Every protocol and port (a rule without `ports`), by the policy in the slot.
+    All(Slot),
     Ports(PortSet),
 }
 
@@ -87,23 +143,33 @@ impl Allow {
         matches!(self, Allow::Ports(p) if p.is_empty())
     }
 
+    pub fn is_all(&self) -> bool {
+        matches!(self, Allow::All(_))
+    }
+
     fn union(&mut self, other: &Allow) {
         match (&mut *self, other) {
-            (Allow::All, _) => {}
-            (_, Allow::All) => *self = Allow::All,
+            (Allow::All(a), Allow::All(b)) => *a = (*a).min(*b),
+            (Allow::All(_), _) => {}
+            (_, Allow::All(b)) => *self = Allow::All(*b),
             (Allow::Ports(a), Allow::Ports(b)) => a.union(b),
         }
     }
 
-    /// `proto` is an IP protocol number, `port` the destination port when the packet has one.
-    pub fn permits(&self, proto: u8, port: Option<u16>) -> bool {
+    /// The slot of a policy that allows the packet, if one does. `proto` is an IP protocol
+    /// number, `port` the destination port when the packet has one.
+    pub fn decides(&self, proto: u8, port: Option<u16>) -> Option<Slot> {
         match self {
-            Allow::All => true,
+            Allow::All(s) => Some(*s),
             Allow::Ports(ps) => match (Protocol::from_number(proto), port) {
-                (Some(p), Some(port)) => ps.contains(p, port),
-                _ => false,
+                (Some(p), Some(port)) => ps.slot(p, port),
+                _ => None,
             },
         }
+    }
+
+    pub fn permits(&self, proto: u8, port: Option<u16>) -> bool {
+        self.decides(proto, port).is_some()
     }
 }
 
@@ -163,6 +229,13 @@ impl Verdict {
 impl DirPolicy {
     pub fn allow_for(&self, class: usize) -> Option<&Allow> {
         self.allows.get(&class).or_else(|| self.allows.get(&0))
+    }
+
+    /// The policy that the datapath counts an allowed packet against (some policy whose
+    /// rules allow it), or `None` when the packet is not allowed.
+    pub fn allowed_by(&self, class: usize, proto: u8, port: Option<u16>) -> Option<&ObjKey> {
+        let slot = self.allow_for(class)?.decides(proto, port)?;
+        self.policies.get(slot as usize)
     }
 
     pub fn verdict(&self, class: usize, proto: u8, port: Option<u16>) -> Verdict {
@@ -683,15 +756,15 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
     let with_ports: Vec<usize> = (0..classes.len()).filter(|c| !classes[*c].ports.is_empty()).collect();
 
     // What one pod may send/receive per class in one direction under the given rules.
-    let dir_allows = |pod: &Pod, dir: Direction, pod_rules: &[&Resolved]| -> BTreeMap<usize, Allow> {
+    let dir_allows = |pod: &Pod, dir: Direction, pod_rules: &[(&Resolved, Slot)]| -> BTreeMap<usize, Allow> {
         // Class 0 is the fallback for classes without an entry: the rules without peer
         // restriction. Only classes where the pod's verdict differs get an entry.
         let mut base = Allow::nothing();
-        for r in pod_rules.iter().filter(|r| r.any) {
-            base.union(&rule_allow(pod, dir, r.rule, &classes[0]));
+        for (r, slot) in pod_rules.iter().filter(|(r, _)| r.any) {
+            base.union(&rule_allow(pod, dir, r.rule, &classes[0], *slot));
         }
         let mut relevant: BTreeSet<usize> = BTreeSet::new();
-        for r in pod_rules {
+        for (r, _) in pod_rules {
             if r.any {
                 if r.named_egress {
                     relevant.extend(with_ports.iter().copied());
@@ -707,12 +780,12 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
         for ci in relevant {
             let class = &classes[ci];
             let mut allow = base.clone();
-            for r in pod_rules {
-                if allow == Allow::All {
+            for (r, slot) in pod_rules {
+                if allow.is_all() {
                     break;
                 }
                 if (r.any && r.named_egress) || (!r.any && class_groups[ci].binary_search(&r.group).is_ok()) {
-                    allow.union(&rule_allow(pod, dir, r.rule, class));
+                    allow.union(&rule_allow(pod, dir, r.rule, class, *slot));
                 }
             }
             if allow != base {
@@ -732,8 +805,10 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
                 let Some(svc) = index.cluster.services.get(sk) else { continue };
                 let mut ps = PortSet::default();
                 for (sp, backends) in index.cluster.service_backends(svc) {
-                    if backends.iter().any(|(b, t)| allow_at(*b).is_some_and(|a| a.permits(sp.protocol.number(), Some(*t)))) {
-                        ps.add(sp.protocol, sp.port, sp.port);
+                    // Attributed to the lowest slot among the backends' allows.
+                    let slot = backends.iter().filter_map(|(b, t)| allow_at(*b)?.decides(sp.protocol.number(), Some(*t))).min();
+                    if let Some(slot) = slot {
+                        ps.add_from(sp.protocol, sp.port, sp.port, slot);
                     }
                 }
                 svc_allows.push((ci, Allow::Ports(ps)));
@@ -751,11 +826,12 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
             if policies.is_empty() {
                 continue;
             }
-            let rules_of = |pols: &[&Policy]| -> Vec<&Resolved> {
+            let rules_of = |pols: &[&Policy]| -> Vec<(&Resolved, Slot)> {
                 pols.iter()
-                    .flat_map(|p| {
+                    .enumerate()
+                    .flat_map(|(i, p)| {
                         let first = rule_no[&(&p.key, dir)];
-                        rules[first..first + p.rules(dir).len()].iter()
+                        rules[first..first + p.rules(dir).len()].iter().map(move |r| (r, slot_of(i)))
                     })
                     .collect()
             };
@@ -816,7 +892,7 @@ pub fn explain(cluster: &Cluster, node: &NodePolicy, pod: &ObjKey, dir: Directio
                 let class = if class.service.is_some() && dir == Direction::Egress { &node.classes[node.class_of(*addr)] } else { class };
                 debug_assert!(class.service.is_none() || dir == Direction::Ingress);
                 let peer_ok = rule.peers.is_none() || class.rules.binary_search(&r).is_ok();
-                peer_ok && rule_allow(p, dir, rule, class).permits(*proto, *port)
+                peer_ok && rule_allow(p, dir, rule, class, 0).permits(*proto, *port)
             });
             if matches {
                 out.allowing_rules.push(r);
@@ -827,27 +903,27 @@ pub fn explain(cluster: &Cluster, node: &NodePolicy, pod: &ObjKey, dir: Directio
 }
 
 /// Ports a rule allows to the addresses of a class.
-fn rule_allow(pod: &Pod, dir: Direction, rule: &Rule, class: &ClassKey) -> Allow {
+fn rule_allow(pod: &Pod, dir: Direction, rule: &Rule, class: &ClassKey, slot: Slot) -> Allow {
     let Some(specs) = &rule.ports else {
-        return Allow::All;
+        return Allow::All(slot);
     };
     let mut ps = PortSet::default();
     for spec in specs {
         match &spec.port {
-            PortRef::Any => ps.add(spec.protocol, 0, u16::MAX),
-            PortRef::Range(a, b) => ps.add(spec.protocol, *a, *b),
+            PortRef::Any => ps.add_from(spec.protocol, 0, u16::MAX, slot),
+            PortRef::Range(a, b) => ps.add_from(spec.protocol, *a, *b, slot),
             // Ingress: the selected pod's own ports. Egress: the destination pod's, carried
             // by the class.
             PortRef::Named(name) => match dir {
                 Direction::Ingress => {
                     for port in pod.named_ports(name, spec.protocol) {
-                        ps.add(spec.protocol, port, port);
+                        ps.add_from(spec.protocol, port, port, slot);
                     }
                 }
                 Direction::Egress => {
                     for (n, proto, port) in &class.ports {
                         if n == name && *proto == spec.protocol {
-                            ps.add(spec.protocol, *port, *port);
+                            ps.add_from(spec.protocol, *port, *port, slot);
                         }
                     }
                 }

@@ -328,6 +328,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 st.policies = cluster.policies.len();
                 st.last_sync_seconds = t0.elapsed().as_secs_f64();
                 st.fail_closed = report.fail_closed.clone();
+                (st.policy_slots, st.policy_retired) = dp.policy_slots();
                 st.isolated_by = node
                     .pods
                     .iter()

@@ -80,6 +80,12 @@ pub struct Datapath {
     ports: LpmTrie<MapData, PortKey, PortValue>,
     node_addrs: BpfHashMap<MapData, AddrKey, u8>,
     counters: PerCpuArray<MapData, u64>,
+    policy_counters: PerCpuArray<MapData, u64>,
+    /// Per endpoint id and direction: the policies whose slots its POLICY_COUNTERS hold.
+    slot_policies: HashMap<(u32, u8), Vec<ObjKey>>,
+    /// Counts folded out of the map when a pod's policy list (the meaning of its slots)
+    /// changed: (pod, direction, policy label) -> packets.
+    retired_counts: BTreeMap<(ObjKey, u8, String), u64>,
     config: aya::maps::Array<MapData, Config>,
     conntrack: BpfHashMap<MapData, CtKey, CtValue>,
     events: Option<aya::maps::RingBuf<MapData>>,
@@ -190,6 +196,7 @@ impl Datapath {
         let ports: LpmTrie<MapData, PortKey, PortValue> = take(&mut ebpf, maps::POLICY_PORTS)?;
         let node_addrs: BpfHashMap<MapData, AddrKey, u8> = take(&mut ebpf, maps::NODE_ADDRS)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::COUNTERS)?;
+        let policy_counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::POLICY_COUNTERS)?;
         let config: aya::maps::Array<MapData, Config> = take(&mut ebpf, maps::CONFIG)?;
         let conntrack: BpfHashMap<MapData, CtKey, CtValue> = take(&mut ebpf, maps::CONNTRACK)?;
         let events: aya::maps::RingBuf<MapData> = take(&mut ebpf, maps::EVENTS)?;
@@ -248,6 +255,9 @@ impl Datapath {
             ports,
             node_addrs,
             counters,
+            policy_counters,
+            slot_policies: HashMap::default(),
+            retired_counts: BTreeMap::new(),
             config,
             conntrack,
             events: Some(events),
@@ -407,12 +417,67 @@ impl Datapath {
     fn reset_counters(&mut self, id: u32) {
         let ncpu = aya::util::nr_cpus().unwrap_or(1);
         for dir in [DIR_INGRESS, DIR_EGRESS] {
-            for verdict in [VERDICT_ALLOW, VERDICT_DENY] {
+            for verdict in [VERDICT_ALLOW, VERDICT_DENY, VERDICT_AUDIT] {
                 if let Ok(zero) = PerCpuValues::try_from(vec![0u64; ncpu]) {
                     let _ = self.counters.set(counter_index(id, dir, verdict), zero, 0);
                 }
             }
+            for slot in 0..POLICY_SLOTS {
+                if let Ok(zero) = PerCpuValues::try_from(vec![0u64; ncpu]) {
+                    let _ = self.policy_counters.set(policy_counter_index(id, dir, slot), zero, 0);
+                }
+            }
+            self.slot_policies.remove(&(id, dir));
         }
+    }
+
+    /// Keeps the per-policy counters meaningful when the policies of a pod change: the slots
+    /// of an endpoint whose policy list changed are folded into `retired_counts` under their
+    /// old meaning and zeroed. (The first list seen for an endpoint, e.g. after a restart,
+    /// adopts what the pinned map holds.)
+    fn remap_policy_slots(&mut self, node: &NodePolicy, ids: &BTreeMap<ObjKey, u32>) {
+        let ncpu = aya::util::nr_cpus().unwrap_or(1);
+        for (k, id) in ids {
+            for dir in crate::model::Direction::BOTH {
+                let d = dir.datapath();
+                let want: Vec<ObjKey> = node.pods.get(k).and_then(|c| c.dir(dir)).map(|dp| dp.policies.clone()).unwrap_or_default();
+                let Some(old) = self.slot_policies.get(&(*id, d)) else {
+                    self.slot_policies.insert((*id, d), want);
+                    continue;
+                };
+                if *old == want {
+                    continue;
+                }
+                let old = old.clone();
+                for slot in 0..(old.len() as u32).min(POLICY_SLOTS) {
+                    let idx = policy_counter_index(*id, d, slot);
+                    let n: u64 = self.policy_counters.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0);
+                    if n > 0 {
+                        *self.retired_counts.entry((k.clone(), d, slot_label(&old, slot))).or_default() += n;
+                    }
+                    if let Ok(zero) = PerCpuValues::try_from(vec![0u64; ncpu]) {
+                        let _ = self.policy_counters.set(idx, zero, 0);
+                    }
+                }
+                self.slot_policies.insert((*id, d), want);
+            }
+        }
+        self.retired_counts.retain(|(k, _, _), _| ids.contains_key(k));
+    }
+
+    /// For the metrics: per programmed pod and direction, its endpoint id and slot labels,
+    /// and the counts folded out of the map.
+    pub fn policy_slots(&self) -> (Vec<(u32, ObjKey, u8, Vec<String>)>, BTreeMap<(ObjKey, u8, String), u64>) {
+        let mut out = Vec::new();
+        for (k, a) in &self.attached {
+            for d in [DIR_INGRESS, DIR_EGRESS] {
+                if let Some(list) = self.slot_policies.get(&(a.id, d)).filter(|l| !l.is_empty()) {
+                    let labels = (0..(list.len() as u32).min(POLICY_SLOTS)).map(|s| slot_label(list, s)).collect();
+                    out.push((a.id, k.clone(), d, labels));
+                }
+            }
+        }
+        (out, self.retired_counts.clone())
     }
 
 fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
@@ -561,6 +626,7 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
             }
         }
 
+        self.remap_policy_slots(node, &ids);
         let mut desired = entries::desired(node, &ids, &mut self.classes, &mut self.portsets);
         self.fit_maps(node, &mut desired, &ids, &mut report);
 
@@ -724,17 +790,37 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
     }
 }
 
-/// Reads the packet counters from the pinned COUNTERS map (usable from any thread).
+/// The label of a policy slot: the policy's name, or for the last slot of a pod with more
+/// policies than slots, every policy from that one on.
+pub fn slot_label(policies: &[ObjKey], slot: u32) -> String {
+    let i = slot as usize;
+    if slot + 1 == POLICY_SLOTS && policies.len() > POLICY_SLOTS as usize {
+        format!("{} (and {} more)", policies[i].name, policies.len() - i - 1)
+    } else {
+        policies.get(i).map(|p| p.name.clone()).unwrap_or_default()
+    }
+}
+
+/// Reads the packet counters from the pinned COUNTERS and POLICY_COUNTERS maps (usable from
+/// any thread).
 pub struct CounterReader {
     map: PerCpuArray<MapData, u64>,
+    policy: PerCpuArray<MapData, u64>,
 }
 
 impl CounterReader {
     pub fn open(pin_dir: &Path) -> Result<CounterReader> {
-        let path = pin_dir.join(maps::COUNTERS);
-        let md = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-        let map = PerCpuArray::try_from(Map::from_map_data(md)?)?;
-        Ok(CounterReader { map })
+        let open = |name: &str| -> Result<PerCpuArray<MapData, u64>> {
+            let path = pin_dir.join(name);
+            let md = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            Ok(PerCpuArray::try_from(Map::from_map_data(md)?)?)
+        };
+        Ok(CounterReader { map: open(maps::COUNTERS)?, policy: open(maps::POLICY_COUNTERS)? })
+    }
+
+    /// Packets of flows that the policy in `slot` of `endpoint` allowed in `dir`.
+    pub fn read_policy(&self, endpoint: u32, dir: u8, slot: u32) -> u64 {
+        self.policy.get(&policy_counter_index(endpoint, dir, slot), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
     pub fn read(&self, endpoint: u32, dir: u8, verdict: u32) -> u64 {

@@ -106,14 +106,14 @@ pub fn id_key(cidr: &Cidr) -> Lpm<IdKey> {
 
 pub fn portset_entries(id: u32, ps: &PortSet, out: &mut BTreeMap<Lpm<PortKey>, PortValue>) {
     for (proto, ranges) in ps.iter() {
-        for &(lo, hi) in ranges {
-            for (value, len) in port_prefixes(lo, hi) {
+        for r in ranges {
+            for (value, len) in port_prefixes(r.lo, r.hi) {
                 out.insert(
                     (
                         PORT_KEY_FIXED_BITS + len as u32,
                         PortKey { portset: id, proto: proto.number(), _pad: 0, port: value.to_be_bytes() },
                     ),
-                    PortValue { flags: 0 },
+                    PortValue { slot: r.slot as u32 },
                 );
             }
         }
@@ -140,7 +140,7 @@ pub fn desired(
             let Some(dp) = pod.dir(dir) else { continue };
             for (class, allow) in &dp.allows {
                 let value = match allow {
-                    Allow::All => PolicyValue { portset: 0, flags: POLICY_ALLOW_ALL },
+                    Allow::All(slot) => PolicyValue { portset: 0, flags: POLICY_ALLOW_ALL | (*slot as u32) << POLICY_SLOT_SHIFT },
                     Allow::Ports(ps) => {
                         let id = portsets.id(ps);
                         portset_entries(id, ps, &mut out.ports);
@@ -176,6 +176,11 @@ pub fn verdict(d: &Desired, endpoint: u32, flags: u32, dir: Direction, peer: std
 
 /// Emulates the BPF policy lookup on map contents.
 pub fn lookup(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::IpAddr, proto: u8, port: Option<u16>) -> bool {
+    lookup_slot(d, endpoint, dir, peer, proto, port).is_some()
+}
+
+/// Emulates the BPF policy lookup on map contents: the slot of the allowing policy.
+pub fn lookup_slot(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::IpAddr, proto: u8, port: Option<u16>) -> Option<u32> {
     let full = id_key(&Cidr::host(peer));
     let identity = d
         .identities
@@ -186,18 +191,21 @@ pub fn lookup(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::IpAddr
         .max_by_key(|((len, _), _)| *len)
         .map_or(0, |(_, id)| *id);
     let key = |identity| PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] };
-    let Some(v) = d.policy.get(&key(identity)).or_else(|| d.policy.get(&key(0))) else {
-        return false;
-    };
+    let v = d.policy.get(&key(identity)).or_else(|| d.policy.get(&key(0)))?;
     if v.flags & POLICY_ALLOW_ALL != 0 {
-        return true;
+        return Some((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
     }
-    let (Some(_), Some(port)) = (Protocol::from_number(proto), port) else { return false };
-    d.ports.keys().any(|(len, k)| {
-        let bits = len - PORT_KEY_FIXED_BITS;
-        let mask: u16 = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
-        k.portset == v.portset && k.proto == proto && (port & mask) == u16::from_be_bytes(k.port)
-    })
+    let (Some(_), Some(port)) = (Protocol::from_number(proto), port) else { return None };
+    // The longest matching prefix decides, as in the LPM trie.
+    d.ports
+        .iter()
+        .filter(|((len, k), _)| {
+            let bits = len - PORT_KEY_FIXED_BITS;
+            let mask: u16 = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
+            k.portset == v.portset && k.proto == proto && (port & mask) == u16::from_be_bytes(k.port)
+        })
+        .max_by_key(|((len, _), _)| *len)
+        .map(|(_, v)| v.slot)
 }
 
 #[cfg(test)]
@@ -226,6 +234,35 @@ mod tests {
         assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
         assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
         assert_eq!(port_prefixes(1, 65535).len(), 16);
+    }
+
+    #[test]
+    fn port_sets_attribute_overlaps_to_the_lower_slot() {
+        let mut a = PortSet::default();
+        a.add_from(Protocol::Tcp, 100, 200, 3);
+        a.add_from(Protocol::Tcp, 150, 250, 1);
+        a.add_from(Protocol::Tcp, 90, 95, 3);
+        a.add_from(Protocol::Tcp, 96, 99, 3);
+        a.add_from(Protocol::Tcp, 0, 65535, 7);
+        let got: Vec<_> = a.iter().flat_map(|(_, r)| r.iter().map(|r| (r.lo, r.hi, r.slot))).collect();
+        assert_eq!(got, vec![(0, 89, 7), (90, 149, 3), (150, 250, 1), (251, 65535, 7)]);
+        assert_eq!(a.slot(Protocol::Tcp, 149), Some(3));
+        assert_eq!(a.slot(Protocol::Udp, 149), None);
+        // Map entries carry the slot, and the LPM lookup finds it.
+        let mut out = BTreeMap::new();
+        portset_entries(9, &a, &mut out);
+        for (port, slot) in [(0u16, 7u32), (89, 7), (90, 3), (149, 3), (150, 1), (250, 1), (251, 7), (65535, 7)] {
+            let hit = out
+                .iter()
+                .filter(|((len, k), _)| {
+                    let bits = len - PORT_KEY_FIXED_BITS;
+                    let mask: u16 = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
+                    (port & mask) == u16::from_be_bytes(k.port)
+                })
+                .max_by_key(|((len, _), _)| *len)
+                .map(|(_, v)| v.slot);
+            assert_eq!(hit, Some(slot), "port {port}");
+        }
     }
 
     #[test]

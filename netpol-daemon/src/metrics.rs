@@ -1,6 +1,7 @@
 //! The metrics and health endpoint: `GET /metrics` (Prometheus text format), `GET /readyz`
 //! (200 once the first full sync is programmed), `GET /healthz`. A tiny HTTP/1.1 server on a
 //! thread of its own; counters are read straight from the pinned BPF map.
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,11 @@ pub struct Status {
     /// Per programmed pod and direction: the policies that isolate it (what its default-deny
     /// drops are attributed to).
     pub isolated_by: Vec<(ObjKey, &'static str, Vec<ObjKey>)>,
+    /// Per programmed pod and direction: endpoint id, pod, direction and the label of each
+    /// policy slot of its POLICY_COUNTERS.
+    pub policy_slots: Vec<(u32, ObjKey, u8, Vec<String>)>,
+    /// Per-policy counts folded out of the map when a pod's policies changed.
+    pub policy_retired: BTreeMap<(ObjKey, u8, String), u64>,
     /// Local pods failing closed because their entries do not fit the maps.
     pub fail_closed: Vec<ObjKey>,
     /// The source (Kubernetes API) is unreachable; the last state is enforced.
@@ -92,6 +98,24 @@ pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) ->
                 }
             }
         }
+    }
+    out.push_str("# HELP netpol_policy_allowed_packets_total Packets of connections that a policy allowed, per pod and the policy's direction (the allowed packet and the rest of its flow, both ways; when several policies allow, one of them).\n# TYPE netpol_policy_allowed_packets_total counter\n");
+    let mut policy_counts: BTreeMap<(ObjKey, u8, String), u64> = status.policy_retired.clone();
+    if let Some(c) = counters {
+        for (id, pod, dir, labels) in &status.policy_slots {
+            for (slot, label) in labels.iter().enumerate() {
+                *policy_counts.entry((pod.clone(), *dir, label.clone())).or_default() += c.read_policy(*id, *dir, slot as u32);
+            }
+        }
+    }
+    for ((pod, dir, policy), n) in &policy_counts {
+        out.push_str(&format!(
+            "netpol_policy_allowed_packets_total{{namespace=\"{}\",pod=\"{}\",direction=\"{}\",policy=\"{}\"}} {n}\n",
+            escape(&pod.namespace),
+            escape(&pod.name),
+            if *dir == DIR_INGRESS { "ingress" } else { "egress" },
+            escape(policy)
+        ));
     }
     out.push_str("# HELP netpol_pod_isolated_by 1 for each policy isolating a pod in a direction: the policies its default-deny drops (verdict=\"deny\") come from.\n# TYPE netpol_pod_isolated_by gauge\n");
     for (pod, dir, policies) in &status.isolated_by {

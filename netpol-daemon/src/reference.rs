@@ -2,6 +2,7 @@
 //! documentation and sharing nothing with the compiler but the model types. It answers one
 //! question for one packet by walking every policy and rule. Tests compare the compiler's
 //! tables (looked up the way the datapath looks them up) against it.
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use crate::compiler::{Cluster, Verdict};
@@ -44,6 +45,16 @@ pub fn verdict(c: &Cluster, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, 
 
 /// [`allowed`] for a cluster holding only the policies `counts` accepts.
 fn allowed_by(c: &Cluster, counts: &dyn Fn(&Policy) -> bool, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> bool {
+    allowing(c, counts, pod, dir, peer, proto, port).is_none_or(|s| !s.is_empty())
+}
+
+/// The policies with a rule allowing the packet; `None` when no policy isolates the pod in
+/// `dir` (everything is allowed, no policy had to).
+pub fn allowing_policies(c: &Cluster, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> Option<BTreeSet<ObjKey>> {
+    allowing(c, &|_| true, pod, dir, peer, proto, port)
+}
+
+fn allowing(c: &Cluster, counts: &dyn Fn(&Policy) -> bool, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> Option<BTreeSet<ObjKey>> {
     if dir == Direction::Egress {
         if let Some(svc) = c.service_with_ip(peer) {
             let isolated = c
@@ -52,13 +63,17 @@ fn allowed_by(c: &Cluster, counts: &dyn Fn(&Policy) -> bool, pod: &Pod, dir: Dir
                 .filter(|p| counts(p))
                 .any(|p| p.key.namespace == pod.key.namespace && p.pod_selector.matches(&pod.labels) && p.isolates(dir));
             if !isolated {
-                return true;
+                return None;
             }
-            return c.service_backends(svc).iter().any(|(sp, backends)| {
-                sp.protocol.number() == proto
-                    && Some(sp.port) == port
-                    && backends.iter().any(|(b, t)| allowed_by(c, counts, pod, dir, *b, proto, Some(*t)))
-            });
+            let mut out = BTreeSet::new();
+            for (sp, backends) in c.service_backends(svc) {
+                if sp.protocol.number() == proto && Some(sp.port) == port {
+                    for (b, t) in backends {
+                        out.extend(allowing(c, counts, pod, dir, b, proto, Some(t)).into_iter().flatten());
+                    }
+                }
+            }
+            return Some(out);
         }
     }
     let selecting: Vec<&Policy> = c
@@ -69,9 +84,9 @@ fn allowed_by(c: &Cluster, counts: &dyn Fn(&Policy) -> bool, pod: &Pod, dir: Dir
         .filter(|p| p.isolates(dir))
         .collect();
     if selecting.is_empty() {
-        return true;
+        return None;
     }
-    selecting.iter().any(|pol| {
+    let allows = |pol: &&&Policy| {
         pol.rules(dir).iter().any(|rule| {
             let peer_ok = match &rule.peers {
                 None => true,
@@ -91,7 +106,8 @@ fn allowed_by(c: &Cluster, counts: &dyn Fn(&Policy) -> bool, pod: &Pod, dir: Dir
             };
             peer_ok && port_ok
         })
-    })
+    };
+    Some(selecting.iter().filter(allows).map(|p| p.key.clone()).collect())
 }
 
 fn peer_matches(c: &Cluster, pol: &Policy, p: &Peer, ip: IpAddr) -> bool {

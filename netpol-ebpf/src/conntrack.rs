@@ -100,55 +100,61 @@ fn reverse(k: &CtKey) -> CtKey {
     }
 }
 
-/// Looks the packet up in the table (forward, then reply). Returns true when it belongs to a
-/// live tracked flow; refreshes the entry and follows TCP teardown.
+/// A packet of a tracked flow: the direction in which the flow was allowed and the slot of
+/// the policy that allowed it (`SLOT_NONE`: none).
+pub struct Flow {
+    pub dir: u8,
+    pub slot: u32,
+}
+
+/// Looks the packet up in the table (forward, then reply). Returns the flow when the packet
+/// belongs to a live tracked one; refreshes the entry and follows TCP teardown.
 #[inline(always)]
-pub fn track_existing(k: &CtKey, p: &Packet) -> bool {
+pub fn track_existing(k: &CtKey, p: &Packet) -> Option<Flow> {
     let now = unsafe { now_ns() };
-    if hit(k, p, now) {
-        return true;
+    if let Some(slot) = hit(k, p, now) {
+        return Some(Flow { dir: k.dir, slot });
     }
     let r = reverse(k);
-    hit(&r, p, now)
+    hit(&r, p, now).map(|slot| Flow { dir: r.dir, slot })
 }
 
 #[inline(always)]
-fn hit(k: &CtKey, p: &Packet, now: u64) -> bool {
-    let Some(v) = CONNTRACK.get_ptr_mut(k) else {
-        return false;
-    };
+fn hit(k: &CtKey, p: &Packet, now: u64) -> Option<u32> {
+    let v = CONNTRACK.get_ptr_mut(k)?;
     let v = unsafe { &mut *v };
     if now.wrapping_sub(v.last_seen_ns) > timeout(k.proto, v.flags) {
         let _ = CONNTRACK.remove(k);
-        return false;
+        return None;
     }
+    let slot = v.policy;
     if p.proto == PROTO_TCP {
         if p.tcp_flags & TCP_RST != 0 {
             // The RST itself passes; the flow is gone.
             let _ = CONNTRACK.remove(k);
-            return true;
+            return Some(slot);
         }
         if p.tcp_flags & TCP_FIN != 0 {
             v.flags |= CT_TCP_FIN_SEEN;
         } else if p.tcp_flags & TCP_SYN != 0 && v.flags & CT_TCP_FIN_SEEN != 0 {
             // Port reuse after a close: a fresh connection is checked against policy again.
             let _ = CONNTRACK.remove(k);
-            return false;
+            return None;
         }
     }
     v.last_seen_ns = now;
-    true
+    Some(slot)
 }
 
-/// Records a newly allowed flow.
+/// Records a newly allowed flow, allowed by the policy in `slot` (or `SLOT_NONE`).
 #[inline(always)]
-pub fn create(k: &CtKey, p: &Packet) {
+pub fn create(k: &CtKey, p: &Packet, slot: u32) {
     if !p.has_ports {
         return;
     }
     if p.proto == PROTO_TCP && p.tcp_flags & TCP_RST != 0 {
         return;
     }
-    let v = CtValue { last_seen_ns: unsafe { now_ns() }, flags: 0, _pad: 0 };
+    let v = CtValue { last_seen_ns: unsafe { now_ns() }, flags: 0, policy: slot };
     let _ = CONNTRACK.insert(k, &v, 0);
 }

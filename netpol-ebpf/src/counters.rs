@@ -60,6 +60,20 @@ pub fn deny_event(endpoint: u32, dir: u8, p: &Packet, verdict: u32) {
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_ENDPOINTS * COUNTER_SLOTS, 0);
 
+#[map(name = "POLICY_COUNTERS")]
+static POLICY_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_ENDPOINTS * 2 * POLICY_SLOTS, 0);
+
+/// Counts a packet of a flow that the policy in `slot` of `endpoint` allowed in `dir`.
+#[inline(always)]
+pub fn count_policy(endpoint: u32, dir: u8, slot: u32) {
+    if endpoint >= MAX_ENDPOINTS || slot >= POLICY_SLOTS {
+        return;
+    }
+    if let Some(c) = POLICY_COUNTERS.get_ptr_mut(policy_counter_index(endpoint, dir & 1, slot)) {
+        unsafe { *c += 1 };
+    }
+}
+
 #[inline(always)]
 pub fn count(endpoint: u32, dir: u8, verdict: u32) {
     if endpoint >= MAX_ENDPOINTS {

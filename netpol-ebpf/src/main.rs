@@ -64,21 +64,29 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         return verdict(ep.id, dir, true);
     }
     let ct = conntrack::key(ep.id, dir, &p);
-    if p.has_ports && conntrack::track_existing(&ct, &p) {
-        conntrack::remember_fragment(ep.id, dir, &p);
-        return verdict(ep.id, dir, true);
+    if p.has_ports {
+        if let Some(flow) = conntrack::track_existing(&ct, &p) {
+            conntrack::remember_fragment(ep.id, dir, &p);
+            counters::count_policy(ep.id, flow.dir, flow.slot);
+            return verdict(ep.id, dir, true);
+        }
     }
-    let allow = !isolated
-        || (dir == DIR_INGRESS && policy::is_node_addr(p.family, &p.src))
-        || policy::allowed(ep.id, dir, &p);
-    let v = if allow {
-        VERDICT_ALLOW
+    // Some(slot of the allowing policy, or SLOT_NONE when no policy had to allow it).
+    let allowed_by = if !isolated || (dir == DIR_INGRESS && policy::is_node_addr(p.family, &p.src)) {
+        Some(SLOT_NONE)
     } else {
-        audit_verdict(&ep, dir)
+        policy::allowed(ep.id, dir, &p)
+    };
+    let v = match allowed_by {
+        Some(_) => VERDICT_ALLOW,
+        None => audit_verdict(&ep, dir),
     };
     if v != VERDICT_DENY {
-        conntrack::create(&ct, &p);
+        conntrack::create(&ct, &p, allowed_by.unwrap_or(SLOT_NONE));
         conntrack::remember_fragment(ep.id, dir, &p);
+    }
+    if let Some(slot) = allowed_by {
+        counters::count_policy(ep.id, dir, slot);
     }
     if v != VERDICT_ALLOW {
         counters::deny_event(ep.id, dir, &p, v);

@@ -42,9 +42,10 @@ pub fn is_node_addr(family: u8, addr: &[u8; 16]) -> bool {
     unsafe { NODE_ADDRS.get(&k) }.is_some()
 }
 
-/// Does the union of the endpoint's policies allow this packet in direction `dir`?
+/// Does the union of the endpoint's policies allow this packet in direction `dir`? `Some`:
+/// the slot of a policy that allows it.
 #[inline(always)]
-pub fn allowed(endpoint: u32, dir: u8, p: &Packet) -> bool {
+pub fn allowed(endpoint: u32, dir: u8, p: &Packet) -> Option<u32> {
     let peer = if dir == DIR_INGRESS { p.src } else { p.dst };
     let bits = if p.family == FAMILY_V4 { 32 } else { 128 };
     let id_key = Key::new(ID_KEY_FIXED_BITS + bits, IdKey { family: p.family, _pad: [0; 3], addr: peer });
@@ -56,24 +57,21 @@ pub fn allowed(endpoint: u32, dir: u8, p: &Packet) -> bool {
         Some(v) => v,
         None if identity != 0 => {
             let key0 = PolicyKey { endpoint, identity: 0, dir, _pad: [0; 3] };
-            match unsafe { POLICY.get(&key0) } {
-                Some(v) => v,
-                None => return false,
-            }
+            unsafe { POLICY.get(&key0) }?
         }
-        None => return false,
+        None => return None,
     };
     if v.flags & POLICY_ALLOW_ALL != 0 {
-        return true;
+        return Some((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
     }
     // Only port-carrying protocols can match a port rule; ICMP and non-first fragments need an
     // "all traffic" rule.
     if !p.has_ports || !matches!(p.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
-        return false;
+        return None;
     }
     let pkey = Key::new(
         PORT_KEY_FIXED_BITS + 16,
         PortKey { portset: v.portset, proto: p.proto, _pad: 0, port: p.dport.to_be_bytes() },
     );
-    POLICY_PORTS.get(&pkey).is_some()
+    POLICY_PORTS.get(&pkey).map(|v| v.slot)
 }

@@ -624,6 +624,14 @@ proptest! {
                             let e = explain(&c, &node, &pod.key, dir, peer, proto, port);
                             prop_assert_eq!(e.verdict, want);
                             prop_assert_eq!(!e.isolated || !e.allowing_rules.is_empty(), want == Verdict::Allow, "explain: seed {} pod {} {:?} peer {} {:?}", seed, pod.key, dir, peer, e);
+                            // The policy the counters attribute an allow to is one whose rules allow it.
+                            if let (Some(dp), Verdict::Allow) = (node.pods[&pod.key].dir(dir), want) {
+                                let allowing = reference::allowing_policies(&c, pod, dir, peer, proto, port).unwrap_or_default();
+                                let slot = entries::lookup_slot(&d, ids[&pod.key], dir, peer, proto, port);
+                                let by = slot.and_then(|s| dp.policies.get(s as usize));
+                                prop_assert!(by.is_some_and(|k| allowing.contains(k)), "attribution: seed {} pod {} {:?} peer {} proto {} port {:?}: slot {:?} of {:?}, allowing {:?}", seed, pod.key, dir, peer, proto, port, slot, dp.policies, allowing);
+                                prop_assert_eq!(dp.allowed_by(node.class_of(peer), proto, port), by);
+                            }
                         }
                     }
                 }
