@@ -527,3 +527,45 @@ fn a_starting_pod_is_closed_until_programmed_and_an_unisolated_one_is_never_bloc
     std::thread::sleep(std::time::Duration::from_millis(800));
     assert!(lab.tcp("locked/client", "open/free", 8080), "a pod without policies was blocked while starting");
 }
+
+#[test]
+fn dual_stack_pods_are_enforced_on_both_families() {
+    let Some(mut lab) = lab() else { return };
+    lab.add_namespace("shop", &[("team", "shop")]);
+    lab.add_namespace("other", &[("team", "other")]);
+    lab.add_pod("shop", "db", ip("10.244.0.40"), &[("app", "db")], &[5432, 5433], &[53]).unwrap();
+    lab.add_pod("shop", "api", ip("10.244.0.41"), &[("app", "api")], &[8080], &[]).unwrap();
+    lab.add_pod("other", "stranger", ip("10.244.0.42"), &[("app", "api")], &[8080], &[]).unwrap();
+    lab.add_pod("shop", "cache", ip("10.244.0.43"), &[("app", "cache")], &[8080], &[]).unwrap();
+    for (pod, addr) in [("db", "fd00:244::40"), ("api", "fd00:244::41"), ("stranger", "fd00:244::42"), ("cache", "fd00:244::43")] {
+        lab.add_ipv6(pod, addr.parse().unwrap()).unwrap();
+    }
+    lab.write_cluster_manifest().unwrap();
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    assert!(lab.tcp6("stranger", "db", 5432), "no policy yet: IPv6 flows");
+
+    // Ingress from the api pods (matched by both their addresses); egress only to an IPv6
+    // block with an except.
+    lab.apply(
+        "db.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: api}}}]\n    ports: [{port: 5432}, {port: 53, protocol: UDP}]\n  egress:\n  - to: [{ipBlock: {cidr: 'fd00:244::/64', except: ['fd00:244::43/128']}}]\n    ports: [{port: 8080}]\n",
+    )
+    .unwrap();
+    let cases: [(&str, bool, bool); 10] = [
+        ("v6 api -> db tcp/5432", lab.tcp6("api", "db", 5432), true),
+        ("v6 api -> db tcp/5433", lab.tcp6("api", "db", 5433), false),
+        ("v6 api -> db udp/53", lab.udp6("api", "db", 53), true),
+        ("v6 stranger (other namespace) -> db tcp/5432", lab.tcp6("stranger", "db", 5432), false),
+        ("v4 api -> db tcp/5432", lab.tcp("api", "db", 5432), true),
+        ("v4 stranger -> db tcp/5432", lab.tcp("stranger", "db", 5432), false),
+        ("v6 db -> api tcp/8080", lab.tcp6("db", "api", 8080), true),
+        ("v6 db -> cache tcp/8080 (except)", lab.tcp6("db", "cache", 8080), false),
+        ("v4 db -> api tcp/8080 (the block is IPv6)", lab.tcp("db", "api", 8080), false),
+        ("v6 api -> cache tcp/8080 (not isolated)", lab.tcp6("api", "cache", 8080), true),
+    ];
+    let wrong: Vec<String> = cases.iter().filter(|(_, got, want)| got != want).map(|(what, got, _)| format!("{what}: got {}", if *got { "allowed" } else { "denied" })).collect();
+    assert!(wrong.is_empty(), "{}\n--- daemon log ---\n{}", wrong.join("\n"), lab.daemon_log());
+    let m = lab.metrics().unwrap();
+    let denied = sample(&m, "netpol_packets_total{namespace=\"shop\",pod=\"db\",direction=\"ingress\",verdict=\"deny\"}").unwrap_or(0.0);
+    assert!(denied >= 2.0, "{m}");
+}

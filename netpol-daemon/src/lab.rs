@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,6 +23,8 @@ pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 pub const METRICS_PORT: u16 = 9090;
 /// Address of every host-side veth (the pods' gateway), as the ptp CNI plugin does.
 pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The IPv6 gateway on every host-side veth of a dual-stack pod.
+pub const GATEWAY_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1);
 const NETNS_PREFIX: &str = "netpol-lab-";
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -105,6 +107,8 @@ pub struct LabPod {
     pub netns: String,
     pub host_if: String,
     pub ip: Ipv4Addr,
+    /// Second address of a dual-stack pod.
+    pub ip6: Option<Ipv6Addr>,
     pub labels: BTreeMap<String, String>,
     pub tcp: Vec<u16>,
     pub udp: Vec<u16>,
@@ -230,6 +234,7 @@ impl Lab {
             netns,
             host_if,
             ip,
+            ip6: None,
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             tcp: tcp.to_vec(),
             udp: udp.to_vec(),
@@ -238,8 +243,37 @@ impl Lab {
             ip_reported: true,
         });
         let i = self.pods.len() - 1;
-        self.serve(i)?;
+        self.serve(i, IpAddr::V4(ip))?;
         Ok(i)
+    }
+
+    /// Makes a pod dual-stack: an IPv6 address on its eth0, a /128 host route to it through
+    /// its veth (as ptp and Calico do), its servers listening on it too.
+    pub fn add_ipv6(&mut self, key: &str, ip6: Ipv6Addr) -> Result<()> {
+        let i = self.pods.iter().position(|p| p.key() == key || p.name == key).ok_or_else(|| anyhow!("no pod {key}"))?;
+        let (node, p, host_if) = (self.node_netns.clone(), self.pods[i].netns.clone(), self.pods[i].host_if.clone());
+        let (node, p) = (node.as_str(), p.as_str());
+        let gw = GATEWAY_IP6.to_string();
+        run("ip", &["netns", "exec", node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        run("ip", &["-n", p, "-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+        run("ip", &["-n", p, "-6", "route", "add", &gw, "dev", "eth0"])?;
+        run("ip", &["-n", p, "-6", "route", "add", "default", "via", &gw, "dev", "eth0"])?;
+        run("ip", &["-n", node, "-6", "addr", "add", &format!("{gw}/128"), "dev", &host_if, "nodad"])?;
+        run("ip", &["-n", node, "-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
+        self.pods[i].ip6 = Some(ip6);
+        // Link-local addresses finish duplicate address detection (about a second) before
+        // neighbour discovery on the link is reliable.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for ns in [node, p] {
+            while Instant::now() < deadline {
+                let out = Command::new("ip").args(["-n", ns, "-6", "addr", "show", "tentative"]).output()?;
+                if out.stdout.is_empty() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.serve(i, IpAddr::V6(ip6))
     }
 
     /// Removes a pod as the kubelet and CNI would: its network namespace and veth pair go away
@@ -282,10 +316,10 @@ impl Lab {
         self.pods.iter().find(|p| p.key() == key || p.name == key).unwrap_or_else(|| panic!("no lab pod {key}"))
     }
 
-    fn serve(&mut self, i: usize) -> Result<()> {
+    fn serve(&mut self, i: usize, ip: IpAddr) -> Result<()> {
         let pod = self.pods[i].clone();
         for port in pod.tcp.clone() {
-            let addr = SocketAddr::new(IpAddr::V4(pod.ip), port);
+            let addr = SocketAddr::new(ip, port);
             let l = in_netns(&pod.netns, move || TcpListener::bind(addr))??;
             l.set_nonblocking(true)?;
             let stop = self.stop.clone();
@@ -313,7 +347,7 @@ impl Lab {
             }));
         }
         for port in pod.udp.clone() {
-            let addr = SocketAddr::new(IpAddr::V4(pod.ip), port);
+            let addr = SocketAddr::new(ip, port);
             let s = in_netns(&pod.netns, move || UdpSocket::bind(addr))??;
             s.set_read_timeout(Some(Duration::from_millis(100)))?;
             let stop = self.stop.clone();
@@ -393,7 +427,8 @@ impl Lab {
                 ports.push(format!("{{\"containerPort\": {port}, \"protocol\": \"UDP\"{name}}}"));
             }
             let status = if p.ip_reported {
-                format!("status:\n  phase: Running\n  podIP: {}\n  podIPs: [{{\"ip\": \"{}\"}}]\n", p.ip, p.ip)
+                let v6 = p.ip6.map(|a| format!(", {{\"ip\": \"{a}\"}}")).unwrap_or_default();
+                format!("status:\n  phase: Running\n  podIP: {}\n  podIPs: [{{\"ip\": \"{}\"}}{v6}]\n", p.ip, p.ip)
             } else {
                 "status:\n  phase: Pending\n".to_string()
             };
@@ -534,6 +569,20 @@ impl Lab {
         in_netns(&src, move || probe_udp(dst, Duration::from_millis(800))).unwrap_or(false)
     }
 
+    /// [`Lab::tcp`] over IPv6 (both pods dual-stack).
+    pub fn tcp6(&self, from: &str, to: &str, port: u16) -> bool {
+        let src = self.source_netns(from);
+        let dst = SocketAddr::new(IpAddr::V6(self.pod(to).ip6.expect("a dual-stack pod")), port);
+        in_netns(&src, move || probe_tcp(dst, Duration::from_millis(800))).unwrap_or(false)
+    }
+
+    /// [`Lab::udp`] over IPv6.
+    pub fn udp6(&self, from: &str, to: &str, port: u16) -> bool {
+        let src = self.source_netns(from);
+        let dst = SocketAddr::new(IpAddr::V6(self.pod(to).ip6.expect("a dual-stack pod")), port);
+        in_netns(&src, move || probe_udp(dst, Duration::from_millis(800))).unwrap_or(false)
+    }
+
     /// "node" means the node namespace itself.
     fn source_netns(&self, from: &str) -> String {
         if from == "node" {
@@ -563,7 +612,8 @@ pub fn probe_tcp(dst: SocketAddr, timeout: Duration) -> bool {
 }
 
 pub fn probe_udp(dst: SocketAddr, timeout: Duration) -> bool {
-    let Ok(s) = UdpSocket::bind("0.0.0.0:0") else { return false };
+    let any = if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let Ok(s) = UdpSocket::bind(any) else { return false };
     let _ = s.set_read_timeout(Some(timeout));
     if s.send_to(b"ping\n", dst).is_err() {
         return false;
