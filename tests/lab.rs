@@ -569,3 +569,40 @@ fn dual_stack_pods_are_enforced_on_both_families() {
     let denied = sample(&m, "netpol_packets_total{namespace=\"shop\",pod=\"db\",direction=\"ingress\",verdict=\"deny\"}").unwrap_or(0.0);
     assert!(denied >= 2.0, "{m}");
 }
+
+#[test]
+fn bridge_cni_pods_are_found_through_neighbour_and_forwarding_tables() {
+    let Some(mut lab) = lab() else { return };
+    lab.add_namespace("web", &[("team", "web")]);
+    // Three pods on the node's bridge (none has sent a packet yet: the daemon has to make the
+    // node resolve them) and one ptp pod routed to the bridge.
+    lab.add_bridge_pod("web", "client", ip("10.245.0.10"), &[("app", "client")], &[8080], &[]).unwrap();
+    lab.add_bridge_pod("web", "server", ip("10.245.0.11"), &[("app", "server")], &[8080, 8081], &[53]).unwrap();
+    lab.add_bridge_pod("web", "other", ip("10.245.0.12"), &[("app", "other")], &[8080], &[]).unwrap();
+    lab.add_pod("web", "routed", ip("10.244.0.50"), &[("app", "client")], &[8080], &[]).unwrap();
+    lab.write_cluster_manifest().unwrap();
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    lab.apply(
+        "server.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: web}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 8080}]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: client}}}]\n",
+    )
+    .unwrap();
+    // Bridged (same L2, never routed) and routed traffic alike.
+    check(
+        &lab,
+        &[
+            ("client", "server", "tcp", 8080, true),
+            ("client", "server", "tcp", 8081, false),
+            ("client", "server", "udp", 53, false),
+            ("other", "server", "tcp", 8080, false),
+            ("routed", "server", "tcp", 8080, true),
+            ("server", "client", "tcp", 8080, true),
+            ("server", "other", "tcp", 8080, false),
+            ("server", "routed", "tcp", 8080, true),
+            ("other", "client", "tcp", 8080, true),
+        ],
+    );
+    let m = lab.metrics().unwrap();
+    let denied = sample(&m, "netpol_packets_total{namespace=\"web\",pod=\"server\",direction=\"ingress\",verdict=\"deny\"}").unwrap_or(0.0);
+    assert!(denied >= 3.0, "the server's bridge port carries its programs\n{m}");
+}

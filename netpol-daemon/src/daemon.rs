@@ -204,6 +204,9 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut local_ips: std::collections::BTreeSet<IpAddr> = Default::default();
     // Some pod of this node has no address yet: only then are host routes watched.
     let mut awaiting_ip = false;
+    // Where each pod was last found: a bridge port whose forwarding entry aged out (a quiet
+    // pod) is still the pod's as long as the interface exists under the same name.
+    let mut known_ifaces: BTreeMap<ObjKey, Iface> = BTreeMap::new();
     while !stop.load(Ordering::SeqCst) {
         let down = !source.healthy();
         let was_down = std::mem::replace(&mut shared.status.lock().unwrap().source_down, down);
@@ -277,7 +280,13 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             let mut errors = Vec::new();
             unresolved = false;
             for (k, c) in &node.pods {
-                match c.ips.iter().find_map(|ip| netlink::pod_interface(*ip).ok()) {
+                let found = c.ips.iter().find_map(|ip| netlink::pod_interface(*ip).ok()).or_else(|| {
+                    known_ifaces
+                        .get(k)
+                        .filter(|i| netlink::ifname(i.ifindex).is_ok_and(|n| n == i.ifname))
+                        .map(|i| (i.ifindex, i.ifname.clone()))
+                });
+                match found {
                     Some((ifindex, ifname)) => {
                         ifaces.insert(k.clone(), Iface { ifindex, ifname });
                     }
@@ -287,6 +296,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     }
                 }
             }
+            known_ifaces = ifaces.clone();
             let mut node = node;
             if !pending.is_empty() {
                 if let Some(iso) = compiler::pending_isolation(&cluster, &cfg.node_name).filter(|i| i[0] || i[1]) {

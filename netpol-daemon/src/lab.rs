@@ -23,6 +23,9 @@ pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 pub const METRICS_PORT: u16 = 9090;
 /// Address of every host-side veth (the pods' gateway), as the ptp CNI plugin does.
 pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// Bridge-mode pods (the bridge plugin, flannel): one /24 on a Linux bridge in the node
+/// namespace holding this gateway address; their veths are its ports.
+pub const BRIDGE_GW: Ipv4Addr = Ipv4Addr::new(10, 245, 0, 1);
 /// The IPv6 gateway on every host-side veth of a dual-stack pod.
 pub const GATEWAY_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1);
 const NETNS_PREFIX: &str = "netpol-lab-";
@@ -140,6 +143,7 @@ pub struct Lab {
     /// Service manifests (ClusterIP services emulated with nftables DNAT).
     services: Vec<String>,
     next_if: u32,
+    has_bridge: bool,
 }
 
 impl Lab {
@@ -173,6 +177,7 @@ impl Lab {
             children: Vec::new(),
             services: Vec::new(),
             next_if: 0,
+            has_bridge: false,
         };
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("manifests"))?;
@@ -195,15 +200,35 @@ impl Lab {
 
     /// Adds a pod (or, with `declared` false, an outside host) wired like a CNI would.
     pub fn add_pod(&mut self, namespace: &str, name: &str, ip: Ipv4Addr, labels: &[(&str, &str)], tcp: &[u16], udp: &[u16]) -> Result<usize> {
-        self.add_endpoint(namespace, name, ip, labels, tcp, udp, true)
+        self.add_endpoint(namespace, name, ip, labels, tcp, udp, true, false)
+    }
+
+    /// Adds a pod wired like the bridge CNI plugin: its veth is a port of the node's bridge,
+    /// its address in the bridge's 10.245.0.0/24 (no host route of its own).
+    pub fn add_bridge_pod(&mut self, namespace: &str, name: &str, ip: Ipv4Addr, labels: &[(&str, &str)], tcp: &[u16], udp: &[u16]) -> Result<usize> {
+        self.add_endpoint(namespace, name, ip, labels, tcp, udp, true, true)
     }
 
     pub fn add_external(&mut self, name: &str, ip: Ipv4Addr) -> Result<usize> {
-        self.add_endpoint("external", name, ip, &[], &[], &[], false)
+        self.add_endpoint("external", name, ip, &[], &[], &[], false, false)
+    }
+
+    /// The node's bridge (created on first use).
+    fn bridge(&mut self) -> Result<String> {
+        let (pid, lab) = self.id.split_once('-').unwrap_or((&self.id, "0"));
+        let br = format!("nb{:x}{lab}", pid.parse::<u32>().unwrap_or(0));
+        if !self.has_bridge {
+            let n = self.node_netns.as_str();
+            run("ip", &["-n", n, "link", "add", &br, "type", "bridge"])?;
+            run("ip", &["-n", n, "addr", "add", &format!("{BRIDGE_GW}/24"), "dev", &br])?;
+            run("ip", &["-n", n, "link", "set", &br, "up"])?;
+            self.has_bridge = true;
+        }
+        Ok(br)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn add_endpoint(&mut self, namespace: &str, name: &str, ip: Ipv4Addr, labels: &[(&str, &str)], tcp: &[u16], udp: &[u16], declared: bool) -> Result<usize> {
+    fn add_endpoint(&mut self, namespace: &str, name: &str, ip: Ipv4Addr, labels: &[(&str, &str)], tcp: &[u16], udp: &[u16], declared: bool, bridged: bool) -> Result<usize> {
         let idx = self.next_if;
         self.next_if += 1;
         let netns = format!("{NETNS_PREFIX}{}-p{idx}", self.id);
@@ -219,15 +244,26 @@ impl Lab {
         run("ip", &["-n", node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
         let p = netns.as_str();
         run("ip", &["-n", p, "link", "set", "lo", "up"])?;
-        run("ip", &["-n", p, "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-        run("ip", &["-n", p, "link", "set", "eth0", "up"])?;
-        // ptp wiring: the host side holds the gateway address, the pod routes everything to it.
-        let gw = GATEWAY_IP.to_string();
-        run("ip", &["-n", p, "route", "add", &gw, "dev", "eth0", "scope", "link"])?;
-        run("ip", &["-n", p, "route", "add", "default", "via", &gw, "dev", "eth0"])?;
-        run("ip", &["-n", node, "addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
-        run("ip", &["-n", node, "link", "set", &host_if, "up"])?;
-        run("ip", &["-n", node, "route", "add", &format!("{ip}/32"), "dev", &host_if, "src", &gw])?;
+        if bridged {
+            // Bridge wiring: the pod is on the bridge's subnet, the bridge is its gateway.
+            let br = self.bridge()?;
+            let node = self.node_netns.as_str();
+            run("ip", &["-n", p, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            run("ip", &["-n", p, "link", "set", "eth0", "up"])?;
+            run("ip", &["-n", p, "route", "add", "default", "via", &BRIDGE_GW.to_string(), "dev", "eth0"])?;
+            run("ip", &["-n", node, "link", "set", &host_if, "master", &br])?;
+            run("ip", &["-n", node, "link", "set", &host_if, "up"])?;
+        } else {
+            run("ip", &["-n", p, "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+            run("ip", &["-n", p, "link", "set", "eth0", "up"])?;
+            // ptp wiring: the host side holds the gateway address, the pod routes everything to it.
+            let gw = GATEWAY_IP.to_string();
+            run("ip", &["-n", p, "route", "add", &gw, "dev", "eth0", "scope", "link"])?;
+            run("ip", &["-n", p, "route", "add", "default", "via", &gw, "dev", "eth0"])?;
+            run("ip", &["-n", node, "addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
+            run("ip", &["-n", node, "link", "set", &host_if, "up"])?;
+            run("ip", &["-n", node, "route", "add", &format!("{ip}/32"), "dev", &host_if, "src", &gw])?;
+        }
         self.pods.push(LabPod {
             namespace: namespace.to_string(),
             name: name.to_string(),

@@ -154,11 +154,18 @@ pub fn ifname(ifindex: u32) -> io::Result<String> {
     Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
 }
 
-/// The host-side interface of a pod address: the device of a host route to it.
+/// The host-side interface of a pod address: the device of a host route to it (ptp, Calico,
+/// Cilium), or, when the address is routed to a Linux bridge (the bridge plugin, flannel), the
+/// bridge port the pod sits behind: neighbour table (address -> MAC), then the bridge's
+/// forwarding database (MAC -> port).
 pub fn pod_interface(addr: IpAddr) -> io::Result<(u32, String)> {
     let r = route_get(addr)?;
     let full = if addr.is_ipv4() { 32 } else { 128 };
     if r.dst_len != full {
+        if link_kind(r.ifindex)?.as_deref() == Some("bridge") {
+            let port = bridge_port(addr, r.ifindex)?;
+            return Ok((port, ifname(port)?));
+        }
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("no host route for {addr} (best match is a /{} route)", r.dst_len),
@@ -230,6 +237,110 @@ fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
         b = &b[((alen + 3) & !3).min(b.len())..];
     }
     out
+}
+
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_GETNEIGH: u16 = 30;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+const NDA_MASTER: u16 = 9;
+const NUD_INCOMPLETE: u16 = 0x01;
+const NUD_FAILED: u16 = 0x20;
+/// struct ndmsg: family, pad (3), ifindex (i32), state (u16), flags, type: 12 bytes.
+const NDMSG_LEN: usize = 12;
+
+/// The link kind (`veth`, `bridge`, ...) of an interface, if it has one.
+pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
+    for body in dump(RTM_GETLINK, libc::AF_UNSPEC as u8, 16, RTM_NEWLINK)? {
+        if body.len() < 16 || i32::from_ne_bytes(body[4..8].try_into().unwrap()) as u32 != ifindex {
+            continue;
+        }
+        for (t, v) in attrs(&body[16..]) {
+            if t == IFLA_LINKINFO {
+                for (t, k) in attrs(v) {
+                    if t == IFLA_INFO_KIND {
+                        return Ok(Some(String::from_utf8_lossy(k.split(|b| *b == 0).next().unwrap_or_default()).into_owned()));
+                    }
+                }
+            }
+        }
+        return Ok(None);
+    }
+    Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface {ifindex}")))
+}
+
+/// (ifindex, state, attributes) of each neighbour entry of `family` (AF_INET, AF_INET6, or
+/// AF_BRIDGE for bridge forwarding databases).
+fn neighbours(family: u8) -> io::Result<Vec<(u32, u16, Vec<(u16, Vec<u8>)>)>> {
+    let mut out = Vec::new();
+    for body in dump(RTM_GETNEIGH, family, NDMSG_LEN, RTM_NEWNEIGH)? {
+        if body.len() < NDMSG_LEN {
+            continue;
+        }
+        let ifindex = i32::from_ne_bytes(body[4..8].try_into().unwrap()) as u32;
+        let state = u16::from_ne_bytes([body[8], body[9]]);
+        out.push((ifindex, state, attrs(&body[NDMSG_LEN..]).into_iter().map(|(t, v)| (t, v.to_vec())).collect()));
+    }
+    Ok(out)
+}
+
+/// The MAC address the node resolved `addr` to on interface `ifindex`.
+pub fn neighbour_mac(addr: IpAddr, ifindex: u32) -> io::Result<Option<Vec<u8>>> {
+    let (family, want) = match addr {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    for (i, state, a) in neighbours(family)? {
+        if i != ifindex || state & (NUD_INCOMPLETE | NUD_FAILED) != 0 {
+            continue;
+        }
+        let dst = a.iter().find(|(t, _)| *t == NDA_DST).map(|(_, v)| v);
+        let mac = a.iter().find(|(t, _)| *t == NDA_LLADDR).map(|(_, v)| v);
+        if let (Some(d), Some(m)) = (dst, mac) {
+            if *d == want {
+                return Ok(Some(m.clone()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The port of `bridge` behind which the forwarding database has seen `mac`.
+pub fn fdb_port(bridge: u32, mac: &[u8]) -> io::Result<Option<u32>> {
+    for (port, _, a) in neighbours(libc::AF_BRIDGE as u8)? {
+        let master = a.iter().find(|(t, _)| *t == NDA_MASTER).and_then(|(_, v)| v.get(..4)).map(|v| u32::from_ne_bytes(v.try_into().unwrap()));
+        let lladdr = a.iter().find(|(t, _)| *t == NDA_LLADDR).map(|(_, v)| v.as_slice());
+        if port != bridge && master == Some(bridge) && lladdr == Some(mac) {
+            return Ok(Some(port));
+        }
+    }
+    Ok(None)
+}
+
+/// The bridge port of a pod address: its neighbour entry gives the MAC, the forwarding
+/// database the port. A pod that has not talked yet has neither: an empty datagram to the
+/// discard port makes the node resolve it (the answer teaches the bridge where it is).
+pub fn bridge_port(addr: IpAddr, bridge: u32) -> io::Result<u32> {
+    let lookup = || -> io::Result<Option<u32>> {
+        match neighbour_mac(addr, bridge)? {
+            Some(mac) => fdb_port(bridge, &mac),
+            None => Ok(None),
+        }
+    };
+    if let Some(p) = lookup()? {
+        return Ok(p);
+    }
+    let any: IpAddr = if addr.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    if let Ok(s) = std::net::UdpSocket::bind((any, 0)) {
+        let _ = s.send_to(&[], (addr, 9));
+    }
+    for _ in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        if let Some(p) = lookup()? {
+            return Ok(p);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::NotFound, format!("{addr} is behind bridge {bridge} but not in its neighbour/forwarding tables yet")))
 }
 
 /// Interfaces of the calling thread's network namespace whose link kind is `veth`.
@@ -330,6 +441,9 @@ mod tests {
         // The test's own namespace may have no veth at all; the dumps must still parse.
         veth_interfaces().unwrap();
         veth_host_routes().unwrap();
+        neighbours(libc::AF_INET as u8).unwrap();
+        neighbours(libc::AF_BRIDGE as u8).unwrap();
+        assert_eq!(link_kind(1).unwrap(), None, "lo has no link kind");
     }
 
     #[test]
