@@ -87,13 +87,16 @@ fn log_deny_events(mut rb: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
 }
 
 /// A fingerprint of the directory: names, sizes, mtimes and contents of the manifest files.
+/// Changes when a manifest file is added, removed, replaced (rename) or written: its name,
+/// inode, size and modification time (nanoseconds). No file is read.
 fn fingerprint(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     if let Ok(files) = manifests::manifest_files(dir) {
         for f in files {
             f.hash(&mut h);
-            if let Ok(bytes) = std::fs::read(&f) {
-                bytes.hash(&mut h);
+            if let Ok(m) = std::fs::metadata(&f) {
+                (m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()).hash(&mut h);
             }
         }
     }
@@ -230,7 +233,10 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             last_fp = Some(fp);
             let age = source.take_change_age();
             change_age = if first { None } else { age.map(|a| (a, Instant::now())) };
-            match source.load() {
+            let t_load = Instant::now();
+            let loaded = source.load();
+            log::debug!("state loaded in {:?}", t_load.elapsed());
+            match loaded {
                 Ok((c, errors)) => {
                     for e in &errors {
                         log::error!("skipped: {e}");

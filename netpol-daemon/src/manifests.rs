@@ -26,7 +26,7 @@ impl fmt::Display for LoadError {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Loaded {
     pub cluster: Cluster,
     pub errors: Vec<LoadError>,
@@ -68,6 +68,8 @@ pub fn load_dir(dir: &Path) -> std::io::Result<Loaded> {
 #[derive(Debug, Default)]
 pub struct DirReader {
     previous: BTreeMap<PathBuf, Cluster>,
+    /// Each file's content hash and what it parsed to: unchanged files are not parsed again.
+    parsed: BTreeMap<PathBuf, (u64, Loaded)>,
 }
 
 impl DirReader {
@@ -77,7 +79,21 @@ impl DirReader {
         for file in manifest_files(dir)? {
             let mut one = Loaded::default();
             match std::fs::read_to_string(&file) {
-                Ok(text) => load_text(&file, &text, &mut one),
+                Ok(text) => {
+                    let hash = {
+                        use std::hash::{Hash, Hasher};
+                        let mut h = std::collections::hash_map::DefaultHasher::new();
+                        text.hash(&mut h);
+                        h.finish()
+                    };
+                    match self.parsed.get(&file) {
+                        Some((h, l)) if *h == hash => one = l.clone(),
+                        _ => {
+                            load_text(&file, &text, &mut one);
+                            self.parsed.insert(file.clone(), (hash, one.clone()));
+                        }
+                    }
+                }
                 Err(e) => one.errors.push(LoadError { file: file.clone(), document: 0, message: format!("cannot read: {e}") }),
             }
             if !one.errors.is_empty() {
@@ -99,6 +115,7 @@ impl DirReader {
             }
             now.insert(file, one.cluster);
         }
+        self.parsed.retain(|f, _| now.contains_key(f));
         self.previous = now;
         Ok(out)
     }

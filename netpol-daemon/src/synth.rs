@@ -173,3 +173,128 @@ pub fn pods_on(c: &Cluster, node: &str) -> Vec<ObjKey> {
 pub fn labels_of(c: &Cluster) -> BTreeMap<ObjKey, Labels> {
     c.pods.iter().map(|(k, p)| (k.clone(), p.labels.clone())).collect()
 }
+
+fn selector_json(s: &Selector) -> serde_json::Value {
+    let exprs: Vec<serde_json::Value> = s
+        .requirements
+        .iter()
+        .map(|r| match &r.op {
+            Op::In(v) => serde_json::json!({"key": r.key, "operator": "In", "values": v}),
+            Op::NotIn(v) => serde_json::json!({"key": r.key, "operator": "NotIn", "values": v}),
+            Op::Exists => serde_json::json!({"key": r.key, "operator": "Exists"}),
+            Op::DoesNotExist => serde_json::json!({"key": r.key, "operator": "DoesNotExist"}),
+        })
+        .collect();
+    if exprs.is_empty() {
+        serde_json::json!({})
+    } else {
+        serde_json::json!({"matchExpressions": exprs})
+    }
+}
+
+fn rule_json(r: &Rule, dir: Direction) -> serde_json::Value {
+    let mut o = serde_json::Map::new();
+    if let Some(peers) = &r.peers {
+        let peers: Vec<serde_json::Value> = peers
+            .iter()
+            .map(|p| match p {
+                Peer::IpBlock(b) => serde_json::json!({"ipBlock": {"cidr": b.cidr.to_string(), "except": b.except.iter().map(|c| c.to_string()).collect::<Vec<_>>()}}),
+                Peer::Pods { namespaces: None, pods } => serde_json::json!({"podSelector": selector_json(pods)}),
+                Peer::Pods { namespaces: Some(n), pods } => serde_json::json!({"namespaceSelector": selector_json(n), "podSelector": selector_json(pods)}),
+            })
+            .collect();
+        o.insert(if dir == Direction::Ingress { "from" } else { "to" }.into(), peers.into());
+    }
+    if let Some(ports) = &r.ports {
+        let ports: Vec<serde_json::Value> = ports
+            .iter()
+            .map(|p| match &p.port {
+                PortRef::Any => serde_json::json!({"protocol": p.protocol.as_str()}),
+                PortRef::Range(a, b) if a == b => serde_json::json!({"protocol": p.protocol.as_str(), "port": a}),
+                PortRef::Range(a, b) => serde_json::json!({"protocol": p.protocol.as_str(), "port": a, "endPort": b}),
+                PortRef::Named(n) => serde_json::json!({"protocol": p.protocol.as_str(), "port": n}),
+            })
+            .collect();
+        o.insert("ports".into(), ports.into());
+    }
+    o.into()
+}
+
+/// The cluster as manifests a user would write (JSON documents, one file per namespace:
+/// its Namespace, Pods and NetworkPolicies), for running the real daemon on it.
+pub fn manifests(c: &Cluster) -> BTreeMap<String, String> {
+    let mut files: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for ns in c.namespaces.values() {
+        let mut labels = ns.labels.clone();
+        labels.remove(NAMESPACE_NAME_LABEL);
+        files.entry(ns.name.clone()).or_default().push(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name, "labels": labels}}));
+    }
+    for p in c.pods.values() {
+        let ports: Vec<serde_json::Value> = p
+            .ports
+            .iter()
+            .map(|cp| match &cp.name {
+                Some(n) => serde_json::json!({"name": n, "containerPort": cp.port, "protocol": cp.protocol.as_str()}),
+                None => serde_json::json!({"containerPort": cp.port, "protocol": cp.protocol.as_str()}),
+            })
+            .collect();
+        let ips: Vec<serde_json::Value> = p.ips.iter().map(|ip| serde_json::json!({"ip": ip.to_string()})).collect();
+        let mut status = serde_json::json!({"phase": "Running", "podIPs": ips});
+        if let Some(ip) = p.ips.first() {
+            status["podIP"] = ip.to_string().into();
+        }
+        files.entry(p.key.namespace.clone()).or_default().push(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": p.key.name, "namespace": p.key.namespace, "labels": p.labels},
+            "spec": {"nodeName": p.node_name, "hostNetwork": p.host_network, "containers": [{"name": "app", "image": "app", "ports": ports}]},
+            "status": status,
+        }));
+    }
+    for pol in c.policies.values() {
+        let mut types = Vec::new();
+        if pol.isolates_ingress {
+            types.push("Ingress");
+        }
+        if pol.isolates_egress {
+            types.push("Egress");
+        }
+        let mut meta = serde_json::json!({"name": pol.key.name, "namespace": pol.key.namespace});
+        if pol.audit {
+            meta["annotations"] = serde_json::json!({AUDIT_ANNOTATION: "true"});
+        }
+        files.entry(pol.key.namespace.clone()).or_default().push(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta,
+            "spec": {
+                "podSelector": selector_json(&pol.pod_selector),
+                "policyTypes": types,
+                "ingress": pol.ingress.iter().map(|r| rule_json(r, Direction::Ingress)).collect::<Vec<_>>(),
+                "egress": pol.egress.iter().map(|r| rule_json(r, Direction::Egress)).collect::<Vec<_>>(),
+            },
+        }));
+    }
+    files.into_iter().map(|(ns, docs)| (ns, docs.iter().map(|d| format!("---\n{d}\n")).collect())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_load_back_into_the_same_cluster() {
+        let c = cluster(&Shape::new(300, 60));
+        let mut loaded = crate::manifests::Loaded::default();
+        for (ns, text) in manifests(&c) {
+            crate::manifests::load_text(std::path::Path::new(&format!("{ns}.yaml")), &text, &mut loaded);
+        }
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors.iter().take(3).map(|e| e.to_string()).collect::<Vec<_>>());
+        let l = &loaded.cluster;
+        assert_eq!(l.namespaces, c.namespaces);
+        assert_eq!(l.pods, c.pods);
+        assert_eq!(l.policies.len(), c.policies.len());
+        for (k, p) in &c.policies {
+            assert_eq!(&l.policies[k], p, "{k}");
+        }
+        // And they compile to the same node.
+        assert_eq!(crate::compiler::compile_node(l, &node_name(0)), crate::compiler::compile_node(&c, &node_name(0)));
+    }
+}

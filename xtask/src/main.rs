@@ -178,11 +178,13 @@ fn bench(extra: &[String]) -> Result<()> {
     let lab = root().join("target/release/netpol-lab");
     let svg = root().join("BENCHMARKS-throughput.svg");
     let svg = svg.to_string_lossy().to_string();
+    let daemon = root().join("target/release/netpol-daemon").to_string_lossy().to_string();
     let runs: Vec<(&PathBuf, Vec<&str>)> = if quick {
         vec![
             (&bin, vec!["compile", "10000", "2000", "5"]),
             (&bin, vec!["packet", "100000"]),
             (&bin, vec!["control", "10000", "2000", "20"]),
+            (&bin, vec!["daemon", &daemon, "10000", "2000", "10"]),
             (&lab, vec!["throughput", "2", "1", &svg]),
         ]
     } else {
@@ -190,6 +192,7 @@ fn bench(extra: &[String]) -> Result<()> {
             (&bin, vec!["compile", "10000", "2000", "21"]),
             (&bin, vec!["packet", "1000000"]),
             (&bin, vec!["control", "10000", "2000", "100"]),
+            (&bin, vec!["daemon", &daemon, "10000", "2000", "40"]),
             (&lab, vec!["throughput", "4", "5", &svg]),
         ]
     };
@@ -210,7 +213,7 @@ fn bench(extra: &[String]) -> Result<()> {
     let mut md = format!(
         "# Benchmarks\n\nWritten by `cargo xtask bench` (release build). Machine: {ncpu} CPUs ({cpu}), kernel {uname}.\nEvery figure in a table was measured in the same run, side by side; medians over repeats.\n\n"
     );
-    md.push_str("Method:\n\n- Compiler: `netpol-bench compile` builds a synthetic cluster (`netpol_daemon::synth`: namespaces of\n  50 pods in deployments of 5, six kinds of policies mixing pod/namespace selectors, named ports,\n  ipBlocks with excepts, ports-only DNS egress, port ranges) and times `compile_node` for one node\n  (about 110 pods), the whole cluster compiled at once, and one pod label change (recompile the\n  node and derive the map contents).\n- Per packet: `netpol-bench packet` loads the real programs with maps of their own, programs a pod\n  whose policy has N ingress rules (one /24 and one port each), and runs crafted frames through\n  BPF_PROG_TEST_RUN; the kernel reports the mean duration per run. The harness's own cost is\n  shown by a classifier that only returns OK.\n- Control plane: `netpol-bench control` compiles one node of the synthetic cluster and programs\n  the real BPF maps (programs loaded, not attached), then times single pod label changes end to\n  end (compile + rewrite of the differing entries); peak RSS is the process's VmHWM.\n- Throughput: `netpol-lab throughput` runs iperf3 between two lab pods (network namespaces, veth,\n  /32 routes through a node namespace) with (a) no program, (c) the same policies as iptables\n  rules in the node's FORWARD chain (conntrack-established first, then one rule per peer and\n  port), (b) the netpol daemon enforcing them, at 10 and 1,000 policies.\n\n");
+    md.push_str("Method:\n\n- Compiler: `netpol-bench compile` builds a synthetic cluster (`netpol_daemon::synth`: namespaces of\n  50 pods in deployments of 5, six kinds of policies mixing pod/namespace selectors, named ports,\n  ipBlocks with excepts, ports-only DNS egress, port ranges) and times `compile_node` for one node\n  (about 110 pods), the whole cluster compiled at once, and one pod label change (recompile the\n  node and derive the map contents).\n- Per packet: `netpol-bench packet` loads the real programs with maps of their own, programs a pod\n  whose policy has N ingress rules (one /24 and one port each), and runs crafted frames through\n  BPF_PROG_TEST_RUN; the kernel reports the mean duration per run. The harness's own cost is\n  shown by a classifier that only returns OK.\n- Control plane: `netpol-bench control` compiles one node of the synthetic cluster and programs\n  the real BPF maps (programs loaded, not attached), then times single pod label changes end to\n  end (compile + rewrite of the differing entries); peak RSS is the process's VmHWM.\n- Daemon: `netpol-bench daemon` runs the real `netpol-daemon` binary on the same cluster written as\n  manifests (one file per namespace), in a network namespace where each local pod has a veth\n  with a /32 route, so programs are attached for real: time to ready, pod label changes from the\n  file write to the maps updated (the daemon's own `netpol_programming_latency_seconds`), and\n  the daemon's peak RSS (VmHWM).\n- Throughput: `netpol-lab throughput` runs iperf3 between two lab pods (network namespaces, veth,\n  /32 routes through a node namespace) with (a) no program, (c) the same policies as iptables\n  rules in the node's FORWARD chain (conntrack-established first, then one rule per peer and\n  port), (b) the netpol daemon enforcing them, at 10 and 1,000 policies.\n\n");
     for s in sections {
         md.push_str(&s);
         md.push('\n');

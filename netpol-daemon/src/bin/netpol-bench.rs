@@ -152,6 +152,125 @@ fn control_bench(pods: usize, policies: usize, changes: usize) -> anyhow::Result
     Ok(())
 }
 
+fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new(cmd).args(args).output()?;
+    anyhow::ensure!(out.status.success(), "{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    Ok(())
+}
+
+/// The real daemon binary on the synthetic cluster, as manifests (one file per namespace), in
+/// a network namespace of its own where each local pod has an interface (a veth device with
+/// a /32 route, which is all the daemon looks for): start to ready, pod label changes from the
+/// file write to the maps updated (netpol_syncs_total moving), and the daemon's peak RSS.
+fn daemon_bench(daemon: &str, pods: usize, policies: usize, changes: usize) -> anyhow::Result<()> {
+    use netpol_daemon::metrics::{http_get, sample};
+    let shape = Shape::new(pods, policies);
+    let mut cluster = synth::cluster(&shape);
+    let node = synth::node_name(0);
+    let local = synth::pods_on(&cluster, &node);
+    let id = std::process::id();
+    let netns = format!("npbench-{id}");
+    let dir = std::env::temp_dir().join(format!("npbench-{id}"));
+    let pin = format!("/sys/fs/bpf/npbench-{id}");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let cleanup = |child: Option<&mut std::process::Child>| {
+        if let Some(c) = child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::process::Command::new("ip").args(["netns", "delete", &netns]).status();
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&pin);
+    };
+    let result = (|| -> anyhow::Result<()> {
+        sh("ip", &["netns", "add", &netns])?;
+        let mut batch = String::from("link set lo up\n");
+        for (i, k) in local.iter().enumerate() {
+            let ip = cluster.pods[k].ips[0];
+            batch.push_str(&format!("link add bd{i} type veth peer name bp{i}\nlink set bd{i} up\nroute add {ip}/32 dev bd{i}\n"));
+        }
+        let bf = dir.join("batch");
+        std::fs::write(&bf, batch)?;
+        sh("ip", &["-n", &netns, "-batch", &bf.to_string_lossy()])?;
+        let mdir = dir.join("manifests");
+        std::fs::create_dir_all(&mdir)?;
+        let write = |ns: &str, text: &str| -> anyhow::Result<()> {
+            let tmp = dir.join(format!(".{ns}.tmp"));
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, mdir.join(format!("{ns}.json")))?;
+            Ok(())
+        };
+        for (ns, text) in synth::manifests(&cluster) {
+            write(&ns, &text)?;
+        }
+        let addr: std::net::SocketAddr = "127.0.0.1:9090".parse()?;
+        let t0 = Instant::now();
+        let mut child = std::process::Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{netns}"))
+            .arg(daemon)
+            .args(["run", "--node-name", &node, "--manifests"])
+            .arg(&mdir)
+            .args(["--metrics-addr", &addr.to_string(), "--bpffs", &pin, "--poll-ms", "5"])
+            .env("RUST_LOG", std::env::var("NETPOL_BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(std::env::temp_dir().join(format!("npbench-{id}.log")))?)
+            .spawn()?;
+        let pid = child.id();
+        let get = |path: &'static str| netpol_daemon::lab::in_netns(&netns, move || http_get(addr, path)).ok().and_then(|r| r.ok());
+        let r = (|| -> anyhow::Result<()> {
+            loop {
+                if matches!(get("/readyz"), Some((200, _))) {
+                    break;
+                }
+                anyhow::ensure!(t0.elapsed() < Duration::from_secs(120), "daemon not ready after 120 s");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let ready = t0.elapsed();
+            let m = get("/metrics").map(|(_, b)| b).unwrap_or_default();
+            let endpoints = sample(&m, "netpol_endpoints").unwrap_or(0.0);
+            println!("## Daemon: {pods} pods, {policies} policies as manifests, node of {} pods (real daemon process, programs attached)\n", local.len());
+            println!("| what | median | p99 | detail |\n| --- | --- | --- | --- |");
+            println!("| start to ready (parse {} files, compile, program maps, attach) | {} | (one run) | {endpoints} endpoints attached |", synth::manifests(&cluster).len(), ms(ready));
+            // The daemon's own programming-latency histogram (file mtime to maps updated): the
+            // bench reads it after each change without loading the daemon while it works.
+            let hist = || {
+                let m = get("/metrics").map(|(_, b)| b).unwrap_or_default();
+                (sample(&m, "netpol_programming_latency_seconds_count").unwrap_or(0.0), sample(&m, "netpol_programming_latency_seconds_sum").unwrap_or(0.0))
+            };
+            let mut runs = Vec::new();
+            for i in 0..changes {
+                let key = local[i % local.len()].clone();
+                let (count, sum) = hist();
+                cluster.pods.get_mut(&key).unwrap().labels.insert("app".into(), format!("relabelled-{i}"));
+                let text = synth::manifests(&cluster).remove(&key.namespace).unwrap();
+                let t = Instant::now();
+                write(&key.namespace, &text)?;
+                loop {
+                    std::thread::sleep(Duration::from_millis(20));
+                    let (c, s) = hist();
+                    if c > count {
+                        runs.push(Duration::from_secs_f64(s - sum));
+                        break;
+                    }
+                    anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "no sync after a label change");
+                }
+            }
+            println!("| one pod label change: file written to maps updated (daemon's netpol_programming_latency_seconds; directory polled every 5 ms) | {} | {} | {changes} changes |", ms(median(runs.clone())), ms(p99(runs)));
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            let kib = |k: &str| status.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).unwrap_or(0);
+            println!("\nPeak RSS of the daemon process: {:.1} MiB (VmHWM; {:.1} MiB resident now).\n", kib("VmHWM:") as f64 / 1024.0, kib("VmRSS:") as f64 / 1024.0);
+            Ok(())
+        })();
+        cleanup(Some(&mut child));
+        r
+    })();
+    if result.is_err() {
+        cleanup(None);
+    }
+    result
+}
+
 /// A pod with `n` ingress rules, each allowing one /24 on its own port, plus egress to 10.2/16.
 fn rules_policy(n: usize) -> String {
     let mut y = String::from(
@@ -283,8 +402,18 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        "daemon" => {
+            let daemon = args.get(1).cloned().unwrap_or_default();
+            let pods = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10_000);
+            let policies = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(2_000);
+            let changes = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(50);
+            if let Err(e) = daemon_bench(&daemon, pods, policies, changes) {
+                eprintln!("netpol-bench daemon: {e:#}");
+                std::process::exit(1);
+            }
+        }
         other => {
-            eprintln!("usage: netpol-bench compile [PODS POLICIES REPEATS] | packet [REPEAT] | control [PODS POLICIES CHANGES]   (unknown {other})");
+            eprintln!("usage: netpol-bench compile [PODS POLICIES REPEATS] | packet [REPEAT] | control [PODS POLICIES CHANGES] | daemon DAEMON_BIN [PODS POLICIES CHANGES]   (unknown {other})");
             std::process::exit(2);
         }
     }
