@@ -440,15 +440,15 @@ impl Datapath {
         for (k, id) in ids {
             for dir in crate::model::Direction::BOTH {
                 let d = dir.datapath();
-                let want: Vec<ObjKey> = node.pods.get(k).and_then(|c| c.dir(dir)).map(|dp| dp.policies.clone()).unwrap_or_default();
+                let want: &[ObjKey] = node.pods.get(k).and_then(|c| c.dir(dir)).map_or(&[], |dp| &dp.policies);
                 let Some(old) = self.slot_policies.get(&(*id, d)) else {
-                    self.slot_policies.insert((*id, d), want);
+                    self.slot_policies.insert((*id, d), want.to_vec());
                     continue;
                 };
-                if *old == want {
+                if old == want {
                     continue;
                 }
-                let old = old.clone();
+                let old = self.slot_policies.insert((*id, d), want.to_vec()).expect("present");
                 for slot in 0..(old.len() as u32).min(POLICY_SLOTS) {
                     let idx = policy_counter_index(*id, d, slot);
                     let n: u64 = self.policy_counters.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0);
@@ -459,7 +459,6 @@ impl Datapath {
                         let _ = self.policy_counters.set(idx, zero, 0);
                     }
                 }
-                self.slot_policies.insert((*id, d), want);
             }
         }
         self.retired_counts.retain(|(k, _, _), _| ids.contains_key(k));

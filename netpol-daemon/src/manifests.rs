@@ -67,18 +67,18 @@ pub fn load_dir(dir: &Path) -> std::io::Result<Loaded> {
 /// arrives. A removed file removes its objects.
 #[derive(Debug, Default)]
 pub struct DirReader {
-    previous: BTreeMap<PathBuf, Cluster>,
-    /// Each file's content hash and what it parsed to: unchanged files are not parsed again.
-    parsed: BTreeMap<PathBuf, (u64, Loaded)>,
+    /// Per file: its content hash and what it stands for (its objects, plus the previous
+    /// versions a bad write lost). A file whose content is unchanged is not parsed again.
+    files: BTreeMap<PathBuf, (u64, Loaded)>,
 }
 
 impl DirReader {
     pub fn load(&mut self, dir: &Path) -> std::io::Result<Loaded> {
         let mut out = Loaded::default();
-        let mut now = BTreeMap::new();
+        let mut files = BTreeMap::new();
         for file in manifest_files(dir)? {
-            let mut one = Loaded::default();
-            match std::fs::read_to_string(&file) {
+            let prev = self.files.remove(&file);
+            let entry = match std::fs::read_to_string(&file) {
                 Ok(text) => {
                     let hash = {
                         use std::hash::{Hash, Hasher};
@@ -86,38 +86,46 @@ impl DirReader {
                         text.hash(&mut h);
                         h.finish()
                     };
-                    match self.parsed.get(&file) {
-                        Some((h, l)) if *h == hash => one = l.clone(),
-                        _ => {
+                    match prev {
+                        Some((h, l)) if h == hash => (h, l),
+                        prev => {
+                            let mut one = Loaded::default();
                             load_text(&file, &text, &mut one);
-                            self.parsed.insert(file.clone(), (hash, one.clone()));
+                            keep_previous(&file, &mut one, prev.as_ref().map(|(_, l)| &l.cluster));
+                            (hash, one)
                         }
                     }
                 }
-                Err(e) => one.errors.push(LoadError { file: file.clone(), document: 0, message: format!("cannot read: {e}") }),
-            }
-            if !one.errors.is_empty() {
-                if let Some(prev) = self.previous.get(&file) {
-                    let kept = keep_missing(&mut one.cluster, prev);
-                    if kept > 0 {
-                        one.errors.push(LoadError {
-                            file: file.clone(),
-                            document: 0,
-                            message: format!("keeping the previous version of {kept} object(s) of this file until it is valid again"),
-                        });
-                    }
+                Err(e) => {
+                    let mut one = Loaded::default();
+                    one.errors.push(LoadError { file: file.clone(), document: 0, message: format!("cannot read: {e}") });
+                    keep_previous(&file, &mut one, prev.as_ref().map(|(_, l)| &l.cluster));
+                    // Hash 0: read and parsed again next time.
+                    (0, one)
                 }
+            };
+            merge(&mut out.cluster, &entry.1.cluster);
+            out.errors.extend(entry.1.errors.iter().cloned());
+            for (k, n) in &entry.1.ignored {
+                *out.ignored.entry(k.clone()).or_default() += n;
             }
-            merge(&mut out.cluster, &one.cluster);
-            out.errors.extend(one.errors);
-            for (k, n) in one.ignored {
-                *out.ignored.entry(k).or_default() += n;
-            }
-            now.insert(file, one.cluster);
+            files.insert(file, entry);
         }
-        self.parsed.retain(|f, _| now.contains_key(f));
-        self.previous = now;
+        self.files = files;
         Ok(out)
+    }
+}
+
+/// A file that did not load cleanly keeps the previous version of the objects it lost.
+fn keep_previous(file: &Path, one: &mut Loaded, prev: Option<&Cluster>) {
+    let Some(prev) = prev.filter(|_| !one.errors.is_empty()) else { return };
+    let kept = keep_missing(&mut one.cluster, prev);
+    if kept > 0 {
+        one.errors.push(LoadError {
+            file: file.to_path_buf(),
+            document: 0,
+            message: format!("keeping the previous version of {kept} object(s) of this file until it is valid again"),
+        });
     }
 }
 

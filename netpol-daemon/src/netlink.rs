@@ -249,24 +249,34 @@ const NUD_FAILED: u16 = 0x20;
 /// struct ndmsg: family, pad (3), ifindex (i32), state (u16), flags, type: 12 bytes.
 const NDMSG_LEN: usize = 12;
 
-/// The link kind (`veth`, `bridge`, ...) of an interface, if it has one.
-pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
+/// Every interface of the calling thread's network namespace with its link kind (`veth`,
+/// `bridge`, ...; `None` for devices without one, such as lo).
+fn link_kinds() -> io::Result<Vec<(u32, Option<String>)>> {
+    // struct ifinfomsg: family, pad, type (u16), index (i32), flags, change: 16 bytes.
+    let mut out = Vec::new();
     for body in dump(RTM_GETLINK, libc::AF_UNSPEC as u8, 16, RTM_NEWLINK)? {
-        if body.len() < 16 || i32::from_ne_bytes(body[4..8].try_into().unwrap()) as u32 != ifindex {
+        if body.len() < 16 {
             continue;
         }
-        for (t, v) in attrs(&body[16..]) {
-            if t == IFLA_LINKINFO {
-                for (t, k) in attrs(v) {
-                    if t == IFLA_INFO_KIND {
-                        return Ok(Some(String::from_utf8_lossy(k.split(|b| *b == 0).next().unwrap_or_default()).into_owned()));
-                    }
-                }
-            }
-        }
-        return Ok(None);
+        let index = i32::from_ne_bytes(body[4..8].try_into().unwrap()) as u32;
+        let kind = attrs(&body[16..])
+            .into_iter()
+            .filter(|(t, _)| *t == IFLA_LINKINFO)
+            .flat_map(|(_, v)| attrs(v))
+            .find(|(t, _)| *t == IFLA_INFO_KIND)
+            .map(|(_, k)| String::from_utf8_lossy(k.split(|b| *b == 0).next().unwrap_or_default()).into_owned());
+        out.push((index, kind));
     }
-    Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface {ifindex}")))
+    Ok(out)
+}
+
+/// The link kind of an interface, if it has one.
+pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
+    link_kinds()?
+        .into_iter()
+        .find(|(i, _)| *i == ifindex)
+        .map(|(_, k)| k)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {ifindex}")))
 }
 
 /// (ifindex, state, attributes) of each neighbour entry of `family` (AF_INET, AF_INET6, or
@@ -345,21 +355,7 @@ pub fn bridge_port(addr: IpAddr, bridge: u32) -> io::Result<u32> {
 
 /// Interfaces of the calling thread's network namespace whose link kind is `veth`.
 pub fn veth_interfaces() -> io::Result<Vec<u32>> {
-    // struct ifinfomsg: family, pad, type (u16), index (i32), flags, change: 16 bytes.
-    let mut out = Vec::new();
-    for body in dump(RTM_GETLINK, libc::AF_UNSPEC as u8, 16, RTM_NEWLINK)? {
-        if body.len() < 16 {
-            continue;
-        }
-        let index = i32::from_ne_bytes(body[4..8].try_into().unwrap()) as u32;
-        let is_veth = attrs(&body[16..]).into_iter().any(|(t, v)| {
-            t == IFLA_LINKINFO && attrs(v).into_iter().any(|(t, k)| t == IFLA_INFO_KIND && k.split(|b| *b == 0).next() == Some(b"veth"))
-        });
-        if is_veth {
-            out.push(index);
-        }
-    }
-    Ok(out)
+    Ok(link_kinds()?.into_iter().filter(|(_, k)| k.as_deref() == Some("veth")).map(|(i, _)| i).collect())
 }
 
 /// Host routes (/32, /128) of the main table through veth interfaces: (address, ifindex).

@@ -223,13 +223,22 @@ fn rule_json(r: &Rule, dir: Direction) -> serde_json::Value {
 /// The cluster as manifests a user would write (JSON documents, one file per namespace:
 /// its Namespace, Pods and NetworkPolicies), for running the real daemon on it.
 pub fn manifests(c: &Cluster) -> BTreeMap<String, String> {
+    manifests_of(c, |_| true)
+}
+
+/// The manifest file of one namespace (see [`manifests`]).
+pub fn namespace_manifest(c: &Cluster, namespace: &str) -> String {
+    manifests_of(c, |ns| ns == namespace).remove(namespace).unwrap_or_default()
+}
+
+fn manifests_of(c: &Cluster, want: impl Fn(&str) -> bool) -> BTreeMap<String, String> {
     let mut files: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
-    for ns in c.namespaces.values() {
+    for ns in c.namespaces.values().filter(|n| want(&n.name)) {
         let mut labels = ns.labels.clone();
         labels.remove(NAMESPACE_NAME_LABEL);
         files.entry(ns.name.clone()).or_default().push(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name, "labels": labels}}));
     }
-    for p in c.pods.values() {
+    for p in c.pods.values().filter(|p| want(&p.key.namespace)) {
         let ports: Vec<serde_json::Value> = p
             .ports
             .iter()
@@ -250,7 +259,7 @@ pub fn manifests(c: &Cluster) -> BTreeMap<String, String> {
             "status": status,
         }));
     }
-    for pol in c.policies.values() {
+    for pol in c.policies.values().filter(|p| want(&p.key.namespace)) {
         let mut types = Vec::new();
         if pol.isolates_ingress {
             types.push("Ingress");
@@ -294,6 +303,7 @@ mod tests {
         for (k, p) in &c.policies {
             assert_eq!(&l.policies[k], p, "{k}");
         }
+        assert_eq!(namespace_manifest(&c, "ns-1"), manifests(&c)["ns-1"]);
         // And they compile to the same node.
         assert_eq!(crate::compiler::compile_node(l, &node_name(0)), crate::compiler::compile_node(&c, &node_name(0)));
     }

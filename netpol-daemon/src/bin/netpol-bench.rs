@@ -201,8 +201,9 @@ fn daemon_bench(daemon: &str, pods: usize, policies: usize, changes: usize) -> a
             std::fs::rename(&tmp, mdir.join(format!("{ns}.json")))?;
             Ok(())
         };
-        for (ns, text) in synth::manifests(&cluster) {
-            write(&ns, &text)?;
+        let files = synth::manifests(&cluster);
+        for (ns, text) in &files {
+            write(ns, text)?;
         }
         let addr: std::net::SocketAddr = "127.0.0.1:9090".parse()?;
         let t0 = Instant::now();
@@ -231,7 +232,7 @@ fn daemon_bench(daemon: &str, pods: usize, policies: usize, changes: usize) -> a
             let endpoints = sample(&m, "netpol_endpoints").unwrap_or(0.0);
             println!("## Daemon: {pods} pods, {policies} policies as manifests, node of {} pods (real daemon process, programs attached)\n", local.len());
             println!("| what | median | p99 | detail |\n| --- | --- | --- | --- |");
-            println!("| start to ready (parse {} files, compile, program maps, attach) | {} | (one run) | {endpoints} endpoints attached |", synth::manifests(&cluster).len(), ms(ready));
+            println!("| start to ready (parse {} files, compile, program maps, attach) | {} | (one run) | {endpoints} endpoints attached |", files.len(), ms(ready));
             // The daemon's own programming-latency histogram (file mtime to maps updated): the
             // bench reads it after each change without loading the daemon while it works.
             let hist = || {
@@ -243,7 +244,7 @@ fn daemon_bench(daemon: &str, pods: usize, policies: usize, changes: usize) -> a
                 let key = local[i % local.len()].clone();
                 let (count, sum) = hist();
                 cluster.pods.get_mut(&key).unwrap().labels.insert("app".into(), format!("relabelled-{i}"));
-                let text = synth::manifests(&cluster).remove(&key.namespace).unwrap();
+                let text = synth::namespace_manifest(&cluster, &key.namespace);
                 let t = Instant::now();
                 write(&key.namespace, &text)?;
                 loop {
