@@ -533,31 +533,229 @@ pub fn pending_pod(ifname: &str, iso: [bool; 2]) -> CompiledPod {
     }
 }
 
-/// One rule in use on the node, with its peers resolved.
-struct Resolved<'a> {
+/// One rule in use on the node (owned: kept for incremental updates).
+struct RuleState {
     rref: RuleRef,
-    rule: &'a Rule,
+    rule: Rule,
     /// Index of its peer set in the node's distinct peer sets.
     group: u32,
     any: bool,
     named_egress: bool,
 }
 
+/// A distinct peer set, kept to re-evaluate which sets hold an address whose pods changed.
+struct GroupState {
+    any: bool,
+    blocks: Vec<IpBlock>,
+    /// Pod peers: (namespace selector, pod selector, the policy's namespace).
+    pods: Vec<(Option<Selector>, Selector, String)>,
+}
+
+/// A class's identity: the peer sets holding its addresses, its pod ports, its service.
+type ClassId = (Vec<u32>, Vec<(String, Protocol, u16)>, Option<ObjKey>);
+
+/// What a compilation leaves behind so that pod changes can be applied without starting over.
+struct State {
+    rules: Vec<RuleState>,
+    /// (policy, direction) in use -> its rules' range in `rules`.
+    rule_range: HashMap<(ObjKey, Direction), (usize, usize)>,
+    groups: Vec<GroupState>,
+    named_groups: BTreeSet<u32>,
+    any_named: bool,
+    class_ids: HashMap<ClassId, usize>,
+    class_groups: Vec<Vec<u32>>,
+    group_classes: Vec<Vec<usize>>,
+    with_ports: Vec<usize>,
+    service_of: HashMap<IpAddr, ObjKey>,
+    /// The node's pods: their isolating policies per direction (ingress, egress).
+    local: BTreeMap<ObjKey, [Vec<ObjKey>; 2]>,
+    /// Addresses of every selectable pod, and the selectable pods owning each address.
+    pod_ips: HashMap<ObjKey, Vec<IpAddr>>,
+    ip_owners: HashMap<IpAddr, BTreeSet<ObjKey>>,
+}
+
+impl State {
+    /// The rules (and their slots) of the given isolating policies, in policy order.
+    fn pod_rules(&self, policies: &[ObjKey], dir: Direction) -> Vec<(&RuleState, Slot)> {
+        policies
+            .iter()
+            .enumerate()
+            .flat_map(|(i, k)| {
+                let (a, b) = self.rule_range[&(k.clone(), dir)];
+                self.rules[a..b].iter().map(move |r| (r, slot_of(i)))
+            })
+            .collect()
+    }
+
+    /// Registers a new class; returns its index.
+    fn add_class(&mut self, classes: &mut Vec<ClassKey>, key: ClassId) -> usize {
+        let id = classes.len();
+        classes.push(ClassKey {
+            rules: self.rules.iter().filter(|r| !r.any && key.0.binary_search(&r.group).is_ok()).map(|r| r.rref.clone()).collect(),
+            ports: key.1.clone(),
+            service: key.2.clone(),
+        });
+        for g in &key.0 {
+            self.group_classes[*g as usize].push(id);
+        }
+        if !key.1.is_empty() {
+            self.with_ports.push(id);
+        }
+        self.class_groups.push(key.0.clone());
+        self.class_ids.insert(key, id);
+        id
+    }
+
+    /// What `pod` may send/receive per class under its rules (cluster IPs aside). Class 0
+    /// is the fallback for classes without an entry: the rules without peer restriction.
+    /// Only classes where the verdict differs from class 0's get an entry.
+    fn dir_allows(&self, classes: &[ClassKey], pod: &Pod, dir: Direction, pod_rules: &[(&RuleState, Slot)]) -> BTreeMap<usize, Allow> {
+        let mut base = Allow::nothing();
+        for (r, slot) in pod_rules.iter().filter(|(r, _)| r.any) {
+            base.union(&rule_allow(pod, dir, &r.rule, &classes[0], *slot));
+        }
+        let mut relevant: BTreeSet<usize> = BTreeSet::new();
+        for (r, _) in pod_rules {
+            if r.any {
+                if r.named_egress {
+                    relevant.extend(self.with_ports.iter().copied());
+                }
+            } else {
+                relevant.extend(self.group_classes[r.group as usize].iter().copied());
+            }
+        }
+        let mut allows = BTreeMap::new();
+        if !base.is_nothing() {
+            allows.insert(0, base.clone());
+        }
+        for ci in relevant {
+            if let Some(a) = self.class_allow(classes, ci, &base, pod, dir, pod_rules) {
+                allows.insert(ci, a);
+            }
+        }
+        allows
+    }
+
+    /// The entry of class `ci` for a pod whose class-0 allow is `base`, if it differs.
+    fn class_allow(&self, classes: &[ClassKey], ci: usize, base: &Allow, pod: &Pod, dir: Direction, pod_rules: &[(&RuleState, Slot)]) -> Option<Allow> {
+        let class = &classes[ci];
+        let mut allow = base.clone();
+        for (r, slot) in pod_rules {
+            if allow.is_all() {
+                break;
+            }
+            if (r.any && r.named_egress) || (!r.any && self.class_groups[ci].binary_search(&r.group).is_ok()) {
+                allow.union(&rule_allow(pod, dir, &r.rule, class, *slot));
+            }
+        }
+        (allow != *base).then_some(allow)
+    }
+
+    /// The identity of the class of address `addr` as a host prefix, from the current pods.
+    fn class_key(&self, cluster: &Cluster, addr: IpAddr) -> ClassId {
+        let owners: Vec<&Pod> =
+            self.ip_owners.get(&addr).into_iter().flatten().filter_map(|k| cluster.pods.get(k)).collect();
+        let ns_labels = |ns: &str| -> std::borrow::Cow<Labels> {
+            match cluster.namespaces.get(ns) {
+                Some(n) => std::borrow::Cow::Borrowed(&n.labels),
+                None => std::borrow::Cow::Owned(Namespace::implicit(ns).labels),
+            }
+        };
+        let mut members = Vec::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            if g.any {
+                continue;
+            }
+            let by_block = g.blocks.iter().any(|b| b.cidr.contains_addr(addr) && !b.except.iter().any(|e| e.contains_addr(addr)));
+            let by_pod = by_block
+                || owners.iter().any(|p| {
+                    g.pods.iter().any(|(nss, sel, own)| {
+                        sel.matches(&p.labels)
+                            && match nss {
+                                None => p.key.namespace == *own,
+                                Some(s) => s.matches(ns_labels(&p.key.namespace).as_ref()),
+                            }
+                    })
+                });
+            if by_pod {
+                members.push(gi as u32);
+            }
+        }
+        let mut ports = Vec::new();
+        if !self.named_groups.is_empty() && (self.any_named || members.iter().any(|g| self.named_groups.contains(g))) {
+            // The pod an address stands for: the last owner in key order (as the index has it).
+            if let Some(q) = owners.last() {
+                ports = q.ports.iter().filter_map(|p| p.name.clone().map(|n| (n, p.protocol, p.port))).collect();
+                ports.sort();
+                ports.dedup();
+            }
+        }
+        (members, ports, self.service_of.get(&addr).cloned())
+    }
+}
+
+/// Where kube-proxy sends each port of each service that has a class.
+type Backends = HashMap<ObjKey, Vec<(ServicePort, Vec<(IpAddr, u16)>)>>;
+
+fn backends_of(cluster: &Cluster, classes: &[ClassKey]) -> Backends {
+    let mut out = Backends::default();
+    for sk in classes.iter().filter_map(|c| c.service.as_ref()) {
+        if !out.contains_key(sk) {
+            if let Some(svc) = cluster.services.get(sk) {
+                out.insert(sk.clone(), cluster.service_backends(svc));
+            }
+        }
+    }
+    out
+}
+
+/// Egress to cluster IPs: per service class, the service ports whose backends the pod may
+/// reach (by its other entries) on their target ports, attributed to the lowest allowing
+/// slot. Always explicit entries (no fallback to class 0).
+fn service_allows(prefixes: &BTreeMap<Cidr, usize>, classes: &[ClassKey], backends: &Backends, allows: &BTreeMap<usize, Allow>) -> Vec<(usize, Allow)> {
+    let allow_at = |addr: IpAddr| -> Option<&Allow> {
+        let class = lpm_class(prefixes, addr);
+        allows.get(&class).or_else(|| allows.get(&0))
+    };
+    let mut out = Vec::new();
+    for (ci, class) in classes.iter().enumerate() {
+        let Some(sk) = &class.service else { continue };
+        let Some(ports) = backends.get(sk) else { continue };
+        let mut ps = PortSet::default();
+        for (sp, backends) in ports {
+            let slot = backends.iter().filter_map(|(b, t)| allow_at(*b)?.decides(sp.protocol.number(), Some(*t))).min();
+            if let Some(slot) = slot {
+                ps.add_from(sp.protocol, sp.port, sp.port, slot);
+            }
+        }
+        out.push((ci, Allow::Ports(ps)));
+    }
+    out
+}
+
 /// Compiles the given pods as the pods of one node.
 pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
+    build(index, local).0
+}
+
+/// The isolating policies of `pod` per direction (ingress, egress), in key order.
+fn isolating<'a>(index: &Index<'a>, pod: &Pod) -> [Vec<&'a Policy>; 2] {
+    let selecting: Vec<&Policy> = index.policies_for(pod).collect();
+    Direction::BOTH.map(|d| selecting.iter().copied().filter(|p| p.isolates(d)).collect())
+}
+
+fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
     // Per pod and direction: the isolating policies; every (policy, direction) in use once.
-    let mut isolating: Vec<[Vec<&Policy>; 2]> = Vec::with_capacity(local.len());
+    let mut isolating_of: Vec<[Vec<&Policy>; 2]> = Vec::with_capacity(local.len());
     let mut used: BTreeMap<(&ObjKey, Direction), &Policy> = BTreeMap::new();
     for pod in local {
-        let selecting: Vec<&Policy> = index.policies_for(pod).collect();
-        let per_dir = Direction::BOTH.map(|d| {
-            let v: Vec<&Policy> = selecting.iter().copied().filter(|p| p.isolates(d)).collect();
-            for p in &v {
+        let per_dir = isolating(index, pod);
+        for (d, v) in Direction::BOTH.into_iter().zip(&per_dir) {
+            for p in v {
                 used.insert((&p.key, d), p);
             }
-            v
-        });
-        isolating.push(per_dir);
+        }
+        isolating_of.push(per_dir);
     }
 
     // Resolve every rule in use once; rules are numbered in RuleRef order. Rules with the same
@@ -566,11 +764,12 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
     let mut pod_peer_cache: HashMap<PodPeerKey, PodIps> = HashMap::default();
     let empty = PodIps(Rc::new(Vec::new()));
     let mut groups: Vec<PeerSet> = Vec::new();
+    let mut group_states: Vec<GroupState> = Vec::new();
     let mut group_ids: HashMap<PeerSet, u32> = HashMap::default();
-    let mut rules: Vec<Resolved> = Vec::new();
-    let mut rule_no: HashMap<(&ObjKey, Direction), usize> = HashMap::default();
+    let mut rules: Vec<RuleState> = Vec::new();
+    let mut rule_range: HashMap<(ObjKey, Direction), (usize, usize)> = HashMap::default();
     for ((key, dir), pol) in &used {
-        rule_no.insert((*key, *dir), rules.len());
+        let first = rules.len();
         for (i, rule) in pol.rules(*dir).iter().enumerate() {
             let set = match &rule.peers {
                 None => PeerSet::Any,
@@ -616,18 +815,43 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
                 }
             };
             let any = matches!(set, PeerSet::Any);
-            let group = *group_ids.entry(set.clone()).or_insert_with(|| {
-                groups.push(set);
-                groups.len() as u32 - 1
-            });
-            rules.push(Resolved {
+            let group = match group_ids.get(&set) {
+                Some(g) => *g,
+                None => {
+                    let g = groups.len() as u32;
+                    let state = match &set {
+                        PeerSet::Any => GroupState { any: true, blocks: Vec::new(), pods: Vec::new() },
+                        PeerSet::Some { blocks, .. } => GroupState {
+                            any: false,
+                            blocks: blocks.iter().map(|b| (*b).clone()).collect(),
+                            pods: rule
+                                .peers
+                                .iter()
+                                .flatten()
+                                .filter_map(|p| match p {
+                                    Peer::Pods { namespaces, pods } => {
+                                        Some((namespaces.clone(), pods.clone(), pol.key.namespace.clone()))
+                                    }
+                                    Peer::IpBlock(_) => None,
+                                })
+                                .collect(),
+                        },
+                    };
+                    group_states.push(state);
+                    groups.push(set.clone());
+                    group_ids.insert(set, g);
+                    g
+                }
+            };
+            rules.push(RuleState {
                 rref: RuleRef { policy: pol.key.clone(), dir: *dir, index: i },
-                rule,
+                rule: rule.clone(),
                 group,
                 any,
                 named_egress: *dir == Direction::Egress && has_named(rule),
             });
         }
+        rule_range.insert(((*key).clone(), *dir), (first, rules.len()));
     }
 
     // Candidate prefixes: every cidr and except, every peer pod address, and (for egress rules
@@ -657,10 +881,10 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
         }
     }
     // Every service cluster IP is a class of its own.
-    let mut service_of: HashMap<IpAddr, &Service> = HashMap::default();
+    let mut service_of: HashMap<IpAddr, ObjKey> = HashMap::default();
     for svc in index.cluster.services.values() {
         for ip in &svc.cluster_ips {
-            service_of.insert(*ip, svc);
+            service_of.insert(*ip, svc.key.clone());
             cands.push(Cidr::host(*ip));
         }
     }
@@ -699,20 +923,43 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
             }
         }
     }
+    drop(groups);
+
+    let mut pod_ips: HashMap<ObjKey, Vec<IpAddr>> = HashMap::default();
+    let mut ip_owners: HashMap<IpAddr, BTreeSet<ObjKey>> = HashMap::default();
+    for p in index.cluster.pods.values().filter(|p| p.selectable()) {
+        pod_ips.insert(p.key.clone(), p.ips.clone());
+        for ip in &p.ips {
+            ip_owners.entry(*ip).or_default().insert(p.key.clone());
+        }
+    }
+    let mut st = State {
+        group_classes: vec![Vec::new(); group_states.len()],
+        rules,
+        rule_range,
+        groups: group_states,
+        named_groups,
+        any_named,
+        class_ids: HashMap::default(),
+        class_groups: vec![Vec::new()],
+        with_ports: Vec::new(),
+        service_of,
+        local: BTreeMap::new(),
+        pod_ips,
+        ip_owners,
+    };
 
     // Classes: candidates in the same peer sets (and, under named egress rules, with the same
-    // pod ports) are one class.
-    let mut class_groups: Vec<Vec<u32>> = vec![Vec::new()];
+    // pod ports) are one class. A cluster IP is a class of its own: egress to it is decided by
+    // its backends (below); as a source address it is an address like any other.
     let mut classes: Vec<ClassKey> = vec![ClassKey::default()];
-    type ClassId = (Vec<u32>, Vec<(String, Protocol, u16)>, Option<ObjKey>);
-    let mut class_ids: HashMap<ClassId, usize> = HashMap::default();
-    class_ids.insert((Vec::new(), Vec::new(), None), 0);
+    st.class_ids.insert((Vec::new(), Vec::new(), None), 0);
     let mut table: BTreeMap<Cidr, usize> = BTreeMap::new();
     for (i, prefix) in cands.iter().enumerate() {
         let mut ports = Vec::new();
         if prefix.is_host()
-            && !named_groups.is_empty()
-            && (any_named || members[i].iter().any(|g| named_groups.contains(g)))
+            && !st.named_groups.is_empty()
+            && (st.any_named || members[i].iter().any(|g| st.named_groups.contains(g)))
         {
             if let Some(q) = index.pod_by_ip(prefix.addr()) {
                 ports = q.ports.iter().filter_map(|p| p.name.clone().map(|n| (n, p.protocol, p.port))).collect();
@@ -720,132 +967,43 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
                 ports.dedup();
             }
         }
-        let service = if prefix.is_host() { service_of.get(&prefix.addr()).map(|s| s.key.clone()) } else { None };
-        let groups = std::mem::take(&mut members[i]);
-        // A cluster IP is a class of its own: egress to it is decided by its backends (below);
-        // as a source address it is an address like any other.
-        let key = (groups, ports, service);
-        let id = match class_ids.get(&key) {
+        let service = if prefix.is_host() { st.service_of.get(&prefix.addr()).cloned() } else { None };
+        let key = (std::mem::take(&mut members[i]), ports, service);
+        let id = match st.class_ids.get(&key) {
             Some(id) => *id,
-            None => {
-                let id = classes.len();
-                classes.push(ClassKey {
-                    rules: rules
-                        .iter()
-                        .filter(|r| !r.any && key.0.binary_search(&r.group).is_ok())
-                        .map(|r| r.rref.clone())
-                        .collect(),
-                    ports: key.1.clone(),
-                    service: key.2.clone(),
-                });
-                class_groups.push(key.0.clone());
-                class_ids.insert(key, id);
-                id
-            }
+            None => st.add_class(&mut classes, key),
         };
         table.insert(*prefix, id);
     }
     let prefixes = prune(table);
-    // Which classes each peer set is part of; classes carrying pod ports.
-    let mut group_classes: Vec<Vec<usize>> = vec![Vec::new(); groups.len()];
-    for (ci, gs) in class_groups.iter().enumerate() {
-        for g in gs {
-            group_classes[*g as usize].push(ci);
-        }
-    }
-    let with_ports: Vec<usize> = (0..classes.len()).filter(|c| !classes[*c].ports.is_empty()).collect();
-
-    // What one pod may send/receive per class in one direction under the given rules.
-    let dir_allows = |pod: &Pod, dir: Direction, pod_rules: &[(&Resolved, Slot)]| -> BTreeMap<usize, Allow> {
-        // Class 0 is the fallback for classes without an entry: the rules without peer
-        // restriction. Only classes where the pod's verdict differs get an entry.
-        let mut base = Allow::nothing();
-        for (r, slot) in pod_rules.iter().filter(|(r, _)| r.any) {
-            base.union(&rule_allow(pod, dir, r.rule, &classes[0], *slot));
-        }
-        let mut relevant: BTreeSet<usize> = BTreeSet::new();
-        for (r, _) in pod_rules {
-            if r.any {
-                if r.named_egress {
-                    relevant.extend(with_ports.iter().copied());
-                }
-            } else {
-                relevant.extend(group_classes[r.group as usize].iter().copied());
-            }
-        }
-        let mut allows = BTreeMap::new();
-        if !base.is_nothing() {
-            allows.insert(0, base.clone());
-        }
-        for ci in relevant {
-            let class = &classes[ci];
-            let mut allow = base.clone();
-            for (r, slot) in pod_rules {
-                if allow.is_all() {
-                    break;
-                }
-                if (r.any && r.named_egress) || (!r.any && class_groups[ci].binary_search(&r.group).is_ok()) {
-                    allow.union(&rule_allow(pod, dir, r.rule, class, *slot));
-                }
-            }
-            if allow != base {
-                allows.insert(ci, allow);
-            }
-        }
-        if dir == Direction::Egress {
-            // Egress to a cluster IP: the service ports whose backends this pod may reach
-            // on their target ports. Always an explicit entry (no fallback to class 0).
-            let allow_at = |addr: IpAddr| -> Option<&Allow> {
-                let class = lpm_class(&prefixes, addr);
-                allows.get(&class).or_else(|| allows.get(&0))
-            };
-            let mut svc_allows = Vec::new();
-            for (ci, class) in classes.iter().enumerate() {
-                let Some(sk) = &class.service else { continue };
-                let Some(svc) = index.cluster.services.get(sk) else { continue };
-                let mut ps = PortSet::default();
-                for (sp, backends) in index.cluster.service_backends(svc) {
-                    // Attributed to the lowest slot among the backends' allows.
-                    let slot = backends.iter().filter_map(|(b, t)| allow_at(*b)?.decides(sp.protocol.number(), Some(*t))).min();
-                    if let Some(slot) = slot {
-                        ps.add_from(sp.protocol, sp.port, sp.port, slot);
-                    }
-                }
-                svc_allows.push((ci, Allow::Ports(ps)));
-            }
-            allows.extend(svc_allows);
-        }
-        allows
-    };
+    let backends = backends_of(index.cluster, &classes);
 
     // Per pod, direction and class: the allowed ports.
     let mut pods = BTreeMap::new();
-    for (pod, per_dir) in local.iter().zip(isolating) {
+    for (pod, per_dir) in local.iter().zip(isolating_of) {
         let mut out = CompiledPod { key: pod.key.clone(), ips: pod.ips.clone(), ingress: None, egress: None };
+        let keys = per_dir.clone().map(|v| v.iter().map(|p| p.key.clone()).collect::<Vec<_>>());
         for (dir, policies) in Direction::BOTH.into_iter().zip(per_dir) {
             if policies.is_empty() {
                 continue;
             }
-            let rules_of = |pols: &[&Policy]| -> Vec<(&Resolved, Slot)> {
-                pols.iter()
-                    .enumerate()
-                    .flat_map(|(i, p)| {
-                        let first = rule_no[&(&p.key, dir)];
-                        rules[first..first + p.rules(dir).len()].iter().map(move |r| (r, slot_of(i)))
-                    })
-                    .collect()
-            };
-            let allows = dir_allows(pod, dir, &rules_of(&policies));
+            let keys = &keys[dir as usize];
+            let mut allows = st.dir_allows(&classes, pod, dir, &st.pod_rules(keys, dir));
+            if dir == Direction::Egress {
+                let svc = service_allows(&prefixes, &classes, &backends, &allows);
+                allows.extend(svc);
+            }
             let audit = policies.iter().all(|p| p.audit);
-            let dp = DirPolicy { allows, policies: policies.iter().map(|p| p.key.clone()).collect(), audit };
+            let dp = DirPolicy { allows, policies: keys.clone(), audit };
             match dir {
                 Direction::Ingress => out.ingress = Some(dp),
                 Direction::Egress => out.egress = Some(dp),
             }
         }
+        st.local.insert(pod.key.clone(), keys);
         pods.insert(pod.key.clone(), out);
     }
-    NodePolicy { classes, prefixes, pods }
+    (NodePolicy { classes, prefixes, pods }, st)
 }
 
 /// Why a packet is allowed or denied in one direction at one pod.
@@ -966,6 +1124,9 @@ fn prune(table: BTreeMap<Cidr, usize>) -> BTreeMap<Cidr, usize> {
     }
     out
 }
+
+mod incremental;
+pub use incremental::{ChangeSet, NodeCompiler, UpdateKind};
 
 #[cfg(test)]
 mod tests;

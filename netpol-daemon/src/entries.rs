@@ -128,10 +128,25 @@ pub fn desired(
     portsets: &mut PortSetInterner,
 ) -> Desired {
     let mut out = Desired::default();
-    let class_ids: Vec<u32> =
-        node.classes.iter().enumerate().map(|(i, k)| if i == 0 { 0 } else { classes.id(k) }).collect();
+    // Only classes some address maps to need entries (an incrementally updated node keeps
+    // classes no address has any more until it is compiled again).
+    let mut referenced = vec![false; node.classes.len()];
+    referenced[0] = true;
+    for c in node.prefixes.values() {
+        referenced[*c] = true;
+    }
+    let class_ids: Vec<Option<u32>> = node
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, k)| match i {
+            0 => Some(0),
+            _ if referenced[i] => Some(classes.id(k)),
+            _ => None,
+        })
+        .collect();
     for (cidr, class) in &node.prefixes {
-        out.identities.insert(id_key(cidr), class_ids[*class]);
+        out.identities.insert(id_key(cidr), class_ids[*class].expect("referenced"));
     }
     for (key, pod) in &node.pods {
         let Some(&endpoint) = endpoints.get(key) else { continue };
@@ -139,6 +154,7 @@ pub fn desired(
         for dir in Direction::BOTH {
             let Some(dp) = pod.dir(dir) else { continue };
             for (class, allow) in &dp.allows {
+                let Some(identity) = class_ids[*class] else { continue };
                 let value = match allow {
                     Allow::All(slot) => PolicyValue { portset: 0, flags: POLICY_ALLOW_ALL | (*slot as u32) << POLICY_SLOT_SHIFT },
                     Allow::Ports(ps) => {
@@ -147,7 +163,7 @@ pub fn desired(
                         PolicyValue { portset: id, flags: 0 }
                     }
                 };
-                let k = PolicyKey { endpoint, identity: class_ids[*class], dir: dir.datapath(), _pad: [0; 3] };
+                let k = PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] };
                 out.policy.insert(k, value);
                 n += 1;
             }
