@@ -269,8 +269,12 @@ impl CompiledPod {
 }
 
 /// Everything one node enforces.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct NodePolicy {
+    /// Which compilation numbered the classes: unique per full compile, kept by incremental
+    /// updates (which only append classes), so that consumers may reuse what they derived per
+    /// class index. 0: unknown. Not part of equality.
+    pub epoch: u64,
     /// Address classes; index 0 is always the empty class.
     pub classes: Vec<ClassKey>,
     /// Longest-prefix-match table from address to class index. Addresses under no prefix are
@@ -279,6 +283,15 @@ pub struct NodePolicy {
     /// The node's pods that get programs.
     pub pods: BTreeMap<ObjKey, CompiledPod>,
 }
+
+impl PartialEq for NodePolicy {
+    fn eq(&self, o: &Self) -> bool {
+        self.classes == o.classes && self.prefixes == o.prefixes && self.pods == o.pods
+    }
+}
+impl Eq for NodePolicy {}
+
+static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl NodePolicy {
     pub fn class_of(&self, addr: IpAddr) -> usize {
@@ -1003,7 +1016,7 @@ fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
         st.local.insert(pod.key.clone(), keys);
         pods.insert(pod.key.clone(), out);
     }
-    (NodePolicy { classes, prefixes, pods }, st)
+    (NodePolicy { epoch: EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed), classes, prefixes, pods }, st)
 }
 
 /// Why a packet is allowed or denied in one direction at one pod.

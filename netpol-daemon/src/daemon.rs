@@ -1,6 +1,5 @@
 //! The run loop: source (manifests directory) -> cluster model -> compiler -> datapath.
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +33,10 @@ pub struct RunConfig {
 /// How long an interface nobody claims is held default-deny (a host route through a veth that
 /// is not a pod's after all is released).
 const PENDING_MAX: Duration = Duration::from_secs(60);
+
+/// How often every pod's interface is looked up again (a pod sandbox recreated behind the same
+/// address gets a new veth).
+const FULL_RESOLVE_EVERY: Duration = Duration::from_secs(2);
 
 /// Logs deny events from the ring buffer as structured lines.
 fn log_deny_events(mut rb: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
@@ -86,21 +89,62 @@ fn log_deny_events(mut rb: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
     }
 }
 
-/// A fingerprint of the directory: names, sizes, mtimes and contents of the manifest files.
-/// Changes when a manifest file is added, removed, replaced (rename) or written: its name,
-/// inode, size and modification time (nanoseconds). No file is read.
-fn fingerprint(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    if let Ok(files) = manifests::manifest_files(dir) {
-        for f in files {
-            f.hash(&mut h);
-            if let Ok(m) = std::fs::metadata(&f) {
-                (m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()).hash(&mut h);
+/// Wakes the loop when a manifest file is written, renamed, created or removed.
+struct DirWatch {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl DirWatch {
+    fn new(dir: &Path) -> std::io::Result<DirWatch> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+        let mask = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_CREATE | libc::IN_DELETE | libc::IN_ATTRIB;
+        if unsafe { libc::inotify_add_watch(std::os::fd::AsRawFd::as_raw_fd(&fd), path.as_ptr(), mask) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(DirWatch { fd })
+    }
+
+    /// Returns after events (the queue drained: the paths they name) or after `timeout`
+    /// (`None`: look at every file; so too when the event queue overflowed).
+    fn wait(&self, dir: &Path, timeout: Duration) -> Option<Vec<PathBuf>> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        if n <= 0 {
+            return None;
+        }
+        let mut names = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let head = std::mem::size_of::<libc::inotify_event>();
+        loop {
+            let got = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            if got <= 0 {
+                break;
+            }
+            let mut off = 0usize;
+            while off + head <= got as usize {
+                let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(buf[off..].as_ptr() as *const libc::inotify_event) };
+                if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+                    return None;
+                }
+                let name = &buf[off + head..(off + head + ev.len as usize).min(got as usize)];
+                let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
+                if !name.is_empty() {
+                    names.push(dir.join(std::ffi::OsStr::from_bytes(name)));
+                }
+                off += head + ev.len as usize;
             }
         }
+        Some(names)
     }
-    h.finish()
 }
 
 /// Where the cluster state comes from.
@@ -110,11 +154,12 @@ enum Source {
 }
 
 impl Source {
-    /// A number that changes when the cluster state may have changed.
-    fn fingerprint(&self) -> u64 {
+    /// `None`: no cheap test; refresh and see (the manifests reader stats each file once and
+    /// reads only those whose metadata changed).
+    fn fingerprint(&self) -> Option<u64> {
         match self {
-            Source::Manifests(dir, _) => fingerprint(dir),
-            Source::Kube(k) => k.generation.load(Ordering::SeqCst),
+            Source::Manifests(..) => None,
+            Source::Kube(k) => Some(k.generation.load(Ordering::SeqCst)),
         }
     }
 
@@ -126,28 +171,47 @@ impl Source {
         }
     }
 
-    fn load(&self) -> Result<(compiler::Cluster, Vec<String>)> {
+    /// Brings `cluster` up to date; returns what changed and the problems found.
+    fn refresh(&self, cluster: &mut compiler::Cluster, audit_all: bool, hint: Option<&[PathBuf]>) -> Result<(compiler::ChangeSet, Vec<String>)> {
         match self {
             Source::Manifests(dir, reader) => {
-                let loaded = reader.lock().unwrap().load(dir).with_context(|| format!("reading {}", dir.display()))?;
-                Ok((loaded.cluster, loaded.errors.iter().map(|e| e.to_string()).collect()))
+                let mut r = reader.lock().unwrap();
+                r.audit_all = audit_all;
+                let ch = r.update_some(dir, hint, cluster).with_context(|| format!("reading {}", dir.display()))?;
+                Ok((ch, r.errors().iter().map(|e| e.to_string()).collect()))
             }
-            Source::Kube(k) => Ok(k.snapshot()),
+            Source::Kube(k) => {
+                let (mut c, errors) = k.snapshot();
+                if audit_all {
+                    for p in c.policies.values_mut() {
+                        p.audit = true;
+                    }
+                }
+                Ok((cluster.replace(c), errors))
+            }
         }
     }
 
-    /// How long ago the change about to be loaded happened: the newest manifest write, or the
-    /// oldest watch event not yet taken.
+    /// Waits up to `timeout` for a change (manifests: inotify on the directory, so that a
+    /// write is taken at once; the fingerprint check stays the ground truth).
+    /// Returns the manifest paths that changed, when the watch knows them.
+    fn wait(&self, watch: Option<&DirWatch>, timeout: Duration) -> Option<Vec<PathBuf>> {
+        match (self, watch) {
+            (Source::Manifests(dir, _), Some(w)) => w.wait(dir, timeout),
+            _ => {
+                std::thread::sleep(timeout);
+                None
+            }
+        }
+    }
+
+    /// How long ago the change just loaded happened: the newest manifest write among the
+    /// files read again, or the oldest watch event not yet taken.
     fn take_change_age(&self) -> Option<Duration> {
         match self {
-            Source::Manifests(dir, _) => {
-                let mut newest = std::fs::metadata(dir).and_then(|m| m.modified()).ok()?;
-                for f in manifests::manifest_files(dir).ok()? {
-                    if let Ok(t) = std::fs::metadata(&f).and_then(|m| m.modified()) {
-                        newest = newest.max(t);
-                    }
-                }
-                std::time::SystemTime::now().duration_since(newest).ok()
+            Source::Manifests(_, reader) => {
+                let t = reader.lock().unwrap().last_modified.take()?;
+                std::time::SystemTime::now().duration_since(t).ok()
             }
             Source::Kube(k) => k.pending_since.lock().unwrap().take().map(|t| t.elapsed()),
         }
@@ -193,11 +257,19 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         cfg.bpffs.display()
     );
 
+    let watch = match &cfg.manifests {
+        Some(dir) => DirWatch::new(dir).map_err(|e| log::warn!("no inotify on {}: {e}; polling only", dir.display())).ok(),
+        None => None,
+    };
     let mut last_fp = None;
     let mut last_errors: Vec<String> = Vec::new();
     let mut cluster = compiler::Cluster::default();
+    let mut compiler = compiler::NodeCompiler::new(&cfg.node_name);
+    // Changes loaded but not yet compiled.
+    let mut pending_changes = compiler::ChangeSet::everything();
     let mut manifest_errors = 0;
     let mut last_resolve = Instant::now() - Duration::from_secs(3600);
+    let mut last_full_resolve = Instant::now();
     let mut unresolved = false;
     let mut change_age: Option<(Duration, Instant)> = None;
     // Pod interfaces (veth host routes) no known pod address claims yet: first seen.
@@ -207,61 +279,70 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let mut local_ips: std::collections::BTreeSet<IpAddr> = Default::default();
     // Some pod of this node has no address yet: only then are host routes watched.
     let mut awaiting_ip = false;
-    // Where each pod was last found: a bridge port whose forwarding entry aged out (a quiet
-    // pod) is still the pod's as long as the interface exists under the same name.
-    let mut known_ifaces: BTreeMap<ObjKey, Iface> = BTreeMap::new();
+    // Where each pod was found, for its addresses then: looked up again when they change, when
+    // the interface is gone, and every few seconds. A bridge port whose forwarding entry aged
+    // out (a quiet pod) stays the pod's as long as the interface exists under the same name.
+    let mut known_ifaces: BTreeMap<ObjKey, (Vec<IpAddr>, Iface)> = BTreeMap::new();
+    let mut first_wait = true;
+    let mut loaded_once = false;
+    let mut last_load_errors: Vec<String> = Vec::new();
+    // Something to report even when the maps need nothing (new load errors).
+    let mut status_changed = false;
+    let mut node_addrs: Vec<IpAddr> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
+        let hint = if std::mem::take(&mut first_wait) { None } else { source.wait(watch.as_ref(), cfg.poll_interval) };
         let down = !source.healthy();
         let was_down = std::mem::replace(&mut shared.status.lock().unwrap().source_down, down);
-        if was_down != down {
-            if down {
-                log::warn!("the Kubernetes API is unreachable; enforcing the last known state");
-            }
+        if was_down != down && down {
+            log::warn!("the Kubernetes API is unreachable; enforcing the last known state");
         }
         if !source.ready() {
             // Until every watch has listed once, the pinned state of a previous run (if any)
             // keeps enforcing; nothing is programmed from a partial view.
-            std::thread::sleep(cfg.poll_interval);
             continue;
         }
         let fp = source.fingerprint();
-        let changed = last_fp != Some(fp);
-        // Pods whose interface is not there yet are retried every second.
+        let check = fp.is_none() || last_fp != fp;
+        // Pods whose interface is not there yet are retried every second; every pod's
+        // interface (and the node's addresses) is looked up again every few seconds.
         let retry = unresolved && last_resolve.elapsed() >= Duration::from_secs(1);
-        if changed {
-            let first = last_fp.is_none();
-            last_fp = Some(fp);
-            let age = source.take_change_age();
-            change_age = if first { None } else { age.map(|a| (a, Instant::now())) };
+        let full_resolve = last_full_resolve.elapsed() >= FULL_RESOLVE_EVERY;
+        if check {
+            let first = last_fp.is_none() && !loaded_once;
+            last_fp = fp;
             let t_load = Instant::now();
-            let loaded = source.load();
-            log::debug!("state loaded in {:?}", t_load.elapsed());
-            match loaded {
-                Ok((c, errors)) => {
-                    for e in &errors {
-                        log::error!("skipped: {e}");
-                    }
-                    manifest_errors = errors.len();
-                    cluster = c;
-                    if cfg.audit_all {
-                        for p in cluster.policies.values_mut() {
-                            p.audit = true;
+            match source.refresh(&mut cluster, cfg.audit_all, hint.as_deref()) {
+                Ok((ch, errors)) => {
+                    // How long ago the change was made, as of now.
+                    let (age, now) = (source.take_change_age(), Instant::now());
+                    if !ch.is_empty() || first || errors != last_load_errors {
+                        log::debug!("state loaded in {:?} (change made {age:?} before): {ch:?}", t_load.elapsed());
+                        loaded_once = true;
+                        change_age = if first { None } else { age.map(|a| (a, now)) };
+                        for e in &errors {
+                            if !last_load_errors.contains(e) {
+                                log::error!("skipped: {e}");
+                            }
                         }
+                        manifest_errors = errors.len();
+                        last_load_errors = errors;
+                        if !ch.pods.is_empty() || first {
+                            local_ips = cluster
+                                .pods
+                                .values()
+                                .filter(|p| p.node_name.as_deref() == Some(cfg.node_name.as_str()))
+                                .flat_map(|p| p.ips.iter().copied())
+                                .collect();
+                            awaiting_ip = cluster.pods.values().any(|p| {
+                                p.node_name.as_deref() == Some(cfg.node_name.as_str()) && !p.host_network && p.ips.is_empty()
+                            });
+                        }
+                        status_changed = true;
+                        pending_changes.merge(ch);
                     }
-                    local_ips = cluster
-                        .pods
-                        .values()
-                        .filter(|p| p.node_name.as_deref() == Some(cfg.node_name.as_str()))
-                        .flat_map(|p| p.ips.iter().copied())
-                        .collect();
-                    awaiting_ip = cluster
-                        .pods
-                        .values()
-                        .any(|p| p.node_name.as_deref() == Some(cfg.node_name.as_str()) && !p.host_network && p.ips.is_empty());
                 }
                 Err(e) => {
                     log::error!("{e:#}; keeping the last state");
-                    std::thread::sleep(cfg.poll_interval);
                     continue;
                 }
             }
@@ -278,17 +359,29 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         let pending: Vec<u32> = unclaimed.iter().filter(|(_, (_, t))| t.elapsed() < PENDING_MAX).map(|(i, _)| *i).collect();
         let pending_changed = pending != last_pending;
         last_pending = pending.clone();
-        if changed || retry || pending_changed {
+        let have_changes = std::mem::take(&mut status_changed) | !pending_changes.is_empty();
+        if have_changes || retry || pending_changed || full_resolve {
             let t0 = Instant::now();
             last_resolve = Instant::now();
-            let node = compiler::compile_node(&cluster, &cfg.node_name);
+            if full_resolve {
+                last_full_resolve = Instant::now();
+            }
+            // Pending interfaces are not the compiler's: out before it updates, in after.
+            compiler.policy_mut().pods.retain(|k, _| k.namespace != compiler::PENDING_NAMESPACE);
+            let kind = compiler.update(&cluster, &std::mem::take(&mut pending_changes));
+            let t_compiled = t0.elapsed();
             let mut ifaces: BTreeMap<ObjKey, Iface> = BTreeMap::new();
             let mut errors = Vec::new();
             unresolved = false;
-            for (k, c) in &node.pods {
-                let found = c.ips.iter().find_map(|ip| netlink::pod_interface(*ip).ok()).or_else(|| {
+            for (k, c) in &compiler.policy().pods {
+                let cached = known_ifaces
+                    .get(k)
+                    .filter(|(ips, _)| !full_resolve && !retry && *ips == c.ips)
+                    .map(|(_, i)| (i.ifindex, i.ifname.clone()));
+                let found = cached.or_else(|| c.ips.iter().find_map(|ip| netlink::pod_interface(*ip).ok())).or_else(|| {
                     known_ifaces
                         .get(k)
+                        .map(|(_, i)| i)
                         .filter(|i| netlink::ifname(i.ifindex).is_ok_and(|n| n == i.ifname))
                         .map(|i| (i.ifindex, i.ifname.clone()))
                 });
@@ -302,25 +395,38 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     }
                 }
             }
-            known_ifaces = ifaces.clone();
-            let mut node = node;
+            let resolved_same = ifaces.len() == known_ifaces.len()
+                && ifaces.iter().all(|(k, i)| known_ifaces.get(k).is_some_and(|(_, o)| o == i));
+            known_ifaces = ifaces.iter().map(|(k, i)| (k.clone(), (compiler.policy().pods[k].ips.clone(), i.clone()))).collect();
+            if !have_changes && !retry && !pending_changed && resolved_same {
+                // A periodic look-up that found every interface where it was.
+                continue;
+            }
             if !pending.is_empty() {
                 if let Some(iso) = compiler::pending_isolation(&cluster, &cfg.node_name).filter(|i| i[0] || i[1]) {
                     for ifindex in &pending {
                         let Ok(ifname) = netlink::ifname(*ifindex) else { continue };
                         let c = compiler::pending_pod(&ifname, iso);
                         ifaces.insert(c.key.clone(), Iface { ifindex: *ifindex, ifname });
-                        node.pods.insert(c.key.clone(), c);
+                        compiler.policy_mut().pods.insert(c.key.clone(), c);
                     }
                 }
             }
-            let node_addrs = netlink::local_addresses().unwrap_or_default();
+            let node = compiler.policy();
+            if full_resolve || node_addrs.is_empty() {
+                node_addrs = netlink::local_addresses().unwrap_or_default();
+            }
             if let Err(e) = dp.set_node_addrs(&node_addrs) {
                 errors.push(format!("NODE_ADDRS: {e}"));
             }
-            let report = dp.sync(&node, &ifaces);
-            if changed && cfg.revalidate_established {
-                let cut = dp.revalidate(&node, &node_addrs);
+            let t_sync = Instant::now();
+            let report = dp.sync(node, &ifaces);
+            if let Some((age, at)) = change_age.take() {
+                let latency = age + at.elapsed();
+                shared.status.lock().unwrap().programming_latency.observe(latency.as_secs_f64());
+            }
+            if have_changes && cfg.revalidate_established {
+                let cut = dp.revalidate(node, &node_addrs);
                 if cut > 0 {
                     log::info!("revalidated tracked flows: {cut} no longer allowed, cut");
                 }
@@ -355,13 +461,11 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                             .filter_map(move |(d, dp)| dp.as_ref().map(|dp| (k.clone(), d, dp.policies.clone())))
                     })
                     .collect();
-                if let Some((age, at)) = change_age.take() {
-                    st.programming_latency.observe((age + at.elapsed()).as_secs_f64());
-                }
             }
-            if changed {
+            if have_changes {
                 log::info!(
-                    "synced: {} local pods, {} identity, {} policy and {} port entries in {:?}",
+                    "synced ({kind:?} compile in {t_compiled:?}, maps in {:?}): {} local pods, {} identity, {} policy and {} port entries in {:?}",
+                    t_sync.elapsed(),
                     report.endpoints,
                     report.identities,
                     report.policy,
@@ -371,7 +475,6 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             }
             shared.ready.store(true, Ordering::SeqCst);
         }
-        std::thread::sleep(cfg.poll_interval);
     }
     log::info!("stopping; maps stay pinned in {}", dp.pin_dir().display());
     Ok(())

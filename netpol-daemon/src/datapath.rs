@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Hash maps keyed by our own values: a fast non-cryptographic hasher (no untrusted keys).
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -95,6 +96,8 @@ pub struct Datapath {
     installed_ports: BTreeSet<Lpm<PortKey>>,
     installed_node_addrs: BTreeSet<AddrKey>,
     portsets: PortSetInterner,
+    /// Per-pod map entries of the last sync, reused for pods that did not change.
+    entry_cache: entries::EntryCache,
     classes: ClassInterner,
     attached: BTreeMap<ObjKey, Attached>,
     /// Endpoint ids found in the pinned ENDPOINTS map at start, by ifindex (adopted on restart).
@@ -267,6 +270,7 @@ impl Datapath {
             installed_ports,
             installed_node_addrs,
             portsets: PortSetInterner::starting_at(max_set + 1),
+            entry_cache: Default::default(),
             classes: ClassInterner::starting_at(max_class + 1),
             attached: BTreeMap::new(),
             adopted_ids,
@@ -625,8 +629,11 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
             }
         }
 
+        let tt = std::time::Instant::now();
         self.remap_policy_slots(node, &ids);
-        let mut desired = entries::desired(node, &ids, &mut self.classes, &mut self.portsets);
+        let t_remap = tt.elapsed();
+        let mut desired = entries::desired_cached(node, &ids, &mut self.classes, &mut self.portsets, &mut self.entry_cache);
+        let t_desired = tt.elapsed();
         self.fit_maps(node, &mut desired, &ids, &mut report);
 
         // Port sets, then per-endpoint policy, then address classes, then endpoints.
@@ -688,6 +695,7 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
             }
         }
 
+        let t_write = tt.elapsed();
         // Remove what is no longer wanted.
         let live_ifindexes: BTreeSet<u32> = pods.values().map(|(i, _)| i.ifindex).collect();
         // Pinned links of interfaces that are gone or no longer ours.
@@ -700,29 +708,38 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
                 self.endpoints.remove(ifindex);
             }
         }
-        let stale: Vec<Lpm<IdKey>> =
-            self.installed_identities.keys().filter(|k| !desired.identities.contains_key(k)).copied().collect();
-        for k in stale {
-            let _ = self.identities.remove(&Key::new(k.0, k.1));
-            self.installed_identities.remove(&k);
+        // Everything desired is installed now (unless an insert failed): where the counts
+        // agree, nothing is stale.
+        let failed = !report.errors.is_empty();
+        if failed || self.installed_identities.len() != desired.identities.len() {
+            let want: HashSet<Lpm<IdKey>> = desired.identities.iter().map(|(k, _)| *k).collect();
+            let stale: Vec<Lpm<IdKey>> = self.installed_identities.keys().filter(|k| !want.contains(*k)).copied().collect();
+            for k in stale {
+                let _ = self.identities.remove(&Key::new(k.0, k.1));
+                self.installed_identities.remove(&k);
+            }
         }
-        let stale: Vec<PolicyKey> =
-            self.installed_policy.keys().filter(|k| !desired.policy.contains_key(k)).copied().collect();
-        for k in stale {
-            let _ = self.policy.remove(&k);
-            self.installed_policy.remove(&k);
+        if failed || self.installed_policy.len() != desired.policy.len() {
+            let stale: Vec<PolicyKey> =
+                self.installed_policy.keys().filter(|k| !desired.policy.contains_key(k)).copied().collect();
+            for k in stale {
+                let _ = self.policy.remove(&k);
+                self.installed_policy.remove(&k);
+            }
         }
-        let stale: Vec<Lpm<PortKey>> =
-            self.installed_ports.iter().filter(|k| !desired.ports.contains_key(k)).copied().collect();
-        for k in stale {
-            let _ = self.ports.remove(&Key::new(k.0, k.1));
-            self.installed_ports.remove(&k);
+        if failed || self.installed_ports.len() != desired.ports.len() {
+            let stale: Vec<Lpm<PortKey>> =
+                self.installed_ports.iter().filter(|k| !desired.ports.contains_key(k)).copied().collect();
+            for k in stale {
+                let _ = self.ports.remove(&Key::new(k.0, k.1));
+                self.installed_ports.remove(&k);
+            }
         }
         let used_sets: BTreeSet<u32> = desired.policy.values().map(|v| v.portset).collect();
         self.portsets.retain(&used_sets);
-        let used_classes: BTreeSet<u32> = desired.identities.values().copied().collect();
-        self.classes.retain(&used_classes);
+        self.classes.retain(&desired.classes);
 
+        log::info!("TIMING remap {t_remap:?} desired {t_desired:?} write {t_write:?} total {:?}", tt.elapsed());
         report.identities = self.installed_identities.len();
         report.policy = self.installed_policy.len();
         report.ports = self.installed_ports.len();

@@ -73,9 +73,12 @@ pub type ClassInterner = Interner<ClassKey>;
 /// Everything the datapath needs, as map contents.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub identities: BTreeMap<Lpm<IdKey>, u32>,
-    pub policy: BTreeMap<PolicyKey, PolicyValue>,
-    pub ports: BTreeMap<Lpm<PortKey>, PortValue>,
+    /// In prefix order.
+    pub identities: Vec<(Lpm<IdKey>, u32)>,
+    pub policy: HashMap<PolicyKey, PolicyValue>,
+    pub ports: HashMap<Lpm<PortKey>, PortValue>,
+    /// The ids of the classes in use (the values of `identities`).
+    pub classes: BTreeSet<u32>,
     /// Number of POLICY entries per pod (to name the pods when a map is too small).
     pub policy_entries: BTreeMap<ObjKey, usize>,
 }
@@ -104,7 +107,7 @@ pub fn id_key(cidr: &Cidr) -> Lpm<IdKey> {
     )
 }
 
-pub fn portset_entries(id: u32, ps: &PortSet, out: &mut BTreeMap<Lpm<PortKey>, PortValue>) {
+pub fn portset_entries(id: u32, ps: &PortSet, out: &mut HashMap<Lpm<PortKey>, PortValue>) {
     for (proto, ranges) in ps.iter() {
         for r in ranges {
             for (value, len) in port_prefixes(r.lo, r.hi) {
@@ -127,7 +130,29 @@ pub fn desired(
     classes: &mut ClassInterner,
     portsets: &mut PortSetInterner,
 ) -> Desired {
+    desired_cached(node, endpoints, classes, portsets, &mut EntryCache::default())
+}
+
+/// What the last [`desired_cached`] derived per pod, reused for pods whose compiled tables,
+/// endpoint and class ids are unchanged.
+#[derive(Debug, Default)]
+pub struct EntryCache {
+    epoch: u64,
+    class_ids: Vec<Option<u32>>,
+    pods: HashMap<ObjKey, (u32, CompiledPod, Vec<(PolicyKey, PolicyValue)>)>,
+    port_entries: HashMap<u32, Vec<(Lpm<PortKey>, PortValue)>>,
+}
+
+/// [`desired`], reusing the entries of pods that did not change since the last call.
+pub fn desired_cached(
+    node: &NodePolicy,
+    endpoints: &BTreeMap<ObjKey, u32>,
+    classes: &mut ClassInterner,
+    portsets: &mut PortSetInterner,
+    cache: &mut EntryCache,
+) -> Desired {
     let mut out = Desired::default();
+    let tt = std::time::Instant::now();
     // Only classes some address maps to need entries (an incrementally updated node keeps
     // classes no address has any more until it is compiled again).
     let mut referenced = vec![false; node.classes.len()];
@@ -135,41 +160,76 @@ pub fn desired(
     for c in node.prefixes.values() {
         referenced[*c] = true;
     }
+    // Ids of the classes of the same compilation are reused by index (interning a class key
+    // hashes its whole rule list).
+    let same = node.epoch != 0 && node.epoch == cache.epoch;
     let class_ids: Vec<Option<u32>> = node
         .classes
         .iter()
         .enumerate()
         .map(|(i, k)| match i {
             0 => Some(0),
-            _ if referenced[i] => Some(classes.id(k)),
+            _ if referenced[i] => Some(cache.class_ids.get(i).copied().flatten().filter(|_| same).unwrap_or_else(|| classes.id(k))),
             _ => None,
         })
         .collect();
-    for (cidr, class) in &node.prefixes {
-        out.identities.insert(id_key(cidr), class_ids[*class].expect("referenced"));
+    cache.epoch = node.epoch;
+    // Entries of unchanged pods stay valid while the classes they name keep their ids (new
+    // classes only append; a pod with entries for them has changed tables anyway).
+    if class_ids.len() < cache.class_ids.len() || class_ids[..cache.class_ids.len()] != cache.class_ids[..] {
+        cache.pods.clear();
     }
+    cache.class_ids = class_ids.clone();
+    let t1 = tt.elapsed();
+    out.identities.reserve(node.prefixes.len());
+    for (cidr, class) in &node.prefixes {
+        out.identities.push((id_key(cidr), class_ids[*class].expect("referenced")));
+    }
+    out.classes = class_ids.iter().flatten().copied().filter(|c| *c != 0).collect();
+    let t2 = tt.elapsed();
+    out.policy.reserve(cache.pods.values().map(|(_, _, e)| e.len()).sum());
+    let mut sets: std::collections::HashSet<u32, foldhash::fast::RandomState> = Default::default();
     for (key, pod) in &node.pods {
         let Some(&endpoint) = endpoints.get(key) else { continue };
-        let mut n = 0;
-        for dir in Direction::BOTH {
-            let Some(dp) = pod.dir(dir) else { continue };
-            for (class, allow) in &dp.allows {
-                let Some(identity) = class_ids[*class] else { continue };
-                let value = match allow {
-                    Allow::All(slot) => PolicyValue { portset: 0, flags: POLICY_ALLOW_ALL | (*slot as u32) << POLICY_SLOT_SHIFT },
-                    Allow::Ports(ps) => {
-                        let id = portsets.id(ps);
-                        portset_entries(id, ps, &mut out.ports);
-                        PolicyValue { portset: id, flags: 0 }
-                    }
-                };
-                let k = PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] };
-                out.policy.insert(k, value);
-                n += 1;
+        let fresh = match cache.pods.get(key) {
+            Some((e, c, _)) => *e != endpoint || c != pod,
+            None => true,
+        };
+        if fresh {
+            let mut entries = Vec::new();
+            for dir in Direction::BOTH {
+                let Some(dp) = pod.dir(dir) else { continue };
+                for (class, allow) in &dp.allows {
+                    let Some(identity) = class_ids[*class] else { continue };
+                    let value = match allow {
+                        Allow::All(slot) => PolicyValue { portset: 0, flags: POLICY_ALLOW_ALL | (*slot as u32) << POLICY_SLOT_SHIFT },
+                        Allow::Ports(ps) => {
+                            let id = portsets.id(ps);
+                            cache.port_entries.entry(id).or_insert_with(|| {
+                                let mut m = HashMap::default();
+                                portset_entries(id, ps, &mut m);
+                                m.into_iter().collect()
+                            });
+                            PolicyValue { portset: id, flags: 0 }
+                        }
+                    };
+                    entries.push((PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] }, value));
+                }
+            }
+            cache.pods.insert(key.clone(), (endpoint, pod.clone(), entries));
+        }
+        let entries = &cache.pods[key].2;
+        for (k, v) in entries {
+            out.policy.insert(*k, *v);
+            if v.flags & POLICY_ALLOW_ALL == 0 && sets.insert(v.portset) {
+                out.ports.extend(cache.port_entries[&v.portset].iter().copied());
             }
         }
-        out.policy_entries.insert(key.clone(), n);
+        out.policy_entries.insert(key.clone(), entries.len());
     }
+    cache.pods.retain(|k, _| node.pods.contains_key(k) && endpoints.contains_key(k));
+    cache.port_entries.retain(|id, _| sets.contains(id));
+    log::info!("TIMING classes {t1:?} identities {t2:?} all {:?}", tt.elapsed());
     out
 }
 
@@ -265,7 +325,7 @@ mod tests {
         assert_eq!(a.slot(Protocol::Tcp, 149), Some(3));
         assert_eq!(a.slot(Protocol::Udp, 149), None);
         // Map entries carry the slot, and the LPM lookup finds it.
-        let mut out = BTreeMap::new();
+        let mut out = HashMap::default();
         portset_entries(9, &a, &mut out);
         for (port, slot) in [(0u16, 7u32), (89, 7), (90, 3), (149, 3), (150, 1), (250, 1), (251, 7), (65535, 7)] {
             let hit = out

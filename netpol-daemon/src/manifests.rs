@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 
-use crate::compiler::Cluster;
+use crate::compiler::{ChangeSet, Cluster};
 use crate::model::{self, FieldError};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,14 +40,17 @@ pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
-                && !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
-        })
+        .filter(|p| is_manifest_name(p) && p.is_file())
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// A name the manifests source reads: *.yaml, *.yml or *.json, not hidden (editors' and
+/// writers' temporary files are).
+pub fn is_manifest_name(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+        && !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
 }
 
 /// Reads and validates every manifest in `dir`.
@@ -64,21 +68,142 @@ pub fn load_dir(dir: &Path) -> std::io::Result<Loaded> {
 /// Reads a directory again and again, remembering what each file last contributed: when a file
 /// is unparsable or holds an invalid object (a partial write, a typo), the objects it had
 /// before that are not validly present now keep their previous version until a valid one
-/// arrives. A removed file removes its objects.
+/// arrives. A removed file removes its objects. Only files whose metadata changed are read
+/// again, and only those whose content changed are parsed again.
 #[derive(Debug, Default)]
 pub struct DirReader {
-    /// Per file: its content hash and what it stands for (its objects, plus the previous
-    /// versions a bad write lost). A file whose content is unchanged is not parsed again.
-    files: BTreeMap<PathBuf, (u64, Loaded)>,
+    /// Per file: what it stands for (its objects, plus the previous versions a bad write lost).
+    files: BTreeMap<PathBuf, FileState>,
+    /// Every policy in audit mode (applied as files are parsed).
+    pub audit_all: bool,
+    /// The newest modification among the files read again (or removed) since this was last
+    /// taken: when the change now loaded was made.
+    pub last_modified: Option<std::time::SystemTime>,
+}
+
+#[derive(Debug)]
+struct FileState {
+    /// (inode, size, mtime, ctime) when last read; `None`: read again next time.
+    meta: Option<(u64, u64, i64, i64, i64, i64)>,
+    hash: u64,
+    loaded: Loaded,
+}
+
+fn file_meta(file: &Path) -> Option<(u64, u64, i64, i64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(file).ok()?;
+    Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
 }
 
 impl DirReader {
+    /// The whole directory's objects (every file merged; a later file wins on a duplicate).
     pub fn load(&mut self, dir: &Path) -> std::io::Result<Loaded> {
+        self.refresh(dir, None)?;
         let mut out = Loaded::default();
-        let mut files = BTreeMap::new();
-        for file in manifest_files(dir)? {
+        for f in self.files.values() {
+            merge(&mut out.cluster, &f.loaded.cluster);
+            for (k, n) in &f.loaded.ignored {
+                *out.ignored.entry(k.clone()).or_default() += n;
+            }
+        }
+        out.errors = self.errors();
+        Ok(out)
+    }
+
+    /// Brings `into` (what the previous calls produced, or empty) up to date with the
+    /// directory, touching only the objects of files that changed; returns what changed.
+    pub fn update(&mut self, dir: &Path, into: &mut Cluster) -> std::io::Result<ChangeSet> {
+        self.update_some(dir, None, into)
+    }
+
+    /// [`DirReader::update`], looking only at the files named in `hint` (when given: the
+    /// names an inotify watch reported) instead of every file of the directory.
+    pub fn update_some(&mut self, dir: &Path, hint: Option<&[PathBuf]>, into: &mut Cluster) -> std::io::Result<ChangeSet> {
+        let (old, read) = self.refresh(dir, hint)?;
+        let now: Vec<&Cluster> = read.iter().filter_map(|f| self.files.get(f)).map(|f| &f.loaded.cluster).collect();
+        let sources: Vec<&Cluster> = old.iter().chain(now).collect();
+        let files = &self.files;
+        /// The objects of `sources` (old and new versions of the files read again) take their
+        /// value from the last file holding them now.
+        fn reconcile<K: Ord + Clone, V: Clone + PartialEq>(
+            sources: &[&Cluster],
+            files: &BTreeMap<PathBuf, FileState>,
+            get: fn(&Cluster) -> &BTreeMap<K, V>,
+            into: &mut BTreeMap<K, V>,
+        ) -> Vec<K> {
+            let keys: std::collections::BTreeSet<&K> = sources.iter().flat_map(|c| get(c).keys()).collect();
+            let mut changed = Vec::new();
+            for k in keys {
+                let now = files.values().rev().find_map(|f| get(&f.loaded.cluster).get(k));
+                if into.get(k) != now {
+                    match now {
+                        Some(v) => into.insert(k.clone(), v.clone()),
+                        None => into.remove(k),
+                    };
+                    changed.push(k.clone());
+                }
+            }
+            changed
+        }
+        let mut ch = ChangeSet::default();
+        ch.namespaces = !reconcile(&sources, files, |c| &c.namespaces, &mut into.namespaces).is_empty();
+        ch.pods = reconcile(&sources, files, |c| &c.pods, &mut into.pods).into_iter().collect();
+        ch.policies = !reconcile(&sources, files, |c| &c.policies, &mut into.policies).is_empty();
+        ch.services = !reconcile(&sources, files, |c| &c.services, &mut into.services).is_empty();
+        ch.endpoint_slices = !reconcile(&sources, files, |c| &c.endpoint_slices, &mut into.endpoint_slices).is_empty();
+        Ok(ch)
+    }
+
+    /// Every file's problems, in file order.
+    pub fn errors(&self) -> Vec<LoadError> {
+        self.files.values().flat_map(|f| f.loaded.errors.iter().cloned()).collect()
+    }
+
+    /// Reads the files that changed; returns the previous objects of the files read again
+    /// or removed, and the files parsed again.
+    fn refresh(&mut self, dir: &Path, hint: Option<&[PathBuf]>) -> std::io::Result<(Vec<Cluster>, Vec<PathBuf>)> {
+        let (names, gone): (Vec<PathBuf>, Vec<PathBuf>) = match hint {
+            None => {
+                let names = manifest_files(dir)?;
+                let gone = self.files.keys().filter(|f| names.binary_search(f).is_err()).cloned().collect();
+                (names, gone)
+            }
+            Some(hint) => {
+                let mut hint: Vec<PathBuf> = hint.iter().filter(|p| is_manifest_name(p)).cloned().collect();
+                hint.sort();
+                hint.dedup();
+                hint.into_iter().partition(|p| p.is_file())
+            }
+        };
+        let gone: Vec<PathBuf> = gone.into_iter().filter(|f| self.files.contains_key(f)).collect();
+        let mut touched = Vec::new();
+        let mut read = Vec::new();
+        let mut newest = |t: Option<std::time::SystemTime>| {
+            if let Some(t) = t {
+                self.last_modified = Some(self.last_modified.map_or(t, |l| l.max(t)));
+            }
+        };
+        if !gone.is_empty() {
+            newest(std::fs::metadata(dir).and_then(|m| m.modified()).ok());
+        }
+        for f in gone {
+            if let Some(st) = self.files.remove(&f) {
+                touched.push(st.loaded.cluster);
+            }
+        }
+        for file in names {
+            let meta = file_meta(&file);
+            if let Some(st) = self.files.get(&file) {
+                if st.meta.is_some() && st.meta == meta {
+                    continue;
+                }
+            }
+            if let Some((_, _, secs, nsecs, _, _)) = meta {
+                let t = std::time::UNIX_EPOCH + Duration::new(secs.max(0) as u64, nsecs.clamp(0, 999_999_999) as u32);
+                self.last_modified = Some(self.last_modified.map_or(t, |l| l.max(t)));
+            }
             let prev = self.files.remove(&file);
-            let entry = match std::fs::read_to_string(&file) {
+            let state = match std::fs::read_to_string(&file) {
                 Ok(text) => {
                     let hash = {
                         use std::hash::{Hash, Hasher};
@@ -87,32 +212,39 @@ impl DirReader {
                         h.finish()
                     };
                     match prev {
-                        Some((h, l)) if h == hash => (h, l),
+                        Some(st) if st.hash == hash && st.meta.is_some() => FileState { meta, ..st },
                         prev => {
                             let mut one = Loaded::default();
                             load_text(&file, &text, &mut one);
-                            keep_previous(&file, &mut one, prev.as_ref().map(|(_, l)| &l.cluster));
-                            (hash, one)
+                            if self.audit_all {
+                                for p in one.cluster.policies.values_mut() {
+                                    p.audit = true;
+                                }
+                            }
+                            keep_previous(&file, &mut one, prev.as_ref().map(|st| &st.loaded.cluster));
+                            if let Some(p) = prev {
+                                touched.push(p.loaded.cluster);
+                            }
+                            read.push(file.clone());
+                            FileState { meta, hash, loaded: one }
                         }
                     }
                 }
                 Err(e) => {
                     let mut one = Loaded::default();
                     one.errors.push(LoadError { file: file.clone(), document: 0, message: format!("cannot read: {e}") });
-                    keep_previous(&file, &mut one, prev.as_ref().map(|(_, l)| &l.cluster));
-                    // Hash 0: read and parsed again next time.
-                    (0, one)
+                    keep_previous(&file, &mut one, prev.as_ref().map(|st| &st.loaded.cluster));
+                    if let Some(p) = prev {
+                        touched.push(p.loaded.cluster);
+                    }
+                    read.push(file.clone());
+                    // No metadata: read and parsed again next time.
+                    FileState { meta: None, hash: 0, loaded: one }
                 }
             };
-            merge(&mut out.cluster, &entry.1.cluster);
-            out.errors.extend(entry.1.errors.iter().cloned());
-            for (k, n) in &entry.1.ignored {
-                *out.ignored.entry(k.clone()).or_default() += n;
-            }
-            files.insert(file, entry);
+            self.files.insert(file, state);
         }
-        self.files = files;
-        Ok(out)
+        Ok((touched, read))
     }
 }
 
@@ -156,29 +288,43 @@ fn keep_missing(now: &mut Cluster, prev: &Cluster) -> usize {
         + fill(&mut now.endpoint_slices, &prev.endpoint_slices)
 }
 
-/// Adds the objects of one file's text to `out`.
+/// Adds the objects of one file's text to `out`. JSON files (one or more JSON values) are
+/// read with a JSON parser; everything else as YAML (multi-document).
 pub fn load_text(file: &Path, text: &str, out: &mut Loaded) {
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let document = i + 1;
+    let is_json = file.extension().and_then(|e| e.to_str()) == Some("json") && text.trim_start().starts_with(['{', '[']);
+    let add = |document: usize, value: Result<serde_json::Value, String>, out: &mut Loaded| -> bool {
         let err = |message: String| LoadError { file: file.to_path_buf(), document, message };
-        let value = match serde_yaml::Value::deserialize(doc) {
-            Ok(v) => v,
+        match value {
+            Ok(v) if v.is_null() => true,
+            Ok(v) => {
+                if let Err(msgs) = add_object(v, out) {
+                    out.errors.extend(msgs.into_iter().map(&err));
+                }
+                true
+            }
             Err(e) => {
-                out.errors.push(err(format!("unparsable YAML/JSON: {e}")));
+                out.errors.push(err(format!("unparsable {}: {e}", if is_json { "JSON" } else { "YAML/JSON" })));
                 // The rest of the stream cannot be trusted to be split correctly.
+                false
+            }
+        }
+    };
+    if is_json {
+        for (i, v) in serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>().enumerate() {
+            if !add(i + 1, v.map_err(|e| e.to_string()), out) {
                 return;
             }
-        };
-        if value.is_null() {
-            continue;
         }
-        if let Err(msgs) = add_object(value, out) {
-            out.errors.extend(msgs.into_iter().map(&err));
+    } else {
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            if !add(i + 1, serde_json::Value::deserialize(doc).map_err(|e| e.to_string()), out) {
+                return;
+            }
         }
     }
 }
 
-fn add_object(value: serde_yaml::Value, out: &mut Loaded) -> Result<(), Vec<String>> {
+fn add_object(value: serde_json::Value, out: &mut Loaded) -> Result<(), Vec<String>> {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
     let name = value
         .get("metadata")
@@ -192,13 +338,13 @@ fn add_object(value: serde_yaml::Value, out: &mut Loaded) -> Result<(), Vec<Stri
         .and_then(|n| n.as_str())
         .unwrap_or("default")
         .to_string();
-    let typed_err = |e: serde_yaml::Error| vec![format!("{kind} {ns}/{name}: {e}")];
+    let typed_err = |e: serde_json::Error| vec![format!("{kind} {ns}/{name}: {e}")];
     let fields = |errs: Vec<FieldError>| -> Vec<String> {
         errs.into_iter().map(|e| format!("{kind} {e}")).collect()
     };
     match kind.as_str() {
         "List" => {
-            let items = value.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default();
+            let items = value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default();
             let mut errs = Vec::new();
             for (i, item) in items.into_iter().enumerate() {
                 if let Err(e) = add_object(item, out) {
@@ -212,33 +358,33 @@ fn add_object(value: serde_yaml::Value, out: &mut Loaded) -> Result<(), Vec<Stri
             }
         }
         "Namespace" => {
-            let ns: K8sNamespace = serde_yaml::from_value(value).map_err(typed_err)?;
+            let ns: K8sNamespace = serde_json::from_value(value).map_err(typed_err)?;
             let ns = model::namespace_from_k8s(&ns).map_err(|e| fields(vec![e]))?;
             out.cluster.namespaces.insert(ns.name.clone(), ns);
             Ok(())
         }
         "Pod" => {
-            let pod: K8sPod = serde_yaml::from_value(value).map_err(typed_err)?;
+            let pod: K8sPod = serde_json::from_value(value).map_err(typed_err)?;
             if let Some(pod) = model::pod_from_k8s(&pod).map_err(fields)? {
                 out.cluster.pods.insert(pod.key.clone(), pod);
             }
             Ok(())
         }
         "NetworkPolicy" => {
-            let np: NetworkPolicy = serde_yaml::from_value(value).map_err(typed_err)?;
+            let np: NetworkPolicy = serde_json::from_value(value).map_err(typed_err)?;
             let pol = model::policy_from_k8s(&np).map_err(fields)?;
             out.cluster.policies.insert(pol.key.clone(), pol);
             Ok(())
         }
         "Service" => {
-            let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_value(value).map_err(typed_err)?;
+            let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(value).map_err(typed_err)?;
             if let Some(svc) = model::service_from_k8s(&svc).map_err(fields)? {
                 out.cluster.services.insert(svc.key.clone(), svc);
             }
             Ok(())
         }
         "EndpointSlice" => {
-            let es: k8s_openapi::api::discovery::v1::EndpointSlice = serde_yaml::from_value(value).map_err(typed_err)?;
+            let es: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(value).map_err(typed_err)?;
             if let Some(es) = model::endpoint_slice_from_k8s(&es).map_err(fields)? {
                 out.cluster.endpoint_slices.insert(es.key.clone(), es);
             }
@@ -308,6 +454,60 @@ mod tests {
         std::fs::remove_file(&f).unwrap();
         let l = r.load(&dir).unwrap();
         assert!(port(&l).is_none() && l.cluster.namespaces.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: a, labels: {app: LABEL}}\nspec: {nodeName: n, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: y, namespace: a}\nspec: {nodeName: n, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.2}\n";
+
+    #[test]
+    fn updates_report_only_what_changed() {
+        let dir = std::env::temp_dir().join(format!("netpol-dirupdate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |f: &str, s: &str| {
+            // As editors and kubectl-like tools do: a new file renamed over the old one.
+            let tmp = dir.join(format!(".{f}.tmp"));
+            std::fs::write(&tmp, s).unwrap();
+            std::fs::rename(&tmp, dir.join(f)).unwrap();
+        };
+        write("1-pods.yaml", &PODS.replace("LABEL", "one"));
+        write("2-policy.yaml", &format!("{NS}---\n{}", POLICY.replace("PORT", "80")));
+        let mut r = DirReader::default();
+        let mut c = Cluster::default();
+        let ch = r.update(&dir, &mut c).unwrap();
+        assert!(ch.namespaces && ch.policies && ch.pods.len() == 2, "{ch:?}");
+        assert_eq!(c.pods.len(), 2);
+        // Nothing written: nothing changed.
+        assert!(r.update(&dir, &mut c).unwrap().is_empty());
+        // One label in one file: that pod only.
+        write("1-pods.yaml", &PODS.replace("LABEL", "two"));
+        let ch = r.update(&dir, &mut c).unwrap();
+        assert_eq!(ch, ChangeSet { pods: [ObjKey::new("a", "x")].into(), ..Default::default() });
+        assert_eq!(c.pods[&ObjKey::new("a", "x")].labels["app"], "two");
+        // The same content written again: no change.
+        write("1-pods.yaml", &PODS.replace("LABEL", "two"));
+        assert!(r.update(&dir, &mut c).unwrap().is_empty());
+        // A later file defining the same pod wins; removing it brings the first one back.
+        write("3-more.yaml", &PODS.replace("LABEL", "three").split("---").next().unwrap().to_string());
+        let ch = r.update(&dir, &mut c).unwrap();
+        assert_eq!(ch.pods, [ObjKey::new("a", "x")].into());
+        assert_eq!(c.pods[&ObjKey::new("a", "x")].labels["app"], "three");
+        std::fs::remove_file(dir.join("3-more.yaml")).unwrap();
+        let ch = r.update(&dir, &mut c).unwrap();
+        assert_eq!(ch.pods, [ObjKey::new("a", "x")].into());
+        assert_eq!(c.pods[&ObjKey::new("a", "x")].labels["app"], "two");
+        // A broken write keeps the previous objects: no change; the policy file removed: the
+        // policy and namespace go.
+        write("1-pods.yaml", &PODS.replace("LABEL", "two")[..40]);
+        assert!(r.update(&dir, &mut c).unwrap().is_empty());
+        assert!(!r.errors().is_empty());
+        std::fs::remove_file(dir.join("2-policy.yaml")).unwrap();
+        let ch = r.update(&dir, &mut c).unwrap();
+        assert!(ch.policies && ch.namespaces && ch.pods.is_empty(), "{ch:?}");
+        assert!(c.policies.is_empty() && c.namespaces.is_empty() && c.pods.len() == 2);
+        // The whole directory, merged, is what the updates built.
+        let all = r.load(&dir).unwrap();
+        assert_eq!(all.cluster.pods, c.pods);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -281,7 +281,8 @@ fn manifests_of(c: &Cluster, want: impl Fn(&str) -> bool) -> BTreeMap<String, St
             },
         }));
     }
-    files.into_iter().map(|(ns, docs)| (ns, docs.iter().map(|d| format!("---\n{d}\n")).collect())).collect()
+    // One JSON `List` per namespace, as `kubectl get -o json` writes it.
+    files.into_iter().map(|(ns, docs)| (ns, serde_json::json!({"apiVersion": "v1", "kind": "List", "items": docs}).to_string() + "\n")).collect()
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 //! used so far) compiles the node again. The result is the same policy as a full compile
 //! (the property tests check verdicts and map lookups against both the full compile and the
 //! reference evaluator after random sequences of pod changes).
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::*;
@@ -77,6 +77,12 @@ impl NodeCompiler {
 
     pub fn policy(&self) -> &NodePolicy {
         &self.policy
+    }
+
+    /// The compiled policy, for adding pods the compiler does not know (pending interfaces);
+    /// they must be taken out again before the next update.
+    pub fn policy_mut(&mut self) -> &mut NodePolicy {
+        &mut self.policy
     }
 
     /// Brings the compiled policy up to date with `cluster`, given what changed since the
@@ -253,4 +259,25 @@ fn apply_pods(st: &mut State, out: &mut NodePolicy, cluster: &Cluster, node: &st
         }
     }
     true
+}
+
+impl Cluster {
+    /// Replaces the whole state with `new` (a fresh snapshot); returns what differs.
+    pub fn replace(&mut self, new: Cluster) -> ChangeSet {
+        fn differ<K: Ord + Clone, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> Vec<K> {
+            let mut out: Vec<K> = a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect();
+            out.extend(b.keys().filter(|k| !a.contains_key(*k)).cloned());
+            out
+        }
+        let ch = ChangeSet {
+            all: false,
+            namespaces: !differ(&self.namespaces, &new.namespaces).is_empty(),
+            policies: !differ(&self.policies, &new.policies).is_empty(),
+            services: !differ(&self.services, &new.services).is_empty(),
+            endpoint_slices: !differ(&self.endpoint_slices, &new.endpoint_slices).is_empty(),
+            pods: differ(&self.pods, &new.pods).into_iter().collect(),
+        };
+        *self = new;
+        ch
+    }
 }
