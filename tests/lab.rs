@@ -582,6 +582,16 @@ fn bridge_cni_pods_are_found_through_neighbour_and_forwarding_tables() {
     lab.add_pod("web", "routed", ip("10.244.0.50"), &[("app", "client")], &[8080], &[]).unwrap();
     lab.write_cluster_manifest().unwrap();
     lab.start_daemon(Path::new(DAEMON)).unwrap();
+    // Every pod found (a bridge port is only known once the pod answered ARP).
+    let t0 = std::time::Instant::now();
+    loop {
+        let m = lab.metrics().unwrap();
+        if sample(&m, "netpol_endpoints") == Some(4.0) {
+            break;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(15), "not every pod found:\n{m}\n{}", lab.daemon_log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     lab.apply(
         "server.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: web}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 8080}]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: client}}}]\n",

@@ -38,6 +38,9 @@ const PENDING_MAX: Duration = Duration::from_secs(60);
 /// address gets a new veth).
 const FULL_RESOLVE_EVERY: Duration = Duration::from_secs(2);
 
+/// With inotify naming the files that change, how often every manifest file is still checked.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(2);
+
 /// Logs deny events from the ring buffer as structured lines.
 fn log_deny_events(mut rb: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
     use netpol_common::{DenyEvent, DIR_INGRESS, FAMILY_V4};
@@ -111,15 +114,15 @@ impl DirWatch {
         Ok(DirWatch { fd })
     }
 
-    /// Returns after events (the queue drained: the paths they name) or after `timeout`
-    /// (`None`: look at every file; so too when the event queue overflowed).
+    /// Returns after events (the queue drained: the paths they name), `Some(empty)` after
+    /// `timeout`, `None` when the event queue overflowed (look at every file).
     fn wait(&self, dir: &Path, timeout: Duration) -> Option<Vec<PathBuf>> {
         use std::os::fd::AsRawFd;
         use std::os::unix::ffi::OsStrExt;
         let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
         if n <= 0 {
-            return None;
+            return Some(Vec::new());
         }
         let mut names = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -284,13 +287,22 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     // out (a quiet pod) stays the pod's as long as the interface exists under the same name.
     let mut known_ifaces: BTreeMap<ObjKey, (Vec<IpAddr>, Iface)> = BTreeMap::new();
     let mut first_wait = true;
+    let mut last_full_scan = Instant::now();
     let mut loaded_once = false;
     let mut last_load_errors: Vec<String> = Vec::new();
     // Something to report even when the maps need nothing (new load errors).
     let mut status_changed = false;
     let mut node_addrs: Vec<IpAddr> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
-        let hint = if std::mem::take(&mut first_wait) { None } else { source.wait(watch.as_ref(), cfg.poll_interval) };
+        // Which manifest files to look at: those inotify named; every file on the first pass,
+        // after an event overflow, without inotify, and every FULL_SCAN_EVERY as a safety net.
+        let mut hint = if std::mem::take(&mut first_wait) { None } else { source.wait(watch.as_ref(), cfg.poll_interval) };
+        if watch.is_some() && last_full_scan.elapsed() >= FULL_SCAN_EVERY {
+            hint = None;
+        }
+        if hint.is_none() {
+            last_full_scan = Instant::now();
+        }
         let down = !source.healthy();
         let was_down = std::mem::replace(&mut shared.status.lock().unwrap().source_down, down);
         if was_down != down && down {
@@ -397,6 +409,9 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             }
             let resolved_same = ifaces.len() == known_ifaces.len()
                 && ifaces.iter().all(|(k, i)| known_ifaces.get(k).is_some_and(|(_, o)| o == i));
+            if !resolved_same {
+                log::debug!("pod interfaces: {:?}", ifaces.iter().map(|(k, i)| format!("{k}={}", i.ifname)).collect::<Vec<_>>());
+            }
             known_ifaces = ifaces.iter().map(|(k, i)| (k.clone(), (compiler.policy().pods[k].ips.clone(), i.clone()))).collect();
             if !have_changes && !retry && !pending_changed && resolved_same {
                 // A periodic look-up that found every interface where it was.

@@ -629,11 +629,8 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
             }
         }
 
-        let tt = std::time::Instant::now();
         self.remap_policy_slots(node, &ids);
-        let t_remap = tt.elapsed();
         let mut desired = entries::desired_cached(node, &ids, &mut self.classes, &mut self.portsets, &mut self.entry_cache);
-        let t_desired = tt.elapsed();
         self.fit_maps(node, &mut desired, &ids, &mut report);
 
         // Port sets, then per-endpoint policy, then address classes, then endpoints.
@@ -695,7 +692,6 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
             }
         }
 
-        let t_write = tt.elapsed();
         // Remove what is no longer wanted.
         let live_ifindexes: BTreeSet<u32> = pods.values().map(|(i, _)| i.ifindex).collect();
         // Pinned links of interfaces that are gone or no longer ours.
@@ -739,7 +735,6 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
         self.portsets.retain(&used_sets);
         self.classes.retain(&desired.classes);
 
-        log::info!("TIMING remap {t_remap:?} desired {t_desired:?} write {t_write:?} total {:?}", tt.elapsed());
         report.identities = self.installed_identities.len();
         report.policy = self.installed_policy.len();
         report.ports = self.installed_ports.len();

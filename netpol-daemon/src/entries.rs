@@ -152,7 +152,6 @@ pub fn desired_cached(
     cache: &mut EntryCache,
 ) -> Desired {
     let mut out = Desired::default();
-    let tt = std::time::Instant::now();
     // Only classes some address maps to need entries (an incrementally updated node keeps
     // classes no address has any more until it is compiled again).
     let mut referenced = vec![false; node.classes.len()];
@@ -180,13 +179,11 @@ pub fn desired_cached(
         cache.pods.clear();
     }
     cache.class_ids = class_ids.clone();
-    let t1 = tt.elapsed();
     out.identities.reserve(node.prefixes.len());
     for (cidr, class) in &node.prefixes {
         out.identities.push((id_key(cidr), class_ids[*class].expect("referenced")));
     }
     out.classes = class_ids.iter().flatten().copied().filter(|c| *c != 0).collect();
-    let t2 = tt.elapsed();
     out.policy.reserve(cache.pods.values().map(|(_, _, e)| e.len()).sum());
     let mut sets: std::collections::HashSet<u32, foldhash::fast::RandomState> = Default::default();
     for (key, pod) in &node.pods {
@@ -229,7 +226,6 @@ pub fn desired_cached(
     }
     cache.pods.retain(|k, _| node.pods.contains_key(k) && endpoints.contains_key(k));
     cache.port_entries.retain(|id, _| sets.contains(id));
-    log::info!("TIMING classes {t1:?} identities {t2:?} all {:?}", tt.elapsed());
     out
 }
 
