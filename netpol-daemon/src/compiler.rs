@@ -582,9 +582,8 @@ struct State {
     service_of: HashMap<IpAddr, ObjKey>,
     /// The node's pods: their isolating policies per direction (ingress, egress).
     local: BTreeMap<ObjKey, [Vec<ObjKey>; 2]>,
-    /// Addresses of every selectable pod, and the selectable pods owning each address.
+    /// Addresses of every selectable pod (what a changed pod had before).
     pod_ips: HashMap<ObjKey, Vec<IpAddr>>,
-    ip_owners: HashMap<IpAddr, BTreeSet<ObjKey>>,
 }
 
 impl State {
@@ -666,8 +665,9 @@ impl State {
 
     /// The identity of the class of address `addr` as a host prefix, from the current pods.
     fn class_key(&self, cluster: &Cluster, addr: IpAddr) -> ClassId {
-        let owners: Vec<&Pod> =
-            self.ip_owners.get(&addr).into_iter().flatten().filter_map(|k| cluster.pods.get(k)).collect();
+        // The selectable pods owning the address, in key order (a scan: only the few
+        // addresses of changed pods are looked up).
+        let owners: Vec<&Pod> = cluster.pods.values().filter(|p| p.ips.contains(&addr) && p.selectable()).collect();
         let ns_labels = |ns: &str| -> std::borrow::Cow<Labels> {
             match cluster.namespaces.get(ns) {
                 Some(n) => std::borrow::Cow::Borrowed(&n.labels),
@@ -938,13 +938,9 @@ fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
     }
     drop(groups);
 
-    let mut pod_ips: HashMap<ObjKey, Vec<IpAddr>> = HashMap::default();
-    let mut ip_owners: HashMap<IpAddr, BTreeSet<ObjKey>> = HashMap::default();
+    let mut pod_ips: HashMap<ObjKey, Vec<IpAddr>> = HashMap::with_capacity_and_hasher(index.cluster.pods.len(), Default::default());
     for p in index.cluster.pods.values().filter(|p| p.selectable()) {
         pod_ips.insert(p.key.clone(), p.ips.clone());
-        for ip in &p.ips {
-            ip_owners.entry(*ip).or_default().insert(p.key.clone());
-        }
     }
     let mut st = State {
         group_classes: vec![Vec::new(); group_states.len()],
@@ -959,7 +955,6 @@ fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
         service_of,
         local: BTreeMap::new(),
         pod_ips,
-        ip_owners,
     };
 
     // Classes: candidates in the same peer sets (and, under named egress rules, with the same

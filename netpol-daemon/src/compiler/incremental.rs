@@ -158,22 +158,11 @@ fn apply_pods(st: &mut State, out: &mut NodePolicy, cluster: &Cluster, node: &st
     let mut affected: BTreeSet<IpAddr> = BTreeSet::new();
     for key in &ch.pods {
         if let Some(ips) = st.pod_ips.remove(key) {
-            for ip in ips {
-                if let Some(o) = st.ip_owners.get_mut(&ip) {
-                    o.remove(key);
-                    if o.is_empty() {
-                        st.ip_owners.remove(&ip);
-                    }
-                }
-                affected.insert(ip);
-            }
+            affected.extend(ips);
         }
         if let Some(p) = cluster.pods.get(key).filter(|p| p.selectable()) {
             st.pod_ips.insert(key.clone(), p.ips.clone());
-            for ip in &p.ips {
-                st.ip_owners.entry(*ip).or_default().insert(key.clone());
-                affected.insert(*ip);
-            }
+            affected.extend(p.ips.iter().copied());
         }
     }
 
