@@ -39,6 +39,19 @@ fn standard(lab: &mut Lab) {
     lab.write_cluster_manifest().unwrap();
 }
 
+/// Waits until the daemon has programs on `n` pod interfaces.
+fn wait_endpoints(lab: &Lab, n: usize, secs: u64, what: &str) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let m = lab.metrics().unwrap();
+        if sample(&m, "netpol_endpoints") == Some(n as f64) {
+            return;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(secs), "{what}: want {n} endpoints\n{m}\n{}", lab.daemon_log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 fn check(lab: &Lab, cases: &[(&str, &str, &str, u16, bool)]) {
     let mut failures = Vec::new();
     std::thread::scope(|s| {
@@ -455,11 +468,7 @@ fn five_hundred_pods_come_and_go_without_leaks() {
         lab.add_pod("churn", &format!("p{i}"), addr, &[("app", "churn")], &[], &[]).unwrap();
     }
     lab.write_cluster_manifest().unwrap();
-    let t0 = std::time::Instant::now();
-    while gauge(&lab, "netpol_endpoints") != (N + 1) as f64 {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(120), "not all pods attached: {}\n{}", gauge(&lab, "netpol_endpoints"), lab.daemon_log());
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_endpoints(&lab, N + 1, 120, "not all pods attached");
     assert_eq!(count_files(&links_dir), links_before + 2 * N, "two pinned links per pod");
     // Enforced: the anchor admits only the anchor on 8080, so a churn pod is refused.
     assert!(!lab.tcp("churn/p7", "churn/anchor", 8080));
@@ -468,11 +477,7 @@ fn five_hundred_pods_come_and_go_without_leaks() {
         lab.remove_pod(k).unwrap();
     }
     lab.write_cluster_manifest().unwrap();
-    let t0 = std::time::Instant::now();
-    while gauge(&lab, "netpol_endpoints") != 1.0 {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(120), "pods not detached: {}", gauge(&lab, "netpol_endpoints"));
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_endpoints(&lab, 1, 120, "pods not detached");
     assert_eq!(count_files(&links_dir), links_before, "pinned links left behind");
     assert_eq!(gauge(&lab, "netpol_policy_map_entries"), policy_before, "policy entries left behind");
     assert_eq!(bpf_fds(pid), fds_before, "BPF objects held by the daemon");
@@ -583,15 +588,7 @@ fn bridge_cni_pods_are_found_through_neighbour_and_forwarding_tables() {
     lab.write_cluster_manifest().unwrap();
     lab.start_daemon(Path::new(DAEMON)).unwrap();
     // Every pod found (a bridge port is only known once the pod answered ARP).
-    let t0 = std::time::Instant::now();
-    loop {
-        let m = lab.metrics().unwrap();
-        if sample(&m, "netpol_endpoints") == Some(4.0) {
-            break;
-        }
-        assert!(t0.elapsed() < std::time::Duration::from_secs(15), "not every pod found:\n{m}\n{}", lab.daemon_log());
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_endpoints(&lab, 4, 15, "not every pod found");
     lab.apply(
         "server.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: web}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 8080}]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: client}}}]\n",

@@ -386,7 +386,6 @@ impl Cluster {
 /// Cluster-wide lookups built once per compilation.
 pub struct Index<'a> {
     cluster: &'a Cluster,
-    policies_by_ns: HashMap<&'a str, Vec<&'a Policy>>,
     pods_by_ns: HashMap<&'a str, Vec<&'a Pod>>,
     pod_by_ip: HashMap<IpAddr, &'a Pod>,
     /// Labels of every namespace that exists or has pods (implicit ones carry only the
@@ -411,21 +410,7 @@ impl<'a> Index<'a> {
                 ns_labels.push((n, std::borrow::Cow::Owned(Namespace::implicit(n).labels)));
             }
         }
-        let mut policies_by_ns: HashMap<&str, Vec<&Policy>> = HashMap::default();
-        for p in cluster.policies.values() {
-            policies_by_ns.entry(p.key.namespace.as_str()).or_default().push(p);
-        }
-        Index { cluster, policies_by_ns, pods_by_ns, pod_by_ip, ns_labels }
-    }
-
-    /// Policies that select `pod`.
-    pub fn policies_for<'p>(&self, pod: &'p Pod) -> impl Iterator<Item = &'a Policy> + use<'a, 'p, '_> {
-        self.policies_by_ns
-            .get(pod.key.namespace.as_str())
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(move |p| p.pod_selector.matches(&pod.labels))
+        Index { cluster, pods_by_ns, pod_by_ip, ns_labels }
     }
 
     fn peer_pods(&self, policy_ns: &str, namespaces: &Option<Selector>, pods: &Selector) -> Vec<&'a Pod> {
@@ -523,11 +508,9 @@ pub const PENDING_NAMESPACE: &str = "<pending>";
 /// is open, and a pod without policies is never blocked (when pending pods disagree, the
 /// direction stays open).
 pub fn pending_isolation(cluster: &Cluster, node: &str) -> Option<[bool; 2]> {
-    let index = Index::new(cluster);
     let mut out: Option<[bool; 2]> = None;
     for pod in cluster.pods.values().filter(|p| p.node_name.as_deref() == Some(node) && !p.host_network && p.ips.is_empty()) {
-        let pols: Vec<&Policy> = index.policies_for(pod).collect();
-        let iso = Direction::BOTH.map(|d| pols.iter().any(|p| p.isolates(d)));
+        let iso = isolating(cluster, pod).map(|v| !v.is_empty());
         out = Some(match out {
             None => iso,
             Some(o) => [o[0] && iso[0], o[1] && iso[1]],
@@ -570,8 +553,8 @@ type ClassId = (Vec<u32>, Vec<(String, Protocol, u16)>, Option<ObjKey>);
 /// What a compilation leaves behind so that pod changes can be applied without starting over.
 struct State {
     rules: Vec<RuleState>,
-    /// (policy, direction) in use -> its rules' range in `rules`.
-    rule_range: HashMap<(ObjKey, Direction), (usize, usize)>,
+    /// Policy in use -> per direction (ingress, egress), its rules' range in `rules`.
+    rule_range: HashMap<ObjKey, [Option<(usize, usize)>; 2]>,
     groups: Vec<GroupState>,
     named_groups: BTreeSet<u32>,
     any_named: bool,
@@ -593,10 +576,34 @@ impl State {
             .iter()
             .enumerate()
             .flat_map(|(i, k)| {
-                let (a, b) = self.rule_range[&(k.clone(), dir)];
+                let (a, b) = self.rule_range[k][dir as usize].expect("policy in use");
                 self.rules[a..b].iter().map(move |r| (r, slot_of(i)))
             })
             .collect()
+    }
+
+    /// Is the policy's `dir` part compiled (its rules resolved)?
+    fn in_use(&self, policy: &ObjKey, dir: Direction) -> bool {
+        self.rule_range.get(policy).is_some_and(|r| r[dir as usize].is_some())
+    }
+
+    /// A pod's tables (cluster IPs aside) under its isolating policies per direction.
+    fn compile_pod(&self, classes: &[ClassKey], pod: &Pod, iso: &[Vec<&Policy>; 2]) -> CompiledPod {
+        let mut out = CompiledPod { key: pod.key.clone(), ips: pod.ips.clone(), ingress: None, egress: None };
+        for dir in Direction::BOTH {
+            let policies = &iso[dir as usize];
+            if policies.is_empty() {
+                continue;
+            }
+            let keys: Vec<ObjKey> = policies.iter().map(|p| p.key.clone()).collect();
+            let allows = self.dir_allows(classes, pod, dir, &self.pod_rules(&keys, dir));
+            let dp = DirPolicy { allows, policies: keys, audit: policies.iter().all(|p| p.audit) };
+            match dir {
+                Direction::Ingress => out.ingress = Some(dp),
+                Direction::Egress => out.egress = Some(dp),
+            }
+        }
+        out
     }
 
     /// Registers a new class; returns its index.
@@ -751,9 +758,17 @@ pub fn compile_pods(index: &Index, local: &[&Pod]) -> NodePolicy {
     build(index, local).0
 }
 
-/// The isolating policies of `pod` per direction (ingress, egress), in key order.
-fn isolating<'a>(index: &Index<'a>, pod: &Pod) -> [Vec<&'a Policy>; 2] {
-    let selecting: Vec<&Policy> = index.policies_for(pod).collect();
+/// The policies of `pod`'s namespace that select it and isolate it, per direction (ingress,
+/// egress), in key order.
+fn isolating<'a>(cluster: &'a Cluster, pod: &Pod) -> [Vec<&'a Policy>; 2] {
+    let ns = pod.key.namespace.as_str();
+    let selecting: Vec<&Policy> = cluster
+        .policies
+        .range(ObjKey::new(ns, "")..)
+        .take_while(|(k, _)| k.namespace == ns)
+        .map(|(_, p)| p)
+        .filter(|p| p.pod_selector.matches(&pod.labels))
+        .collect();
     Direction::BOTH.map(|d| selecting.iter().copied().filter(|p| p.isolates(d)).collect())
 }
 
@@ -762,7 +777,7 @@ fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
     let mut isolating_of: Vec<[Vec<&Policy>; 2]> = Vec::with_capacity(local.len());
     let mut used: BTreeMap<(&ObjKey, Direction), &Policy> = BTreeMap::new();
     for pod in local {
-        let per_dir = isolating(index, pod);
+        let per_dir = isolating(index.cluster, pod);
         for (d, v) in Direction::BOTH.into_iter().zip(&per_dir) {
             for p in v {
                 used.insert((&p.key, d), p);
@@ -780,7 +795,7 @@ fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
     let mut group_states: Vec<GroupState> = Vec::new();
     let mut group_ids: HashMap<PeerSet, u32> = HashMap::default();
     let mut rules: Vec<RuleState> = Vec::new();
-    let mut rule_range: HashMap<(ObjKey, Direction), (usize, usize)> = HashMap::default();
+    let mut rule_range: HashMap<ObjKey, [Option<(usize, usize)>; 2]> = HashMap::default();
     for ((key, dir), pol) in &used {
         let first = rules.len();
         for (i, rule) in pol.rules(*dir).iter().enumerate() {
@@ -864,7 +879,7 @@ fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
                 named_egress: *dir == Direction::Egress && has_named(rule),
             });
         }
-        rule_range.insert(((*key).clone(), *dir), (first, rules.len()));
+        rule_range.entry((*key).clone()).or_default()[*dir as usize] = Some((first, rules.len()));
     }
 
     // Candidate prefixes: every cidr and except, every peer pod address, and (for egress rules
@@ -989,26 +1004,12 @@ fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
     // Per pod, direction and class: the allowed ports.
     let mut pods = BTreeMap::new();
     for (pod, per_dir) in local.iter().zip(isolating_of) {
-        let mut out = CompiledPod { key: pod.key.clone(), ips: pod.ips.clone(), ingress: None, egress: None };
-        let keys = per_dir.clone().map(|v| v.iter().map(|p| p.key.clone()).collect::<Vec<_>>());
-        for (dir, policies) in Direction::BOTH.into_iter().zip(per_dir) {
-            if policies.is_empty() {
-                continue;
-            }
-            let keys = &keys[dir as usize];
-            let mut allows = st.dir_allows(&classes, pod, dir, &st.pod_rules(keys, dir));
-            if dir == Direction::Egress {
-                let svc = service_allows(&prefixes, &classes, &backends, &allows);
-                allows.extend(svc);
-            }
-            let audit = policies.iter().all(|p| p.audit);
-            let dp = DirPolicy { allows, policies: keys.clone(), audit };
-            match dir {
-                Direction::Ingress => out.ingress = Some(dp),
-                Direction::Egress => out.egress = Some(dp),
-            }
+        let mut out = st.compile_pod(&classes, pod, &per_dir);
+        if let Some(dp) = out.egress.as_mut() {
+            let svc = service_allows(&prefixes, &classes, &backends, &dp.allows);
+            dp.allows.extend(svc);
         }
-        st.local.insert(pod.key.clone(), keys);
+        st.local.insert(pod.key.clone(), per_dir.map(|v| v.iter().map(|p| p.key.clone()).collect()));
         pods.insert(pod.key.clone(), out);
     }
     (NodePolicy { epoch: EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed), classes, prefixes, pods }, st)

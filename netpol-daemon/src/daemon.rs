@@ -320,7 +320,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         let retry = unresolved && last_resolve.elapsed() >= Duration::from_secs(1);
         let full_resolve = last_full_resolve.elapsed() >= FULL_RESOLVE_EVERY;
         if check {
-            let first = last_fp.is_none() && !loaded_once;
+            let first = !loaded_once;
             last_fp = fp;
             let t_load = Instant::now();
             match source.refresh(&mut cluster, cfg.audit_all, hint.as_deref()) {

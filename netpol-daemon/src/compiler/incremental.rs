@@ -115,32 +115,19 @@ impl NodeCompiler {
     }
 }
 
-/// The policies of `pod`'s namespace that select it and isolate it, per direction.
-fn isolating_keys(cluster: &Cluster, pod: &Pod) -> [Vec<ObjKey>; 2] {
-    let ns = pod.key.namespace.as_str();
-    let selecting: Vec<&Policy> = cluster
-        .policies
-        .range(ObjKey::new(ns, "")..)
-        .take_while(|(k, _)| k.namespace == ns)
-        .map(|(_, p)| p)
-        .filter(|p| p.pod_selector.matches(&pod.labels))
-        .collect();
-    Direction::BOTH.map(|d| selecting.iter().filter(|p| p.isolates(d)).map(|p| p.key.clone()).collect())
-}
-
 /// Applies pod changes (and EndpointSlice changes) to a compiled node. Returns false, having
 /// changed nothing, when the node must be compiled again (a local pod needs rules not in use).
 fn apply_pods(st: &mut State, out: &mut NodePolicy, cluster: &Cluster, node: &str, ch: &ChangeSet) -> bool {
     let is_local = |p: &Pod| p.node_name.as_deref() == Some(node) && p.selectable();
     // Check first, change after: local pods whose policies are all in use.
-    let mut local_now: Vec<(&Pod, [Vec<ObjKey>; 2])> = Vec::new();
+    let mut local_now: Vec<(&Pod, [Vec<&Policy>; 2])> = Vec::new();
     let mut local_gone: Vec<&ObjKey> = Vec::new();
     for key in &ch.pods {
         match cluster.pods.get(key).filter(|p| is_local(p)) {
             Some(p) => {
-                let iso = isolating_keys(cluster, p);
-                for (d, keys) in Direction::BOTH.into_iter().zip(&iso) {
-                    if keys.iter().any(|k| !st.rule_range.contains_key(&(k.clone(), d))) {
+                let iso = isolating(cluster, p);
+                for (d, pols) in Direction::BOTH.into_iter().zip(&iso) {
+                    if pols.iter().any(|p| !st.in_use(&p.key, d)) {
                         return false;
                     }
                 }
@@ -219,21 +206,8 @@ fn apply_pods(st: &mut State, out: &mut NodePolicy, cluster: &Cluster, node: &st
 
     // The node's changed pods, compiled from their policies.
     for (pod, iso) in local_now {
-        let mut c = CompiledPod { key: pod.key.clone(), ips: pod.ips.clone(), ingress: None, egress: None };
-        for dir in Direction::BOTH {
-            let keys = &iso[dir as usize];
-            if keys.is_empty() {
-                continue;
-            }
-            let allows = st.dir_allows(&out.classes, pod, dir, &st.pod_rules(keys, dir));
-            let audit = keys.iter().all(|k| cluster.policies.get(k).is_some_and(|p| p.audit));
-            let dp = DirPolicy { allows, policies: keys.clone(), audit };
-            match dir {
-                Direction::Ingress => c.ingress = Some(dp),
-                Direction::Egress => c.egress = Some(dp),
-            }
-        }
-        st.local.insert(pod.key.clone(), iso);
+        let c = st.compile_pod(&out.classes, pod, &iso);
+        st.local.insert(pod.key.clone(), iso.map(|v| v.iter().map(|p| p.key.clone()).collect()));
         out.pods.insert(pod.key.clone(), c);
     }
 
