@@ -1,7 +1,7 @@
 //! `netpol-lab throughput`: iperf3 TCP and UDP between two lab pods with (a) no program,
 //! (b) netpol enforcing a policy set that allows the flow, (c) the same policies as iptables
-//! rules in the node namespace, at 10 and 1,000 policies. Prints a Markdown section and
-//! writes an SVG chart.
+//! rules in the node namespace, at 10 and 1,000 policies. Each case has a lab of its own and
+//! the runs of a round interleave. Prints a Markdown section and writes an SVG chart.
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -112,16 +112,29 @@ struct Row {
     case: String,
     tcp: f64,
     udp: f64,
+    /// Index of the row of the same round without a program, which ratios are taken to.
+    base: usize,
 }
 
-fn measure(lab: &Lab, case: &str, secs: u32, repeats: usize) -> Result<Row> {
-    let (mut t, mut u) = (Vec::new(), Vec::new());
+/// Runs the cases of one round interleaved (a TCP and a UDP run of each case in turn, `repeats`
+/// times) so that the machine's drift over time weighs on all of them alike; the first case
+/// is the round's base.
+fn round(cases: &[(&Lab, String)], secs: u32, repeats: usize, rows: &mut Vec<Row>) -> Result<()> {
+    let mut t = vec![Vec::new(); cases.len()];
+    let mut u = vec![Vec::new(); cases.len()];
     for _ in 0..repeats {
-        t.push(iperf(lab, false, secs)?);
-        u.push(iperf(lab, true, secs)?);
+        for (i, (lab, _)) in cases.iter().enumerate() {
+            t[i].push(iperf(lab, false, secs)?);
+            u[i].push(iperf(lab, true, secs)?);
+        }
     }
-    eprintln!("throughput: {case}: TCP {:.2} Gbit/s, UDP {:.2} Gbit/s", median(t.clone()), median(u.clone()));
-    Ok(Row { case: case.to_string(), tcp: median(t), udp: median(u) })
+    let base = rows.len();
+    for (i, (_, case)) in cases.iter().enumerate() {
+        let (tcp, udp) = (median(t[i].clone()), median(u[i].clone()));
+        eprintln!("throughput: {case}: TCP {tcp:.2} Gbit/s, UDP {udp:.2} Gbit/s");
+        rows.push(Row { case: case.clone(), tcp, udp, base });
+    }
+    Ok(())
 }
 
 fn svg(rows: &[Row]) -> String {
@@ -145,7 +158,8 @@ fn svg(rows: &[Row]) -> String {
     s
 }
 
-pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) -> Result<()> {
+/// A lab of its own: the client and server pods, iperf3 listening in the server.
+fn bench_lab() -> Result<Lab> {
     let mut lab = Lab::new()?;
     lab.add_namespace("bench", &[]);
     lab.add_pod("bench", "client", CLIENT_IP, &[("app", "client")], &[], &[])?;
@@ -153,44 +167,73 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
     lab.write_cluster_manifest()?;
     lab.spawn_in("bench/server", "iperf3", &["-s", "-p", &PORT.to_string()])?;
     std::thread::sleep(Duration::from_millis(500));
-    let node = lab.node_netns.clone();
-    let mut rows = Vec::new();
-    rows.push(measure(&lab, "(a) no program", secs, repeats)?);
-    for n in [10, 1000] {
-        iptables_restore(&node, &iptables_rules(n))?;
-        let r = measure(&lab, &format!("(c) iptables, {n} policies"), secs, repeats);
-        iptables_clear(&node);
-        rows.push(r?);
-    }
-    lab.write_manifest("policies.yaml", &policies(10))?;
-    lab.start_daemon(&daemon)?;
-    rows.push(measure(&lab, "(b) netpol, 10 policies", secs, repeats)?);
-    let syncs = lab.syncs();
-    lab.write_manifest("policies.yaml", &policies(1000))?;
-    lab.wait_synced(syncs)?;
-    let m = lab.metrics()?;
-    let policies_now = netpol_daemon::metrics::sample(&m, "netpol_policies").unwrap_or(0.0);
-    if policies_now < 1000.0 {
-        bail!("the daemon has {policies_now} policies, expected 1001");
-    }
-    rows.push(measure(&lab, "(b) netpol, 1000 policies", secs, repeats)?);
-    // The flow really was enforced: a port outside the policies is refused.
-    if lab.tcp("bench/client", "bench/server", 5202) {
-        bail!("a port no policy allows was reachable: the programs are not enforcing");
-    }
+    Ok(lab)
+}
 
-    let a = &rows[0];
+pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) -> Result<()> {
+    // Three labs side by side, each a node namespace with the two pods: (a) without any
+    // program, (b) with the netpol daemon, (c) with iptables rules in its node namespace.
+    // iptables gets a namespace of its own because the filter table and conntrack hooks it
+    // registers stay after its rules are deleted (about 9% of the UDP rate when measured).
+    let plain = bench_lab()?;
+    let mut prog = bench_lab()?;
+    let ipt = bench_lab()?;
+    let ipt_node = ipt.node_netns.clone();
+    let mut rows = Vec::new();
+    for n in [10, 1000] {
+        let syncs = prog.syncs();
+        prog.write_manifest("policies.yaml", &policies(n))?;
+        if n == 10 {
+            prog.start_daemon(&daemon)?;
+        } else {
+            prog.wait_synced(syncs)?;
+        }
+        let m = prog.metrics()?;
+        let policies_now = netpol_daemon::metrics::sample(&m, "netpol_policies").unwrap_or(0.0);
+        if policies_now < n as f64 {
+            bail!("the daemon has {policies_now} policies, expected {}", n + 1);
+        }
+        iptables_clear(&ipt_node);
+        iptables_restore(&ipt_node, &iptables_rules(n))?;
+        let cases = [
+            (&plain, format!("(a) no program ({n}-policy round)")),
+            (&prog, format!("(b) netpol, {n} policies")),
+            (&ipt, format!("(c) iptables, {n} policies")),
+        ];
+        round(&cases, secs, repeats, &mut rows)?;
+        // The flow really was enforced: a port outside the policies is refused.
+        if prog.tcp("bench/client", "bench/server", 5202) {
+            bail!("a port no policy allows was reachable: the programs are not enforcing");
+        }
+    }
+    // The same datapath with the daemon stopped (programs and maps stay pinned and attached):
+    // on a 2-CPU machine, separates the programs' per-packet cost from the daemon's own use of
+    // a CPU that iperf3's client, server and softirqs compete for.
+    prog.kill_daemon();
+    std::thread::sleep(Duration::from_millis(300));
+    if prog.tcp("bench/client", "bench/server", 5202) {
+        bail!("with the daemon stopped, a port no policy allows was reachable: the programs were detached");
+    }
+    let cases = [
+        (&plain, "(a) no program (daemon-stopped round)".to_string()),
+        (&prog, "(b) netpol, 1000 policies, daemon stopped (programs attached)".to_string()),
+    ];
+    round(&cases, secs, repeats, &mut rows)?;
+    iptables_clear(&ipt_node);
+
+    let find = |c: &str| rows.iter().find(|r| r.case == c).unwrap();
     println!("## Throughput (iperf3, {secs} s per run, median of {repeats})\n");
-    println!("Two lab pods on one node namespace (veth, /32 routes); TCP single stream, UDP unlimited rate with 1400-byte datagrams (received rate).\n");
+    println!("Two lab pods on one node namespace (veth, /32 routes); TCP single stream, UDP unlimited rate with 1400-byte datagrams (received rate). Each case has a lab of its own (three node namespaces side by side); the cases of a round run interleaved, and ratios are to the same round's (a).\n");
     println!("| case | TCP Gbit/s | UDP Gbit/s | TCP vs (a) | UDP vs (a) |\n| --- | --- | --- | --- | --- |");
     for r in &rows {
-        println!("| {} | {:.2} | {:.2} | {:.1}% | {:.1}% |", r.case, r.tcp, r.udp, r.tcp / a.tcp * 100.0, r.udp / a.udp * 100.0);
+        let base = &rows[r.base];
+        println!("| {} | {:.2} | {:.2} | {:.1}% | {:.1}% |", r.case, r.tcp, r.udp, r.tcp / base.tcp * 100.0, r.udp / base.udp * 100.0);
     }
-    let find = |c: &str| rows.iter().find(|r| r.case == c).unwrap();
     println!();
     for n in [10, 1000] {
         let b = find(&format!("(b) netpol, {n} policies"));
         let c = find(&format!("(c) iptables, {n} policies"));
+        let a = &rows[b.base];
         println!(
             "- {n} policies: (b)/(a) TCP {:.1}%, UDP {:.1}% (target >= 97%); (b)/(c) TCP {:.2}x, UDP {:.2}x",
             b.tcp / a.tcp * 100.0,
