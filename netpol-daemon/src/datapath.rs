@@ -841,3 +841,36 @@ impl CounterReader {
             .unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
+
+    /// The programs never call an out-of-line memset/memcpy: those are byte-at-a-time loops
+    /// exported by bpf-linker, which cost more per packet than every map lookup together. They
+    /// appear when the eBPF crate is linked with `--bpf-expand-memcpy-in-order` (bpf-linker's
+    /// default, turned off in netpol-ebpf/.cargo/config.toml) or when code copies an object
+    /// too large for LLVM to expand into stores.
+    #[test]
+    fn programs_call_no_out_of_line_memory_builtins() {
+        let file = object::File::parse(super::EBPF_OBJECT).expect("the embedded eBPF object is ELF");
+        let mut programs = 0;
+        let mut calls = Vec::new();
+        for section in file.sections() {
+            let name = section.name().unwrap_or("");
+            if !name.starts_with("classifier") {
+                continue;
+            }
+            programs += 1;
+            for (offset, rel) in section.relocations() {
+                let RelocationTarget::Symbol(i) = rel.target() else { continue };
+                let target = file.symbol_by_index(i).and_then(|s| s.name().map(str::to_string)).unwrap_or_default();
+                if matches!(target.as_str(), "memset" | "memcpy" | "memmove" | "memcmp" | "bcmp") {
+                    calls.push(format!("{name}+{offset:#x}: {target}"));
+                }
+            }
+        }
+        assert!(programs > 0, "no classifier section in the eBPF object");
+        assert!(calls.is_empty(), "{} calls to memory builtins, e.g. {:?}", calls.len(), &calls[..calls.len().min(5)]);
+    }
+}
