@@ -71,7 +71,13 @@ fn iptables_restore(netns: &str, rules: &str) -> Result<()> {
 
 fn iptables_clear(netns: &str) {
     for args in [vec!["-D", "FORWARD", "-j", "NETPOL-BENCH"], vec!["-F", "NETPOL-BENCH"], vec!["-X", "NETPOL-BENCH"]] {
-        let _ = Command::new("ip").args(["netns", "exec", netns, "iptables"]).args(&args).status();
+        // Quiet: the chain is not there before the first round.
+        let _ = Command::new("ip")
+            .args(["netns", "exec", netns, "iptables"])
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
@@ -83,6 +89,12 @@ fn iperf(lab: &Lab, udp: bool, secs: u32) -> Result<f64> {
         .args(["iperf3", "-c", &SERVER_IP.to_string(), "-p", &PORT.to_string(), "-t", &secs.to_string(), "-J"]);
     if udp {
         cmd.args(["-u", "-b", "0", "-l", "1400"]);
+    }
+    // Client on CPU 0, server on CPU 1: unpinned, the scheduler's placement of the two
+    // processes (and of the softirqs that follow the sender) swung UDP runs by +-20% on this
+    // machine, more than any datapath difference; pinned, repeats agree within a few percent.
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        cmd.args(["-A", "0,1"]);
     }
     let out = cmd.output().context("iperf3")?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
@@ -223,7 +235,7 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
 
     let find = |c: &str| rows.iter().find(|r| r.case == c).unwrap();
     println!("## Throughput (iperf3, {secs} s per run, median of {repeats})\n");
-    println!("Two lab pods on one node namespace (veth, /32 routes); TCP single stream, UDP unlimited rate with 1400-byte datagrams (received rate). Each case has a lab of its own (three node namespaces side by side); the cases of a round run interleaved, and ratios are to the same round's (a).\n");
+    println!("Two lab pods on one node namespace (veth, /32 routes); TCP single stream, UDP unlimited rate with 1400-byte datagrams (received rate); iperf3 client pinned to CPU 0, server to CPU 1. Each case has a lab of its own (three node namespaces side by side); the cases of a round run interleaved, and ratios are to the same round's (a).\n");
     println!("| case | TCP Gbit/s | UDP Gbit/s | TCP vs (a) | UDP vs (a) |\n| --- | --- | --- | --- | --- |");
     for r in &rows {
         let base = &rows[r.base];
