@@ -151,7 +151,9 @@ fn round(cases: &[(&Lab, String)], secs: u32, repeats: usize, rows: &mut Vec<Row
 
 fn svg(rows: &[Row]) -> String {
     let max = rows.iter().flat_map(|r| [r.tcp, r.udp]).fold(0.0f64, f64::max).max(0.001);
-    let (left, width, bar, gap) = (330.0, 420.0, 14.0, 10.0);
+    // Room for the longest case name (about 6.6 px per character at 12 px).
+    let left = 20.0 + rows.iter().map(|r| r.case.len()).max().unwrap_or(0) as f64 * 6.6;
+    let (width, bar, gap) = (420.0, 14.0, 10.0);
     let height = 40.0 + rows.len() as f64 * (2.0 * bar + gap) + 30.0;
     let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n", left + width + 90.0);
     let _ = writeln!(s, "<text x=\"10\" y=\"20\" font-size=\"14\">iperf3 between two lab pods, Gbit/s (median)</text>");
