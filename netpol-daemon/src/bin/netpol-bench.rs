@@ -139,9 +139,8 @@ fn control_bench(pods: usize, policies: usize, changes: usize) -> anyhow::Result
     let shape = Shape::new(pods, policies);
     let mut cluster = synth::cluster(&shape);
     let node = synth::node_name(0);
-    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/netpol-bench-ctl-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&pin);
-    let mut dp = Datapath::load_detached(&pin)?;
+    let pin = PinDir::new(format!("/sys/fs/bpf/netpol-bench-ctl-{}", std::process::id()));
+    let mut dp = Datapath::load_detached(&pin.0)?;
     let local = synth::pods_on(&cluster, &node);
     let ifaces: BTreeMap<ObjKey, Iface> =
         local.iter().enumerate().map(|(i, k)| (k.clone(), Iface { ifindex: 1000 + i as u32, ifname: format!("fake{i}") })).collect();
@@ -188,7 +187,7 @@ fn control_bench(pods: usize, policies: usize, changes: usize) -> anyhow::Result
     println!("| of which the incremental compile | {} | {} | |", ms(median(compile_runs.clone())), ms(p99(compile_runs)));
     println!("\nPeak RSS of this process (cluster model of {pods} pods and {policies} policies, compiled node, map shadows): {:.1} MiB (VmHWM).\n", vm_hwm_kib() as f64 / 1024.0);
     drop(dp);
-    let _ = std::fs::remove_dir_all(&pin);
+    drop(pin);
     Ok(())
 }
 
@@ -345,9 +344,8 @@ fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
     ];
     let mut table: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for &n in counts {
-        let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/netpol-bench-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&pin);
-        let mut dp = Datapath::load_detached(&pin)?;
+        let pin = PinDir::new(format!("/sys/fs/bpf/netpol-bench-{}", std::process::id()));
+        let mut dp = Datapath::load_detached(&pin.0)?;
         if n == counts[0] {
             println!("Programs as loaded by this kernel (verifier-processed instructions; BPF instructions after verification; JIT bytes):\n");
             for (name, verified, insns, jited) in dp.program_stats() {
@@ -399,7 +397,7 @@ fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         table[4].push(v[2]);
         drop(dp);
-        let _ = std::fs::remove_dir_all(&pin);
+        drop(pin);
     }
     print!("| case |");
     for n in counts {
@@ -420,6 +418,24 @@ fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
     }
     println!();
     Ok(())
+}
+
+/// A bpffs directory of the benchmark's own maps, removed when dropped (also when a
+/// benchmark fails half-way).
+struct PinDir(std::path::PathBuf);
+
+impl PinDir {
+    fn new(path: String) -> PinDir {
+        let p = std::path::PathBuf::from(path);
+        let _ = std::fs::remove_dir_all(&p);
+        PinDir(p)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn main() {
