@@ -385,25 +385,43 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             let mut ifaces: BTreeMap<ObjKey, Iface> = BTreeMap::new();
             let mut errors = Vec::new();
             unresolved = false;
+            let mut resolver = netlink::Resolver::default();
+            let mut missing = Vec::new();
             for (k, c) in &compiler.policy().pods {
                 let cached = known_ifaces
                     .get(k)
                     .filter(|(ips, _)| !full_resolve && !retry && *ips == c.ips)
                     .map(|(_, i)| (i.ifindex, i.ifname.clone()));
-                let found = cached.or_else(|| c.ips.iter().find_map(|ip| netlink::pod_interface(*ip).ok())).or_else(|| {
-                    known_ifaces
-                        .get(k)
-                        .map(|(_, i)| i)
-                        .filter(|i| netlink::ifname(i.ifindex).is_ok_and(|n| n == i.ifname))
-                        .map(|i| (i.ifindex, i.ifname.clone()))
-                });
-                match found {
+                match cached.or_else(|| c.ips.iter().find_map(|ip| resolver.pod_interface(*ip).ok())) {
                     Some((ifindex, ifname)) => {
                         ifaces.insert(k.clone(), Iface { ifindex, ifname });
                     }
+                    None => missing.push((k, &c.ips)),
+                }
+            }
+            // Bridged pods that have not talked yet: woken all at once, one short wait.
+            if resolver.wake_silent() {
+                resolver.settle(|r| {
+                    missing.retain(|(k, ips)| match ips.iter().find_map(|ip| r.pod_interface(*ip).ok()) {
+                        Some((ifindex, ifname)) => {
+                            ifaces.insert((*k).clone(), Iface { ifindex, ifname });
+                            false
+                        }
+                        None => true,
+                    });
+                    missing.is_empty()
+                });
+            }
+            for (k, ips) in missing {
+                // Not found now: the interface it had, while it is still there.
+                let kept = known_ifaces.get(k).map(|(_, i)| i).filter(|i| netlink::ifname(i.ifindex).is_ok_and(|n| n == i.ifname));
+                match kept {
+                    Some(i) => {
+                        ifaces.insert(k.clone(), i.clone());
+                    }
                     None => {
                         unresolved = true;
-                        errors.push(format!("{k}: no host interface for {:?} yet", c.ips));
+                        errors.push(format!("{k}: no host interface for {ips:?} yet"));
                     }
                 }
             }

@@ -154,28 +154,110 @@ pub fn ifname(ifindex: u32) -> io::Result<String> {
     Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
 }
 
-/// The host-side interface of a pod address: the device of a host route to it (ptp, Calico,
-/// Cilium), or, when the address is routed to a Linux bridge (the bridge plugin, flannel), the
-/// bridge port the pod sits behind: neighbour table (address -> MAC), then the bridge's
-/// forwarding database (MAC -> port).
+/// The host-side interface of a pod address (one look-up; see [`Resolver`] for many).
 pub fn pod_interface(addr: IpAddr) -> io::Result<(u32, String)> {
-    let r = route_get(addr)?;
-    let full = if addr.is_ipv4() { 32 } else { 128 };
-    if r.dst_len != full {
-        if link_kind(r.ifindex)?.as_deref() == Some("bridge") {
-            let port = bridge_port(addr, r.ifindex)?;
-            return Ok((port, ifname(port)?));
+    let mut r = Resolver::default();
+    match r.pod_interface(addr) {
+        Err(_) if r.wake_silent() => {
+            r.settle(|r| r.pod_interface(addr).is_ok());
+            r.pod_interface(addr)
         }
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no host route for {addr} (best match is a /{} route)", r.dst_len),
-        ));
+        other => other,
     }
-    let name = ifname(r.ifindex)?;
-    if name == "lo" {
-        return Err(io::Error::new(io::ErrorKind::NotFound, format!("{addr} is a local address")));
+}
+
+/// Pod interface look-ups of one resolve pass: the device of a host route to the pod (ptp,
+/// Calico, Cilium), or, when the address is routed to a Linux bridge (the bridge plugin,
+/// flannel), the bridge port the pod sits behind: neighbour table (address -> MAC), then the
+/// bridge's forwarding database (MAC -> port). The link, neighbour and forwarding tables are
+/// dumped at most once per pass (and again per [`Resolver::settle`] round), not per pod.
+#[derive(Default)]
+pub struct Resolver {
+    kinds: Option<Vec<(u32, Option<String>)>>,
+    neigh: Option<Vec<Neighbour>>,
+    fdb: Option<Vec<Neighbour>>,
+    /// Bridged addresses absent from those tables: a pod that has not talked yet.
+    silent: Vec<IpAddr>,
+}
+
+impl Resolver {
+    pub fn pod_interface(&mut self, addr: IpAddr) -> io::Result<(u32, String)> {
+        let r = route_get(addr)?;
+        let full = if addr.is_ipv4() { 32 } else { 128 };
+        if r.dst_len != full {
+            if self.is_bridge(r.ifindex)? {
+                let port = match self.bridge_port(addr, r.ifindex)? {
+                    Some(p) => p,
+                    None => {
+                        self.silent.push(addr);
+                        return Err(io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!("{addr} is behind bridge {} but not in its neighbour/forwarding tables yet", r.ifindex),
+                        ));
+                    }
+                };
+                return Ok((port, ifname(port)?));
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no host route for {addr} (best match is a /{} route)", r.dst_len),
+            ));
+        }
+        let name = ifname(r.ifindex)?;
+        if name == "lo" {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{addr} is a local address")));
+        }
+        Ok((r.ifindex, name))
     }
-    Ok((r.ifindex, name))
+
+    fn is_bridge(&mut self, ifindex: u32) -> io::Result<bool> {
+        if self.kinds.is_none() {
+            self.kinds = Some(link_kinds()?);
+        }
+        let kinds = self.kinds.as_ref().expect("loaded");
+        Ok(kinds.iter().any(|(i, k)| *i == ifindex && k.as_deref() == Some("bridge")))
+    }
+
+    /// The port of `bridge` a pod address sits behind, if the tables know it.
+    fn bridge_port(&mut self, addr: IpAddr, bridge: u32) -> io::Result<Option<u32>> {
+        if self.neigh.is_none() {
+            let mut all = neighbours(libc::AF_INET as u8)?;
+            all.extend(neighbours(libc::AF_INET6 as u8)?);
+            self.neigh = Some(all);
+        }
+        let Some(mac) = neighbour_mac(self.neigh.as_deref().expect("loaded"), addr, bridge) else { return Ok(None) };
+        if self.fdb.is_none() {
+            self.fdb = Some(neighbours(libc::AF_BRIDGE as u8)?);
+        }
+        Ok(fdb_port(self.fdb.as_deref().expect("loaded"), bridge, &mac))
+    }
+
+    /// Makes the node resolve the silent bridged pods of this pass (an empty datagram to the
+    /// discard port: the answer teaches the bridge where each pod is). Returns whether there
+    /// were any.
+    pub fn wake_silent(&mut self) -> bool {
+        for addr in &self.silent {
+            let any: IpAddr = if addr.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+            if let Ok(s) = std::net::UdpSocket::bind((any, 0)) {
+                let _ = s.send_to(&[], (*addr, 9));
+            }
+        }
+        !self.silent.is_empty()
+    }
+
+    /// Waits (at most about 100 ms in all) until `done` holds, reading the neighbour and
+    /// forwarding tables afresh each round.
+    pub fn settle(&mut self, mut done: impl FnMut(&mut Resolver) -> bool) {
+        for _ in 0..20 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            self.neigh = None;
+            self.fdb = None;
+            self.silent.clear();
+            if done(self) {
+                return;
+            }
+        }
+    }
 }
 
 const NLM_F_DUMP: u16 = 0x300;
@@ -270,18 +352,12 @@ fn link_kinds() -> io::Result<Vec<(u32, Option<String>)>> {
     Ok(out)
 }
 
-/// The link kind of an interface, if it has one.
-pub fn link_kind(ifindex: u32) -> io::Result<Option<String>> {
-    link_kinds()?
-        .into_iter()
-        .find(|(i, _)| *i == ifindex)
-        .map(|(_, k)| k)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {ifindex}")))
-}
+/// A neighbour entry: (ifindex, state, attributes).
+type Neighbour = (u32, u16, Vec<(u16, Vec<u8>)>);
 
-/// (ifindex, state, attributes) of each neighbour entry of `family` (AF_INET, AF_INET6, or
-/// AF_BRIDGE for bridge forwarding databases).
-fn neighbours(family: u8) -> io::Result<Vec<(u32, u16, Vec<(u16, Vec<u8>)>)>> {
+/// The neighbour entries of `family` (AF_INET, AF_INET6, or AF_BRIDGE for bridge forwarding
+/// databases).
+fn neighbours(family: u8) -> io::Result<Vec<Neighbour>> {
     let mut out = Vec::new();
     for body in dump(RTM_GETNEIGH, family, NDMSG_LEN, RTM_NEWNEIGH)? {
         if body.len() < NDMSG_LEN {
@@ -295,62 +371,28 @@ fn neighbours(family: u8) -> io::Result<Vec<(u32, u16, Vec<(u16, Vec<u8>)>)>> {
 }
 
 /// The MAC address the node resolved `addr` to on interface `ifindex`.
-pub fn neighbour_mac(addr: IpAddr, ifindex: u32) -> io::Result<Option<Vec<u8>>> {
-    let (family, want) = match addr {
-        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
-        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+fn neighbour_mac(table: &[Neighbour], addr: IpAddr, ifindex: u32) -> Option<Vec<u8>> {
+    let want = match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
     };
-    for (i, state, a) in neighbours(family)? {
-        if i != ifindex || state & (NUD_INCOMPLETE | NUD_FAILED) != 0 {
-            continue;
+    table.iter().find_map(|(i, state, a)| {
+        if *i != ifindex || state & (NUD_INCOMPLETE | NUD_FAILED) != 0 {
+            return None;
         }
-        let dst = a.iter().find(|(t, _)| *t == NDA_DST).map(|(_, v)| v);
-        let mac = a.iter().find(|(t, _)| *t == NDA_LLADDR).map(|(_, v)| v);
-        if let (Some(d), Some(m)) = (dst, mac) {
-            if *d == want {
-                return Ok(Some(m.clone()));
-            }
-        }
-    }
-    Ok(None)
+        let dst = a.iter().find(|(t, _)| *t == NDA_DST).map(|(_, v)| v)?;
+        let mac = a.iter().find(|(t, _)| *t == NDA_LLADDR).map(|(_, v)| v)?;
+        (*dst == want).then(|| mac.clone())
+    })
 }
 
 /// The port of `bridge` behind which the forwarding database has seen `mac`.
-pub fn fdb_port(bridge: u32, mac: &[u8]) -> io::Result<Option<u32>> {
-    for (port, _, a) in neighbours(libc::AF_BRIDGE as u8)? {
+fn fdb_port(fdb: &[Neighbour], bridge: u32, mac: &[u8]) -> Option<u32> {
+    fdb.iter().find_map(|(port, _, a)| {
         let master = a.iter().find(|(t, _)| *t == NDA_MASTER).and_then(|(_, v)| v.get(..4)).map(|v| u32::from_ne_bytes(v.try_into().unwrap()));
         let lladdr = a.iter().find(|(t, _)| *t == NDA_LLADDR).map(|(_, v)| v.as_slice());
-        if port != bridge && master == Some(bridge) && lladdr == Some(mac) {
-            return Ok(Some(port));
-        }
-    }
-    Ok(None)
-}
-
-/// The bridge port of a pod address: its neighbour entry gives the MAC, the forwarding
-/// database the port. A pod that has not talked yet has neither: an empty datagram to the
-/// discard port makes the node resolve it (the answer teaches the bridge where it is).
-pub fn bridge_port(addr: IpAddr, bridge: u32) -> io::Result<u32> {
-    let lookup = || -> io::Result<Option<u32>> {
-        match neighbour_mac(addr, bridge)? {
-            Some(mac) => fdb_port(bridge, &mac),
-            None => Ok(None),
-        }
-    };
-    if let Some(p) = lookup()? {
-        return Ok(p);
-    }
-    let any: IpAddr = if addr.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
-    if let Ok(s) = std::net::UdpSocket::bind((any, 0)) {
-        let _ = s.send_to(&[], (addr, 9));
-    }
-    for _ in 0..20 {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        if let Some(p) = lookup()? {
-            return Ok(p);
-        }
-    }
-    Err(io::Error::new(io::ErrorKind::NotFound, format!("{addr} is behind bridge {bridge} but not in its neighbour/forwarding tables yet")))
+        (*port != bridge && master == Some(bridge) && lladdr == Some(mac)).then_some(*port)
+    })
 }
 
 /// Interfaces of the calling thread's network namespace whose link kind is `veth`.
@@ -439,7 +481,7 @@ mod tests {
         veth_host_routes().unwrap();
         neighbours(libc::AF_INET as u8).unwrap();
         neighbours(libc::AF_BRIDGE as u8).unwrap();
-        assert_eq!(link_kind(1).unwrap(), None, "lo has no link kind");
+        assert!(link_kinds().unwrap().iter().any(|(i, k)| *i == 1 && k.is_none()), "lo has no link kind");
     }
 
     #[test]
