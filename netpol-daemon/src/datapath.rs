@@ -419,17 +419,12 @@ impl Datapath {
     }
 
     fn reset_counters(&mut self, id: u32) {
-        let ncpu = aya::util::nr_cpus().unwrap_or(1);
         for dir in [DIR_INGRESS, DIR_EGRESS] {
             for verdict in [VERDICT_ALLOW, VERDICT_DENY, VERDICT_AUDIT] {
-                if let Ok(zero) = PerCpuValues::try_from(vec![0u64; ncpu]) {
-                    let _ = self.counters.set(counter_index(id, dir, verdict), zero, 0);
-                }
+                zero(&mut self.counters, counter_index(id, dir, verdict));
             }
             for slot in 0..POLICY_SLOTS {
-                if let Ok(zero) = PerCpuValues::try_from(vec![0u64; ncpu]) {
-                    let _ = self.policy_counters.set(policy_counter_index(id, dir, slot), zero, 0);
-                }
+                zero(&mut self.policy_counters, policy_counter_index(id, dir, slot));
             }
             self.slot_policies.remove(&(id, dir));
         }
@@ -440,7 +435,6 @@ impl Datapath {
     /// old meaning and zeroed. (The first list seen for an endpoint, e.g. after a restart,
     /// adopts what the pinned map holds.)
     fn remap_policy_slots(&mut self, node: &NodePolicy, ids: &BTreeMap<ObjKey, u32>) {
-        let ncpu = aya::util::nr_cpus().unwrap_or(1);
         for (k, id) in ids {
             for dir in crate::model::Direction::BOTH {
                 let d = dir.datapath();
@@ -459,9 +453,7 @@ impl Datapath {
                     if n > 0 {
                         *self.retired_counts.entry((k.clone(), d, slot_label(&old, slot))).or_default() += n;
                     }
-                    if let Ok(zero) = PerCpuValues::try_from(vec![0u64; ncpu]) {
-                        let _ = self.policy_counters.set(idx, zero, 0);
-                    }
+                    zero(&mut self.policy_counters, idx);
                 }
             }
         }
@@ -798,6 +790,14 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
             ));
         }
         d.policy.retain(|k, _| !dropped.contains(&k.endpoint));
+    }
+}
+
+/// Sets a per-CPU counter to 0 on every CPU.
+fn zero(map: &mut PerCpuArray<MapData, u64>, index: u32) {
+    let ncpu = aya::util::nr_cpus().unwrap_or(1);
+    if let Ok(z) = PerCpuValues::try_from(vec![0u64; ncpu]) {
+        let _ = map.set(index, z, 0);
     }
 }
 
