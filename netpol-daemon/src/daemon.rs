@@ -296,7 +296,12 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     while !stop.load(Ordering::SeqCst) {
         // Which manifest files to look at: those inotify named; every file on the first pass,
         // after an event overflow, without inotify, and every FULL_SCAN_EVERY as a safety net.
+        let waiting = Instant::now();
         let mut hint = if std::mem::take(&mut first_wait) { None } else { source.wait(watch.as_ref(), cfg.poll_interval) };
+        // An inotify event that woke the loop from its wait was sent as the write ended: the
+        // change's age starts there (a file's mtime is the kernel's coarse clock, up to a tick
+        // or more early). Events queued while the loop was busy keep the mtime.
+        let woke = (hint.as_ref().is_some_and(|h| !h.is_empty()) && waiting.elapsed() >= Duration::from_millis(1)).then(Instant::now);
         if watch.is_some() && last_full_scan.elapsed() >= FULL_SCAN_EVERY {
             hint = None;
         }
@@ -318,7 +323,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         // Pods whose interface is not there yet are retried every second; every pod's
         // interface (and the node's addresses) is looked up again every few seconds.
         let retry = unresolved && last_resolve.elapsed() >= Duration::from_secs(1);
-        let full_resolve = last_full_resolve.elapsed() >= FULL_RESOLVE_EVERY;
+        let mut full_resolve = last_full_resolve.elapsed() >= FULL_RESOLVE_EVERY;
         if check {
             let first = !loaded_once;
             last_fp = fp;
@@ -327,6 +332,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 Ok((ch, errors)) => {
                     // How long ago the change was made, as of now.
                     let (age, now) = (source.take_change_age(), Instant::now());
+                    let age = woke.map(|w| w.elapsed()).or(age);
                     if !ch.is_empty() || first || errors != last_load_errors {
                         log::debug!("state loaded in {:?} (change made {age:?} before): {ch:?}", t_load.elapsed());
                         loaded_once = true;
@@ -372,6 +378,11 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         let pending_changed = pending != last_pending;
         last_pending = pending.clone();
         let have_changes = std::mem::take(&mut status_changed) | !pending_changes.is_empty();
+        // A change is programmed first; the periodic look-up of every interface (a few ms of
+        // netlink) waits for a pass of its own, unless it is already overdue.
+        if have_changes && full_resolve && last_full_resolve.elapsed() < 2 * FULL_RESOLVE_EVERY {
+            full_resolve = false;
+        }
         if have_changes || retry || pending_changed || full_resolve {
             let t0 = Instant::now();
             last_resolve = Instant::now();
@@ -454,9 +465,13 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             }
             let t_sync = Instant::now();
             let report = dp.sync(node, &ifaces);
+            let t_synced = t_sync.elapsed();
             if let Some((age, at)) = change_age.take() {
                 let latency = age + at.elapsed();
-                shared.status.lock().unwrap().programming_latency.observe(latency.as_secs_f64());
+                let done = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let mut st = shared.status.lock().unwrap();
+                st.programming_latency.observe(latency.as_secs_f64());
+                st.last_programmed_unix = done.as_secs_f64();
             }
             if have_changes && cfg.revalidate_established {
                 let cut = dp.revalidate(node, &node_addrs);
@@ -497,8 +512,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             }
             if have_changes {
                 log::info!(
-                    "synced ({kind:?} compile in {t_compiled:?}, maps in {:?}): {} local pods, {} identity, {} policy and {} port entries in {:?}",
-                    t_sync.elapsed(),
+                    "synced ({kind:?} compile in {t_compiled:?}, maps in {t_synced:?}): {} local pods, {} identity, {} policy and {} port entries in {:?}",
                     report.endpoints,
                     report.identities,
                     report.policy,

@@ -38,6 +38,8 @@ pub struct Status {
     pub source_down: bool,
     /// Change observed (file written, watch event received) → maps updated.
     pub programming_latency: Histogram,
+    /// When the last observed change was in the maps (Unix time, seconds); 0: none yet.
+    pub last_programmed_unix: f64,
 }
 
 /// Upper bounds (seconds) of the programming-latency histogram buckets.
@@ -137,7 +139,7 @@ pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) ->
         "From a change being observed (manifest written, watch event received) to the maps updated.",
         &mut out,
     );
-    let gauges: [(&str, &str, f64); 11] = [
+    let gauges: [(&str, &str, f64); 12] = [
         ("netpol_ready", "1 once the first full sync is programmed.", if ready { 1.0 } else { 0.0 }),
         ("netpol_endpoints", "Pod interfaces with programs attached.", status.endpoints.len() as f64),
         ("netpol_policies", "NetworkPolicies in the cluster model.", status.policies as f64),
@@ -149,6 +151,7 @@ pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) ->
         ("netpol_fail_closed_pods", "Local pods failing closed because the maps are full.", status.fail_closed.len() as f64),
         ("netpol_source_up", "0 while the Kubernetes API is unreachable (the last state stays enforced).", if status.source_down { 0.0 } else { 1.0 }),
         ("netpol_last_sync_duration_seconds", "Compile and program time of the last sync.", status.last_sync_seconds),
+        ("netpol_last_programmed_timestamp_seconds", "Unix time at which the last observed change was in the maps.", status.last_programmed_unix),
     ];
     for (name, help, v) in gauges {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
@@ -283,6 +286,7 @@ mod tests {
         assert_eq!(b("10"), Some(4.0));
         assert_eq!(b("+Inf"), Some(5.0));
         assert_eq!(sample(&text, "netpol_programming_latency_seconds_count"), Some(5.0));
+        assert_eq!(sample(&text, "netpol_last_programmed_timestamp_seconds"), Some(0.0));
         assert_eq!(sample(&text, "netpol_pod_fail_closed{namespace=\"a\",pod=\"big\"}"), Some(1.0));
         assert_eq!(sample(&text, "netpol_fail_closed_pods"), Some(1.0));
         assert_eq!(sample(&text, "netpol_pod_isolated_by{namespace=\"a\",pod=\"web\",direction=\"ingress\",policy=\"allow-api\"}"), Some(1.0));
