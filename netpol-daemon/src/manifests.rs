@@ -1,7 +1,7 @@
 //! The manifests source: every *.yaml, *.yml and *.json file of a directory (multi-document
 //! YAML and `kind: List` allowed) read into the cluster model. Bad objects are reported with
 //! file, object and field, and skipped; everything else is kept.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,7 +11,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 
 use crate::compiler::{ChangeSet, Cluster};
-use crate::model::{self, FieldError};
+use crate::model::{self, FieldError, ObjKey};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadError {
@@ -79,6 +79,42 @@ pub struct DirReader {
     /// The newest modification among the files read again (or removed) since this was last
     /// taken: when the change now loaded was made.
     pub last_modified: Option<std::time::SystemTime>,
+    /// Per object, the files holding it (the last one wins): a change looks at its own
+    /// objects' holders, not at every file.
+    owners: Owners,
+}
+
+type Holders<K> = std::collections::HashMap<K, BTreeSet<PathBuf>, foldhash::fast::RandomState>;
+
+#[derive(Debug, Default)]
+struct Owners {
+    namespaces: Holders<String>,
+    pods: Holders<ObjKey>,
+    policies: Holders<ObjKey>,
+    services: Holders<ObjKey>,
+    endpoint_slices: Holders<ObjKey>,
+}
+
+impl Owners {
+    fn note(&mut self, file: &Path, c: &Cluster, holds: bool) {
+        fn one<K: std::hash::Hash + Eq + Clone, V>(m: &mut Holders<K>, objs: &BTreeMap<K, V>, file: &Path, holds: bool) {
+            for k in objs.keys() {
+                if holds {
+                    m.entry(k.clone()).or_default().insert(file.to_path_buf());
+                } else if let Some(set) = m.get_mut(k) {
+                    set.remove(file);
+                    if set.is_empty() {
+                        m.remove(k);
+                    }
+                }
+            }
+        }
+        one(&mut self.namespaces, &c.namespaces, file, holds);
+        one(&mut self.pods, &c.pods, file, holds);
+        one(&mut self.policies, &c.policies, file, holds);
+        one(&mut self.services, &c.services, file, holds);
+        one(&mut self.endpoint_slices, &c.endpoint_slices, file, holds);
+    }
 }
 
 #[derive(Debug)]
@@ -87,6 +123,107 @@ struct FileState {
     meta: Option<(u64, u64, i64, i64, i64, i64)>,
     hash: u64,
     loaded: Loaded,
+    /// Per document (text hash): what it held, for the next version of the file to reuse
+    /// where a document did not change (a file of 50 pods where one label changed is
+    /// parsed as one document).
+    docs: std::collections::HashMap<u64, Loaded, foldhash::fast::RandomState>,
+}
+
+fn text_hash(text: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = foldhash::quality::FixedState::with_seed(0x6e65_7470_6f6c).build_hasher();
+    h.write(text.as_bytes());
+    h.finish()
+}
+
+/// The documents of a manifest text, or `None` when it does not split plainly (then it is
+/// parsed whole). JSON: the values of the stream; YAML: the text between `---` lines (a
+/// marker at the start of a line ends any scalar). Texts with directives or `...` markers
+/// are parsed whole.
+fn split_documents<'a>(file: &Path, text: &'a str) -> Option<Vec<&'a str>> {
+    let mut out = Vec::new();
+    if is_json_text(file, text) {
+        let mut it = serde_json::Deserializer::from_str(text).into_iter::<serde::de::IgnoredAny>();
+        let mut start = 0;
+        while let Some(v) = it.next() {
+            v.ok()?;
+            let end = it.byte_offset();
+            out.push(&text[start..end]);
+            start = end;
+        }
+        return Some(out);
+    }
+    let mut start = 0;
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
+        let l = line.trim_end_matches(['\n', '\r']);
+        if l.starts_with('%') || l == "..." || l.starts_with("... ") {
+            return None;
+        }
+        if (l == "---" || l.starts_with("--- ") || l.starts_with("---\t")) && pos > start {
+            out.push(&text[start..pos]);
+            start = pos;
+        }
+        pos += line.len();
+    }
+    out.push(&text[start..]);
+    Some(out)
+}
+
+/// The items of a JSON `List` document, as text.
+fn list_items<'a>(file: &Path, doc: &'a str) -> Option<Vec<&'a str>> {
+    #[derive(Deserialize)]
+    struct List<'a> {
+        kind: Option<String>,
+        #[serde(borrow)]
+        items: Option<Vec<&'a serde_json::value::RawValue>>,
+    }
+    if !is_json_text(file, doc) {
+        return None;
+    }
+    let l: List = serde_json::from_str(doc).ok()?;
+    if l.kind.as_deref() != Some("List") {
+        return None;
+    }
+    Some(l.items?.into_iter().map(|r| r.get()).collect())
+}
+
+/// Parses `text` into `out`, reusing the documents of `prev` whose text did not change.
+/// Returns the documents for the next time. Any problem: the whole text is parsed as one
+/// (problems name their document by its place in the whole file).
+fn load_reusing(file: &Path, text: &str, prev: Option<&FileState>, out: &mut Loaded) -> std::collections::HashMap<u64, Loaded, foldhash::fast::RandomState> {
+    let mut docs: std::collections::HashMap<u64, Loaded, foldhash::fast::RandomState> = Default::default();
+    if let Some(parts) = split_documents(file, text) {
+        // The items of a JSON `List` (as `kubectl get -o json` writes) count as documents.
+        let parts: Vec<&str> = parts.into_iter().flat_map(|p| list_items(file, p).unwrap_or_else(|| vec![p])).collect();
+        let mut all = Loaded::default();
+        for part in parts {
+            let h = text_hash(part);
+            let one = match docs.get(&h).or_else(|| prev.and_then(|p| p.docs.get(&h))) {
+                Some(d) => d.clone(),
+                None => {
+                    let mut d = Loaded::default();
+                    load_text(file, part, &mut d);
+                    d
+                }
+            };
+            if !one.errors.is_empty() {
+                docs.clear();
+                break;
+            }
+            merge(&mut all.cluster, &one.cluster);
+            for (k, n) in &one.ignored {
+                *all.ignored.entry(k.clone()).or_default() += n;
+            }
+            docs.insert(h, one);
+        }
+        if !docs.is_empty() {
+            *out = all;
+            return docs;
+        }
+    }
+    load_text(file, text, out);
+    docs
 }
 
 fn file_meta(file: &Path) -> Option<(u64, u64, i64, i64, i64, i64)> {
@@ -122,19 +259,20 @@ impl DirReader {
         let (old, read) = self.refresh(dir, hint)?;
         let now: Vec<&Cluster> = read.iter().filter_map(|f| self.files.get(f)).map(|f| &f.loaded.cluster).collect();
         let sources: Vec<&Cluster> = old.iter().chain(now).collect();
-        let files = &self.files;
+        let (files, owners) = (&self.files, &self.owners);
         /// The objects of `sources` (old and new versions of the files read again) take their
         /// value from the last file holding them now.
-        fn reconcile<K: Ord + Clone, V: Clone + PartialEq>(
+        fn reconcile<K: Ord + Clone + std::hash::Hash, V: Clone + PartialEq>(
             sources: &[&Cluster],
             files: &BTreeMap<PathBuf, FileState>,
+            holders: &Holders<K>,
             get: fn(&Cluster) -> &BTreeMap<K, V>,
             into: &mut BTreeMap<K, V>,
         ) -> Vec<K> {
-            let keys: std::collections::BTreeSet<&K> = sources.iter().flat_map(|c| get(c).keys()).collect();
+            let keys: BTreeSet<&K> = sources.iter().flat_map(|c| get(c).keys()).collect();
             let mut changed = Vec::new();
             for k in keys {
-                let now = files.values().rev().find_map(|f| get(&f.loaded.cluster).get(k));
+                let now = holders.get(k).and_then(|h| h.last()).and_then(|f| get(&files.get(f)?.loaded.cluster).get(k));
                 if into.get(k) != now {
                     match now {
                         Some(v) => into.insert(k.clone(), v.clone()),
@@ -146,11 +284,12 @@ impl DirReader {
             changed
         }
         let mut ch = ChangeSet::default();
-        ch.namespaces = !reconcile(&sources, files, |c| &c.namespaces, &mut into.namespaces).is_empty();
-        ch.pods = reconcile(&sources, files, |c| &c.pods, &mut into.pods).into_iter().collect();
-        ch.policies = !reconcile(&sources, files, |c| &c.policies, &mut into.policies).is_empty();
-        ch.services = !reconcile(&sources, files, |c| &c.services, &mut into.services).is_empty();
-        ch.endpoint_slices = !reconcile(&sources, files, |c| &c.endpoint_slices, &mut into.endpoint_slices).is_empty();
+        ch.namespaces = !reconcile(&sources, files, &owners.namespaces, |c| &c.namespaces, &mut into.namespaces).is_empty();
+        ch.pods = reconcile(&sources, files, &owners.pods, |c| &c.pods, &mut into.pods).into_iter().collect();
+        ch.policies = !reconcile(&sources, files, &owners.policies, |c| &c.policies, &mut into.policies).is_empty();
+        ch.services = !reconcile(&sources, files, &owners.services, |c| &c.services, &mut into.services).is_empty();
+        ch.endpoint_slices =
+            !reconcile(&sources, files, &owners.endpoint_slices, |c| &c.endpoint_slices, &mut into.endpoint_slices).is_empty();
         Ok(ch)
     }
 
@@ -187,7 +326,7 @@ impl DirReader {
             newest(std::fs::metadata(dir).and_then(|m| m.modified()).ok());
         }
         for f in gone {
-            if let Some(st) = self.files.remove(&f) {
+            if let Some(st) = self.take_file(&f) {
                 touched.push(st.loaded.cluster);
             }
         }
@@ -202,7 +341,7 @@ impl DirReader {
                 let t = std::time::UNIX_EPOCH + Duration::new(secs.max(0) as u64, nsecs.clamp(0, 999_999_999) as u32);
                 self.last_modified = Some(self.last_modified.map_or(t, |l| l.max(t)));
             }
-            let prev = self.files.remove(&file);
+            let prev = self.take_file(&file);
             let state = match std::fs::read_to_string(&file) {
                 Ok(text) => {
                     let hash = {
@@ -215,7 +354,7 @@ impl DirReader {
                         Some(st) if st.hash == hash && st.meta.is_some() => FileState { meta, ..st },
                         prev => {
                             let mut one = Loaded::default();
-                            load_text(&file, &text, &mut one);
+                            let docs = load_reusing(&file, &text, prev.as_ref(), &mut one);
                             if self.audit_all {
                                 for p in one.cluster.policies.values_mut() {
                                     p.audit = true;
@@ -226,7 +365,7 @@ impl DirReader {
                                 touched.push(p.loaded.cluster);
                             }
                             read.push(file.clone());
-                            FileState { meta, hash, loaded: one }
+                            FileState { meta, hash, loaded: one, docs }
                         }
                     }
                 }
@@ -239,12 +378,19 @@ impl DirReader {
                     }
                     read.push(file.clone());
                     // No metadata: read and parsed again next time.
-                    FileState { meta: None, hash: 0, loaded: one }
+                    FileState { meta: None, hash: 0, loaded: one, docs: Default::default() }
                 }
             };
+            self.owners.note(&file, &state.loaded.cluster, true);
             self.files.insert(file, state);
         }
         Ok((touched, read))
+    }
+
+    fn take_file(&mut self, file: &Path) -> Option<FileState> {
+        let st = self.files.remove(file)?;
+        self.owners.note(file, &st.loaded.cluster, false);
+        Some(st)
     }
 }
 
@@ -290,8 +436,12 @@ fn keep_missing(now: &mut Cluster, prev: &Cluster) -> usize {
 
 /// Adds the objects of one file's text to `out`. JSON files (one or more JSON values) are
 /// read with a JSON parser; everything else as YAML (multi-document).
+fn is_json_text(file: &Path, text: &str) -> bool {
+    file.extension().and_then(|e| e.to_str()) == Some("json") && text.trim_start().starts_with(['{', '['])
+}
+
 pub fn load_text(file: &Path, text: &str, out: &mut Loaded) {
-    let is_json = file.extension().and_then(|e| e.to_str()) == Some("json") && text.trim_start().starts_with(['{', '[']);
+    let is_json = is_json_text(file, text);
     let add = |document: usize, value: Result<serde_json::Value, String>, out: &mut Loaded| -> bool {
         let err = |message: String| LoadError { file: file.to_path_buf(), document, message };
         match value {
@@ -458,6 +608,55 @@ mod tests {
     }
 
     const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: a, labels: {app: LABEL}}\nspec: {nodeName: n, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: y, namespace: a}\nspec: {nodeName: n, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.2}\n";
+
+    #[test]
+    fn a_file_parsed_document_by_document_loads_as_when_parsed_whole() {
+        let pod = |name: &str, app: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: a, labels: {{app: {app}}}}}\nspec: {{nodeName: n, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: 10.0.0.1}}\n");
+        let json_pod = |name: &str, app: &str| format!("{{\"apiVersion\":\"v1\",\"kind\":\"Pod\",\"metadata\":{{\"name\":\"{name}\",\"namespace\":\"a\",\"labels\":{{\"app\":\"{app}\"}}}},\"spec\":{{\"containers\":[]}}}}\n");
+        let y = Path::new("m.yaml");
+        let j = Path::new("m.json");
+        let cases: Vec<(&Path, String, String)> = vec![
+            // One document changed among several: the others are reused.
+            (y, format!("{}---\n{}---\n{NS}", pod("p1", "x"), pod("p2", "y")), format!("{}---\n{}---\n{NS}", pod("p1", "x"), pod("p2", "z"))),
+            // Markers with content, a leading marker, a duplicate (the later one wins), a null document.
+            (y, format!("---\n{}--- \n{}---\n", pod("p1", "x"), pod("p1", "y")), format!("--- {{}}\n---\n{}---\n{}", pod("p1", "y"), pod("p1", "x"))),
+            // A bad document: parsed whole, its problems numbered as in the whole file.
+            (y, format!("{}---\n{NS}", pod("p1", "x")), format!("{}---\nkind: Pod\nmetadata: {{name: [}}\n---\n{NS}", pod("p1", "x"))),
+            (y, format!("{}---\n{}", pod("p1", "x"), POLICY.replace("PORT", "80")), format!("{}---\n{}", pod("p1", "x"), POLICY.replace("PORT", "0"))),
+            // Directives and document ends: parsed whole.
+            (y, format!("%YAML 1.2\n---\n{}...\n", pod("p1", "x")), format!("%YAML 1.2\n---\n{}...\n", pod("p1", "y"))),
+            // A JSON List (its items are documents), a stream, and one cut short.
+            (j, format!("{{\"kind\":\"List\",\"items\":[{},{}]}}", json_pod("p1", "x"), json_pod("p2", "y")), format!("{{\"kind\":\"List\",\"items\":[{},{}]}}", json_pod("p1", "x"), json_pod("p1", "z"))),
+            (j, format!("{{\"kind\":\"List\",\"items\":[{}]}}", json_pod("p1", "x")), format!("{{\"kind\":\"List\",\"items\":[{},{{\"kind\":\"Pod\"}}]}}", json_pod("p1", "x"))),
+            (j, format!("{}{}", json_pod("p1", "x"), json_pod("p2", "y")), format!("{}  {}", json_pod("p1", "x"), json_pod("p2", "z"))),
+            (j, format!("{}{}", json_pod("p1", "x"), json_pod("p2", "y")), format!("{}{{\"kind\": ", json_pod("p1", "x"))),
+        ];
+        for (file, before, after) in cases {
+            let mut first = Loaded::default();
+            let docs = load_reusing(file, &before, None, &mut first);
+            let mut whole = Loaded::default();
+            load_text(file, &before, &mut whole);
+            assert_eq!(format!("{first:?}"), format!("{whole:?}"), "{before}");
+            let prev = FileState { meta: None, hash: 0, loaded: first, docs };
+            let mut second = Loaded::default();
+            load_reusing(file, &after, Some(&prev), &mut second);
+            let mut whole = Loaded::default();
+            load_text(file, &after, &mut whole);
+            assert_eq!(format!("{second:?}"), format!("{whole:?}"), "{after}");
+        }
+        // The unchanged documents really are reused: a document the cache claims for a
+        // text stands in for that text.
+        let text = format!("{}---\n{}", pod("p1", "x"), pod("p2", "y"));
+        let parts = split_documents(y, &text).unwrap();
+        assert_eq!(parts.len(), 2);
+        let mut planted = Loaded::default();
+        load_text(y, &pod("p9", "x"), &mut planted);
+        let prev = FileState { meta: None, hash: 0, loaded: Loaded::default(), docs: [(text_hash(parts[0]), planted)].into_iter().collect() };
+        let mut out = Loaded::default();
+        load_reusing(y, &text, Some(&prev), &mut out);
+        let names: Vec<&str> = out.cluster.pods.keys().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["p2", "p9"]);
+    }
 
     #[test]
     fn updates_report_only_what_changed() {
