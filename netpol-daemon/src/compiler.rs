@@ -282,6 +282,12 @@ pub struct NodePolicy {
     pub prefixes: BTreeMap<Cidr, usize>,
     /// The node's pods that get programs.
     pub pods: BTreeMap<ObjKey, CompiledPod>,
+    /// Incremental updates since the last full compile (same `epoch`): each bumps
+    /// `prefix_gen` and notes here, per prefix it added, changed or removed, the generation
+    /// that last touched it; a consumer that saw generation g looks again only at the
+    /// prefixes noted after g. Not part of equality.
+    pub prefix_gen: u64,
+    pub touched_prefixes: BTreeMap<Cidr, u64>,
 }
 
 impl PartialEq for NodePolicy {
@@ -1012,7 +1018,8 @@ fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
         st.local.insert(pod.key.clone(), per_dir.map(|v| v.iter().map(|p| p.key.clone()).collect()));
         pods.insert(pod.key.clone(), out);
     }
-    (NodePolicy { epoch: EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed), classes, prefixes, pods }, st)
+    let epoch = EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (NodePolicy { epoch, classes, prefixes, pods, prefix_gen: 0, touched_prefixes: BTreeMap::new() }, st)
 }
 
 /// Why a packet is allowed or denied in one direction at one pod.

@@ -293,17 +293,26 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     // Something to report even when the maps need nothing (new load errors).
     let mut status_changed = false;
     let mut node_addrs: Vec<IpAddr> = Vec::new();
+    let mut put_off = false;
     while !stop.load(Ordering::SeqCst) {
         // Which manifest files to look at: those inotify named; every file on the first pass,
         // after an event overflow, without inotify, and every FULL_SCAN_EVERY as a safety net.
         let waiting = Instant::now();
-        let mut hint = if std::mem::take(&mut first_wait) { None } else { source.wait(watch.as_ref(), cfg.poll_interval) };
+        // Periodic work put off by a change runs on the next pass, without waiting.
+        let timeout = if std::mem::take(&mut put_off) { Duration::ZERO } else { cfg.poll_interval };
+        let mut hint = if std::mem::take(&mut first_wait) { None } else { source.wait(watch.as_ref(), timeout) };
         // An inotify event that woke the loop from its wait was sent as the write ended: the
         // change's age starts there (a file's mtime is the kernel's coarse clock, up to a tick
         // or more early). Events queued while the loop was busy keep the mtime.
         let woke = (hint.as_ref().is_some_and(|h| !h.is_empty()) && waiting.elapsed() >= Duration::from_millis(1)).then(Instant::now);
         if watch.is_some() && last_full_scan.elapsed() >= FULL_SCAN_EVERY {
-            hint = None;
+            // The files inotify named first (a change is programmed without stat-ing every
+            // file); the whole directory on the next pass.
+            if woke.is_some() && last_full_scan.elapsed() < 2 * FULL_SCAN_EVERY {
+                put_off = true;
+            } else {
+                hint = None;
+            }
         }
         if hint.is_none() {
             last_full_scan = Instant::now();
@@ -379,16 +388,16 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         last_pending = pending.clone();
         let have_changes = std::mem::take(&mut status_changed) | !pending_changes.is_empty();
         // A change is programmed first; the periodic look-up of every interface (a few ms of
-        // netlink) waits for a pass of its own, unless it is already overdue.
+        // netlink) runs on the next pass (unless changes kept putting it off).
         if have_changes && full_resolve && last_full_resolve.elapsed() < 2 * FULL_RESOLVE_EVERY {
             full_resolve = false;
+            put_off = true;
         }
         if have_changes || retry || pending_changed || full_resolve {
             let t0 = Instant::now();
             last_resolve = Instant::now();
-            if full_resolve {
-                last_full_resolve = Instant::now();
-            }
+            // Every pod looked up afresh (periodically, or on the first pass).
+            let resolving_all = full_resolve || known_ifaces.is_empty();
             // Pending interfaces are not the compiler's: out before it updates, in after.
             compiler.policy_mut().pods.retain(|k, _| k.namespace != compiler::PENDING_NAMESPACE);
             let kind = compiler.update(&cluster, &std::mem::take(&mut pending_changes));
@@ -443,6 +452,9 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             }
             known_ifaces = ifaces.iter().map(|(k, i)| (k.clone(), (compiler.policy().pods[k].ips.clone(), i.clone()))).collect();
             if !have_changes && !retry && !pending_changed && resolved_same {
+                if resolving_all {
+                    last_full_resolve = Instant::now();
+                }
                 // A periodic look-up that found every interface where it was.
                 continue;
             }
@@ -463,6 +475,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             if let Err(e) = dp.set_node_addrs(&node_addrs) {
                 errors.push(format!("NODE_ADDRS: {e}"));
             }
+            let t_resolved = t0.elapsed() - t_compiled;
             let t_sync = Instant::now();
             let report = dp.sync(node, &ifaces);
             let t_synced = t_sync.elapsed();
@@ -472,6 +485,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 let mut st = shared.status.lock().unwrap();
                 st.programming_latency.observe(latency.as_secs_f64());
                 st.last_programmed_unix = done.as_secs_f64();
+                log::debug!("change programmed {latency:?} after it was made (resolve {t_resolved:?}, maps {t_synced:?})");
             }
             if have_changes && cfg.revalidate_established {
                 let cut = dp.revalidate(node, &node_addrs);
@@ -519,6 +533,10 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                     report.ports,
                     t0.elapsed()
                 );
+            }
+            // (After the maps: the first pass attaches every pod, which can take seconds.)
+            if resolving_all {
+                last_full_resolve = Instant::now();
             }
             shared.ready.store(true, Ordering::SeqCst);
         }

@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Hash maps keyed by our own values: a fast non-cryptographic hasher (no untrusted keys).
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -96,8 +95,11 @@ pub struct Datapath {
     installed_ports: BTreeSet<Lpm<PortKey>>,
     installed_node_addrs: BTreeSet<AddrKey>,
     portsets: PortSetInterner,
-    /// Per-pod map entries of the last sync, reused for pods that did not change.
+    /// The map contents of the last sync, updated in place for what changed.
     entry_cache: entries::EntryCache,
+    /// The last sync left something unwritten (an error, entries cut to fit): the next one
+    /// compares every entry.
+    compare_all: bool,
     classes: ClassInterner,
     attached: BTreeMap<ObjKey, Attached>,
     /// Endpoint ids found in the pinned ENDPOINTS map at start, by ifindex (adopted on restart).
@@ -271,6 +273,7 @@ impl Datapath {
             installed_node_addrs,
             portsets: PortSetInterner::starting_at(max_set + 1),
             entry_cache: Default::default(),
+            compare_all: true,
             classes: ClassInterner::starting_at(max_class + 1),
             attached: BTreeMap::new(),
             adopted_ids,
@@ -622,11 +625,28 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
         }
 
         self.remap_policy_slots(node, &ids);
-        let mut desired = entries::desired_cached(node, &ids, &mut self.classes, &mut self.portsets, &mut self.entry_cache);
-        self.fit_maps(node, &mut desired, &ids, &mut report);
+        let mut cache = std::mem::take(&mut self.entry_cache);
+        let changed = cache.refresh(node, &ids, &mut self.classes, &mut self.portsets);
+        // Entries cut to fit a map: on a copy, compared in full.
+        let fits = cache.cur.identities.len() <= self.limits.identities
+            && cache.cur.ports.len() <= self.limits.ports
+            && cache.cur.policy.len() <= self.limits.policy;
+        let fitted = (!fits).then(|| {
+            let mut d = cache.cur.clone();
+            self.fit_maps(node, &mut d, &ids, &mut report);
+            d
+        });
+        let desired = fitted.as_ref().unwrap_or(&cache.cur);
+        // Only what changed, when the last sync left everything written.
+        let only = changed.filter(|_| fitted.is_none() && !self.compare_all);
 
         // Port sets, then per-endpoint policy, then address classes, then endpoints.
-        for (k, v) in &desired.ports {
+        let port_keys: Vec<Lpm<PortKey>> = match &only {
+            Some(c) => c.ports.clone(),
+            None => desired.ports.keys().copied().collect(),
+        };
+        for k in &port_keys {
+            let Some(v) = desired.ports.get(k) else { continue };
             if !self.installed_ports.contains(k) {
                 match self.ports.insert(&Key::new(k.0, k.1), *v, 0) {
                     Ok(()) => {
@@ -637,7 +657,12 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
             }
         }
         let owner: HashMap<u32, &ObjKey> = ids.iter().map(|(k, id)| (*id, k)).collect();
-        for (k, v) in &desired.policy {
+        let policy_keys: Vec<PolicyKey> = match &only {
+            Some(c) => c.policy.clone(),
+            None => desired.policy.keys().copied().collect(),
+        };
+        for k in &policy_keys {
+            let Some(v) = desired.policy.get(k) else { continue };
             if self.installed_policy.get(k) != Some(v) {
                 match self.policy.insert(k, *v, 0) {
                     Ok(()) => {
@@ -650,7 +675,12 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
                 }
             }
         }
-        for (k, v) in &desired.identities {
+        let identity_keys: Vec<Lpm<IdKey>> = match &only {
+            Some(c) => c.identities.clone(),
+            None => desired.identities.keys().copied().collect(),
+        };
+        for k in &identity_keys {
+            let Some(v) = desired.identities.get(k) else { continue };
             if self.installed_identities.get(k) != Some(v) {
                 match self.identities.insert(&Key::new(k.0, k.1), *v, 0) {
                     Ok(()) => {
@@ -696,36 +726,58 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
                 self.endpoints.remove(ifindex);
             }
         }
-        // Everything desired is installed now (unless an insert failed): where the counts
-        // agree, nothing is stale.
+        // Entries no longer desired: among the changed keys, or (comparing everything) any
+        // installed entry not desired, where the counts say there is one.
         let failed = !report.errors.is_empty();
-        if failed || self.installed_identities.len() != desired.identities.len() {
-            let want: HashSet<Lpm<IdKey>> = desired.identities.iter().map(|(k, _)| *k).collect();
-            let stale: Vec<Lpm<IdKey>> = self.installed_identities.keys().filter(|k| !want.contains(*k)).copied().collect();
-            for k in stale {
-                let _ = self.identities.remove(&Key::new(k.0, k.1));
-                self.installed_identities.remove(&k);
+        match &only {
+            Some(_) => {
+                for k in identity_keys.iter().filter(|k| !desired.identities.contains_key(*k)) {
+                    if self.installed_identities.remove(k).is_some() {
+                        let _ = self.identities.remove(&Key::new(k.0, k.1));
+                    }
+                }
+                for k in policy_keys.iter().filter(|k| !desired.policy.contains_key(*k)) {
+                    if self.installed_policy.remove(k).is_some() {
+                        let _ = self.policy.remove(k);
+                    }
+                }
+                for k in port_keys.iter().filter(|k| !desired.ports.contains_key(*k)) {
+                    if self.installed_ports.remove(k) {
+                        let _ = self.ports.remove(&Key::new(k.0, k.1));
+                    }
+                }
+            }
+            None => {
+                if failed || self.installed_identities.len() != desired.identities.len() {
+                    let stale: Vec<Lpm<IdKey>> = self.installed_identities.keys().filter(|k| !desired.identities.contains_key(*k)).copied().collect();
+                    for k in stale {
+                        let _ = self.identities.remove(&Key::new(k.0, k.1));
+                        self.installed_identities.remove(&k);
+                    }
+                }
+                if failed || self.installed_policy.len() != desired.policy.len() {
+                    let stale: Vec<PolicyKey> =
+                        self.installed_policy.keys().filter(|k| !desired.policy.contains_key(k)).copied().collect();
+                    for k in stale {
+                        let _ = self.policy.remove(&k);
+                        self.installed_policy.remove(&k);
+                    }
+                }
+                if failed || self.installed_ports.len() != desired.ports.len() {
+                    let stale: Vec<Lpm<PortKey>> =
+                        self.installed_ports.iter().filter(|k| !desired.ports.contains_key(k)).copied().collect();
+                    for k in stale {
+                        let _ = self.ports.remove(&Key::new(k.0, k.1));
+                        self.installed_ports.remove(&k);
+                    }
+                }
             }
         }
-        if failed || self.installed_policy.len() != desired.policy.len() {
-            let stale: Vec<PolicyKey> =
-                self.installed_policy.keys().filter(|k| !desired.policy.contains_key(k)).copied().collect();
-            for k in stale {
-                let _ = self.policy.remove(&k);
-                self.installed_policy.remove(&k);
-            }
-        }
-        if failed || self.installed_ports.len() != desired.ports.len() {
-            let stale: Vec<Lpm<PortKey>> =
-                self.installed_ports.iter().filter(|k| !desired.ports.contains_key(k)).copied().collect();
-            for k in stale {
-                let _ = self.ports.remove(&Key::new(k.0, k.1));
-                self.installed_ports.remove(&k);
-            }
-        }
-        let used_sets: BTreeSet<u32> = desired.policy.values().map(|v| v.portset).collect();
-        self.portsets.retain(&used_sets);
+        self.portsets.retain(&cache.port_set_ids());
         self.classes.retain(&desired.classes);
+        self.compare_all = failed || fitted.is_some();
+        drop(fitted);
+        self.entry_cache = cache;
 
         report.identities = self.installed_identities.len();
         report.policy = self.installed_policy.len();

@@ -33,7 +33,7 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
 
 /// Gives values stable small ids while they are in use: port sets (shared by every pod and
 /// class allowing the same ports) and address classes. Id 0 is never handed out.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Interner<K> {
     ids: HashMap<K, u32>,
     next: u32,
@@ -71,10 +71,9 @@ pub type PortSetInterner = Interner<PortSet>;
 pub type ClassInterner = Interner<ClassKey>;
 
 /// Everything the datapath needs, as map contents.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// In prefix order.
-    pub identities: Vec<(Lpm<IdKey>, u32)>,
+    pub identities: HashMap<Lpm<IdKey>, u32>,
     pub policy: HashMap<PolicyKey, PolicyValue>,
     pub ports: HashMap<Lpm<PortKey>, PortValue>,
     /// The ids of the classes in use (the values of `identities`).
@@ -130,103 +129,274 @@ pub fn desired(
     classes: &mut ClassInterner,
     portsets: &mut PortSetInterner,
 ) -> Desired {
-    desired_cached(node, endpoints, classes, portsets, &mut EntryCache::default())
+    let mut cache = EntryCache::default();
+    cache.refresh(node, endpoints, classes, portsets);
+    cache.cur
 }
 
-/// What the last [`desired_cached`] derived per pod, reused for pods whose compiled tables,
-/// endpoint and class ids are unchanged.
+/// The keys whose desired value changed (or that are no longer desired) in one
+/// [`EntryCache::refresh`].
+#[derive(Debug, Default)]
+pub struct Changed {
+    pub identities: Vec<Lpm<IdKey>>,
+    pub policy: Vec<PolicyKey>,
+    pub ports: Vec<Lpm<PortKey>>,
+}
+
+/// The map contents of the last [`EntryCache::refresh`] and what they were derived from, so
+/// that the next refresh after an incremental compile (same epoch) touches only what
+/// changed: the prefixes the compiler noted, the pods whose compiled tables or endpoint
+/// changed, and the port sets they gained or lost.
 #[derive(Debug, Default)]
 pub struct EntryCache {
+    /// What the datapath should hold now.
+    pub cur: Desired,
+    valid: bool,
     epoch: u64,
+    prefix_gen: u64,
+    /// Class index of every prefix, and how many prefixes map to each class (a class no
+    /// prefix maps to gets no id and no entries).
+    prefix_class: HashMap<Cidr, usize>,
+    refs: Vec<u32>,
     class_ids: Vec<Option<u32>>,
     pods: HashMap<ObjKey, (u32, CompiledPod, Vec<(PolicyKey, PolicyValue)>)>,
-    port_entries: HashMap<u32, Vec<(Lpm<PortKey>, PortValue)>>,
+    /// Per port set in use: its POLICY_PORTS entries and users.
+    port_sets: HashMap<u32, PortSetUse>,
 }
 
-/// [`desired`], reusing the entries of pods that did not change since the last call.
-pub fn desired_cached(
-    node: &NodePolicy,
-    endpoints: &BTreeMap<ObjKey, u32>,
-    classes: &mut ClassInterner,
-    portsets: &mut PortSetInterner,
-    cache: &mut EntryCache,
-) -> Desired {
-    let mut out = Desired::default();
-    // Only classes some address maps to need entries (an incrementally updated node keeps
-    // classes no address has any more until it is compiled again).
-    let mut referenced = vec![false; node.classes.len()];
-    referenced[0] = true;
-    for c in node.prefixes.values() {
-        referenced[*c] = true;
-    }
-    // Ids of the classes of the same compilation are reused by index (interning a class key
-    // hashes its whole rule list).
-    let same = node.epoch != 0 && node.epoch == cache.epoch;
-    let class_ids: Vec<Option<u32>> = node
-        .classes
-        .iter()
-        .enumerate()
-        .map(|(i, k)| match i {
-            0 => Some(0),
-            _ if referenced[i] => Some(cache.class_ids.get(i).copied().flatten().filter(|_| same).unwrap_or_else(|| classes.id(k))),
-            _ => None,
-        })
-        .collect();
-    cache.epoch = node.epoch;
-    // Entries of unchanged pods stay valid while the classes they name keep their ids (new
-    // classes only append; a pod with entries for them has changed tables anyway).
-    if class_ids.len() < cache.class_ids.len() || class_ids[..cache.class_ids.len()] != cache.class_ids[..] {
-        cache.pods.clear();
-    }
-    cache.class_ids = class_ids.clone();
-    out.identities.reserve(node.prefixes.len());
-    for (cidr, class) in &node.prefixes {
-        out.identities.push((id_key(cidr), class_ids[*class].expect("referenced")));
-    }
-    out.classes = class_ids.iter().flatten().copied().filter(|c| *c != 0).collect();
-    out.policy.reserve(cache.pods.values().map(|(_, _, e)| e.len()).sum());
-    let mut sets: std::collections::HashSet<u32, foldhash::fast::RandomState> = Default::default();
-    for (key, pod) in &node.pods {
-        let Some(&endpoint) = endpoints.get(key) else { continue };
-        let fresh = match cache.pods.get(key) {
-            Some((e, c, _)) => *e != endpoint || c != pod,
-            None => true,
+impl EntryCache {
+    /// Brings `cur` up to date with `node`. `Some`: what changed, when the update was
+    /// incremental; `None`: derived afresh (compare everything).
+    pub fn refresh(
+        &mut self,
+        node: &NodePolicy,
+        endpoints: &BTreeMap<ObjKey, u32>,
+        classes: &mut ClassInterner,
+        portsets: &mut PortSetInterner,
+    ) -> Option<Changed> {
+        let inc = self.valid && node.epoch != 0 && node.epoch == self.epoch && node.prefix_gen >= self.prefix_gen;
+        let touched: Vec<Cidr> = if inc {
+            node.touched_prefixes.iter().filter(|(_, g)| **g > self.prefix_gen).map(|(c, _)| *c).collect()
+        } else {
+            Vec::new()
         };
-        if fresh {
-            let mut entries = Vec::new();
-            for dir in Direction::BOTH {
-                let Some(dp) = pod.dir(dir) else { continue };
-                for (class, allow) in &dp.allows {
-                    let Some(identity) = class_ids[*class] else { continue };
-                    let value = match allow {
-                        Allow::All(slot) => PolicyValue { portset: 0, flags: POLICY_ALLOW_ALL | (*slot as u32) << POLICY_SLOT_SHIFT },
-                        Allow::Ports(ps) => {
-                            let id = portsets.id(ps);
-                            cache.port_entries.entry(id).or_insert_with(|| {
-                                let mut m = HashMap::default();
-                                portset_entries(id, ps, &mut m);
-                                m.into_iter().collect()
-                            });
-                            PolicyValue { portset: id, flags: 0 }
-                        }
-                    };
-                    entries.push((PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] }, value));
+        let mut prefix_moves: Vec<Cidr> = Vec::new();
+        if inc {
+            self.refs.resize(node.classes.len(), 0);
+            for c in &touched {
+                let (old, new) = (self.prefix_class.get(c).copied(), node.prefixes.get(c).copied());
+                if old == new {
+                    continue;
+                }
+                if let Some(o) = old {
+                    self.refs[o] -= 1;
+                }
+                match new {
+                    Some(n) => {
+                        self.refs[n] += 1;
+                        self.prefix_class.insert(*c, n);
+                    }
+                    None => {
+                        self.prefix_class.remove(c);
+                    }
+                }
+                prefix_moves.push(*c);
+            }
+        } else {
+            self.refs = vec![0; node.classes.len()];
+            self.prefix_class = node.prefixes.iter().map(|(c, k)| (*c, *k)).collect();
+            for k in node.prefixes.values() {
+                self.refs[*k] += 1;
+            }
+        }
+        let same_epoch = node.epoch != 0 && node.epoch == self.epoch;
+        let class_ids: Vec<Option<u32>> = node
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(i, k)| match i {
+                0 => Some(0),
+                _ if self.refs[i] > 0 => Some(self.class_ids.get(i).copied().flatten().filter(|_| same_epoch).unwrap_or_else(|| classes.id(k))),
+                _ => None,
+            })
+            .collect();
+        // A class that gained or lost its id changes the entries of every pod: afresh.
+        let classes_kept = class_ids.len() >= self.class_ids.len() && class_ids[..self.class_ids.len()] == self.class_ids[..];
+        self.epoch = node.epoch;
+        self.prefix_gen = node.prefix_gen;
+        if !(inc && classes_kept) {
+            self.class_ids = class_ids;
+            self.rebuild(node, endpoints, portsets);
+            return None;
+        }
+        self.class_ids = class_ids;
+        let mut ch = Changed::default();
+        for c in prefix_moves {
+            let key = id_key(&c);
+            match self.prefix_class.get(&c) {
+                Some(k) => {
+                    let id = self.class_ids[*k].expect("referenced");
+                    if self.cur.identities.insert(key, id) != Some(id) {
+                        ch.identities.push(key);
+                    }
+                }
+                None => {
+                    if self.cur.identities.remove(&key).is_some() {
+                        ch.identities.push(key);
+                    }
                 }
             }
-            cache.pods.insert(key.clone(), (endpoint, pod.clone(), entries));
         }
-        let entries = &cache.pods[key].2;
-        for (k, v) in entries {
-            out.policy.insert(*k, *v);
-            if v.flags & POLICY_ALLOW_ALL == 0 && sets.insert(v.portset) {
-                out.ports.extend(cache.port_entries[&v.portset].iter().copied());
+        self.cur.classes = self.class_ids.iter().flatten().copied().filter(|c| *c != 0).collect();
+        // Pods whose entries change: every old entry out first, then the new ones in (an
+        // endpoint id freed by one pod may be another's now).
+        let mut redo: Vec<(ObjKey, u32)> = Vec::new();
+        for (key, pod) in &node.pods {
+            let Some(&endpoint) = endpoints.get(key) else { continue };
+            if !self.pods.get(key).is_some_and(|(e, c, _)| *e == endpoint && c == pod) {
+                redo.push((key.clone(), endpoint));
             }
         }
-        out.policy_entries.insert(key.clone(), entries.len());
+        let gone: Vec<ObjKey> = self.pods.keys().filter(|k| !node.pods.contains_key(*k) || !endpoints.contains_key(*k)).cloned().collect();
+        let mut edit = Edit::default();
+        for k in redo.iter().map(|(k, _)| k).chain(&gone) {
+            if let Some((_, _, old)) = self.pods.remove(k) {
+                self.remove_entries(&old, &mut edit);
+            }
+            self.cur.policy_entries.remove(k);
+        }
+        for (key, endpoint) in redo {
+            let pod = &node.pods[&key];
+            let entries = self.pod_entries(endpoint, pod, portsets);
+            self.add_entries(&entries, &mut edit);
+            self.cur.policy_entries.insert(key.clone(), entries.len());
+            self.pods.insert(key, (endpoint, pod.clone(), entries));
+        }
+        self.settle(edit, &mut ch);
+        Some(ch)
     }
-    cache.pods.retain(|k, _| node.pods.contains_key(k) && endpoints.contains_key(k));
-    cache.port_entries.retain(|id, _| sets.contains(id));
-    out
+
+    /// Everything derived again from `node` (pods' entries included).
+    fn rebuild(&mut self, node: &NodePolicy, endpoints: &BTreeMap<ObjKey, u32>, portsets: &mut PortSetInterner) {
+        self.valid = true;
+        self.cur = Desired::default();
+        self.pods.clear();
+        self.port_sets.clear();
+        self.cur.identities.reserve(node.prefixes.len());
+        for (cidr, class) in &node.prefixes {
+            self.cur.identities.insert(id_key(cidr), self.class_ids[*class].expect("referenced"));
+        }
+        self.cur.classes = self.class_ids.iter().flatten().copied().filter(|c| *c != 0).collect();
+        let mut edit = Edit::default();
+        for (key, pod) in &node.pods {
+            let Some(&endpoint) = endpoints.get(key) else { continue };
+            let entries = self.pod_entries(endpoint, pod, portsets);
+            self.cur.policy_entries.insert(key.clone(), entries.len());
+            self.add_entries(&entries, &mut edit);
+            self.pods.insert(key.clone(), (endpoint, pod.clone(), entries));
+        }
+        self.settle(edit, &mut Changed::default());
+    }
+
+    /// A pod's POLICY entries (port sets interned, their POLICY_PORTS entries derived once).
+    fn pod_entries(&mut self, endpoint: u32, pod: &CompiledPod, portsets: &mut PortSetInterner) -> Vec<(PolicyKey, PolicyValue)> {
+        let mut entries = Vec::new();
+        for dir in Direction::BOTH {
+            let Some(dp) = pod.dir(dir) else { continue };
+            for (class, allow) in &dp.allows {
+                // A class no address maps to needs no entry.
+                let Some(identity) = self.class_ids[*class] else { continue };
+                let value = match allow {
+                    Allow::All(slot) => PolicyValue { portset: 0, flags: POLICY_ALLOW_ALL | (*slot as u32) << POLICY_SLOT_SHIFT },
+                    Allow::Ports(ps) => {
+                        let id = portsets.id(ps);
+                        self.port_sets.entry(id).or_insert_with(|| {
+                            let mut m = HashMap::default();
+                            portset_entries(id, ps, &mut m);
+                            PortSetUse { entries: m.into_iter().collect(), users: 0, live: false }
+                        });
+                        PolicyValue { portset: id, flags: 0 }
+                    }
+                };
+                entries.push((PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] }, value));
+            }
+        }
+        entries
+    }
+
+    /// Takes a pod's POLICY entries out of `cur`.
+    fn remove_entries(&mut self, old: &[(PolicyKey, PolicyValue)], edit: &mut Edit) {
+        for (k, v) in old {
+            let was = self.cur.policy.remove(k);
+            edit.policy.entry(*k).or_insert(was);
+            if v.flags & POLICY_ALLOW_ALL == 0 {
+                if let Some(u) = self.port_sets.get_mut(&v.portset) {
+                    u.users -= 1;
+                    edit.port_sets.insert(v.portset);
+                }
+            }
+        }
+    }
+
+    /// Puts a pod's POLICY entries into `cur`.
+    fn add_entries(&mut self, new: &[(PolicyKey, PolicyValue)], edit: &mut Edit) {
+        for (k, v) in new {
+            let was = self.cur.policy.insert(*k, *v);
+            edit.policy.entry(*k).or_insert(was);
+            if v.flags & POLICY_ALLOW_ALL == 0 {
+                self.port_sets.get_mut(&v.portset).expect("derived with the entry").users += 1;
+                edit.port_sets.insert(v.portset);
+            }
+        }
+    }
+
+    /// Port sets that lost their last user or gained their first: their POLICY_PORTS entries
+    /// out of or into `cur`. Then the keys whose value differs from before the edit.
+    fn settle(&mut self, edit: Edit, ch: &mut Changed) {
+        let mut ports: HashMap<Lpm<PortKey>, Option<PortValue>> = HashMap::default();
+        for id in edit.port_sets {
+            let Some(u) = self.port_sets.get_mut(&id) else { continue };
+            if u.users == 0 {
+                for (k, v) in &u.entries {
+                    if u.live {
+                        self.cur.ports.remove(k);
+                        ports.entry(*k).or_insert(Some(*v));
+                    }
+                }
+                self.port_sets.remove(&id);
+            } else if !u.live {
+                u.live = true;
+                for (k, v) in &u.entries {
+                    let was = self.cur.ports.insert(*k, *v);
+                    ports.entry(*k).or_insert(was);
+                }
+            }
+        }
+        ch.policy.extend(edit.policy.into_iter().filter(|(k, was)| self.cur.policy.get(k) != was.as_ref()).map(|(k, _)| k));
+        ch.ports.extend(ports.into_iter().filter(|(k, was)| self.cur.ports.get(k) != was.as_ref()).map(|(k, _)| k));
+    }
+
+    /// The port set ids in use.
+    pub fn port_set_ids(&self) -> BTreeSet<u32> {
+        self.port_sets.keys().copied().collect()
+    }
+}
+
+/// The POLICY keys touched by one refresh with their values before it, and the port sets
+/// whose users changed.
+#[derive(Default)]
+struct Edit {
+    policy: HashMap<PolicyKey, Option<PolicyValue>>,
+    port_sets: BTreeSet<u32>,
+}
+
+/// A port set's POLICY_PORTS entries, how many POLICY values use it, and whether its entries
+/// are in `cur`.
+#[derive(Debug)]
+struct PortSetUse {
+    entries: Vec<(Lpm<PortKey>, PortValue)>,
+    users: usize,
+    live: bool,
 }
 
 /// Emulates the whole BPF decision on map contents for an endpoint with `flags` (conntrack

@@ -126,7 +126,45 @@ struct FileState {
     /// Per document (text hash): what it held, for the next version of the file to reuse
     /// where a document did not change (a file of 50 pods where one label changed is
     /// parsed as one document).
-    docs: std::collections::HashMap<u64, Loaded, foldhash::fast::RandomState>,
+    docs: Docs,
+}
+
+/// Per document (its text's hash): the objects it held, by kind and key (their values are in
+/// the file's `loaded`), and the kinds it held that are not used.
+type Docs = std::collections::HashMap<u64, (Vec<ObjRef>, Vec<String>), foldhash::fast::RandomState>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum ObjRef {
+    Namespace(String),
+    Pod(ObjKey),
+    Policy(ObjKey),
+    Service(ObjKey),
+    EndpointSlice(ObjKey),
+}
+
+impl ObjRef {
+    fn all(c: &Cluster) -> Vec<ObjRef> {
+        let mut v: Vec<ObjRef> = c.namespaces.keys().map(|k| ObjRef::Namespace(k.clone())).collect();
+        v.extend(c.pods.keys().map(|k| ObjRef::Pod(k.clone())));
+        v.extend(c.policies.keys().map(|k| ObjRef::Policy(k.clone())));
+        v.extend(c.services.keys().map(|k| ObjRef::Service(k.clone())));
+        v.extend(c.endpoint_slices.keys().map(|k| ObjRef::EndpointSlice(k.clone())));
+        v
+    }
+
+    /// Copies the object from `from` into `into`; false when `from` lacks it.
+    fn copy(&self, from: &Cluster, into: &mut Cluster) -> bool {
+        fn one<K: Ord + Clone, V: Clone>(k: &K, from: &BTreeMap<K, V>, into: &mut BTreeMap<K, V>) -> bool {
+            from.get(k).map(|v| into.insert(k.clone(), v.clone())).is_some()
+        }
+        match self {
+            ObjRef::Namespace(k) => one(k, &from.namespaces, &mut into.namespaces),
+            ObjRef::Pod(k) => one(k, &from.pods, &mut into.pods),
+            ObjRef::Policy(k) => one(k, &from.policies, &mut into.policies),
+            ObjRef::Service(k) => one(k, &from.services, &mut into.services),
+            ObjRef::EndpointSlice(k) => one(k, &from.endpoint_slices, &mut into.endpoint_slices),
+        }
+    }
 }
 
 fn text_hash(text: &str) -> u64 {
@@ -191,36 +229,55 @@ fn list_items<'a>(file: &Path, doc: &'a str) -> Option<Vec<&'a str>> {
 /// Parses `text` into `out`, reusing the documents of `prev` whose text did not change.
 /// Returns the documents for the next time. Any problem: the whole text is parsed as one
 /// (problems name their document by its place in the whole file).
-fn load_reusing(file: &Path, text: &str, prev: Option<&FileState>, out: &mut Loaded) -> std::collections::HashMap<u64, Loaded, foldhash::fast::RandomState> {
-    let mut docs: std::collections::HashMap<u64, Loaded, foldhash::fast::RandomState> = Default::default();
+fn load_reusing(file: &Path, text: &str, prev: Option<&FileState>, out: &mut Loaded) -> Docs {
+    let mut docs = Docs::default();
     if let Some(parts) = split_documents(file, text) {
         // The items of a JSON `List` (as `kubectl get -o json` writes) count as documents.
         let parts: Vec<&str> = parts.into_iter().flat_map(|p| list_items(file, p).unwrap_or_else(|| vec![p])).collect();
         let mut all = Loaded::default();
+        let mut seen: std::collections::HashSet<ObjRef, foldhash::fast::RandomState> = Default::default();
+        let mut clean = true;
         for part in parts {
             let h = text_hash(part);
-            let one = match docs.get(&h).or_else(|| prev.and_then(|p| p.docs.get(&h))) {
-                Some(d) => d.clone(),
+            // The previous version of this very text: its objects, copied from the file's
+            // previous objects.
+            let reused = prev.and_then(|p| {
+                let (refs, ignored) = p.docs.get(&h)?;
+                let mut c = Cluster::default();
+                refs.iter().all(|r| r.copy(&p.loaded.cluster, &mut c)).then(|| (c, refs.clone(), ignored.clone()))
+            });
+            let (cluster, refs, ignored) = match reused {
+                Some(r) => r,
                 None => {
                     let mut d = Loaded::default();
                     load_text(file, part, &mut d);
-                    d
+                    if !d.errors.is_empty() {
+                        clean = false;
+                        break;
+                    }
+                    let refs = ObjRef::all(&d.cluster);
+                    let ignored = d.ignored.iter().flat_map(|(k, n)| std::iter::repeat_n(k.clone(), *n)).collect();
+                    (d.cluster, refs, ignored)
                 }
             };
-            if !one.errors.is_empty() {
-                docs.clear();
-                break;
+            // An object in two documents: the later wins, and the file is not cached by
+            // document (a reused earlier document would copy the later one's version).
+            for r in &refs {
+                if !seen.insert(r.clone()) {
+                    clean = false;
+                }
             }
-            merge(&mut all.cluster, &one.cluster);
-            for (k, n) in &one.ignored {
-                *all.ignored.entry(k.clone()).or_default() += n;
+            merge(&mut all.cluster, &cluster);
+            for k in &ignored {
+                *all.ignored.entry(k.clone()).or_default() += 1;
             }
-            docs.insert(h, one);
+            docs.insert(h, (refs, ignored));
         }
-        if !docs.is_empty() {
+        if clean {
             *out = all;
             return docs;
         }
+        docs.clear();
     }
     load_text(file, text, out);
     docs
@@ -651,7 +708,8 @@ mod tests {
         assert_eq!(parts.len(), 2);
         let mut planted = Loaded::default();
         load_text(y, &pod("p9", "x"), &mut planted);
-        let prev = FileState { meta: None, hash: 0, loaded: Loaded::default(), docs: [(text_hash(parts[0]), planted)].into_iter().collect() };
+        let p9 = vec![ObjRef::Pod(ObjKey::new("a", "p9"))];
+        let prev = FileState { meta: None, hash: 0, loaded: planted, docs: [(text_hash(parts[0]), (p9, Vec::new()))].into_iter().collect() };
         let mut out = Loaded::default();
         load_reusing(y, &text, Some(&prev), &mut out);
         let names: Vec<&str> = out.cluster.pods.keys().map(|k| k.name.as_str()).collect();

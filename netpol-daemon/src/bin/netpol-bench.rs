@@ -97,7 +97,7 @@ fn compile_bench(pods: usize, policies: usize, repeats: usize) {
         let mut classes = ClassInterner::default();
         let mut portsets = PortSetInterner::default();
         let mut cache = entries::EntryCache::default();
-        let _ = entries::desired_cached(nc.policy(), &ids, &mut classes, &mut portsets, &mut cache);
+        let _ = cache.refresh(nc.policy(), &ids, &mut classes, &mut portsets);
         let (mut runs, mut compile_runs, mut full) = (Vec::new(), Vec::new(), 0);
         for i in 0..repeats {
             let key = &keys[(i * 7919) % keys.len()];
@@ -111,7 +111,7 @@ fn compile_bench(pods: usize, policies: usize, repeats: usize) {
                     full += 1;
                 }
                 let tc = t.elapsed();
-                let _ = entries::desired_cached(nc.policy(), &ids, &mut classes, &mut portsets, &mut cache);
+                let _ = cache.refresh(nc.policy(), &ids, &mut classes, &mut portsets);
                 if !back {
                     compile_runs.push(tc);
                     runs.push(t.elapsed());

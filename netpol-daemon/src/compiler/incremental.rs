@@ -155,6 +155,7 @@ fn apply_pods(st: &mut State, out: &mut NodePolicy, cluster: &Cluster, node: &st
 
     // Their classes and prefix entries.
     let mut new_classes = Vec::new();
+    out.prefix_gen += 1;
     for addr in &affected {
         let key = st.class_key(cluster, *addr);
         let class = match st.class_ids.get(&key) {
@@ -166,9 +167,12 @@ fn apply_pods(st: &mut State, out: &mut NodePolicy, cluster: &Cluster, node: &st
             }
         };
         let host = Cidr::host(*addr);
-        out.prefixes.remove(&host);
+        let before = out.prefixes.remove(&host);
         if lpm_class(&out.prefixes, *addr) != class {
             out.prefixes.insert(host, class);
+        }
+        if out.prefixes.get(&host) != before.as_ref() {
+            out.touched_prefixes.insert(host, out.prefix_gen);
         }
     }
 

@@ -799,11 +799,16 @@ fn mutate(g: &mut Gen, c: &mut Cluster) -> ChangeSet {
 #[test]
 fn incremental_updates_agree_with_the_reference() {
     let cases: u64 = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(2000) / 4;
-    let (mut incremental, mut full) = (0, 0);
+    let (mut incremental, mut full, mut in_place_updates) = (0, 0, 0);
     for seed in 1..=cases.max(50) {
         let mut c = random_cluster(seed.wrapping_mul(0x9e3779b97f4a7c15));
         let mut nc = NodeCompiler::new("n");
         assert_eq!(nc.update(&c, &ChangeSet::everything()), UpdateKind::Full);
+        // The map contents, kept up to date in place as the daemon's datapath does.
+        let (mut classes, mut portsets) = (ClassInterner::default(), PortSetInterner::default());
+        let mut cache = entries::EntryCache::default();
+        let ids = |n: &NodePolicy| -> BTreeMap<ObjKey, u32> { n.pods.keys().enumerate().map(|(i, k)| (k.clone(), i as u32 + 1)).collect() };
+        assert!(cache.refresh(nc.policy(), &ids(nc.policy()), &mut classes, &mut portsets).is_none(), "the first refresh derives everything");
         let mut g = Gen(seed ^ 0x5555);
         for step in 0..6 {
             if c.pods.is_empty() {
@@ -815,10 +820,31 @@ fn incremental_updates_agree_with_the_reference() {
                 UpdateKind::Full => full += 1,
                 UpdateKind::Unchanged => panic!("a change reported as none: {ch:?}"),
             }
-            agrees_with_reference(&c, nc.policy(), &format!("seed {seed} step {step} after {ch:?}"));
+            let what = format!("seed {seed} step {step} after {ch:?}");
+            agrees_with_reference(&c, nc.policy(), &what);
+            // In place: the same contents as derived afresh (same interners), and the keys
+            // reported changed are exactly the ones whose value differs.
+            let before = cache.cur.clone();
+            let changed = cache.refresh(nc.policy(), &ids(nc.policy()), &mut classes, &mut portsets);
+            let mut fresh = entries::EntryCache::default();
+            fresh.refresh(nc.policy(), &ids(nc.policy()), &mut classes.clone(), &mut portsets.clone());
+            assert_eq!(cache.cur, fresh.cur, "{what}");
+            if let Some(changed) = changed {
+                in_place_updates += 1;
+                fn differing<K: std::hash::Hash + Eq + Ord + Copy, V: PartialEq, S: std::hash::BuildHasher>(a: &std::collections::HashMap<K, V, S>, b: &std::collections::HashMap<K, V, S>) -> BTreeSet<K> {
+                    a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).map(|(k, _)| *k).chain(b.keys().filter(|k| !a.contains_key(*k)).copied()).collect()
+                }
+                fn set<K: Ord + Copy>(v: &[K]) -> BTreeSet<K> {
+                    v.iter().copied().collect()
+                }
+                assert_eq!(set(&changed.identities), differing(&before.identities, &cache.cur.identities), "{what}");
+                assert_eq!(set(&changed.policy), differing(&before.policy, &cache.cur.policy), "{what}");
+                assert_eq!(set(&changed.ports), differing(&before.ports, &cache.cur.ports), "{what}");
+            }
         }
     }
     assert!(incremental > 3 * full, "{incremental} incremental, {full} full updates");
+    assert!(in_place_updates * 2 > incremental, "{in_place_updates} map updates in place of {incremental} incremental compiles");
 }
 
 /// A label change that moves a peer pod between classes touches only that pod's prefix and
