@@ -115,6 +115,15 @@ fn iperf(lab: &Lab, udp: bool, secs: u32) -> Result<f64> {
     Ok(bps / 1e9)
 }
 
+/// Ratios of `runs` to `base` run by run (each pair ran back to back): the median and the
+/// range.
+fn paired(runs: &[f64], base: &[f64]) -> (f64, f64, f64) {
+    let r: Vec<f64> = runs.iter().zip(base).map(|(x, b)| x / b).collect();
+    let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = r.iter().copied().fold(0.0, f64::max);
+    (median(r), lo, hi)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -124,6 +133,9 @@ struct Row {
     case: String,
     tcp: f64,
     udp: f64,
+    /// Every run, in repeat order (the base row's run of the same repeat ran next to it).
+    tcp_runs: Vec<f64>,
+    udp_runs: Vec<f64>,
     /// Index of the row of the same round without a program, which ratios are taken to.
     base: usize,
 }
@@ -144,7 +156,7 @@ fn round(cases: &[(&Lab, String)], secs: u32, repeats: usize, rows: &mut Vec<Row
     for (i, (_, case)) in cases.iter().enumerate() {
         let (tcp, udp) = (median(t[i].clone()), median(u[i].clone()));
         eprintln!("throughput: {case}: TCP {tcp:.2} Gbit/s, UDP {udp:.2} Gbit/s");
-        rows.push(Row { case: case.clone(), tcp, udp, base });
+        rows.push(Row { case: case.clone(), tcp, udp, tcp_runs: t[i].clone(), udp_runs: u[i].clone(), base });
     }
     Ok(())
 }
@@ -238,10 +250,12 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
     let find = |c: &str| rows.iter().find(|r| r.case == c).unwrap();
     println!("## Throughput (iperf3, {secs} s per run, median of {repeats})\n");
     println!("Two lab pods on one node namespace (veth, /32 routes); TCP single stream, UDP unlimited rate with 1400-byte datagrams (received rate); iperf3 client pinned to CPU 0, server to CPU 1. Each case has a lab of its own (three node namespaces side by side); the cases of a round run interleaved, and ratios are to the same round's (a).\n");
-    println!("| case | TCP Gbit/s | UDP Gbit/s | TCP vs (a) | UDP vs (a) |\n| --- | --- | --- | --- | --- |");
+    println!("Ratios are taken run by run: each run of a case over the run of (a) just before it in the same repeat; the table gives the median of those paired ratios and their range over the repeats (the spread is the machine's noise).\n");
+    println!("| case | TCP Gbit/s | UDP Gbit/s | TCP vs (a), paired | UDP vs (a), paired |\n| --- | --- | --- | --- | --- |");
+    let pct = |(m, lo, hi): (f64, f64, f64)| format!("{:.1}% ({:.0}-{:.0}%)", m * 100.0, lo * 100.0, hi * 100.0);
     for r in &rows {
         let base = &rows[r.base];
-        println!("| {} | {:.2} | {:.2} | {:.1}% | {:.1}% |", r.case, r.tcp, r.udp, r.tcp / base.tcp * 100.0, r.udp / base.udp * 100.0);
+        println!("| {} | {:.2} | {:.2} | {} | {} |", r.case, r.tcp, r.udp, pct(paired(&r.tcp_runs, &base.tcp_runs)), pct(paired(&r.udp_runs, &base.udp_runs)));
     }
     println!();
     for n in [10, 1000] {
@@ -249,11 +263,11 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
         let c = find(&format!("(c) iptables, {n} policies"));
         let a = &rows[b.base];
         println!(
-            "- {n} policies: (b)/(a) TCP {:.1}%, UDP {:.1}% (target >= 97%); (b)/(c) TCP {:.2}x, UDP {:.2}x",
-            b.tcp / a.tcp * 100.0,
-            b.udp / a.udp * 100.0,
-            b.tcp / c.tcp,
-            b.udp / c.udp
+            "- {n} policies: (b)/(a) TCP {:.1}%, UDP {:.1}% (paired medians; target >= 97%); (b)/(c) TCP {:.2}x, UDP {:.2}x",
+            paired(&b.tcp_runs, &a.tcp_runs).0 * 100.0,
+            paired(&b.udp_runs, &a.udp_runs).0 * 100.0,
+            paired(&b.tcp_runs, &c.tcp_runs).0,
+            paired(&b.udp_runs, &c.udp_runs).0
         );
     }
     if let Some(p) = svg_path {
