@@ -410,7 +410,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             for (k, c) in &compiler.policy().pods {
                 let cached = known_ifaces
                     .get(k)
-                    .filter(|(ips, _)| !full_resolve && !retry && *ips == c.ips)
+                    .filter(|(ips, _)| !full_resolve && *ips == c.ips)
                     .map(|(_, i)| (i.ifindex, i.ifname.clone()));
                 match cached.or_else(|| c.ips.iter().find_map(|ip| resolver.pod_interface(*ip).ok())) {
                     Some((ifindex, ifname)) => {

@@ -628,23 +628,21 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
         let mut cache = std::mem::take(&mut self.entry_cache);
         let changed = cache.refresh(node, &ids, &mut self.classes, &mut self.portsets);
         // Entries cut to fit a map: on a copy, compared in full.
-        let fits = cache.cur.identities.len() <= self.limits.identities
-            && cache.cur.ports.len() <= self.limits.ports
-            && cache.cur.policy.len() <= self.limits.policy;
-        let fitted = (!fits).then(|| {
-            let mut d = cache.cur.clone();
-            self.fit_maps(node, &mut d, &ids, &mut report);
-            d
-        });
+        let fitted = self.fit_maps(node, &cache.cur, &ids, &mut report);
         let desired = fitted.as_ref().unwrap_or(&cache.cur);
-        // Only what changed, when the last sync left everything written.
-        let only = changed.filter(|_| fitted.is_none() && !self.compare_all);
+        // The keys to compare: only those that changed, when the last sync left everything
+        // written; else every desired key (and, below, every installed one).
+        let (port_keys, policy_keys, identity_keys, incremental) = match changed.filter(|_| fitted.is_none() && !self.compare_all) {
+            Some(c) => (c.ports, c.policy, c.identities, true),
+            None => (
+                desired.ports.keys().copied().collect(),
+                desired.policy.keys().copied().collect(),
+                desired.identities.keys().copied().collect(),
+                false,
+            ),
+        };
 
         // Port sets, then per-endpoint policy, then address classes, then endpoints.
-        let port_keys: Vec<Lpm<PortKey>> = match &only {
-            Some(c) => c.ports.clone(),
-            None => desired.ports.keys().copied().collect(),
-        };
         for k in &port_keys {
             let Some(v) = desired.ports.get(k) else { continue };
             if !self.installed_ports.contains(k) {
@@ -657,10 +655,6 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
             }
         }
         let owner: HashMap<u32, &ObjKey> = ids.iter().map(|(k, id)| (*id, k)).collect();
-        let policy_keys: Vec<PolicyKey> = match &only {
-            Some(c) => c.policy.clone(),
-            None => desired.policy.keys().copied().collect(),
-        };
         for k in &policy_keys {
             let Some(v) = desired.policy.get(k) else { continue };
             if self.installed_policy.get(k) != Some(v) {
@@ -675,10 +669,6 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
                 }
             }
         }
-        let identity_keys: Vec<Lpm<IdKey>> = match &only {
-            Some(c) => c.identities.clone(),
-            None => desired.identities.keys().copied().collect(),
-        };
         for k in &identity_keys {
             let Some(v) = desired.identities.get(k) else { continue };
             if self.installed_identities.get(k) != Some(v) {
@@ -729,54 +719,45 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
         // Entries no longer desired: among the changed keys, or (comparing everything) any
         // installed entry not desired, where the counts say there is one.
         let failed = !report.errors.is_empty();
-        match &only {
-            Some(_) => {
-                for k in identity_keys.iter().filter(|k| !desired.identities.contains_key(*k)) {
-                    if self.installed_identities.remove(k).is_some() {
-                        let _ = self.identities.remove(&Key::new(k.0, k.1));
-                    }
-                }
-                for k in policy_keys.iter().filter(|k| !desired.policy.contains_key(*k)) {
-                    if self.installed_policy.remove(k).is_some() {
-                        let _ = self.policy.remove(k);
-                    }
-                }
-                for k in port_keys.iter().filter(|k| !desired.ports.contains_key(*k)) {
-                    if self.installed_ports.remove(k) {
-                        let _ = self.ports.remove(&Key::new(k.0, k.1));
-                    }
-                }
+        let stale_identities: Vec<Lpm<IdKey>> = if incremental {
+            identity_keys
+        } else if failed || self.installed_identities.len() != desired.identities.len() {
+            self.installed_identities.keys().copied().collect()
+        } else {
+            Vec::new()
+        };
+        for k in stale_identities.iter().filter(|k| !desired.identities.contains_key(*k)) {
+            if self.installed_identities.remove(k).is_some() {
+                let _ = self.identities.remove(&Key::new(k.0, k.1));
             }
-            None => {
-                if failed || self.installed_identities.len() != desired.identities.len() {
-                    let stale: Vec<Lpm<IdKey>> = self.installed_identities.keys().filter(|k| !desired.identities.contains_key(*k)).copied().collect();
-                    for k in stale {
-                        let _ = self.identities.remove(&Key::new(k.0, k.1));
-                        self.installed_identities.remove(&k);
-                    }
-                }
-                if failed || self.installed_policy.len() != desired.policy.len() {
-                    let stale: Vec<PolicyKey> =
-                        self.installed_policy.keys().filter(|k| !desired.policy.contains_key(k)).copied().collect();
-                    for k in stale {
-                        let _ = self.policy.remove(&k);
-                        self.installed_policy.remove(&k);
-                    }
-                }
-                if failed || self.installed_ports.len() != desired.ports.len() {
-                    let stale: Vec<Lpm<PortKey>> =
-                        self.installed_ports.iter().filter(|k| !desired.ports.contains_key(k)).copied().collect();
-                    for k in stale {
-                        let _ = self.ports.remove(&Key::new(k.0, k.1));
-                        self.installed_ports.remove(&k);
-                    }
-                }
+        }
+        let stale_policy: Vec<PolicyKey> = if incremental {
+            policy_keys
+        } else if failed || self.installed_policy.len() != desired.policy.len() {
+            self.installed_policy.keys().copied().collect()
+        } else {
+            Vec::new()
+        };
+        for k in stale_policy.iter().filter(|k| !desired.policy.contains_key(*k)) {
+            if self.installed_policy.remove(k).is_some() {
+                let _ = self.policy.remove(k);
+            }
+        }
+        let stale_ports: Vec<Lpm<PortKey>> = if incremental {
+            port_keys
+        } else if failed || self.installed_ports.len() != desired.ports.len() {
+            self.installed_ports.iter().copied().collect()
+        } else {
+            Vec::new()
+        };
+        for k in stale_ports.iter().filter(|k| !desired.ports.contains_key(*k)) {
+            if self.installed_ports.remove(k) {
+                let _ = self.ports.remove(&Key::new(k.0, k.1));
             }
         }
         self.portsets.retain(&cache.port_set_ids());
         self.classes.retain(&desired.classes);
         self.compare_all = failed || fitted.is_some();
-        drop(fitted);
         self.entry_cache = cache;
 
         report.identities = self.installed_identities.len();
@@ -788,8 +769,9 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
 
     /// Never truncates silently: when the node needs more entries than a map holds, the pods
     /// with the most entries lose theirs (their isolated directions then deny everything) and
-    /// each is reported with the policies that isolate it.
-    fn fit_maps(&self, node: &NodePolicy, d: &mut Desired, ids: &BTreeMap<ObjKey, u32>, report: &mut SyncReport) {
+    /// each is reported with the policies that isolate it. Returns the entries cut to fit, or
+    /// `None` when everything fits.
+    fn fit_maps(&self, node: &NodePolicy, d: &Desired, ids: &BTreeMap<ObjKey, u32>, report: &mut SyncReport) -> Option<Desired> {
         let policies_of = |k: &ObjKey| -> String {
             let Some(p) = node.pods.get(k) else { return String::new() };
             let mut v: Vec<String> = p.ingress.iter().chain(p.egress.iter()).flat_map(|d| d.policies.iter().map(|k| k.to_string())).collect();
@@ -813,13 +795,10 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
                     report.fail_closed.push(k.clone());
                 }
             }
-            d.policy.clear();
-            d.ports.clear();
-            d.identities.clear();
-            return;
+            return Some(Desired { classes: d.classes.clone(), policy_entries: d.policy_entries.clone(), ..Default::default() });
         }
         if d.policy.len() <= self.limits.policy {
-            return;
+            return None;
         }
         let mut by_size: Vec<(usize, &ObjKey)> = d.policy_entries.iter().map(|(k, n)| (*n, k)).collect();
         by_size.sort_by(|a, b| b.cmp(a));
@@ -841,7 +820,9 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
                 self.limits.policy
             ));
         }
-        d.policy.retain(|k, _| !dropped.contains(&k.endpoint));
+        let mut fitted = d.clone();
+        fitted.policy.retain(|k, _| !dropped.contains(&k.endpoint));
+        Some(fitted)
     }
 }
 

@@ -175,15 +175,11 @@ impl EntryCache {
         portsets: &mut PortSetInterner,
     ) -> Option<Changed> {
         let inc = self.valid && node.epoch != 0 && node.epoch == self.epoch && node.prefix_gen >= self.prefix_gen;
-        let touched: Vec<Cidr> = if inc {
-            node.touched_prefixes.iter().filter(|(_, g)| **g > self.prefix_gen).map(|(c, _)| *c).collect()
-        } else {
-            Vec::new()
-        };
+        // Prefixes whose class changed since the last refresh.
         let mut prefix_moves: Vec<Cidr> = Vec::new();
         if inc {
             self.refs.resize(node.classes.len(), 0);
-            for c in &touched {
+            for (c, _) in node.touched_prefixes.iter().filter(|(_, g)| **g > self.prefix_gen) {
                 let (old, new) = (self.prefix_class.get(c).copied(), node.prefixes.get(c).copied());
                 if old == new {
                     continue;

@@ -241,14 +241,12 @@ fn load_reusing(file: &Path, text: &str, prev: Option<&FileState>, out: &mut Loa
             let h = text_hash(part);
             // The previous version of this very text: its objects, copied from the file's
             // previous objects.
-            let reused = prev.and_then(|p| {
-                let (refs, ignored) = p.docs.get(&h)?;
-                let mut c = Cluster::default();
-                refs.iter().all(|r| r.copy(&p.loaded.cluster, &mut c)).then(|| (c, refs.clone(), ignored.clone()))
-            });
-            let (cluster, refs, ignored) = match reused {
-                Some(r) => r,
-                None => {
+            // (A document's objects are all in the file's previous objects: it was cached only
+            // when the whole file loaded cleanly without duplicates.)
+            let reused = prev.and_then(|p| p.docs.get(&h).map(|(refs, ignored)| (p, refs, ignored)));
+            let (refs, ignored) = match reused {
+                Some((p, refs, ignored)) if refs.iter().all(|r| r.copy(&p.loaded.cluster, &mut all.cluster)) => (refs.clone(), ignored.clone()),
+                _ => {
                     let mut d = Loaded::default();
                     load_text(file, part, &mut d);
                     if !d.errors.is_empty() {
@@ -257,7 +255,8 @@ fn load_reusing(file: &Path, text: &str, prev: Option<&FileState>, out: &mut Loa
                     }
                     let refs = ObjRef::all(&d.cluster);
                     let ignored = d.ignored.iter().flat_map(|(k, n)| std::iter::repeat_n(k.clone(), *n)).collect();
-                    (d.cluster, refs, ignored)
+                    merge(&mut all.cluster, &d.cluster);
+                    (refs, ignored)
                 }
             };
             // An object in two documents: the later wins, and the file is not cached by
@@ -267,7 +266,6 @@ fn load_reusing(file: &Path, text: &str, prev: Option<&FileState>, out: &mut Loa
                     clean = false;
                 }
             }
-            merge(&mut all.cluster, &cluster);
             for k in &ignored {
                 *all.ignored.entry(k.clone()).or_default() += 1;
             }
@@ -401,12 +399,7 @@ impl DirReader {
             let prev = self.take_file(&file);
             let state = match std::fs::read_to_string(&file) {
                 Ok(text) => {
-                    let hash = {
-                        use std::hash::{Hash, Hasher};
-                        let mut h = std::collections::hash_map::DefaultHasher::new();
-                        text.hash(&mut h);
-                        h.finish()
-                    };
+                    let hash = text_hash(&text);
                     match prev {
                         Some(st) if st.hash == hash && st.meta.is_some() => FileState { meta, ..st },
                         prev => {
