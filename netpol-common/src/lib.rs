@@ -100,6 +100,8 @@ pub mod maps {
     pub const EVENT_RATE: &str = "EVENT_RATE";
     pub const COUNTERS: &str = "COUNTERS";
     pub const POLICY_COUNTERS: &str = "POLICY_COUNTERS";
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    pub const FLOW_EPOCH: &str = "FLOW_EPOCH";
 }
 
 /// Program names (the function names in netpol-ebpf).
@@ -237,8 +239,52 @@ pub struct Config {
     pub ct_other_ns: u64,
     /// Deny events sent to userspace per second and CPU; 0: none.
     pub deny_events_per_sec: u32,
-    pub _pad: u32,
+    /// How long (in kernel ticks, `jiffies`) a flow-cache entry vouches for its flow before
+    /// the packet goes to the conntrack table again; 0: the flow cache is off. The daemon sets
+    /// it (see `flow_cache_ticks`), never the user: at most every timeout / 10 ms ticks, so
+    /// with HZ >= 100 it never outlives the shortest conntrack timeout.
+    pub flow_cache_ticks: u32,
 }
+
+/// `flow_cache_ticks` for conntrack timeouts `c` (0 fields: the defaults): at most 100 ticks
+/// (0.1 s at HZ=1000, 1 s at HZ=100), and never more ticks than the shortest timeout has
+/// 10 ms periods, so that a cached flow is looked up in the conntrack table again before its
+/// entry could have expired there.
+pub fn flow_cache_ticks(c: &Config) -> u32 {
+    let or = |v: u64, d: u64| if v == 0 { d } else { v };
+    let shortest = or(c.ct_tcp_ns, CT_TIMEOUT_TCP_NS)
+        .min(or(c.ct_tcp_closing_ns, CT_TIMEOUT_TCP_CLOSING_NS))
+        .min(or(c.ct_udp_ns, CT_TIMEOUT_UDP_NS))
+        .min(or(c.ct_other_ns, CT_TIMEOUT_OTHER_NS));
+    (shortest / 10_000_000).min(100) as u32
+}
+
+/// A per-CPU flow-cache slot (`FLOW_CACHE`, direct-mapped by a hash of the key): a packet
+/// whose own conntrack key is here, stored less than `flow_cache_ticks` ago under the
+/// endpoint's current `FLOW_EPOCH`, continues its flow without a conntrack lookup. Written
+/// only after a conntrack hit; anything that ends flows of an endpoint (a TCP RST, a port
+/// re-used after FIN, the daemon cutting flows) bumps the endpoint's epoch, which voids its
+/// slots on every CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowCacheEntry {
+    pub key: CtKey,
+    pub epoch: u32,
+    /// `jiffies` when the conntrack table last confirmed the flow.
+    pub at: u64,
+    /// The tracked flow: the policy slot and direction it was allowed in.
+    pub slot: u32,
+    pub dir: u8,
+    /// 1 once written (a zeroed slot matches nothing).
+    pub live: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `BPF_F_MMAPABLE`: the daemon maps `FLOW_EPOCH` into its memory to increment it atomically.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Slots of `FLOW_CACHE` per CPU (a power of two; 64 bytes each: 256 KiB per CPU).
+pub const FLOW_CACHE_SLOTS: u32 = 4096;
 
 /// A denied (or audited) packet, sent through the `EVENTS` ring buffer.
 #[repr(C)]

@@ -88,6 +88,8 @@ pub struct Datapath {
     retired_counts: BTreeMap<(ObjKey, u8, String), u64>,
     config: aya::maps::Array<MapData, Config>,
     conntrack: BpfHashMap<MapData, CtKey, CtValue>,
+    /// Per endpoint id: the epoch of its flow-cache slots (bumped to void them).
+    flow_epoch: FlowEpochs,
     events: Option<aya::maps::RingBuf<MapData>>,
     limits: Limits,
     installed_identities: HashMap<Lpm<IdKey>, u32>,
@@ -111,6 +113,53 @@ pub struct Datapath {
     pub use_tcx: bool,
     /// Attach programs to interfaces (false: maps only, for BPF_PROG_TEST_RUN and benches).
     attach_programs: bool,
+}
+
+/// `FLOW_EPOCH` mapped into this process (the array is BPF_F_MMAPABLE), so that the daemon
+/// increments an endpoint's epoch atomically, as the programs do on a TCP RST: a read and a
+/// write through the map syscalls could undo one of their increments and revive voided slots.
+struct FlowEpochs {
+    ptr: *mut std::sync::atomic::AtomicU64,
+    len: usize,
+    bytes: usize,
+    _map: Map,
+}
+
+// The mapping is shared memory of the kernel's array, used only through atomics.
+unsafe impl Send for FlowEpochs {}
+unsafe impl Sync for FlowEpochs {}
+
+impl FlowEpochs {
+    fn map(map: Map) -> Result<FlowEpochs> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let Map::Array(data) = &map else { return Err(anyhow!("map FLOW_EPOCH: not an array")) };
+        let fd = data.fd().as_fd().as_raw_fd();
+        let len = MAX_ENDPOINTS as usize;
+        let page = 4096;
+        let bytes = (len * 8).div_ceil(page) * page;
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(anyhow!("mapping FLOW_EPOCH: {}", std::io::Error::last_os_error()));
+        }
+        Ok(FlowEpochs { ptr: ptr.cast(), len, bytes, _map: map })
+    }
+
+    fn bump(&self, id: u32) {
+        if (id as usize) < self.len {
+            unsafe { &*self.ptr.add(id as usize) }.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[cfg(test)]
+    fn get(&self, id: u32) -> u64 {
+        unsafe { &*self.ptr.add(id as usize) }.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for FlowEpochs {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+    }
 }
 
 /// The endpoint table: an array indexed by ifindex, a hash for large ifindexes.
@@ -204,6 +253,7 @@ impl Datapath {
         let policy_counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::POLICY_COUNTERS)?;
         let config: aya::maps::Array<MapData, Config> = take(&mut ebpf, maps::CONFIG)?;
         let conntrack: BpfHashMap<MapData, CtKey, CtValue> = take(&mut ebpf, maps::CONNTRACK)?;
+        let flow_epoch = FlowEpochs::map(ebpf.take_map(maps::FLOW_EPOCH).ok_or_else(|| anyhow!("eBPF object has no map FLOW_EPOCH"))?)?;
         let events: aya::maps::RingBuf<MapData> = take(&mut ebpf, maps::EVENTS)?;
 
         // Adopt what a previous daemon left in the pinned maps: it keeps enforcing until the
@@ -251,7 +301,7 @@ impl Datapath {
                 adopted_links.insert((ifindex, prog), e.path());
             }
         }
-        Ok(Datapath {
+        let mut dp = Datapath {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             endpoints,
@@ -265,6 +315,7 @@ impl Datapath {
             retired_counts: BTreeMap::new(),
             config,
             conntrack,
+            flow_epoch,
             events: Some(events),
             limits: Limits::default(),
             installed_identities,
@@ -282,7 +333,12 @@ impl Datapath {
             next_id,
             use_tcx: true,
             attach_programs: true,
-        })
+        };
+        // The settings a previous daemon left (zero: the defaults) until `set_config`, with
+        // the flow cache on for them.
+        let kept = dp.config.get(&0, 0).unwrap_or_default();
+        dp.set_config(&kept)?;
+        Ok(dp)
     }
 
     /// Loads the programs and maps without ever attaching to an interface: the maps are
@@ -334,10 +390,18 @@ impl Datapath {
         out
     }
 
-    /// Runtime settings for the programs (conntrack timeouts, deny events).
+    /// Runtime settings for the programs (conntrack timeouts, deny events). The flow cache's
+    /// lifetime follows from the timeouts (`flow_cache_ticks`); the given one is ignored.
     pub fn set_config(&mut self, c: &Config) -> Result<()> {
-        self.config.set(0, *c, 0)?;
+        let c = Config { flow_cache_ticks: flow_cache_ticks(c), ..*c };
+        self.config.set(0, c, 0)?;
         Ok(())
+    }
+
+    /// Voids the flow-cache slots of endpoint `id` on every CPU: its packets go through the
+    /// conntrack table again (after flows were cut, or when the id goes to a new pod).
+    fn void_flow_cache(&mut self, id: u32) {
+        self.flow_epoch.bump(id);
     }
 
     /// The deny-event ring buffer, for a reader thread.
@@ -375,6 +439,10 @@ impl Datapath {
         for k in &cut {
             let _ = self.conntrack.remove(k);
         }
+        let ids: BTreeSet<u32> = cut.iter().map(|k| k.endpoint).collect();
+        for id in ids {
+            self.void_flow_cache(id);
+        }
         cut.len()
     }
 
@@ -406,6 +474,7 @@ impl Datapath {
         while let Some(id) = self.free_ids.pop() {
             if !used.contains(&id) {
                 self.reset_counters(id);
+                self.void_flow_cache(id);
                 return Ok(id);
             }
         }
@@ -418,6 +487,7 @@ impl Datapath {
         let id = self.next_id;
         self.next_id += 1;
         self.reset_counters(id);
+        self.void_flow_cache(id);
         Ok(id)
     }
 

@@ -153,7 +153,7 @@ fn main() {
                     ct_udp_ns: ct_udp_timeout.saturating_mul(1_000_000_000),
                     ct_other_ns: ct_other_timeout.saturating_mul(1_000_000_000),
                     deny_events_per_sec: log_denied,
-                    _pad: 0,
+                    flow_cache_ticks: 0,
                 },
             };
             if let Err(e) = netpol_daemon::daemon::run(cfg, stop) {

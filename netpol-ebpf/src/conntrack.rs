@@ -130,8 +130,9 @@ fn hit(k: &CtKey, p: &Packet, now: u64) -> Option<u32> {
     let slot = v.policy;
     if p.proto == PROTO_TCP {
         if p.tcp_flags & TCP_RST != 0 {
-            // The RST itself passes; the flow is gone.
+            // The RST itself passes; the flow is gone (also from every CPU's flow cache).
             let _ = CONNTRACK.remove(k);
+            crate::flowcache::bump(k.endpoint);
             return Some(slot);
         }
         if p.tcp_flags & TCP_FIN != 0 {
@@ -139,6 +140,7 @@ fn hit(k: &CtKey, p: &Packet, now: u64) -> Option<u32> {
         } else if p.tcp_flags & TCP_SYN != 0 && v.flags & CT_TCP_FIN_SEEN != 0 {
             // Port reuse after a close: a fresh connection is checked against policy again.
             let _ = CONNTRACK.remove(k);
+            crate::flowcache::bump(k.endpoint);
             return None;
         }
     }

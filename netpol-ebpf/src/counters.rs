@@ -18,7 +18,7 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 #[map(name = "EVENT_RATE")]
 static EVENT_RATE: PerCpuArray<RateState> = PerCpuArray::pinned(1, 0);
 
-const ZERO: Config = Config { ct_tcp_ns: 0, ct_tcp_closing_ns: 0, ct_udp_ns: 0, ct_other_ns: 0, deny_events_per_sec: 0, _pad: 0 };
+const ZERO: Config = Config { ct_tcp_ns: 0, ct_tcp_closing_ns: 0, ct_udp_ns: 0, ct_other_ns: 0, deny_events_per_sec: 0, flow_cache_ticks: 0 };
 
 #[inline(always)]
 pub fn config() -> &'static Config {

@@ -3,9 +3,12 @@
 //! interface (packets delivered to the pod: its ingress policy).
 #![no_std]
 #![no_main]
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod conntrack;
 mod counters;
+mod flowcache;
 mod parse;
 mod policy;
 
@@ -41,6 +44,10 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         // Not an interface we manage (or being torn down).
         return TC_ACT_OK;
     };
+    if let Some((flow_dir, slot)) = flowcache::established_v4(ctx.data(), ctx.data_end(), ep.id, dir) {
+        counters::count_policy(ep.id, flow_dir, slot);
+        return verdict(ep.id, dir, true);
+    }
     let isolate_flag = if dir == DIR_INGRESS { EP_ISOLATE_INGRESS } else { EP_ISOLATE_EGRESS };
     let isolated = ep.flags & isolate_flag != 0;
     let p = match parse::parse(ctx) {
@@ -64,8 +71,26 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         return verdict(ep.id, dir, true);
     }
     let ct = conntrack::key(ep.id, dir, &p);
+    // Packets of an established flow that the flow cache vouches for (TCP packets that open or
+    // close connections always take the conntrack path, which follows their state).
+    let cacheable = p.has_ports
+        && !p.fragment
+        && !(p.proto == PROTO_TCP && p.tcp_flags & (parse::TCP_SYN | parse::TCP_FIN | parse::TCP_RST) != 0);
+    let ticks = if cacheable { counters::config().flow_cache_ticks } else { 0 };
+    let now = if ticks != 0 { flowcache::now() } else { 0 };
+    if ticks != 0 {
+        if let Some((flow_dir, slot)) = flowcache::lookup(&ct, ticks, now) {
+            counters::count_policy(ep.id, flow_dir, slot);
+            return verdict(ep.id, dir, true);
+        }
+    }
     if p.has_ports {
+        // Read before the conntrack lookup: a flow ended after it voids what is cached here.
+        let epoch = if ticks != 0 { flowcache::epoch(ep.id) } else { 0 };
         if let Some(flow) = conntrack::track_existing(&ct, &p) {
+            if ticks != 0 {
+                flowcache::store(&ct, epoch, now, flow.dir, flow.slot);
+            }
             conntrack::remember_fragment(ep.id, dir, &p);
             counters::count_policy(ep.id, flow.dir, flow.slot);
             return verdict(ep.id, dir, true);

@@ -389,6 +389,18 @@ fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
         };
         let est = tcp4(src, web, 40000, port, TCP_ACK);
         dp.test_run(Direction::Ingress, &est, 1)?;
+        if let Ok(secs) = std::env::var("SPIN") {
+            let mut a = Vec::new();
+            let mut b = Vec::new();
+            for _ in 0..secs.parse::<u64>()? {
+                a.push(dp.test_run(Direction::Ingress, &est, 1_000_000)?.1.as_nanos());
+                b.push(dp.test_run_program(netpol_common::programs::NOOP, &est, 1_000_000)?.1.as_nanos());
+            }
+            a.sort();
+            b.sort();
+            eprintln!("est {:?} noop {:?}", a[a.len() / 2], b[b.len() / 2]);
+            return Ok(());
+        }
         table[0].push(med(&mut dp, Direction::Ingress, &est, 0)?);
         let mut firsts = Vec::new();
         for k in 0..2000u16 {

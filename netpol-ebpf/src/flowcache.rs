@@ -1,0 +1,168 @@
+//! The flow cache: a per-CPU, direct-mapped copy of recent conntrack hits, so that the packets
+//! of an established flow pass with array lookups only (the verifier inlines them) instead of
+//! a hash-table lookup and a clock read (kernel function calls, each paying the CPU's return
+//! mitigations). The conntrack table stays the truth: a slot vouches for its flow for at most
+//! `Config::flow_cache_ticks` ticks after the table confirmed it (then the packet takes the
+//! conntrack path again, which refreshes the entry), and only under the endpoint's epoch of
+//! that moment; whatever ends flows of an endpoint bumps that epoch.
+use aya_ebpf::{
+    helpers::bpf_jiffies64,
+    macros::map,
+    maps::{Array, PerCpuArray},
+};
+use core::intrinsics::AtomicOrdering;
+use netpol_common::*;
+
+/// Not pinned: a restarted daemon's programs start with a cold cache and epochs of their own.
+#[map(name = "FLOW_CACHE")]
+static FLOW_CACHE: PerCpuArray<FlowCacheEntry> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// Per endpoint id; only ever incremented, atomically: here on a TCP RST, by the daemon
+/// through a shared mapping of the array (BPF_F_MMAPABLE) when it cuts flows.
+#[map(name = "FLOW_EPOCH")]
+static FLOW_EPOCH: Array<u64> = Array::with_max_entries(MAX_ENDPOINTS, BPF_F_MMAPABLE);
+
+const WORDS: usize = core::mem::size_of::<CtKey>() / 4;
+
+#[inline(always)]
+fn words(k: &CtKey) -> &[u32; WORDS] {
+    // CtKey is 4-aligned, 44 bytes, without implicit padding.
+    unsafe { &*(k as *const CtKey as *const [u32; WORDS]) }
+}
+
+#[inline(always)]
+fn index(w: &[u32; WORDS]) -> u32 {
+    index_of(w[0], w[1], w[2] ^ w[3] ^ w[4] ^ w[5], w[6] ^ w[7] ^ w[8] ^ w[9], w[10])
+}
+
+/// The slot of a key from its words: endpoint, dir/proto/family, the source and destination
+/// address words folded, the ports word.
+#[inline(always)]
+fn index_of(endpoint: u32, kind: u32, s: u32, d: u32, ports: u32) -> u32 {
+    let x = (((s as u64) << 32) | d as u64) ^ ((ports as u64) << 13) ^ ((endpoint as u64) << 40) ^ ((kind as u64) << 3);
+    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as u32 & (FLOW_CACHE_SLOTS - 1)
+}
+
+/// The common case straight from the packet, before any general parsing: an IPv4 TCP (no
+/// SYN, FIN or RST), UDP or SCTP packet without IP options or fragmentation, headers in the
+/// linear data, whose flow the cache vouches for. `Some((flow direction, policy slot))`;
+/// `None`: anything else (the general path decides, and may still use the cache).
+///
+/// Reads whole words at the packet's offsets: the kernels netpol runs on (x86-64, arm64) do
+/// not require alignment for packet access, and the IP header is word-aligned in practice.
+#[inline(always)]
+pub fn established_v4(data: usize, data_end: usize, endpoint: u32, dir: u8) -> Option<(u8, u32)> {
+    const L4: usize = 14 + 20;
+    if data + L4 + 4 > data_end {
+        return None;
+    }
+    let rd16 = |off: usize| unsafe { ((data + off) as *const u16).read_volatile() };
+    let rd32 = |off: usize| unsafe { ((data + off) as *const u32).read_volatile() };
+    // Ethertype 0x0800 and version 4, IHL 5 (the bytes in memory order, read little-endian).
+    if rd16(12) != 0x0008 || unsafe { *((data + 14) as *const u8) } != 0x45 {
+        return None;
+    }
+    // No fragment offset, no more-fragments bit.
+    if rd16(20) & 0xff3f != 0 {
+        return None;
+    }
+    let proto = unsafe { *((data + 23) as *const u8) };
+    match proto {
+        PROTO_TCP => {
+            if data + L4 + 14 > data_end {
+                return None;
+            }
+            let flags = unsafe { *((data + L4 + 13) as *const u8) };
+            if flags & 0x07 != 0 {
+                return None;
+            }
+        }
+        PROTO_UDP | PROTO_SCTP => {}
+        _ => return None,
+    }
+    let src = rd32(26);
+    let dst = rd32(30);
+    // The ports as `CtKey` holds them: each a host-order u16.
+    let raw = rd32(L4);
+    let ports = ((raw & 0x00ff_00ff) << 8) | ((raw >> 8) & 0x00ff_00ff);
+    let kind = dir as u32 | (proto as u32) << 8 | (FAMILY_V4 as u32) << 16;
+    let ticks = crate::counters::config().flow_cache_ticks;
+    if ticks == 0 {
+        return None;
+    }
+    let e = unsafe { &*FLOW_CACHE.get_ptr(index_of(endpoint, kind, src, dst, ports))? };
+    if e.live == 0 || now().wrapping_sub(e.at) >= ticks as u64 || e.epoch != epoch(endpoint) {
+        return None;
+    }
+    let w = words(&e.key);
+    let diff = (w[0] ^ endpoint)
+        | (w[1] ^ kind)
+        | (w[2] ^ src)
+        | w[3]
+        | w[4]
+        | w[5]
+        | (w[6] ^ dst)
+        | w[7]
+        | w[8]
+        | w[9]
+        | (w[10] ^ ports);
+    if diff != 0 {
+        return None;
+    }
+    Some((e.dir, e.slot))
+}
+
+/// The endpoint's current epoch (read before the conntrack lookup whose result is cached).
+#[inline(always)]
+pub fn epoch(endpoint: u32) -> u32 {
+    // Slots live for at most `flow_cache_ticks`: the low bits are enough.
+    FLOW_EPOCH.get(endpoint).copied().unwrap_or(0) as u32
+}
+
+#[inline(always)]
+pub fn now() -> u64 {
+    unsafe { bpf_jiffies64() }
+}
+
+/// The tracked flow (direction, policy slot) this packet continues, if the cache vouches for it.
+#[inline(always)]
+pub fn lookup(k: &CtKey, ticks: u32, now: u64) -> Option<(u8, u32)> {
+    let w = words(k);
+    let e = unsafe { &*FLOW_CACHE.get_ptr(index(w))? };
+    if e.live == 0 || now.wrapping_sub(e.at) >= ticks as u64 || e.epoch != epoch(k.endpoint) {
+        return None;
+    }
+    let ew = words(&e.key);
+    let mut diff = 0;
+    for i in 0..WORDS {
+        diff |= ew[i] ^ w[i];
+    }
+    if diff != 0 {
+        return None;
+    }
+    Some((e.dir, e.slot))
+}
+
+/// Caches a conntrack hit made under `epoch` at `now`.
+#[inline(always)]
+pub fn store(k: &CtKey, epoch: u32, now: u64, dir: u8, slot: u32) {
+    if let Some(e) = FLOW_CACHE.get_ptr_mut(index(words(k))) {
+        // Field by field, straight from the key (no second copy on the 512-byte stack).
+        let e = unsafe { &mut *e };
+        e.key = *k;
+        e.epoch = epoch;
+        e.at = now;
+        e.slot = slot;
+        e.dir = dir;
+        e.live = 1;
+    }
+}
+
+/// Voids every cached flow of `endpoint`, on every CPU.
+#[inline(always)]
+pub fn bump(endpoint: u32) {
+    if let Some(p) = FLOW_EPOCH.get_ptr_mut(endpoint) {
+        // An atomic add (BPF_ATOMIC | BPF_ADD): the target has no `AtomicU64::fetch_add`.
+        unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1) };
+    }
+}
