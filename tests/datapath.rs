@@ -142,6 +142,8 @@ fn ports_protocols_ranges_and_address_classes() {
 #[test]
 fn conntrack_lets_replies_through_and_follows_teardown() {
     let Some(mut f) = fixture(POLICY) else { return };
+    // One CPU: packets after the flow cache has a flow find it (the cache is per CPU).
+    assert!(on_cpu(0));
     let web = v4("10.1.0.10");
     let srv = v4("10.2.0.5");
     let (i, e) = (Direction::Ingress, Direction::Egress);
@@ -230,6 +232,8 @@ fn icmp_errors_about_tracked_flows_pass() {
 #[test]
 fn policy_change_keeps_or_revalidates_tracked_flows() {
     let Some(mut f) = fixture(POLICY) else { return };
+    // One CPU: packets after the flow cache has a flow find it (the cache is per CPU).
+    assert!(on_cpu(0));
     let web = v4("10.1.0.10");
     let srv = v4("10.2.0.5");
     let e = Direction::Egress;
@@ -435,4 +439,108 @@ fn allowed_packets_are_counted_against_the_policy_that_allowed_them() {
     let web_key = ObjKey::new("t", "web");
     assert_eq!(retired.get(&(web_key.clone(), ig, "a-internal".to_string())), Some(&3));
     assert_eq!(retired.get(&(web_key, ig, "b-public".to_string())), Some(&1));
+}
+
+/// Moves this test's thread to `cpu` (test runs execute on the calling CPU, and the flow
+/// cache is per CPU). False if the machine has no such CPU.
+fn on_cpu(cpu: usize) -> bool {
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// Deletes every conntrack entry behind the daemon's back (no flow-cache epoch bumped): what
+/// passes afterwards passes through the flow cache alone.
+fn drop_conntrack_entries(pin: &Path) -> usize {
+    use aya::maps::{HashMap, Map, MapData};
+    let md = MapData::from_pin(pin.join(netpol_common::maps::CONNTRACK)).expect("pinned CONNTRACK");
+    let mut ct: HashMap<MapData, netpol_common::CtKey, netpol_common::CtValue> = HashMap::try_from(Map::from_map_data(md).unwrap()).unwrap();
+    let keys: Vec<_> = ct.keys().flatten().collect();
+    for k in &keys {
+        ct.remove(k).unwrap();
+    }
+    keys.len()
+}
+
+#[test]
+fn flow_cache_vouches_for_a_flow_only_under_its_epoch_and_lifetime() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    assert!(on_cpu(0));
+    let web = v4("10.1.0.10");
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    // A DNS query comes in (allowed); its reply goes out through the isolated egress only as
+    // a tracked flow.
+    let query = udp4(v4("192.0.2.9"), web, 5353, 53);
+    let reply = udp4(web, v4("192.0.2.9"), 53, 5353);
+    assert_eq!(run(&mut f, i, &query), OK);
+    assert_eq!(run(&mut f, e, &reply), OK, "conntrack hit, now cached");
+    assert!(drop_conntrack_entries(&f.pin) >= 1);
+    assert_eq!(run(&mut f, e, &reply), OK, "the flow cache alone vouches for the flow");
+    // Voided (new settings void every slot): the table no longer has the flow.
+    f.dp.set_config(&netpol_common::Config::default()).unwrap();
+    assert_eq!(run(&mut f, e, &reply), SHOT, "voided slot, no conntrack entry");
+
+    // Off: every packet asks the table.
+    assert_eq!(run(&mut f, i, &query), OK);
+    f.dp.set_flow_cache(false).unwrap();
+    assert_eq!(run(&mut f, e, &reply), OK);
+    drop_conntrack_entries(&f.pin);
+    assert_eq!(run(&mut f, e, &reply), SHOT, "flow cache off");
+    f.dp.set_flow_cache(true).unwrap();
+
+    // A slot lives for at most 100 ticks (<= 1 s): then the table is asked again.
+    assert_eq!(run(&mut f, i, &query), OK);
+    assert_eq!(run(&mut f, e, &reply), OK);
+    drop_conntrack_entries(&f.pin);
+    assert_eq!(run(&mut f, e, &reply), OK);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(run(&mut f, e, &reply), SHOT, "slot expired, no conntrack entry");
+}
+
+#[test]
+fn a_reset_on_one_cpu_voids_the_flow_cache_of_every_cpu() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    if !on_cpu(1) {
+        panic!("this test needs two CPUs");
+    }
+    assert!(on_cpu(0));
+    let web = v4("10.1.0.10");
+    let srv = v4("10.2.0.5");
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    // The pod connects out; the server's packets come back through the isolated ingress.
+    let back = tcp4(srv, web, 443, 41000, TCP_ACK);
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 41000, 443, TCP_SYN)), OK);
+    assert_eq!(run(&mut f, i, &back), OK, "reply: conntrack hit, cached on CPU 0");
+    assert_eq!(run(&mut f, i, &back), OK, "reply: flow cache hit");
+    // The pod resets the connection from CPU 1.
+    assert!(on_cpu(1));
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 41000, 443, TCP_RST)), OK);
+    // CPU 0's slot is void: the late packet is judged afresh and denied.
+    assert!(on_cpu(0));
+    assert_eq!(run(&mut f, i, &back), SHOT, "flow torn down by RST on another CPU");
+}
+
+#[test]
+fn active_flows_outlive_their_idle_timeout_through_the_flow_cache_and_idle_ones_expire() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    assert!(on_cpu(0));
+    let web = v4("10.1.0.10");
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    // UDP idles out after 400 ms: the cache vouches for at most 20 ticks at a time.
+    f.dp.set_config(&netpol_common::Config { ct_udp_ns: 400_000_000, ..Default::default() }).unwrap();
+    let query = udp4(v4("192.0.2.9"), web, 5353, 53);
+    let reply = udp4(web, v4("192.0.2.9"), 53, 5353);
+    assert_eq!(run(&mut f, i, &query), OK);
+    // Replies every 50 ms for 1.5 s (almost four timeouts): the flow stays alive, so the
+    // cache's trips to the table refresh the entry.
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_millis(1500) {
+        assert_eq!(run(&mut f, e, &reply), OK, "active flow at {:?}", start.elapsed());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Idle past the timeout: gone, cache or not.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert_eq!(run(&mut f, e, &reply), SHOT, "idle flow expired");
 }

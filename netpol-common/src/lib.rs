@@ -20,7 +20,12 @@
 //! 3. `POLICY_PORTS`: LPM trie keyed by ([`PortKey`]: port set id, protocol, port). A port range
 //!    is stored as at most 30 port prefixes, so `endPort` ranges of any width cost O(log) entries.
 //!
-#![no_std]
+//! Packets of tracked flows skip the policy lookup: `CONNTRACK` (LRU hash of [`CtKey`]) holds
+//! every allowed flow, and in front of it the per-CPU `FLOW_CACHE` ([`FlowCacheEntry`])
+//! lets an established flow's packets pass with array lookups only (no kernel function call),
+//! for at most [`Config::flow_cache_ticks`] at a time and under the endpoint's `FLOW_EPOCH`.
+//!
+#![cfg_attr(not(test), no_std)]
 
 /// Traffic entering the pod (enforced at TC egress of the host-side veth).
 pub const DIR_INGRESS: u8 = 0;
@@ -241,22 +246,23 @@ pub struct Config {
     pub deny_events_per_sec: u32,
     /// How long (in kernel ticks, `jiffies`) a flow-cache entry vouches for its flow before
     /// the packet goes to the conntrack table again; 0: the flow cache is off. The daemon sets
-    /// it (see `flow_cache_ticks`), never the user: at most every timeout / 10 ms ticks, so
-    /// with HZ >= 100 it never outlives the shortest conntrack timeout.
+    /// it (see `flow_cache_ticks`), never the user: at most the shortest timeout / 20 ms
+    /// ticks, so with HZ >= 100 it never outlives half the shortest conntrack timeout.
     pub flow_cache_ticks: u32,
 }
 
 /// `flow_cache_ticks` for conntrack timeouts `c` (0 fields: the defaults): at most 100 ticks
 /// (0.1 s at HZ=1000, 1 s at HZ=100), and never more ticks than the shortest timeout has
-/// 10 ms periods, so that a cached flow is looked up in the conntrack table again before its
-/// entry could have expired there.
+/// 20 ms periods, so that a cached flow is looked up in the conntrack table again well before
+/// its entry could have expired there (with HZ >= 100: within half the timeout; the coarse
+/// clocks on both sides are a tick apart at most). Below 20 ms the cache is off.
 pub fn flow_cache_ticks(c: &Config) -> u32 {
     let or = |v: u64, d: u64| if v == 0 { d } else { v };
     let shortest = or(c.ct_tcp_ns, CT_TIMEOUT_TCP_NS)
         .min(or(c.ct_tcp_closing_ns, CT_TIMEOUT_TCP_CLOSING_NS))
         .min(or(c.ct_udp_ns, CT_TIMEOUT_UDP_NS))
         .min(or(c.ct_other_ns, CT_TIMEOUT_OTHER_NS));
-    (shortest / 10_000_000).min(100) as u32
+    (shortest / 20_000_000).min(100) as u32
 }
 
 /// A per-CPU flow-cache slot (`FLOW_CACHE`, direct-mapped by a hash of the key): a packet
@@ -334,4 +340,33 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for DenyEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_cache_lifetime_stays_within_half_the_shortest_timeout() {
+        // Defaults: the shortest is 10 s (TCP after FIN): capped at 100 ticks (<= 1 s).
+        assert_eq!(flow_cache_ticks(&Config::default()), 100);
+        // 400 ms: 20 ticks, 200 ms at HZ=100 (the slowest tick there is).
+        assert_eq!(flow_cache_ticks(&Config { ct_udp_ns: 400_000_000, ..Default::default() }), 20);
+        // Any timeout shorter than 20 ms turns the cache off.
+        assert_eq!(flow_cache_ticks(&Config { ct_other_ns: 19_999_999, ..Default::default() }), 0);
+        assert_eq!(flow_cache_ticks(&Config { ct_tcp_closing_ns: 1, ..Default::default() }), 0);
+        for ns in [20_000_000u64, 33_000_000, 1_000_000_000, 1_999_999_999] {
+            let t = flow_cache_ticks(&Config { ct_tcp_ns: ns, ..Default::default() }) as u64;
+            assert!(t * 10_000_000 * 2 <= ns, "{t} ticks for {ns} ns");
+        }
+    }
+
+    #[test]
+    fn shared_layouts_have_no_implicit_padding() {
+        // The flow cache compares keys word by word and the programs read them as words.
+        assert_eq!(core::mem::size_of::<CtKey>(), 44);
+        assert_eq!(core::mem::size_of::<FlowCacheEntry>(), 64);
+        assert_eq!(core::mem::align_of::<FlowCacheEntry>(), 8);
+        assert_eq!(core::mem::size_of::<Config>(), 40);
+    }
 }

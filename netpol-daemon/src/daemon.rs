@@ -28,6 +28,9 @@ pub struct RunConfig {
     pub audit_all: bool,
     /// Conntrack timeouts and deny events.
     pub datapath_config: netpol_common::Config,
+    /// Established flows' packets pass through the per-CPU flow cache (else every one looks
+    /// the conntrack table up).
+    pub flow_cache: bool,
 }
 
 /// How long an interface nobody claims is held default-deny (a host route through a veth that
@@ -240,6 +243,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let shared = Arc::new(Shared::default());
     let mut dp = Datapath::load(&cfg.bpffs)?;
     dp.set_config(&cfg.datapath_config)?;
+    dp.set_flow_cache(cfg.flow_cache)?;
     if cfg.datapath_config.deny_events_per_sec > 0 {
         if let Some(rb) = dp.take_events() {
             let (sh, st) = (shared.clone(), stop.clone());

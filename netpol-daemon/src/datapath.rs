@@ -90,6 +90,9 @@ pub struct Datapath {
     conntrack: BpfHashMap<MapData, CtKey, CtValue>,
     /// Per endpoint id: the epoch of its flow-cache slots (bumped to void them).
     flow_epoch: FlowEpochs,
+    /// The settings last given to `set_config`, and whether the flow cache is used.
+    settings: Config,
+    flow_cache: bool,
     events: Option<aya::maps::RingBuf<MapData>>,
     limits: Limits,
     installed_identities: HashMap<Lpm<IdKey>, u32>,
@@ -148,11 +151,6 @@ impl FlowEpochs {
         if (id as usize) < self.len {
             unsafe { &*self.ptr.add(id as usize) }.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-    }
-
-    #[cfg(test)]
-    fn get(&self, id: u32) -> u64 {
-        unsafe { &*self.ptr.add(id as usize) }.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -316,6 +314,8 @@ impl Datapath {
             config,
             conntrack,
             flow_epoch,
+            settings: Config::default(),
+            flow_cache: true,
             events: Some(events),
             limits: Limits::default(),
             installed_identities,
@@ -392,10 +392,23 @@ impl Datapath {
 
     /// Runtime settings for the programs (conntrack timeouts, deny events). The flow cache's
     /// lifetime follows from the timeouts (`flow_cache_ticks`); the given one is ignored.
+    /// Every cached flow is voided, so none outlives a timeout that just got shorter.
     pub fn set_config(&mut self, c: &Config) -> Result<()> {
-        let c = Config { flow_cache_ticks: flow_cache_ticks(c), ..*c };
-        self.config.set(0, c, 0)?;
+        self.settings = *c;
+        let ticks = if self.flow_cache { flow_cache_ticks(c) } else { 0 };
+        self.config.set(0, Config { flow_cache_ticks: ticks, ..*c }, 0)?;
+        for id in 0..MAX_ENDPOINTS {
+            self.flow_epoch.bump(id);
+        }
         Ok(())
+    }
+
+    /// Turns the flow cache on (the default) or off (`--flow-cache off`: every packet of an
+    /// established flow looks the conntrack table up).
+    pub fn set_flow_cache(&mut self, on: bool) -> Result<()> {
+        self.flow_cache = on;
+        let c = self.settings;
+        self.set_config(&c)
     }
 
     /// Voids the flow-cache slots of endpoint `id` on every CPU: its packets go through the

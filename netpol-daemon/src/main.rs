@@ -48,6 +48,11 @@ enum Cmd {
         /// Idle timeout of other tracked flows (ICMP echo), seconds.
         #[arg(long, default_value_t = 60)]
         ct_other_timeout: u64,
+        /// The per-CPU flow cache in front of the conntrack table: packets of established
+        /// flows pass with array lookups only, the table confirming each flow again at least
+        /// every second (`off`: every packet looks the table up).
+        #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+        flow_cache: String,
         /// Log denied packets (source, destination, ports, protocol, pod, direction), at most
         /// this many per second and CPU. 0: off.
         #[arg(long, default_value_t = 0)]
@@ -125,7 +130,7 @@ fn main() {
                 std::process::exit(1);
             }
         }
-        Cmd::Run { node_name, manifests, metrics_addr, bpffs, poll_ms, established, ct_tcp_timeout, ct_udp_timeout, ct_other_timeout, log_denied, audit } => {
+        Cmd::Run { node_name, manifests, metrics_addr, bpffs, poll_ms, established, ct_tcp_timeout, ct_udp_timeout, ct_other_timeout, flow_cache, log_denied, audit } => {
             unsafe {
                 libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
                 libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -155,6 +160,7 @@ fn main() {
                     deny_events_per_sec: log_denied,
                     flow_cache_ticks: 0,
                 },
+                flow_cache: flow_cache == "on",
             };
             if let Err(e) = netpol_daemon::daemon::run(cfg, stop) {
                 eprintln!("netpol-daemon: {e:#}");

@@ -94,18 +94,15 @@ pub fn established_v4(data: usize, data_end: usize, endpoint: u32, dir: u8) -> O
     if e.live == 0 || now().wrapping_sub(e.at) >= ticks as u64 || e.epoch != epoch(endpoint) {
         return None;
     }
-    let w = words(&e.key);
-    let diff = (w[0] ^ endpoint)
-        | (w[1] ^ kind)
-        | (w[2] ^ src)
-        | w[3]
-        | w[4]
-        | w[5]
-        | (w[6] ^ dst)
-        | w[7]
-        | w[8]
-        | w[9]
-        | (w[10] ^ ports);
+    // The key in 8-byte words (the entry is 8-aligned, the key at its start): endpoint and
+    // kind, source (IPv4: the first 4 bytes), dst, ports.
+    let k = unsafe { &*(&e.key as *const CtKey as *const [u64; 5]) };
+    let diff = (k[0] ^ (endpoint as u64 | (kind as u64) << 32))
+        | (k[1] ^ src as u64)
+        | k[2]
+        | (k[3] ^ dst as u64)
+        | k[4]
+        | (e.key.sport as u32 | (e.key.dport as u32) << 16) as u64 ^ ports as u64;
     if diff != 0 {
         return None;
     }
