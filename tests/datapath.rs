@@ -482,6 +482,17 @@ fn flow_cache_vouches_for_a_flow_only_under_its_epoch_and_lifetime() {
     f.dp.set_config(&netpol_common::Config::default()).unwrap();
     assert_eq!(run(&mut f, e, &reply), SHOT, "voided slot, no conntrack entry");
 
+    // IPv6 takes the general parser, and the same cache: a connection in from fd00::/64 on
+    // 8080, the pod's packets back out through the isolated egress.
+    let (peer, me) = (v6("fd00::7"), v6("fd00::10"));
+    assert_eq!(run(&mut f, i, &ipv6(peer, me, 6, 40000, 8080, TCP_SYN, &[])), OK);
+    let back = ipv6(me, peer, 6, 8080, 40000, TCP_ACK, &[]);
+    assert_eq!(run(&mut f, e, &back), OK, "conntrack hit, now cached");
+    drop_conntrack_entries(&f.pin);
+    assert_eq!(run(&mut f, e, &back), OK, "IPv6: the flow cache alone vouches for the flow");
+    f.dp.set_config(&netpol_common::Config::default()).unwrap();
+    assert_eq!(run(&mut f, e, &back), SHOT, "IPv6: voided slot, no conntrack entry");
+
     // Off: every packet asks the table.
     assert_eq!(run(&mut f, i, &query), OK);
     f.dp.set_flow_cache(false).unwrap();

@@ -118,6 +118,11 @@ pub struct Datapath {
     attach_programs: bool,
 }
 
+/// A PREEMPT_RT kernel (BPF programs preemptible, so two can interleave on one CPU).
+fn preempt_rt() -> bool {
+    std::fs::read_to_string("/sys/kernel/realtime").is_ok_and(|s| s.trim() == "1")
+}
+
 /// `FLOW_EPOCH` mapped into this process (the array is BPF_F_MMAPABLE), so that the daemon
 /// increments an endpoint's epoch atomically, as the programs do on a TCP RST: a read and a
 /// write through the map syscalls could undo one of their increments and revive voided slots.
@@ -337,6 +342,7 @@ impl Datapath {
         // The settings a previous daemon left (zero: the defaults) until `set_config`, with
         // the flow cache on for them.
         let kept = dp.config.get(&0, 0).unwrap_or_default();
+        dp.flow_cache = !preempt_rt();
         dp.set_config(&kept)?;
         Ok(dp)
     }
@@ -405,8 +411,14 @@ impl Datapath {
 
     /// Turns the flow cache on (the default) or off (`--flow-cache off`: every packet of an
     /// established flow looks the conntrack table up).
+    /// Stays off on PREEMPT_RT kernels: there two programs can interleave on one CPU, and a
+    /// slot half-written by one must never be read by the other.
     pub fn set_flow_cache(&mut self, on: bool) -> Result<()> {
-        self.flow_cache = on;
+        let rt = preempt_rt();
+        if on && rt {
+            log::warn!("PREEMPT_RT kernel: the flow cache stays off (every packet looks the conntrack table up)");
+        }
+        self.flow_cache = on && !rt;
         let c = self.settings;
         self.set_config(&c)
     }

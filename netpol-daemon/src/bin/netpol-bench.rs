@@ -344,9 +344,15 @@ fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
     use netpol_daemon::model::Direction;
     use netpol_daemon::testpkt::*;
     use std::net::Ipv4Addr;
+    const ROUNDS: usize = 7;
     let web = Ipv4Addr::new(10, 1, 0, 10);
     println!("## Per-packet cost (BPF_PROG_TEST_RUN, kernel-measured ns per run)\n");
-    println!("Repeat count {repeat} per figure (median of 5 such runs); first packet: median of 2,000 single runs, each a new flow.\n");
+    println!(
+        "Every rule count has its programs and maps loaded at once; {ROUNDS} rounds each measure every case at every rule count in turn \
+         (repeat count {repeat} per figure), so the machine's drift weighs on all alike. Cells: median over the rounds; \
+         the last column: median of the per-round ratios. First packet: median of 2,000 single runs per rule count, each a new \
+         flow, interleaved in blocks of 100.\n"
+    );
     let cases = [
         "allowed, established (flow cache hit)",
         "allowed, established, flow cache off (conntrack lookup)",
@@ -355,9 +361,16 @@ fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
         "allowed, established, egress",
         "harness only (a classifier returning OK)",
     ];
-    let mut table: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    struct Setup {
+        dp: Datapath,
+        _pin: PinDir,
+        est: Vec<u8>,
+        src: Ipv4Addr,
+        port: u16,
+    }
+    let mut setups = Vec::new();
     for &n in counts {
-        let pin = PinDir::new(format!("/sys/fs/bpf/netpol-bench-{}", std::process::id()));
+        let pin = PinDir::new(format!("/sys/fs/bpf/netpol-bench-{}-{n}", std::process::id()));
         let mut dp = Datapath::load_detached(&pin.0)?;
         if n == counts[0] {
             println!("Programs as loaded by this kernel (verifier-processed instructions; BPF instructions after verification; JIT bytes):\n");
@@ -378,61 +391,92 @@ fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
         let last = n - 1;
         let src = Ipv4Addr::new(10, (100 + last / 256) as u8, (last % 256) as u8, 7);
         let port = (1000 + last % 50000) as u16;
-        let med = |dp: &mut Datapath, dir, frame: &[u8], want: i32| -> anyhow::Result<f64> {
-            // One run unmeasured (caches, branch predictors, the CPU's clock).
-            dp.test_run(dir, frame, repeat)?;
-            let mut v = Vec::new();
-            for _ in 0..5 {
-                let (rc, d) = dp.test_run(dir, frame, repeat)?;
-                anyhow::ensure!(rc == want, "verdict {rc}, expected {want}");
-                v.push(d.as_nanos() as f64);
-            }
-            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            Ok(v[2])
-        };
         let est = tcp4(src, web, 40000, port, TCP_ACK);
-        dp.test_run(Direction::Ingress, &est, 1)?;
-        table[0].push(med(&mut dp, Direction::Ingress, &est, 0)?);
-        dp.set_flow_cache(false)?;
-        table[1].push(med(&mut dp, Direction::Ingress, &est, 0)?);
-        dp.set_flow_cache(true)?;
-        let mut firsts = Vec::new();
-        for k in 0..2000u16 {
-            let (rc, d) = dp.test_run(Direction::Ingress, &tcp4(src, web, 10000 + k, port, TCP_SYN), 1)?;
-            anyhow::ensure!(rc == 0, "first packet verdict {rc}");
-            firsts.push(d.as_nanos() as f64);
-        }
-        firsts.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        table[2].push(firsts[firsts.len() / 2]);
-        table[3].push(med(&mut dp, Direction::Ingress, &tcp4(Ipv4Addr::new(11, 0, 0, 1), web, 40000, port, TCP_SYN), 2)?);
-        let out = tcp4(web, Ipv4Addr::new(10, 2, 0, 1), 40000, 443, TCP_ACK);
-        dp.test_run(Direction::Egress, &out, 1)?;
-        table[4].push(med(&mut dp, Direction::Egress, &out, 0)?);
-        let mut v = Vec::new();
-        for _ in 0..5 {
-            v.push(dp.test_run_program(netpol_common::programs::NOOP, &est, repeat)?.1.as_nanos() as f64);
-        }
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        table[5].push(v[2]);
-        drop(dp);
-        drop(pin);
+        setups.push(Setup { dp, _pin: pin, est, src, port });
     }
+    let out = tcp4(web, Ipv4Addr::new(10, 2, 0, 1), 40000, 443, TCP_ACK);
+    let one = |dp: &mut Datapath, dir, frame: &[u8], want: i32| -> anyhow::Result<f64> {
+        let (rc, d) = dp.test_run(dir, frame, repeat)?;
+        anyhow::ensure!(rc == want, "verdict {rc}, expected {want}");
+        Ok(d.as_nanos() as f64)
+    };
+    // samples[case][rule count][round]
+    let mut samples = vec![vec![Vec::new(); counts.len()]; cases.len()];
+    for round in 0..=ROUNDS {
+        for (j, s) in setups.iter_mut().enumerate() {
+            let dp = &mut s.dp;
+            let denied = tcp4(Ipv4Addr::new(11, 0, 0, 1), web, 40000, s.port, TCP_SYN);
+            let v = [
+                one(dp, Direction::Ingress, &s.est, 0)?,
+                {
+                    dp.set_flow_cache(false)?;
+                    let v = one(dp, Direction::Ingress, &s.est, 0)?;
+                    dp.set_flow_cache(true)?;
+                    v
+                },
+                0.0,
+                one(dp, Direction::Ingress, &denied, 2)?,
+                one(dp, Direction::Egress, &out, 0)?,
+                dp.test_run_program(netpol_common::programs::NOOP, &s.est, repeat)?.1.as_nanos() as f64,
+            ];
+            // Round 0 warms up (caches, branch predictors, the CPU's clock) and is not kept.
+            if round > 0 {
+                for (c, x) in v.into_iter().enumerate() {
+                    samples[c][j].push(x);
+                }
+            }
+        }
+    }
+    let mut firsts = vec![Vec::new(); counts.len()];
+    for block in 0..20u16 {
+        for (j, s) in setups.iter_mut().enumerate() {
+            for k in 0..100u16 {
+                let frame = tcp4(s.src, web, 10000 + block * 100 + k, s.port, TCP_SYN);
+                let (rc, d) = s.dp.test_run(Direction::Ingress, &frame, 1)?;
+                anyhow::ensure!(rc == 0, "first packet verdict {rc}");
+                firsts[j].push(d.as_nanos() as f64);
+            }
+        }
+    }
+    let median = |v: &[f64]| -> f64 {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let last = counts.len() - 1;
     print!("| case |");
     for n in counts {
         print!(" {n} rules |");
     }
-    println!(" {}/{} |", counts[counts.len() - 1], counts[0]);
+    println!(" {}/{} (per round) |", counts[last], counts[0]);
     print!("| --- |");
     for _ in 0..=counts.len() {
         print!(" --- |");
     }
     println!();
-    for (i, c) in cases.iter().enumerate() {
-        print!("| {c} |");
-        for v in &table[i] {
-            print!(" {v:.0} ns |");
+    for (c, name) in cases.iter().enumerate() {
+        print!("| {name} |");
+        if c == 2 {
+            for f in &firsts {
+                print!(" {:.0} ns |", median(f));
+            }
+            println!(" {:.2}x |", median(&firsts[last]) / median(&firsts[0]));
+            continue;
         }
-        println!(" {:.2}x |", table[i][table[i].len() - 1] / table[i][0]);
+        for cell in &samples[c] {
+            print!(" {:.0} ns |", median(cell));
+        }
+        let ratios: Vec<f64> = samples[c][last].iter().zip(&samples[c][0]).map(|(a, b)| a / b).collect();
+        println!(" {:.2}x |", median(&ratios));
+    }
+    // Net of the harness, round by round.
+    for (c, name) in [(0usize, "allowed, established (flow cache hit), minus the harness"), (1, "allowed, established, flow cache off, minus the harness")] {
+        print!("| {name} |");
+        let net: Vec<Vec<f64>> = (0..counts.len()).map(|j| samples[c][j].iter().zip(&samples[5][j]).map(|(a, h)| a - h).collect()).collect();
+        for cell in &net {
+            print!(" {:.0} ns |", median(cell));
+        }
+        println!(" |");
     }
     println!();
     Ok(())
