@@ -240,9 +240,12 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
     if prog.tcp("bench/client", "bench/server", 5202) {
         bail!("with the daemon stopped, a port no policy allows was reachable: the programs were detached");
     }
+    // The method's noise floor: a second lab without any program, measured like the others.
+    let twin = bench_lab()?;
     let cases = [
         (&plain, "(a) no program (daemon-stopped round)".to_string()),
         (&prog, "(b) netpol, 1000 policies, daemon stopped (programs attached)".to_string()),
+        (&twin, "(a') no program, a second identical lab (noise floor: (a') vs (a))".to_string()),
     ];
     round(&cases, secs, repeats, &mut rows)?;
     iptables_clear(&ipt_node);
@@ -270,6 +273,18 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
             paired(&b.udp_runs, &c.udp_runs).0
         );
     }
+    let twin = rows.last().unwrap();
+    let (t, u) = (paired(&twin.tcp_runs, &rows[twin.base].tcp_runs), paired(&twin.udp_runs, &rows[twin.base].udp_runs));
+    println!(
+        "- Noise floor: two identical labs without any program differ by TCP {:.1}% ({:.0}-{:.0}%), UDP {:.1}% ({:.0}-{:.0}%) (paired median and range \
+         over the repeats), with no program on either",
+        t.0 * 100.0,
+        t.1 * 100.0,
+        t.2 * 100.0,
+        u.0 * 100.0,
+        u.1 * 100.0,
+        u.2 * 100.0
+    );
     if let Some(p) = svg_path {
         std::fs::write(p, svg(&rows))?;
         println!("\n![throughput]({})", p.file_name().unwrap().to_string_lossy());
