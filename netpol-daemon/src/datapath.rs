@@ -143,7 +143,7 @@ impl FlowEpochs {
         let Map::Array(data) = &map else { return Err(anyhow!("map FLOW_EPOCH: not an array")) };
         let fd = data.fd().as_fd().as_raw_fd();
         let len = MAX_ENDPOINTS as usize;
-        let page = 4096;
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let bytes = (len * 8).div_ceil(page) * page;
         let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
         if ptr == libc::MAP_FAILED {
@@ -320,7 +320,7 @@ impl Datapath {
             conntrack,
             flow_epoch,
             settings: Config::default(),
-            flow_cache: true,
+            flow_cache: !preempt_rt(),
             events: Some(events),
             limits: Limits::default(),
             installed_identities,
@@ -342,7 +342,6 @@ impl Datapath {
         // The settings a previous daemon left (zero: the defaults) until `set_config`, with
         // the flow cache on for them.
         let kept = dp.config.get(&0, 0).unwrap_or_default();
-        dp.flow_cache = !preempt_rt();
         dp.set_config(&kept)?;
         Ok(dp)
     }

@@ -43,42 +43,59 @@ fn index_of(endpoint: u32, kind: u32, s: u32, d: u32, ports: u32) -> u32 {
     (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as u32 & (FLOW_CACHE_SLOTS - 1)
 }
 
+/// What the fast path found.
+pub enum Fast {
+    /// The cache vouches for the packet's flow: (flow direction, policy slot).
+    Hit(u8, u32),
+    /// The packet's slot was looked at and does not vouch for it: the general path need not
+    /// look again.
+    Missed,
+    /// Not a packet the fast path reads (or the cache is off): the general path decides, and
+    /// may still use the cache.
+    Other,
+}
+
+/// The slot vouches for a flow of `endpoint`: written, younger than `ticks`, current epoch.
+#[inline(always)]
+fn fresh(e: &FlowCacheEntry, endpoint: u32, ticks: u32, now: u64) -> bool {
+    e.live != 0 && now.wrapping_sub(e.at) < ticks as u64 && e.epoch == epoch(endpoint)
+}
+
 /// The common case straight from the packet, before any general parsing: an IPv4 TCP (no
 /// SYN, FIN or RST), UDP or SCTP packet without IP options or fragmentation, headers in the
-/// linear data, whose flow the cache vouches for. `Some((flow direction, policy slot))`;
-/// `None`: anything else (the general path decides, and may still use the cache).
+/// linear data, whose flow the cache vouches for.
 ///
 /// Reads whole words at the packet's offsets: the kernels netpol runs on (x86-64, arm64) do
 /// not require alignment for packet access, and the IP header is word-aligned in practice.
 #[inline(always)]
-pub fn established_v4(data: usize, data_end: usize, endpoint: u32, dir: u8) -> Option<(u8, u32)> {
+pub fn established_v4(data: usize, data_end: usize, endpoint: u32, dir: u8) -> Fast {
     const L4: usize = 14 + 20;
     if data + L4 + 4 > data_end {
-        return None;
+        return Fast::Other;
     }
     let rd16 = |off: usize| unsafe { ((data + off) as *const u16).read_volatile() };
     let rd32 = |off: usize| unsafe { ((data + off) as *const u32).read_volatile() };
     // Ethertype 0x0800 and version 4, IHL 5 (the bytes in memory order, read little-endian).
     if rd16(12) != 0x0008 || unsafe { *((data + 14) as *const u8) } != 0x45 {
-        return None;
+        return Fast::Other;
     }
     // No fragment offset, no more-fragments bit.
     if rd16(20) & 0xff3f != 0 {
-        return None;
+        return Fast::Other;
     }
     let proto = unsafe { *((data + 23) as *const u8) };
     match proto {
         PROTO_TCP => {
             if data + L4 + 14 > data_end {
-                return None;
+                return Fast::Other;
             }
             let flags = unsafe { *((data + L4 + 13) as *const u8) };
             if flags & 0x07 != 0 {
-                return None;
+                return Fast::Other;
             }
         }
         PROTO_UDP | PROTO_SCTP => {}
-        _ => return None,
+        _ => return Fast::Other,
     }
     let src = rd32(26);
     let dst = rd32(30);
@@ -88,11 +105,12 @@ pub fn established_v4(data: usize, data_end: usize, endpoint: u32, dir: u8) -> O
     let kind = dir as u32 | (proto as u32) << 8 | (FAMILY_V4 as u32) << 16;
     let ticks = crate::counters::config().flow_cache_ticks;
     if ticks == 0 {
-        return None;
+        return Fast::Other;
     }
-    let e = unsafe { &*FLOW_CACHE.get_ptr(index_of(endpoint, kind, src, dst, ports))? };
-    if e.live == 0 || now().wrapping_sub(e.at) >= ticks as u64 || e.epoch != epoch(endpoint) {
-        return None;
+    let Some(e) = FLOW_CACHE.get_ptr(index_of(endpoint, kind, src, dst, ports)) else { return Fast::Other };
+    let e = unsafe { &*e };
+    if !fresh(e, endpoint, ticks, now()) {
+        return Fast::Missed;
     }
     // The key in 8-byte words (the entry is 8-aligned, the key at its start): endpoint and
     // kind, source (IPv4: the first 4 bytes), dst, ports.
@@ -104,9 +122,9 @@ pub fn established_v4(data: usize, data_end: usize, endpoint: u32, dir: u8) -> O
         | k[4]
         | (e.key.sport as u32 | (e.key.dport as u32) << 16) as u64 ^ ports as u64;
     if diff != 0 {
-        return None;
+        return Fast::Missed;
     }
-    Some((e.dir, e.slot))
+    Fast::Hit(e.dir, e.slot)
 }
 
 /// The endpoint's current epoch (read before the conntrack lookup whose result is cached).
@@ -126,7 +144,7 @@ pub fn now() -> u64 {
 pub fn lookup(k: &CtKey, ticks: u32, now: u64) -> Option<(u8, u32)> {
     let w = words(k);
     let e = unsafe { &*FLOW_CACHE.get_ptr(index(w))? };
-    if e.live == 0 || now.wrapping_sub(e.at) >= ticks as u64 || e.epoch != epoch(k.endpoint) {
+    if !fresh(e, k.endpoint, ticks, now) {
         return None;
     }
     let ew = words(&e.key);

@@ -44,7 +44,8 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         // Not an interface we manage (or being torn down).
         return TC_ACT_OK;
     };
-    if let Some((flow_dir, slot)) = flowcache::established_v4(ctx.data(), ctx.data_end(), ep.id, dir) {
+    let fast = flowcache::established_v4(ctx.data(), ctx.data_end(), ep.id, dir);
+    if let flowcache::Fast::Hit(flow_dir, slot) = fast {
         counters::count_policy(ep.id, flow_dir, slot);
         return verdict(ep.id, dir, true);
     }
@@ -78,7 +79,8 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         && !(p.proto == PROTO_TCP && p.tcp_flags & (parse::TCP_SYN | parse::TCP_FIN | parse::TCP_RST) != 0);
     let ticks = if cacheable { counters::config().flow_cache_ticks } else { 0 };
     let now = if ticks != 0 { flowcache::now() } else { 0 };
-    if ticks != 0 {
+    // (Unless the fast path already looked at this packet's slot.)
+    if ticks != 0 && !matches!(fast, flowcache::Fast::Missed) {
         if let Some((flow_dir, slot)) = flowcache::lookup(&ct, ticks, now) {
             counters::count_policy(ep.id, flow_dir, slot);
             return verdict(ep.id, dir, true);
