@@ -12,6 +12,9 @@ use netpol_daemon::kube_source::KubeSource;
 use netpol_daemon::model::ObjKey;
 use serde_json::{json, Value};
 
+/// Every request target the fake API server was sent (path and query).
+static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 /// path -> (list items, watch events)
 type Routes = HashMap<&'static str, (Vec<Value>, Vec<Value>)>;
 
@@ -43,6 +46,7 @@ fn fake_api(routes: Routes, down: Arc<AtomicBool>) -> String {
                         return;
                     }
                     let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    SEEN.lock().unwrap().push(target.clone());
                     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
                     if path == "/version" {
                         let body = r#"{"major":"1","minor":"31","gitVersion":"v1.31.0","gitCommit":"x","gitTreeState":"clean","buildDate":"2024-01-01T00:00:00Z","goVersion":"go1.22","compiler":"gc","platform":"linux/amd64"}"#;
@@ -157,6 +161,14 @@ fn lists_and_watch_events_reach_the_cluster_model() {
     assert!(!node.permits(&db, netpol_daemon::model::Direction::Ingress, "10.244.1.7".parse().unwrap(), 6, Some(5433)));
     assert!(src.healthy.load(Ordering::SeqCst));
     assert!(src.pending_since.lock().unwrap().is_some(), "changes are stamped for the latency histogram");
+    // Pods are listed and watched without the finished ones; the other kinds unfiltered.
+    let seen = SEEN.lock().unwrap().clone();
+    let pod_requests: Vec<_> = seen.iter().filter(|t| t.starts_with("/api/v1/pods?")).collect();
+    assert!(!pod_requests.is_empty(), "{seen:?}");
+    for t in &pod_requests {
+        assert!(t.contains("fieldSelector=status.phase%21%3DSucceeded%2Cstatus.phase%21%3DFailed"), "{t}");
+    }
+    assert!(seen.iter().filter(|t| t.starts_with("/api/v1/namespaces?")).all(|t| !t.contains("fieldSelector")), "{seen:?}");
 
     // The API server goes away: the source says so and keeps the last state.
     down.store(true, Ordering::SeqCst);

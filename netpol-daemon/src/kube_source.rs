@@ -56,13 +56,18 @@ struct Signals {
     pending_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
-fn watch<K>(rt: &tokio::runtime::Runtime, api: Api<K>, sig: Signals, slim: fn(&mut K)) -> Store<K>
+/// The pods the API server sends: every node's (peers are matched by address), but not those
+/// that finished (phase Succeeded or Failed: their address may already belong to a new pod; the
+/// model skips them too, the filter only spares the traffic and the memory).
+pub const POD_FIELD_SELECTOR: &str = "status.phase!=Succeeded,status.phase!=Failed";
+
+fn watch<K>(rt: &tokio::runtime::Runtime, api: Api<K>, cfg: watcher::Config, sig: Signals, slim: fn(&mut K)) -> Store<K>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default()).default_backoff().modify(slim).reflect(writer);
+    let stream = watcher(api, cfg).default_backoff().modify(slim).reflect(writer);
     rt.spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
@@ -106,11 +111,11 @@ impl KubeSource {
         };
         let g = || sig.clone();
         // Only the fields the model reads are kept in memory.
-        let namespaces = watch(&rt, Api::<Namespace>::all(client.clone()), g(), |n| {
+        let namespaces = watch(&rt, Api::<Namespace>::all(client.clone()), watcher::Config::default(), g(), |n| {
             n.metadata.managed_fields = None;
             n.metadata.annotations = None;
         });
-        let pods = watch(&rt, Api::<Pod>::all(client.clone()), g(), |p| {
+        let pods = watch(&rt, Api::<Pod>::all(client.clone()), watcher::Config::default().fields(POD_FIELD_SELECTOR), g(), |p| {
             p.metadata.managed_fields = None;
             p.metadata.annotations = None;
             if let Some(st) = p.status.as_mut() {
@@ -119,12 +124,12 @@ impl KubeSource {
                 st.init_container_statuses = None;
             }
         });
-        let policies = watch(&rt, Api::<NetworkPolicy>::all(client.clone()), g(), |n| n.metadata.managed_fields = None);
-        let services = watch(&rt, Api::<Service>::all(client.clone()), g(), |s| {
+        let policies = watch(&rt, Api::<NetworkPolicy>::all(client.clone()), watcher::Config::default(), g(), |n| n.metadata.managed_fields = None);
+        let services = watch(&rt, Api::<Service>::all(client.clone()), watcher::Config::default(), g(), |s| {
             s.metadata.managed_fields = None;
             s.metadata.annotations = None;
         });
-        let slices = watch(&rt, Api::<EndpointSlice>::all(client.clone()), g(), |s| {
+        let slices = watch(&rt, Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), g(), |s| {
             s.metadata.managed_fields = None;
             s.metadata.annotations = None;
         });
