@@ -115,6 +115,107 @@ fn iperf(lab: &Lab, udp: bool, secs: u32) -> Result<f64> {
     Ok(bps / 1e9)
 }
 
+/// Run time and run count summed over the loaded programs named `names` (kernel BPF statistics,
+/// counted while [`aya::sys::enable_stats`] is held).
+fn stats_of(names: &[&str]) -> Result<(u64, u64)> {
+    let (mut ns, mut runs) = (0u64, 0u64);
+    for p in aya::programs::loaded_programs() {
+        let p = p?;
+        if p.name_as_str().is_some_and(|n| names.contains(&n)) {
+            ns += p.run_time().as_nanos() as u64;
+            runs += p.run_count();
+        }
+    }
+    Ok((ns, runs))
+}
+
+/// What the BPF run-time statistics charge a program that returns at once: the clock reads
+/// around a run (on this VM's clock they are most of what a netpol run is charged). Measured
+/// on netpol's no-op classifier with BPF_PROG_TEST_RUN, which runs it through the same
+/// accounting.
+fn accounting_floor() -> Result<f64> {
+    use netpol_common::programs::NOOP;
+    let pin = PathBuf::from(format!("/sys/fs/bpf/netpol-lab-floor-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin);
+    let floor = (|| {
+        let mut dp = netpol_daemon::datapath::Datapath::load_detached(&pin)?;
+        let frame = netpol_daemon::testpkt::tcp4(CLIENT_IP, SERVER_IP, 40000, PORT, netpol_daemon::testpkt::TCP_ACK);
+        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+        let mut per_run = Vec::new();
+        for _ in 0..5 {
+            let (ns0, runs0) = stats_of(&[NOOP])?;
+            dp.test_run_program(NOOP, &frame, 200_000)?;
+            let (ns1, runs1) = stats_of(&[NOOP])?;
+            if runs1 <= runs0 {
+                bail!("the no-op classifier's run count did not move: the statistics are not counting");
+            }
+            per_run.push((ns1 - ns0) as f64 / (runs1 - runs0) as f64);
+        }
+        Ok(median(per_run))
+    })();
+    let _ = std::fs::remove_dir_all(&pin);
+    floor
+}
+
+/// Busy time of each CPU so far, in nanoseconds (/proc/stat: user, nice, system, irq, softirq).
+fn cpu_busy_ns() -> Result<Vec<u64>> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(|c| c.is_ascii_digit()))
+        .map(|l| {
+            let f: Vec<u64> = l.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
+            [0, 1, 2, 5, 6].iter().map(|&i| f.get(i).copied().unwrap_or(0)).sum::<u64>() * 1_000_000_000 / hz
+        })
+        .collect())
+}
+
+/// The CPU time the programs took in (b)'s real traffic, measured by the kernel.
+struct Accounting {
+    case: String,
+    udp: bool,
+    gbps: f64,
+    runs_per_s: f64,
+    ns_per_run: f64,
+    /// Program time over the busy time of the busiest CPU.
+    share: f64,
+    /// The busiest CPU's busy time over the run's wall time.
+    busiest: f64,
+}
+
+/// `repeats` iperf3 runs of each protocol in the netpol lab with the kernel's BPF run-time
+/// statistics on (they cost clock reads per program run, so the throughput runs go without).
+fn account(lab: &Lab, case: &str, secs: u32, repeats: usize, out: &mut Vec<Accounting>) -> Result<()> {
+    use netpol_common::programs::{FROM_POD, TO_POD};
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+    for udp in [false, true] {
+        let mut rows = Vec::new();
+        for _ in 0..repeats {
+            let (ns0, runs0) = stats_of(&[FROM_POD, TO_POD])?;
+            let cpu0 = cpu_busy_ns()?;
+            let t = std::time::Instant::now();
+            let gbps = iperf(lab, udp, secs)?;
+            let wall = t.elapsed().as_nanos() as f64;
+            let cpu1 = cpu_busy_ns()?;
+            let (ns1, runs1) = stats_of(&[FROM_POD, TO_POD])?;
+            if runs1 == runs0 {
+                bail!("{case}: no netpol program ran during the iperf3 run: the statistics are not counting");
+            }
+            let busiest = cpu1.iter().zip(&cpu0).map(|(b, a)| b.saturating_sub(*a)).max().unwrap_or(0).max(1) as f64;
+            let (ns, runs) = ((ns1 - ns0) as f64, (runs1 - runs0) as f64);
+            rows.push(Accounting { case: case.to_string(), udp, gbps, runs_per_s: runs / (wall / 1e9), ns_per_run: ns / runs, share: ns / busiest, busiest: busiest / wall });
+        }
+        // The run with the median share stands for the case.
+        rows.sort_by(|a, b| a.share.partial_cmp(&b.share).unwrap());
+        let m = rows.swap_remove(rows.len() / 2);
+        eprintln!("accounting: {case} {}: {:.1} ns per run, {:.2}% of the busiest CPU", if udp { "UDP" } else { "TCP" }, m.ns_per_run, m.share * 100.0);
+        out.push(m);
+    }
+    Ok(())
+}
+
 /// Ratios of `runs` to `base` run by run (each pair ran back to back): the median and the
 /// range.
 fn paired(runs: &[f64], base: &[f64]) -> (f64, f64, f64) {
@@ -206,6 +307,8 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
     let ipt = bench_lab()?;
     let ipt_node = ipt.node_netns.clone();
     let mut rows = Vec::new();
+    let mut acct = Vec::new();
+    let floor = accounting_floor()?;
     for n in [10, 1000] {
         let syncs = prog.syncs();
         prog.write_manifest("policies.yaml", &policies(n))?;
@@ -227,6 +330,7 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
             (&ipt, format!("(c) iptables, {n} policies")),
         ];
         round(&cases, secs, repeats, &mut rows)?;
+        account(&prog, &format!("(b) netpol, {n} policies"), secs, repeats.min(5), &mut acct)?;
         // The flow really was enforced: a port outside the policies is refused.
         if prog.tcp("bench/client", "bench/server", 5202) {
             bail!("a port no policy allows was reachable: the programs are not enforcing");
@@ -248,6 +352,7 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
         (&twin, "(a') no program, a second identical lab (noise floor: (a') vs (a))".to_string()),
     ];
     round(&cases, secs, repeats, &mut rows)?;
+    account(&prog, "(b) netpol, 1000 policies, daemon stopped", secs, repeats.min(5), &mut acct)?;
     iptables_clear(&ipt_node);
 
     let find = |c: &str| rows.iter().find(|r| r.case == c).unwrap();
@@ -285,6 +390,41 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
         u.1 * 100.0,
         u.2 * 100.0
     );
+    println!("\n### Where (b)'s CPU time goes: the programs' own share, measured by the kernel\n");
+    println!(
+        "The paired ratios above carry the machine's noise (see the noise floor). The kernel's BPF run-time statistics \
+         (`BPF_ENABLE_STATS`, on only for these extra runs of (b): they add clock reads to every program run) give the time \
+         the attached classifiers took in the same traffic: every program run of `netpol_from_pod` and `netpol_to_pod` \
+         (each packet passes one on the sender's interface and one on the receiver's), over the busy time \
+         (/proc/stat) of the busiest CPU in the run, as if every program ran on it. Where the flow is bound by that CPU, \
+         removing the programs could speed it up by at most that share: (b)/(a) >= 1 - share (what the programs cost \
+         other code indirectly, e.g. through the CPU caches, is not in it). Median of {} runs of {secs} s.\n\n\
+         The statistics charge each run the clock reads around it: {floor:.1} ns per run here, measured on a classifier that \
+         returns at once (BPF_PROG_TEST_RUN of netpol's no-op program through the same accounting; with the statistics off \
+         the kernel does not read the clock and the programs do not pay it). \"net\" is the charge per run less that floor; \
+         \"as charged\" keeps the floor in (an upper bound).\n",
+        repeats.min(5)
+    );
+    println!("| case | protocol | Gbit/s | program runs/s | ns per run, as charged | ns per run, net | busiest CPU busy | programs' share of it, net (as charged) | (b)/(a) bound, net (as charged) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for a in &acct {
+        let net = (a.ns_per_run - floor).max(0.0);
+        let net_share = a.share * net / a.ns_per_run.max(1e-9);
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {:.1} | {:.1} | {:.0}% | {:.2}% ({:.2}%) | >= {:.1}% ({:.1}%) |",
+            a.case,
+            if a.udp { "UDP" } else { "TCP" },
+            a.gbps,
+            a.runs_per_s,
+            a.ns_per_run,
+            net,
+            a.busiest * 100.0,
+            net_share * 100.0,
+            a.share * 100.0,
+            (1.0 - net_share) * 100.0,
+            (1.0 - a.share) * 100.0
+        );
+    }
+    println!();
     if let Some(p) = svg_path {
         std::fs::write(p, svg(&rows))?;
         println!("\n![throughput]({})", p.file_name().unwrap().to_string_lossy());
