@@ -231,6 +231,17 @@ pub fn ensure_bpffs(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The keys among which entries no longer desired are looked for: the keys that changed
+/// (an incremental sync), every installed key (comparing everything, where the counts say
+/// something differs, or after a failure), or none.
+fn stale_keys<K>(changed: Option<Vec<K>>, compare_installed: bool, installed: impl Iterator<Item = K>) -> Vec<K> {
+    match changed {
+        Some(keys) => keys,
+        None if compare_installed => installed.collect(),
+        None => Vec::new(),
+    }
+}
+
 impl Datapath {
     /// Loads the programs, creating or re-using the pinned maps in `pin_dir`.
     pub fn load(pin_dir: &Path) -> Result<Datapath> {
@@ -813,37 +824,31 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
         // Entries no longer desired: among the changed keys, or (comparing everything) any
         // installed entry not desired, where the counts say there is one.
         let failed = !report.errors.is_empty();
-        let stale_identities: Vec<Lpm<IdKey>> = if incremental {
-            identity_keys
-        } else if failed || self.installed_identities.len() != desired.identities.len() {
-            self.installed_identities.keys().copied().collect()
-        } else {
-            Vec::new()
-        };
+        let stale_identities = stale_keys(
+            incremental.then_some(identity_keys),
+            failed || self.installed_identities.len() != desired.identities.len(),
+            self.installed_identities.keys().copied(),
+        );
         for k in stale_identities.iter().filter(|k| !desired.identities.contains_key(*k)) {
             if self.installed_identities.remove(k).is_some() {
                 let _ = self.identities.remove(&Key::new(k.0, k.1));
             }
         }
-        let stale_policy: Vec<PolicyKey> = if incremental {
-            policy_keys
-        } else if failed || self.installed_policy.len() != desired.policy.len() {
-            self.installed_policy.keys().copied().collect()
-        } else {
-            Vec::new()
-        };
+        let stale_policy = stale_keys(
+            incremental.then_some(policy_keys),
+            failed || self.installed_policy.len() != desired.policy.len(),
+            self.installed_policy.keys().copied(),
+        );
         for k in stale_policy.iter().filter(|k| !desired.policy.contains_key(*k)) {
             if self.installed_policy.remove(k).is_some() {
                 let _ = self.policy.remove(k);
             }
         }
-        let stale_ports: Vec<Lpm<PortKey>> = if incremental {
-            port_keys
-        } else if failed || self.installed_ports.len() != desired.ports.len() {
-            self.installed_ports.iter().copied().collect()
-        } else {
-            Vec::new()
-        };
+        let stale_ports = stale_keys(
+            incremental.then_some(port_keys),
+            failed || self.installed_ports.len() != desired.ports.len(),
+            self.installed_ports.iter().copied(),
+        );
         for k in stale_ports.iter().filter(|k| !desired.ports.contains_key(*k)) {
             if self.installed_ports.remove(k) {
                 let _ = self.ports.remove(&Key::new(k.0, k.1));
