@@ -447,7 +447,16 @@ impl DirReader {
 /// A file that did not load cleanly keeps the previous version of the objects it lost.
 fn keep_previous(file: &Path, one: &mut Loaded, prev: Option<&Cluster>) {
     let Some(prev) = prev.filter(|_| !one.errors.is_empty()) else { return };
-    let kept = keep_missing(&mut one.cluster, prev);
+    let mut kept = keep_missing(&mut one.cluster, prev);
+    // A policy made invalid by an edit keeps its previous valid version (as the API server
+    // keeps the stored object when it rejects an update); only a policy that never was
+    // valid stays fail-closed.
+    for (k, pol) in one.cluster.policies.iter_mut() {
+        if let Some(old) = prev.policies.get(k).filter(|old| pol.invalid.is_some() && old.invalid.is_none()) {
+            *pol = old.clone();
+            kept += 1;
+        }
+    }
     if kept > 0 {
         one.errors.push(LoadError {
             file: file.to_path_buf(),
@@ -572,9 +581,17 @@ fn add_object(value: serde_json::Value, out: &mut Loaded) -> Result<(), Vec<Stri
         }
         "NetworkPolicy" => {
             let np: NetworkPolicy = serde_json::from_value(value).map_err(typed_err)?;
-            let pol = model::policy_from_k8s(&np).map_err(fields)?;
-            out.cluster.policies.insert(pol.key.clone(), pol);
-            Ok(())
+            let conv = model::policy_from_k8s(&np).map_err(fields)?;
+            for w in &conv.warnings {
+                log::warn!("NetworkPolicy {w}");
+            }
+            // An invalid policy is kept as its fail-closed stand-in, and reported.
+            out.cluster.policies.insert(conv.policy.key.clone(), conv.policy);
+            if conv.errors.is_empty() {
+                Ok(())
+            } else {
+                Err(conv.errors.into_iter().map(|e| format!("NetworkPolicy {e}{}", model::FAIL_CLOSED_NOTE)).collect())
+            }
         }
         "Service" => {
             let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(value).map_err(typed_err)?;
