@@ -68,11 +68,14 @@ pub struct NodeCompiler {
     /// Classes right after the last full compile (new classes accumulate with incremental
     /// updates; past a bound the node is compiled again to shed the unused ones).
     classes_at_full: usize,
+    /// Compile the node again for changes where that is cheaper ([`full_is_cheaper`]); off
+    /// only to test and measure the incremental path on big changes.
+    pub fallback: bool,
 }
 
 impl NodeCompiler {
     pub fn new(node: &str) -> NodeCompiler {
-        NodeCompiler { node: node.to_string(), state: None, policy: NodePolicy::default(), classes_at_full: 0 }
+        NodeCompiler { node: node.to_string(), state: None, policy: NodePolicy::default(), classes_at_full: 0, fallback: true }
     }
 
     pub fn policy(&self) -> &NodePolicy {
@@ -93,7 +96,8 @@ impl NodeCompiler {
         }
         let structural = changes.all || changes.namespaces || changes.policies || changes.services;
         let grown = self.policy.classes.len() > 2 * self.classes_at_full + 64;
-        if !structural && !grown {
+        let big = self.fallback && full_is_cheaper(changes.pods.len(), cluster.pods.len());
+        if !structural && !grown && !big {
             if let Some(st) = self.state.as_mut() {
                 if apply_pods(st, &mut self.policy, cluster, &self.node, changes) {
                     return UpdateKind::Incremental;
@@ -113,6 +117,23 @@ impl NodeCompiler {
         self.policy = policy;
         self.state = Some(state);
     }
+}
+
+/// Changes of at most this many pods are always applied incrementally.
+pub const INCREMENTAL_MAX_ALWAYS: usize = 64;
+/// Past [`INCREMENTAL_MAX_ALWAYS`], a change of more than 1/`FULL_FRACTION` of the cluster's
+/// pods compiles the node again instead. A full compile costs about the same per pod of the
+/// cluster as the incremental path costs per changed pod times this ratio: per changed
+/// address the incremental path re-evaluates every peer set of the node and touches the
+/// prefix table and the local pods' tables, where a full compile resolves each peer set once
+/// for all pods (measured by `netpol-bench bulk`: see BENCHMARKS.md). So beyond that share
+/// the full compile is the faster way to the same result (a change of 50,000 pods of a
+/// 60,000-pod cluster: a full compile instead of 50,000 incremental steps).
+pub const FULL_FRACTION: usize = 16;
+
+/// Is compiling the node again cheaper than applying `changed` pod changes one by one?
+pub fn full_is_cheaper(changed: usize, pods: usize) -> bool {
+    changed > INCREMENTAL_MAX_ALWAYS && changed.saturating_mul(FULL_FRACTION) > pods
 }
 
 /// Applies pod changes (and EndpointSlice changes) to a compiled node. Returns false, having
@@ -141,14 +162,25 @@ fn apply_pods(st: &mut State, out: &mut NodePolicy, cluster: &Cluster, node: &st
         }
     }
 
-    // Addresses: owners before and after.
+    // Addresses: owners before and after (and the index by address with them).
     let mut affected: BTreeSet<IpAddr> = BTreeSet::new();
     for key in &ch.pods {
         if let Some(ips) = st.pod_ips.remove(key) {
+            for ip in &ips {
+                if let Some(set) = st.ip_owners.get_mut(ip) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        st.ip_owners.remove(ip);
+                    }
+                }
+            }
             affected.extend(ips);
         }
         if let Some(p) = cluster.pods.get(key).filter(|p| p.selectable()) {
             st.pod_ips.insert(key.clone(), p.ips.clone());
+            for ip in &p.ips {
+                st.ip_owners.entry(*ip).or_default().insert(key.clone());
+            }
             affected.extend(p.ips.iter().copied());
         }
     }

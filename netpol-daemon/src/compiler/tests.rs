@@ -909,7 +909,15 @@ fn incremental_updates_agree_with_the_reference() {
             if c.pods.is_empty() {
                 break;
             }
-            let ch = mutate(&mut g, &mut c);
+            let mut ch = mutate(&mut g, &mut c);
+            // Now and then several changes at once (as a file of many pods, or a relist).
+            if g.chance(25) {
+                for _ in 0..1 + g.below(4) {
+                    if !c.pods.is_empty() {
+                        ch.merge(mutate(&mut g, &mut c));
+                    }
+                }
+            }
             match nc.update(&c, &ch) {
                 UpdateKind::Incremental => incremental += 1,
                 UpdateKind::Full => full += 1,
@@ -967,4 +975,64 @@ fn a_peer_label_change_is_applied_incrementally() {
     assert_eq!(nc.update(&c, &ChangeSet::default()), UpdateKind::Unchanged);
     // A policy change compiles the node again.
     assert_eq!(nc.update(&c, &ChangeSet { policies: true, ..Default::default() }), UpdateKind::Full);
+}
+
+/// The verdicts of every local pod of `node` towards a sample of the cluster's addresses.
+fn verdict_table(c: &Cluster, node: &NodePolicy) -> Vec<(ObjKey, Direction, IpAddr, u8, u16, Verdict)> {
+    let mut peers: Vec<IpAddr> = c.pods.values().step_by(7).flat_map(|p| p.ips.clone()).collect();
+    peers.extend(["8.8.8.8", "10.200.0.9", "172.16.0.1"].map(ip));
+    let mut out = Vec::new();
+    for key in node.pods.keys() {
+        for dir in Direction::BOTH {
+            for &peer in &peers {
+                for (proto, port) in [(TCP, 53), (UDP, 53), (TCP, 80), (TCP, 8080), (TCP, 9090), (TCP, 5432)] {
+                    out.push((key.clone(), dir, peer, proto, port, node.verdict(key, dir, peer, proto, Some(port))));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A change of most of the cluster's pods at once (relabelled, re-addressed, removed):
+/// the incremental path gives the verdicts of a full compile, and the node compiler takes
+/// the full compile for it, while a small change stays incremental.
+#[test]
+fn a_change_of_most_pods_falls_back_to_a_full_compile_with_the_same_result() {
+    let shape = crate::synth::Shape::new(1200, 120);
+    let mut c = crate::synth::cluster(&shape);
+    let node = crate::synth::node_name(0);
+    let (mut forced, mut auto) = (NodeCompiler::new(&node), NodeCompiler::new(&node));
+    forced.fallback = false;
+    forced.update(&c, &ChangeSet::everything());
+    auto.update(&c, &ChangeSet::everything());
+    let remote: Vec<ObjKey> = c.pods.values().filter(|p| p.node_name.as_deref() != Some(node.as_str())).map(|p| p.key.clone()).collect();
+    let mut ch = ChangeSet::default();
+    for (i, k) in remote.iter().enumerate().filter(|(i, _)| i % 10 != 0) {
+        match i % 5 {
+            3 => {
+                c.pods.remove(k);
+            }
+            4 => c.pods.get_mut(k).unwrap().ips = vec![IpAddr::from([10, 200, (i >> 8) as u8, i as u8])],
+            _ => {
+                let p = c.pods.get_mut(k).unwrap();
+                let app = p.labels.get("app").cloned().unwrap_or_default();
+                p.labels.insert("app".into(), format!("{app}-x{}", i % 3));
+            }
+        }
+        ch.pods.insert(k.clone());
+    }
+    assert!(full_is_cheaper(ch.pods.len(), c.pods.len()), "{} of {}", ch.pods.len(), c.pods.len());
+    assert_eq!(forced.update(&c, &ch), UpdateKind::Incremental);
+    assert_eq!(auto.update(&c, &ch), UpdateKind::Full, "the fallback");
+    let full = compile_node(&c, &node);
+    assert_eq!(auto.policy().pods, full.pods);
+    assert!(verdict_table(&c, forced.policy()) == verdict_table(&c, &full), "incremental and full compile disagree");
+    // A small change stays incremental.
+    let k = remote[0].clone();
+    c.pods.get_mut(&k).unwrap().labels.insert("app".into(), "other".into());
+    let small = ChangeSet { pods: [k].into(), ..Default::default() };
+    assert_eq!(auto.update(&c, &small), UpdateKind::Incremental);
+    assert!(verdict_table(&c, auto.policy()) == verdict_table(&c, &compile_node(&c, &node)));
+    assert!(!full_is_cheaper(INCREMENTAL_MAX_ALWAYS, 100), "small changes are never a full compile");
 }
