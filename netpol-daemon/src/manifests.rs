@@ -674,6 +674,34 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[test]
+    fn a_new_invalid_policy_fails_closed_and_an_invalid_edit_keeps_the_valid_version() {
+        let dir = std::env::temp_dir().join(format!("netpol-dirfailclosed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("p.yaml");
+        let key = ObjKey::new("a", "p");
+        let mut r = DirReader::default();
+        // Never valid: its fail-closed stand-in (no allows), reported with object and field.
+        std::fs::write(&f, format!("{NS}---\n{}", POLICY.replace("PORT", "70000"))).unwrap();
+        let l = r.load(&dir).unwrap();
+        let p = &l.cluster.policies[&key];
+        assert!(p.invalid.as_deref().is_some_and(|m| m.contains("a/p: spec.ingress[0].ports[0].port: 70000")), "{p:?}");
+        assert!(p.ingress.is_empty() && p.isolates_ingress && !p.isolates_egress);
+        assert!(l.errors.iter().any(|e| e.message.contains("NetworkPolicy a/p: spec.ingress[0].ports[0].port") && e.message.contains("fail-closed")), "{:?}", l.errors);
+        // Valid: as written.
+        std::fs::write(&f, format!("{NS}---\n{}", POLICY.replace("PORT", "80"))).unwrap();
+        let l = r.load(&dir).unwrap();
+        assert!(l.errors.is_empty() && l.cluster.policies[&key].invalid.is_none());
+        assert!(port(&l).unwrap().contains("80"));
+        // An invalid edit: the valid version stays (as the API server keeps the stored one).
+        std::fs::write(&f, format!("{NS}---\n{}", POLICY.replace("PORT", "0"))).unwrap();
+        let l = r.load(&dir).unwrap();
+        assert!(!l.errors.is_empty());
+        assert!(l.cluster.policies[&key].invalid.is_none() && port(&l).unwrap().contains("80"), "{:?}", l.cluster.policies[&key]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: a, labels: {app: LABEL}}\nspec: {nodeName: n, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: y, namespace: a}\nspec: {nodeName: n, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.2}\n";
 
     #[test]
