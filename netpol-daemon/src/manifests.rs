@@ -580,7 +580,17 @@ fn add_object(value: serde_json::Value, out: &mut Loaded) -> Result<(), Vec<Stri
             Ok(())
         }
         "NetworkPolicy" => {
-            let np: NetworkPolicy = serde_json::from_value(value).map_err(typed_err)?;
+            let np: NetworkPolicy = match serde_json::from_value(value.clone()) {
+                Ok(np) => np,
+                Err(e) => {
+                    // Not even of the API's shape: still fail closed where it can be keyed.
+                    if let Some(p) = model::policy_stand_in(&value, &e.to_string()) {
+                        out.cluster.policies.insert(p.key.clone(), p);
+                        return Err(vec![format!("{kind} {ns}/{name}: {e}{}", model::FAIL_CLOSED_NOTE)]);
+                    }
+                    return Err(typed_err(e));
+                }
+            };
             let conv = model::policy_from_k8s(&np).map_err(fields)?;
             for w in &conv.warnings {
                 log::warn!("NetworkPolicy {w}");

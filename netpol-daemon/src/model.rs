@@ -598,6 +598,45 @@ pub fn policy_from_k8s(np: &NetworkPolicy) -> Result<ConvertedPolicy, Vec<FieldE
     Ok(ConvertedPolicy { policy, errors: errs.list, warnings: warnings.list })
 }
 
+/// The fail-closed stand-in of a NetworkPolicy whose text does not have the API's shape (a
+/// field of the wrong type: the typed conversion cannot even start), read from what can be
+/// read: its pod selector (else every pod of the namespace) and its policy types (else both
+/// directions; defaulted as usual when absent). `None` without a name.
+pub fn policy_stand_in(value: &serde_json::Value, why: &str) -> Option<Policy> {
+    let meta = value.get("metadata")?;
+    let name = meta.get("name")?.as_str().filter(|n| !n.is_empty())?;
+    let namespace = meta.get("namespace").and_then(|n| n.as_str()).unwrap_or("default");
+    let spec = value.get("spec");
+    let pod_selector = spec
+        .and_then(|s| s.get("podSelector"))
+        .and_then(|v| serde_json::from_value::<LabelSelector>(v.clone()).ok())
+        .and_then(|sel| Selector::from_k8s(&sel).ok())
+        .unwrap_or_else(Selector::everything);
+    let (isolates_ingress, isolates_egress) = match spec.and_then(|s| s.get("policyTypes")) {
+        None | Some(serde_json::Value::Null) => {
+            let egress = spec.and_then(|s| s.get("egress"));
+            (true, egress.is_some_and(|e| !e.is_null() && e.as_array().is_none_or(|a| !a.is_empty())))
+        }
+        Some(v) => match serde_json::from_value::<Vec<String>>(v.clone()) {
+            Ok(types) if !types.is_empty() && types.iter().all(|t| t == "Ingress" || t == "Egress") => {
+                (types.iter().any(|t| t == "Ingress"), types.iter().any(|t| t == "Egress"))
+            }
+            _ => (true, true),
+        },
+    };
+    let audit = meta.get("annotations").and_then(|a| a.get(AUDIT_ANNOTATION)).and_then(|v| v.as_str()) == Some("true");
+    Some(Policy {
+        key: ObjKey::new(namespace, name),
+        pod_selector,
+        ingress: vec![],
+        egress: vec![],
+        isolates_ingress,
+        isolates_egress,
+        audit,
+        invalid: Some(format!("{namespace}/{name}: {why}")),
+    })
+}
+
 fn selector(errs: &mut Errs, field: &str, sel: Option<&LabelSelector>) -> Option<Selector> {
     match sel {
         None => Some(Selector::everything()),

@@ -740,6 +740,18 @@ fn an_invalid_policy_isolates_what_it_selects_and_allows_nothing() {
     let (c, _) = loaded(&format!("{good}---\n{}", np("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]}")));
     assert!(verdict(&c, "ns1/a", Ingress, "10.0.0.3", TCP, Some(443)));
     assert!(!verdict(&c, "ns1/a", Ingress, "10.0.0.3", TCP, Some(80)));
+    // Not even of the API's shape (a field of the wrong type): still fail closed, from what
+    // can be read of it.
+    let (c, errs) = loaded(&np("{podSelector: {matchLabels: {app: a}}, ingress: [{ports: [{port: {x: 1}}]}]}"));
+    assert!(errs.iter().any(|e| e.contains("NetworkPolicy ns1/bad:") && e.contains("fail-closed")), "{errs:?}");
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.0.0.3", TCP, Some(80)));
+    assert!(verdict(&c, "ns1/b", Ingress, "10.0.0.3", TCP, Some(80)));
+    assert!(verdict(&c, "ns1/a", Egress, "10.0.0.3", TCP, Some(80)));
+    let (c, _) = loaded(&np("{podSelector: 5, policyTypes: Egress}"));
+    for pod in ["ns1/a", "ns1/b"] {
+        assert!(!verdict(&c, pod, Ingress, "10.0.0.3", TCP, Some(80)), "{pod}");
+        assert!(!verdict(&c, pod, Egress, "10.0.0.3", TCP, Some(80)), "{pod}");
+    }
     // A policy without a name cannot stand in for anything: an error, no policy.
     let (c, errs) = loaded("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: ns1}\nspec: {podSelector: {}}\n");
     assert!(c.policies.is_empty() && errs.iter().any(|e| e.contains("metadata.name")), "{errs:?}");
