@@ -150,9 +150,11 @@ fn lists_and_watch_events_reach_the_cluster_model() {
     assert_eq!(c.namespaces["shop"].labels.get("team").map(|s| s.as_str()), Some("a"));
     assert!(c.policies.contains_key(&ObjKey::new("shop", "db")));
     assert_eq!(c.services[&ObjKey::new("shop", "db")].cluster_ips, vec!["10.96.3.3".parse::<std::net::IpAddr>().unwrap()]);
-    // The invalid policy is skipped and reported with its field.
-    assert!(!c.policies.contains_key(&ObjKey::new("shop", "broken")));
-    assert!(errors.iter().any(|e| e.contains("shop/broken: spec.ingress[0].ports[0].port: 70000 is not in 1-65535")), "{errors:?}");
+    // The invalid policy is reported with its field and enforced fail-closed (isolating
+    // what it selects, allowing nothing), as from manifests.
+    let broken = &c.policies[&ObjKey::new("shop", "broken")];
+    assert!(broken.invalid.is_some() && broken.isolates_ingress && broken.ingress.is_empty() && broken.pod_selector.is_everything(), "{broken:?}");
+    assert!(errors.iter().any(|e| e.contains("shop/broken: spec.ingress[0].ports[0].port: 70000 is not in 1-65535 (enforced fail-closed")), "{errors:?}");
     assert!(src.generation.load(Ordering::SeqCst) > 0);
     // The model compiles like any other source.
     let node = netpol_daemon::compiler::compile_node(&c, "node-1");
@@ -210,8 +212,11 @@ fn explain_and_check_work_against_a_live_cluster() {
     assert!(text.contains("allowed by shop/db: spec.ingress[0]"), "{text}");
     let (code, text) = run(&["explain", "--from", "shop/web-1", "--to", "shop/db-1", "--port", "5433"]);
     assert_eq!(code, Some(3), "{text}");
+    // The invalid policy shows as what it is enforced as: fail-closed.
+    assert!(text.contains("shop/broken [invalid, fail-closed: shop/broken: spec.ingress[0].ports[0].port"), "{text}");
     let (code, text) = run(&["check"]);
     assert_eq!(code, Some(1), "the invalid policy is an error: {text}");
     assert!(text.contains("shop/broken: spec.ingress[0].ports[0].port"), "{text}");
+    assert!(text.contains("note: shop/broken: invalid, enforced fail-closed: isolates"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -174,7 +174,7 @@ spec:
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: api-no-egress, namespace: clients}\nspec:\n  podSelector: {matchLabels: {app: api}}\n  policyTypes: [Egress]\n",
     )
     .unwrap();
-    // An invalid object next to valid ones: reported and skipped, the rest enforced.
+    // Invalid objects next to valid ones: reported and enforced fail-closed, the rest as written.
     lab.write_manifest(
         "broken.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: other}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{protocol: ICMP, port: 1}]}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad-cidr, namespace: other}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/40}}]}]\n",
@@ -198,8 +198,9 @@ spec:
             // Replies of connections into api pass its isolated egress (conntrack).
             ("stranger", "api", "tcp", 8080, true),
             ("broker", "api", "udp", 53, true),
-            // The broken policies in namespace other were skipped: nothing isolates stranger.
-            ("broker", "stranger", "tcp", 8080, true),
+            // The broken policies in namespace other fail closed: they isolate what they
+            // select (every pod of other, for ingress) and allow nothing.
+            ("broker", "stranger", "tcp", 8080, false),
         ],
     );
     let m = lab.metrics().unwrap();

@@ -46,17 +46,31 @@ impl Cidr {
         Cidr { addr, len }
     }
 
-    /// Parses `a.b.c.d/n` or `x::y/n`. Host bits are cleared (as the API server's parser does).
+    /// Parses a CIDR as the API server reads it (see [`Cidr::parse_api`]).
     pub fn parse(s: &str) -> Result<Cidr, String> {
-        let (a, l) = s.split_once('/').ok_or_else(|| format!("invalid CIDR {s:?}: missing '/prefix-length'"))?;
-        let addr: IpAddr = a.parse().map_err(|_| format!("invalid CIDR {s:?}: bad address {a:?}"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len: u8 = l
-            .parse()
-            .ok()
-            .filter(|n| *n <= max)
-            .ok_or_else(|| format!("invalid CIDR {s:?}: prefix length must be 0-{max}"))?;
-        Ok(Cidr::new(addr, len))
+        Cidr::parse_api(s).map(|(c, _)| c)
+    }
+
+    /// Parses a CIDR the way the API server validates and its clients read NetworkPolicy
+    /// `ipBlock` fields (`IsValidCIDRForLegacyField`, k8s.io/utils/net `ParseCIDRSloppy`):
+    /// - Go's `net.ParseCIDR` first: `a.b.c.d/n` or an IPv6 address (also with an embedded
+    ///   IPv4 part, `::ffff:a.b.c.d`) and `/n`, `n` decimal digits only (leading zeros allowed).
+    /// - Failing that, the same after stripping leading zeros from the octets of a trailing
+    ///   dotted quad and from the length: `010.244.1.30/32` is `10.244.1.30/32` (decimal, not
+    ///   octal). Objects stored before Go 1.17 hold such values, and the API server still
+    ///   accepts them where strict validation is off.
+    /// - Host bits may be set (`10.1.2.3/8`, the "interface address" form); they are cleared.
+    /// - An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) is the IPv4 network
+    ///   (`10.0.0.0/8`), as Go's `IPNet.Contains` matches IPv4 addresses against it.
+    ///
+    /// Returns the prefix and the prefix length as written (what the API server compares
+    /// when it checks that an `except` is a strict subset of its `cidr`).
+    pub fn parse_api(s: &str) -> Result<(Cidr, u8), String> {
+        let bad = || format!("invalid CIDR {s:?}: want an address and a prefix length, as 10.0.0.0/8 or fd00::/64");
+        match go_parse_cidr(s) {
+            Some(c) => Ok(c),
+            None => go_parse_cidr(&strip_zeros(s).ok_or_else(bad)?).ok_or_else(bad),
+        }
     }
 
     pub fn addr(&self) -> IpAddr {
@@ -107,6 +121,63 @@ impl Cidr {
     }
 }
 
+/// Go's `net.ParseCIDR`, normalised: (prefix, length as written). The address part is Go's
+/// `netip.ParseAddr` (no zone; IPv4 octets without leading zeros, which Rust's parser also
+/// rejects), the length Go's `dtoi` (decimal digits only, no sign).
+fn go_parse_cidr(s: &str) -> Option<(Cidr, u8)> {
+    let (a, l) = s.split_once('/')?;
+    let addr: IpAddr = a.parse().ok()?;
+    if l.is_empty() || !l.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u32 = l.trim_start_matches('0').parse().unwrap_or(if l.trim_start_matches('0').is_empty() { 0 } else { u32::MAX });
+    if len > max {
+        return None;
+    }
+    let len = len as u8;
+    let c = Cidr::new(addr, len);
+    // A masked address in ::ffff:0:0/96 is an IPv4 network to Go (IP.To4 succeeds).
+    if let IpAddr::V6(v6) = c.addr {
+        if let Some(v4) = v6.to_ipv4_mapped() {
+            if len >= 96 {
+                return Some((Cidr::new(IpAddr::V4(v4), len - 96), len));
+            }
+        }
+    }
+    Some((c, len))
+}
+
+/// The rewrite of k8s.io/utils/net's `matchZeros`: a dotted quad ending the text, at its
+/// start or after a `:`, optionally followed by `/length`; leading zeros dropped from each
+/// number (an all-zero number becomes `0`). `None` when the text has no such tail.
+fn strip_zeros(s: &str) -> Option<String> {
+    let start = s.rfind(':').map_or(0, |i| i + 1);
+    let (head, tail) = s.split_at(start);
+    let (quad, len) = match tail.split_once('/') {
+        Some((q, l)) => (q, Some(l)),
+        None => (tail, None),
+    };
+    let num = |n: &str| -> Option<String> {
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let t = n.trim_start_matches('0');
+        Some(if t.is_empty() { "0".to_string() } else { t.to_string() })
+    };
+    let parts: Vec<&str> = quad.split('.').collect();
+    if parts.len() != 4 {
+        return None;
+    }
+    let octets: Vec<String> = parts.into_iter().map(num).collect::<Option<_>>()?;
+    let mut out = format!("{head}{}", octets.join("."));
+    if let Some(l) = len {
+        out.push('/');
+        out.push_str(&num(l)?);
+    }
+    Some(out)
+}
+
 pub fn addr_bytes(a: IpAddr) -> [u8; 16] {
     let mut out = [0u8; 16];
     match a {
@@ -137,6 +208,33 @@ mod tests {
         assert!(Cidr::parse("10.0.0.0").is_err());
         assert!(Cidr::parse("10.0.0/8").is_err());
         assert!(Cidr::parse("fd00::/129").is_err());
+    }
+
+    /// What the API server accepts in an ipBlock (k8s.io/utils/net ParseCIDRSloppy after Go's
+    /// net.ParseCIDR), with the meaning its clients give it.
+    #[test]
+    fn parse_accepts_what_the_api_server_accepts_with_its_meaning() {
+        let p = |s: &str| Cidr::parse(s).map(|c| c.to_string());
+        // Leading zeros in IPv4 octets and the length: decimal, not octal.
+        assert_eq!(p("010.244.1.30/32").unwrap(), "10.244.1.30/32");
+        assert_eq!(p("010.244.001.030/32").unwrap(), "10.244.1.30/32");
+        assert_eq!(p("192.168.000.000/016").unwrap(), "192.168.0.0/16");
+        assert_eq!(p("0000.0.0.0/0").unwrap(), "0.0.0.0/0");
+        assert_eq!(p("10.0.0.0/008").unwrap(), "10.0.0.0/8");
+        // Host bits set: the interface-address form, masked.
+        assert_eq!(p("10.244.1.30/16").unwrap(), "10.244.0.0/16");
+        // IPv4-mapped IPv6: the IPv4 network (Go's IPNet.Contains matches IPv4 against it).
+        assert_eq!(p("::ffff:10.244.1.30/128").unwrap(), "10.244.1.30/32");
+        assert_eq!(p("::ffff:10.0.0.0/104").unwrap(), "10.0.0.0/8");
+        assert_eq!(p("::ffff:010.0.0.1/128").unwrap(), "10.0.0.1/32");
+        assert_eq!(p("::ffff:0:0/96").unwrap(), "0.0.0.0/0");
+        assert_eq!(p("::ffff:10.0.0.0/64").unwrap(), "::/64");
+        assert_eq!(p("::ffff:0a00:1/120").unwrap(), "10.0.0.0/24");
+        assert_eq!(Cidr::parse_api("::ffff:10.0.0.0/104").unwrap().1, 104);
+        // What it rejects.
+        for bad in ["10.0.0.256/32", "0300.0.0.1/32", "10.0.0.1", "10.0.0.0/", "10.0.0.0/+8", "10.0.0.0/33", "10.0.0.0/-1", "10.0.0/8", "fe80::1%eth0/64", " 10.0.0.0/8", "10.0.0.0/8 ", "0x0a.0.0.0/8", "10.0.0.0/ 8"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -44,7 +44,14 @@ fn describe(e: &Explanation, cluster: &Cluster, who: &ObjKey, out: &mut String) 
         compiler::Verdict::Audit => "AUDIT (an audit-mode policy would deny it; it passes)",
         compiler::Verdict::Deny => "DENIED",
     };
-    let pols: Vec<String> = e.policies.iter().map(|p| p.to_string()).collect();
+    let pols: Vec<String> = e
+        .policies
+        .iter()
+        .map(|p| match cluster.policies.get(p).and_then(|p| p.invalid.as_ref()) {
+            Some(why) => format!("{p} [invalid, fail-closed: {why}]"),
+            None => p.to_string(),
+        })
+        .collect();
     let _ = writeln!(out, "  {d} at {who}: {verdict} (isolated by {})", pols.join(", "));
     if e.allowing_rules.is_empty() {
         let _ = writeln!(out, "    no {d} rule of those policies matches this peer, port and protocol");
@@ -102,7 +109,7 @@ pub fn explain(dir: Option<&Path>, from: &str, to: &str, port: Option<u16>, prot
     let (cluster, errors) = load(dir)?;
     let mut out = String::new();
     for e in &errors {
-        let _ = writeln!(out, "warning: skipped {e}");
+        let _ = writeln!(out, "warning: invalid {e}");
     }
     let c = &cluster;
     let proto: u8 = match protocol.to_ascii_uppercase().as_str() {
@@ -145,6 +152,12 @@ pub fn check(dir: Option<&Path>) -> Result<(usize, String)> {
         let _ = writeln!(out, "error: {e}");
     }
     for pol in c.policies.values() {
+        if pol.invalid.is_some() {
+            let dirs: Vec<&str> = Direction::BOTH.into_iter().filter(|d| pol.isolates(*d)).map(|d| d.as_str()).collect();
+            let selected = c.pods.values().filter(|p| p.selectable() && p.key.namespace == pol.key.namespace && pol.pod_selector.matches(&p.labels)).count();
+            let _ = writeln!(out, "note: {}: invalid, enforced fail-closed: isolates {selected} pod(s) for {} and allows nothing", pol.key, dirs.join(" and "));
+            continue;
+        }
         let selected = c.pods.values().filter(|p| p.selectable() && p.key.namespace == pol.key.namespace && pol.pod_selector.matches(&p.labels)).count();
         if selected == 0 {
             let _ = writeln!(out, "warning: {}: spec.podSelector selects no pod", pol.key);
@@ -275,6 +288,11 @@ spec:
         let (errors, text) = check(Some(&d.0)).unwrap();
         assert_eq!(errors, 1, "{text}");
         assert!(text.contains("apps/bad: spec.ingress[0].ports[0].port: 0 is not in 1-65535"), "{text}");
+        // The invalid policy is shown as enforced: fail-closed, isolating apps' pods.
+        assert!(text.contains("note: apps/bad: invalid, enforced fail-closed: isolates 1 pod(s) for ingress and allows nothing"), "{text}");
+        let (ok, why) = explain(Some(&d.0), "data/db", "apps/api", Some(80), "TCP").unwrap();
+        assert!(!ok, "{why}");
+        assert!(why.contains("ingress at apps/api: DENIED (isolated by apps/bad [invalid, fail-closed: apps/bad: spec.ingress[0].ports[0].port: 0 is not in 1-65535])"), "{why}");
         assert!(text.contains("warning: apps/lonely: spec.podSelector selects no pod"), "{text}");
         assert!(text.contains("no pod has a TCP port named \"web\""), "{text}");
         assert!(text.contains("node n2: 1 pods"), "{text}");

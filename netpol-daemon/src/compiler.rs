@@ -573,6 +573,10 @@ struct State {
     local: BTreeMap<ObjKey, [Vec<ObjKey>; 2]>,
     /// Addresses of every selectable pod (what a changed pod had before).
     pod_ips: HashMap<ObjKey, Vec<IpAddr>>,
+    /// The other way: per address, the selectable pods holding it, in key order. A changed
+    /// address finds its owners here instead of scanning every pod (a change of many pods
+    /// would otherwise cost changed x all pods).
+    ip_owners: HashMap<IpAddr, BTreeSet<ObjKey>>,
 }
 
 impl State {
@@ -678,9 +682,15 @@ impl State {
 
     /// The identity of the class of address `addr` as a host prefix, from the current pods.
     fn class_key(&self, cluster: &Cluster, addr: IpAddr) -> ClassId {
-        // The selectable pods owning the address, in key order (a scan: only the few
-        // addresses of changed pods are looked up).
-        let owners: Vec<&Pod> = cluster.pods.values().filter(|p| p.ips.contains(&addr) && p.selectable()).collect();
+        // The selectable pods owning the address, in key order (from the index by address).
+        let owners: Vec<&Pod> = self
+            .ip_owners
+            .get(&addr)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| cluster.pods.get(k))
+            .filter(|p| p.ips.contains(&addr) && p.selectable())
+            .collect();
         let ns_labels = |ns: &str| -> std::borrow::Cow<Labels> {
             match cluster.namespaces.get(ns) {
                 Some(n) => std::borrow::Cow::Borrowed(&n.labels),
@@ -960,8 +970,12 @@ fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
     drop(groups);
 
     let mut pod_ips: HashMap<ObjKey, Vec<IpAddr>> = HashMap::with_capacity_and_hasher(index.cluster.pods.len(), Default::default());
+    let mut ip_owners: HashMap<IpAddr, BTreeSet<ObjKey>> = HashMap::with_capacity_and_hasher(index.cluster.pods.len(), Default::default());
     for p in index.cluster.pods.values().filter(|p| p.selectable()) {
         pod_ips.insert(p.key.clone(), p.ips.clone());
+        for ip in &p.ips {
+            ip_owners.entry(*ip).or_default().insert(p.key.clone());
+        }
     }
     let mut st = State {
         group_classes: vec![Vec::new(); group_states.len()],
@@ -976,6 +990,7 @@ fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
         service_of,
         local: BTreeMap::new(),
         pod_ips,
+        ip_owners,
     };
 
     // Classes: candidates in the same peer sets (and, under named egress rules, with the same
@@ -1142,7 +1157,7 @@ fn prune(table: BTreeMap<Cidr, usize>) -> BTreeMap<Cidr, usize> {
 }
 
 mod incremental;
-pub use incremental::{ChangeSet, NodeCompiler, UpdateKind};
+pub use incremental::{full_is_cheaper, ChangeSet, NodeCompiler, UpdateKind, FULL_FRACTION, INCREMENTAL_MAX_ALWAYS};
 
 #[cfg(test)]
 mod tests;

@@ -352,7 +352,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                         change_age = if first { None } else { age.map(|a| (a, now)) };
                         for e in &errors {
                             if !last_load_errors.contains(e) {
-                                log::error!("skipped: {e}");
+                                log::error!("invalid: {e}");
                             }
                         }
                         manifest_errors = errors.len();

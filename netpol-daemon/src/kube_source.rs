@@ -44,6 +44,8 @@ pub struct KubeSource {
     policies: Store<NetworkPolicy>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    /// Warnings already logged (snapshots convert every object again).
+    warned: std::sync::Mutex<std::collections::HashSet<String>>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -159,7 +161,7 @@ impl KubeSource {
                 generation.fetch_add(1, Ordering::SeqCst);
             });
         }
-        KubeSource { generation, errors, synced, healthy, pending_since, namespaces, pods, policies, services, slices, _rt: rt }
+        KubeSource { generation, errors, synced, healthy, pending_since, namespaces, pods, policies, services, slices, warned: Default::default(), _rt: rt }
     }
 
     /// The cluster model from the stores; invalid objects are skipped and reported.
@@ -184,9 +186,18 @@ impl KubeSource {
             }
         }
         for np in self.policies.state() {
+            // The same conversion as the manifests source: an invalid policy is enforced as
+            // its fail-closed stand-in and reported.
             match model::policy_from_k8s(&np) {
-                Ok(pol) => {
-                    c.policies.insert(pol.key.clone(), pol);
+                Ok(conv) => {
+                    for w in &conv.warnings {
+                        let w = format!("NetworkPolicy {w}");
+                        if self.warned.lock().unwrap().insert(w.clone()) {
+                            log::warn!("{w}");
+                        }
+                    }
+                    errors.extend(conv.errors.iter().map(|e| format!("NetworkPolicy {e}{}", model::FAIL_CLOSED_NOTE)));
+                    c.policies.insert(conv.policy.key.clone(), conv.policy);
                 }
                 Err(es) => errors.extend(es.into_iter().map(|e| format!("NetworkPolicy {e}"))),
             }

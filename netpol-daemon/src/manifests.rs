@@ -447,7 +447,16 @@ impl DirReader {
 /// A file that did not load cleanly keeps the previous version of the objects it lost.
 fn keep_previous(file: &Path, one: &mut Loaded, prev: Option<&Cluster>) {
     let Some(prev) = prev.filter(|_| !one.errors.is_empty()) else { return };
-    let kept = keep_missing(&mut one.cluster, prev);
+    let mut kept = keep_missing(&mut one.cluster, prev);
+    // A policy made invalid by an edit keeps its previous valid version (as the API server
+    // keeps the stored object when it rejects an update); only a policy that never was
+    // valid stays fail-closed.
+    for (k, pol) in one.cluster.policies.iter_mut() {
+        if let Some(old) = prev.policies.get(k).filter(|old| pol.invalid.is_some() && old.invalid.is_none()) {
+            *pol = old.clone();
+            kept += 1;
+        }
+    }
     if kept > 0 {
         one.errors.push(LoadError {
             file: file.to_path_buf(),
@@ -571,10 +580,28 @@ fn add_object(value: serde_json::Value, out: &mut Loaded) -> Result<(), Vec<Stri
             Ok(())
         }
         "NetworkPolicy" => {
-            let np: NetworkPolicy = serde_json::from_value(value).map_err(typed_err)?;
-            let pol = model::policy_from_k8s(&np).map_err(fields)?;
-            out.cluster.policies.insert(pol.key.clone(), pol);
-            Ok(())
+            let np: NetworkPolicy = match serde_json::from_value(value.clone()) {
+                Ok(np) => np,
+                Err(e) => {
+                    // Not even of the API's shape: still fail closed where it can be keyed.
+                    if let Some(p) = model::policy_stand_in(&value, &e.to_string()) {
+                        out.cluster.policies.insert(p.key.clone(), p);
+                        return Err(vec![format!("{kind} {ns}/{name}: {e}{}", model::FAIL_CLOSED_NOTE)]);
+                    }
+                    return Err(typed_err(e));
+                }
+            };
+            let conv = model::policy_from_k8s(&np).map_err(fields)?;
+            for w in &conv.warnings {
+                log::warn!("NetworkPolicy {w}");
+            }
+            // An invalid policy is kept as its fail-closed stand-in, and reported.
+            out.cluster.policies.insert(conv.policy.key.clone(), conv.policy);
+            if conv.errors.is_empty() {
+                Ok(())
+            } else {
+                Err(conv.errors.into_iter().map(|e| format!("NetworkPolicy {e}{}", model::FAIL_CLOSED_NOTE)).collect())
+            }
         }
         "Service" => {
             let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(value).map_err(typed_err)?;
@@ -654,6 +681,34 @@ mod tests {
         std::fs::remove_file(&f).unwrap();
         let l = r.load(&dir).unwrap();
         assert!(port(&l).is_none() && l.cluster.namespaces.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_new_invalid_policy_fails_closed_and_an_invalid_edit_keeps_the_valid_version() {
+        let dir = std::env::temp_dir().join(format!("netpol-dirfailclosed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("p.yaml");
+        let key = ObjKey::new("a", "p");
+        let mut r = DirReader::default();
+        // Never valid: its fail-closed stand-in (no allows), reported with object and field.
+        std::fs::write(&f, format!("{NS}---\n{}", POLICY.replace("PORT", "70000"))).unwrap();
+        let l = r.load(&dir).unwrap();
+        let p = &l.cluster.policies[&key];
+        assert!(p.invalid.as_deref().is_some_and(|m| m.contains("a/p: spec.ingress[0].ports[0].port: 70000")), "{p:?}");
+        assert!(p.ingress.is_empty() && p.isolates_ingress && !p.isolates_egress);
+        assert!(l.errors.iter().any(|e| e.message.contains("NetworkPolicy a/p: spec.ingress[0].ports[0].port") && e.message.contains("fail-closed")), "{:?}", l.errors);
+        // Valid: as written.
+        std::fs::write(&f, format!("{NS}---\n{}", POLICY.replace("PORT", "80"))).unwrap();
+        let l = r.load(&dir).unwrap();
+        assert!(l.errors.is_empty() && l.cluster.policies[&key].invalid.is_none());
+        assert!(port(&l).unwrap().contains("80"));
+        // An invalid edit: the valid version stays (as the API server keeps the stored one).
+        std::fs::write(&f, format!("{NS}---\n{}", POLICY.replace("PORT", "0"))).unwrap();
+        let l = r.load(&dir).unwrap();
+        assert!(!l.errors.is_empty());
+        assert!(l.cluster.policies[&key].invalid.is_none() && port(&l).unwrap().contains("80"), "{:?}", l.cluster.policies[&key]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

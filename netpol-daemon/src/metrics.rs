@@ -143,7 +143,7 @@ pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) ->
         ("netpol_ready", "1 once the first full sync is programmed.", if ready { 1.0 } else { 0.0 }),
         ("netpol_endpoints", "Pod interfaces with programs attached.", status.endpoints.len() as f64),
         ("netpol_policies", "NetworkPolicies in the cluster model.", status.policies as f64),
-        ("netpol_manifest_errors", "Objects skipped because they are invalid.", status.manifest_errors as f64),
+        ("netpol_manifest_errors", "Invalid objects (skipped; an invalid NetworkPolicy is enforced fail-closed: it isolates what it selects and allows nothing).", status.manifest_errors as f64),
         ("netpol_sync_errors", "Errors of the last datapath sync.", status.sync_errors as f64),
         ("netpol_identity_map_entries", "Entries in the IDENTITIES map (address classes).", status.identity_entries as f64),
         ("netpol_policy_map_entries", "Entries in the POLICY map.", status.policy_entries as f64),

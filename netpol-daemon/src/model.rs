@@ -210,6 +210,9 @@ pub struct Policy {
     /// Audit mode (annotation [`AUDIT_ANNOTATION`]: "true"): the drops this policy would add
     /// are counted and logged as `verdict="audit"` and let through.
     pub audit: bool,
+    /// The policy failed validation (the first problem found): it is enforced fail-closed,
+    /// isolating what it selects with no allows (see [`policy_from_k8s`]).
+    pub invalid: Option<String>,
 }
 
 /// The NetworkPolicy annotation that puts one policy in audit mode.
@@ -499,11 +502,34 @@ pub fn endpoint_slice_from_k8s(es: &k8s_openapi::api::discovery::v1::EndpointSli
     Ok(Some(EndpointSlice { key, service, addresses, ports }))
 }
 
+/// Appended to a NetworkPolicy's validation errors where they are reported.
+pub const FAIL_CLOSED_NOTE: &str = " (enforced fail-closed: the policy isolates the pods it selects and allows nothing)";
+
+/// A NetworkPolicy as it is enforced, with what was wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvertedPolicy {
+    /// The policy as written, or, when `errors` is not empty, its fail-closed stand-in.
+    pub policy: Policy,
+    /// Validation errors (each names the object and field); not empty: fail closed.
+    pub errors: Vec<FieldError>,
+    /// Problems that change nothing in enforcement (an annotation value netpol ignores).
+    pub warnings: Vec<FieldError>,
+}
+
 /// Validates and converts a NetworkPolicy. Every problem is reported, not just the first.
-pub fn policy_from_k8s(np: &NetworkPolicy) -> Result<Policy, Vec<FieldError>> {
+///
+/// A policy that fails validation is not skipped (skipping it would leave open the pods it
+/// was meant to isolate: fail open). It becomes a stand-in that isolates what it selects in
+/// its policy types and allows nothing: its valid rules are dropped as well, as one
+/// invalid rule may have been meant to narrow what the others allow. Where `policyTypes`
+/// itself is unreadable, both directions are isolated; where `podSelector` is unreadable,
+/// every pod of the namespace is. Only a policy without a name (which cannot be keyed) is
+/// an error without a policy.
+pub fn policy_from_k8s(np: &NetworkPolicy) -> Result<ConvertedPolicy, Vec<FieldError>> {
     let key = meta_key("NetworkPolicy", &np.metadata, true).map_err(|e| vec![e])?;
     let object = key.to_string();
     let mut errs = Errs { object: &object, list: vec![] };
+    let mut warnings = Errs { object: &object, list: vec![] };
     let default_spec = NetworkPolicySpec::default();
     let spec = np.spec.as_ref().unwrap_or(&default_spec);
     let pod_selector = selector(&mut errs, "spec.podSelector", spec.pod_selector.as_ref());
@@ -517,6 +543,7 @@ pub fn policy_from_k8s(np: &NetworkPolicy) -> Result<Policy, Vec<FieldError>> {
         let base = format!("spec.egress[{i}]");
         egress.push(rule(&mut errs, &base, "to", r.to.as_deref(), r.ports.as_deref()));
     }
+    let mut types_unreadable = false;
     let (isolates_ingress, isolates_egress) = match &spec.policy_types {
         None => (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty())),
         Some(types) => {
@@ -525,10 +552,10 @@ pub fn policy_from_k8s(np: &NetworkPolicy) -> Result<Policy, Vec<FieldError>> {
                 match t.as_str() {
                     "Ingress" => i = true,
                     "Egress" => e = true,
-                    other => errs.push(
-                        format!("spec.policyTypes[{n}]"),
-                        format!("unknown policy type {other:?} (want Ingress or Egress)"),
-                    ),
+                    other => {
+                        types_unreadable = true;
+                        errs.push(format!("spec.policyTypes[{n}]"), format!("unknown policy type {other:?} (want Ingress or Egress)"))
+                    }
                 }
             }
             if types.is_empty() {
@@ -539,25 +566,74 @@ pub fn policy_from_k8s(np: &NetworkPolicy) -> Result<Policy, Vec<FieldError>> {
             }
         }
     };
+    // Only "true" puts a policy in audit mode: any other value (a typo, "yes") is reported
+    // and the policy enforced as written, never silently relaxed.
     let audit = match np.metadata.annotations.as_ref().and_then(|a| a.get(AUDIT_ANNOTATION)).map(|v| v.as_str()) {
         None | Some("false") => false,
         Some("true") => true,
         Some(other) => {
-            errs.push(format!("metadata.annotations[{AUDIT_ANNOTATION}]"), format!("{other:?} is not \"true\" or \"false\""));
+            warnings.push(
+                format!("metadata.annotations[{AUDIT_ANNOTATION}]"),
+                format!("{other:?} is not \"true\" or \"false\"; ignored: the policy is enforced"),
+            );
             false
         }
     };
-    if !errs.list.is_empty() {
-        return Err(errs.list);
-    }
-    Ok(Policy {
-        key,
-        pod_selector: pod_selector.unwrap_or_default(),
-        ingress,
-        egress,
+    let policy = if errs.list.is_empty() {
+        Policy { key, pod_selector: pod_selector.unwrap_or_default(), ingress, egress, isolates_ingress, isolates_egress, audit, invalid: None }
+    } else {
+        let (isolates_ingress, isolates_egress) = if types_unreadable { (true, true) } else { (isolates_ingress, isolates_egress) };
+        Policy {
+            key,
+            // An unreadable selector: every pod of the namespace.
+            pod_selector: pod_selector.unwrap_or_else(Selector::everything),
+            ingress: vec![],
+            egress: vec![],
+            isolates_ingress,
+            isolates_egress,
+            audit,
+            invalid: Some(errs.list[0].to_string()),
+        }
+    };
+    Ok(ConvertedPolicy { policy, errors: errs.list, warnings: warnings.list })
+}
+
+/// The fail-closed stand-in of a NetworkPolicy whose text does not have the API's shape (a
+/// field of the wrong type: the typed conversion cannot even start), read from what can be
+/// read: its pod selector (else every pod of the namespace) and its policy types (else both
+/// directions; defaulted as usual when absent). `None` without a name.
+pub fn policy_stand_in(value: &serde_json::Value, why: &str) -> Option<Policy> {
+    let meta = value.get("metadata")?;
+    let name = meta.get("name")?.as_str().filter(|n| !n.is_empty())?;
+    let namespace = meta.get("namespace").and_then(|n| n.as_str()).unwrap_or("default");
+    let spec = value.get("spec");
+    let pod_selector = spec
+        .and_then(|s| s.get("podSelector"))
+        .and_then(|v| serde_json::from_value::<LabelSelector>(v.clone()).ok())
+        .and_then(|sel| Selector::from_k8s(&sel).ok())
+        .unwrap_or_else(Selector::everything);
+    let (isolates_ingress, isolates_egress) = match spec.and_then(|s| s.get("policyTypes")) {
+        None | Some(serde_json::Value::Null) => {
+            let egress = spec.and_then(|s| s.get("egress"));
+            (true, egress.is_some_and(|e| !e.is_null() && e.as_array().is_none_or(|a| !a.is_empty())))
+        }
+        Some(v) => match serde_json::from_value::<Vec<String>>(v.clone()) {
+            Ok(types) if !types.is_empty() && types.iter().all(|t| t == "Ingress" || t == "Egress") => {
+                (types.iter().any(|t| t == "Ingress"), types.iter().any(|t| t == "Egress"))
+            }
+            _ => (true, true),
+        },
+    };
+    let audit = meta.get("annotations").and_then(|a| a.get(AUDIT_ANNOTATION)).and_then(|v| v.as_str()) == Some("true");
+    Some(Policy {
+        key: ObjKey::new(namespace, name),
+        pod_selector,
+        ingress: vec![],
+        egress: vec![],
         isolates_ingress,
         isolates_egress,
         audit,
+        invalid: Some(format!("{namespace}/{name}: {why}")),
     })
 }
 
@@ -621,7 +697,7 @@ fn peer(errs: &mut Errs, path: &str, p: &NetworkPolicyPeer) -> Option<Peer> {
             None
         }
         (Some(b), None, None) => {
-            let cidr = match Cidr::parse(&b.cidr) {
+            let (cidr, cidr_len) = match Cidr::parse_api(&b.cidr) {
                 Ok(c) => c,
                 Err(e) => {
                     errs.push(format!("{path}.ipBlock.cidr"), e);
@@ -632,8 +708,10 @@ fn peer(errs: &mut Errs, path: &str, p: &NetworkPolicyPeer) -> Option<Peer> {
             let mut ok = true;
             for (i, e) in b.except.iter().flatten().enumerate() {
                 let field = format!("{path}.ipBlock.except[{i}]");
-                match Cidr::parse(e) {
-                    Ok(c) if cidr.strictly_contains(&c) => except.push(c),
+                // As the API server checks it: the except's address inside cidr, its prefix
+                // length (as written) longer than cidr's.
+                match Cidr::parse_api(e) {
+                    Ok((c, len)) if cidr.contains_addr(c.addr()) && len > cidr_len => except.push(c),
                     Ok(_) => {
                         errs.push(field, format!("{e:?} is not a strict subset of cidr {:?}", b.cidr));
                         ok = false;

@@ -87,7 +87,7 @@ pub fn cluster(s: &Shape) -> Cluster {
         let key = ObjKey::new(ns.clone(), format!("np-{p}"));
         let port = |proto, port| PortSpec { protocol: proto, port };
         let pol = match kind % 6 {
-            0 => Policy { key, pod_selector: Selector::everything(), ingress: vec![], egress: vec![], isolates_ingress: true, isolates_egress: false, audit: false },
+            0 => Policy { key, pod_selector: Selector::everything(), ingress: vec![], egress: vec![], isolates_ingress: true, isolates_egress: false, audit: false, invalid: None },
             1 => Policy {
                 key,
                 pod_selector: sel(&[("app", app.clone())]),
@@ -102,6 +102,7 @@ pub fn cluster(s: &Shape) -> Cluster {
                 isolates_ingress: true,
                 isolates_egress: false,
                 audit: false,
+                invalid: None,
             },
             2 => Policy {
                 key,
@@ -114,6 +115,7 @@ pub fn cluster(s: &Shape) -> Cluster {
                 isolates_ingress: true,
                 isolates_egress: false,
                 audit: false,
+                invalid: None,
             },
             3 => Policy {
                 key,
@@ -133,6 +135,7 @@ pub fn cluster(s: &Shape) -> Cluster {
                 isolates_ingress: false,
                 isolates_egress: true,
                 audit: false,
+                invalid: None,
             },
             4 => Policy {
                 key,
@@ -148,6 +151,7 @@ pub fn cluster(s: &Shape) -> Cluster {
                 isolates_ingress: true,
                 isolates_egress: false,
                 audit: false,
+                invalid: None,
             },
             _ => Policy {
                 key,
@@ -157,6 +161,7 @@ pub fn cluster(s: &Shape) -> Cluster {
                 isolates_ingress: true,
                 isolates_egress: false,
                 audit: false,
+                invalid: None,
             },
         };
         c.policies.insert(pol.key.clone(), pol);

@@ -124,6 +124,58 @@ fn compile_bench(pods: usize, policies: usize, repeats: usize) {
     println!();
 }
 
+/// A change of many remote pods at once (a manifest or relist changing `changed` pods of
+/// other nodes): the node compiler's update as the daemon runs it, then the map contents,
+/// beside a full compile of the same state (and, when it finishes in time, the incremental
+/// path forced on for the whole change).
+fn bulk_bench(pods: usize, policies: usize, changed: usize, forced: bool) {
+    let shape = Shape::new(pods, policies);
+    let mut cluster = synth::cluster(&shape);
+    let node = synth::node_name(0);
+    println!("## Compiler: a change of {changed} remote pods at once ({pods} pods, {policies} policies, {} nodes)\n", shape.nodes);
+    println!("| what | time | detail |\n| --- | --- | --- |");
+    let remote: Vec<ObjKey> = cluster.pods.values().filter(|p| p.node_name.as_deref() != Some(node.as_str())).map(|p| p.key.clone()).take(changed).collect();
+    let mut ncs = vec![("NodeCompiler update (as the daemon runs it)", compiler::NodeCompiler::new(&node))];
+    if forced {
+        let mut nc = compiler::NodeCompiler::new(&node);
+        nc.fallback = false;
+        ncs.push(("the incremental path forced on for the whole change", nc));
+    }
+    for (_, nc) in ncs.iter_mut() {
+        nc.update(&cluster, &compiler::ChangeSet::everything());
+    }
+    let ids: BTreeMap<ObjKey, u32> = ncs[0].1.policy().pods.keys().enumerate().map(|(i, k)| (k.clone(), i as u32 + 1)).collect();
+    let mut caches: Vec<_> = ncs
+        .iter()
+        .map(|(_, nc)| {
+            let (mut classes, mut portsets, mut cache) = (ClassInterner::default(), PortSetInterner::default(), entries::EntryCache::default());
+            let _ = cache.refresh(nc.policy(), &ids, &mut classes, &mut portsets);
+            (classes, portsets, cache)
+        })
+        .collect();
+    // Every changed pod relabelled (its app label), as a rollout rewriting the manifests would.
+    let mut ch = compiler::ChangeSet::default();
+    for k in &remote {
+        let p = cluster.pods.get_mut(k).unwrap();
+        let app = p.labels.get("app").cloned().unwrap_or_default();
+        p.labels.insert("app".into(), format!("{app}-v2"));
+        ch.pods.insert(k.clone());
+    }
+    for ((what, nc), (classes, portsets, cache)) in ncs.iter_mut().zip(caches.iter_mut()) {
+        let t = Instant::now();
+        let kind = nc.update(&cluster, &ch);
+        let tc = t.elapsed();
+        let _ = cache.refresh(nc.policy(), &ids, classes, portsets);
+        let tm = t.elapsed();
+        println!("| {what}: compiled | {} | {kind:?} ({} changed pods of {}) |", ms(tc), ch.pods.len(), cluster.pods.len());
+        println!("| {what}: compiled + map contents | {} | |", ms(tm));
+    }
+    let t = Instant::now();
+    let n = compiler::compile_node(&cluster, &node);
+    println!("| full compile of the same state (compile_node) | {} | {} local pods, {} classes |", ms(t.elapsed()), n.pods.len(), n.classes.len());
+    println!();
+}
+
 fn vm_hwm_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -510,6 +562,13 @@ fn main() {
             let repeats = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(21);
             compile_bench(pods, policies, repeats);
         }
+        "bulk" => {
+            let pods = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60_000);
+            let policies = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2_000);
+            let changed = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(50_000);
+            let forced = args.get(4).is_some_and(|s| s == "forced");
+            bulk_bench(pods, policies, changed, forced);
+        }
         "packet" => {
             let repeat = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
             if let Err(e) = packet_bench(&[10, 100, 1000, 10_000], repeat) {
@@ -537,7 +596,7 @@ fn main() {
             }
         }
         other => {
-            eprintln!("usage: netpol-bench compile [PODS POLICIES REPEATS] | packet [REPEAT] | control [PODS POLICIES CHANGES] | daemon DAEMON_BIN [PODS POLICIES CHANGES]   (unknown {other})");
+            eprintln!("usage: netpol-bench compile [PODS POLICIES REPEATS] | bulk [PODS POLICIES CHANGED [forced]] | packet [REPEAT] | control [PODS POLICIES CHANGES] | daemon DAEMON_BIN [PODS POLICIES CHANGES]   (unknown {other})");
             std::process::exit(2);
         }
     }

@@ -282,7 +282,7 @@ fn invalid_objects_are_rejected_with_their_field() {
     load_text(Path::new("m.yaml"), &format!("{}\n---\n{}", np("{podSelector: {}, ingress: [{ports: [{port: 0}]}]}"), PODS), &mut out);
     assert_eq!(out.errors.len(), 1);
     assert_eq!(out.cluster.pods.len(), 4);
-    assert!(out.cluster.policies.is_empty());
+    assert!(out.cluster.policies.values().all(|p| p.invalid.is_some()), "only the fail-closed stand-in");
 }
 
 #[test]
@@ -590,7 +590,7 @@ fn random_cluster(seed: u64) -> Cluster {
         };
         let key = ObjKey::new(g.pick(NAMESPACES), format!("np{i}"));
         let audit = g.chance(20);
-        c.policies.insert(key.clone(), Policy { key, pod_selector: selector(&mut g), ingress, egress, isolates_ingress, isolates_egress, audit });
+        c.policies.insert(key.clone(), Policy { key, pod_selector: selector(&mut g), ingress, egress, isolates_ingress, isolates_egress, audit, invalid: None });
     }
     c
 }
@@ -669,9 +669,116 @@ fn audit_mode_policies_count_their_drops_and_let_traffic_through() {
     assert_eq!(verdict3(&c, "ns1/a", Ingress, "10.0.0.2", TCP, Some(80)), Verdict::Allow);
     assert_eq!(verdict3(&c, "ns1/a", Ingress, "10.0.0.3", TCP, Some(80)), Verdict::Allow, "the enforced ipBlock allows: union");
     assert_eq!(verdict3(&c, "ns1/a", Ingress, "9.9.9.9", TCP, Some(80)), Verdict::Deny, "the enforcing policy drops it");
-    // An invalid annotation value is an error naming the field.
-    let errs = errors(&AUDIT.replace("\"true\"", "yes"));
-    assert!(errs.iter().any(|e| e.contains("ns1/trial: metadata.annotations[netpol.io/audit]")), "{errs:?}");
+    // An annotation value netpol does not understand is ignored (a warning): the policy is
+    // enforced as written, not audited.
+    for v in ["yes", "\"yes\"", "\"True\"", "\"1\""] {
+        let yaml = AUDIT.replace("\"true\"", v);
+        assert!(errors(&yaml).is_empty(), "{v}: {:?}", errors(&yaml));
+        let c = with(&yaml);
+        assert!(!c.policies[&ObjKey::new("ns1", "trial")].audit, "{v}");
+        assert_eq!(verdict3(&c, "ns1/a", Ingress, "10.0.0.2", TCP, Some(80)), Verdict::Allow, "{v}");
+        assert_eq!(verdict3(&c, "ns1/a", Ingress, "10.0.0.2", TCP, Some(81)), Verdict::Deny, "{v}: enforced, not audit");
+        assert_eq!(verdict3(&c, "ns1/a", Ingress, "9.9.9.9", UDP, Some(53)), Verdict::Deny, "{v}");
+    }
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_yaml::from_str(&AUDIT.replace("\"true\"", "\"yes\"")).unwrap();
+    let conv = crate::model::policy_from_k8s(&np).unwrap();
+    assert!(conv.errors.is_empty() && conv.policy.invalid.is_none());
+    assert_eq!(conv.warnings.len(), 1);
+    assert!(conv.warnings[0].to_string().starts_with("ns1/trial: metadata.annotations[netpol.io/audit]: \"yes\""), "{:?}", conv.warnings);
+}
+
+/// Loads manifests that may hold invalid objects: the cluster and the errors.
+fn loaded(yaml: &str) -> (Cluster, Vec<String>) {
+    let mut out = Loaded::default();
+    load_text(Path::new("bad.yaml"), &format!("{PODS}\n---\n{yaml}"), &mut out);
+    (out.cluster, out.errors.iter().map(|e| e.to_string()).collect())
+}
+
+#[test]
+fn an_invalid_policy_isolates_what_it_selects_and_allows_nothing() {
+    let np = |spec: &str| format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: bad, namespace: ns1}}\nspec: {spec}\n");
+    // A bad port beside a valid rule that would allow everything: no allows at all, in the
+    // policy's own direction only, for the pods it selects only.
+    let (c, errs) = loaded(&np("{podSelector: {matchLabels: {app: a}}, ingress: [{}, {ports: [{port: 80}, {port: 0}]}]}"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("NetworkPolicy ns1/bad: spec.ingress[1].ports[1].port: 0 is not in 1-65535 (enforced fail-closed"), "{errs:?}");
+    let pol = &c.policies[&ObjKey::new("ns1", "bad")];
+    assert!(pol.invalid.is_some() && pol.ingress.is_empty() && pol.egress.is_empty());
+    assert!(!verdict(&c, "ns1/a", Ingress, "8.8.8.8", TCP, Some(80)));
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.0.0.2", UDP, Some(53)));
+    assert!(verdict(&c, "ns1/a", Egress, "8.8.8.8", TCP, Some(80)), "egress is not its direction");
+    assert!(verdict(&c, "ns1/b", Ingress, "8.8.8.8", TCP, Some(80)), "b is not selected");
+    // A bad CIDR (the API server's parser rejects it) in an egress-only policy.
+    let (c, errs) = loaded(&np("{podSelector: {}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 10.0.0.0/33}}]}]}"));
+    assert!(errs[0].contains("ns1/bad: spec.egress[0].to[0].ipBlock.cidr: invalid CIDR"), "{errs:?}");
+    assert!(!verdict(&c, "ns1/a", Egress, "10.0.0.3", TCP, Some(80)));
+    assert!(!verdict(&c, "ns1/b", Egress, "8.8.8.8", UDP, Some(53)));
+    assert!(verdict(&c, "ns1/a", Ingress, "10.0.0.3", TCP, Some(80)));
+    // Default policy types: egress counts as a direction when egress rules are written, even
+    // invalid ones.
+    let (c, _) = loaded(&np("{podSelector: {}, egress: [{ports: [{protocol: ICMP}]}]}"));
+    assert!(!verdict(&c, "ns1/a", Egress, "10.0.0.3", TCP, Some(80)));
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.0.0.3", TCP, Some(80)));
+    // Unreadable policyTypes: both directions.
+    let (c, errs) = loaded(&np("{podSelector: {matchLabels: {app: a}}, policyTypes: [Ingress, Sideways], ingress: [{}]}"));
+    assert!(errs[0].contains("ns1/bad: spec.policyTypes[1]: unknown policy type"), "{errs:?}");
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.0.0.2", TCP, Some(80)));
+    assert!(!verdict(&c, "ns1/a", Egress, "10.0.0.2", TCP, Some(80)));
+    assert!(verdict(&c, "ns1/b", Egress, "10.0.0.1", TCP, Some(80)));
+    // Unreadable pod selector: every pod of the namespace, and only of that namespace.
+    let (c, errs) = loaded(&np("{podSelector: {matchExpressions: [{key: app, operator: Maybe, values: [x]}]}, policyTypes: [Ingress, Egress], ingress: [{}]}"));
+    assert!(errs[0].contains("ns1/bad: spec.podSelector.matchExpressions[0].operator: unknown operator"), "{errs:?}");
+    for pod in ["ns1/a", "ns1/b"] {
+        assert!(!verdict(&c, pod, Ingress, "10.0.0.3", TCP, Some(80)), "{pod}");
+        assert!(!verdict(&c, pod, Egress, "10.0.0.3", TCP, Some(80)), "{pod}");
+    }
+    assert!(verdict(&c, "ns2/c", Ingress, "10.0.0.1", TCP, Some(80)), "another namespace");
+    // Beside a valid policy: the valid policy's allows still hold (a union), the invalid
+    // one adds none.
+    let good = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: good, namespace: ns1}\nspec: {podSelector: {}, ingress: [{ports: [{port: 443}]}]}\n";
+    let (c, _) = loaded(&format!("{good}---\n{}", np("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]}")));
+    assert!(verdict(&c, "ns1/a", Ingress, "10.0.0.3", TCP, Some(443)));
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.0.0.3", TCP, Some(80)));
+    // Not even of the API's shape (a field of the wrong type): still fail closed, from what
+    // can be read of it.
+    let (c, errs) = loaded(&np("{podSelector: {matchLabels: {app: a}}, ingress: [{ports: [{port: {x: 1}}]}]}"));
+    assert!(errs.iter().any(|e| e.contains("NetworkPolicy ns1/bad:") && e.contains("fail-closed")), "{errs:?}");
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.0.0.3", TCP, Some(80)));
+    assert!(verdict(&c, "ns1/b", Ingress, "10.0.0.3", TCP, Some(80)));
+    assert!(verdict(&c, "ns1/a", Egress, "10.0.0.3", TCP, Some(80)));
+    let (c, _) = loaded(&np("{podSelector: 5, policyTypes: Egress}"));
+    for pod in ["ns1/a", "ns1/b"] {
+        assert!(!verdict(&c, pod, Ingress, "10.0.0.3", TCP, Some(80)), "{pod}");
+        assert!(!verdict(&c, pod, Egress, "10.0.0.3", TCP, Some(80)), "{pod}");
+    }
+    // A policy without a name cannot stand in for anything: an error, no policy.
+    let (c, errs) = loaded("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: ns1}\nspec: {podSelector: {}}\n");
+    assert!(c.policies.is_empty() && errs.iter().any(|e| e.contains("metadata.name")), "{errs:?}");
+}
+
+#[test]
+fn ip_blocks_read_as_the_api_server_reads_them() {
+    let np = |block: &str| format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: ns1}}\nspec: {{podSelector: {{matchLabels: {{app: a}}}}, ingress: [{{from: [{{ipBlock: {block}}}]}}]}}\n");
+    // Leading zeros are decimal: 010.0.0.9 is 10.0.0.9, not 8.0.0.9.
+    let c = with(&np("{cidr: 010.000.000.009/32}"));
+    assert!(verdict(&c, "ns1/a", Ingress, "10.0.0.9", TCP, Some(80)));
+    assert!(!verdict(&c, "ns1/a", Ingress, "8.0.0.9", TCP, Some(80)));
+    // Host bits set, and IPv4-mapped IPv6 forms, for the cidr and the except.
+    let c = with(&np("{cidr: \"::ffff:10.0.0.0/104\", except: [\"::ffff:10.1.2.3/112\", \"::ffff:10.2.0.0/112\"]}"));
+    assert!(verdict(&c, "ns1/a", Ingress, "10.9.0.1", TCP, Some(80)));
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.1.0.1", TCP, Some(80)));
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.2.0.1", TCP, Some(80)));
+    assert!(!verdict(&c, "ns1/a", Ingress, "fd00::1", TCP, Some(80)));
+    let c = with(&np("{cidr: 10.7.7.7/8, except: [10.1.2.3/16, \"::ffff:10.2.0.0/112\"]}"));
+    assert!(verdict(&c, "ns1/a", Ingress, "10.9.0.1", TCP, Some(80)));
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.1.0.1", TCP, Some(80)));
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.2.0.1", TCP, Some(80)));
+    // The API server compares the lengths as written: a /104 mapped cidr, a /16 except is
+    // not a strict subset for it (and so fails closed here too).
+    let (c, errs) = loaded(&np("{cidr: \"::ffff:10.0.0.0/104\", except: [10.1.0.0/16]}"));
+    assert!(errs.iter().any(|e| e.contains("ipBlock.except[0]")), "{errs:?}");
+    assert!(!verdict(&c, "ns1/a", Ingress, "10.9.0.1", TCP, Some(80)));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -814,7 +921,15 @@ fn incremental_updates_agree_with_the_reference() {
             if c.pods.is_empty() {
                 break;
             }
-            let ch = mutate(&mut g, &mut c);
+            let mut ch = mutate(&mut g, &mut c);
+            // Now and then several changes at once (as a file of many pods, or a relist).
+            if g.chance(25) {
+                for _ in 0..1 + g.below(4) {
+                    if !c.pods.is_empty() {
+                        ch.merge(mutate(&mut g, &mut c));
+                    }
+                }
+            }
             match nc.update(&c, &ch) {
                 UpdateKind::Incremental => incremental += 1,
                 UpdateKind::Full => full += 1,
@@ -872,4 +987,64 @@ fn a_peer_label_change_is_applied_incrementally() {
     assert_eq!(nc.update(&c, &ChangeSet::default()), UpdateKind::Unchanged);
     // A policy change compiles the node again.
     assert_eq!(nc.update(&c, &ChangeSet { policies: true, ..Default::default() }), UpdateKind::Full);
+}
+
+/// The verdicts of every local pod of `node` towards a sample of the cluster's addresses.
+fn verdict_table(c: &Cluster, node: &NodePolicy) -> Vec<(ObjKey, Direction, IpAddr, u8, u16, Verdict)> {
+    let mut peers: Vec<IpAddr> = c.pods.values().step_by(7).flat_map(|p| p.ips.clone()).collect();
+    peers.extend(["8.8.8.8", "10.200.0.9", "172.16.0.1"].map(ip));
+    let mut out = Vec::new();
+    for key in node.pods.keys() {
+        for dir in Direction::BOTH {
+            for &peer in &peers {
+                for (proto, port) in [(TCP, 53), (UDP, 53), (TCP, 80), (TCP, 8080), (TCP, 9090), (TCP, 5432)] {
+                    out.push((key.clone(), dir, peer, proto, port, node.verdict(key, dir, peer, proto, Some(port))));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A change of most of the cluster's pods at once (relabelled, re-addressed, removed):
+/// the incremental path gives the verdicts of a full compile, and the node compiler takes
+/// the full compile for it, while a small change stays incremental.
+#[test]
+fn a_change_of_most_pods_falls_back_to_a_full_compile_with_the_same_result() {
+    let shape = crate::synth::Shape::new(1200, 120);
+    let mut c = crate::synth::cluster(&shape);
+    let node = crate::synth::node_name(0);
+    let (mut forced, mut auto) = (NodeCompiler::new(&node), NodeCompiler::new(&node));
+    forced.fallback = false;
+    forced.update(&c, &ChangeSet::everything());
+    auto.update(&c, &ChangeSet::everything());
+    let remote: Vec<ObjKey> = c.pods.values().filter(|p| p.node_name.as_deref() != Some(node.as_str())).map(|p| p.key.clone()).collect();
+    let mut ch = ChangeSet::default();
+    for (i, k) in remote.iter().enumerate().filter(|(i, _)| i % 10 != 0) {
+        match i % 5 {
+            3 => {
+                c.pods.remove(k);
+            }
+            4 => c.pods.get_mut(k).unwrap().ips = vec![IpAddr::from([10, 200, (i >> 8) as u8, i as u8])],
+            _ => {
+                let p = c.pods.get_mut(k).unwrap();
+                let app = p.labels.get("app").cloned().unwrap_or_default();
+                p.labels.insert("app".into(), format!("{app}-x{}", i % 3));
+            }
+        }
+        ch.pods.insert(k.clone());
+    }
+    assert!(full_is_cheaper(ch.pods.len(), c.pods.len()), "{} of {}", ch.pods.len(), c.pods.len());
+    assert_eq!(forced.update(&c, &ch), UpdateKind::Incremental);
+    assert_eq!(auto.update(&c, &ch), UpdateKind::Full, "the fallback");
+    let full = compile_node(&c, &node);
+    assert_eq!(auto.policy().pods, full.pods);
+    assert!(verdict_table(&c, forced.policy()) == verdict_table(&c, &full), "incremental and full compile disagree");
+    // A small change stays incremental.
+    let k = remote[0].clone();
+    c.pods.get_mut(&k).unwrap().labels.insert("app".into(), "other".into());
+    let small = ChangeSet { pods: [k].into(), ..Default::default() };
+    assert_eq!(auto.update(&c, &small), UpdateKind::Incremental);
+    assert!(verdict_table(&c, auto.policy()) == verdict_table(&c, &compile_node(&c, &node)));
+    assert!(!full_is_cheaper(INCREMENTAL_MAX_ALWAYS, 100), "small changes are never a full compile");
 }
