@@ -128,3 +128,12 @@ pub fn icmp4_error(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: u8, code: u8, origin
     f.extend_from_slice(quoted);
     f
 }
+
+/// `frame` (a TCP frame from [`ipv4`] or [`ipv6`] without extension headers) with its
+/// sequence and acknowledgement numbers set.
+pub fn with_seq(mut frame: Vec<u8>, seq: u32, ack: u32) -> Vec<u8> {
+    let l4 = if frame[12..14] == [0x08, 0x00] { 14 + ((frame[14] & 0x0f) as usize) * 4 } else { 14 + 40 };
+    frame[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+    frame[l4 + 8..l4 + 12].copy_from_slice(&ack.to_be_bytes());
+    frame
+}

@@ -228,7 +228,7 @@ fn hit(k: &CtKey, p: &Packet, now: u64, side: u8) -> Option<(u32, bool)> {
 /// An RST from `side` ends the flow only when its sequence number is where the receiver
 /// expects data: near the receiver's last acknowledgement (its RCV.NXT), else (the receiver
 /// acknowledged nothing yet) near the sender's own last sequence number, else, for an RST|ACK
-/// answering a SYN, when it acknowledges the SYN. Like Linux conntrack's `tcp_in_window`, but
+/// answering a SYN, when it acknowledges exactly that SYN. Like Linux conntrack's `tcp_in_window`, but
 /// with a fixed window: [`CT_RST_WINDOW_AHEAD`] (1 MiB) after the reference and
 /// [`CT_RST_WINDOW_BEHIND`] (64 KiB) before it, so a blind attacker hits with odds of about
 /// 2^20 / 2^32 per guess instead of every time. The reference is the last value the conntrack
@@ -252,7 +252,8 @@ fn rst_in_window(v: &CtValue, side: u8, p: &Packet) -> bool {
     }
     if p.tcp_flags & TCP_ACK != 0 {
         if let Some(r) = other_seq {
-            return in_window(p.tcp_ack, r);
+            // Exactly the SYN's sequence number + 1 (RFC 9293, SYN-SENT).
+            return p.tcp_ack == r.wrapping_add(1);
         }
     }
     // Nothing known about this flow's sequence space (an entry migrated from the old layout):
