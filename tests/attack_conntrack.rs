@@ -72,6 +72,9 @@ fn forged_hairpin_replies_do_not_open_an_isolated_egress() {
         ("udp6", "IPv6(src='fd00:244::51', dst=MY_IP6)/UDP(sport=80, dport=5003)", "IPv6(src=MY_IP6, dst='fd00:244::51')/UDP(sport=5003, dport=80)"),
         ("tcp6", "IPv6(src='fd00:244::51', dst=MY_IP6)/TCP(sport=80, dport=5004, flags='SA', seq=1000, ack=2000)", "IPv6(src=MY_IP6, dst='fd00:244::51')/TCP(sport=5004, dport=80, flags='S', seq=1999)"),
     ];
+    // The attacker keeps its own kernel from answering the forged TCP "replies" with RSTs
+    // (which would end the forged flow before the attack): its own netns, its own firewall.
+    lab.scapy("a", "import os\nassert os.system(\"nft 'add table inet atk; add chain inet atk out { type filter hook output priority 0; }; add rule inet atk out tcp flags rst drop'\") == 0").unwrap();
     let mut arrived = Vec::new();
     for (what, forged, attack) in cases {
         let marker = format!("MARK-HAIRPIN-{what}");
