@@ -42,6 +42,11 @@ fn fixture(yaml: &str) -> Option<Fixture> {
     }
     let pin = PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
     let _ = std::fs::remove_dir_all(&pin);
+    Some(fixture_at(pin, yaml))
+}
+
+/// [`fixture`] over whatever `pin` already holds.
+fn fixture_at(pin: PathBuf, yaml: &str) -> Fixture {
     let mut dp = Datapath::load_detached(&pin).expect("loading the programs");
     let mut loaded = Loaded::default();
     load_text(Path::new("t.yaml"), &format!("{POD}\n---\n{yaml}"), &mut loaded);
@@ -51,7 +56,7 @@ fn fixture(yaml: &str) -> Option<Fixture> {
     let report = dp.sync(&node, &ifaces);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     dp.set_node_addrs(&["10.250.0.1".parse().unwrap()]).unwrap();
-    Some(Fixture { dp, pin })
+    Fixture { dp, pin }
 }
 
 const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: t, labels: {app: web}}\nspec: {nodeName: n, containers: [{name: c, image: i, ports: [{name: diameter, containerPort: 3868, protocol: SCTP}]}]}\nstatus: {podIP: 10.1.0.10, podIPs: [{ip: 10.1.0.10}, {ip: 'fd00::10'}]}\n";
@@ -705,4 +710,64 @@ fn only_an_in_window_reset_ends_a_tracked_flow() {
     assert_eq!(run(&mut f, e, &outb(TCP_ACK, 901, 101)), OK, "v6 flow survives");
     assert_eq!(run(&mut f, i, &inb(TCP_RST, 101, 0)), OK, "v6 exact RST");
     assert_eq!(run(&mut f, e, &outb(TCP_ACK, 901, 101)), SHOT, "v6 flow torn down");
+}
+
+/// `bpf(2)` with an attribute block of 128 bytes.
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> libc::c_long {
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) }
+}
+
+#[test]
+fn tracked_flows_of_the_older_conntrack_layout_are_migrated_at_load() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    use netpol_common::{CtKey, CtValue, CtValueV1, maps};
+    let pin = PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-migrate", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin);
+    std::fs::create_dir_all(&pin).unwrap();
+    // What a daemon of the previous layout left pinned: CONNTRACK with 16-byte values, holding
+    // the pod's connection out to 10.2.0.5:443.
+    let web = v4("10.1.0.10");
+    let srv = v4("10.2.0.5");
+    let mut key = CtKey { endpoint: 0, dir: 1, proto: 6, family: 4, ..Default::default() };
+    key.src[..4].copy_from_slice(&web.octets());
+    key.dst[..4].copy_from_slice(&srv.octets());
+    key.sport = 41000;
+    key.dport = 443;
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    let old = CtValueV1 { last_seen_ns: now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64, flags: 0, policy: u32::MAX };
+    let mut a = [0u64; 16];
+    // BPF_MAP_CREATE: BPF_MAP_TYPE_LRU_HASH (9), key 44, value 16, 1024 entries.
+    a[0] = 9 | (44u64 << 32);
+    a[1] = 16 | (1024u64 << 32);
+    let fd = bpf(0, &mut a);
+    assert!(fd >= 0, "creating the old map: {}", std::io::Error::last_os_error());
+    let mut a = [0u64; 16];
+    a[0] = fd as u64;
+    a[1] = &key as *const CtKey as u64;
+    a[2] = &old as *const CtValueV1 as u64;
+    assert_eq!(bpf(2, &mut a), 0, "BPF_MAP_UPDATE_ELEM: {}", std::io::Error::last_os_error());
+    let path = std::ffi::CString::new(pin.join(maps::CONNTRACK_V1).to_str().unwrap()).unwrap();
+    let mut a = [0u64; 16];
+    a[0] = path.as_ptr() as u64;
+    a[1] = fd as u64;
+    assert_eq!(bpf(6, &mut a), 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    unsafe { libc::close(fd as i32) };
+
+    let mut f = fixture_at(pin.clone(), POLICY);
+    assert!(!pin.join(maps::CONNTRACK_V1).exists(), "the old pin is gone");
+    {
+        use aya::maps::{HashMap, Map, MapData};
+        let md = MapData::from_pin(pin.join(maps::CONNTRACK)).unwrap();
+        let ct: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::from_map_data(md).unwrap()).unwrap();
+        let v = ct.get(&key, 0).expect("migrated entry");
+        assert_eq!((v.last_seen_ns, v.policy), (old.last_seen_ns, old.policy));
+    }
+    // The migrated flow carries on: the server's packets come in through the isolated ingress.
+    f.dp.set_flow_cache(false).unwrap();
+    assert_eq!(run(&mut f, Direction::Ingress, &tcp4(srv, web, 443, 41000, TCP_ACK)), OK, "the migrated flow's reply");
+    assert_eq!(run(&mut f, Direction::Ingress, &tcp4(srv, web, 443, 41001, TCP_ACK)), SHOT, "an untracked one");
 }
