@@ -664,6 +664,15 @@ fn icmp_errors_pass_only_toward_the_quoted_packets_sender() {
     // Fragmentation needed about the pod's reply of a flow that came in.
     let reply = udp4(web, v4("192.0.2.7"), 53, 5353);
     assert_eq!(run(&mut f, i, &icmp4_error(v4("10.77.0.1"), web, 3, 4, &reply)), OK, "about a reply packet");
+    // IPv6: a connection in from fd00::/64 on 8080.
+    let (peer, me) = (v6("fd00::7"), v6("fd00::10"));
+    let syn = ipv6(peer, me, 6, 40000, 8080, TCP_SYN, &[]);
+    assert_eq!(run(&mut f, i, &syn), OK);
+    assert_eq!(run(&mut f, e, &icmp6_error(me, peer, 1, 4, &syn)), OK, "v6: back to the client");
+    assert_eq!(run(&mut f, e, &icmp6_error(me, v6("2001:db8::66"), 1, 4, &syn)), SHOT, "v6: quoting the flow, to a denied address");
+    let back = ipv6(me, peer, 6, 8080, 40000, TCP_SYN | TCP_ACK, &[]);
+    assert_eq!(run(&mut f, i, &icmp6_error(v6("2001:db8::1"), me, 2, 0, &back)), OK, "v6: packet too big for the pod's reply, from a router");
+    assert_eq!(run(&mut f, i, &icmp6_error(v6("2001:db8::1"), v6("fd00::11"), 2, 0, &back)), SHOT, "v6: to another address");
 }
 
 #[test]
