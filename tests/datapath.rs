@@ -637,6 +637,30 @@ fn a_forged_hairpin_reply_does_not_open_the_isolated_egress() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
+#[test]
+fn a_forged_reply_routed_back_through_nat_does_not_open_the_isolated_egress() {
+    let Some(mut f) = fixture(SELF_ONLY_EGRESS) else { return };
+    f.dp.set_flow_cache(false).unwrap();
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    let (me, x, node) = (v4("10.1.0.10"), v4("10.2.0.5"), v4("10.250.0.1"));
+    // What a forged `X:80 -> service IP` becomes after the node's DNAT: egress saw another
+    // tuple, but the frame comes back in through the pod's own interface (ifindex 1).
+    let looped = |f: &mut Fixture, frame: &[u8]| f.dp.test_run_from(i, frame, 1).unwrap();
+    assert_eq!(looped(&mut f, &udp4(x, me, 80, 5300)), OK, "the open ingress passes it");
+    assert_eq!(run(&mut f, e, &udp4(me, x, 5300, 80)), SHOT, "no reply vouched for");
+    assert_eq!(looped(&mut f, &tcp4(x, me, 80, 5301, TCP_SYN | TCP_ACK)), OK);
+    assert_eq!(run(&mut f, e, &tcp4(me, x, 5301, 80, TCP_ACK)), SHOT, "tcp: no reply vouched for");
+    // The same frame from another interface is a genuine flow in: its replies pass.
+    assert_eq!(f.dp.test_run_from(i, &udp4(x, me, 80, 5302), 7).unwrap(), OK);
+    assert_eq!(run(&mut f, e, &udp4(me, x, 5302, 80)), OK, "a reply");
+    // The pod reaching itself through its service: without masquerade (its own source), and
+    // masqueraded by the node (the node's source): replies pass.
+    assert_eq!(looped(&mut f, &udp4(me, me, 5303, 8080)), OK);
+    assert_eq!(run(&mut f, e, &udp4(me, me, 8080, 5303)), OK, "self through a service");
+    assert_eq!(looped(&mut f, &udp4(node, me, 5304, 8080)), OK);
+    assert_eq!(run(&mut f, e, &udp4(me, node, 8080, 5304)), OK, "masqueraded self through a service");
+}
+
 fn frame(s: IpAddr, d: IpAddr, proto: u8, sp: u16, dp: u16, flags: u8) -> Vec<u8> {
     match (s, d) {
         (IpAddr::V4(s), IpAddr::V4(d)) => ipv4(s, d, proto, sp, dp, flags, 0),

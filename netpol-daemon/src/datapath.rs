@@ -411,6 +411,24 @@ impl Datapath {
         self.test_run_program(name, frame, repeat)
     }
 
+    /// [`Datapath::test_run`] of a frame that entered the node through `ingress_ifindex` (the
+    /// `__sk_buff` field; 0 in a plain test run), on the endpoint of ifindex 1.
+    pub fn test_run_from(&mut self, dir: crate::model::Direction, frame: &[u8], ingress_ifindex: u32) -> Result<i32> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let name = match dir {
+            crate::model::Direction::Egress => programs::FROM_POD,
+            crate::model::Direction::Ingress => programs::TO_POD,
+        };
+        let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("loaded").try_into()?;
+        // struct __sk_buff up to tc_index: ingress_ifindex at 36, ifindex at 40.
+        let mut ctx = [0u8; 48];
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&1u32.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..TestRunOptions::new() })?;
+        Ok(r.return_value as i32)
+    }
+
     /// [`Datapath::test_run`] for any program of the object by name.
     pub fn test_run_program(&mut self, name: &str, frame: &[u8], repeat: u32) -> Result<(i32, std::time::Duration)> {
         use aya::programs::{TestRun, TestRunOptions};

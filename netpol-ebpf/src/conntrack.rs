@@ -269,7 +269,10 @@ fn in_window(x: u32, reference: u32) -> bool {
 
 /// Records a newly allowed flow, allowed by the policy in `slot` (or `SLOT_NONE`).
 #[inline(always)]
-pub fn create(k: &mut CtKey, p: &Packet, slot: u32) {
+///
+/// `looped`: an ingress packet that entered the node through this same interface (the kernel's
+/// `ingress_ifindex`): the pod sent it and the node routed it back, possibly rewritten by NAT.
+pub fn create(k: &mut CtKey, p: &Packet, slot: u32, looped: bool) {
     if !p.has_ports {
         return;
     }
@@ -289,6 +292,15 @@ pub fn create(k: &mut CtKey, p: &Packet, slot: u32) {
             flags |= CT_HAIRPIN;
         }
         k.dir = DIR_INGRESS;
+        // The same through a DNAT (a forged `X:80 -> service IP` that the node turns into
+        // `X:80 -> pod:P`): egress saw another tuple, but the frame came back in through the
+        // pod's own interface. Not where the source is the pod itself (it talks to itself,
+        // through its service too) or the node (kube-proxy's masquerade of such hairpins).
+        // (Interfaces on a bridge see the bridge as `ingress_ifindex`: the tuple check above
+        // still holds there.)
+        if looped && !same_addr(&k.src, &k.dst) && !crate::policy::is_node_addr(k.family, &k.src) {
+            flags |= CT_HAIRPIN;
+        }
     }
     // The new value is written in a per-CPU scratch slot, not on the stack (which is full).
     let Some(v) = CT_SCRATCH.get_ptr_mut(0) else { return };

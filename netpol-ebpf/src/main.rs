@@ -116,7 +116,9 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         None => audit_verdict(&ep, dir),
     };
     if v != VERDICT_DENY {
-        conntrack::create(&mut ct, &p, allowed_by.unwrap_or(SLOT_NONE));
+        // A frame the pod sent that the node routed back to it (see `conntrack::create`).
+        let looped = dir == DIR_INGRESS && unsafe { (*ctx.skb.skb).ingress_ifindex } == ifindex;
+        conntrack::create(&mut ct, &p, allowed_by.unwrap_or(SLOT_NONE), looped);
         conntrack::remember_fragment(ep.id, dir, &p);
     }
     if let Some(slot) = allowed_by {
