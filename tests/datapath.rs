@@ -3,7 +3,7 @@
 //! here cannot open sockets for (SCTP) and packets no socket would send (fragments, extension
 //! headers) are covered here.
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -42,6 +42,11 @@ fn fixture(yaml: &str) -> Option<Fixture> {
     }
     let pin = PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
     let _ = std::fs::remove_dir_all(&pin);
+    Some(fixture_at(pin, yaml))
+}
+
+/// [`fixture`] over whatever `pin` already holds.
+fn fixture_at(pin: PathBuf, yaml: &str) -> Fixture {
     let mut dp = Datapath::load_detached(&pin).expect("loading the programs");
     let mut loaded = Loaded::default();
     load_text(Path::new("t.yaml"), &format!("{POD}\n---\n{yaml}"), &mut loaded);
@@ -51,7 +56,7 @@ fn fixture(yaml: &str) -> Option<Fixture> {
     let report = dp.sync(&node, &ifaces);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     dp.set_node_addrs(&["10.250.0.1".parse().unwrap()]).unwrap();
-    Some(Fixture { dp, pin })
+    Fixture { dp, pin }
 }
 
 const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: t, labels: {app: web}}\nspec: {nodeName: n, containers: [{name: c, image: i, ports: [{name: diameter, containerPort: 3868, protocol: SCTP}]}]}\nstatus: {podIP: 10.1.0.10, podIPs: [{ip: 10.1.0.10}, {ip: 'fd00::10'}]}\n";
@@ -554,4 +559,248 @@ fn active_flows_outlive_their_idle_timeout_through_the_flow_cache_and_idle_ones_
     // Idle past the timeout: gone, cache or not.
     std::thread::sleep(std::time::Duration::from_millis(700));
     assert_eq!(run(&mut f, e, &reply), SHOT, "idle flow expired");
+}
+
+/// Egress isolated, allowed only to the pod's own addresses; ingress not isolated. The
+/// frames a pod forges to itself pass both of its hooks.
+const SELF_ONLY_EGRESS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: self-only, namespace: t}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 10.1.0.10/32}}, {ipBlock: {cidr: "fd00::10/128"}}]
+"#;
+
+#[test]
+fn a_forged_hairpin_reply_does_not_open_the_isolated_egress() {
+    let Some(mut f) = fixture(SELF_ONLY_EGRESS) else { return };
+    f.dp.set_flow_cache(false).unwrap();
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    let mut bad = Vec::new();
+    let mut check = |f: &mut Fixture, what: &str, dir: Direction, frame: &[u8], want: i32| {
+        let got = run(f, dir, frame);
+        if got != want {
+            bad.push(format!("{what}: want {want}, got {got}"));
+        }
+    };
+    for (fam, me, x, y) in [
+        ("v4", IpAddr::from(v4("10.1.0.10")), IpAddr::from(v4("10.2.0.5")), IpAddr::from(v4("192.0.2.9"))),
+        ("v6", IpAddr::from(v6("fd00::10")), IpAddr::from(v6("fd00::5")), IpAddr::from(v6("2001:db8::9"))),
+    ] {
+        let udp = |s: IpAddr, d: IpAddr, sp: u16, dp: u16| frame(s, d, 17, sp, dp, 0);
+        let tcp = |s: IpAddr, d: IpAddr, sp: u16, dp: u16, fl: u8| frame(s, d, 6, sp, dp, fl);
+        check(&mut f, &format!("{fam} udp to X:80 denied"), e, &udp(me, x, 5000, 80), SHOT);
+        // The pod forges X's "reply" to itself: its egress allows its own address, its open
+        // ingress passes it.
+        let forged = udp(x, me, 80, 5000);
+        check(&mut f, &format!("{fam} forged udp passes egress (to itself)"), e, &forged, OK);
+        check(&mut f, &format!("{fam} forged udp passes the open ingress"), i, &forged, OK);
+        check(&mut f, &format!("{fam} udp to X:80 after the forged reply"), e, &udp(me, x, 5000, 80), SHOT);
+        // TCP: a forged SYN-ACK, then the pod's SYN and ACK to X:80.
+        let forged = tcp(x, me, 80, 5001, TCP_SYN | TCP_ACK);
+        check(&mut f, &format!("{fam} forged syn-ack passes egress"), e, &forged, OK);
+        check(&mut f, &format!("{fam} forged syn-ack passes ingress"), i, &forged, OK);
+        check(&mut f, &format!("{fam} tcp syn to X:80 after the forged reply"), e, &tcp(me, x, 5001, 80, TCP_SYN), SHOT);
+        check(&mut f, &format!("{fam} tcp ack to X:80 after the forged reply"), e, &tcp(me, x, 5001, 80, TCP_ACK), SHOT);
+        // A SYN from outside (or spoofed by someone else) through the open ingress: the pod's
+        // SYN-ACK is a reply, a bare SYN back is a new connection and denied.
+        check(&mut f, &format!("{fam} syn from X:80 in"), i, &tcp(x, me, 80, 5002, TCP_SYN), OK);
+        check(&mut f, &format!("{fam} bare syn back to X:80"), e, &tcp(me, x, 5002, 80, TCP_SYN), SHOT);
+        check(&mut f, &format!("{fam} syn-ack back to X:80 (a reply)"), e, &tcp(me, x, 5002, 80, TCP_SYN | TCP_ACK), OK);
+        // Genuine flows in through the open ingress still get their replies out.
+        check(&mut f, &format!("{fam} udp in from Y"), i, &udp(y, me, 5353, 6000), OK);
+        check(&mut f, &format!("{fam} udp reply to Y"), e, &udp(me, y, 6000, 5353), OK);
+        // The pod talking to itself through its address: both ways pass.
+        check(&mut f, &format!("{fam} self out"), e, &udp(me, me, 7000, 7001), OK);
+        check(&mut f, &format!("{fam} self in"), i, &udp(me, me, 7000, 7001), OK);
+        check(&mut f, &format!("{fam} self reply out"), e, &udp(me, me, 7001, 7000), OK);
+        check(&mut f, &format!("{fam} self reply in"), i, &udp(me, me, 7001, 7000), OK);
+    }
+    // IPv4: an ICMP error about the forged flow does not get out to X either.
+    let (me, x) = (v4("10.1.0.10"), v4("10.2.0.5"));
+    let forged = udp4(x, me, 80, 5100);
+    check(&mut f, "forged udp (for icmp) egress", e, &forged, OK);
+    check(&mut f, "forged udp (for icmp) ingress", i, &forged, OK);
+    check(&mut f, "icmp error to X about the forged flow", e, &icmp4_error(me, x, 3, 3, &forged), SHOT);
+    // With the flow cache on, the same (the cache only repeats what the table said).
+    f.dp.set_flow_cache(true).unwrap();
+    assert!(on_cpu(0));
+    let forged = udp4(x, me, 80, 5200);
+    check(&mut f, "cache: forged egress", e, &forged, OK);
+    check(&mut f, "cache: forged ingress", i, &forged, OK);
+    check(&mut f, "cache: forged ingress again", i, &forged, OK);
+    check(&mut f, "cache: udp to X:80", e, &udp4(me, x, 5200, 80), SHOT);
+    check(&mut f, "cache: udp to X:80 again", e, &udp4(me, x, 5200, 80), SHOT);
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+#[test]
+fn a_forged_reply_routed_back_through_nat_does_not_open_the_isolated_egress() {
+    let Some(mut f) = fixture(SELF_ONLY_EGRESS) else { return };
+    f.dp.set_flow_cache(false).unwrap();
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    let (me, x, node) = (v4("10.1.0.10"), v4("10.2.0.5"), v4("10.250.0.1"));
+    // What a forged `X:80 -> service IP` becomes after the node's DNAT: egress saw another
+    // tuple, but the frame comes back in through the pod's own interface (ifindex 1).
+    let looped = |f: &mut Fixture, frame: &[u8]| f.dp.test_run_from(i, frame, 1).unwrap();
+    assert_eq!(looped(&mut f, &udp4(x, me, 80, 5300)), OK, "the open ingress passes it");
+    assert_eq!(run(&mut f, e, &udp4(me, x, 5300, 80)), SHOT, "no reply vouched for");
+    assert_eq!(looped(&mut f, &tcp4(x, me, 80, 5301, TCP_SYN | TCP_ACK)), OK);
+    assert_eq!(run(&mut f, e, &tcp4(me, x, 5301, 80, TCP_ACK)), SHOT, "tcp: no reply vouched for");
+    // The same frame from another interface is a genuine flow in: its replies pass.
+    assert_eq!(f.dp.test_run_from(i, &udp4(x, me, 80, 5302), 7).unwrap(), OK);
+    assert_eq!(run(&mut f, e, &udp4(me, x, 5302, 80)), OK, "a reply");
+    // The pod reaching itself through its service: without masquerade (its own source), and
+    // masqueraded by the node (the node's source): replies pass.
+    assert_eq!(looped(&mut f, &udp4(me, me, 5303, 8080)), OK);
+    assert_eq!(run(&mut f, e, &udp4(me, me, 8080, 5303)), OK, "self through a service");
+    assert_eq!(looped(&mut f, &udp4(node, me, 5304, 8080)), OK);
+    assert_eq!(run(&mut f, e, &udp4(me, node, 8080, 5304)), OK, "masqueraded self through a service");
+}
+
+fn frame(s: IpAddr, d: IpAddr, proto: u8, sp: u16, dp: u16, flags: u8) -> Vec<u8> {
+    match (s, d) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ipv4(s, d, proto, sp, dp, flags, 0),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(s, d, proto, sp, dp, flags, &[]),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn icmp_errors_pass_only_toward_the_quoted_packets_sender() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    let web = v4("10.1.0.10");
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    // A flow in (UDP 53 from anywhere): the pod may report on it to the client only.
+    let q = udp4(v4("192.0.2.7"), web, 5353, 53);
+    assert_eq!(run(&mut f, i, &q), OK);
+    assert_eq!(run(&mut f, e, &icmp4_error(web, v4("192.0.2.7"), 3, 3, &q)), OK, "to the client");
+    assert_eq!(run(&mut f, e, &icmp4_error(web, v4("10.3.3.3"), 3, 3, &q)), SHOT, "quoting the flow, to a denied address");
+    assert_eq!(run(&mut f, e, &icmp4_error(v4("10.1.0.99"), v4("192.0.2.7"), 3, 3, &q)), SHOT, "from another source");
+    // A flow out: errors from any router reach the pod, addressed to the pod only.
+    let syn = tcp4(web, v4("10.2.0.5"), 41000, 443, TCP_SYN);
+    assert_eq!(run(&mut f, e, &syn), OK);
+    assert_eq!(run(&mut f, i, &icmp4_error(v4("10.77.0.1"), web, 3, 4, &syn)), OK, "from a router on the path");
+    assert_eq!(run(&mut f, i, &icmp4_error(v4("10.77.0.1"), v4("10.1.0.11"), 3, 4, &syn)), SHOT, "to another address");
+    // Fragmentation needed about the pod's reply of a flow that came in.
+    let reply = udp4(web, v4("192.0.2.7"), 53, 5353);
+    assert_eq!(run(&mut f, i, &icmp4_error(v4("10.77.0.1"), web, 3, 4, &reply)), OK, "about a reply packet");
+    // IPv6: a connection in from fd00::/64 on 8080.
+    let (peer, me) = (v6("fd00::7"), v6("fd00::10"));
+    let syn = ipv6(peer, me, 6, 40000, 8080, TCP_SYN, &[]);
+    assert_eq!(run(&mut f, i, &syn), OK);
+    assert_eq!(run(&mut f, e, &icmp6_error(me, peer, 1, 4, &syn)), OK, "v6: back to the client");
+    assert_eq!(run(&mut f, e, &icmp6_error(me, v6("2001:db8::66"), 1, 4, &syn)), SHOT, "v6: quoting the flow, to a denied address");
+    let back = ipv6(me, peer, 6, 8080, 40000, TCP_SYN | TCP_ACK, &[]);
+    assert_eq!(run(&mut f, i, &icmp6_error(v6("2001:db8::1"), me, 2, 0, &back)), OK, "v6: packet too big for the pod's reply, from a router");
+    assert_eq!(run(&mut f, i, &icmp6_error(v6("2001:db8::1"), v6("fd00::11"), 2, 0, &back)), SHOT, "v6: to another address");
+}
+
+#[test]
+fn only_an_in_window_reset_ends_a_tracked_flow() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    // The table decides every packet (a flow cache slot would hide whether the entry is gone).
+    f.dp.set_flow_cache(false).unwrap();
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    let web = v4("10.1.0.10");
+    let srv = v4("10.2.0.5");
+    let out = |fl: u8, seq: u32, ack: u32| with_seq(tcp4(web, srv, 41000, 443, fl), seq, ack);
+    let back = |fl: u8, seq: u32, ack: u32| with_seq(tcp4(srv, web, 443, 41000, fl), seq, ack);
+    assert_eq!(run(&mut f, e, &out(TCP_SYN, 1000, 0)), OK);
+    assert_eq!(run(&mut f, i, &back(TCP_SYN | TCP_ACK, 0x8000_0000, 1001)), OK);
+    assert_eq!(run(&mut f, e, &out(TCP_ACK, 1001, 0x8000_0001)), OK);
+    // Blind resets from the server's side: far ahead, behind.
+    for seq in [0x8000_0001u32.wrapping_add(1 << 24), 0x8000_0001 - (1 << 20), 0x1234_5678] {
+        assert_eq!(run(&mut f, i, &back(TCP_RST, seq, 0)), SHOT, "out-of-window RST seq {seq:#x}");
+    }
+    assert_eq!(run(&mut f, i, &back(TCP_ACK, 0x8000_0001, 1001)), OK, "the flow survives");
+    // ... and from the pod's side.
+    assert_eq!(run(&mut f, e, &out(TCP_RST, 1001 + (1 << 21), 0)), SHOT);
+    assert_eq!(run(&mut f, i, &back(TCP_ACK, 0x8000_0001, 1001)), OK, "the flow survives");
+    let c = CounterReader::open(&f.pin).unwrap();
+    assert!(c.read(0, 0, 1) >= 3 && c.read(0, 1, 1) >= 1, "counted as deny");
+    // In the window (after some data): honoured.
+    assert_eq!(run(&mut f, i, &back(TCP_ACK, 0x8000_0001 + 5000, 1001)), OK);
+    assert_eq!(run(&mut f, i, &back(TCP_RST, 0x8000_0001 + 6000, 0)), OK);
+    assert_eq!(run(&mut f, i, &back(TCP_ACK, 0x8000_0001 + 6000, 1001)), SHOT, "flow torn down by RST");
+    // RST|ACK answering a SYN (connection refused) ends the attempt.
+    assert_eq!(run(&mut f, e, &with_seq(tcp4(web, srv, 41001, 443, TCP_SYN), 7000, 0)), OK);
+    assert_eq!(run(&mut f, i, &with_seq(tcp4(srv, web, 443, 41001, TCP_RST | TCP_ACK), 0, 9999)), SHOT, "not acknowledging the SYN");
+    assert_eq!(run(&mut f, i, &with_seq(tcp4(srv, web, 443, 41001, TCP_RST | TCP_ACK), 0, 7001)), OK);
+    assert_eq!(run(&mut f, i, &with_seq(tcp4(srv, web, 443, 41001, TCP_SYN | TCP_ACK), 0, 7001)), SHOT, "attempt ended");
+    // IPv6, a connection in from fd00::/64 on 8080; the pod's packets go back out through the
+    // isolated egress as replies only while the flow is tracked.
+    let (peer, me) = (v6("fd00::7"), v6("fd00::10"));
+    let inb = |fl: u8, seq: u32, ack: u32| with_seq(ipv6(peer, me, 6, 40000, 8080, fl, &[]), seq, ack);
+    let outb = |fl: u8, seq: u32, ack: u32| with_seq(ipv6(me, peer, 6, 8080, 40000, fl, &[]), seq, ack);
+    assert_eq!(run(&mut f, i, &inb(TCP_SYN, 100, 0)), OK);
+    assert_eq!(run(&mut f, e, &outb(TCP_SYN | TCP_ACK, 900, 101)), OK);
+    assert_eq!(run(&mut f, i, &inb(TCP_ACK, 101, 901)), OK);
+    assert_eq!(run(&mut f, i, &inb(TCP_RST, 101 + (1 << 22), 0)), SHOT, "v6 blind RST");
+    assert_eq!(run(&mut f, e, &outb(TCP_ACK, 901, 101)), OK, "v6 flow survives");
+    assert_eq!(run(&mut f, i, &inb(TCP_RST, 101, 0)), OK, "v6 exact RST");
+    assert_eq!(run(&mut f, e, &outb(TCP_ACK, 901, 101)), SHOT, "v6 flow torn down");
+}
+
+/// `bpf(2)` with an attribute block of 128 bytes.
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> libc::c_long {
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) }
+}
+
+#[test]
+fn tracked_flows_of_the_older_conntrack_layout_are_migrated_at_load() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    use netpol_common::{CtKey, CtValue, CtValueV1, maps};
+    let pin = PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-migrate", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin);
+    std::fs::create_dir_all(&pin).unwrap();
+    // What a daemon of the previous layout left pinned: CONNTRACK with 16-byte values, holding
+    // the pod's connection out to 10.2.0.5:443.
+    let web = v4("10.1.0.10");
+    let srv = v4("10.2.0.5");
+    let mut key = CtKey { endpoint: 0, dir: 1, proto: 6, family: 4, ..Default::default() };
+    key.src[..4].copy_from_slice(&web.octets());
+    key.dst[..4].copy_from_slice(&srv.octets());
+    key.sport = 41000;
+    key.dport = 443;
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    let old = CtValueV1 { last_seen_ns: now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64, flags: 0, policy: u32::MAX };
+    let mut a = [0u64; 16];
+    // BPF_MAP_CREATE: BPF_MAP_TYPE_LRU_HASH (9), key 44, value 16, 1024 entries.
+    a[0] = 9 | (44u64 << 32);
+    a[1] = 16 | (1024u64 << 32);
+    let fd = bpf(0, &mut a);
+    assert!(fd >= 0, "creating the old map: {}", std::io::Error::last_os_error());
+    let mut a = [0u64; 16];
+    a[0] = fd as u64;
+    a[1] = &key as *const CtKey as u64;
+    a[2] = &old as *const CtValueV1 as u64;
+    assert_eq!(bpf(2, &mut a), 0, "BPF_MAP_UPDATE_ELEM: {}", std::io::Error::last_os_error());
+    let path = std::ffi::CString::new(pin.join(maps::CONNTRACK_V1).to_str().unwrap()).unwrap();
+    let mut a = [0u64; 16];
+    a[0] = path.as_ptr() as u64;
+    a[1] = fd as u64;
+    assert_eq!(bpf(6, &mut a), 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    unsafe { libc::close(fd as i32) };
+
+    let mut f = fixture_at(pin.clone(), POLICY);
+    assert!(!pin.join(maps::CONNTRACK_V1).exists(), "the old pin is gone");
+    {
+        use aya::maps::{HashMap, Map, MapData};
+        let md = MapData::from_pin(pin.join(maps::CONNTRACK)).unwrap();
+        let ct: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::from_map_data(md).unwrap()).unwrap();
+        let v = ct.get(&key, 0).expect("migrated entry");
+        assert_eq!((v.last_seen_ns, v.policy), (old.last_seen_ns, old.policy));
+    }
+    // The migrated flow carries on: the server's packets come in through the isolated ingress.
+    f.dp.set_flow_cache(false).unwrap();
+    assert_eq!(run(&mut f, Direction::Ingress, &tcp4(srv, web, 443, 41000, TCP_ACK)), OK, "the migrated flow's reply");
+    assert_eq!(run(&mut f, Direction::Ingress, &tcp4(srv, web, 443, 41001, TCP_ACK)), SHOT, "an untracked one");
 }

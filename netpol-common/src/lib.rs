@@ -97,7 +97,12 @@ pub mod maps {
     pub const IDENTITIES: &str = "IDENTITIES";
     pub const POLICY: &str = "POLICY";
     pub const POLICY_PORTS: &str = "POLICY_PORTS";
-    pub const CONNTRACK: &str = "CONNTRACK";
+    /// Renamed from `CONNTRACK` when [`CtValue`](super::CtValue) grew the TCP sequence
+    /// state: a pinned map keeps its layout, so a restarted daemon gets a new map under the
+    /// new name and migrates the entries of the old one ([`CONNTRACK_V1`]).
+    pub const CONNTRACK: &str = "CONNTRACK2";
+    /// The pin of the previous layout (`CtValue` of 16 bytes), migrated and removed at load.
+    pub const CONNTRACK_V1: &str = "CONNTRACK";
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     pub const FRAGS: &str = "FRAGS";
     pub const CONFIG: &str = "CONFIG";
@@ -197,6 +202,25 @@ pub struct CtKey {
 }
 
 pub const CT_TCP_FIN_SEEN: u32 = 1;
+/// The entry was created at ingress by a frame the endpoint itself had just sent (an entry of
+/// the same tuple in the egress direction existed: a hairpin). Such an entry never vouches
+/// for the endpoint's packets the other way as replies (unless source and destination address
+/// are the same, the pod talking to itself): otherwise a pod could forge a "reply"
+/// `X:80 -> itself:P` that its open ingress tracks, and then send `P -> X:80` through its
+/// isolated egress as a reply.
+pub const CT_HAIRPIN: u32 = 2;
+/// [`CtValue::seq`] / [`CtValue::ack`] of side 0 (the side whose packet created the entry)
+/// and side 1 hold a value.
+pub const CT_SEQ0: u32 = 4;
+pub const CT_SEQ1: u32 = 8;
+pub const CT_ACK0: u32 = 16;
+pub const CT_ACK1: u32 = 32;
+
+/// RSTs are honoured (the entry deleted) only when their sequence number lies within this
+/// many bytes after the receiver's last seen acknowledgement (or before it by
+/// [`CT_RST_WINDOW_BEHIND`]); see netpol-ebpf/src/conntrack.rs.
+pub const CT_RST_WINDOW_AHEAD: u32 = 1 << 20;
+pub const CT_RST_WINDOW_BEHIND: u32 = 1 << 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -205,6 +229,22 @@ pub struct CtValue {
     pub flags: u32,
     /// Slot of the policy (of the entry's endpoint, in the entry's direction) that allowed the
     /// flow, or [`SLOT_NONE`]: the flow's packets, both ways, count in `POLICY_COUNTERS`.
+    pub policy: u32,
+    /// TCP: the last sequence number seen from side 0 (the entry key's source) and side 1,
+    /// on the conntrack path (the flow cache sends a packet of each flow there at least once
+    /// per `flow_cache_ticks`).
+    pub seq: [u32; 2],
+    /// TCP: the last acknowledgement number seen from each side (packets with ACK).
+    pub ack: [u32; 2],
+}
+
+/// The [`CtValue`] layout before the TCP sequence state (pinned as `CONNTRACK`), read once
+/// to migrate its entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtValueV1 {
+    pub last_seen_ns: u64,
+    pub flags: u32,
     pub policy: u32,
 }
 
@@ -336,6 +376,7 @@ mod user {
     unsafe impl aya::Pod for PortValue {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for CtValueV1 {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for Config {}
@@ -368,5 +409,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowCacheEntry>(), 64);
         assert_eq!(core::mem::align_of::<FlowCacheEntry>(), 8);
         assert_eq!(core::mem::size_of::<Config>(), 40);
+        assert_eq!(core::mem::size_of::<CtValue>(), 32);
+        assert_eq!(core::mem::size_of::<CtValueV1>(), 16);
     }
 }

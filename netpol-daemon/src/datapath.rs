@@ -213,6 +213,39 @@ fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &st
     T::try_from(m).with_context(|| format!("map {name}"))
 }
 
+/// A pinned map keeps the layout it was created with, and aya adopts a pin without comparing
+/// layouts: so when `CtValue` grew the TCP sequence state the map was renamed (`CONNTRACK2`),
+/// and a daemon started over the pins of an older one copies the tracked flows of the old
+/// `CONNTRACK` (16-byte values) into the new map, then removes the old pin (the old programs
+/// hold it until their links are swapped to this daemon's programs). Migrated entries carry
+/// no sequence state: an RST ends them as before, and their next packets fill it in. Errors
+/// only cost the old entries (those flows are judged afresh), never the start.
+fn migrate_conntrack_v1(pin_dir: &Path, new: &mut BpfHashMap<MapData, CtKey, CtValue>) {
+    let path = pin_dir.join(maps::CONNTRACK_V1);
+    if !path.exists() {
+        return;
+    }
+    let migrated = (|| -> Result<usize> {
+        let md = MapData::from_pin(&path)?;
+        let old: BpfHashMap<MapData, CtKey, CtValueV1> = BpfHashMap::try_from(Map::LruHashMap(md))?;
+        let mut n = 0;
+        for item in old.iter() {
+            let (k, v) = item?;
+            // Only the FIN bit existed then.
+            let flags = v.flags & CT_TCP_FIN_SEEN;
+            if new.insert(k, CtValue { last_seen_ns: v.last_seen_ns, flags, policy: v.policy, seq: [0; 2], ack: [0; 2] }, 0).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    })();
+    match migrated {
+        Ok(n) => log::info!("migrated {n} tracked flow(s) from the old {} map", maps::CONNTRACK_V1),
+        Err(e) => log::warn!("old {} map not migrated ({e:#}); its flows will be judged afresh", maps::CONNTRACK_V1),
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
 pub fn ensure_bpffs(path: &Path) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
@@ -266,7 +299,8 @@ impl Datapath {
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::COUNTERS)?;
         let policy_counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::POLICY_COUNTERS)?;
         let config: aya::maps::Array<MapData, Config> = take(&mut ebpf, maps::CONFIG)?;
-        let conntrack: BpfHashMap<MapData, CtKey, CtValue> = take(&mut ebpf, maps::CONNTRACK)?;
+        let mut conntrack: BpfHashMap<MapData, CtKey, CtValue> = take(&mut ebpf, maps::CONNTRACK)?;
+        migrate_conntrack_v1(pin_dir, &mut conntrack);
         let flow_epoch = FlowEpochs::map(ebpf.take_map(maps::FLOW_EPOCH).ok_or_else(|| anyhow!("eBPF object has no map FLOW_EPOCH"))?)?;
         let events: aya::maps::RingBuf<MapData> = take(&mut ebpf, maps::EVENTS)?;
 
@@ -375,6 +409,24 @@ impl Datapath {
             crate::model::Direction::Ingress => programs::TO_POD,
         };
         self.test_run_program(name, frame, repeat)
+    }
+
+    /// [`Datapath::test_run`] of a frame that entered the node through `ingress_ifindex` (the
+    /// `__sk_buff` field; 0 in a plain test run), on the endpoint of ifindex 1.
+    pub fn test_run_from(&mut self, dir: crate::model::Direction, frame: &[u8], ingress_ifindex: u32) -> Result<i32> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let name = match dir {
+            crate::model::Direction::Egress => programs::FROM_POD,
+            crate::model::Direction::Ingress => programs::TO_POD,
+        };
+        let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("loaded").try_into()?;
+        // struct __sk_buff up to tc_index: ingress_ifindex at 36, ifindex at 40.
+        let mut ctx = [0u8; 48];
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&1u32.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..TestRunOptions::new() })?;
+        Ok(r.return_value as i32)
     }
 
     /// [`Datapath::test_run`] for any program of the object by name.

@@ -128,3 +128,28 @@ pub fn icmp4_error(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: u8, code: u8, origin
     f.extend_from_slice(quoted);
     f
 }
+
+/// `frame` (a TCP frame from [`ipv4`] or [`ipv6`] without extension headers) with its
+/// sequence and acknowledgement numbers set.
+pub fn with_seq(mut frame: Vec<u8>, seq: u32, ack: u32) -> Vec<u8> {
+    let l4 = if frame[12..14] == [0x08, 0x00] { 14 + ((frame[14] & 0x0f) as usize) * 4 } else { 14 + 40 };
+    frame[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+    frame[l4 + 8..l4 + 12].copy_from_slice(&ack.to_be_bytes());
+    frame
+}
+
+/// An ICMPv6 error (`icmp_type` 1 unreachable, 2 packet too big, 3 time exceeded) from `src`
+/// to `dst` quoting the IPv6 header and first 8 L4 bytes of `original` (a frame from [`ipv6`]
+/// without extension headers).
+pub fn icmp6_error(src: Ipv6Addr, dst: Ipv6Addr, icmp_type: u8, code: u8, original: &[u8]) -> Vec<u8> {
+    let quoted = &original[14..(14 + 40 + 8).min(original.len())];
+    let mut f = eth(0x86DD);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&((8 + quoted.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&[icmp_type, code, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(quoted);
+    f
+}

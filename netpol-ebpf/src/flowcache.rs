@@ -5,6 +5,13 @@
 //! `Config::flow_cache_ticks` ticks after the table confirmed it (then the packet takes the
 //! conntrack path again, which refreshes the entry), and only under the endpoint's epoch of
 //! that moment; whatever ends flows of an endpoint bumps that epoch.
+//!
+//! What the table decides about a packet depends on its key (its own tuple, endpoint and
+//! direction) and its TCP flags only: a hairpin-created entry vouches for no replies whatever
+//! the packet, a bare SYN is never a reply, RSTs are checked against the sequence state. No
+//! SYN, FIN or RST is ever cached (here or in `lookup` via the general path), so a slot only
+//! repeats, for the same key, a verdict the table gave; an out-of-window RST (dropped, flow
+//! kept) bumps nothing and stores nothing.
 use aya_ebpf::{
     helpers::bpf_jiffies64,
     macros::map,

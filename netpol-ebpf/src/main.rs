@@ -63,15 +63,18 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     if p.proto == PROTO_ICMPV6 && (133..=137).contains(&p.icmp_type) {
         return TC_ACT_OK;
     }
+    let mut ct = conntrack::key(ep.id, dir, &p);
     // ICMP errors about a flow this endpoint has (port unreachable, fragmentation needed...).
-    if p.has_related && conntrack::related_to_flow(ep.id, dir, &p, &p.related) {
-        return verdict(ep.id, dir, true);
+    if p.has_related {
+        if conntrack::related_to_flow(&mut ct, &p.related) {
+            return verdict(ep.id, dir, true);
+        }
+        ct = conntrack::key(ep.id, dir, &p);
     }
     // The rest of a datagram whose first fragment was allowed.
     if p.later_fragment && conntrack::fragment_allowed(ep.id, dir, &p) {
         return verdict(ep.id, dir, true);
     }
-    let ct = conntrack::key(ep.id, dir, &p);
     // Packets of an established flow that the flow cache vouches for (TCP packets that open or
     // close connections always take the conntrack path, which follows their state).
     let cacheable = p.has_ports
@@ -90,6 +93,10 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         // Read before the conntrack lookup: a flow ended after it voids what is cached here.
         let epoch = if ticks != 0 { flowcache::epoch(ep.id) } else { 0 };
         if let Some(flow) = conntrack::track_existing(&ct, &p) {
+            if !flow.pass {
+                // An RST of a tracked flow outside the receiver's window: dropped, the flow stays.
+                return verdict(ep.id, dir, false);
+            }
             if ticks != 0 {
                 flowcache::store(&ct, epoch, now, flow.dir, flow.slot);
             }
@@ -109,7 +116,9 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         None => audit_verdict(&ep, dir),
     };
     if v != VERDICT_DENY {
-        conntrack::create(&ct, &p, allowed_by.unwrap_or(SLOT_NONE));
+        // A frame the pod sent that the node routed back to it (see `conntrack::create`).
+        let looped = dir == DIR_INGRESS && unsafe { (*ctx.skb.skb).ingress_ifindex } == ifindex;
+        conntrack::create(&mut ct, &p, allowed_by.unwrap_or(SLOT_NONE), looped);
         conntrack::remember_fragment(ep.id, dir, &p);
     }
     if let Some(slot) = allowed_by {

@@ -13,6 +13,7 @@ const MAX_V6_EXT_HEADERS: usize = 6;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 pub struct Packet {
     pub family: u8,
@@ -24,6 +25,10 @@ pub struct Packet {
     /// The L4 ports are known (TCP/UDP/SCTP first fragment, or ICMP echo identifier).
     pub has_ports: bool,
     pub tcp_flags: u8,
+    /// TCP sequence and acknowledgement numbers (host order; 0 otherwise): conntrack honours
+    /// an RST only within the receiver's window.
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
     /// ICMP/ICMPv6 type (0 otherwise).
     pub icmp_type: u8,
     /// Part of a fragmented datagram (then `frag_id` is the IPv4 identification or the IPv6
@@ -53,6 +58,8 @@ impl Packet {
             dport: 0,
             has_ports: false,
             tcp_flags: 0,
+            tcp_seq: 0,
+            tcp_ack: 0,
             icmp_type: 0,
             fragment: false,
             frag_id: 0,
@@ -65,13 +72,16 @@ impl Packet {
 }
 
 /// The header embedded in an ICMP error.
+/// (C layout, 4-aligned, ports first: the addresses sit at 4-aligned offsets, so conntrack
+/// compares them as words.)
 #[derive(Clone, Copy)]
+#[repr(C, align(4))]
 pub struct Inner {
-    pub proto: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     pub sport: u16,
     pub dport: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub proto: u8,
 }
 
 pub enum Parsed {
@@ -124,6 +134,8 @@ fn parse_v4_fast(ctx: &TcContext) -> Option<Packet> {
             p.sport = u16::from_be_bytes([h[0], h[1]]);
             p.dport = u16::from_be_bytes([h[2], h[3]]);
             p.tcp_flags = h[13];
+            p.tcp_seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+            p.tcp_ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
             p.has_ports = true;
         }
         PROTO_UDP | PROTO_SCTP => {
@@ -226,6 +238,8 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
                 p.dport = u16::from_be(load::<u16>(ctx, l4_off + 2)?);
                 if p.proto == PROTO_TCP {
                     p.tcp_flags = load::<u8>(ctx, l4_off + 13)?;
+                    p.tcp_seq = u32::from_be(load::<u32>(ctx, l4_off + 4)?);
+                    p.tcp_ack = u32::from_be(load::<u32>(ctx, l4_off + 8)?);
                 }
                 p.has_ports = true;
             }
