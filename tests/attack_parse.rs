@@ -31,6 +31,11 @@ fn counter(lab: &Lab, pod: &str, direction: &str, verdict: &str) -> f64 {
     sample(&m, &format!("netpol_packets_total{{namespace=\"t\",pod=\"{pod}\",direction=\"{direction}\",verdict=\"{verdict}\"}}")).unwrap_or(0.0)
 }
 
+fn early(lab: &Lab, pod: &str, direction: &str) -> f64 {
+    let m = lab.metrics().unwrap();
+    sample(&m, &format!("netpol_fragments_early_dropped_total{{namespace=\"t\",pod=\"{pod}\",direction=\"{direction}\"}}")).unwrap_or(-1.0)
+}
+
 /// Pods a (egress isolated: TCP 8080 and UDP 4321 to b only) and b (serving both), optionally
 /// dual-stack; the daemon running.
 fn two_pods(dual_stack: bool) -> Option<Lab> {
@@ -137,15 +142,25 @@ fn fragments_follow_the_first_fragment_and_early_ones_are_dropped_and_counted() 
     assert_eq!(at_b.count(), 0, "no fragment of a denied datagram arrives");
     let now = counter(&lab, "a", "egress", "deny");
     assert!(now - denied >= 3.0, "all three denied and counted: {denied} -> {now}");
+    // An identification re-used: an allowed datagram, then a denied one with the same id. The
+    // denied one's later fragments do not ride on the record the allowed one left.
+    let at_b = lab.capture("b", "MARK-FRAG").unwrap();
+    lab.scapy("a", &frags(4321, 1004, "fr")).unwrap();
+    assert_eq!(at_b.count(), in_order, "allowed datagram");
+    let at_b = lab.capture("b", "MARK-FRAG").unwrap();
+    lab.scapy("a", &frags(9999, 1004, "fr")).unwrap();
+    assert_eq!(at_b.count(), 0, "no fragment of the denied datagram with a re-used id arrives");
     // Reordered, allowed: the last fragment comes first and cannot be judged (dropped, counted);
     // the two after it follow the first fragment.
     let denied = counter(&lab, "a", "egress", "deny");
+    let early_before = early(&lab, "a", "egress");
     let at_b = lab.capture("b", "MARK-FRAG").unwrap();
     lab.scapy("a", &frags(4321, 1003, "[fr[2], fr[0], fr[1]]")).unwrap();
     let reordered = at_b.count();
     let now = counter(&lab, "a", "egress", "deny");
     eprintln!("fragments arriving at b: in order {in_order}, last-first {reordered}");
     assert_eq!(now - denied, 1.0, "only the early fragment is dropped and counted");
+    assert_eq!(early(&lab, "a", "egress") - early_before, 1.0, "counted apart as an early fragment");
     assert!(reordered < in_order || in_order > 3, "the early fragment did not arrive");
 }
 
