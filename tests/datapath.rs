@@ -118,7 +118,8 @@ fn ports_protocols_ranges_and_address_classes() {
         ("ipv6 behind hop-by-hop + dest opts + fragment(0)", ipv6(v6("fd00::1"), v6("fd00::10"), 6, 40000, 8500, TCP_SYN, &[0, 60, 44]), OK),
         ("ipv6 behind extension headers, wrong port", ipv6(v6("fd00::1"), v6("fd00::10"), 6, 40000, 7999, TCP_SYN, &[0, 60]), SHOT),
         ("ipv6 udp 53", ipv6(v6("2001:db8::1"), v6("fd00::10"), 17, 5353, 53, 0, &[]), OK),
-        ("ipv6 neighbour solicitation", ipv6(v6("fe80::1"), v6("ff02::1:ff00:10"), 58, 0, 0, 135, &[]), OK),
+        ("ipv6 neighbour solicitation", nd6(v6("fe80::1"), v6("ff02::1:ff00:10"), 135, 0, 255, &nd_lladdr_option(1), &[]), OK),
+        ("ipv6 neighbour solicitation that crossed a router (hop limit 64)", ipv6(v6("fe80::1"), v6("ff02::1:ff00:10"), 58, 0, 0, 135, &[]), SHOT),
         ("ipv6 echo: port rules only", ipv6(v6("fd00::1"), v6("fd00::10"), 58, 9, 0, 128, &[]), SHOT),
     ];
     let mut bad = Vec::new();
@@ -803,4 +804,165 @@ fn tracked_flows_of_the_older_conntrack_layout_are_migrated_at_load() {
     f.dp.set_flow_cache(false).unwrap();
     assert_eq!(run(&mut f, Direction::Ingress, &tcp4(srv, web, 443, 41000, TCP_ACK)), OK, "the migrated flow's reply");
     assert_eq!(run(&mut f, Direction::Ingress, &tcp4(srv, web, 443, 41001, TCP_ACK)), SHOT, "an untracked one");
+
+/// Neighbour discovery passes unchecked only as the link uses it (RFC 4861): hop limit 255, no
+/// bytes past its options, on-link addresses; anything else of its types is ICMPv6 under policy.
+#[test]
+fn neighbour_discovery_passes_only_as_the_link_uses_it() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    f.dp.set_node_addrs(&["10.250.0.1".parse().unwrap(), "fd00::1".parse().unwrap()]).unwrap();
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    let (ll, me, node, mcast) = (v6("fe80::10"), v6("fd00::10"), v6("fd00::1"), v6("ff02::1:ff00:1"));
+    let sll = nd_lladdr_option(1);
+    let tll = nd_lladdr_option(2);
+    let mut redirected = vec![4u8, 6, 0, 0, 0, 0, 0, 0];
+    redirected.extend_from_slice(&[0x60; 40]);
+    let cases: Vec<(&str, Direction, Vec<u8>, i32)> = vec![
+        ("NS from link-local to solicited-node multicast", e, nd6(ll, mcast, 135, 0, 255, &sll, &[]), OK),
+        ("NS from the pod's global address (Linux solicits with the trigger's source)", e, nd6(me, mcast, 135, 0, 255, &sll, &[]), OK),
+        ("DAD NS from ::", e, nd6(Ipv6Addr::UNSPECIFIED, mcast, 135, 0, 255, &[], &[]), OK),
+        ("NUD NS to the node's (gateway's) own address", e, nd6(me, node, 135, 0, 255, &sll, &[]), OK),
+        ("NA to a link-local address", e, nd6(me, v6("fe80::1"), 136, 0, 255, &tll, &[]), OK),
+        ("RS to all-routers", e, nd6(ll, v6("ff02::2"), 133, 0, 255, &sll, &[]), OK),
+        ("NS to a global address off the link", e, nd6(me, v6("2001:db8::1"), 135, 0, 255, &sll, &[]), SHOT),
+        ("NA to another pod's global address (routed by the node)", e, nd6(me, v6("fd00::20"), 136, 0, 255, &tll, &[]), SHOT),
+        ("NS to global multicast ff0e::", e, nd6(ll, v6("ff0e::1"), 135, 0, 255, &sll, &[]), SHOT),
+        ("NS with hop limit 254", e, nd6(ll, mcast, 135, 0, 254, &sll, &[]), SHOT),
+        ("NS with code 1", e, nd6(ll, mcast, 135, 1, 255, &sll, &[]), SHOT),
+        ("NS carrying 200 bytes of payload as an option", e, nd6(ll, mcast, 135, 0, 255, &[&[1u8, 26][..], &[0x41; 206]].concat(), &[]), SHOT),
+        ("NS with bytes past its IPv6 payload length", e, nd6(ll, mcast, 135, 0, 255, &sll, &[0x41; 64]), SHOT),
+        ("NS with a zero-length option", e, nd6(ll, mcast, 135, 0, 255, &[1, 0, 0, 0, 0, 0, 0, 0], &[]), SHOT),
+        ("NS whose option runs past the message", e, nd6(ll, mcast, 135, 0, 255, &[1, 2, 0, 0, 0, 0, 0, 0], &[]), SHOT),
+        ("NA from :: (only NS and RS may)", e, nd6(Ipv6Addr::UNSPECIFIED, mcast, 136, 0, 255, &tll, &[]), SHOT),
+        ("NS from a multicast source", e, nd6(v6("ff02::1"), mcast, 135, 0, 255, &sll, &[]), SHOT),
+        ("redirect quoting a packet", e, nd6(ll, v6("fe80::1"), 137, 0, 255, &[&tll[..], &redirected[..]].concat(), &[]), SHOT),
+        ("redirect with a target link-layer address", e, nd6(ll, v6("fe80::1"), 137, 0, 255, &tll, &[]), OK),
+        ("RA from a link-local address to all-nodes", i, nd6(v6("fe80::1"), v6("ff02::1"), 134, 0, 255, &sll, &[]), OK),
+        ("NA from the link to the pod's global address", i, nd6(v6("fd00::99"), me, 136, 0, 255, &tll, &[]), OK),
+        ("NS into the pod that crossed a router", i, nd6(v6("fd00::99"), me, 135, 0, 254, &sll, &[]), SHOT),
+        ("NA into the pod with trailing bytes", i, nd6(v6("fe80::1"), me, 136, 0, 255, &tll, &[0x41; 8]), SHOT),
+    ];
+    let mut bad = Vec::new();
+    for (what, dir, frame, want) in &cases {
+        let got = run(&mut f, *dir, frame);
+        if got != *want {
+            bad.push(format!("{what} ({dir:?}): want {want}, got {got}"));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    // Every ND frame has a verdict and is counted.
+    let c = CounterReader::open(&f.pin).unwrap();
+    let (ig, eg) = (netpol_common::DIR_INGRESS, netpol_common::DIR_EGRESS);
+    assert_eq!(c.read(0, eg, 0) + c.read(0, eg, 1), 19, "every egress frame counted");
+    assert_eq!(c.read(0, ig, 1), 2, "ingress denies counted");
+
+    // An all-traffic rule lets the rest through like any ICMPv6; without isolation it passes.
+    let all = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: t}\nspec: {podSelector: {}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: '2001:db8::/32'}}]}]}\n";
+    let Some(mut f) = fixture(all) else { return };
+    assert_eq!(run(&mut f, e, &nd6(me, v6("2001:db8::1"), 135, 0, 255, &sll, &[])), OK, "an all-traffic rule to the peer");
+    assert_eq!(run(&mut f, e, &nd6(me, v6("2001:db9::1"), 135, 0, 255, &sll, &[])), SHOT);
+    assert_eq!(run(&mut f, i, &nd6(v6("fd00::99"), me, 135, 0, 64, &sll, &[0x41; 100])), OK, "ingress is not isolated");
+}
+
+/// Frames that are not plain IPv4/IPv6/ARP (VLAN tags, other ethertypes) are denied where the
+/// direction is isolated: the kernel would untag a double-tagged VID 0 frame and route its
+/// inner packet, which this program never judged. ARP always passes; nothing is blocked for a
+/// pod without policies.
+#[test]
+fn vlan_tagged_and_other_frames_are_denied_where_isolated() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    let web = v4("10.1.0.10");
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    let dns_in = udp4(v4("192.0.2.1"), web, 5353, 53);
+    let https_out = tcp4(web, v4("10.2.3.4"), 40001, 443, TCP_SYN);
+    let lldp = ethertype_frame(0x88cc, 46);
+    let cases: Vec<(&str, Direction, Vec<u8>, i32)> = vec![
+        ("untagged allowed udp 53", i, dns_in.clone(), OK),
+        ("802.1ad + 802.1Q, VID 0, allowed udp 53 inside", i, vlan_tagged(&dns_in, &[(0x88a8, 0), (0x8100, 0)]), SHOT),
+        ("802.1Q VID 0 (priority tag), allowed tcp 443 inside", e, vlan_tagged(&https_out, &[(0x8100, 0)]), SHOT),
+        ("802.1Q VID 5", e, vlan_tagged(&https_out, &[(0x8100, 5)]), SHOT),
+        ("802.1ad + 802.1Q, egress", e, vlan_tagged(&https_out, &[(0x88a8, 0), (0x8100, 0)]), SHOT),
+        ("LLDP", e, lldp.clone(), SHOT),
+        ("802.3 length frame", i, ethertype_frame(0x0040, 64), SHOT),
+        ("ARP in", i, arp(), OK),
+        ("ARP out", e, arp(), OK),
+    ];
+    let mut bad = Vec::new();
+    for (what, dir, frame, want) in &cases {
+        let got = run(&mut f, *dir, frame);
+        if got != *want {
+            bad.push(format!("{what} ({dir:?}): want {want}, got {got}"));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    let c = CounterReader::open(&f.pin).unwrap();
+    let (ig, eg) = (netpol_common::DIR_INGRESS, netpol_common::DIR_EGRESS);
+    assert_eq!((c.read(0, ig, 0), c.read(0, ig, 1)), (2, 2), "ingress: udp 53 + ARP allowed, two denied");
+    assert_eq!((c.read(0, eg, 0), c.read(0, eg, 1)), (1, 4), "egress: ARP allowed, four denied");
+
+    let Some(mut f) = fixture("") else { return };
+    for dir in [i, e] {
+        assert_eq!(run(&mut f, dir, &vlan_tagged(&dns_in, &[(0x88a8, 0), (0x8100, 0)])), OK, "not isolated: passes");
+        assert_eq!(run(&mut f, dir, &lldp), OK, "not isolated: passes");
+    }
+    let c = CounterReader::open(&f.pin).unwrap();
+    assert_eq!(c.read(0, ig, 0), 2, "passes are counted");
+}
+
+fn frag_early(pin: &Path, dir: u8) -> u64 {
+    use aya::maps::{Map, MapData, PerCpuArray};
+    let md = MapData::from_pin(pin.join(netpol_common::maps::FRAG_EARLY)).expect("pinned FRAG_EARLY");
+    let a: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::from_map_data(md).unwrap()).unwrap();
+    a.get(&(dir as u32), 0).unwrap().iter().sum()
+}
+
+/// Later fragments follow the recorded verdict of their datagram's first fragment; one that
+/// arrives before its first fragment is dropped where a port rule would have to decide, and
+/// counted apart.
+#[test]
+fn fragments_follow_their_first_fragments_verdict_and_early_ones_are_counted() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    let web = v4("10.1.0.10");
+    let src = v4("192.0.2.1");
+    let i = Direction::Ingress;
+    let ig = netpol_common::DIR_INGRESS;
+    // Reordered: the last fragment of an allowed UDP 53 datagram arrives first.
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 0, 0, 200, 185, false)), SHOT, "first fragment not seen yet");
+    assert_eq!(frag_early(&f.pin, ig), 1, "counted as an early fragment");
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 5353, 53, 200, 0, true)), OK);
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 0, 0, 200, 185, false)), OK, "after its first fragment");
+    // An identification re-used: a denied datagram's fragments do not ride on the record an
+    // earlier allowed datagram left.
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 5353, 53, 201, 0, true)), OK);
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 0, 0, 201, 185, false)), OK);
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 5353, 54, 201, 0, true)), SHOT, "denied first fragment, same id");
+    assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 0, 0, 201, 185, false)), SHOT, "its later fragment");
+    assert_eq!(frag_early(&f.pin, ig), 1, "a fragment of a denied datagram is no early fragment");
+    // An all-traffic rule for the peer decides without the first fragment.
+    let Some(mut f) = fixture("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: t}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}}]}]}\n") else { return };
+    assert_eq!(run(&mut f, i, &ipv4_frag(v4("10.3.0.1"), web, 17, 0, 0, 300, 185, false)), OK, "all traffic from 10/8");
+    assert_eq!(run(&mut f, i, &ipv4_frag(v4("11.3.0.1"), web, 17, 0, 0, 300, 185, false)), SHOT);
+    assert_eq!(frag_early(&f.pin, ig), 1);
+}
+
+/// Up to 8 IPv6 extension headers are walked to the upper-layer header; a packet with more
+/// is unparseable: denied where the direction is isolated, even under an all-traffic rule.
+#[test]
+fn ipv6_extension_headers_up_to_the_limit_pass_and_more_are_denied() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    let (peer, me) = (v6("fd00::1"), v6("fd00::10"));
+    let i = Direction::Ingress;
+    let exts = |n: usize| vec![60u8; n];
+    for n in [5, 6, 7, 8] {
+        assert_eq!(run(&mut f, i, &ipv6(peer, me, 6, 40000 + n as u16, 8500, TCP_SYN, &exts(n))), OK, "{n} extension headers");
+    }
+    assert_eq!(run(&mut f, i, &ipv6(peer, me, 6, 40000, 8500, TCP_SYN, &[0, 60, 43, 44, 60, 60, 60, 60])), OK, "8 mixed, with a fragment header");
+    assert_eq!(run(&mut f, i, &ipv6(peer, me, 6, 40009, 8500, TCP_SYN, &exts(9))), SHOT, "9 extension headers");
+    let all = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: t}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 'fd00::/64'}}]}]}\n";
+    let Some(mut f) = fixture(all) else { return };
+    assert_eq!(run(&mut f, i, &ipv6(peer, me, 6, 40000, 8500, TCP_SYN, &exts(8))), OK);
+    assert_eq!(run(&mut f, i, &ipv6(peer, me, 6, 40000, 8500, TCP_SYN, &exts(9))), SHOT, "9: unparseable, not a portless packet");
+    assert_eq!(run(&mut f, i, &ipv6(peer, me, 17, 40000, 53, 0, &exts(12))), SHOT);
+    let Some(mut f) = fixture("") else { return };
+    assert_eq!(run(&mut f, i, &ipv6(peer, me, 6, 40000, 8500, TCP_SYN, &exts(9))), OK, "not isolated: passes");
 }

@@ -105,6 +105,9 @@ pub mod maps {
     pub const CONNTRACK_V1: &str = "CONNTRACK";
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     pub const FRAGS: &str = "FRAGS";
+    /// Per endpoint and direction (`endpoint * 2 + dir`): later fragments dropped because
+    /// their first fragment had not been seen.
+    pub const FRAG_EARLY: &str = "FRAG_EARLY";
     pub const CONFIG: &str = "CONFIG";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_RATE: &str = "EVENT_RATE";
@@ -248,8 +251,9 @@ pub struct CtValueV1 {
     pub policy: u32,
 }
 
-/// A fragmented datagram whose first fragment was allowed: its later fragments (which carry
-/// no L4 header) follow it. Keyed by the IP identification.
+/// A fragmented datagram whose first fragment was judged: its later fragments (which carry no
+/// L4 header) follow its verdict ([`FRAG_ALLOWED`], [`FRAG_DENIED`]). Keyed by the IP
+/// identification.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FragKey {
@@ -264,6 +268,9 @@ pub struct FragKey {
 }
 
 pub const FRAGS_MAX: u32 = 16_384;
+/// `FRAGS` values: the datagram's first fragment was allowed / denied.
+pub const FRAG_ALLOWED: u32 = 1;
+pub const FRAG_DENIED: u32 = 2;
 
 /// Key of `NODE_ADDRS`: the node's own addresses, always allowed into local pods.
 #[repr(C)]

@@ -81,6 +81,8 @@ pub struct Datapath {
     node_addrs: BpfHashMap<MapData, AddrKey, u8>,
     counters: PerCpuArray<MapData, u64>,
     policy_counters: PerCpuArray<MapData, u64>,
+    /// Per endpoint id and direction: later fragments dropped before their first fragment.
+    frag_early: PerCpuArray<MapData, u64>,
     /// Per endpoint id and direction: the policies whose slots its POLICY_COUNTERS hold.
     slot_policies: HashMap<(u32, u8), Vec<ObjKey>>,
     /// Counts folded out of the map when a pod's policy list (the meaning of its slots)
@@ -298,6 +300,7 @@ impl Datapath {
         let node_addrs: BpfHashMap<MapData, AddrKey, u8> = take(&mut ebpf, maps::NODE_ADDRS)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::COUNTERS)?;
         let policy_counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::POLICY_COUNTERS)?;
+        let frag_early: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::FRAG_EARLY)?;
         let config: aya::maps::Array<MapData, Config> = take(&mut ebpf, maps::CONFIG)?;
         let mut conntrack: BpfHashMap<MapData, CtKey, CtValue> = take(&mut ebpf, maps::CONNTRACK)?;
         migrate_conntrack_v1(pin_dir, &mut conntrack);
@@ -359,6 +362,7 @@ impl Datapath {
             node_addrs,
             counters,
             policy_counters,
+            frag_early,
             slot_policies: HashMap::default(),
             retired_counts: BTreeMap::new(),
             config,
@@ -583,6 +587,7 @@ impl Datapath {
             for verdict in [VERDICT_ALLOW, VERDICT_DENY, VERDICT_AUDIT] {
                 zero(&mut self.counters, counter_index(id, dir, verdict));
             }
+            zero(&mut self.frag_early, id * 2 + dir as u32);
             for slot in 0..POLICY_SLOTS {
                 zero(&mut self.policy_counters, policy_counter_index(id, dir, slot));
             }
@@ -1001,6 +1006,7 @@ pub fn slot_label(policies: &[ObjKey], slot: u32) -> String {
 pub struct CounterReader {
     map: PerCpuArray<MapData, u64>,
     policy: PerCpuArray<MapData, u64>,
+    frag_early: PerCpuArray<MapData, u64>,
 }
 
 impl CounterReader {
@@ -1010,12 +1016,18 @@ impl CounterReader {
             let md = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
             Ok(PerCpuArray::try_from(Map::from_map_data(md)?)?)
         };
-        Ok(CounterReader { map: open(maps::COUNTERS)?, policy: open(maps::POLICY_COUNTERS)? })
+        Ok(CounterReader { map: open(maps::COUNTERS)?, policy: open(maps::POLICY_COUNTERS)?, frag_early: open(maps::FRAG_EARLY)? })
     }
 
     /// Packets of flows that the policy in `slot` of `endpoint` allowed in `dir`.
     pub fn read_policy(&self, endpoint: u32, dir: u8, slot: u32) -> u64 {
         self.policy.get(&policy_counter_index(endpoint, dir, slot), 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// Later fragments of `endpoint` in `dir` dropped because their first fragment had not
+    /// been seen (counted among the denies too).
+    pub fn read_frag_early(&self, endpoint: u32, dir: u8) -> u64 {
+        self.frag_early.get(&(endpoint * 2 + (dir & 1) as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
     pub fn read(&self, endpoint: u32, dir: u8, verdict: u32) -> u64 {

@@ -101,6 +101,19 @@ pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) ->
             }
         }
     }
+    out.push_str("# HELP netpol_fragments_early_dropped_total Later IP fragments dropped because their datagram's first fragment had not been seen (reordered on the way; also counted as denied).\n# TYPE netpol_fragments_early_dropped_total counter\n");
+    if let Some(c) = counters {
+        for (id, pod) in &status.endpoints {
+            for (dir, dname) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
+                out.push_str(&format!(
+                    "netpol_fragments_early_dropped_total{{namespace=\"{}\",pod=\"{}\",direction=\"{dname}\"}} {}\n",
+                    escape(&pod.namespace),
+                    escape(&pod.name),
+                    c.read_frag_early(*id, dir)
+                ));
+            }
+        }
+    }
     out.push_str("# HELP netpol_policy_allowed_packets_total Packets of connections that a policy allowed, per pod and the policy's direction (the allowed packet and the rest of its flow, both ways; when several policies allow, one of them).\n# TYPE netpol_policy_allowed_packets_total counter\n");
     let mut policy_counts: BTreeMap<(ObjKey, u8, String), u64> = status.policy_retired.clone();
     if let Some(c) = counters {

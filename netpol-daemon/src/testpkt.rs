@@ -153,3 +153,53 @@ pub fn icmp6_error(src: Ipv6Addr, dst: Ipv6Addr, icmp_type: u8, code: u8, origin
     f.extend_from_slice(quoted);
     f
 }
+
+/// `frame` with 802.1Q/802.1ad tags inserted after the MAC addresses, outermost first: each
+/// `(tpid, vid)`, e.g. `(0x88a8, 0), (0x8100, 0)` for a double tag with VLAN id 0.
+pub fn vlan_tagged(frame: &[u8], tags: &[(u16, u16)]) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    for (tpid, vid) in tags {
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+    }
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+/// A frame of another ethertype (LLDP is 0x88cc) with `len` payload bytes.
+pub fn ethertype_frame(ethertype: u16, len: usize) -> Vec<u8> {
+    let mut f = eth(ethertype);
+    f.extend(std::iter::repeat_n(0x5a, len));
+    f
+}
+
+/// An ICMPv6 neighbour discovery message (133 RS, 134 RA, 135 NS, 136 NA, 137 redirect) with
+/// its fixed part zeroed, `options` after it and `trailer` bytes after the IPv6 payload (not
+/// counted in its payload length), with hop limit `hop_limit` and code `code`.
+pub fn nd6(src: Ipv6Addr, dst: Ipv6Addr, icmp_type: u8, code: u8, hop_limit: u8, options: &[u8], trailer: &[u8]) -> Vec<u8> {
+    let fixed = match icmp_type {
+        133 => 8,
+        134 => 16,
+        135 | 136 => 24,
+        _ => 40,
+    };
+    let mut msg = vec![0u8; fixed];
+    msg[0] = icmp_type;
+    msg[1] = code;
+    msg.extend_from_slice(options);
+    let mut f = eth(0x86DD);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    f.push(58);
+    f.push(hop_limit);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&msg);
+    f.extend_from_slice(trailer);
+    f
+}
+
+/// A source (1) or target (2) link-layer address option for an Ethernet MAC.
+pub fn nd_lladdr_option(kind: u8) -> Vec<u8> {
+    vec![kind, 1, 0x02, 0, 0, 0, 0, 0x01]
+}

@@ -11,28 +11,6 @@ use netpol_common::*;
 
 use crate::parse::{Inner, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
-#[map(name = "FRAGS")]
-static FRAGS: LruHashMap<FragKey, u32> = LruHashMap::pinned(FRAGS_MAX, 0);
-
-#[inline(always)]
-fn frag_key(endpoint: u32, dir: u8, p: &Packet, id: u32) -> FragKey {
-    FragKey { endpoint, id, dir, proto: p.proto, family: p.family, _pad: 0, src: p.src, dst: p.dst }
-}
-
-/// A later fragment follows its datagram's first fragment.
-#[inline(always)]
-pub fn fragment_allowed(endpoint: u32, dir: u8, p: &Packet) -> bool {
-    p.fragment && FRAGS.get_ptr(&frag_key(endpoint, dir, p, p.frag_id)).is_some()
-}
-
-/// Remembers an allowed first fragment so that the rest of the datagram follows.
-#[inline(always)]
-pub fn remember_fragment(endpoint: u32, dir: u8, p: &Packet) {
-    if p.fragment && p.more_fragments {
-        let _ = FRAGS.insert(&frag_key(endpoint, dir, p, p.frag_id), &1, 0);
-    }
-}
-
 /// An ICMP error about a tracked flow of this endpoint. The quoted packet is one the error's
 /// receiver sent; it belongs to a tracked flow either as that flow's original packet (entry in
 /// the other direction: the pod's reply-side error about a packet that came in, or a router's

@@ -9,6 +9,7 @@
 mod conntrack;
 mod counters;
 mod flowcache;
+mod fragments;
 mod parse;
 mod policy;
 
@@ -53,15 +54,19 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     let isolated = ep.flags & isolate_flag != 0;
     let p = match parse::parse(ctx) {
         Ok(Parsed::Ip(p)) => p,
-        Ok(Parsed::NotIp) => return TC_ACT_OK,
+        Ok(Parsed::Arp) => return verdict(ep.id, dir, true),
+        // Other ethertypes and VLAN-tagged frames: what the kernel makes of them later is not
+        // judged here, so an isolated direction does not let them through.
+        Ok(Parsed::Other) => return verdict(ep.id, dir, !isolated),
         Err(()) => {
             // Truncated or malformed IP packet: never let it through an isolated direction.
             return verdict(ep.id, dir, !isolated);
         }
     };
-    // IPv6 neighbour discovery and router messages keep the link working.
-    if p.proto == PROTO_ICMPV6 && (133..=137).contains(&p.icmp_type) {
-        return TC_ACT_OK;
+    // IPv6 neighbour discovery and router messages keep the link working, when they are
+    // what the link uses and nothing more (see parse::neighbour_discovery).
+    if p.proto == PROTO_ICMPV6 && (133..=137).contains(&p.icmp_type) && parse::neighbour_discovery(ctx, &p, dir == DIR_EGRESS) {
+        return verdict(ep.id, dir, true);
     }
     let mut ct = conntrack::key(ep.id, dir, &p);
     // ICMP errors about a flow this endpoint has (port unreachable, fragmentation needed...).
@@ -71,9 +76,15 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         }
         ct = conntrack::key(ep.id, dir, &p);
     }
-    // The rest of a datagram whose first fragment was allowed.
-    if p.later_fragment && conntrack::fragment_allowed(ep.id, dir, &p) {
-        return verdict(ep.id, dir, true);
+    // The rest of a fragmented datagram follows its first fragment's verdict; without one
+    // (reordered), it is judged as a portless packet below.
+    let mut early = false;
+    if p.later_fragment {
+        match fragments::later(ep.id, dir, &p) {
+            fragments::Later::Allowed => return verdict(ep.id, dir, true),
+            fragments::Later::Denied => return verdict(ep.id, dir, !isolated),
+            fragments::Later::Unknown => early = true,
+        }
     }
     // Packets of an established flow that the flow cache vouches for (TCP packets that open or
     // close connections always take the conntrack path, which follows their state).
@@ -100,7 +111,7 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
             if ticks != 0 {
                 flowcache::store(&ct, epoch, now, flow.dir, flow.slot);
             }
-            conntrack::remember_fragment(ep.id, dir, &p);
+            fragments::remember(ep.id, dir, &p, true);
             counters::count_policy(ep.id, flow.dir, flow.slot);
             return verdict(ep.id, dir, true);
         }
@@ -119,7 +130,10 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         // A frame the pod sent that the node routed back to it (see `conntrack::create`).
         let looped = dir == DIR_INGRESS && unsafe { (*ctx.skb.skb).ingress_ifindex } == ifindex;
         conntrack::create(&mut ct, &p, allowed_by.unwrap_or(SLOT_NONE), looped);
-        conntrack::remember_fragment(ep.id, dir, &p);
+    }
+    fragments::remember(ep.id, dir, &p, v != VERDICT_DENY);
+    if early && v == VERDICT_DENY {
+        fragments::count_early(ep.id, dir);
     }
     if let Some(slot) = allowed_by {
         counters::count_policy(ep.id, dir, slot);

@@ -7,8 +7,13 @@ use netpol_common::{FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
-/// Extension headers walked before giving up (the packet is then treated as having no ports).
-const MAX_V6_EXT_HEADERS: usize = 6;
+const ETH_P_ARP: u16 = 0x0806;
+/// Extension headers walked; a packet with more is unparseable (denied where the direction is
+/// isolated, never judged as a portless packet). The walk reads one more header than this to
+/// see the upper-layer header behind the last extension header.
+pub const MAX_V6_EXT_HEADERS: usize = 8;
+/// Options walked in a neighbour discovery message (more: not treated as ND).
+const MAX_ND_OPTIONS: usize = 8;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -85,8 +90,14 @@ pub struct Inner {
 }
 
 pub enum Parsed {
-    /// Not IP (ARP, LLDP, ...): never subject to policy.
-    NotIp,
+    /// ARP: the link needs it whatever the policy (never denied).
+    Arp,
+    /// Any other frame that is not plain IPv4/IPv6/ARP: another ethertype (LLDP, 802.3 length
+    /// frames, ...) or a VLAN-tagged frame (802.1Q/802.1ad in the frame, or a tag the kernel
+    /// already moved into `skb->vlan_tci`). The policy cannot judge what the kernel may later
+    /// make of it (a double-tagged VID 0 frame is untagged and its inner IP packet routed), so
+    /// it is denied where the direction is isolated and passes elsewhere.
+    Other,
     Ip(Packet),
 }
 
@@ -152,6 +163,11 @@ fn parse_v4_fast(ctx: &TcContext) -> Option<Packet> {
 
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
+    // A tag the kernel took out of the frame before TC (`__netif_receive_skb_core` untags the
+    // outer 802.1Q/802.1ad header into the skb at ingress): the bytes below are the inner frame.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return Ok(Parsed::Other);
+    }
     if let Some(p) = parse_v4_fast(ctx) {
         return Ok(Parsed::Ip(p));
     }
@@ -190,7 +206,8 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
             let mut off = ETH_HLEN + 40;
             let mut first = true;
             let mut done = false;
-            for _ in 0..MAX_V6_EXT_HEADERS {
+            // MAX_V6_EXT_HEADERS extension headers and then the upper-layer header.
+            for _ in 0..MAX_V6_EXT_HEADERS + 1 {
                 match next {
                     // hop-by-hop, routing, destination options
                     0 | 43 | 60 => {
@@ -211,6 +228,12 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
                         p.later_fragment = fo >> 3 != 0;
                         p.more_fragments = fo & 1 != 0;
                         off += 8;
+                        if p.later_fragment {
+                            // What follows is payload of the middle of the datagram, not
+                            // headers: `next` is the first header of the fragmentable part.
+                            done = true;
+                            break;
+                        }
                     }
                     // authentication header
                     51 => {
@@ -224,12 +247,16 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
                     }
                 }
             }
+            if !done {
+                // More extension headers than the walk reads: no trustworthy L4 header.
+                return Err(());
+            }
             p.proto = next;
-            // Too many extension headers: no trustworthy L4 header.
-            first_fragment = first && done;
+            first_fragment = first;
             l4_off = off;
         }
-        _ => return Ok(Parsed::NotIp),
+        ETH_P_ARP => return Ok(Parsed::Arp),
+        _ => return Ok(Parsed::Other),
     }
     if first_fragment {
         match p.proto {
@@ -302,4 +329,79 @@ fn inner(ctx: &TcContext, icmp: u8, off: usize) -> Result<Inner, ()> {
         }
         _ => Err(()),
     }
+}
+
+/// RFC 4861 neighbour discovery as the link uses it, which passes unchecked: RS (133), RA
+/// (134), NS (135), NA (136), redirect (137), and only when all of this holds:
+/// - the ICMPv6 header follows the IPv6 header directly (no extension headers, no fragment),
+///   with code 0 and hop limit 255: a packet that crossed a router arrives with less, and
+///   receivers discard ND messages without 255 (RFC 4861 6.1/7.1/8.1);
+/// - the IPv6 payload length is exactly what the frame carries (nothing trails the message)
+///   and within the message's fixed part plus a few options: RS <= 24 bytes, RA <= 80,
+///   NS/NA <= 40, redirect <= 48 (a target link-layer option, no redirected header: a
+///   redirect quoting a packet goes through policy); the options, walked, are well-formed
+///   (no zero length) and end exactly where the message ends;
+/// - the source is not multicast, and the unspecified address only in NS (duplicate address
+///   detection) and RS;
+/// - leaving the pod (`egress`), the destination is on the link: link-local (fe80::/10),
+///   link-scope multicast (ff02::/16) or one of the node's own addresses, so the message ends
+///   at the node and is never routed on. The source may be global: Linux solicits with the
+///   source of the packet that triggered resolution, and answers to it (a pod resolving a
+///   global gateway address, as ptp installs, does so from its own global address).
+///   Entering the pod, hop limit 255 already shows the sender is on the link (the node, or a
+///   neighbour on a bridge): any destination.
+/// Anything else of these types is judged by policy like any other ICMPv6.
+#[inline(always)]
+pub fn neighbour_discovery(ctx: &TcContext, p: &Packet, egress: bool) -> bool {
+    nd_checks(ctx, p, egress).unwrap_or(false)
+}
+
+#[inline(always)]
+fn nd_checks(ctx: &TcContext, p: &Packet, egress: bool) -> Result<bool, ()> {
+    if p.family != FAMILY_V6 || p.proto != PROTO_ICMPV6 || p.fragment {
+        return Ok(false);
+    }
+    let (fixed, max) = match p.icmp_type {
+        133 => (8usize, 24usize),
+        134 => (16, 80),
+        135 | 136 => (24, 40),
+        137 => (40, 48),
+        _ => return Ok(false),
+    };
+    let ip6: [u8; 8] = load(ctx, ETH_HLEN)?;
+    let payload = u16::from_be_bytes([ip6[4], ip6[5]]) as usize;
+    if ip6[6] != PROTO_ICMPV6 || ip6[7] != 255 {
+        return Ok(false);
+    }
+    let end = ETH_HLEN + 40 + payload;
+    if payload < fixed || payload > max || end != ctx.len() as usize {
+        return Ok(false);
+    }
+    if load::<u8>(ctx, ETH_HLEN + 41)? != 0 {
+        return Ok(false);
+    }
+    if p.src[0] == 0xff {
+        return Ok(false);
+    }
+    if p.src == [0u8; 16] && p.icmp_type != 133 && p.icmp_type != 135 {
+        return Ok(false);
+    }
+    let link_local = p.dst[0] == 0xfe && p.dst[1] & 0xc0 == 0x80;
+    let link_multicast = p.dst[0] == 0xff && p.dst[1] == 0x02;
+    if egress && !link_local && !link_multicast && !crate::policy::is_node_addr(FAMILY_V6, &p.dst) {
+        return Ok(false);
+    }
+    // Options: type, length in units of 8 bytes (0 is invalid), ending at the message's end.
+    let mut off = ETH_HLEN + 40 + fixed;
+    for _ in 0..MAX_ND_OPTIONS {
+        if off >= end {
+            break;
+        }
+        let len = load::<u8>(ctx, off + 1)? as usize;
+        if len == 0 {
+            return Ok(false);
+        }
+        off += len * 8;
+    }
+    Ok(off == end)
 }
