@@ -804,6 +804,7 @@ fn tracked_flows_of_the_older_conntrack_layout_are_migrated_at_load() {
     f.dp.set_flow_cache(false).unwrap();
     assert_eq!(run(&mut f, Direction::Ingress, &tcp4(srv, web, 443, 41000, TCP_ACK)), OK, "the migrated flow's reply");
     assert_eq!(run(&mut f, Direction::Ingress, &tcp4(srv, web, 443, 41001, TCP_ACK)), SHOT, "an untracked one");
+}
 
 /// Neighbour discovery passes unchecked only as the link uses it (RFC 4861): hop limit 255, no
 /// bytes past its options, on-link addresses; anything else of its types is ICMPv6 under policy.
