@@ -352,7 +352,10 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                         change_age = if first { None } else { age.map(|a| (a, now)) };
                         for e in &errors {
                             if !last_load_errors.contains(e) {
-                                log::error!("invalid: {e}");
+                                // Invalid policies are enforced fail-closed (their message says so); other
+                                // invalid objects are skipped.
+                                let what = if e.contains(crate::model::FAIL_CLOSED_NOTE) { "invalid" } else { "skipped" };
+                                log::error!("{what}: {e}");
                             }
                         }
                         manifest_errors = errors.len();

@@ -11,8 +11,12 @@
 //! - When the pod is on this node: its own tables, compiled from the policies selecting it.
 //! - Egress to cluster IPs: decided by the backends' entries, re-derived for every local pod.
 //!
-//! Everything else (namespaces, policies, services, or a pod needing a policy no local pod
-//! used so far) compiles the node again. The result is the same policy as a full compile
+//! The owners of a changed address come from an index by address kept with the compiled
+//! state, so a change costs what it touches, not changed x all pods.
+//!
+//! Everything else (namespaces, policies, services, a pod needing a policy no local pod
+//! used so far, or a change of so many pods that a full compile is as cheap:
+//! [`full_is_cheaper`]) compiles the node again. The result is the same policy as a full compile
 //! (the property tests check verdicts and map lookups against both the full compile and the
 //! reference evaluator after random sequences of pod changes).
 use std::collections::{BTreeMap, BTreeSet};
