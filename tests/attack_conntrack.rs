@@ -170,3 +170,37 @@ fn a_blind_reset_does_not_end_a_kept_flow() {
     assert!(before_rst.contains("second b'"), "the kept connection survives the blind RST: {before_rst}\n{}", lab.daemon_log());
     assert!(denied(&lab, "c", "egress") >= 3.0 + 1.0, "the resets (and the denied new connection) were counted");
 }
+
+/// The same forgery through a service: pod a is the backend of a ClusterIP service and may
+/// reach itself (so its egress allows the service's address too). It forges
+/// `victim:80 -> service IP`, which the node DNATs to `victim:80 -> a:5300` and routes back to
+/// a: egress saw another tuple than ingress, but the frame came back through a's own
+/// interface. a's "reply" to the victim must not get out.
+#[test]
+fn a_forged_reply_through_the_pods_own_service_does_not_open_its_egress() {
+    let Some(mut lab) = lab() else { return };
+    lab.add_namespace("t", &[]);
+    let a = lab.add_pod("t", "a", ip("10.244.0.80"), &[("app", "a")], &[], &[5300]).unwrap();
+    lab.name_port(a, "p", 5300, "UDP");
+    lab.add_pod("t", "v", ip("10.244.0.81"), &[("app", "v")], &[], &[80]).unwrap();
+    lab.add_cluster_ip("t", "svc-a", ip("10.96.0.80"), "a", &[("app", "a")], &[("udp", 53, 5300, "p")]).unwrap();
+    lab.write_cluster_manifest().unwrap();
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    wait_endpoints(&lab, 2);
+    lab.apply(
+        "self-only.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: self-only, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: a}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: a}}}]\n",
+    )
+    .unwrap();
+    assert!(!lab.udp("a", "v", 80), "a's egress to v is denied");
+    let before = denied(&lab, "a", "egress");
+    let cap = lab.capture("v", "MARK-SVC").unwrap();
+    lab.scapy(
+        "a",
+        "import time\ntx(IP(src='10.244.0.81', dst='10.96.0.80')/UDP(sport=80, dport=53)/Raw(b'forged'))\ntime.sleep(0.2)\ntx(IP(src=MY_IP, dst='10.244.0.81')/UDP(sport=5300, dport=80)/Raw(b'MARK-SVC'), count=2)\n",
+    )
+    .unwrap();
+    assert_eq!(cap.count(), 0, "the forged flow's 'reply' reached the victim\n{}", lab.daemon_log());
+    let after = denied(&lab, "a", "egress");
+    assert!(after >= before + 2.0, "counted as denied: {before} -> {after}");
+}

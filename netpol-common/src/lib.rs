@@ -213,7 +213,7 @@ pub const CT_TCP_FIN_SEEN: u32 = 1;
 /// isolated egress as a reply.
 pub const CT_HAIRPIN: u32 = 2;
 /// [`CtValue::seq`] / [`CtValue::ack`] of side 0 (the side whose packet created the entry)
-/// and side 1 hold a value.
+/// and side 1 hold a value (side 1's bit is side 0's shifted left by one: the programs rely on it).
 pub const CT_SEQ0: u32 = 4;
 pub const CT_SEQ1: u32 = 8;
 pub const CT_ACK0: u32 = 16;

@@ -206,22 +206,25 @@ fn hit(k: &CtKey, p: &Packet, now: u64, side: u8) -> Option<(u32, bool)> {
 /// An RST from `side` ends the flow only when its sequence number is where the receiver
 /// expects data: near the receiver's last acknowledgement (its RCV.NXT), else (the receiver
 /// acknowledged nothing yet) near the sender's own last sequence number, else, for an RST|ACK
-/// answering a SYN, when it acknowledges exactly that SYN. Like Linux conntrack's `tcp_in_window`, but
-/// with a fixed window: [`CT_RST_WINDOW_AHEAD`] (1 MiB) after the reference and
+/// answering a SYN, when it acknowledges exactly that SYN. Like Linux conntrack's
+/// `tcp_in_window`, but with a fixed window: [`CT_RST_WINDOW_AHEAD`] (1 MiB) after the reference and
 /// [`CT_RST_WINDOW_BEHIND`] (64 KiB) before it, so a blind attacker hits with odds of about
 /// 2^20 / 2^32 per guess instead of every time. The reference is the last value the conntrack
 /// path saw (up to `flow_cache_ticks` old, see `hit`): a genuine RST after a burst of more than
 /// 1 MiB within that time may be dropped once; the peer's next segment (a retransmission goes
 /// the conntrack path once the cache slot ages out) refreshes the reference and the stack's
-/// RST in answer to it is honoured. An RST outside the window is dropped (an endpoint would
-/// ignore it under RFC 5961 anyway).
+/// RST in answer to it is honoured (as after an RST lost on the way). An RST outside the window
+/// is dropped (an endpoint would ignore it under RFC 5961 anyway) and bumps no epoch, so blind
+/// RSTs cannot flush the flow cache either.
 #[inline(always)]
 fn rst_in_window(v: &CtValue, side: u8, p: &Packet) -> bool {
-    let (other_ack, own_seq, other_seq) = if side == 0 {
-        (if v.flags & CT_ACK1 != 0 { Some(v.ack[1]) } else { None }, if v.flags & CT_SEQ0 != 0 { Some(v.seq[0]) } else { None }, if v.flags & CT_SEQ1 != 0 { Some(v.seq[1]) } else { None })
-    } else {
-        (if v.flags & CT_ACK0 != 0 { Some(v.ack[0]) } else { None }, if v.flags & CT_SEQ1 != 0 { Some(v.seq[1]) } else { None }, if v.flags & CT_SEQ0 != 0 { Some(v.seq[0]) } else { None })
-    };
+    // Side s's values and their "known" bits: seq[s] CT_SEQ0 << s, ack[s] CT_ACK0 << s.
+    let o = (side ^ 1) as usize & 1;
+    let s = side as usize & 1;
+    let known = |bit: u32, of: usize| v.flags & (bit << of) != 0;
+    let other_ack = if known(CT_ACK0, o) { Some(v.ack[o]) } else { None };
+    let own_seq = if known(CT_SEQ0, s) { Some(v.seq[s]) } else { None };
+    let other_seq = if known(CT_SEQ0, o) { Some(v.seq[o]) } else { None };
     if let Some(r) = other_ack {
         return in_window(p.tcp_seq, r);
     }
