@@ -96,8 +96,10 @@ fn neighbour_discovery_messages_carry_nothing_off_the_link() {
     .unwrap();
     // Neighbour caches flushed: resolution happens again through the isolated directions.
     for ns in ["a", "b"] {
-        let _ = lab.scapy(ns, "import subprocess\nsubprocess.run(['ip', '-6', 'neigh', 'flush', 'all'])\n");
+        lab.scapy(ns, "import subprocess\nsubprocess.run(['ip', '-6', 'neigh', 'flush', 'all'], check=True)\n").unwrap();
     }
+    let flushed = std::process::Command::new("ip").args(["-n", &lab.node_netns, "-6", "neigh", "flush", "all"]).status().unwrap();
+    assert!(flushed.success());
     assert!(lab.tcp6("a", "b", 8080), "IPv6 between isolated pods works (neighbour discovery passes)");
     assert!(!lab.tcp6("a", "b", 8081));
     let denied = counter(&lab, "a", "egress", "deny");

@@ -939,6 +939,17 @@ fn fragments_follow_their_first_fragments_verdict_and_early_ones_are_counted() {
     assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 5353, 54, 201, 0, true)), SHOT, "denied first fragment, same id");
     assert_eq!(run(&mut f, i, &ipv4_frag(src, web, 17, 0, 0, 201, 185, false)), SHOT, "its later fragment");
     assert_eq!(frag_early(&f.pin, ig), 1, "a fragment of a denied datagram is no early fragment");
+    // IPv6: the same, and a later fragment's payload is never walked as headers (its fragment
+    // header names the first header of the fragmentable part, here destination options).
+    let (p6, me6) = (v6("2001:db8::7"), v6("fd00::10"));
+    assert_eq!(run(&mut f, i, &ipv6_frag(p6, me6, 60, 17, 0, 0, 7000, 100, false)), SHOT, "IPv6 early fragment");
+    assert_eq!(frag_early(&f.pin, ig), 2);
+    assert_eq!(run(&mut f, i, &ipv6_frag(p6, me6, 17, 17, 5353, 53, 7000, 0, true)), OK, "IPv6 first fragment, udp 53");
+    assert_eq!(run(&mut f, i, &ipv6_frag(p6, me6, 17, 17, 0, 0, 7000, 3, true)), OK, "IPv6 middle fragment");
+    assert_eq!(run(&mut f, i, &ipv6_frag(p6, me6, 60, 17, 0, 0, 7000, 100, false)), OK, "IPv6 last fragment, dest opts first");
+    assert_eq!(run(&mut f, i, &ipv6_frag(p6, me6, 17, 17, 5353, 54, 7001, 0, true)), SHOT);
+    assert_eq!(run(&mut f, i, &ipv6_frag(p6, me6, 17, 17, 0, 0, 7001, 3, false)), SHOT);
+    assert_eq!(frag_early(&f.pin, ig), 2);
     // An all-traffic rule for the peer decides without the first fragment.
     let Some(mut f) = fixture("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: t}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}}]}]}\n") else { return };
     assert_eq!(run(&mut f, i, &ipv4_frag(v4("10.3.0.1"), web, 17, 0, 0, 300, 185, false)), OK, "all traffic from 10/8");

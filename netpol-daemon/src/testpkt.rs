@@ -203,3 +203,24 @@ pub fn nd6(src: Ipv6Addr, dst: Ipv6Addr, icmp_type: u8, code: u8, hop_limit: u8,
 pub fn nd_lladdr_option(kind: u8) -> Vec<u8> {
     vec![kind, 1, 0x02, 0, 0, 0, 0, 0x01]
 }
+
+/// An IPv6 fragment: a fragment header (identification `id`, `offset` in 8-byte units, `more`)
+/// whose next header is `next`; the first fragment (offset 0) carries the L4 header of
+/// `proto` (`next` should then be `proto`), a later one 24 payload bytes.
+#[allow(clippy::too_many_arguments)]
+pub fn ipv6_frag(src: Ipv6Addr, dst: Ipv6Addr, next: u8, proto: u8, sport: u16, dport: u16, id: u32, offset: u16, more: bool) -> Vec<u8> {
+    let payload = if offset == 0 { l4(proto, sport, dport, 0) } else { vec![0x3c; 24] };
+    let mut f = eth(0x86DD);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    f.push(44);
+    f.push(64);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.push(next);
+    f.push(0);
+    f.extend_from_slice(&((offset << 3) | more as u16).to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(&payload);
+    f
+}

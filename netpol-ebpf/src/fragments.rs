@@ -38,9 +38,14 @@ pub enum Later {
     Unknown,
 }
 
+/// IPv6 fragments are keyed without the protocol: only the first fragment's headers reach the
+/// upper-layer header, and the fragment headers' next header values may differ between the
+/// fragments of one packet (RFC 8200 4.5); the 32-bit identification is per source and
+/// destination.
 #[inline(always)]
 fn key(endpoint: u32, dir: u8, p: &Packet) -> FragKey {
-    FragKey { endpoint, id: p.frag_id, dir, proto: p.proto, family: p.family, _pad: 0, src: p.src, dst: p.dst }
+    let proto = if p.family == FAMILY_V6 { 0 } else { p.proto };
+    FragKey { endpoint, id: p.frag_id, dir, proto, family: p.family, _pad: 0, src: p.src, dst: p.dst }
 }
 
 /// The recorded verdict of a later fragment's datagram.
