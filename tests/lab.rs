@@ -613,3 +613,22 @@ fn bridge_cni_pods_are_found_through_neighbour_and_forwarding_tables() {
     let denied = sample(&m, "netpol_packets_total{namespace=\"web\",pod=\"server\",direction=\"ingress\",verdict=\"deny\"}").unwrap_or(0.0);
     assert!(denied >= 3.0, "the server's bridge port carries its programs\n{m}");
 }
+
+/// The attack tests' own instrument: a frame crafted in one pod (scapy) is seen by the
+/// sniffer of the pod it is addressed to, and one to another address is not.
+#[test]
+fn crafted_frames_arrive_where_they_are_sent() {
+    let Some(mut lab) = lab() else { return };
+    lab.add_namespace("t", &[]);
+    lab.add_pod("t", "a", ip("10.244.0.40"), &[], &[], &[]).unwrap();
+    // b answers on 4321 (no ICMP error quoting the marker back through the node).
+    lab.add_pod("t", "b", ip("10.244.0.41"), &[], &[], &[4321]).unwrap();
+    lab.add_pod("t", "c", ip("10.244.0.42"), &[], &[], &[]).unwrap();
+    let to_b = lab.capture("b", "MARK-TO-B").unwrap();
+    let to_c = lab.capture("c", "MARK-TO-B").unwrap();
+    let at_node = lab.capture_node("MARK-TO-B").unwrap();
+    lab.scapy("a", "tx(IP(src=MY_IP, dst='10.244.0.41')/UDP(sport=1234, dport=4321)/Raw(b'MARK-TO-B'), count=3)").unwrap();
+    assert_eq!(to_b.count(), 3, "b receives the three crafted frames");
+    assert_eq!(to_c.count(), 0, "c receives none");
+    assert_eq!(at_node.count(), 3, "the node sees each frame arrive once (not again as it forwards it)");
+}

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+mod craft;
+pub use craft::Capture;
+
 pub const NODE_NAME: &str = "lab-node";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 pub const METRICS_PORT: u16 = 9090;

@@ -28,6 +28,8 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "dnsmasq-base",
     "shellcheck",
+    // The attack tests craft frames with it (run as /usr/bin/python3, whatever else is on PATH).
+    "python3-scapy",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
