@@ -168,15 +168,20 @@ fn the_daemon_refuses_a_bpffs_private_to_its_mount_namespace() {
     assert!(!st.success(), "exit status {st}: {err}");
     assert!(err.contains("mount namespace of its own") && err.contains("--allow-private-bpffs"), "{err}");
 
-    // A bpffs mounted privately under unshare --mount: refused.
-    let script = format!("mount -t bpf bpf /sys/fs/bpf && exec \"$@\"");
-    let mut c = spawn(&["unshare", "--mount", "sh", "-c", &script, "sh"], &[]);
-    let st = wait_exit(&mut c, 20).unwrap_or_else(|| {
-        let _ = c.kill();
-        panic!("the daemon under `unshare --mount` with a private bpffs did not exit")
-    });
-    let err = stderr_of(&mut c);
-    assert!(!st.success() && err.contains("not the one PID 1 sees"), "exit status {st}: {err}");
+    // A bpffs mounted privately under unshare --mount: refused (where PID 1's view can be
+    // compared with: not in a sandbox that hides PID 1).
+    let script = "mount -t bpf bpf /sys/fs/bpf && exec \"$@\"";
+    if std::fs::metadata("/proc/1/root/sys").is_ok() {
+        let mut c = spawn(&["unshare", "--mount", "sh", "-c", &script, "sh"], &[]);
+        let st = wait_exit(&mut c, 20).unwrap_or_else(|| {
+            let _ = c.kill();
+            panic!("the daemon under `unshare --mount` with a private bpffs did not exit")
+        });
+        let err = stderr_of(&mut c);
+        assert!(!st.success() && err.contains("not the one PID 1 sees"), "exit status {st}: {err}");
+    } else {
+        eprintln!("PID 1's mounts are hidden here: the private-bpffs-under-unshare case is not checked");
+    }
 
     // With the flag, it starts (and says what it allowed).
     let mut c = spawn(&["ip", "netns", "exec", &ns], &["--allow-private-bpffs"]);

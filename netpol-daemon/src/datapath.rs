@@ -283,6 +283,12 @@ pub fn check_bpffs_outlives_daemon(path: &Path, allow: bool) -> Result<()> {
             if here.is_some() && here == there {
                 return Ok(());
             }
+            if there.is_none() {
+                // PID 1 is not ours to look at (a sandbox; no CAP_SYS_PTRACE): a bpffs is
+                // mounted here, which is what a host bind mount looks like too.
+                log::warn!("--bpffs {}: cannot compare the bpffs at {} with PID 1's; assuming it is the host's", path.display(), mnt.display());
+                return Ok(());
+            }
             format!("the bpffs at {} is not the one PID 1 sees there (a private mount)", mnt.display())
         }
     };
