@@ -186,9 +186,10 @@ fn conntrack_lets_replies_through_and_follows_teardown() {
 fn pod_without_policy_is_never_blocked_and_all_traffic_rules_allow_icmp() {
     let Some(mut f) = fixture("") else { return };
     let web = v4("10.1.0.10");
-    for dir in [Direction::Ingress, Direction::Egress] {
-        assert_eq!(run(&mut f, dir, &tcp4(v4("10.9.1.1"), web, 1, 2, TCP_SYN)), OK);
-        assert_eq!(run(&mut f, dir, &ipv4(v4("10.9.1.1"), web, 1, 7, 0, 8, 0)), OK);
+    // (From the pod, its own address as the source: anti-spoofing applies without policies.)
+    for (dir, src, dst) in [(Direction::Ingress, v4("10.9.1.1"), web), (Direction::Egress, web, v4("10.9.1.1"))] {
+        assert_eq!(run(&mut f, dir, &tcp4(src, dst, 1, 2, TCP_SYN)), OK);
+        assert_eq!(run(&mut f, dir, &ipv4(src, dst, 1, 7, 0, 8, 0)), OK);
     }
     let Some(mut f) = fixture("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: t}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}}]}]}\n") else { return };
     assert_eq!(run(&mut f, Direction::Ingress, &ipv4(v4("10.9.1.1"), web, 1, 7, 0, 8, 0)), OK, "icmp under a rule without ports");
@@ -977,4 +978,98 @@ fn ipv6_extension_headers_up_to_the_limit_pass_and_more_are_denied() {
     assert_eq!(run(&mut f, i, &ipv6(peer, me, 17, 40000, 53, 0, &exts(12))), SHOT);
     let Some(mut f) = fixture("") else { return };
     assert_eq!(run(&mut f, i, &ipv6(peer, me, 6, 40000, 8500, TCP_SYN, &exts(9))), OK, "not isolated: passes");
+}
+
+/// Egress frames of t/web (10.1.0.10, fd00::10) with the spoofed counter they should move.
+fn spoofed(f: &Fixture) -> u64 {
+    let c = CounterReader::open(&f.pin).unwrap();
+    c.read(0, netpol_common::DIR_EGRESS, netpol_common::VERDICT_SPOOFED)
+}
+
+#[test]
+fn a_pod_sends_only_from_its_own_addresses() {
+    // Not isolated (no policy) and isolated: anti-spoofing holds either way.
+    for yaml in ["", POLICY] {
+        let Some(mut f) = fixture(yaml) else { return };
+        let e = Direction::Egress;
+        let web = v4("10.1.0.10");
+        let dst = v4("10.2.3.4");
+        let mut bad = Vec::new();
+        let cases: Vec<(&str, Vec<u8>, i32, bool)> = vec![
+            ("own ipv4", tcp4(web, dst, 40001, 443, TCP_SYN), OK, false),
+            ("another pod's ipv4", tcp4(v4("10.1.0.11"), dst, 40001, 443, TCP_SYN), SHOT, true),
+            ("the node's ipv4", udp4(v4("10.250.0.1"), dst, 40001, 443), SHOT, true),
+            ("0.0.0.0", udp4(v4("0.0.0.0"), dst, 68, 67), SHOT, true),
+            ("another pod's ipv4, icmp", ipv4(v4("10.1.0.11"), dst, 1, 7, 0, 8, 0), SHOT, true),
+            ("another pod's ipv4, later fragment", ipv4(v4("10.1.0.11"), dst, 6, 0, 0, 0, 100), SHOT, true),
+            ("own ipv6", ipv6(v6("fd00::10"), v6("fd00::20"), 17, 5353, 53, 0, &[]), if yaml.is_empty() { OK } else { SHOT }, false),
+            ("another pod's ipv6", ipv6(v6("fd00::11"), v6("fd00::20"), 17, 5353, 53, 0, &[]), SHOT, true),
+            ("link-local ipv6, udp", ipv6(v6("fe80::1"), v6("fd00::20"), 17, 5353, 53, 0, &[]), SHOT, true),
+            ("link-local ipv6, echo", ipv6(v6("fe80::1"), v6("ff02::1"), 58, 9, 0, 128, &[]), SHOT, true),
+            ("link-local ipv6, redirect (137)", ipv6(v6("fe80::1"), v6("ff02::1"), 58, 0, 0, 137, &[]), SHOT, true),
+            ("link-local neighbour solicitation", ipv6(v6("fe80::1"), v6("ff02::1:ff00:10"), 58, 0, 0, 135, &[]), OK, false),
+            ("link-local router solicitation", ipv6(v6("fe80::1"), v6("ff02::2"), 58, 0, 0, 133, &[]), OK, false),
+            ("unspecified source, DAD solicitation", ipv6(v6("::"), v6("ff02::1:ff00:10"), 58, 0, 0, 135, &[]), OK, false),
+            ("unspecified source, udp", ipv6(v6("::"), v6("fd00::20"), 17, 5353, 53, 0, &[]), SHOT, true),
+            ("arp", arp(), OK, false),
+        ];
+        for (what, frame, want, counted) in &cases {
+            let before = spoofed(&f);
+            let got = run(&mut f, e, frame);
+            let rose = spoofed(&f) - before;
+            if got != *want || rose != *counted as u64 {
+                bad.push(format!("{what} (policy: {}): want {want}, got {got}; spoofed counter +{rose}", !yaml.is_empty()));
+            }
+        }
+        // Ingress is not checked for the pod's addresses (that is the peer's source).
+        assert_eq!(run(&mut f, Direction::Ingress, &udp4(v4("10.1.0.11"), web, 5353, 53)), OK);
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
+}
+
+#[test]
+fn the_flow_cache_never_passes_a_spoofed_source() {
+    let Some(mut f) = fixture("") else { return };
+    // An established flow of web's, through conntrack and into the flow cache.
+    let web = v4("10.1.0.10");
+    let peer = v4("10.2.3.4");
+    assert_eq!(run(&mut f, Direction::Egress, &udp4(web, peer, 40000, 53)), OK);
+    for _ in 0..3 {
+        assert_eq!(run(&mut f, Direction::Egress, &udp4(web, peer, 40000, 53)), OK);
+    }
+    // The same flow's tuple with another source is not the pod's to send.
+    let before = spoofed(&f);
+    assert_eq!(run(&mut f, Direction::Egress, &udp4(v4("10.1.0.11"), peer, 40000, 53)), SHOT);
+    assert_eq!(spoofed(&f), before + 1);
+}
+
+#[test]
+fn a_pod_address_change_moves_what_it_may_send_from() {
+    let Some(mut f) = fixture("") else { return };
+    let mut loaded = Loaded::default();
+    let pod = POD.replace("10.1.0.10", "10.1.0.99");
+    load_text(Path::new("t.yaml"), &pod, &mut loaded);
+    let node = compile_node(&loaded.cluster, "n");
+    let ifaces: BTreeMap<ObjKey, Iface> = [(ObjKey::new("t", "web"), Iface { ifindex: 1, ifname: "lo".into() })].into();
+    assert!(f.dp.sync(&node, &ifaces).errors.is_empty());
+    assert_eq!(run(&mut f, Direction::Egress, &udp4(v4("10.1.0.99"), v4("10.2.3.4"), 1, 53)), OK);
+    assert_eq!(run(&mut f, Direction::Egress, &udp4(v4("10.1.0.10"), v4("10.2.3.4"), 1, 53)), SHOT);
+    assert_eq!(run(&mut f, Direction::Egress, &udp4(v4("10.1.0.99"), v4("10.2.3.4"), 1, 53)), OK);
+}
+
+#[test]
+fn node_addresses_let_into_pods_are_never_loopback_or_link_local() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    let web = v4("10.1.0.10");
+    f.dp.set_node_addrs(&["10.250.0.1".parse().unwrap(), "127.0.0.1".parse().unwrap(), "169.254.1.1".parse().unwrap(), "::1".parse().unwrap(), "fe80::1".parse().unwrap(), "fd00:250::1".parse().unwrap()])
+        .unwrap();
+    let i = Direction::Ingress;
+    assert_eq!(run(&mut f, i, &tcp4(v4("10.250.0.1"), web, 40000, 9999, TCP_SYN)), OK, "the node's address");
+    assert_eq!(run(&mut f, i, &tcp4(v4("127.0.0.1"), web, 40000, 9999, TCP_SYN)), SHOT, "loopback");
+    assert_eq!(run(&mut f, i, &tcp4(v4("169.254.1.1"), web, 40000, 9999, TCP_SYN)), SHOT, "169.254/16");
+    assert_eq!(run(&mut f, i, &ipv6(v6("::1"), v6("fd00::10"), 6, 40000, 9999, TCP_SYN, &[])), SHOT, "::1");
+    assert_eq!(run(&mut f, i, &ipv6(v6("fe80::1"), v6("fd00::10"), 6, 40000, 9999, TCP_SYN, &[])), SHOT, "fe80::");
+    assert_eq!(run(&mut f, i, &ipv6(v6("fd00:250::1"), v6("fd00::10"), 6, 40000, 9999, TCP_SYN, &[])), OK, "the node's ipv6");
+    assert!(!netpol_daemon::datapath::node_addr_for_pods("127.3.0.1".parse().unwrap()));
+    assert!(!netpol_daemon::datapath::node_addr_for_pods("fe80::1:2".parse().unwrap()));
 }

@@ -61,12 +61,17 @@ pub const POLICY_ALLOW_ALL: u32 = 1;
 
 /// Upper bound on endpoint ids (pods with programs on this node); sizes the counter array.
 pub const MAX_ENDPOINTS: u32 = 4096;
-/// Counter slots per endpoint: direction (2) x verdict (3).
-pub const COUNTER_SLOTS: u32 = 6;
+/// Counter slots per endpoint: direction (2) x verdict (4).
+pub const COUNTER_SLOTS: u32 = 8;
+/// Verdicts per direction in `COUNTERS`.
+pub const VERDICTS: u32 = 4;
 pub const VERDICT_ALLOW: u32 = 0;
 pub const VERDICT_DENY: u32 = 1;
 /// Denied by an audit-mode policy, let through.
 pub const VERDICT_AUDIT: u32 = 2;
+/// Sent by a pod with a source address that is not one of its own (anti-spoofing, in
+/// `netpol_from_pod`, whatever the policies): dropped.
+pub const VERDICT_SPOOFED: u32 = 3;
 
 /// Policies per endpoint and direction that allowed packets are attributed to: the slot is
 /// the policy's index in the pod's sorted list of policies isolating it in that direction; the
@@ -87,7 +92,7 @@ pub const fn policy_counter_index(endpoint: u32, dir: u8, slot: u32) -> u32 {
 /// Index of a counter in `COUNTERS` for an endpoint, direction and verdict.
 #[inline(always)]
 pub const fn counter_index(endpoint: u32, dir: u8, verdict: u32) -> u32 {
-    endpoint * COUNTER_SLOTS + (dir as u32) * 3 + verdict
+    endpoint * COUNTER_SLOTS + (dir as u32) * VERDICTS + verdict
 }
 
 /// Map names, shared so userspace and the programs cannot drift apart.
@@ -115,6 +120,7 @@ pub mod maps {
     pub const POLICY_COUNTERS: &str = "POLICY_COUNTERS";
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
     pub const FLOW_EPOCH: &str = "FLOW_EPOCH";
+    pub const ENDPOINT_ADDRS: &str = "ENDPOINT_ADDRS";
 }
 
 /// Program names (the function names in netpol-ebpf).
@@ -133,12 +139,31 @@ pub const POLICY_MAX: u32 = 524_288;
 pub const POLICY_PORTS_MAX: u32 = 262_144;
 pub const CONNTRACK_MAX: u32 = 262_144;
 pub const NODE_ADDRS_MAX: u32 = 256;
+/// `ENDPOINT_ADDRS`: a pod has one address per family (status.podIPs); room for four each.
+pub const ENDPOINT_ADDRS_MAX: u32 = MAX_ENDPOINTS * 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct EndpointInfo {
     pub id: u32,
     pub flags: u32,
+    /// The pod's IPv4 address (network order; 0.0.0.0: none known). Anti-spoofing compares
+    /// an IPv4 packet's source with it first, on data the endpoint lookup already loaded;
+    /// every address of the pod (this one too) is also in `ENDPOINT_ADDRS`.
+    pub v4: [u8; 4],
+}
+
+/// Key of `ENDPOINT_ADDRS`: an address a pod owns (status.podIPs), the sources its packets
+/// may carry. A pod's interface with no entry (an interface attached before its pod's IP is
+/// known) may send nothing but ARP and IPv6 neighbour discovery.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct EpAddrKey {
+    pub endpoint: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network byte order; IPv4 uses the first 4 bytes, the rest is zero.
+    pub addr: [u8; 16],
 }
 
 /// Data part of the `IDENTITIES` LPM key. The prefix length counts [`ID_KEY_FIXED_BITS`] plus
@@ -385,6 +410,7 @@ mod user {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for CtValueV1 {}
     unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for EpAddrKey {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for DenyEvent {}
@@ -418,5 +444,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<Config>(), 40);
         assert_eq!(core::mem::size_of::<CtValue>(), 32);
         assert_eq!(core::mem::size_of::<CtValueV1>(), 16);
+
+        assert_eq!(core::mem::size_of::<EndpointInfo>(), 12);
+        assert_eq!(core::mem::size_of::<EpAddrKey>(), 24);
     }
 }

@@ -21,6 +21,8 @@ pub struct RunConfig {
     pub manifests: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
     pub bpffs: PathBuf,
+    /// Start even when the pins under `bpffs` would vanish with the daemon's mount namespace.
+    pub allow_private_bpffs: bool,
     pub poll_interval: Duration,
     /// Re-check tracked flows against each new policy and cut those no longer allowed.
     pub revalidate_established: bool,
@@ -241,6 +243,7 @@ impl Source {
 
 pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let shared = Arc::new(Shared::default());
+    crate::datapath::check_bpffs_outlives_daemon(&cfg.bpffs, cfg.allow_private_bpffs)?;
     let mut dp = Datapath::load(&cfg.bpffs)?;
     dp.set_config(&cfg.datapath_config)?;
     dp.set_flow_cache(cfg.flow_cache)?;
@@ -477,7 +480,9 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             }
             let node = compiler.policy();
             if full_resolve || node_addrs.is_empty() {
+                // Only the addresses kubelet reaches pods from (see node_addr_for_pods).
                 node_addrs = netlink::local_addresses().unwrap_or_default();
+                node_addrs.retain(|a| crate::datapath::node_addr_for_pods(*a));
             }
             if let Err(e) = dp.set_node_addrs(&node_addrs) {
                 errors.push(format!("NODE_ADDRS: {e}"));

@@ -79,6 +79,9 @@ pub struct Datapath {
     policy: BpfHashMap<MapData, PolicyKey, PolicyValue>,
     ports: LpmTrie<MapData, PortKey, PortValue>,
     node_addrs: BpfHashMap<MapData, AddrKey, u8>,
+    /// Per endpoint: the addresses its pod may send from (anti-spoofing).
+    endpoint_addrs: BpfHashMap<MapData, EpAddrKey, u8>,
+    installed_endpoint_addrs: BTreeSet<EpAddrKey>,
     counters: PerCpuArray<MapData, u64>,
     policy_counters: PerCpuArray<MapData, u64>,
     /// Per endpoint id and direction: later fragments dropped before their first fragment.
@@ -248,6 +251,109 @@ fn migrate_conntrack_v1(pin_dir: &Path, new: &mut BpfHashMap<MapData, CtKey, CtV
     let _ = std::fs::remove_file(&path);
 }
 
+/// Is this node address one the node reaches its pods from (the sources `NODE_ADDRS` lets
+/// into every pod)? Never loopback (127/8, ::1: no packet from a pod's interface comes from
+/// there, and a pod's own loopback traffic never reaches it) nor link-local (169.254/16,
+/// fe80::/10: pods send from their own fe80:: addresses, kubelet does not reach pods that
+/// way) nor unspecified.
+pub fn node_addr_for_pods(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local() && !a.is_unspecified(),
+        IpAddr::V6(a) => !a.is_loopback() && !a.is_unspecified() && a.segments()[0] & 0xffc0 != 0xfe80,
+    }
+}
+
+fn endpoint_addr_key(endpoint: u32, a: IpAddr) -> EpAddrKey {
+    EpAddrKey { endpoint, family: if a.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }, _pad: [0; 3], addr: addr_bytes(a) }
+}
+
+/// Pinned maps whose layout differs from this build's (a daemon of an older version left
+/// them: e.g. `EndpointInfo` grew, `COUNTERS` got a verdict more) cannot be re-used: the
+/// verifier would reject programs reading past their values. They are unpinned, so that new
+/// ones are created; the old programs keep theirs (and enforce) until their links get the new
+/// programs. What they held is programmed again by the first sync (counts restart).
+fn drop_pins_of_other_layouts(pin_dir: &Path) {
+    let want: [(&str, u32, u32); 4] = [
+        (maps::ENDPOINTS_ARRAY, std::mem::size_of::<EndpointInfo>() as u32, ENDPOINTS_ARRAY_SIZE),
+        (maps::ENDPOINTS, std::mem::size_of::<EndpointInfo>() as u32, ENDPOINTS_MAX),
+        (maps::COUNTERS, 8, MAX_ENDPOINTS * COUNTER_SLOTS),
+        (maps::ENDPOINT_ADDRS, 1, ENDPOINT_ADDRS_MAX),
+    ];
+    for (name, value_size, max_entries) in want {
+        let path = pin_dir.join(name);
+        let Ok(md) = MapData::from_pin(&path) else { continue };
+        let Ok(info) = md.info() else { continue };
+        if info.value_size() != value_size || info.max_entries() != max_entries {
+            log::warn!(
+                "pinned map {} has another layout (value {} bytes, {} entries; this version: {value_size}, {max_entries}): replacing it",
+                path.display(),
+                info.value_size(),
+                info.max_entries()
+            );
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Refuses a `--bpffs` whose pins would not outlive the daemon: enforcement must not depend
+/// on the process (README). That is the case when the daemon runs in a mount namespace of its
+/// own (`ip netns exec`, `unshare --mount`) and the bpffs holding `path` is not the one PID 1
+/// sees at the same place: its pins (maps, TCX links) go with the namespace when the daemon
+/// exits, and the programs detach. Without any bpffs there, `ensure_bpffs` would mount a
+/// private one. In a container, PID 1 shares the daemon's mount namespace (the host's bpffs
+/// is mounted into it): nothing to check. `allow` (`--allow-private-bpffs`) forces it.
+pub fn check_bpffs_outlives_daemon(path: &Path, allow: bool) -> Result<()> {
+    let ns = |p: &str| std::fs::read_link(p).ok();
+    let (own, init) = (ns("/proc/self/ns/mnt"), ns("/proc/1/ns/mnt"));
+    if own.is_some() && own == init {
+        return Ok(());
+    }
+    let problem = match bpffs_mount_of(path) {
+        None => format!("no bpffs is mounted at {} in this mount namespace (one mounted here would be private to it)", path.display()),
+        Some(mnt) => {
+            use std::os::unix::fs::MetadataExt;
+            let here = std::fs::metadata(&mnt).map(|m| m.dev()).ok();
+            let init_path = Path::new("/proc/1/root").join(mnt.strip_prefix("/").unwrap_or(&mnt));
+            let there = std::fs::metadata(&init_path).map(|m| m.dev()).ok();
+            if here.is_some() && here == there {
+                return Ok(());
+            }
+            if there.is_none() {
+                // PID 1 is not ours to look at (a sandbox; no CAP_SYS_PTRACE): a bpffs is
+                // mounted here, which is what a host bind mount looks like too.
+                log::warn!("--bpffs {}: cannot compare the bpffs at {} with PID 1's; assuming it is the host's", path.display(), mnt.display());
+                return Ok(());
+            }
+            format!("the bpffs at {} is not the one PID 1 sees there (a private mount)", mnt.display())
+        }
+    };
+    let msg = format!(
+        "--bpffs {}: the daemon runs in a mount namespace of its own ({}) and {problem}: the pinned maps and links would vanish when the daemon exits and enforcement would stop. Run it in the host's mount namespace (not under `ip netns exec`/`unshare --mount`) or mount the host's bpffs there; --allow-private-bpffs starts anyway",
+        path.display(),
+        own.map(|p| p.display().to_string()).unwrap_or_else(|| "unknown".into())
+    );
+    if allow {
+        log::warn!("{msg} (allowed by --allow-private-bpffs)");
+        return Ok(());
+    }
+    Err(anyhow!(msg))
+}
+
+/// The mount point of the bpffs holding `path` in this mount namespace (the longest bpf mount
+/// point `path` is under), if any.
+fn bpffs_mount_of(path: &Path) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter_map(|l| {
+            // "id parent maj:min root mountpoint opts [optional...] - fstype source superopts"
+            let (pre, post) = l.split_once(" - ")?;
+            let mnt = pre.split_whitespace().nth(4)?;
+            (post.split_whitespace().next()? == "bpf").then(|| PathBuf::from(mnt.replace("\\040", " ")))
+        })
+        .filter(|m| path.starts_with(m))
+        .max_by_key(|m| m.components().count())
+}
+
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
 pub fn ensure_bpffs(path: &Path) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
@@ -282,6 +388,7 @@ impl Datapath {
     pub fn load(pin_dir: &Path) -> Result<Datapath> {
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+        drop_pins_of_other_layouts(pin_dir);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
@@ -298,6 +405,7 @@ impl Datapath {
         let policy: BpfHashMap<MapData, PolicyKey, PolicyValue> = take(&mut ebpf, maps::POLICY)?;
         let ports: LpmTrie<MapData, PortKey, PortValue> = take(&mut ebpf, maps::POLICY_PORTS)?;
         let node_addrs: BpfHashMap<MapData, AddrKey, u8> = take(&mut ebpf, maps::NODE_ADDRS)?;
+        let endpoint_addrs: BpfHashMap<MapData, EpAddrKey, u8> = take(&mut ebpf, maps::ENDPOINT_ADDRS)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::COUNTERS)?;
         let policy_counters: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::POLICY_COUNTERS)?;
         let frag_early: PerCpuArray<MapData, u64> = take(&mut ebpf, maps::FRAG_EARLY)?;
@@ -337,6 +445,10 @@ impl Datapath {
         for k in node_addrs.keys() {
             installed_node_addrs.insert(k?);
         }
+        let mut installed_endpoint_addrs = BTreeSet::new();
+        for k in endpoint_addrs.keys() {
+            installed_endpoint_addrs.insert(k?);
+        }
         let next_id = adopted_ids.values().max().map_or(0, |m| m + 1);
         let mut adopted_links = HashMap::default();
         if let Ok(rd) = std::fs::read_dir(pin_dir.join("links")) {
@@ -360,6 +472,8 @@ impl Datapath {
             policy,
             ports,
             node_addrs,
+            endpoint_addrs,
+            installed_endpoint_addrs,
             counters,
             policy_counters,
             frag_early,
@@ -541,10 +655,12 @@ impl Datapath {
         &self.pin_dir
     }
 
-    /// The node's own addresses: always allowed into local pods.
+    /// The node's own addresses: always allowed into local pods (kubelet probes). Only those
+    /// [`node_addr_for_pods`] keeps.
     pub fn set_node_addrs(&mut self, addrs: &[IpAddr]) -> Result<()> {
         let want: BTreeSet<AddrKey> = addrs
             .iter()
+            .filter(|a| node_addr_for_pods(**a))
             .map(|a| AddrKey { family: if a.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }, _pad: [0; 3], addr: addr_bytes(*a) })
             .collect();
         for k in want.difference(&self.installed_node_addrs) {
@@ -584,7 +700,7 @@ impl Datapath {
 
     fn reset_counters(&mut self, id: u32) {
         for dir in [DIR_INGRESS, DIR_EGRESS] {
-            for verdict in [VERDICT_ALLOW, VERDICT_DENY, VERDICT_AUDIT] {
+            for verdict in [VERDICT_ALLOW, VERDICT_DENY, VERDICT_AUDIT, VERDICT_SPOOFED] {
                 zero(&mut self.counters, counter_index(id, dir, verdict));
             }
             zero(&mut self.frag_early, id * 2 + dir as u32);
@@ -842,9 +958,35 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
                 }
             }
         }
+        // The addresses each pod may send from, before its endpoint entry: a stale address of
+        // an id's previous pod goes first, a new pod's own ones are in place when its programs
+        // start to enforce.
+        let want_addrs: BTreeSet<EpAddrKey> = pods
+            .keys()
+            .filter_map(|k| Some((*ids.get(*k)?, node.pods.get(*k)?)))
+            .flat_map(|(id, c)| c.ips.iter().map(move |a| endpoint_addr_key(id, *a)))
+            .collect();
+        for k in self.installed_endpoint_addrs.difference(&want_addrs) {
+            let _ = self.endpoint_addrs.remove(k);
+        }
+        self.installed_endpoint_addrs.retain(|k| want_addrs.contains(k));
+        for k in &want_addrs {
+            if !self.installed_endpoint_addrs.contains(k) {
+                match self.endpoint_addrs.insert(k, 1, 0) {
+                    Ok(()) => {
+                        self.installed_endpoint_addrs.insert(*k);
+                    }
+                    Err(e) => report.errors.push(format!("ENDPOINT_ADDRS insert (endpoint {}): {e}", k.endpoint)),
+                }
+            }
+        }
         for (k, (iface, flags)) in &pods {
             let Some(&id) = ids.get(*k) else { continue };
-            let info = EndpointInfo { id, flags: *flags };
+            let v4 = node.pods.get(*k).and_then(|c| c.ips.iter().find_map(|a| match a {
+                IpAddr::V4(a) => Some(a.octets()),
+                IpAddr::V6(_) => None,
+            }));
+            let info = EndpointInfo { id, flags: *flags, v4: v4.unwrap_or([0; 4]) };
             if self.endpoints.get(iface.ifindex) != Some(info) {
                 if let Err(e) = self.endpoints.insert(iface.ifindex, info) {
                     report.errors.push(format!("{k}: ENDPOINTS insert: {e}"));

@@ -31,6 +31,11 @@ enum Cmd {
         /// Directory on a bpffs where the maps are pinned (re-used across restarts).
         #[arg(long, default_value = "/sys/fs/bpf/netpol")]
         bpffs: PathBuf,
+        /// Start even when the daemon runs in a mount namespace of its own whose bpffs at
+        /// --bpffs is not the host's (`ip netns exec`): the pins, and enforcement, then end
+        /// with the daemon. Refused without it.
+        #[arg(long)]
+        allow_private_bpffs: bool,
         /// How often the manifests directory is checked for changes, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_ms: u64,
@@ -130,7 +135,7 @@ fn main() {
                 std::process::exit(1);
             }
         }
-        Cmd::Run { node_name, manifests, metrics_addr, bpffs, poll_ms, established, ct_tcp_timeout, ct_udp_timeout, ct_other_timeout, flow_cache, log_denied, audit } => {
+        Cmd::Run { node_name, manifests, metrics_addr, bpffs, allow_private_bpffs, poll_ms, established, ct_tcp_timeout, ct_udp_timeout, ct_other_timeout, flow_cache, log_denied, audit } => {
             unsafe {
                 libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
                 libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -149,6 +154,7 @@ fn main() {
                 manifests,
                 metrics_addr,
                 bpffs,
+                allow_private_bpffs,
                 poll_interval: Duration::from_millis(poll_ms),
                 revalidate_established: established == "revalidate",
                 audit_all: audit,

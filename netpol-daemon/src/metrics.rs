@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netpol_common::{DIR_EGRESS, DIR_INGRESS, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY};
+use netpol_common::{DIR_EGRESS, DIR_INGRESS, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_SPOOFED};
 
 use crate::datapath::CounterReader;
 use crate::model::ObjKey;
@@ -90,7 +90,7 @@ pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) ->
     if let Some(c) = counters {
         for (id, pod) in &status.endpoints {
             for (dir, dname) in [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")] {
-                for (verdict, vname) in [(VERDICT_ALLOW, "allow"), (VERDICT_DENY, "deny"), (VERDICT_AUDIT, "audit")] {
+                for (verdict, vname) in [(VERDICT_ALLOW, "allow"), (VERDICT_DENY, "deny"), (VERDICT_AUDIT, "audit"), (VERDICT_SPOOFED, "spoofed")] {
                     out.push_str(&format!(
                         "netpol_packets_total{{namespace=\"{}\",pod=\"{}\",direction=\"{dname}\",verdict=\"{vname}\"}} {}\n",
                         escape(&pod.namespace),

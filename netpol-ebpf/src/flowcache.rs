@@ -75,7 +75,10 @@ fn fresh(e: &FlowCacheEntry, endpoint: u32, ticks: u32, now: u64) -> bool {
 /// Reads whole words at the packet's offsets: the kernels netpol runs on (x86-64, arm64) do
 /// not require alignment for packet access, and the IP header is word-aligned in practice.
 #[inline(always)]
-pub fn established_v4(data: usize, data_end: usize, endpoint: u32, dir: u8) -> Fast {
+///
+/// `own_v4` (packets from the pod): the pod's address as read from the packet; a packet from
+/// any other source is left to the general path, which drops it as spoofed.
+pub fn established_v4(data: usize, data_end: usize, endpoint: u32, dir: u8, own_v4: Option<u32>) -> Fast {
     const L4: usize = 14 + 20;
     if data + L4 + 4 > data_end {
         return Fast::Other;
@@ -105,6 +108,9 @@ pub fn established_v4(data: usize, data_end: usize, endpoint: u32, dir: u8) -> F
         _ => return Fast::Other,
     }
     let src = rd32(26);
+    if own_v4.is_some_and(|own| own != src) {
+        return Fast::Other;
+    }
     let dst = rd32(30);
     // The ports as `CtKey` holds them: each a host-order u16.
     let raw = rd32(L4);

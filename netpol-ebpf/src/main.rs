@@ -45,7 +45,10 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         // Not an interface we manage (or being torn down).
         return TC_ACT_OK;
     };
-    let fast = flowcache::established_v4(ctx.data(), ctx.data_end(), ep.id, dir);
+    // From the pod, the fast path takes only packets sent from the pod's own IPv4 address
+    // (anti-spoofing below; no flow of another source can be cached, this makes sure).
+    let own_v4 = if dir == DIR_EGRESS { Some(u32::from_ne_bytes(ep.v4)) } else { None };
+    let fast = flowcache::established_v4(ctx.data(), ctx.data_end(), ep.id, dir, own_v4);
     if let flowcache::Fast::Hit(flow_dir, slot) = fast {
         counters::count_policy(ep.id, flow_dir, slot);
         return verdict(ep.id, dir, true);
@@ -59,10 +62,19 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         // judged here, so an isolated direction does not let them through.
         Ok(Parsed::Other) => return verdict(ep.id, dir, !isolated),
         Err(()) => {
-            // Truncated or malformed IP packet: never let it through an isolated direction.
+            // Truncated or malformed IP packet: never let it through an isolated direction,
+            // nor out of a pod at all (its source could not be checked).
+            if dir == DIR_EGRESS {
+                return spoofed(ep.id, dir);
+            }
             return verdict(ep.id, dir, !isolated);
         }
     };
+    // Anti-spoofing: whatever the policies, a pod sends only from its own addresses (else a
+    // pod could pose as another pod, or as the node, which every ingress policy lets in).
+    if dir == DIR_EGRESS && !policy::source_owned(&ep, &p) {
+        return spoofed(ep.id, dir);
+    }
     // IPv6 neighbour discovery and router messages keep the link working, when they are
     // what the link uses and nothing more (see parse::neighbour_discovery).
     if p.proto == PROTO_ICMPV6 && (133..=137).contains(&p.icmp_type) && parse::neighbour_discovery(ctx, &p, dir == DIR_EGRESS) {
@@ -159,6 +171,12 @@ fn audit_verdict(ep: &EndpointInfo, dir: u8) -> u32 {
     } else {
         VERDICT_DENY
     }
+}
+
+#[inline(always)]
+fn spoofed(endpoint: u32, dir: u8) -> i32 {
+    counters::count(endpoint, dir, VERDICT_SPOOFED);
+    TC_ACT_SHOT
 }
 
 #[inline(always)]

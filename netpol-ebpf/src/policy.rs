@@ -26,6 +26,10 @@ static POLICY_PORTS: LpmTrie<PortKey, PortValue> = LpmTrie::pinned(POLICY_PORTS_
 #[map(name = "NODE_ADDRS")]
 static NODE_ADDRS: HashMap<AddrKey, u8> = HashMap::pinned(NODE_ADDRS_MAX, 0);
 
+/// The addresses each endpoint owns (its pod's status.podIPs): the sources it may send from.
+#[map(name = "ENDPOINT_ADDRS")]
+static ENDPOINT_ADDRS: HashMap<EpAddrKey, u8> = HashMap::pinned(ENDPOINT_ADDRS_MAX, 0);
+
 #[inline(always)]
 pub fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
     let e = if ifindex < ENDPOINTS_ARRAY_SIZE {
@@ -40,6 +44,32 @@ pub fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
 pub fn is_node_addr(family: u8, addr: &[u8; 16]) -> bool {
     let k = AddrKey { family, _pad: [0; 3], addr: *addr };
     unsafe { NODE_ADDRS.get(&k) }.is_some()
+}
+
+/// Anti-spoofing: may the endpoint's pod send this packet, by its source address? One of the
+/// pod's own addresses (IPv4: first compared with the one in `EndpointInfo`, already loaded);
+/// a link-local (fe80::/10) or the unspecified address (::, duplicate address detection) only
+/// for neighbour discovery (ICMPv6 133-136), which is how a pod finds its gateway before and
+/// besides its global address. An interface whose pod's address is not known yet owns
+/// nothing: it sends nothing but ARP and neighbour discovery until the daemon programs it
+/// (fail closed; the CNI reports the IP within moments).
+#[inline(always)]
+pub fn source_owned(ep: &EndpointInfo, p: &Packet) -> bool {
+    if p.family == FAMILY_V4 {
+        let own = u32::from_ne_bytes(ep.v4);
+        let src = u32::from_ne_bytes([p.src[0], p.src[1], p.src[2], p.src[3]]);
+        if own != 0 && src == own {
+            return true;
+        }
+    } else {
+        let link_local = p.src[0] == 0xfe && p.src[1] & 0xc0 == 0x80;
+        let unspecified = p.src == [0; 16];
+        if link_local || unspecified {
+            return p.proto == PROTO_ICMPV6 && (133..=136).contains(&p.icmp_type);
+        }
+    }
+    let k = EpAddrKey { endpoint: ep.id, family: p.family, _pad: [0; 3], addr: p.src };
+    unsafe { ENDPOINT_ADDRS.get(&k) }.is_some()
 }
 
 /// Does the union of the endpoint's policies allow this packet in direction `dir`? `Some`:
