@@ -76,6 +76,8 @@ fn a_pod_cannot_pose_as_another_pod_or_the_node() {
     for (what, pkt) in [
         ("b's IPv4", format!("IP(src='10.244.0.41', dst='10.244.0.42')/{udp}")),
         ("b's IPv6", format!("IPv6(src='fd00:244::41', dst='fd00:244::42')/{udp}")),
+        // (The node's kernel itself drops IPv4 arriving with one of its local addresses as
+        // source; IPv6 from the node's address got through before anti-spoofing.)
         ("the node's IPv4", format!("IP(src=NODE_IP, dst='10.244.0.42')/{udp}")),
         ("the node's IPv4 on the pod's link", format!("IP(src=GW_IP, dst='10.244.0.42')/{udp}")),
         ("the node's IPv6", format!("IPv6(src=GW_IP6, dst='fd00:244::42')/{udp}")),

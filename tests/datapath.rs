@@ -1077,3 +1077,26 @@ fn node_addresses_let_into_pods_are_never_loopback_or_link_local() {
     assert!(!netpol_daemon::datapath::node_addr_for_pods("127.3.0.1".parse().unwrap()));
     assert!(!netpol_daemon::datapath::node_addr_for_pods("fe80::1:2".parse().unwrap()));
 }
+
+#[test]
+fn pinned_maps_of_an_older_layout_are_replaced() {
+    if unsafe { libc::geteuid() } != 0 || std::process::Command::new("bpftool").arg("version").output().is_err() {
+        eprintln!("SKIPPED: needs root and bpftool");
+        return;
+    }
+    let pin = PathBuf::from(format!("/sys/fs/bpf/netpol-test-old-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin);
+    std::fs::create_dir_all(&pin).unwrap();
+    // What a version before anti-spoofing pinned: 8-byte endpoint entries, 6 counters each.
+    let ok = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(pin.join("ENDPOINTS_ARRAY"))
+        .args(["type", "array", "key", "4", "value", "8", "entries", "65536", "name", "ENDPOINTS_ARRAY"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "bpftool map create");
+    let dp = Datapath::load_detached(&pin);
+    let _ = std::fs::remove_dir_all(&pin);
+    assert!(dp.is_ok(), "{:#}", dp.err().unwrap());
+}
