@@ -606,9 +606,8 @@ fn a_forged_hairpin_reply_does_not_open_the_isolated_egress() {
         check(&mut f, &format!("{fam} forged syn-ack dropped at egress (spoofed)"), e, &forged, SHOT);
         check(&mut f, &format!("{fam} tcp syn to X:80 after the forged reply"), e, &tcp(me, x, 5001, 80, TCP_SYN), SHOT);
         check(&mut f, &format!("{fam} tcp ack to X:80 after the forged reply"), e, &tcp(me, x, 5001, 80, TCP_ACK), SHOT);
-        // Should such a frame reach the ingress anyway (the same tuple egress tracked a moment
-        // before is what marks a hairpin; here egress dropped it, so only the bare-SYN rule
-        // below and the looped-back check of the next test stand behind anti-spoofing).
+        // (Behind anti-spoofing, conntrack itself refuses such hairpin entries as replies: the
+        // looped-back case is the next test; a bare SYN is never a reply, below.)
         // A SYN from outside (or spoofed by someone else) through the open ingress: the pod's
         // SYN-ACK is a reply, a bare SYN back is a new connection and denied.
         check(&mut f, &format!("{fam} syn from X:80 in"), i, &tcp(x, me, 80, 5002, TCP_SYN), OK);
