@@ -3,46 +3,20 @@
 //! IPv4 and IPv6), ICMP errors quoting a tracked flow sent to someone else, and a blind RST
 //! against a flow that `--established keep` keeps. Each asserts that the attack frame does
 //! not arrive (or the flow survives) and that the deny counter saw the drop.
-use std::net::Ipv4Addr;
 use std::path::Path;
 
 use netpol_daemon::lab::Lab;
-use netpol_daemon::metrics::sample;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_netpol-daemon");
-
-fn lab() -> Option<Lab> {
-    if unsafe { libc::geteuid() } != 0 {
-        let msg = "lab tests need root (network namespaces, veth, BPF)";
-        if std::env::var_os("CI").is_some() {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED: {msg}");
-        return None;
-    }
-    Some(Lab::new().expect("creating the lab"))
-}
-
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
-}
-
-fn wait_endpoints(lab: &Lab, n: usize) {
-    let t0 = std::time::Instant::now();
-    loop {
-        let m = lab.metrics().unwrap();
-        if sample(&m, "netpol_endpoints") == Some(n as f64) {
-            return;
-        }
-        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "want {n} endpoints\n{m}\n{}", lab.daemon_log());
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
+mod common;
+use common::*;
 
 fn denied(lab: &Lab, pod: &str, dir: &str) -> f64 {
-    let m = lab.metrics().unwrap();
-    sample(&m, &format!("netpol_packets_total{{namespace=\"t\",pod=\"{pod}\",direction=\"{dir}\",verdict=\"deny\"}}")).unwrap_or(0.0)
+    packets(lab, "t", pod, dir, "deny")
 }
+
+
+
+
 
 /// Pod a may send only to its own addresses; its ingress is open. It forges the victim's
 /// "reply" to itself (which passes its egress, to its own address, and its open ingress),
@@ -57,7 +31,7 @@ fn forged_hairpin_replies_do_not_open_an_isolated_egress() {
     lab.add_ipv6("v", "fd00:244::51".parse().unwrap()).unwrap();
     lab.write_cluster_manifest().unwrap();
     lab.start_daemon(Path::new(DAEMON)).unwrap();
-    wait_endpoints(&lab, 2);
+    wait_endpoints(&lab, 2, 20, "attack lab");
     lab.apply(
         "self-only.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: self-only, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: a}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.244.0.50/32}}, {ipBlock: {cidr: 'fd00:244::50/128'}}]\n",
@@ -102,7 +76,7 @@ fn icmp_errors_quoting_a_tracked_flow_go_to_its_peer_only() {
     lab.add_pod("t", "v", ip("10.244.0.62"), &[("app", "v")], &[], &[]).unwrap();
     lab.write_cluster_manifest().unwrap();
     lab.start_daemon(Path::new(DAEMON)).unwrap();
-    wait_endpoints(&lab, 3);
+    wait_endpoints(&lab, 3, 20, "attack lab");
     lab.apply(
         "no-egress.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: no-egress, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: a}}\n  policyTypes: [Egress]\n",
@@ -135,7 +109,7 @@ fn a_blind_reset_does_not_end_a_kept_flow() {
     lab.add_pod("t", "s", ip("10.244.0.71"), &[("app", "s")], &[8080], &[]).unwrap();
     lab.write_cluster_manifest().unwrap();
     lab.start_daemon(Path::new(DAEMON)).unwrap();
-    wait_endpoints(&lab, 2);
+    wait_endpoints(&lab, 2, 20, "attack lab");
     let policy = |egress: &str| {
         format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: c, namespace: t}}\nspec:\n  podSelector: {{matchLabels: {{app: c}}}}\n  policyTypes: [Ingress, Egress]\n{egress}")
     };
@@ -186,7 +160,7 @@ fn a_forged_reply_through_the_pods_own_service_does_not_open_its_egress() {
     lab.add_cluster_ip("t", "svc-a", ip("10.96.0.80"), "a", &[("app", "a")], &[("udp", 53, 5300, "p")]).unwrap();
     lab.write_cluster_manifest().unwrap();
     lab.start_daemon(Path::new(DAEMON)).unwrap();
-    wait_endpoints(&lab, 2);
+    wait_endpoints(&lab, 2, 20, "attack lab");
     lab.apply(
         "self-only.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: self-only, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: a}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: a}}}]\n",

@@ -2,34 +2,16 @@
 //! frames with scapy (`Lab::scapy`) and a sniffer in the target pod counts what arrives.
 //! Each test checks that the attack frame does not arrive (or that allowed traffic still
 //! does) and that the daemon's counters saw the verdict.
-use std::net::Ipv4Addr;
 use std::path::Path;
 
 use netpol_daemon::lab::Lab;
 use netpol_daemon::metrics::sample;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_netpol-daemon");
+mod common;
+use common::*;
 
-fn lab() -> Option<Lab> {
-    if unsafe { libc::geteuid() } != 0 {
-        let msg = "lab tests need root (network namespaces, veth, BPF); run `cargo xtask test` as root";
-        if std::env::var_os("CI").is_some() {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED: {msg}");
-        return None;
-    }
-    Some(Lab::new().expect("creating the lab"))
-}
 
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
-}
 
-fn counter(lab: &Lab, pod: &str, direction: &str, verdict: &str) -> f64 {
-    let m = lab.metrics().unwrap();
-    sample(&m, &format!("netpol_packets_total{{namespace=\"t\",pod=\"{pod}\",direction=\"{direction}\",verdict=\"{verdict}\"}}")).unwrap_or(0.0)
-}
 
 fn early(lab: &Lab, pod: &str, direction: &str) -> f64 {
     let m = lab.metrics().unwrap();
@@ -65,7 +47,7 @@ fn vlan_tagged_frames_do_not_carry_packets_past_an_isolated_egress() {
     let Some(lab) = two_pods(false) else { return };
     assert!(lab.tcp("a", "b", 8080), "allowed traffic (and ARP) works");
     assert!(!lab.tcp("a", "b", 8081));
-    let denied = counter(&lab, "a", "egress", "deny");
+    let denied = packets(&lab, "t", "a", "egress", "deny");
     let at_b = lab.capture("b", "MARK-VLAN").unwrap();
     // UDP 9999 is not allowed; the same datagram untagged is denied too.
     lab.scapy(
@@ -77,7 +59,7 @@ fn vlan_tagged_frames_do_not_carry_packets_past_an_isolated_egress() {
     )
     .unwrap();
     assert_eq!(at_b.count(), 0, "no tagged frame's packet reaches b");
-    let now = counter(&lab, "a", "egress", "deny");
+    let now = packets(&lab, "t", "a", "egress", "deny");
     assert!(now - denied >= 9.0, "the tagged frames are counted as denied: {denied} -> {now}");
     assert!(lab.tcp("a", "b", 8080), "allowed traffic still works");
 }
@@ -102,7 +84,7 @@ fn neighbour_discovery_messages_carry_nothing_off_the_link() {
     assert!(flushed.success());
     assert!(lab.tcp6("a", "b", 8080), "IPv6 between isolated pods works (neighbour discovery passes)");
     assert!(!lab.tcp6("a", "b", 8081));
-    let denied = counter(&lab, "a", "egress", "deny");
+    let denied = packets(&lab, "t", "a", "egress", "deny");
     let at_b = lab.capture("b", "MARK-ND").unwrap();
     lab.scapy(
         "a",
@@ -114,7 +96,7 @@ fn neighbour_discovery_messages_carry_nothing_off_the_link() {
     )
     .unwrap();
     assert_eq!(at_b.count(), 0, "no ND-typed payload reaches b");
-    let now = counter(&lab, "a", "egress", "deny");
+    let now = packets(&lab, "t", "a", "egress", "deny");
     assert!(now - denied >= 8.0, "counted as denied: {denied} -> {now}");
     assert!(lab.tcp6("a", "b", 8080), "allowed IPv6 traffic still works");
 }
@@ -138,11 +120,11 @@ fn fragments_follow_the_first_fragment_and_early_ones_are_dropped_and_counted() 
     let in_order = at_b.count();
     assert!(in_order >= 1, "an allowed fragmented datagram arrives");
     // A denied datagram's fragments: none arrives.
-    let denied = counter(&lab, "a", "egress", "deny");
+    let denied = packets(&lab, "t", "a", "egress", "deny");
     let at_b = lab.capture("b", "MARK-FRAG").unwrap();
     lab.scapy("a", &frags(9999, 1002, "fr")).unwrap();
     assert_eq!(at_b.count(), 0, "no fragment of a denied datagram arrives");
-    let now = counter(&lab, "a", "egress", "deny");
+    let now = packets(&lab, "t", "a", "egress", "deny");
     assert!(now - denied >= 3.0, "all three denied and counted: {denied} -> {now}");
     // An identification re-used: an allowed datagram, then a denied one with the same id. The
     // denied one's later fragments do not ride on the record the allowed one left.
@@ -154,12 +136,12 @@ fn fragments_follow_the_first_fragment_and_early_ones_are_dropped_and_counted() 
     assert_eq!(at_b.count(), 0, "no fragment of the denied datagram with a re-used id arrives");
     // Reordered, allowed: the last fragment comes first and cannot be judged (dropped, counted);
     // the two after it follow the first fragment.
-    let denied = counter(&lab, "a", "egress", "deny");
+    let denied = packets(&lab, "t", "a", "egress", "deny");
     let early_before = early(&lab, "a", "egress");
     let at_b = lab.capture("b", "MARK-FRAG").unwrap();
     lab.scapy("a", &frags(4321, 1003, "[fr[2], fr[0], fr[1]]")).unwrap();
     let reordered = at_b.count();
-    let now = counter(&lab, "a", "egress", "deny");
+    let now = packets(&lab, "t", "a", "egress", "deny");
     eprintln!("fragments arriving at b: in order {in_order}, last-first {reordered}");
     assert_eq!(now - denied, 1.0, "only the early fragment is dropped and counted");
     assert_eq!(early(&lab, "a", "egress") - early_before, 1.0, "counted apart as an early fragment");
@@ -182,10 +164,10 @@ fn ipv6_extension_headers_at_the_limit_pass_and_one_more_is_denied() {
     assert_eq!(at_b.count(), 2, "8 extension headers, allowed port: arrives");
     // Leaving a pod, a packet whose source cannot be vouched for by a full parse is dropped
     // as spoofed (isolated or not), which is how it is counted here.
-    let denied = counter(&lab, "a", "egress", "spoofed");
+    let denied = packets(&lab, "t", "a", "egress", "spoofed");
     let at_b = lab.capture("b", "MARK-EXT9").unwrap();
     lab.scapy("a", &send(9, "MARK-EXT9")).unwrap();
     assert_eq!(at_b.count(), 0, "9 extension headers: denied");
-    let now = counter(&lab, "a", "egress", "spoofed");
+    let now = packets(&lab, "t", "a", "egress", "spoofed");
     assert!(now - denied >= 2.0, "counted as dropped (spoofed): {denied} -> {now}");
 }

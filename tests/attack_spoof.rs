@@ -1,36 +1,21 @@
 //! Attacks on anti-spoofing, with crafted frames from a pod that does not cooperate (scapy in
 //! its namespace) against the real daemon and programs; and the daemon refusing a bpffs whose
 //! pins would die with it.
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use netpol_daemon::lab::Lab;
-use netpol_daemon::metrics::sample;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_netpol-daemon");
-
-fn root() -> bool {
-    if unsafe { libc::geteuid() } != 0 {
-        let msg = "attack tests need root (network namespaces, veth, BPF)";
-        if std::env::var_os("CI").is_some() {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED: {msg}");
-        return false;
-    }
-    true
-}
-
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
-}
+mod common;
+use common::*;
 
 fn spoofed(lab: &Lab, pod: &str) -> f64 {
-    let m = lab.metrics().unwrap();
-    sample(&m, &format!("netpol_packets_total{{namespace=\"t\",pod=\"{pod}\",direction=\"egress\",verdict=\"spoofed\"}}")).unwrap_or(0.0)
+    packets(lab, "t", pod, "egress", "spoofed")
 }
+
+
+
 
 /// Sends `pkt` (scapy, from `from`) and returns how many frames carrying `marker` reached `to`.
 fn arrives(lab: &Lab, from: &str, to: &str, marker: &str, pkt: &str) -> usize {

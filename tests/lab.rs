@@ -6,24 +6,10 @@ use std::path::Path;
 use netpol_daemon::lab::Lab;
 use netpol_daemon::metrics::sample;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_netpol-daemon");
+mod common;
+use common::*;
 
-/// Root is needed. Where it is missing the test says why; in CI (CI set) that is a failure.
-fn lab() -> Option<Lab> {
-    if unsafe { libc::geteuid() } != 0 {
-        let msg = "lab tests need root (network namespaces, veth, BPF); run `cargo xtask test` as root";
-        if std::env::var_os("CI").is_some() {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED: {msg}");
-        return None;
-    }
-    Some(Lab::new().expect("creating the lab"))
-}
 
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
-}
 
 /// Three namespaces like the seeds' products: a Kafka-like namespace, a client namespace, and
 /// an outside host.
@@ -39,18 +25,6 @@ fn standard(lab: &mut Lab) {
     lab.write_cluster_manifest().unwrap();
 }
 
-/// Waits until the daemon has programs on `n` pod interfaces.
-fn wait_endpoints(lab: &Lab, n: usize, secs: u64, what: &str) {
-    let t0 = std::time::Instant::now();
-    loop {
-        let m = lab.metrics().unwrap();
-        if sample(&m, "netpol_endpoints") == Some(n as f64) {
-            return;
-        }
-        assert!(t0.elapsed() < std::time::Duration::from_secs(secs), "{what}: want {n} endpoints\n{m}\n{}", lab.daemon_log());
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
 
 fn check(lab: &Lab, cases: &[(&str, &str, &str, u16, bool)]) {
     let mut failures = Vec::new();

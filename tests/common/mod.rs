@@ -1,0 +1,52 @@
+//! What the lab and attack test files share: the root check, the lab, waiting for the
+//! daemon's endpoints and reading its packet counters.
+#![allow(dead_code)]
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use netpol_daemon::lab::Lab;
+use netpol_daemon::metrics::sample;
+
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_netpol-daemon");
+
+/// Root is needed (network namespaces, veth, BPF). Where it is missing the test says why; in
+/// CI (CI set) that is a failure.
+pub fn root() -> bool {
+    if unsafe { libc::geteuid() } != 0 {
+        let msg = "lab tests need root (network namespaces, veth, BPF); run `cargo xtask test` as root";
+        if std::env::var_os("CI").is_some() {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED: {msg}");
+        return false;
+    }
+    true
+}
+
+/// A new lab, or None (said why) without root.
+pub fn lab() -> Option<Lab> {
+    root().then(|| Lab::new().expect("creating the lab"))
+}
+
+pub fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// Waits until the daemon has programs on `n` pod interfaces.
+pub fn wait_endpoints(lab: &Lab, n: usize, secs: u64, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let m = lab.metrics().unwrap();
+        if sample(&m, "netpol_endpoints") == Some(n as f64) {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(secs), "{what}: want {n} endpoints\n{m}\n{}", lab.daemon_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `netpol_packets_total` of pod `namespace/pod`, direction and verdict (0 before any).
+pub fn packets(lab: &Lab, namespace: &str, pod: &str, direction: &str, verdict: &str) -> f64 {
+    let m = lab.metrics().unwrap();
+    sample(&m, &format!("netpol_packets_total{{namespace=\"{namespace}\",pod=\"{pod}\",direction=\"{direction}\",verdict=\"{verdict}\"}}")).unwrap_or(0.0)
+}
