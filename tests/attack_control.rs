@@ -3,30 +3,13 @@
 //! accepts. The real daemon, real TC programs, real connections between network namespaces.
 //! Nothing may fail open: a policy netpol cannot read isolates what it selects, and every
 //! such drop is counted.
-use std::net::Ipv4Addr;
 use std::path::Path;
 
 use netpol_daemon::lab::Lab;
 use netpol_daemon::metrics::sample;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_netpol-daemon");
-
-/// Root is needed. Where it is missing the test says why; in CI (CI set) that is a failure.
-fn lab() -> Option<Lab> {
-    if unsafe { libc::geteuid() } != 0 {
-        let msg = "lab tests need root (network namespaces, veth, BPF); run `cargo xtask test` as root";
-        if std::env::var_os("CI").is_some() {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED: {msg}");
-        return None;
-    }
-    Some(Lab::new().expect("creating the lab"))
-}
-
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
-}
+mod common;
+use common::*;
 
 fn check(lab: &Lab, cases: &[(&str, &str, &str, u16, bool)]) {
     let mut failures = Vec::new();
@@ -140,4 +123,59 @@ fn invalid_policies_fail_closed_and_unknown_annotation_values_are_enforced() {
     .unwrap();
     check(&lab, &[("client", "db", "tcp", 5432, true)]);
     assert_eq!(sample(&lab.metrics().unwrap(), "netpol_manifest_errors"), Some(1.0));
+}
+
+/// Row 9 of the security issue: a change of tens of thousands of remote pods used to stall
+/// the daemon for minutes in a quadratic incremental compile, and an allow removed meanwhile
+/// stayed in force all that time. 20,000 remote pods that a rule on this node selects are
+/// relabelled out of it in one manifest write, while the policy letting the client in is
+/// deleted: the client is denied as soon as that change is programmed (a full compile, the
+/// fallback for a change this big), and the daemon says which path it took.
+#[test]
+fn an_allow_removed_during_a_huge_pod_change_applies_at_once() {
+    const REMOTE: usize = 20_000;
+    let Some(mut lab) = lab() else { return };
+    lab.add_namespace("t", &[]);
+    lab.add_pod("t", "srv", ip("10.244.0.70"), &[("app", "srv")], &[8080, 9090], &[]).unwrap();
+    lab.add_pod("t", "cli", ip("10.244.0.71"), &[("app", "cli")], &[], &[]).unwrap();
+    lab.write_cluster_manifest().unwrap();
+    let policies = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: remote-gen1, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: srv}}\n  ingress:\n  - from: [{namespaceSelector: {}, podSelector: {matchLabels: {gen: '1'}}}]\n    ports: [{port: 9090}]\n";
+    lab.write_manifest("10-remote-rule.yaml", policies).unwrap();
+    let allow = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-cli, namespace: t}\nspec:\n  podSelector: {matchLabels: {app: srv}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: cli}}}]\n    ports: [{port: 8080}]\n";
+    lab.write_manifest("20-allow-cli.yaml", allow).unwrap();
+    let remote = |gen: u32| {
+        let mut y = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: remote}\n");
+        for n in 0..REMOTE {
+            let a = format!("10.100.{}.{}", n / 250, n % 250 + 1);
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: r{n}, namespace: remote, labels: {{app: remote, gen: '{gen}'}}}}\nspec: {{nodeName: other-node, containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIP: {a}, podIPs: [{{ip: {a}}}]}}\n"
+            ));
+        }
+        y
+    };
+    lab.write_manifest("30-remote.yaml", &remote(1)).unwrap();
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    wait_endpoints(&lab, 2, 120, "lab pods");
+    let t0 = std::time::Instant::now();
+    while sample(&lab.metrics().unwrap(), "netpol_policies") != Some(2.0) || !lab.tcp("cli", "srv", 8080) {
+        assert!(t0.elapsed().as_secs() < 120, "the allow never took effect\n{}", lab.daemon_log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let syncs = lab.syncs();
+    let full_before = lab.daemon_log().matches("synced (Full compile").count();
+    // The big change, and while the daemon is at it (it wakes on the write), the removed
+    // allow: before the fix the first took minutes and held the second back.
+    let t0 = std::time::Instant::now();
+    lab.write_manifest("30-remote.yaml", &remote(2)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    lab.remove_manifest("20-allow-cli.yaml").unwrap();
+    while lab.tcp("cli", "srv", 8080) {
+        assert!(t0.elapsed().as_secs() < 60, "the removed allow still applies after 60 s\n{}", lab.daemon_log());
+    }
+    let took = t0.elapsed();
+    eprintln!("allow removed during a change of {REMOTE} remote pods: denied after {took:?}");
+    lab.wait_synced(syncs).unwrap();
+    let log = lab.daemon_log();
+    assert!(log.matches("synced (Full compile").count() > full_before, "no full compile for the change:\n{log}");
+    assert!(packets(&lab, "t", "srv", "ingress", "deny") >= 1.0, "the denied connection is counted");
 }
