@@ -5,28 +5,10 @@
 //! such drop is counted.
 use std::path::Path;
 
-use netpol_daemon::lab::Lab;
 use netpol_daemon::metrics::sample;
 
 mod common;
 use common::*;
-
-fn check(lab: &Lab, cases: &[(&str, &str, &str, u16, bool)]) {
-    let mut failures = Vec::new();
-    for &(from, to, proto, port, want) in cases {
-        let got = match proto {
-            "tcp" => lab.tcp(from, to, port),
-            "udp" => lab.udp(from, to, port),
-            _ => unreachable!(),
-        };
-        if got != want {
-            failures.push(format!("{from} -> {to} {proto}/{port}: expected {}, got {}", if want { "allowed" } else { "denied" }, if got { "allowed" } else { "denied" }));
-        }
-    }
-    if !failures.is_empty() {
-        panic!("connectivity mismatches:\n{}\n--- daemon log ---\n{}", failures.join("\n"), lab.daemon_log());
-    }
-}
 
 fn deny_count(m: &str, ns: &str, pod: &str) -> f64 {
     sample(m, &format!("netpol_packets_total{{namespace=\"{ns}\",pod=\"{pod}\",direction=\"ingress\",verdict=\"deny\"}}")).unwrap_or(0.0)

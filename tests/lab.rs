@@ -26,38 +26,6 @@ fn standard(lab: &mut Lab) {
 }
 
 
-fn check(lab: &Lab, cases: &[(&str, &str, &str, u16, bool)]) {
-    let mut failures = Vec::new();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = cases
-            .iter()
-            .map(|&(from, to, proto, port, want)| {
-                s.spawn(move || {
-                    let got = match proto {
-                        "tcp" => lab.tcp(from, to, port),
-                        "udp" => lab.udp(from, to, port),
-                        _ => unreachable!(),
-                    };
-                    (from, to, proto, port, want, got)
-                })
-            })
-            .collect();
-        for h in handles {
-            let (from, to, proto, port, want, got) = h.join().unwrap();
-            if want != got {
-                failures.push(format!(
-                    "{from} -> {to} {proto}/{port}: expected {}, got {}",
-                    if want { "allowed" } else { "denied" },
-                    if got { "allowed" } else { "denied" }
-                ));
-            }
-        }
-    });
-    if !failures.is_empty() {
-        panic!("connectivity mismatches:\n{}\n--- daemon log ---\n{}", failures.join("\n"), lab.daemon_log());
-    }
-}
-
 #[test]
 fn default_deny_ingress_then_allow_labelled_pods_and_live_edit() {
     let Some(mut lab) = lab() else { return };

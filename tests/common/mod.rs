@@ -50,3 +50,37 @@ pub fn packets(lab: &Lab, namespace: &str, pod: &str, direction: &str, verdict: 
     let m = lab.metrics().unwrap();
     sample(&m, &format!("netpol_packets_total{{namespace=\"{namespace}\",pod=\"{pod}\",direction=\"{direction}\",verdict=\"{verdict}\"}}")).unwrap_or(0.0)
 }
+
+/// Probes every `(from, to, "tcp"|"udp", port, allowed?)` at once and panics with every mismatch
+/// and the daemon's log.
+pub fn check(lab: &Lab, cases: &[(&str, &str, &str, u16, bool)]) {
+    let mut failures = Vec::new();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|&(from, to, proto, port, want)| {
+                s.spawn(move || {
+                    let got = match proto {
+                        "tcp" => lab.tcp(from, to, port),
+                        "udp" => lab.udp(from, to, port),
+                        _ => unreachable!(),
+                    };
+                    (from, to, proto, port, want, got)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (from, to, proto, port, want, got) = h.join().unwrap();
+            if want != got {
+                failures.push(format!(
+                    "{from} -> {to} {proto}/{port}: expected {}, got {}",
+                    if want { "allowed" } else { "denied" },
+                    if got { "allowed" } else { "denied" }
+                ));
+            }
+        }
+    });
+    if !failures.is_empty() {
+        panic!("connectivity mismatches:\n{}\n--- daemon log ---\n{}", failures.join("\n"), lab.daemon_log());
+    }
+}
