@@ -1014,6 +1014,11 @@ fn a_pod_sends_only_from_its_own_addresses() {
             ("link-local router solicitation", nd6(v6("fe80::1"), v6("ff02::2"), 133, 0, 255, &[], &[]), OK, false),
             ("unspecified source, DAD solicitation", nd6(v6("::"), v6("ff02::1:ff00:10"), 135, 0, 255, &[], &[]), OK, false),
             ("unspecified source, udp", ipv6(v6("::"), v6("fd00::20"), 17, 5353, 53, 0, &[]), SHOT, true),
+            // MLDv2 reports (every IPv6 stack sends them as a link comes up): not spoofed on
+            // the link; policy judges them as ICMPv6 (the policy has no all-traffic egress).
+            ("link-local MLDv2 report", ipv6(v6("fe80::1"), v6("ff02::16"), 58, 0, 0, 143, &[]), if yaml.is_empty() { OK } else { SHOT }, false),
+            ("unspecified source, MLDv2 report", ipv6(v6("::"), v6("ff02::16"), 58, 0, 0, 143, &[]), if yaml.is_empty() { OK } else { SHOT }, false),
+            ("link-local MLD report off the link", ipv6(v6("fe80::1"), v6("fd00::20"), 58, 0, 0, 143, &[]), SHOT, true),
             ("arp", arp(), OK, false),
         ];
         for (what, frame, want, counted) in &cases {

@@ -50,7 +50,7 @@ pub fn is_node_addr(family: u8, addr: &[u8; 16]) -> bool {
 /// pod's own addresses (IPv4: first compared with the one in `EndpointInfo`, already loaded);
 /// a link-local (fe80::/10) or the unspecified address (::, duplicate address detection) only
 /// for neighbour discovery (ICMPv6 133-136), which is how a pod finds its gateway before and
-/// besides its global address. An interface whose pod's address is not known yet owns
+/// besides its global address, and for link-scoped multicast listener discovery. An interface whose pod's address is not known yet owns
 /// nothing: it sends nothing but ARP and neighbour discovery until the daemon programs it
 /// (fail closed; the CNI reports the IP within moments).
 #[inline(always)]
@@ -65,7 +65,11 @@ pub fn source_owned(ep: &EndpointInfo, p: &Packet) -> bool {
         let link_local = p.src[0] == 0xfe && p.src[1] & 0xc0 == 0x80;
         let unspecified = p.src == [0; 16];
         if link_local || unspecified {
-            return p.proto == PROTO_ICMPV6 && (133..=136).contains(&p.icmp_type);
+            // Multicast listener discovery (MLD queries/reports/done, 130-132 and 143) is
+            // sent from there too, by every IPv6 stack when a link comes up: owned when it
+            // stays on the link (to ff02::/16); policy still judges it like any ICMPv6.
+            let mld = matches!(p.icmp_type, 130..=132 | 143) && p.dst[0] == 0xff && p.dst[1] == 0x02;
+            return p.proto == PROTO_ICMPV6 && ((133..=136).contains(&p.icmp_type) || mld);
         }
     }
     let k = EpAddrKey { endpoint: ep.id, family: p.family, _pad: [0; 3], addr: p.src };
