@@ -90,6 +90,18 @@ fn run(f: &mut Fixture, dir: Direction, frame: &[u8]) -> i32 {
     f.dp.test_run(dir, frame, 1).expect("test run").0
 }
 
+/// Runs every `(what, direction, frame, verdict)` case and fails with every mismatch at once.
+fn run_cases(f: &mut Fixture, cases: &[(&str, Direction, Vec<u8>, i32)]) {
+    let mut bad = Vec::new();
+    for (what, dir, frame, want) in cases {
+        let got = run(f, *dir, frame);
+        if got != *want {
+            bad.push(format!("{what} ({dir:?}): want {want}, got {got}"));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
 #[test]
 fn ports_protocols_ranges_and_address_classes() {
     let Some(mut f) = fixture(POLICY) else { return };
@@ -846,14 +858,7 @@ fn neighbour_discovery_passes_only_as_the_link_uses_it() {
         ("NS into the pod that crossed a router", i, nd6(v6("fd00::99"), me, 135, 0, 254, &sll, &[]), SHOT),
         ("NA into the pod with trailing bytes", i, nd6(v6("fe80::1"), me, 136, 0, 255, &tll, &[0x41; 8]), SHOT),
     ];
-    let mut bad = Vec::new();
-    for (what, dir, frame, want) in &cases {
-        let got = run(&mut f, *dir, frame);
-        if got != *want {
-            bad.push(format!("{what} ({dir:?}): want {want}, got {got}"));
-        }
-    }
-    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    run_cases(&mut f, &cases);
     // Every ND frame has a verdict and is counted.
     let c = CounterReader::open(&f.pin).unwrap();
     let (ig, eg) = (netpol_common::DIR_INGRESS, netpol_common::DIR_EGRESS);
@@ -892,14 +897,7 @@ fn vlan_tagged_and_other_frames_are_denied_where_isolated() {
         ("ARP in", i, arp(), OK),
         ("ARP out", e, arp(), OK),
     ];
-    let mut bad = Vec::new();
-    for (what, dir, frame, want) in &cases {
-        let got = run(&mut f, *dir, frame);
-        if got != *want {
-            bad.push(format!("{what} ({dir:?}): want {want}, got {got}"));
-        }
-    }
-    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    run_cases(&mut f, &cases);
     let c = CounterReader::open(&f.pin).unwrap();
     let (ig, eg) = (netpol_common::DIR_INGRESS, netpol_common::DIR_EGRESS);
     assert_eq!((c.read(0, ig, 0), c.read(0, ig, 1)), (2, 2), "ingress: udp 53 + ARP allowed, two denied");
