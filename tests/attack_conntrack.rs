@@ -5,7 +5,7 @@
 //! not arrive (or the flow survives) and that the deny counter saw the drop.
 use std::path::Path;
 
-use netpol_daemon::lab::Lab;
+use netpol_daemon::testkit::lab::Lab;
 
 mod common;
 use common::*;

@@ -4,7 +4,7 @@
 //! does) and that the daemon's counters saw the verdict.
 use std::path::Path;
 
-use netpol_daemon::lab::Lab;
+use netpol_daemon::testkit::lab::Lab;
 use netpol_daemon::metrics::sample;
 
 mod common;

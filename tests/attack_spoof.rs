@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netpol_daemon::lab::Lab;
+use netpol_daemon::testkit::lab::Lab;
 
 mod common;
 use common::*;

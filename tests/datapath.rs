@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use netpol_daemon::compiler::compile_node;
 use netpol_daemon::datapath::{CounterReader, Datapath, Iface};
-use netpol_daemon::manifests::{load_text, Loaded};
+use netpol_daemon::source::manifests::{load_text, Loaded};
 use netpol_daemon::model::{Direction, ObjKey};
-use netpol_daemon::testpkt::*;
+use netpol_daemon::testkit::testpkt::*;
 
 const OK: i32 = 0;
 const SHOT: i32 = 2;

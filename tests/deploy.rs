@@ -73,7 +73,7 @@ fn rbac_grants_read_only_access_to_exactly_the_watched_resources() {
             }
         }
     }
-    let watched: BTreeSet<(String, String)> = netpol_daemon::kube_source::WATCHED.iter().map(|(g, r)| (g.to_string(), r.to_string())).collect();
+    let watched: BTreeSet<(String, String)> = netpol_daemon::source::kube::WATCHED.iter().map(|(g, r)| (g.to_string(), r.to_string())).collect();
     assert_eq!(granted, watched, "the ClusterRole must cover exactly the watched resources");
     let b = &o.bindings[0];
     assert_eq!(b.role_ref.name, role.metadata.name.clone().unwrap());

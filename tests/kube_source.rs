@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netpol_daemon::kube_source::KubeSource;
+use netpol_daemon::source::kube::KubeSource;
 use netpol_daemon::model::ObjKey;
 use serde_json::{json, Value};
 

@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use netpol_daemon::lab::Lab;
+use netpol_daemon::testkit::lab::Lab;
 use netpol_daemon::metrics::sample;
 
 mod common;
@@ -228,7 +228,7 @@ fn kill_9_and_restart_is_hitless() {
     {
         let (stop, fail, ns) = (stop.clone(), long_fail.clone(), client_ns.clone());
         threads.push(std::thread::spawn(move || {
-            netpol_daemon::lab::in_netns(&ns, move || {
+            netpol_daemon::testkit::lab::in_netns(&ns, move || {
                 let mut s = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(1)).expect("long-lived connect");
                 s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
                 let mut buf = [0u8; 128];
@@ -247,9 +247,9 @@ fn kill_9_and_restart_is_hitless() {
     {
         let (stop, ok, fail, ns) = (stop.clone(), new_ok.clone(), new_fail.clone(), client_ns.clone());
         threads.push(std::thread::spawn(move || {
-            netpol_daemon::lab::in_netns(&ns, move || {
+            netpol_daemon::testkit::lab::in_netns(&ns, move || {
                 while !stop.load(Ordering::SeqCst) {
-                    if netpol_daemon::lab::probe_tcp(server, Duration::from_secs(1)) {
+                    if netpol_daemon::testkit::lab::probe_tcp(server, Duration::from_secs(1)) {
                         ok.fetch_add(1, Ordering::SeqCst);
                     } else {
                         fail.fetch_add(1, Ordering::SeqCst);
@@ -263,10 +263,10 @@ fn kill_9_and_restart_is_hitless() {
     for _ in 0..3 {
         let (stop, passed, tries, ns) = (stop.clone(), denied_passed.clone(), denied_tries.clone(), intruder_ns.clone());
         threads.push(std::thread::spawn(move || {
-            netpol_daemon::lab::in_netns(&ns, move || {
+            netpol_daemon::testkit::lab::in_netns(&ns, move || {
                 while !stop.load(Ordering::SeqCst) {
                     tries.fetch_add(1, Ordering::SeqCst);
-                    if netpol_daemon::lab::probe_tcp(server, Duration::from_millis(150)) {
+                    if netpol_daemon::testkit::lab::probe_tcp(server, Duration::from_millis(150)) {
                         passed.fetch_add(1, Ordering::SeqCst);
                     }
                 }

@@ -6,9 +6,10 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::compiler::{self, Cluster, Explanation};
+use crate::compiler::{self, Explanation};
+use crate::model::{self, Cluster};
 use crate::entries::{self, ClassInterner, PortSetInterner};
-use crate::manifests;
+use crate::source::manifests;
 use crate::model::{Direction, ObjKey, PortRef, Protocol};
 
 /// An end of a connection: a pod (NS/POD) or an address (a pod's, or outside the cluster).
@@ -40,9 +41,9 @@ fn describe(e: &Explanation, cluster: &Cluster, who: &ObjKey, out: &mut String) 
         return;
     }
     let verdict = match e.verdict {
-        compiler::Verdict::Allow => "ALLOWED",
-        compiler::Verdict::Audit => "AUDIT (an audit-mode policy would deny it; it passes)",
-        compiler::Verdict::Deny => "DENIED",
+        model::Verdict::Allow => "ALLOWED",
+        model::Verdict::Audit => "AUDIT (an audit-mode policy would deny it; it passes)",
+        model::Verdict::Deny => "DENIED",
     };
     let pols: Vec<String> = e
         .policies
@@ -91,7 +92,7 @@ pub fn load(dir: Option<&Path>) -> Result<(Cluster, Vec<String>)> {
             Ok((loaded.cluster, loaded.errors.iter().map(|e| e.to_string()).collect()))
         }
         None => {
-            let src = crate::kube_source::KubeSource::start()?;
+            let src = crate::source::kube::KubeSource::start()?;
             let t0 = std::time::Instant::now();
             while !src.synced.load(std::sync::atomic::Ordering::SeqCst) {
                 if t0.elapsed() > std::time::Duration::from_secs(60) {

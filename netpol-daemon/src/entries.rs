@@ -7,7 +7,7 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 
 use netpol_common::*;
 
-use crate::cidr::Cidr;
+use crate::model::cidr::Cidr;
 use crate::compiler::{Allow, ClassKey, CompiledPod, NodePolicy, PortSet};
 use crate::model::{Direction, ObjKey, Protocol};
 
@@ -397,8 +397,8 @@ struct PortSetUse {
 
 /// Emulates the whole BPF decision on map contents for an endpoint with `flags` (conntrack
 /// and node addresses aside): isolation, policy tables, audit.
-pub fn verdict(d: &Desired, endpoint: u32, flags: u32, dir: Direction, peer: std::net::IpAddr, proto: u8, port: Option<u16>) -> crate::compiler::Verdict {
-    use crate::compiler::Verdict;
+pub fn verdict(d: &Desired, endpoint: u32, flags: u32, dir: Direction, peer: std::net::IpAddr, proto: u8, port: Option<u16>) -> crate::model::Verdict {
+    use crate::model::Verdict;
     let (isolate, audit) = match dir {
         Direction::Ingress => (EP_ISOLATE_INGRESS, EP_AUDIT_INGRESS),
         Direction::Egress => (EP_ISOLATE_EGRESS, EP_AUDIT_EGRESS),

@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use netpol_daemon::lab::Lab;
+use netpol_daemon::testkit::lab::Lab;
 use netpol_daemon::metrics::sample;
 
 pub const DAEMON: &str = env!("CARGO_BIN_EXE_netpol-daemon");

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use netpol_daemon::compiler::{self, Index};
 use netpol_daemon::entries::{self, ClassInterner, PortSetInterner};
-use netpol_daemon::model::ObjKey;
-use netpol_daemon::synth::{self, Shape};
+use netpol_daemon::model::{self, ObjKey};
+use netpol_daemon::testkit::synth::{self, Shape};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -93,7 +93,7 @@ fn compile_bench(pods: usize, policies: usize, repeats: usize) {
     let elsewhere: Vec<ObjKey> = cluster.pods.values().filter(|p| p.node_name.as_deref() != Some(node.as_str())).map(|p| p.key.clone()).collect();
     for (what, keys) in [("of this node", &local), ("of another node (a peer)", &elsewhere)] {
         let mut nc = compiler::NodeCompiler::new(&node);
-        nc.update(&cluster, &compiler::ChangeSet::everything());
+        nc.update(&cluster, &model::ChangeSet::everything());
         let mut classes = ClassInterner::default();
         let mut portsets = PortSetInterner::default();
         let mut cache = entries::EntryCache::default();
@@ -105,7 +105,7 @@ fn compile_bench(pods: usize, policies: usize, repeats: usize) {
                 // Relabel, then back, so every change starts from the same state.
                 let pod = cluster.pods.get_mut(key).unwrap();
                 pod.labels.insert("app".into(), if back { pod.labels["app"].trim_end_matches("-relabelled").to_string() } else { format!("{}-relabelled", pod.labels.get("app").cloned().unwrap_or_default()) });
-                let ch = compiler::ChangeSet { pods: [key.clone()].into(), ..Default::default() };
+                let ch = model::ChangeSet { pods: [key.clone()].into(), ..Default::default() };
                 let t = Instant::now();
                 if nc.update(&cluster, &ch) == compiler::UpdateKind::Full {
                     full += 1;
@@ -142,7 +142,7 @@ fn bulk_bench(pods: usize, policies: usize, changed: usize, forced: bool) {
         ncs.push(("the incremental path forced on for the whole change", nc));
     }
     for (_, nc) in ncs.iter_mut() {
-        nc.update(&cluster, &compiler::ChangeSet::everything());
+        nc.update(&cluster, &model::ChangeSet::everything());
     }
     let ids: BTreeMap<ObjKey, u32> = ncs[0].1.policy().pods.keys().enumerate().map(|(i, k)| (k.clone(), i as u32 + 1)).collect();
     let mut caches: Vec<_> = ncs
@@ -154,7 +154,7 @@ fn bulk_bench(pods: usize, policies: usize, changed: usize, forced: bool) {
         })
         .collect();
     // Every changed pod relabelled (its app label), as a rollout rewriting the manifests would.
-    let mut ch = compiler::ChangeSet::default();
+    let mut ch = model::ChangeSet::default();
     for k in &remote {
         let p = cluster.pods.get_mut(k).unwrap();
         let app = p.labels.get("app").cloned().unwrap_or_default();
@@ -213,11 +213,11 @@ fn control_bench(pods: usize, policies: usize, changes: usize) -> anyhow::Result
     let mut runs = Vec::new();
     let mut compile_runs = Vec::new();
     let mut nc = compiler::NodeCompiler::new(&node);
-    nc.update(&cluster, &compiler::ChangeSet::everything());
+    nc.update(&cluster, &model::ChangeSet::everything());
     dp.sync(nc.policy(), &ifaces);
     for i in 0..changes {
         let key = &local[i % local.len()];
-        let ch = compiler::ChangeSet { pods: [key.clone()].into(), ..Default::default() };
+        let ch = model::ChangeSet { pods: [key.clone()].into(), ..Default::default() };
         let pod = cluster.pods.get_mut(key).unwrap();
         let old = pod.labels.insert("app".into(), format!("relabelled-{}", i % 3));
         let t = Instant::now();
@@ -313,7 +313,7 @@ fn daemon_bench(daemon: &str, pods: usize, policies: usize, changes: usize) -> a
             .stderr(std::fs::File::create(std::env::temp_dir().join(format!("npbench-{id}.log")))?)
             .spawn()?;
         let pid = child.id();
-        let get = |path: &'static str| netpol_daemon::lab::in_netns(&netns, move || http_get(addr, path)).ok().and_then(|r| r.ok());
+        let get = |path: &'static str| netpol_daemon::testkit::lab::in_netns(&netns, move || http_get(addr, path)).ok().and_then(|r| r.ok());
         let r = (|| -> anyhow::Result<()> {
             loop {
                 if matches!(get("/readyz"), Some((200, _))) {
@@ -394,7 +394,7 @@ fn rules_policy(n: usize) -> String {
 fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
     use netpol_daemon::datapath::{Datapath, Iface};
     use netpol_daemon::model::Direction;
-    use netpol_daemon::testpkt::*;
+    use netpol_daemon::testkit::testpkt::*;
     use std::net::Ipv4Addr;
     const ROUNDS: usize = 7;
     let web = Ipv4Addr::new(10, 1, 0, 10);
@@ -432,8 +432,8 @@ fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
             }
             println!();
         }
-        let mut loaded = netpol_daemon::manifests::Loaded::default();
-        netpol_daemon::manifests::load_text(std::path::Path::new("bench.yaml"), &rules_policy(n), &mut loaded);
+        let mut loaded = netpol_daemon::source::manifests::Loaded::default();
+        netpol_daemon::source::manifests::load_text(std::path::Path::new("bench.yaml"), &rules_policy(n), &mut loaded);
         anyhow::ensure!(loaded.errors.is_empty(), "{:?}", loaded.errors);
         let node = compiler::compile_node(&loaded.cluster, "n");
         let ifaces: BTreeMap<ObjKey, Iface> = [(ObjKey::new("t", "web"), Iface { ifindex: 1, ifname: "lo".into() })].into();

@@ -19,42 +19,10 @@
 //! [`full_is_cheaper`]) compiles the node again. The result is the same policy as a full compile
 //! (the property tests check verdicts and map lookups against both the full compile and the
 //! reference evaluator after random sequences of pod changes).
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use super::*;
-
-/// What changed in the cluster since the last update.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ChangeSet {
-    /// Anything may have changed (first load, a resync).
-    pub all: bool,
-    pub namespaces: bool,
-    pub policies: bool,
-    pub services: bool,
-    pub endpoint_slices: bool,
-    /// Pods added, removed or changed.
-    pub pods: BTreeSet<ObjKey>,
-}
-
-impl ChangeSet {
-    pub fn everything() -> ChangeSet {
-        ChangeSet { all: true, ..Default::default() }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        !self.all && !self.namespaces && !self.policies && !self.services && !self.endpoint_slices && self.pods.is_empty()
-    }
-
-    pub fn merge(&mut self, o: ChangeSet) {
-        self.all |= o.all;
-        self.namespaces |= o.namespaces;
-        self.policies |= o.policies;
-        self.services |= o.services;
-        self.endpoint_slices |= o.endpoint_slices;
-        self.pods.extend(o.pods);
-    }
-}
 
 /// How an update was done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,26 +43,50 @@ pub struct NodeCompiler {
     /// Compile the node again for changes where that is cheaper ([`full_is_cheaper`]); off
     /// only to test and measure the incremental path on big changes.
     pub fallback: bool,
+    /// The node's pending interfaces ([`set_pending`](Self::set_pending)).
+    pending: Vec<PendingIface>,
+    pending_changed: bool,
 }
 
 impl NodeCompiler {
     pub fn new(node: &str) -> NodeCompiler {
-        NodeCompiler { node: node.to_string(), state: None, policy: NodePolicy::default(), classes_at_full: 0, fallback: true }
+        NodeCompiler { node: node.to_string(), state: None, policy: NodePolicy::default(), classes_at_full: 0, fallback: true, pending: Vec::new(), pending_changed: false }
     }
 
     pub fn policy(&self) -> &NodePolicy {
         &self.policy
     }
 
-    /// The compiled policy, for adding pods the compiler does not know (pending interfaces);
-    /// they must be taken out again before the next update.
-    pub fn policy_mut(&mut self) -> &mut NodePolicy {
-        &mut self.policy
+    /// The node's pending interfaces, compiled on the next [`update`](Self::update) into
+    /// entries of their own in [`NodePolicy::pods`] ([`CompiledPod::pending`]).
+    pub fn set_pending(&mut self, pending: &[PendingIface]) {
+        if pending != self.pending.as_slice() {
+            self.pending = pending.to_vec();
+            self.pending_changed = true;
+        }
     }
 
     /// Brings the compiled policy up to date with `cluster`, given what changed since the
-    /// last update.
+    /// last update, and with the pending interfaces last set.
     pub fn update(&mut self, cluster: &Cluster, changes: &ChangeSet) -> UpdateKind {
+        let pending_changed = std::mem::take(&mut self.pending_changed);
+        // Pending interfaces are not compiled from the cluster: out before the update, back
+        // in after it (their isolation follows the cluster's pending pods).
+        self.policy.pods.retain(|_, c| c.pending.is_none());
+        let kind = self.update_cluster(cluster, changes);
+        if let Some(iso) = pending_isolation(cluster, &self.node).filter(|i| i[0] || i[1]) {
+            for iface in &self.pending {
+                let c = pending_pod(iface, iso);
+                self.policy.pods.insert(c.key.clone(), c);
+            }
+        }
+        match kind {
+            UpdateKind::Unchanged if pending_changed => UpdateKind::Incremental,
+            k => k,
+        }
+    }
+
+    fn update_cluster(&mut self, cluster: &Cluster, changes: &ChangeSet) -> UpdateKind {
         if self.state.is_some() && changes.is_empty() {
             return UpdateKind::Unchanged;
         }
@@ -263,25 +255,4 @@ fn apply_pods(st: &mut State, out: &mut NodePolicy, cluster: &Cluster, node: &st
         }
     }
     true
-}
-
-impl Cluster {
-    /// Replaces the whole state with `new` (a fresh snapshot); returns what differs.
-    pub fn replace(&mut self, new: Cluster) -> ChangeSet {
-        fn differ<K: Ord + Clone, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> Vec<K> {
-            let mut out: Vec<K> = a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect();
-            out.extend(b.keys().filter(|k| !a.contains_key(*k)).cloned());
-            out
-        }
-        let ch = ChangeSet {
-            all: false,
-            namespaces: !differ(&self.namespaces, &new.namespaces).is_empty(),
-            policies: !differ(&self.policies, &new.policies).is_empty(),
-            services: !differ(&self.services, &new.services).is_empty(),
-            endpoint_slices: !differ(&self.endpoint_slices, &new.endpoint_slices).is_empty(),
-            pods: differ(&self.pods, &new.pods).into_iter().collect(),
-        };
-        *self = new;
-        ch
-    }
 }

@@ -7,9 +7,9 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::entries::{self, ClassInterner, PortSetInterner};
-use crate::manifests::{load_text, Loaded};
-use crate::reference;
-use crate::selector::{Op, Requirement};
+use crate::source::manifests::{load_text, Loaded};
+use crate::testkit::reference;
+use crate::model::labels::{Op, Requirement};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -1011,9 +1011,9 @@ fn verdict_table(c: &Cluster, node: &NodePolicy) -> Vec<(ObjKey, Direction, IpAd
 /// the full compile for it, while a small change stays incremental.
 #[test]
 fn a_change_of_most_pods_falls_back_to_a_full_compile_with_the_same_result() {
-    let shape = crate::synth::Shape::new(1200, 120);
-    let mut c = crate::synth::cluster(&shape);
-    let node = crate::synth::node_name(0);
+    let shape = crate::testkit::synth::Shape::new(1200, 120);
+    let mut c = crate::testkit::synth::cluster(&shape);
+    let node = crate::testkit::synth::node_name(0);
     let (mut forced, mut auto) = (NodeCompiler::new(&node), NodeCompiler::new(&node));
     forced.fallback = false;
     forced.update(&c, &ChangeSet::everything());

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use netpol_daemon::lab::{self, Lab};
+use netpol_daemon::testkit::lab::{self, Lab};
 use netpol_daemon::metrics::sample;
 
 mod throughput;

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use netpol_daemon::lab::Lab;
+use netpol_daemon::testkit::lab::Lab;
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
@@ -139,7 +139,7 @@ fn accounting_floor() -> Result<f64> {
     let _ = std::fs::remove_dir_all(&pin);
     let floor = (|| {
         let mut dp = netpol_daemon::datapath::Datapath::load_detached(&pin)?;
-        let frame = netpol_daemon::testpkt::tcp4(CLIENT_IP, SERVER_IP, 40000, PORT, netpol_daemon::testpkt::TCP_ACK);
+        let frame = netpol_daemon::testkit::testpkt::tcp4(CLIENT_IP, SERVER_IP, 40000, PORT, netpol_daemon::testkit::testpkt::TCP_ACK);
         let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
         let mut per_run = Vec::new();
         for _ in 0..5 {

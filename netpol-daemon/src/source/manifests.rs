@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 
-use crate::compiler::{ChangeSet, Cluster};
+use crate::model::{ChangeSet, Cluster};
 use crate::model::{self, FieldError, ObjKey};
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,8 +11,13 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::cidr::Cidr;
-use crate::selector::Selector;
+pub mod cidr;
+mod cluster;
+pub mod labels;
+
+pub use cidr::Cidr;
+pub use cluster::{ChangeSet, Cluster, Verdict};
+pub use labels::Selector;
 
 pub type Labels = BTreeMap<String, String>;
 

@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
-use crate::cidr::Cidr;
-use crate::compiler::Cluster;
+use crate::model::cidr::Cidr;
+use crate::model::Cluster;
 use crate::model::*;
-use crate::selector::{Op, Requirement, Selector};
+use crate::model::labels::{Op, Requirement, Selector};
 
 pub struct Shape {
     pub pods: usize,
@@ -297,9 +297,9 @@ mod tests {
     #[test]
     fn manifests_load_back_into_the_same_cluster() {
         let c = cluster(&Shape::new(300, 60));
-        let mut loaded = crate::manifests::Loaded::default();
+        let mut loaded = crate::source::manifests::Loaded::default();
         for (ns, text) in manifests(&c) {
-            crate::manifests::load_text(std::path::Path::new(&format!("{ns}.yaml")), &text, &mut loaded);
+            crate::source::manifests::load_text(std::path::Path::new(&format!("{ns}.yaml")), &text, &mut loaded);
         }
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors.iter().take(3).map(|e| e.to_string()).collect::<Vec<_>>());
         let l = &loaded.cluster;

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use crate::compiler::{Cluster, Verdict};
+use crate::model::{Cluster, Verdict};
 use crate::model::*;
 
 /// A packet's destination port as the datapath sees it (`None` for ICMP and other

@@ -21,9 +21,8 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 use std::net::IpAddr;
 use std::rc::Rc;
 
-use crate::cidr::Cidr;
+use crate::model::cidr::Cidr;
 use crate::model::*;
-use crate::selector::Selector;
 
 /// Slot of the policy that allowed a port or class: its index in the pod's
 /// [`DirPolicy::policies`] for that direction, capped at `POLICY_SLOTS - 1` (which then stands
@@ -211,21 +210,6 @@ pub struct DirPolicy {
     pub audit: bool,
 }
 
-/// What happens to a packet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Verdict {
-    Allow,
-    /// Denied by an audit-mode policy: counted, logged, let through.
-    Audit,
-    Deny,
-}
-
-impl Verdict {
-    pub fn passes(self) -> bool {
-        self != Verdict::Deny
-    }
-}
-
 impl DirPolicy {
     pub fn allow_for(&self, class: usize) -> Option<&Allow> {
         self.allows.get(&class).or_else(|| self.allows.get(&0))
@@ -257,6 +241,9 @@ pub struct CompiledPod {
     /// `None`: not isolated for ingress, everything is allowed in.
     pub ingress: Option<DirPolicy>,
     pub egress: Option<DirPolicy>,
+    /// `Some(ifindex)`: not a pod but a pod interface no known pod claims yet
+    /// ([`PendingIface`]), held default-deny where the node's pending pods are isolated.
+    pub pending: Option<u32>,
 }
 
 impl CompiledPod {
@@ -322,70 +309,6 @@ impl NodePolicy {
             None => Verdict::Allow,
             Some(dp) => dp.verdict(self.class_of(peer), proto, port),
         }
-    }
-}
-
-/// The whole cluster state the compiler reads.
-#[derive(Clone, Debug, Default)]
-pub struct Cluster {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<ObjKey, Pod>,
-    pub policies: BTreeMap<ObjKey, Policy>,
-    pub services: BTreeMap<ObjKey, Service>,
-    pub endpoint_slices: BTreeMap<ObjKey, EndpointSlice>,
-}
-
-impl Cluster {
-    /// Where kube-proxy sends each service port: (backend address, target port) pairs. From
-    /// the service's EndpointSlices when it has any, else from its selector and the pods'
-    /// container ports (named target ports resolved per pod).
-    pub fn service_backends(&self, svc: &Service) -> Vec<(ServicePort, Vec<(IpAddr, u16)>)> {
-        let slices: Vec<&EndpointSlice> = self
-            .endpoint_slices
-            .values()
-            .filter(|s| s.key.namespace == svc.key.namespace && s.service == svc.key.name)
-            .collect();
-        svc.ports
-            .iter()
-            .map(|sp| {
-                let mut backends = Vec::new();
-                if !slices.is_empty() {
-                    for sl in &slices {
-                        for (name, proto, port) in &sl.ports {
-                            if *name == sp.name && *proto == sp.protocol {
-                                backends.extend(sl.addresses.iter().map(|a| (*a, *port)));
-                            }
-                        }
-                    }
-                } else if let Some(sel) = &svc.selector {
-                    for p in self.pods.values().filter(|p| {
-                        p.selectable() && p.key.namespace == svc.key.namespace && sel.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-                    }) {
-                        let ports: Vec<u16> = match &sp.target {
-                            TargetPort::Number(n) => vec![*n],
-                            TargetPort::Named(n) => p.named_ports(n, sp.protocol).collect(),
-                        };
-                        for ip in &p.ips {
-                            backends.extend(ports.iter().map(|t| (*ip, *t)));
-                        }
-                    }
-                }
-                backends.sort_unstable();
-                backends.dedup();
-                (sp.clone(), backends)
-            })
-            .collect()
-    }
-
-    /// The service whose cluster IP is `ip`.
-    pub fn service_with_ip(&self, ip: IpAddr) -> Option<&Service> {
-        self.services.values().find(|s| s.cluster_ips.contains(&ip))
-    }
-
-    /// Namespace labels; namespaces known only through their pods or policies get the
-    /// automatic `kubernetes.io/metadata.name` label.
-    pub fn namespace(&self, name: &str) -> Namespace {
-        self.namespaces.get(name).cloned().unwrap_or_else(|| Namespace::implicit(name))
     }
 }
 
@@ -505,7 +428,16 @@ pub fn compile_node(cluster: &Cluster, node: &str) -> NodePolicy {
 }
 
 /// The namespace under which not-yet-identified pod interfaces are programmed.
-pub const PENDING_NAMESPACE: &str = "<pending>";
+/// The namespace of a pending interface's key (no Kubernetes namespace can be named so).
+const PENDING_NAMESPACE: &str = "<pending>";
+
+/// A pod interface (a veth host route) that no known pod address claims yet: a pod the CNI
+/// is wiring whose address the API has not reported. An input of the compiler like the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingIface {
+    pub ifindex: u32,
+    pub ifname: String,
+}
 
 /// Pods scheduled on `node` that have no address yet (the CNI is wiring them). Returns, per
 /// direction (ingress, egress), whether *every* such pod will be isolated in that direction;
@@ -526,12 +458,13 @@ pub fn pending_isolation(cluster: &Cluster, node: &str) -> Option<[bool; 2]> {
 }
 
 /// A compiled entry for a pending interface: isolated directions allow nothing.
-pub fn pending_pod(ifname: &str, iso: [bool; 2]) -> CompiledPod {
+pub fn pending_pod(iface: &PendingIface, iso: [bool; 2]) -> CompiledPod {
     CompiledPod {
-        key: ObjKey::new(PENDING_NAMESPACE, ifname),
+        key: ObjKey::new(PENDING_NAMESPACE, &iface.ifname),
         ips: Vec::new(),
         ingress: iso[0].then(DirPolicy::default),
         egress: iso[1].then(DirPolicy::default),
+        pending: Some(iface.ifindex),
     }
 }
 
@@ -599,7 +532,7 @@ impl State {
 
     /// A pod's tables (cluster IPs aside) under its isolating policies per direction.
     fn compile_pod(&self, classes: &[ClassKey], pod: &Pod, iso: &[Vec<&Policy>; 2]) -> CompiledPod {
-        let mut out = CompiledPod { key: pod.key.clone(), ips: pod.ips.clone(), ingress: None, egress: None };
+        let mut out = CompiledPod { key: pod.key.clone(), ips: pod.ips.clone(), ingress: None, egress: None, pending: None };
         for dir in Direction::BOTH {
             let policies = &iso[dir as usize];
             if policies.is_empty() {
@@ -1157,7 +1090,7 @@ fn prune(table: BTreeMap<Cidr, usize>) -> BTreeMap<Cidr, usize> {
 }
 
 mod incremental;
-pub use incremental::{full_is_cheaper, ChangeSet, NodeCompiler, UpdateKind, FULL_FRACTION, INCREMENTAL_MAX_ALWAYS};
+pub use incremental::{full_is_cheaper, NodeCompiler, UpdateKind, FULL_FRACTION, INCREMENTAL_MAX_ALWAYS};
 
 #[cfg(test)]
 mod tests;

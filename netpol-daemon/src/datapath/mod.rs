@@ -16,7 +16,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use netpol_common::*;
 
-use crate::cidr::addr_bytes;
+use crate::model::cidr::addr_bytes;
 use crate::compiler::NodePolicy;
 use crate::entries::{self, ClassInterner, Desired, Lpm, PortSetInterner};
 use crate::model::ObjKey;
@@ -41,6 +41,8 @@ enum AttachedLink {
 
 struct Attached {
     ifindex: u32,
+    /// Attached for a pending interface ([`crate::compiler::CompiledPod::pending`]).
+    pending: bool,
     id: u32,
     links: Vec<AttachedLink>,
 }
@@ -862,15 +864,16 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
         let claimed: Vec<(ObjKey, ObjKey)> = self
             .attached
             .iter()
-            .filter(|(k, _)| k.namespace == crate::compiler::PENDING_NAMESPACE && !pods.contains_key(*k))
+            .filter(|(k, a)| a.pending && !pods.contains_key(*k))
             .filter_map(|(k, a)| {
                 pods.iter()
-                    .find(|(pk, (i, _))| pk.namespace != crate::compiler::PENDING_NAMESPACE && i.ifindex == a.ifindex && !self.attached.contains_key(**pk))
+                    .find(|(pk, (i, _))| node.pods[**pk].pending.is_none() && i.ifindex == a.ifindex && !self.attached.contains_key(**pk))
                     .map(|(pk, _)| (k.clone(), (*pk).clone()))
             })
             .collect();
         for (old, new) in claimed {
-            let a = self.attached.remove(&old).expect("present");
+            let mut a = self.attached.remove(&old).expect("present");
+            a.pending = false;
             self.attached.insert(new, a);
         }
 
@@ -997,7 +1000,7 @@ fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
                 let attached = if self.attach_programs { self.attach(&iface.ifname, iface.ifindex) } else { Ok(Vec::new()) };
                 match attached {
                     Ok(links) => {
-                        self.attached.insert((*k).clone(), Attached { ifindex: iface.ifindex, id, links });
+                        self.attached.insert((*k).clone(), Attached { ifindex: iface.ifindex, pending: node.pods[*k].pending.is_some(), id, links });
                     }
                     Err(e) => {
                         report.errors.push(format!("{k}: attaching to {}: {e:#}", iface.ifname));

@@ -1,19 +1,20 @@
 //! The run loop: source (manifests directory) -> cluster model -> compiler -> datapath.
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+pub mod netlink;
+
 use crate::compiler;
 use crate::datapath::{Datapath, Iface};
-use crate::manifests;
+use crate::source::{DirWatch, Source};
 use crate::metrics::{self, Shared};
-use crate::model::ObjKey;
-use crate::netlink;
+use crate::model::{self, ObjKey};
 
 pub struct RunConfig {
     pub node_name: String,
@@ -97,150 +98,6 @@ fn log_deny_events(mut rb: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
     }
 }
 
-/// Wakes the loop when a manifest file is written, renamed, created or removed.
-struct DirWatch {
-    fd: std::os::fd::OwnedFd,
-}
-
-impl DirWatch {
-    fn new(dir: &Path) -> std::io::Result<DirWatch> {
-        use std::os::fd::FromRawFd;
-        use std::os::unix::ffi::OsStrExt;
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-        let mask = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_CREATE | libc::IN_DELETE | libc::IN_ATTRIB;
-        if unsafe { libc::inotify_add_watch(std::os::fd::AsRawFd::as_raw_fd(&fd), path.as_ptr(), mask) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(DirWatch { fd })
-    }
-
-    /// Returns after events (the queue drained: the paths they name), `Some(empty)` after
-    /// `timeout`, `None` when the event queue overflowed (look at every file).
-    fn wait(&self, dir: &Path, timeout: Duration) -> Option<Vec<PathBuf>> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::ffi::OsStrExt;
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
-        if n <= 0 {
-            return Some(Vec::new());
-        }
-        let mut names = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        let head = std::mem::size_of::<libc::inotify_event>();
-        loop {
-            let got = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-            if got <= 0 {
-                break;
-            }
-            let mut off = 0usize;
-            while off + head <= got as usize {
-                let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(buf[off..].as_ptr() as *const libc::inotify_event) };
-                if ev.mask & libc::IN_Q_OVERFLOW != 0 {
-                    return None;
-                }
-                let name = &buf[off + head..(off + head + ev.len as usize).min(got as usize)];
-                let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
-                if !name.is_empty() {
-                    names.push(dir.join(std::ffi::OsStr::from_bytes(name)));
-                }
-                off += head + ev.len as usize;
-            }
-        }
-        Some(names)
-    }
-}
-
-/// Where the cluster state comes from.
-enum Source {
-    Manifests(PathBuf, std::sync::Mutex<manifests::DirReader>),
-    Kube(crate::kube_source::KubeSource),
-}
-
-impl Source {
-    /// `None`: no cheap test; refresh and see (the manifests reader stats each file once and
-    /// reads only those whose metadata changed).
-    fn fingerprint(&self) -> Option<u64> {
-        match self {
-            Source::Manifests(..) => None,
-            Source::Kube(k) => Some(k.generation.load(Ordering::SeqCst)),
-        }
-    }
-
-    /// The state is complete enough to program (the first lists are done).
-    fn ready(&self) -> bool {
-        match self {
-            Source::Manifests(..) => true,
-            Source::Kube(k) => k.synced.load(Ordering::SeqCst),
-        }
-    }
-
-    /// Brings `cluster` up to date; returns what changed and the problems found.
-    fn refresh(&self, cluster: &mut compiler::Cluster, audit_all: bool, hint: Option<&[PathBuf]>) -> Result<(compiler::ChangeSet, Vec<String>)> {
-        match self {
-            Source::Manifests(dir, reader) => {
-                let mut r = reader.lock().unwrap();
-                r.audit_all = audit_all;
-                let ch = r.update_some(dir, hint, cluster).with_context(|| format!("reading {}", dir.display()))?;
-                Ok((ch, r.errors().iter().map(|e| e.to_string()).collect()))
-            }
-            Source::Kube(k) => {
-                let (mut c, errors) = k.snapshot();
-                if audit_all {
-                    for p in c.policies.values_mut() {
-                        p.audit = true;
-                    }
-                }
-                Ok((cluster.replace(c), errors))
-            }
-        }
-    }
-
-    /// Waits up to `timeout` for a change (manifests: inotify on the directory, so that a
-    /// write is taken at once; the fingerprint check stays the ground truth).
-    /// Returns the manifest paths that changed, when the watch knows them.
-    fn wait(&self, watch: Option<&DirWatch>, timeout: Duration) -> Option<Vec<PathBuf>> {
-        match (self, watch) {
-            (Source::Manifests(dir, _), Some(w)) => w.wait(dir, timeout),
-            _ => {
-                std::thread::sleep(timeout);
-                None
-            }
-        }
-    }
-
-    /// How long ago the change just loaded happened: the newest manifest write among the
-    /// files read again, or the oldest watch event not yet taken.
-    fn take_change_age(&self) -> Option<Duration> {
-        match self {
-            Source::Manifests(_, reader) => {
-                let t = reader.lock().unwrap().last_modified.take()?;
-                std::time::SystemTime::now().duration_since(t).ok()
-            }
-            Source::Kube(k) => k.pending_since.lock().unwrap().take().map(|t| t.elapsed()),
-        }
-    }
-
-    /// False while the Kubernetes API is unreachable.
-    fn healthy(&self) -> bool {
-        match self {
-            Source::Manifests(..) => true,
-            Source::Kube(k) => k.healthy.load(Ordering::SeqCst),
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Source::Manifests(dir, _) => format!("manifests {}", dir.display()),
-            Source::Kube(_) => "the Kubernetes API".to_string(),
-        }
-    }
-}
-
 pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     let shared = Arc::new(Shared::default());
     crate::datapath::check_bpffs_outlives_daemon(&cfg.bpffs, cfg.allow_private_bpffs)?;
@@ -257,7 +114,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
         .with_context(|| format!("listening on {}", cfg.metrics_addr))?;
     let source = match &cfg.manifests {
         Some(dir) => Source::Manifests(dir.clone(), Default::default()),
-        None => Source::Kube(crate::kube_source::KubeSource::start()?),
+        None => Source::Kube(crate::source::kube::KubeSource::start()?),
     };
     log::info!(
         "netpol-daemon: node {}, source {}, metrics on {}, maps pinned in {}",
@@ -273,10 +130,10 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     };
     let mut last_fp = None;
     let mut last_errors: Vec<String> = Vec::new();
-    let mut cluster = compiler::Cluster::default();
+    let mut cluster = model::Cluster::default();
     let mut compiler = compiler::NodeCompiler::new(&cfg.node_name);
     // Changes loaded but not yet compiled.
-    let mut pending_changes = compiler::ChangeSet::everything();
+    let mut pending_changes = model::ChangeSet::everything();
     let mut manifest_errors = 0;
     let mut last_resolve = Instant::now() - Duration::from_secs(3600);
     let mut last_full_resolve = Instant::now();
@@ -408,8 +265,11 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             last_resolve = Instant::now();
             // Every pod looked up afresh (periodically, or on the first pass).
             let resolving_all = full_resolve || known_ifaces.is_empty();
-            // Pending interfaces are not the compiler's: out before it updates, in after.
-            compiler.policy_mut().pods.retain(|k, _| k.namespace != compiler::PENDING_NAMESPACE);
+            let pending_ifaces: Vec<compiler::PendingIface> = pending
+                .iter()
+                .filter_map(|i| netlink::ifname(*i).ok().map(|ifname| compiler::PendingIface { ifindex: *i, ifname }))
+                .collect();
+            compiler.set_pending(&pending_ifaces);
             let kind = compiler.update(&cluster, &std::mem::take(&mut pending_changes));
             let t_compiled = t0.elapsed();
             let mut ifaces: BTreeMap<ObjKey, Iface> = BTreeMap::new();
@@ -417,7 +277,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
             unresolved = false;
             let mut resolver = netlink::Resolver::default();
             let mut missing = Vec::new();
-            for (k, c) in &compiler.policy().pods {
+            for (k, c) in compiler.policy().pods.iter().filter(|(_, c)| c.pending.is_none()) {
                 let cached = known_ifaces
                     .get(k)
                     .filter(|(ips, _)| !full_resolve && *ips == c.ips)
@@ -468,14 +328,9 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
                 // A periodic look-up that found every interface where it was.
                 continue;
             }
-            if !pending.is_empty() {
-                if let Some(iso) = compiler::pending_isolation(&cluster, &cfg.node_name).filter(|i| i[0] || i[1]) {
-                    for ifindex in &pending {
-                        let Ok(ifname) = netlink::ifname(*ifindex) else { continue };
-                        let c = compiler::pending_pod(&ifname, iso);
-                        ifaces.insert(c.key.clone(), Iface { ifindex: *ifindex, ifname });
-                        compiler.policy_mut().pods.insert(c.key.clone(), c);
-                    }
+            for c in compiler.policy().pods.values() {
+                if let Some(ifindex) = c.pending {
+                    ifaces.insert(c.key.clone(), Iface { ifindex, ifname: c.key.name.clone() });
                 }
             }
             let node = compiler.policy();

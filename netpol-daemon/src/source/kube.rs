@@ -15,7 +15,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 
-use crate::compiler::Cluster;
+use crate::model::Cluster;
 use crate::model;
 
 /// The resources watched, as (API group, resource): what the ClusterRole must grant

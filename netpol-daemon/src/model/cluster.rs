@@ -1,0 +1,139 @@
+//! The cluster aggregate: every object the compiler reads, keyed, and what changed between two
+//! states of it.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use super::*;
+
+/// The whole cluster state the compiler reads.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<ObjKey, Pod>,
+    pub policies: BTreeMap<ObjKey, Policy>,
+    pub services: BTreeMap<ObjKey, Service>,
+    pub endpoint_slices: BTreeMap<ObjKey, EndpointSlice>,
+}
+
+impl Cluster {
+    /// Where kube-proxy sends each service port: (backend address, target port) pairs. From
+    /// the service's EndpointSlices when it has any, else from its selector and the pods'
+    /// container ports (named target ports resolved per pod).
+    pub fn service_backends(&self, svc: &Service) -> Vec<(ServicePort, Vec<(IpAddr, u16)>)> {
+        let slices: Vec<&EndpointSlice> = self
+            .endpoint_slices
+            .values()
+            .filter(|s| s.key.namespace == svc.key.namespace && s.service == svc.key.name)
+            .collect();
+        svc.ports
+            .iter()
+            .map(|sp| {
+                let mut backends = Vec::new();
+                if !slices.is_empty() {
+                    for sl in &slices {
+                        for (name, proto, port) in &sl.ports {
+                            if *name == sp.name && *proto == sp.protocol {
+                                backends.extend(sl.addresses.iter().map(|a| (*a, *port)));
+                            }
+                        }
+                    }
+                } else if let Some(sel) = &svc.selector {
+                    for p in self.pods.values().filter(|p| {
+                        p.selectable() && p.key.namespace == svc.key.namespace && sel.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                    }) {
+                        let ports: Vec<u16> = match &sp.target {
+                            TargetPort::Number(n) => vec![*n],
+                            TargetPort::Named(n) => p.named_ports(n, sp.protocol).collect(),
+                        };
+                        for ip in &p.ips {
+                            backends.extend(ports.iter().map(|t| (*ip, *t)));
+                        }
+                    }
+                }
+                backends.sort_unstable();
+                backends.dedup();
+                (sp.clone(), backends)
+            })
+            .collect()
+    }
+
+    /// The service whose cluster IP is `ip`.
+    pub fn service_with_ip(&self, ip: IpAddr) -> Option<&Service> {
+        self.services.values().find(|s| s.cluster_ips.contains(&ip))
+    }
+
+    /// Namespace labels; namespaces known only through their pods or policies get the
+    /// automatic `kubernetes.io/metadata.name` label.
+    pub fn namespace(&self, name: &str) -> Namespace {
+        self.namespaces.get(name).cloned().unwrap_or_else(|| Namespace::implicit(name))
+    }
+}
+
+/// What changed in the cluster since the last update.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeSet {
+    /// Anything may have changed (first load, a resync).
+    pub all: bool,
+    pub namespaces: bool,
+    pub policies: bool,
+    pub services: bool,
+    pub endpoint_slices: bool,
+    /// Pods added, removed or changed.
+    pub pods: BTreeSet<ObjKey>,
+}
+
+impl ChangeSet {
+    pub fn everything() -> ChangeSet {
+        ChangeSet { all: true, ..Default::default() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all && !self.namespaces && !self.policies && !self.services && !self.endpoint_slices && self.pods.is_empty()
+    }
+
+    pub fn merge(&mut self, o: ChangeSet) {
+        self.all |= o.all;
+        self.namespaces |= o.namespaces;
+        self.policies |= o.policies;
+        self.services |= o.services;
+        self.endpoint_slices |= o.endpoint_slices;
+        self.pods.extend(o.pods);
+    }
+}
+
+impl Cluster {
+    /// Replaces the whole state with `new` (a fresh snapshot); returns what differs.
+    pub fn replace(&mut self, new: Cluster) -> ChangeSet {
+        fn differ<K: Ord + Clone, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> Vec<K> {
+            let mut out: Vec<K> = a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect();
+            out.extend(b.keys().filter(|k| !a.contains_key(*k)).cloned());
+            out
+        }
+        let ch = ChangeSet {
+            all: false,
+            namespaces: !differ(&self.namespaces, &new.namespaces).is_empty(),
+            policies: !differ(&self.policies, &new.policies).is_empty(),
+            services: !differ(&self.services, &new.services).is_empty(),
+            endpoint_slices: !differ(&self.endpoint_slices, &new.endpoint_slices).is_empty(),
+            pods: differ(&self.pods, &new.pods).into_iter().collect(),
+        };
+        *self = new;
+        ch
+    }
+}
+
+/// What happens to a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verdict {
+    Allow,
+    /// Denied by an audit-mode policy: counted, logged, let through.
+    Audit,
+    Deny,
+}
+
+impl Verdict {
+    pub fn passes(self) -> bool {
+        self != Verdict::Deny
+    }
+}
+
