@@ -167,33 +167,23 @@ fn rule(
     peers: Option<&[NetworkPolicyPeer]>,
     ports: Option<&[NetworkPolicyPort]>,
 ) -> Rule {
-    let peers = match peers {
-        None | Some([]) => None,
-        Some(list) => {
-            let mut out = Vec::new();
-            for (i, p) in list.iter().enumerate() {
-                let path = format!("{base}.{peer_field}[{i}]");
-                if let Some(peer) = peer(errs, &path, p) {
-                    out.push(peer);
-                }
-            }
-            Some(out)
-        }
-    };
-    let ports = match ports {
-        None | Some([]) => None,
-        Some(list) => {
-            let mut out = Vec::new();
-            for (i, p) in list.iter().enumerate() {
-                let path = format!("{base}.ports[{i}]");
-                if let Some(spec) = port(errs, &path, p) {
-                    out.push(spec);
-                }
-            }
-            Some(out)
-        }
-    };
+    let peers = valid_items(errs, peers, |i| format!("{base}.{peer_field}[{i}]"), peer);
+    let ports = valid_items(errs, ports, |i| format!("{base}.ports[{i}]"), port);
     Rule { peers, ports }
+}
+
+/// The valid items of a rule's `from`/`to` or `ports` list, each checked at its path (`None`:
+/// the list is empty or absent, which means every peer or every port).
+fn valid_items<T, U>(
+    errs: &mut Errs,
+    list: Option<&[T]>,
+    path: impl Fn(usize) -> String,
+    one: fn(&mut Errs, &str, &T) -> Option<U>,
+) -> Option<Vec<U>> {
+    match list {
+        None | Some([]) => None,
+        Some(list) => Some(list.iter().enumerate().filter_map(|(i, x)| one(errs, &path(i), x)).collect()),
+    }
 }
 
 fn peer(errs: &mut Errs, path: &str, p: &NetworkPolicyPeer) -> Option<Peer> {
