@@ -44,6 +44,18 @@ fn pod_ip(i: usize) -> IpAddr {
 /// Builds the cluster. Pod i lives on node i % nodes.
 pub fn cluster(s: &Shape) -> Cluster {
     let mut c = Cluster::default();
+    let namespaces = add_namespaces(&mut c, s);
+    add_pods(&mut c, s);
+    add_monitoring(&mut c, s);
+    for p in 0..s.policies {
+        let pol = policy(s, p, namespaces);
+        c.policies.insert(pol.key.clone(), pol);
+    }
+    c
+}
+
+/// The namespaces of the deployments, and the monitoring namespace; returns how many of the first.
+fn add_namespaces(c: &mut Cluster, s: &Shape) -> usize {
     let namespaces = s.pods.div_ceil(s.pods_per_namespace).max(1);
     for n in 0..namespaces {
         let name = format!("ns-{n}");
@@ -51,6 +63,10 @@ pub fn cluster(s: &Shape) -> Cluster {
         c.namespaces.insert(name.clone(), Namespace::new(name, l));
     }
     c.namespaces.insert("monitoring".into(), Namespace::implicit("monitoring"));
+    namespaces
+}
+
+fn add_pods(c: &mut Cluster, s: &Shape) {
     for i in 0..s.pods {
         let ns = format!("ns-{}", i / s.pods_per_namespace);
         let app = (i % s.pods_per_namespace) / s.pods_per_app;
@@ -70,7 +86,10 @@ pub fn cluster(s: &Shape) -> Cluster {
             },
         );
     }
-    // Monitoring pods (scrape every namespace).
+}
+
+/// Monitoring pods (they scrape every namespace).
+fn add_monitoring(c: &mut Cluster, s: &Shape) {
     for m in 0..4 {
         let key = ObjKey::new("monitoring", format!("prometheus-{m}"));
         c.pods.insert(
@@ -78,94 +97,94 @@ pub fn cluster(s: &Shape) -> Cluster {
             Pod { key, labels: labels(&[("app", "prometheus".into())]), node_name: Some(node_name(m % s.nodes)), ips: vec![IpAddr::V4(Ipv4Addr::new(10, 200, 0, m as u8 + 1))], ports: vec![], host_network: false },
         );
     }
-    for p in 0..s.policies {
-        let n = p % namespaces;
-        let ns = format!("ns-{n}");
-        let kind = p / namespaces;
-        let app = format!("app-{}", kind % (s.pods_per_namespace / s.pods_per_app).max(1));
-        let key = ObjKey::new(ns.clone(), format!("np-{p}"));
-        let port = |proto, port| PortSpec { protocol: proto, port };
-        let pol = match kind % 6 {
-            0 => Policy { key, pod_selector: Selector::everything(), ingress: vec![], egress: vec![], isolates_ingress: true, isolates_egress: false, audit: false, invalid: None },
-            1 => Policy {
-                key,
-                pod_selector: sel(&[("app", app.clone())]),
-                ingress: vec![
-                    Rule { peers: Some(vec![Peer::Pods { namespaces: None, pods: sel(&[("app", app.clone())]) }]), ports: Some(vec![port(Protocol::Tcp, PortRef::Named("http".into()))]) },
-                    Rule {
-                        peers: Some(vec![Peer::Pods { namespaces: Some(sel(&[(NAMESPACE_NAME_LABEL, "monitoring".into())])), pods: sel(&[("app", "prometheus".into())]) }]),
-                        ports: Some(vec![port(Protocol::Tcp, PortRef::Named("metrics".into()))]),
-                    },
-                ],
-                egress: vec![],
-                isolates_ingress: true,
-                isolates_egress: false,
-                audit: false,
-                invalid: None,
-            },
-            2 => Policy {
-                key,
-                pod_selector: sel(&[("tier", "db".into())]),
-                ingress: vec![Rule {
-                    peers: Some(vec![Peer::Pods { namespaces: Some(sel(&[("team", format!("team-{}", n % 17))])), pods: sel(&[("tier", "api".into())]) }]),
-                    ports: Some(vec![port(Protocol::Tcp, PortRef::Range(5432, 5432)), port(Protocol::Tcp, PortRef::Range(6000, 6100))]),
-                }],
-                egress: vec![],
-                isolates_ingress: true,
-                isolates_egress: false,
-                audit: false,
-                invalid: None,
-            },
-            3 => Policy {
-                key,
-                pod_selector: sel(&[("app", app.clone())]),
-                ingress: vec![],
-                egress: vec![
-                    Rule { peers: None, ports: Some(vec![port(Protocol::Udp, PortRef::Range(53, 53)), port(Protocol::Tcp, PortRef::Range(53, 53))]) },
-                    Rule {
-                        peers: Some(vec![Peer::IpBlock(IpBlock {
-                            cidr: Cidr::parse("0.0.0.0/0").unwrap(),
-                            except: vec![Cidr::parse("10.0.0.0/8").unwrap(), Cidr::parse("172.16.0.0/12").unwrap(), Cidr::parse("192.168.0.0/16").unwrap()],
-                        })]),
-                        ports: Some(vec![port(Protocol::Tcp, PortRef::Range(443, 443))]),
-                    },
-                    Rule { peers: Some(vec![Peer::Pods { namespaces: None, pods: Selector::everything() }]), ports: None },
-                ],
-                isolates_ingress: false,
-                isolates_egress: true,
-                audit: false,
-                invalid: None,
-            },
-            4 => Policy {
-                key,
-                pod_selector: sel(&[("tier", "web".into())]),
-                ingress: vec![Rule {
-                    peers: Some(vec![
-                        Peer::IpBlock(IpBlock { cidr: Cidr::parse(&format!("192.168.{}.0/24", n % 256)).unwrap(), except: vec![Cidr::parse(&format!("192.168.{}.128/25", n % 256)).unwrap()] }),
-                        Peer::Pods { namespaces: Some(Selector::everything()), pods: Selector::everything() },
-                    ]),
-                    ports: Some(vec![port(Protocol::Tcp, PortRef::Range(8000, 8099))]),
-                }],
-                egress: vec![],
-                isolates_ingress: true,
-                isolates_egress: false,
-                audit: false,
-                invalid: None,
-            },
-            _ => Policy {
-                key,
-                pod_selector: sel(&[("app", app)]),
-                ingress: vec![Rule { peers: Some(vec![Peer::Pods { namespaces: Some(sel(&[("env", "prod".into())])), pods: Selector::everything() }]), ports: Some(vec![port(Protocol::Udp, PortRef::Range(10000, 20000))]) }],
-                egress: vec![],
-                isolates_ingress: true,
-                isolates_egress: false,
-                audit: false,
-                invalid: None,
-            },
-        };
-        c.policies.insert(pol.key.clone(), pol);
+}
+
+/// Policy `p`: the kinds (p / namespaces) % 6 take turns, one namespace after the other.
+fn policy(s: &Shape, p: usize, namespaces: usize) -> Policy {
+    let n = p % namespaces;
+    let ns = format!("ns-{n}");
+    let kind = p / namespaces;
+    let app = format!("app-{}", kind % (s.pods_per_namespace / s.pods_per_app).max(1));
+    let key = ObjKey::new(ns.clone(), format!("np-{p}"));
+    let port = |proto, port| PortSpec { protocol: proto, port };
+    match kind % 6 {
+        0 => Policy { key, pod_selector: Selector::everything(), ingress: vec![], egress: vec![], isolates_ingress: true, isolates_egress: false, audit: false, invalid: None },
+        1 => Policy {
+            key,
+            pod_selector: sel(&[("app", app.clone())]),
+            ingress: vec![
+                Rule { peers: Some(vec![Peer::Pods { namespaces: None, pods: sel(&[("app", app.clone())]) }]), ports: Some(vec![port(Protocol::Tcp, PortRef::Named("http".into()))]) },
+                Rule {
+                    peers: Some(vec![Peer::Pods { namespaces: Some(sel(&[(NAMESPACE_NAME_LABEL, "monitoring".into())])), pods: sel(&[("app", "prometheus".into())]) }]),
+                    ports: Some(vec![port(Protocol::Tcp, PortRef::Named("metrics".into()))]),
+                },
+            ],
+            egress: vec![],
+            isolates_ingress: true,
+            isolates_egress: false,
+            audit: false,
+            invalid: None,
+        },
+        2 => Policy {
+            key,
+            pod_selector: sel(&[("tier", "db".into())]),
+            ingress: vec![Rule {
+                peers: Some(vec![Peer::Pods { namespaces: Some(sel(&[("team", format!("team-{}", n % 17))])), pods: sel(&[("tier", "api".into())]) }]),
+                ports: Some(vec![port(Protocol::Tcp, PortRef::Range(5432, 5432)), port(Protocol::Tcp, PortRef::Range(6000, 6100))]),
+            }],
+            egress: vec![],
+            isolates_ingress: true,
+            isolates_egress: false,
+            audit: false,
+            invalid: None,
+        },
+        3 => Policy {
+            key,
+            pod_selector: sel(&[("app", app.clone())]),
+            ingress: vec![],
+            egress: vec![
+                Rule { peers: None, ports: Some(vec![port(Protocol::Udp, PortRef::Range(53, 53)), port(Protocol::Tcp, PortRef::Range(53, 53))]) },
+                Rule {
+                    peers: Some(vec![Peer::IpBlock(IpBlock {
+                        cidr: Cidr::parse("0.0.0.0/0").unwrap(),
+                        except: vec![Cidr::parse("10.0.0.0/8").unwrap(), Cidr::parse("172.16.0.0/12").unwrap(), Cidr::parse("192.168.0.0/16").unwrap()],
+                    })]),
+                    ports: Some(vec![port(Protocol::Tcp, PortRef::Range(443, 443))]),
+                },
+                Rule { peers: Some(vec![Peer::Pods { namespaces: None, pods: Selector::everything() }]), ports: None },
+            ],
+            isolates_ingress: false,
+            isolates_egress: true,
+            audit: false,
+            invalid: None,
+        },
+        4 => Policy {
+            key,
+            pod_selector: sel(&[("tier", "web".into())]),
+            ingress: vec![Rule {
+                peers: Some(vec![
+                    Peer::IpBlock(IpBlock { cidr: Cidr::parse(&format!("192.168.{}.0/24", n % 256)).unwrap(), except: vec![Cidr::parse(&format!("192.168.{}.128/25", n % 256)).unwrap()] }),
+                    Peer::Pods { namespaces: Some(Selector::everything()), pods: Selector::everything() },
+                ]),
+                ports: Some(vec![port(Protocol::Tcp, PortRef::Range(8000, 8099))]),
+            }],
+            egress: vec![],
+            isolates_ingress: true,
+            isolates_egress: false,
+            audit: false,
+            invalid: None,
+        },
+        _ => Policy {
+            key,
+            pod_selector: sel(&[("app", app)]),
+            ingress: vec![Rule { peers: Some(vec![Peer::Pods { namespaces: Some(sel(&[("env", "prod".into())])), pods: Selector::everything() }]), ports: Some(vec![port(Protocol::Udp, PortRef::Range(10000, 20000))]) }],
+            egress: vec![],
+            isolates_ingress: true,
+            isolates_egress: false,
+            audit: false,
+            invalid: None,
+        },
     }
-    c
 }
 
 /// The pod keys on a node, for picking one to relabel.

@@ -298,6 +298,21 @@ fn bench_lab() -> Result<Lab> {
 }
 
 pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) -> Result<()> {
+    let floor = accounting_floor()?;
+    let (rows, acct) = measure(&daemon, secs, repeats)?;
+    print_rates(&rows, secs, repeats);
+    print_accounting(&acct, floor, secs, repeats);
+    if let Some(p) = svg_path {
+        std::fs::write(p, svg(&rows))?;
+        println!("\n![throughput]({})", p.file_name().unwrap().to_string_lossy());
+    }
+    println!();
+    Ok(())
+}
+
+/// Runs every case, round after round: the rates of each, and the programs' own CPU share in
+/// extra runs of (b).
+fn measure(daemon: &Path, secs: u32, repeats: usize) -> Result<(Vec<Row>, Vec<Accounting>)> {
     // Three labs side by side, each a node namespace with the two pods: (a) without any
     // program, (b) with the netpol daemon, (c) with iptables rules in its node namespace.
     // iptables gets a namespace of its own because the filter table and conntrack hooks it
@@ -308,12 +323,11 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
     let ipt_node = ipt.node_netns.clone();
     let mut rows = Vec::new();
     let mut acct = Vec::new();
-    let floor = accounting_floor()?;
     for n in [10, 1000] {
         let syncs = prog.syncs();
         prog.write_manifest("policies.yaml", &policies(n))?;
         if n == 10 {
-            prog.start_daemon(&daemon)?;
+            prog.start_daemon(daemon)?;
         } else {
             prog.wait_synced(syncs)?;
         }
@@ -354,14 +368,17 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
     round(&cases, secs, repeats, &mut rows)?;
     account(&prog, "(b) netpol, 1000 policies, daemon stopped", secs, repeats.min(5), &mut acct)?;
     iptables_clear(&ipt_node);
+    Ok((rows, acct))
+}
 
+fn print_rates(rows: &[Row], secs: u32, repeats: usize) {
     let find = |c: &str| rows.iter().find(|r| r.case == c).unwrap();
     println!("## Throughput (iperf3, {secs} s per run, median of {repeats})\n");
     println!("Two lab pods on one node namespace (veth, /32 routes); TCP single stream, UDP unlimited rate with 1400-byte datagrams (received rate); iperf3 client pinned to CPU 0, server to CPU 1. Each case has a lab of its own (three node namespaces side by side); the cases of a round run interleaved, and ratios are to the same round's (a).\n");
     println!("Ratios are taken run by run: each run of a case over the run of (a) just before it in the same repeat; the table gives the median of those paired ratios and their range over the repeats (the spread is the machine's noise).\n");
     println!("| case | TCP Gbit/s | UDP Gbit/s | TCP vs (a), paired | UDP vs (a), paired |\n| --- | --- | --- | --- | --- |");
     let pct = |(m, lo, hi): (f64, f64, f64)| format!("{:.1}% ({:.0}-{:.0}%)", m * 100.0, lo * 100.0, hi * 100.0);
-    for r in &rows {
+    for r in rows {
         let base = &rows[r.base];
         println!("| {} | {:.2} | {:.2} | {} | {} |", r.case, r.tcp, r.udp, pct(paired(&r.tcp_runs, &base.tcp_runs)), pct(paired(&r.udp_runs, &base.udp_runs)));
     }
@@ -390,6 +407,10 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
         u.1 * 100.0,
         u.2 * 100.0
     );
+}
+
+/// The programs' own CPU share in (b)'s traffic, by the kernel's BPF run-time statistics.
+fn print_accounting(acct: &[Accounting], floor: f64, secs: u32, repeats: usize) {
     println!("\n### Where (b)'s CPU time goes: the programs' own share, measured by the kernel\n");
     println!(
         "The paired ratios above carry the machine's noise (see the noise floor). The kernel's BPF run-time statistics \
@@ -406,7 +427,7 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
         repeats.min(5)
     );
     println!("| case | protocol | Gbit/s | program runs/s | ns per run, as charged | ns per run, net | busiest CPU busy | programs' share of it, net (as charged) | (b)/(a) bound, net (as charged) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for a in &acct {
+    for a in acct {
         let net = (a.ns_per_run - floor).max(0.0);
         let net_share = a.share * net / a.ns_per_run.max(1e-9);
         println!(
@@ -425,10 +446,4 @@ pub fn run(daemon: PathBuf, secs: u32, repeats: usize, svg_path: Option<&Path>) 
         );
     }
     println!();
-    if let Some(p) = svg_path {
-        std::fs::write(p, svg(&rows))?;
-        println!("\n![throughput]({})", p.file_name().unwrap().to_string_lossy());
-    }
-    println!();
-    Ok(())
 }
