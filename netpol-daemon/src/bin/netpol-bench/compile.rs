@@ -77,7 +77,7 @@ pub fn compile_bench(pods: usize, policies: usize, repeats: usize) {
     // The same changes applied incrementally (what the daemon does), for a pod of this node
     // and for a pod of another node (a peer), each translated to map contents with the
     // per-pod entry cache.
-    let elsewhere: Vec<ObjKey> = cluster.pods.values().filter(|p| p.node_name.as_deref() != Some(node.as_str())).map(|p| p.key.clone()).collect();
+    let elsewhere: Vec<ObjKey> = cluster.pods.values().filter(|p| !p.is_on(&node)).map(|p| p.key.clone()).collect();
     for (what, keys) in [("of this node", &local), ("of another node (a peer)", &elsewhere)] {
         let mut nc = compiler::NodeCompiler::new(&node);
         nc.update(&cluster, &model::ChangeSet::everything());
@@ -121,7 +121,7 @@ pub fn bulk_bench(pods: usize, policies: usize, changed: usize, forced: bool) {
     let node = synth::node_name(0);
     println!("## Compiler: a change of {changed} remote pods at once ({pods} pods, {policies} policies, {} nodes)\n", shape.nodes);
     println!("| what | time | detail |\n| --- | --- | --- |");
-    let remote: Vec<ObjKey> = cluster.pods.values().filter(|p| p.node_name.as_deref() != Some(node.as_str())).map(|p| p.key.clone()).take(changed).collect();
+    let remote: Vec<ObjKey> = cluster.pods.values().filter(|p| !p.is_on(&node)).map(|p| p.key.clone()).take(changed).collect();
     let mut ncs = vec![("NodeCompiler update (as the daemon runs it)", compiler::NodeCompiler::new(&node))];
     if forced {
         let mut nc = compiler::NodeCompiler::new(&node);
