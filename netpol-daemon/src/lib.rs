@@ -3,7 +3,8 @@
 //! Data flows one way: [`source`] (manifests directory or Kubernetes watchers) -> [`model`]
 //! (validated cluster model) -> [`compiler`] (pure) -> [`entries`] (pure map contents) ->
 //! [`datapath`] (aya maps, TC attach) -> [`metrics`]; [`daemon`] drives the pipeline.
-//! [`testkit`] holds test-only helpers (labs, crafted frames, the reference evaluator).
+//! `testkit` holds test-only helpers (labs, crafted frames, the reference evaluator): built for
+//! the tests and with the `testkit` feature (the lab and bench tools), not in the daemon.
 pub mod cli;
 pub mod compiler;
 pub mod daemon;
@@ -12,4 +13,5 @@ pub mod entries;
 pub mod metrics;
 pub mod model;
 pub mod source;
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

@@ -73,7 +73,7 @@ fn or(v: u64, default: u64) -> u64 {
 
 #[inline(always)]
 fn timeout(proto: u8, flags: u32) -> u64 {
-    let c = crate::counters::config();
+    let c = crate::config::config();
     match proto {
         PROTO_TCP if flags & CT_TCP_FIN_SEEN != 0 => or(c.ct_tcp_closing_ns, CT_TIMEOUT_TCP_CLOSING_NS),
         PROTO_TCP | PROTO_SCTP => or(c.ct_tcp_ns, CT_TIMEOUT_TCP_NS),

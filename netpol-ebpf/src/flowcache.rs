@@ -116,7 +116,7 @@ pub fn established_v4(data: usize, data_end: usize, endpoint: u32, dir: u8, own_
     let raw = rd32(L4);
     let ports = ((raw & 0x00ff_00ff) << 8) | ((raw >> 8) & 0x00ff_00ff);
     let kind = dir as u32 | (proto as u32) << 8 | (FAMILY_V4 as u32) << 16;
-    let ticks = crate::counters::config().flow_cache_ticks;
+    let ticks = crate::config::config().flow_cache_ticks;
     if ticks == 0 {
         return Fast::Other;
     }

@@ -6,8 +6,10 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod config;
 mod conntrack;
 mod counters;
+mod events;
 mod flowcache;
 mod fragments;
 mod parse;
@@ -103,7 +105,7 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     let cacheable = p.has_ports
         && !p.fragment
         && !(p.proto == PROTO_TCP && p.tcp_flags & (parse::TCP_SYN | parse::TCP_FIN | parse::TCP_RST) != 0);
-    let ticks = if cacheable { counters::config().flow_cache_ticks } else { 0 };
+    let ticks = if cacheable { config::config().flow_cache_ticks } else { 0 };
     let now = if ticks != 0 { flowcache::now() } else { 0 };
     // (Unless the fast path already looked at this packet's slot.)
     if ticks != 0 && !matches!(fast, flowcache::Fast::Missed) {
@@ -151,7 +153,7 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         counters::count_policy(ep.id, dir, slot);
     }
     if v != VERDICT_ALLOW {
-        counters::deny_event(ep.id, dir, &p, v);
+        events::deny_event(ep.id, dir, &p, v);
     }
     counters::count(ep.id, dir, v);
     if v == VERDICT_DENY {

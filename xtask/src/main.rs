@@ -2,8 +2,9 @@
 //!
 //! `setup` installs everything the build and the tests need on a fresh Debian 12 machine,
 //! idempotently: Debian packages (Debian's rustc-web 1.96 with its library source for the eBPF
-//! crate, LLVM 22, test tools) and bpf-linker 0.13 built against LLVM 22. The other commands run
-//! it first when something is missing.
+//! crate, LLVM 22, test tools), bpf-linker 0.13 built against LLVM 22, and rustfmt and clippy
+//! (rustup components; `test` checks formatting and lints first). The other commands run it
+//! first when something is missing.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -32,6 +33,22 @@ const PACKAGES: &[&str] = &[
     "python3-scapy",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+  setup       install Debian packages and bpf-linker (idempotent)
+  build-ebpf  build the eBPF object
+  build       build the daemon and the lab/bench tools (eBPF object embedded)
+  test        check formatting and clippy, then run every test (lab tests need root)
+  demo        run the netns lab demo (root)
+  bench       run the benchmarks, write BENCHMARKS.md (root; --quick for fewer repeats)";
+
+/// How the benchmarks measure, written into BENCHMARKS.md after the machine line.
+const BENCH_METHOD: &str = include_str!("bench-method.md");
+
+/// The cargo arguments that build every binary of the daemon crate: the daemon itself and the
+/// tools built on its test helpers (`netpol-lab`, `netpol-bench` need the `testkit` feature).
+const DAEMON_BINS: &[&str] = &["-p", "netpol-daemon", "--bins", "--features", "testkit"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -82,15 +99,22 @@ fn bpf_linker_ok() -> bool {
 
 fn bpffs_mounted() -> bool {
     std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 2 && f[1] == "/sys/fs/bpf" && f[2] == "bpf"
-        }))
+        .map(|m| {
+            m.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 2 && f[1] == "/sys/fs/bpf" && f[2] == "bpf"
+            })
+        })
         .unwrap_or(false)
 }
 
+/// `cargo fmt` and `cargo clippy` answer (the rustup components are installed).
+fn lint_tools_ok() -> bool {
+    ["fmt", "clippy"].iter().all(|t| Command::new(cargo()).args([t, "--version"]).output().is_ok_and(|o| o.status.success()))
+}
+
 fn setup_needed() -> bool {
-    !missing_packages().is_empty() || !bpf_linker_ok() || (is_root() && !bpffs_mounted())
+    !missing_packages().is_empty() || !bpf_linker_ok() || !lint_tools_ok() || (is_root() && !bpffs_mounted())
 }
 
 fn setup() -> Result<()> {
@@ -112,6 +136,10 @@ fn setup() -> Result<()> {
             .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    if !lint_tools_ok() {
+        eprintln!("xtask setup: adding the rustfmt and clippy components");
+        sh(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))?;
     }
     if is_root() && !bpffs_mounted() {
         std::fs::create_dir_all("/sys/fs/bpf").ok();
@@ -144,11 +172,20 @@ fn build_ebpf() -> Result<()> {
 
 fn build() -> Result<()> {
     ensure_setup()?;
-    sh(Command::new(cargo()).current_dir(root()).args(["build", "-p", "netpol-daemon", "--bins"]))
+    sh(Command::new(cargo()).current_dir(root()).arg("build").args(DAEMON_BINS))
+}
+
+/// Formatting (the workspace, and the eBPF crate, a workspace of its own) and clippy with
+/// warnings denied: `cargo xtask test` fails on either before running a test.
+fn lint() -> Result<()> {
+    sh(Command::new(cargo()).current_dir(root()).args(["fmt", "--all", "--check"]))?;
+    sh(Command::new(cargo()).current_dir(root()).args(["fmt", "--check", "--manifest-path", "netpol-ebpf/Cargo.toml"]))?;
+    sh(Command::new(cargo()).current_dir(root()).args(["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"]))
 }
 
 fn test(extra: &[String]) -> Result<()> {
     ensure_setup()?;
+    lint()?;
     if !is_root() {
         eprintln!("xtask test: not root; the lab tests will report that they cannot run");
     }
@@ -173,7 +210,7 @@ fn bench(extra: &[String]) -> Result<()> {
         bail!("the benchmarks load BPF programs: run them as root");
     }
     ensure_setup()?;
-    sh(Command::new(cargo()).current_dir(root()).args(["build", "--release", "-p", "netpol-daemon", "--bins"]))?;
+    sh(Command::new(cargo()).current_dir(root()).args(["build", "--release"]).args(DAEMON_BINS))?;
     let bin = root().join("target/release/netpol-bench");
     let quick = extra.iter().any(|a| a == "--quick");
     let mut sections = Vec::new();
@@ -215,9 +252,11 @@ fn bench(extra: &[String]) -> Result<()> {
         .unwrap_or_default();
     let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut md = format!(
-        "# Benchmarks\n\nWritten by `cargo xtask bench` (release build). Machine: {ncpu} CPUs ({cpu}), kernel {uname}.\nEvery figure in a table was measured in the same run, side by side; medians over repeats.\n\n"
+        "# Benchmarks\n\nWritten by `cargo xtask bench` (release build). Machine: {ncpu} CPUs ({cpu}), kernel {uname}.\n\
+         Every figure in a table was measured in the same run, side by side; medians over repeats.\n\n"
     );
-    md.push_str("Method:\n\n- Compiler: `netpol-bench compile` builds a synthetic cluster (`netpol_daemon::testkit::synth`: namespaces of\n  50 pods in deployments of 5, six kinds of policies mixing pod/namespace selectors, named ports,\n  ipBlocks with excepts, ports-only DNS egress, port ranges) and times `compile_node` for one node\n  (about 110 pods), the whole cluster compiled at once, and one pod label change: the node\n  compiled again, and the incremental update the daemon does (`NodeCompiler`), for a pod of the\n  node and for a peer pod of another node, each followed by deriving the map contents.\n  `netpol-bench bulk` changes 50,000 remote pods of a 60,000-pod cluster at once (every one\n  relabelled, one ChangeSet, as a rewritten manifest or a relist brings): the node compiler's\n  update (which takes the full compile past a quarter of the pods), with the incremental path forced\n  on beside it, and a full compile of the same state.\n- Per packet: `netpol-bench packet` loads the real programs with maps of their own (one set per\n  rule count, all loaded at once), programs a pod whose policy has N ingress rules (one /24 and\n  one port each), and runs crafted frames through BPF_PROG_TEST_RUN, every case at every rule\n  count in turn, round after round; the kernel reports the mean duration per run. The harness's own cost is\n  shown by a classifier that only returns OK. An established packet is measured as the daemon\n  runs it (the per-CPU flow cache vouches for the flow) and with the flow cache off (the\n  conntrack table is looked up, as every packet did before the cache, and as one packet per\n  flow and CPU still does every <= 1 s).\n- Control plane: `netpol-bench control` compiles one node of the synthetic cluster and programs\n  the real BPF maps (programs loaded, not attached), then times single pod label changes end to\n  end (incremental compile + rewrite of the differing entries); peak RSS is the process's VmHWM.\n- Daemon: `netpol-bench daemon` runs the real `netpol-daemon` binary on the same cluster written as\n  manifests (one file per namespace), in a network namespace where each local pod has a veth\n  with a /32 route, so programs are attached for real: time to ready, pod label changes from the\n  file write to the maps updated (the bench reads the clock just before writing the file and the\n  daemon's `netpol_last_programmed_timestamp_seconds` once the change is in; beside it the\n  daemon's own `netpol_programming_latency_seconds`, which starts when inotify wakes it; the\n  daemon reads only that file, parses only the documents whose text changed, compiles\n  incrementally and writes only the map entries that changed), and the daemon's peak RSS (VmHWM).\n- Throughput: `netpol-lab throughput` runs iperf3 between two lab pods (network namespaces, veth,\n  /32 routes through a node namespace) with (a) no program, (c) the same policies as iptables\n  rules in the node's FORWARD chain (conntrack-established first, then one rule per peer and\n  port), (b) the netpol daemon enforcing them, at 10 and 1,000 policies. Each case has a lab\n  (node namespace) of its own, all three side by side, and the runs of a round interleave\n  (a, b, c, a, b, c, ...) so that the shared machine's drift weighs on every case alike; iptables\n  never shares a namespace with the other cases (its filter table and conntrack hooks stay\n  registered after its rules are deleted and slowed later cases by about 9% of UDP). The iperf3\n  client is pinned to CPU 0 and the server to CPU 1 (unpinned, scheduling swung UDP runs by\n  +-20%). Ratios are paired: each run over the (a) run of the same repeat, median and range.\n  Beside them, extra runs of (b) with the kernel's BPF run-time statistics on measure the time\n  the attached programs themselves took in that traffic, as a share of the busiest CPU: a bound\n  on what they can cost (b) that the machine's noise does not blur.\n\n");
+    md.push_str(BENCH_METHOD);
+    md.push('\n');
     for s in sections {
         md.push_str(&s);
         md.push('\n');
@@ -238,9 +277,7 @@ fn main() -> Result<()> {
         "demo" => demo(rest),
         "bench" => bench(rest),
         _ => {
-            eprintln!(
-                "usage: cargo xtask <command>\n\n  setup       install Debian packages and bpf-linker (idempotent)\n  build-ebpf  build the eBPF object\n  build       build the daemon (eBPF object embedded)\n  test        run every test (lab tests need root)\n  demo        run the netns lab demo (root)\n  bench       run the benchmarks, write BENCHMARKS.md (root; --quick for fewer repeats)"
-            );
+            eprintln!("{USAGE}");
             if cmd == "help" || cmd == "--help" {
                 Ok(())
             } else {

@@ -105,6 +105,7 @@ pub fn arp() -> Vec<u8> {
 
 /// An IPv4 fragment: `offset` in 8-byte units, `more` the MF flag, `id` the identification.
 /// The first fragment (offset 0) carries the L4 header.
+#[allow(clippy::too_many_arguments)]
 pub fn ipv4_frag(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, sport: u16, dport: u16, id: u16, offset: u16, more: bool) -> Vec<u8> {
     let mut f = ipv4(src, dst, proto, sport, dport, 0, offset);
     f[18..20].copy_from_slice(&id.to_be_bytes());
