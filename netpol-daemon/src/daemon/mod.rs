@@ -23,6 +23,7 @@ use crate::source::directory::ManifestsDir;
 use crate::source::kube::KubeSource;
 use crate::source::Source;
 use interfaces::Interfaces;
+use pass::Pass;
 
 pub struct RunConfig {
     pub node_name: String,
@@ -142,8 +143,7 @@ impl Daemon {
         if !self.take_changes() {
             return;
         }
-        let (pending, pending_changed) = self.state.interfaces.track_unclaimed();
-        let pass = self.plan(pass::Pass { have_changes: false, retry, pending_changed, full_resolve, pending });
+        let pass = self.plan(retry, full_resolve);
         if pass.is_due() {
             self.program(pass);
         }
@@ -201,16 +201,19 @@ impl Daemon {
         true
     }
 
-    /// What this pass has to do.
-    fn plan(&mut self, mut pass: pass::Pass) -> pass::Pass {
-        pass.have_changes = std::mem::take(&mut self.state.status_changed) | !self.state.changes.is_empty();
+    /// What this pass has to do: the pending interfaces now, whether anything changed, and
+    /// whether the full look-up runs now or on the next pass.
+    fn plan(&mut self, retry: bool, mut full_resolve: bool) -> Pass {
+        let st = &mut self.state;
+        let (pending, pending_changed) = st.interfaces.track_unclaimed();
+        let have_changes = std::mem::take(&mut st.status_changed) | !st.changes.is_empty();
         // A change is programmed first; the periodic look-up of every interface (a few ms of
         // netlink) runs on the next pass (unless changes kept putting it off).
-        if pass.have_changes && pass.full_resolve && self.state.interfaces.full_may_wait() {
-            pass.full_resolve = false;
-            self.state.put_off = true;
+        if have_changes && full_resolve && st.interfaces.full_may_wait() {
+            full_resolve = false;
+            st.put_off = true;
         }
-        pass
+        Pass { have_changes, retry, pending_changed, full_resolve, pending }
     }
 }
 
