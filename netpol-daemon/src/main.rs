@@ -1,10 +1,11 @@
+//! `netpol-daemon`: the command line (run, explain, check, uninstall) over the library.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "netpol-daemon", about = "Kubernetes NetworkPolicy enforcement with eBPF")]
@@ -16,57 +17,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Enforce the policies of this node's pods.
-    Run {
-        /// This node's name: pods with spec.nodeName equal to it are enforced here.
-        #[arg(long, env = "NODE_NAME")]
-        node_name: String,
-        /// Read Namespaces, Pods, NetworkPolicies, Services and EndpointSlices from
-        /// *.yaml/*.yml/*.json files in this directory (watched for changes) instead of the
-        /// Kubernetes API. Without it: the API (in-cluster config or KUBECONFIG).
-        #[arg(long)]
-        manifests: Option<PathBuf>,
-        /// Address of the /metrics, /readyz and /healthz endpoint.
-        #[arg(long, default_value = "0.0.0.0:9090")]
-        metrics_addr: SocketAddr,
-        /// Directory on a bpffs where the maps are pinned (re-used across restarts).
-        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
-        bpffs: PathBuf,
-        /// Start even when the daemon runs in a mount namespace of its own whose bpffs at
-        /// --bpffs is not the host's (`ip netns exec`): the pins, and enforcement, then end
-        /// with the daemon. Refused without it.
-        #[arg(long)]
-        allow_private_bpffs: bool,
-        /// How often the manifests directory is checked for changes, in milliseconds.
-        #[arg(long, default_value_t = 200)]
-        poll_ms: u64,
-        /// What a policy change does to flows already tracked: `keep` lets them run until
-        /// they end or idle out (new connections follow the new policy at once); `revalidate`
-        /// re-checks every tracked flow after each change and cuts those no longer allowed.
-        #[arg(long, default_value = "keep", value_parser = ["keep", "revalidate"])]
-        established: String,
-        /// Idle timeout of tracked TCP and SCTP flows, seconds.
-        #[arg(long, default_value_t = 7200)]
-        ct_tcp_timeout: u64,
-        /// Idle timeout of tracked UDP flows, seconds.
-        #[arg(long, default_value_t = 120)]
-        ct_udp_timeout: u64,
-        /// Idle timeout of other tracked flows (ICMP echo), seconds.
-        #[arg(long, default_value_t = 60)]
-        ct_other_timeout: u64,
-        /// The per-CPU flow cache in front of the conntrack table: packets of established
-        /// flows pass with array lookups only, the table confirming each flow again at least
-        /// every second (`off`: every packet looks the table up).
-        #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-        flow_cache: String,
-        /// Log denied packets (source, destination, ports, protocol, pod, direction), at most
-        /// this many per second and CPU. 0: off.
-        #[arg(long, default_value_t = 0)]
-        log_denied: u32,
-        /// Audit mode for every policy: what policies would drop is counted and logged as
-        /// verdict="audit" and let through (one policy: annotation netpol.io/audit: "true").
-        #[arg(long)]
-        audit: bool,
-    },
+    Run(RunArgs),
     /// Explain whether a connection is allowed, for both ends, and by which rules.
     Explain {
         /// A manifests directory; without it, the live cluster (in-cluster config or KUBECONFIG).
@@ -99,10 +50,107 @@ enum Cmd {
     },
 }
 
+// `netpol-daemon run`: what the daemon enforces, from where, and how (a plain comment: the
+// subcommand's help is its variant's).
+#[derive(Args)]
+struct RunArgs {
+    /// This node's name: pods with spec.nodeName equal to it are enforced here.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Read Namespaces, Pods, NetworkPolicies, Services and EndpointSlices from
+    /// *.yaml/*.yml/*.json files in this directory (watched for changes) instead of the
+    /// Kubernetes API. Without it: the API (in-cluster config or KUBECONFIG).
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// Address of the /metrics, /readyz and /healthz endpoint.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    metrics_addr: SocketAddr,
+    /// Directory on a bpffs where the maps are pinned (re-used across restarts).
+    #[arg(long, default_value = "/sys/fs/bpf/netpol")]
+    bpffs: PathBuf,
+    /// Start even when the daemon runs in a mount namespace of its own whose bpffs at
+    /// --bpffs is not the host's (`ip netns exec`): the pins, and enforcement, then end
+    /// with the daemon. Refused without it.
+    #[arg(long)]
+    allow_private_bpffs: bool,
+    /// How often the manifests directory is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    poll_ms: u64,
+    /// What a policy change does to flows already tracked: `keep` lets them run until
+    /// they end or idle out (new connections follow the new policy at once); `revalidate`
+    /// re-checks every tracked flow after each change and cuts those no longer allowed.
+    #[arg(long, default_value = "keep", value_parser = ["keep", "revalidate"])]
+    established: String,
+    /// Idle timeout of tracked TCP and SCTP flows, seconds.
+    #[arg(long, default_value_t = 7200)]
+    ct_tcp_timeout: u64,
+    /// Idle timeout of tracked UDP flows, seconds.
+    #[arg(long, default_value_t = 120)]
+    ct_udp_timeout: u64,
+    /// Idle timeout of other tracked flows (ICMP echo), seconds.
+    #[arg(long, default_value_t = 60)]
+    ct_other_timeout: u64,
+    /// The per-CPU flow cache in front of the conntrack table: packets of established
+    /// flows pass with array lookups only, the table confirming each flow again at least
+    /// every second (`off`: every packet looks the table up).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    flow_cache: String,
+    /// Log denied packets (source, destination, ports, protocol, pod, direction), at most
+    /// this many per second and CPU. 0: off.
+    #[arg(long, default_value_t = 0)]
+    log_denied: u32,
+    /// Audit mode for every policy: what policies would drop is counted and logged as
+    /// verdict="audit" and let through (one policy: annotation netpol.io/audit: "true").
+    #[arg(long)]
+    audit: bool,
+}
+
+impl RunArgs {
+    fn config(self) -> netpol_daemon::daemon::RunConfig {
+        netpol_daemon::daemon::RunConfig {
+            node_name: self.node_name,
+            manifests: self.manifests,
+            metrics_addr: self.metrics_addr,
+            bpffs: self.bpffs,
+            allow_private_bpffs: self.allow_private_bpffs,
+            poll_interval: Duration::from_millis(self.poll_ms),
+            revalidate_established: self.established == "revalidate",
+            audit_all: self.audit,
+            datapath_config: netpol_common::Config {
+                ct_tcp_ns: self.ct_tcp_timeout.saturating_mul(1_000_000_000),
+                ct_tcp_closing_ns: 0,
+                ct_udp_ns: self.ct_udp_timeout.saturating_mul(1_000_000_000),
+                ct_other_ns: self.ct_other_timeout.saturating_mul(1_000_000_000),
+                deny_events_per_sec: self.log_denied,
+                flow_cache_ticks: 0,
+            },
+            flow_cache: self.flow_cache == "on",
+        }
+    }
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
+}
+
+/// Set on SIGTERM or SIGINT (the handler only stores; a thread passes it on).
+fn stop_on_signal() -> Arc<AtomicBool> {
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    std::thread::spawn(move || loop {
+        if STOP.load(Ordering::SeqCst) {
+            s2.store(true, Ordering::SeqCst);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    stop
 }
 
 fn main() {
@@ -135,40 +183,9 @@ fn main() {
                 std::process::exit(1);
             }
         }
-        Cmd::Run { node_name, manifests, metrics_addr, bpffs, allow_private_bpffs, poll_ms, established, ct_tcp_timeout, ct_udp_timeout, ct_other_timeout, flow_cache, log_denied, audit } => {
-            unsafe {
-                libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-                libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-            }
-            let stop = Arc::new(AtomicBool::new(false));
-            let s2 = stop.clone();
-            std::thread::spawn(move || loop {
-                if STOP.load(Ordering::SeqCst) {
-                    s2.store(true, Ordering::SeqCst);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            });
-            let cfg = netpol_daemon::daemon::RunConfig {
-                node_name,
-                manifests,
-                metrics_addr,
-                bpffs,
-                allow_private_bpffs,
-                poll_interval: Duration::from_millis(poll_ms),
-                revalidate_established: established == "revalidate",
-                audit_all: audit,
-                datapath_config: netpol_common::Config {
-                    ct_tcp_ns: ct_tcp_timeout.saturating_mul(1_000_000_000),
-                    ct_tcp_closing_ns: 0,
-                    ct_udp_ns: ct_udp_timeout.saturating_mul(1_000_000_000),
-                    ct_other_ns: ct_other_timeout.saturating_mul(1_000_000_000),
-                    deny_events_per_sec: log_denied,
-                    flow_cache_ticks: 0,
-                },
-                flow_cache: flow_cache == "on",
-            };
-            if let Err(e) = netpol_daemon::daemon::run(cfg, stop) {
+        Cmd::Run(args) => {
+            let stop = stop_on_signal();
+            if let Err(e) = netpol_daemon::daemon::run(args.config(), stop) {
                 eprintln!("netpol-daemon: {e:#}");
                 std::process::exit(1);
             }

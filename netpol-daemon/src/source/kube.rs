@@ -46,6 +46,8 @@ pub struct KubeSource {
     slices: Store<EndpointSlice>,
     /// Warnings already logged (snapshots convert every object again).
     warned: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The generation the daemon's last refresh read ([`super::Source::refresh`]).
+    refreshed: Option<u64>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -161,7 +163,7 @@ impl KubeSource {
                 generation.fetch_add(1, Ordering::SeqCst);
             });
         }
-        KubeSource { generation, errors, synced, healthy, pending_since, namespaces, pods, policies, services, slices, warned: Default::default(), _rt: rt }
+        KubeSource { generation, errors, synced, healthy, pending_since, namespaces, pods, policies, services, slices, warned: Default::default(), refreshed: None, _rt: rt }
     }
 
     /// The cluster model from the stores; invalid objects are skipped and reported (an invalid
@@ -186,5 +188,42 @@ impl KubeSource {
         self.services.state().iter().for_each(|o| take(model::from_k8s(&**o)));
         self.slices.state().iter().for_each(|o| take(model::from_k8s(&**o)));
         (c, errors)
+    }
+}
+
+/// The daemon's view: a refresh takes a snapshot when [`KubeSource::generation`] moved.
+impl super::Source for KubeSource {
+    fn describe(&self) -> String {
+        "the Kubernetes API".to_string()
+    }
+
+    fn wait(&mut self, timeout: std::time::Duration) {
+        std::thread::sleep(timeout);
+    }
+
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    fn ready(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+
+    fn refresh(&mut self, cluster: &mut Cluster, audit_all: bool) -> Result<Option<(model::ChangeSet, Vec<String>)>> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        if self.refreshed.replace(generation) == Some(generation) {
+            return Ok(None);
+        }
+        let (mut c, errors) = self.snapshot();
+        if audit_all {
+            for p in c.policies.values_mut() {
+                p.audit = true;
+            }
+        }
+        Ok(Some((cluster.replace(c), errors)))
+    }
+
+    fn take_change_age(&mut self) -> Option<std::time::Duration> {
+        self.pending_since.lock().unwrap().take().map(|t| t.elapsed())
     }
 }
