@@ -99,9 +99,8 @@ impl Interfaces {
     /// The cluster's pods changed: which addresses are this node's pods', and whether one of
     /// them has none yet.
     pub fn set_local_pods(&mut self, cluster: &Cluster, node_name: &str) {
-        let local = || cluster.pods.values().filter(|p| p.node_name.as_deref() == Some(node_name));
-        self.local_ips = local().flat_map(|p| p.ips.iter().copied()).collect();
-        self.awaiting_ip = local().any(|p| !p.host_network && p.ips.is_empty());
+        self.local_ips = cluster.pods_on(node_name).flat_map(|p| p.ips.iter().copied()).collect();
+        self.awaiting_ip = cluster.unaddressed_pods(node_name).next().is_some();
     }
 
     /// New pod interfaces that no known pod claims: programmed default-deny (for the

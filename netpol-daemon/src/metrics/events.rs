@@ -1,15 +1,17 @@
 //! Deny events: what the programs send through the ring buffer when `--log-denied` is on (at
 //! most so many per second and CPU), logged as structured lines under `netpol::denied`, with the
 //! pod named from the endpoint ids of the last sync.
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
-use netpol_common::{DenyEvent, DIR_INGRESS, FAMILY_V4};
+use netpol_common::{DenyEvent, DIR_INGRESS};
 
 use super::Shared;
+use crate::model::cidr::addr_from_bytes;
+use crate::model::Protocol;
 
 /// Logs deny events from the ring buffer as structured lines until `stop`.
 pub fn log_deny_events(mut rb: RingBuf<MapData>, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
@@ -36,13 +38,6 @@ pub fn spawn(rb: RingBuf<MapData>, shared: Arc<Shared>, stop: Arc<AtomicBool>) -
 }
 
 fn log_event(ev: &DenyEvent, shared: &Shared) {
-    let ip = |f: u8, b: [u8; 16]| -> IpAddr {
-        if f == FAMILY_V4 {
-            IpAddr::from([b[0], b[1], b[2], b[3]])
-        } else {
-            IpAddr::from(b)
-        }
-    };
     let pod = shared
         .status
         .lock()
@@ -52,15 +47,8 @@ fn log_event(ev: &DenyEvent, shared: &Shared) {
         .find(|(id, _)| *id == ev.endpoint)
         .map(|(_, k)| k.to_string())
         .unwrap_or_else(|| format!("endpoint-{}", ev.endpoint));
-    let proto = match ev.proto {
-        6 => "TCP".to_string(),
-        17 => "UDP".to_string(),
-        132 => "SCTP".to_string(),
-        1 => "ICMP".to_string(),
-        58 => "ICMPv6".to_string(),
-        n => n.to_string(),
-    };
-    let (src, dst) = (ip(ev.family, ev.src), ip(ev.family, ev.dst));
+    let proto = Protocol::ip_name(ev.proto).map_or_else(|| ev.proto.to_string(), str::to_string);
+    let (src, dst) = (addr_from_bytes(ev.family, ev.src), addr_from_bytes(ev.family, ev.dst));
     log::info!(
         target: "netpol::denied",
         "{} pod={pod} direction={} proto={proto} src={} dst={}",
