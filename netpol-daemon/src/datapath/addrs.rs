@@ -84,6 +84,17 @@ fn endpoint_addr_key(endpoint: u32, a: IpAddr) -> EpAddrKey {
     EpAddrKey { endpoint, family: family(a), _pad: [0; 3], addr: addr_bytes(a) }
 }
 
+/// The address a map key or event carries: its family (`FAMILY_V4`, `FAMILY_V6`) and 16
+/// bytes, an IPv4 address in the first four (the inverse of [`addr_bytes`]).
+pub fn key_addr(family: u8, b: [u8; 16]) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([b[0], b[1], b[2], b[3]])
+    } else {
+        IpAddr::from(b)
+    }
+}
+
+/// The family a map key gives `a`.
 fn family(a: IpAddr) -> u8 {
     if a.is_ipv4() {
         FAMILY_V4

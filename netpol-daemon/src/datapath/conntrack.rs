@@ -14,6 +14,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use aya::Ebpf;
 use netpol_common::*;
 
+use super::addrs::key_addr;
 use super::maps::{migrate_conntrack_v1, take};
 use super::HashMap;
 use crate::compiler::NodePolicy;
@@ -82,9 +83,9 @@ impl Conntrack {
         for k in self.table.keys().flatten() {
             let Some(pod) = pod_of.get(&k.endpoint) else { continue };
             let (dir, peer) = if k.dir == DIR_INGRESS {
-                (Direction::Ingress, to_ip(k.family, k.src))
+                (Direction::Ingress, key_addr(k.family, k.src))
             } else {
-                (Direction::Egress, to_ip(k.family, k.dst))
+                (Direction::Egress, key_addr(k.family, k.dst))
             };
             if dir == Direction::Ingress && node_addrs.contains(&peer) {
                 continue;
@@ -102,14 +103,6 @@ impl Conntrack {
             self.void_flow_cache(id);
         }
         cut.len()
-    }
-}
-
-fn to_ip(family: u8, b: [u8; 16]) -> IpAddr {
-    if family == FAMILY_V4 {
-        IpAddr::from([b[0], b[1], b[2], b[3]])
-    } else {
-        IpAddr::from(b)
     }
 }
 

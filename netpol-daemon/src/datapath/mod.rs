@@ -13,9 +13,11 @@
 //! - `conntrack`: tracked flows, their revalidation, the flow-cache epochs and the settings;
 //! - `test_run`: running the programs on crafted frames (BPF_PROG_TEST_RUN).
 //!
-//! The parts never call one another: a method here (or in `sync`) that needs two of them
-//! passes one's answer to the other, so that each can be read alone. Only the datapath writes
-//! these maps; it reads the compiler's output and the entries derived from it, nothing above.
+//! The parts hold no reference to one another: where one needs another's answer (the
+//! attached pods for conntrack revalidation, a new endpoint id for the counters), a `Datapath`
+//! method here or in `sync` passes it, so that each part reads alone. The daemon is the only
+//! writer of these maps; the datapath reads the compiler's output and the entries derived from
+//! it (`entries`), nothing further up the flow.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -38,7 +40,7 @@ mod mirror;
 mod sync;
 mod test_run;
 
-pub use addrs::node_addr_for_pods;
+pub use addrs::{key_addr, node_addr_for_pods};
 pub use counters::{slot_label, CounterReader, RetiredCounts, SlotLabels};
 pub use test_run::ProgramStats;
 pub use maps::{check_bpffs_outlives_daemon, ensure_bpffs, EBPF_OBJECT};
