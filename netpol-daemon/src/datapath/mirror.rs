@@ -168,3 +168,76 @@ fn scope_keys<'a, K, V>(scope: &'a Scope<K>, wanted: &'a HashMap<K, V>) -> impl 
     };
     changed.into_iter().flatten().chain(all.into_iter().flat_map(|w| w.keys()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A map in memory whose writes of `refuse` fail (a full map).
+    #[derive(Default)]
+    struct Fake {
+        held: HashMap<u32, u32>,
+        refuse: Option<u32>,
+        writes: usize,
+    }
+
+    impl BpfMap for Fake {
+        type Key = u32;
+        type Value = u32;
+        fn write(&mut self, k: &u32, v: u32) -> Result<(), MapError> {
+            if self.refuse == Some(*k) {
+                return Err(MapError::KeyNotFound);
+            }
+            self.writes += 1;
+            self.held.insert(*k, v);
+            Ok(())
+        }
+        fn delete(&mut self, k: &u32) {
+            self.held.remove(k);
+        }
+        fn entries(&self) -> Result<Vec<(u32, u32)>, MapError> {
+            Ok(self.held.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+    }
+
+    fn wanted(entries: &[(u32, u32)]) -> HashMap<u32, u32> {
+        entries.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_full_pass_writes_only_differences_and_removes_what_is_not_wanted() {
+        let mut m = MapMirror::adopt(Fake { held: wanted(&[(1, 10), (2, 20), (3, 30)]), ..Default::default() }).unwrap();
+        let want = wanted(&[(1, 10), (2, 21), (4, 40)]);
+        let w = m.insert_wanted(Scope::All, &want, |k, e| panic!("{k}: {e}"));
+        assert_eq!(m.map.writes, 2, "only the changed and the new entry are written");
+        assert_eq!(m.map.held.len(), 4, "stale entries stay until remove_stale");
+        m.remove_stale(w, &want);
+        assert_eq!(m.map.held, want);
+        assert_eq!(m.installed, want);
+    }
+
+    #[test]
+    fn a_failed_insert_is_reported_and_stale_entries_still_go() {
+        let mut m = MapMirror::adopt(Fake { held: wanted(&[(1, 10), (2, 20)]), refuse: Some(3), ..Default::default() }).unwrap();
+        // As many wanted as installed, but one could not be written: the counts alone would
+        // say nothing is stale.
+        let want = wanted(&[(1, 10), (3, 30)]);
+        let mut failed = Vec::new();
+        let w = m.insert_wanted(Scope::All, &want, |k, _| failed.push(*k));
+        assert_eq!(failed, [3]);
+        m.remove_stale(w, &want);
+        assert_eq!(m.map.held, wanted(&[(1, 10)]));
+        assert_eq!(m.installed, m.map.held);
+    }
+
+    #[test]
+    fn an_incremental_pass_touches_only_the_changed_keys() {
+        let mut m = MapMirror::adopt(Fake { held: wanted(&[(1, 10), (2, 20), (9, 90)]), ..Default::default() }).unwrap();
+        let want = wanted(&[(1, 11), (3, 30)]);
+        let w = m.insert_wanted(Scope::Changed(vec![1, 2]), &want, |k, e| panic!("{k}: {e}"));
+        m.remove_stale(w, &want);
+        // 3 and 9 were not among the changed keys: left as they are.
+        assert_eq!(m.map.held, wanted(&[(1, 11), (9, 90)]));
+        assert_eq!(m.installed, m.map.held);
+    }
+}
