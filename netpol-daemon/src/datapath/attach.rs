@@ -1,0 +1,209 @@
+//! The programs on the pods' interfaces: TCX links where the kernel has them, pinned under
+//! `<bpffs>/links` so that they outlive the daemon (enforcement must not depend on the process)
+//! and are re-adopted on restart by swapping in the new daemon's programs atomically (no
+//! window); clsact + cls_bpf filters on kernels without TCX. Which pod is attached where, with
+//! which endpoint id, is kept here too: it is what an attachment is for.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::Ebpf;
+use netpol_common::programs;
+
+use super::maps::classifier;
+use super::{HashMap, Iface};
+use crate::compiler::NodePolicy;
+use crate::model::ObjKey;
+
+/// One program attached to one interface.
+enum AttachedLink {
+    /// A TCX link pinned at `path`: it outlives the daemon, which re-adopts it on restart.
+    Pinned { link: FdLink, path: PathBuf },
+    /// A clsact/cls_bpf filter (kernels without TCX), owned by the program.
+    Netlink { prog: &'static str, id: SchedClassifierLinkId },
+}
+
+struct Attached {
+    ifindex: u32,
+    /// Attached for a pending interface ([`crate::compiler::CompiledPod::pending`]).
+    pending: bool,
+    id: u32,
+    links: Vec<AttachedLink>,
+}
+
+/// The pods whose interfaces have the programs, and the pinned links a previous daemon left.
+pub(super) struct Links {
+    links_dir: PathBuf,
+    attached: BTreeMap<ObjKey, Attached>,
+    /// Pinned links a previous daemon left, by (ifindex, program): re-used, not re-created.
+    adopted: HashMap<(u32, &'static str), PathBuf>,
+    /// TCX first; false once a TCX attach failed (clsact from then on).
+    use_tcx: bool,
+    /// Attach programs to interfaces (false: maps only, for BPF_PROG_TEST_RUN and benches).
+    pub attach_programs: bool,
+}
+
+impl Links {
+    /// Finds the links a previous daemon pinned under `pin_dir`.
+    pub fn adopt(pin_dir: &Path) -> Links {
+        let links_dir = pin_dir.join("links");
+        let mut adopted = HashMap::default();
+        for e in std::fs::read_dir(&links_dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some((ifindex, prog)) = name.split_once('-') else { continue };
+            let Ok(ifindex) = ifindex.parse::<u32>() else { continue };
+            let prog = match prog {
+                "from" => programs::FROM_POD,
+                "to" => programs::TO_POD,
+                _ => continue,
+            };
+            adopted.insert((ifindex, prog), e.path());
+        }
+        Links { links_dir, attached: BTreeMap::new(), adopted, use_tcx: true, attach_programs: true }
+    }
+
+    /// Endpoint id and pod of every attached interface.
+    pub fn endpoints(&self) -> impl Iterator<Item = (u32, &ObjKey)> {
+        self.attached.iter().map(|(k, a)| (a.id, k))
+    }
+
+    pub fn contains(&self, pod: &ObjKey) -> bool {
+        self.attached.contains_key(pod)
+    }
+
+    pub fn len(&self) -> usize {
+        self.attached.len()
+    }
+
+    /// A pending interface claimed by its pod keeps its programs and id (no detach, no
+    /// window): only its entries and flags change.
+    pub fn hand_over_claimed(&mut self, node: &NodePolicy, pods: &BTreeMap<&ObjKey, (&Iface, u32)>) {
+        let claimed: Vec<(ObjKey, ObjKey)> = self
+            .attached
+            .iter()
+            .filter(|(k, a)| a.pending && !pods.contains_key(*k))
+            .filter_map(|(k, a)| {
+                pods.iter()
+                    .find(|(pk, (i, _))| node.pods[**pk].pending.is_none() && i.ifindex == a.ifindex && !self.attached.contains_key(**pk))
+                    .map(|(pk, _)| (k.clone(), (*pk).clone()))
+            })
+            .collect();
+        for (old, new) in claimed {
+            let mut a = self.attached.remove(&old).expect("present");
+            a.pending = false;
+            self.attached.insert(new, a);
+        }
+    }
+
+    /// Detaches the pods whose interface disappeared or changed; returns their ids.
+    pub fn detach_stale(&mut self, ebpf: &mut Ebpf, pods: &BTreeMap<&ObjKey, (&Iface, u32)>) -> Vec<u32> {
+        let stale: Vec<ObjKey> = self
+            .attached
+            .iter()
+            .filter(|(k, a)| pods.get(*k).is_none_or(|(i, _)| i.ifindex != a.ifindex))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut freed = Vec::new();
+        for k in stale {
+            let a = self.attached.remove(&k).expect("present");
+            freed.push(a.id);
+            detach(ebpf, a);
+        }
+        freed
+    }
+
+    /// Attaches both programs to the interface of `pod` (none when `attach_programs` is off).
+    pub fn attach(&mut self, ebpf: &mut Ebpf, pod: &ObjKey, iface: &Iface, pending: bool, id: u32) -> Result<()> {
+        let links = if self.attach_programs { self.attach_both(ebpf, &iface.ifname, iface.ifindex)? } else { Vec::new() };
+        self.attached.insert(pod.clone(), Attached { ifindex: iface.ifindex, pending, id, links });
+        Ok(())
+    }
+
+    /// Removes the pins of adopted links no interface re-used (gone, or no longer ours).
+    pub fn drop_unadopted(&mut self) {
+        for (_, path) in self.adopted.drain() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Attaches both programs to an interface: adopts the pinned links of a previous daemon
+    /// (atomically swapping in this daemon's program), else creates and pins TCX links, else
+    /// (no TCX) adds clsact filters.
+    fn attach_both(&mut self, ebpf: &mut Ebpf, ifname: &str, ifindex: u32) -> Result<Vec<AttachedLink>> {
+        let mut links = Vec::new();
+        for (name, ty) in [(programs::FROM_POD, TcAttachType::Ingress), (programs::TO_POD, TcAttachType::Egress)] {
+            let prog = classifier(ebpf, name)?;
+            if let Some(link) = self.adopt_link(prog, ifindex, name) {
+                links.push(link);
+                continue;
+            }
+            if self.use_tcx {
+                match prog.attach(ifname, ty) {
+                    Ok(id) => {
+                        links.push(self.pin(prog, id, ifindex, name)?);
+                        continue;
+                    }
+                    Err(e) => {
+                        log::warn!("TCX attach of {name} to {ifname} failed ({e}); falling back to clsact");
+                        self.use_tcx = false;
+                    }
+                }
+            }
+            let _ = tc::qdisc_add_clsact(ifname);
+            let id = prog.attach_with_options(ifname, ty, TcAttachOptions::Netlink(NlOptions::default()))?;
+            links.push(AttachedLink::Netlink { prog: name, id });
+        }
+        Ok(links)
+    }
+
+    /// The pinned link a previous daemon left for program `name` on `ifindex`, now running
+    /// `prog`; a link that is not re-usable is unpinned.
+    fn adopt_link(&mut self, prog: &mut SchedClassifier, ifindex: u32, name: &'static str) -> Option<AttachedLink> {
+        let old = self.adopted.remove(&(ifindex, name))?;
+        let adopted = PinnedLink::from_pin(&old)
+            .map_err(anyhow::Error::from)
+            .and_then(|p| Ok(tc::SchedClassifierLink::try_from(FdLink::from(p))?))
+            .and_then(|l| Ok(prog.attach_to_link(l)?))
+            .and_then(|id| Ok(FdLink::try_from(prog.take_link(id)?)?));
+        match adopted {
+            Ok(link) => Some(AttachedLink::Pinned { link, path: old }),
+            Err(e) => {
+                log::info!("pinned link {} not re-usable ({e:#}); attaching anew", old.display());
+                let _ = std::fs::remove_file(&old);
+                None
+            }
+        }
+    }
+
+    /// Pins the new TCX link `id` of program `name` on `ifindex`.
+    fn pin(&self, prog: &mut SchedClassifier, id: SchedClassifierLinkId, ifindex: u32, name: &str) -> Result<AttachedLink> {
+        let link = FdLink::try_from(prog.take_link(id)?)?;
+        let short = if name == programs::FROM_POD { "from" } else { "to" };
+        let path = self.links_dir.join(format!("{ifindex}-{short}"));
+        std::fs::create_dir_all(&self.links_dir)?;
+        let _ = std::fs::remove_file(&path);
+        let pinned = link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+        Ok(AttachedLink::Pinned { link: FdLink::from(pinned), path })
+    }
+}
+
+fn detach(ebpf: &mut Ebpf, a: Attached) {
+    for l in a.links {
+        match l {
+            AttachedLink::Pinned { link, path } => {
+                // Unpinned and closed: the kernel detaches it (or it is gone with its
+                // interface already).
+                let _ = std::fs::remove_file(&path);
+                drop(link);
+            }
+            AttachedLink::Netlink { prog, id } => {
+                if let Ok(p) = classifier(ebpf, prog) {
+                    let _ = p.detach(id);
+                }
+            }
+        }
+    }
+}
