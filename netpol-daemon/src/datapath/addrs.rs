@@ -13,7 +13,7 @@ use super::maps::take;
 use super::mirror::{MapMirror, Scope};
 use super::{HashMap, Iface, SyncReport};
 use crate::compiler::NodePolicy;
-use crate::model::cidr::addr_bytes;
+use crate::model::cidr::{addr_bytes, addr_family};
 use crate::model::ObjKey;
 
 pub(super) struct Addrs {
@@ -33,7 +33,7 @@ impl Addrs {
         let want: HashMap<AddrKey, u8> = addrs
             .iter()
             .filter(|a| node_addr_for_pods(**a))
-            .map(|a| (AddrKey { family: family(*a), _pad: [0; 3], addr: addr_bytes(*a) }, 1))
+            .map(|a| (AddrKey { family: addr_family(*a), _pad: [0; 3], addr: addr_bytes(*a) }, 1))
             .collect();
         let mut error = None;
         let written = self.node.insert_wanted(Scope::All, &want, |_, e| {
@@ -81,24 +81,5 @@ pub fn node_addr_for_pods(a: IpAddr) -> bool {
 }
 
 fn endpoint_addr_key(endpoint: u32, a: IpAddr) -> EpAddrKey {
-    EpAddrKey { endpoint, family: family(a), _pad: [0; 3], addr: addr_bytes(a) }
-}
-
-/// The address a map key or event carries: its family (`FAMILY_V4`, `FAMILY_V6`) and 16
-/// bytes, an IPv4 address in the first four (the inverse of [`addr_bytes`]).
-pub fn key_addr(family: u8, b: [u8; 16]) -> IpAddr {
-    if family == FAMILY_V4 {
-        IpAddr::from([b[0], b[1], b[2], b[3]])
-    } else {
-        IpAddr::from(b)
-    }
-}
-
-/// The family a map key gives `a`.
-fn family(a: IpAddr) -> u8 {
-    if a.is_ipv4() {
-        FAMILY_V4
-    } else {
-        FAMILY_V6
-    }
+    EpAddrKey { endpoint, family: addr_family(a), _pad: [0; 3], addr: addr_bytes(a) }
 }

@@ -14,7 +14,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use aya::Ebpf;
 use netpol_common::*;
 
-use super::addrs::key_addr;
+use crate::model::cidr::addr_from_bytes;
 use super::maps::{migrate_conntrack_v1, take};
 use super::HashMap;
 use crate::compiler::NodePolicy;
@@ -83,9 +83,9 @@ impl Conntrack {
         for k in self.table.keys().flatten() {
             let Some(pod) = pod_of.get(&k.endpoint) else { continue };
             let (dir, peer) = if k.dir == DIR_INGRESS {
-                (Direction::Ingress, key_addr(k.family, k.src))
+                (Direction::Ingress, addr_from_bytes(k.family, k.src))
             } else {
-                (Direction::Egress, key_addr(k.family, k.dst))
+                (Direction::Egress, addr_from_bytes(k.family, k.dst))
             };
             if dir == Direction::Ingress && node_addrs.contains(&peer) {
                 continue;

@@ -40,7 +40,7 @@ mod mirror;
 mod sync;
 mod test_run;
 
-pub use addrs::{key_addr, node_addr_for_pods};
+pub use addrs::node_addr_for_pods;
 pub use counters::{slot_label, CounterReader, RetiredCounts, SlotLabels};
 pub use test_run::ProgramStats;
 pub use maps::{check_bpffs_outlives_daemon, ensure_bpffs, EBPF_OBJECT};
