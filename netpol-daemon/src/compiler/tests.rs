@@ -1,5 +1,6 @@
 //! Compiler tests: named semantics cases, then a differential property test against the
 //! reference evaluator over random clusters and packets.
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
 
