@@ -159,10 +159,14 @@ pub struct EntryCache {
     prefix_class: HashMap<Cidr, usize>,
     refs: Vec<u32>,
     class_ids: Vec<Option<u32>>,
-    pods: HashMap<ObjKey, (u32, CompiledPod, Vec<(PolicyKey, PolicyValue)>)>,
+    pods: HashMap<ObjKey, Programmed>,
     /// Per port set in use: its POLICY_PORTS entries and users.
     port_sets: HashMap<u32, PortSetUse>,
 }
+
+/// A programmed pod: its endpoint id, the compiled tables its entries come from, its POLICY
+/// entries.
+type Programmed = (u32, CompiledPod, Vec<(PolicyKey, PolicyValue)>);
 
 impl EntryCache {
     /// Brings `cur` up to date with `node`. `Some`: what changed, when the update was
