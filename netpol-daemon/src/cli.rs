@@ -21,7 +21,7 @@ pub struct End {
 
 pub fn resolve(cluster: &Cluster, s: &str) -> Result<End> {
     if let Ok(ip) = s.parse::<IpAddr>() {
-        let pod = cluster.pods.values().find(|p| !p.host_network && p.ips.contains(&ip)).map(|p| p.key.clone());
+        let pod = cluster.pod_with_ip(ip).map(|p| p.key.clone());
         return Ok(End { ip, pod });
     }
     let (ns, name) = s.split_once('/').ok_or_else(|| anyhow!("{s:?}: want NAMESPACE/POD or an IP address"))?;
@@ -113,12 +113,12 @@ pub fn explain(dir: Option<&Path>, from: &str, to: &str, port: Option<u16>, prot
         let _ = writeln!(out, "warning: invalid {e}");
     }
     let c = &cluster;
-    let proto: u8 = match protocol.to_ascii_uppercase().as_str() {
-        "ICMP" => 1,
-        "ICMPV6" => 58,
-        p => Protocol::parse(p).ok_or_else(|| anyhow!("unknown protocol {protocol:?} (TCP, UDP, SCTP, ICMP)"))?.number(),
+    let proto = Protocol::ip_number(protocol).ok_or_else(|| anyhow!("unknown protocol {protocol:?} (TCP, UDP, SCTP, ICMP)"))?;
+    // Only the policy protocols have ports (ICMP has none).
+    let port = match Protocol::from_number(proto) {
+        Some(_) => Some(port.ok_or_else(|| anyhow!("--port is required for {protocol}"))?),
+        None => None,
     };
-    let port = if proto == 1 || proto == 58 { None } else { Some(port.ok_or_else(|| anyhow!("--port is required for {protocol}"))?) };
     let (src, dst) = (resolve(c, from)?, resolve(c, to)?);
     let _ = writeln!(out, "{from} ({}) -> {to} ({}) {protocol}{}", src.ip, dst.ip, port.map(|p| format!("/{p}")).unwrap_or_default());
     let mut allowed = true;

@@ -7,7 +7,7 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 
 use netpol_common::*;
 
-use crate::model::cidr::Cidr;
+use crate::model::cidr::{addr_family, Cidr};
 use crate::compiler::{Allow, ClassKey, CompiledPod, NodePolicy, PortSet};
 use crate::model::{Direction, ObjKey, Protocol};
 
@@ -102,7 +102,7 @@ pub fn endpoint_flags(c: &CompiledPod) -> u32 {
 pub fn id_key(cidr: &Cidr) -> Lpm<IdKey> {
     (
         ID_KEY_FIXED_BITS + cidr.len() as u32,
-        IdKey { family: if cidr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }, _pad: [0; 3], addr: cidr.addr_bytes() },
+        IdKey { family: addr_family(cidr.addr()), _pad: [0; 3], addr: cidr.addr_bytes() },
     )
 }
 

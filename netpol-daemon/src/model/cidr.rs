@@ -178,6 +178,7 @@ fn strip_zeros(s: &str) -> Option<String> {
     Some(out)
 }
 
+/// Address bytes as the datapath keys them: network order, IPv4 in the first four bytes.
 pub fn addr_bytes(a: IpAddr) -> [u8; 16] {
     let mut out = [0u8; 16];
     match a {
@@ -185,6 +186,24 @@ pub fn addr_bytes(a: IpAddr) -> [u8; 16] {
         IpAddr::V6(v) => out = v.octets(),
     }
     out
+}
+
+/// The datapath's address family of `a` ([`netpol_common::FAMILY_V4`] or `FAMILY_V6`).
+pub fn addr_family(a: IpAddr) -> u8 {
+    if a.is_ipv4() {
+        netpol_common::FAMILY_V4
+    } else {
+        netpol_common::FAMILY_V6
+    }
+}
+
+/// The address of datapath bytes ([`addr_bytes`]) of `family`.
+pub fn addr_from_bytes(family: u8, b: [u8; 16]) -> IpAddr {
+    if family == netpol_common::FAMILY_V4 {
+        IpAddr::from([b[0], b[1], b[2], b[3]])
+    } else {
+        IpAddr::from(b)
+    }
 }
 
 impl fmt::Display for Cidr {
@@ -249,5 +268,13 @@ mod tests {
         assert!(a.strictly_contains(&b));
         assert!(!b.contains(&a));
         assert!(a.contains(&a) && !a.strictly_contains(&a));
+    }
+
+    #[test]
+    fn address_bytes_round_trip_per_family() {
+        for a in ["10.1.2.3", "::ffff:10.1.2.3", "fd00::1", "0.0.0.0", "::"] {
+            let a: IpAddr = a.parse().unwrap();
+            assert_eq!(addr_from_bytes(addr_family(a), addr_bytes(a)), a);
+        }
     }
 }

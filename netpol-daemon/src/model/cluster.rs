@@ -1,5 +1,6 @@
 //! The cluster aggregate: every object the compiler reads, keyed, and what changed between two
 //! states of it.
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -57,6 +58,11 @@ impl Cluster {
             .collect()
     }
 
+    /// The pod-network pod holding `ip` (host-network pods share their node's addresses).
+    pub fn pod_with_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        self.pods.values().find(|p| !p.host_network && p.ips.contains(&ip))
+    }
+
     /// The service whose cluster IP is `ip`.
     pub fn service_with_ip(&self, ip: IpAddr) -> Option<&Service> {
         self.services.values().find(|s| s.cluster_ips.contains(&ip))
@@ -66,6 +72,51 @@ impl Cluster {
     /// automatic `kubernetes.io/metadata.name` label.
     pub fn namespace(&self, name: &str) -> Namespace {
         self.namespaces.get(name).cloned().unwrap_or_else(|| Namespace::implicit(name))
+    }
+
+    /// The labels of [`Cluster::namespace`], borrowed where the namespace is known.
+    pub fn namespace_labels(&self, name: &str) -> Cow<'_, Labels> {
+        match self.namespaces.get(name) {
+            Some(ns) => Cow::Borrowed(&ns.labels),
+            None => Cow::Owned(Namespace::implicit(name).labels),
+        }
+    }
+
+    /// Every pod scheduled on `node` ([`Pod::is_on`]).
+    pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods.values().filter(move |p| p.is_on(node))
+    }
+
+    /// The pods `node` enforces policy for: on it and [`Pod::selectable`] (not host-network,
+    /// with an address).
+    pub fn local_pods<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods_on(node).filter(|p| p.selectable())
+    }
+
+    /// The pods on `node` still waiting for an address ([`Pod::awaits_address`]).
+    pub fn unaddressed_pods<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods_on(node).filter(|p| p.awaits_address())
+    }
+
+    /// Adds `obj`, replacing the object of its kind with its key.
+    pub fn insert(&mut self, obj: Object) {
+        match obj {
+            Object::Namespace(ns) => {
+                self.namespaces.insert(ns.name.clone(), ns);
+            }
+            Object::Pod(p) => {
+                self.pods.insert(p.key.clone(), p);
+            }
+            Object::Policy(p) => {
+                self.policies.insert(p.key.clone(), p);
+            }
+            Object::Service(s) => {
+                self.services.insert(s.key.clone(), s);
+            }
+            Object::EndpointSlice(s) => {
+                self.endpoint_slices.insert(s.key.clone(), s);
+            }
+        }
     }
 }
 

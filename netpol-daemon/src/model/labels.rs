@@ -1,7 +1,10 @@
-//! Label selectors (matchLabels + matchExpressions), validated at parse time.
+//! Labels and label selectors (matchLabels + matchExpressions), validated at parse time.
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::model::Labels;
+/// An object's labels, by key.
+pub type Labels = BTreeMap<String, String>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Op {

@@ -164,62 +164,27 @@ impl KubeSource {
         KubeSource { generation, errors, synced, healthy, pending_since, namespaces, pods, policies, services, slices, warned: Default::default(), _rt: rt }
     }
 
-    /// The cluster model from the stores; invalid objects are skipped and reported.
+    /// The cluster model from the stores; invalid objects are skipped and reported (an invalid
+    /// policy is enforced as its fail-closed stand-in, as in the manifests source).
     pub fn snapshot(&self) -> (Cluster, Vec<String>) {
         let mut c = Cluster::default();
         let mut errors = Vec::new();
-        for n in self.namespaces.state() {
-            match model::namespace_from_k8s(&n) {
-                Ok(ns) => {
-                    c.namespaces.insert(ns.name.clone(), ns);
+        let mut take = |conv: model::Converted| {
+            for w in conv.warnings {
+                if self.warned.lock().unwrap().insert(w.clone()) {
+                    log::warn!("{w}");
                 }
-                Err(e) => errors.push(format!("Namespace {e}")),
             }
-        }
-        for p in self.pods.state() {
-            match model::pod_from_k8s(&p) {
-                Ok(Some(pod)) => {
-                    c.pods.insert(pod.key.clone(), pod);
-                }
-                Ok(None) => {}
-                Err(es) => errors.extend(es.into_iter().map(|e| format!("Pod {e}"))),
+            if let Some(obj) = conv.object {
+                c.insert(obj);
             }
-        }
-        for np in self.policies.state() {
-            // The same conversion as the manifests source: an invalid policy is enforced as
-            // its fail-closed stand-in and reported.
-            match model::policy_from_k8s(&np) {
-                Ok(conv) => {
-                    for w in &conv.warnings {
-                        let w = format!("NetworkPolicy {w}");
-                        if self.warned.lock().unwrap().insert(w.clone()) {
-                            log::warn!("{w}");
-                        }
-                    }
-                    errors.extend(conv.errors.iter().map(|e| format!("NetworkPolicy {e}{}", model::FAIL_CLOSED_NOTE)));
-                    c.policies.insert(conv.policy.key.clone(), conv.policy);
-                }
-                Err(es) => errors.extend(es.into_iter().map(|e| format!("NetworkPolicy {e}"))),
-            }
-        }
-        for s in self.services.state() {
-            match model::service_from_k8s(&s) {
-                Ok(Some(svc)) => {
-                    c.services.insert(svc.key.clone(), svc);
-                }
-                Ok(None) => {}
-                Err(es) => errors.extend(es.into_iter().map(|e| format!("Service {e}"))),
-            }
-        }
-        for s in self.slices.state() {
-            match model::endpoint_slice_from_k8s(&s) {
-                Ok(Some(es)) => {
-                    c.endpoint_slices.insert(es.key.clone(), es);
-                }
-                Ok(None) => {}
-                Err(es) => errors.extend(es.into_iter().map(|e| format!("EndpointSlice {e}"))),
-            }
-        }
+            errors.extend(conv.errors);
+        };
+        self.namespaces.state().iter().for_each(|o| take(model::from_k8s(&**o)));
+        self.pods.state().iter().for_each(|o| take(model::from_k8s(&**o)));
+        self.policies.state().iter().for_each(|o| take(model::from_k8s(&**o)));
+        self.services.state().iter().for_each(|o| take(model::from_k8s(&**o)));
+        self.slices.state().iter().for_each(|o| take(model::from_k8s(&**o)));
         (c, errors)
     }
 }

@@ -6,12 +6,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 
 use crate::model::{ChangeSet, Cluster};
-use crate::model::{self, FieldError, ObjKey};
+use crate::model::{self, ObjKey};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadError {
@@ -533,24 +531,9 @@ pub fn load_text(file: &Path, text: &str, out: &mut Loaded) {
     }
 }
 
+/// Adds one object of a manifest to `out` (a `List`'s items one by one); returns its problems.
 fn add_object(value: serde_json::Value, out: &mut Loaded) -> Result<(), Vec<String>> {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
-    let name = value
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(|n| n.as_str())
-        .unwrap_or("<unnamed>")
-        .to_string();
-    let ns = value
-        .get("metadata")
-        .and_then(|m| m.get("namespace"))
-        .and_then(|n| n.as_str())
-        .unwrap_or("default")
-        .to_string();
-    let typed_err = |e: serde_json::Error| vec![format!("{kind} {ns}/{name}: {e}")];
-    let fields = |errs: Vec<FieldError>| -> Vec<String> {
-        errs.into_iter().map(|e| format!("{kind} {e}")).collect()
-    };
     match kind.as_str() {
         "List" => {
             let items = value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default();
@@ -566,61 +549,23 @@ fn add_object(value: serde_json::Value, out: &mut Loaded) -> Result<(), Vec<Stri
                 Err(errs)
             }
         }
-        "Namespace" => {
-            let ns: K8sNamespace = serde_json::from_value(value).map_err(typed_err)?;
-            let ns = model::namespace_from_k8s(&ns).map_err(|e| fields(vec![e]))?;
-            out.cluster.namespaces.insert(ns.name.clone(), ns);
-            Ok(())
-        }
-        "Pod" => {
-            let pod: K8sPod = serde_json::from_value(value).map_err(typed_err)?;
-            if let Some(pod) = model::pod_from_k8s(&pod).map_err(fields)? {
-                out.cluster.pods.insert(pod.key.clone(), pod);
-            }
-            Ok(())
-        }
-        "NetworkPolicy" => {
-            let np: NetworkPolicy = match serde_json::from_value(value.clone()) {
-                Ok(np) => np,
-                Err(e) => {
-                    // Not even of the API's shape: still fail closed where it can be keyed.
-                    if let Some(p) = model::policy_stand_in(&value, &e.to_string()) {
-                        out.cluster.policies.insert(p.key.clone(), p);
-                        return Err(vec![format!("{kind} {ns}/{name}: {e}{}", model::FAIL_CLOSED_NOTE)]);
-                    }
-                    return Err(typed_err(e));
-                }
+        "" => Err(vec![format!("object {} has no kind", model::json_key(&value))]),
+        _ => {
+            let Some(conv) = model::from_json(value) else {
+                *out.ignored.entry(kind).or_default() += 1;
+                return Ok(());
             };
-            let conv = model::policy_from_k8s(&np).map_err(fields)?;
             for w in &conv.warnings {
-                log::warn!("NetworkPolicy {w}");
+                log::warn!("{w}");
             }
-            // An invalid policy is kept as its fail-closed stand-in, and reported.
-            out.cluster.policies.insert(conv.policy.key.clone(), conv.policy);
+            if let Some(obj) = conv.object {
+                out.cluster.insert(obj);
+            }
             if conv.errors.is_empty() {
                 Ok(())
             } else {
-                Err(conv.errors.into_iter().map(|e| format!("NetworkPolicy {e}{}", model::FAIL_CLOSED_NOTE)).collect())
+                Err(conv.errors)
             }
-        }
-        "Service" => {
-            let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(value).map_err(typed_err)?;
-            if let Some(svc) = model::service_from_k8s(&svc).map_err(fields)? {
-                out.cluster.services.insert(svc.key.clone(), svc);
-            }
-            Ok(())
-        }
-        "EndpointSlice" => {
-            let es: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(value).map_err(typed_err)?;
-            if let Some(es) = model::endpoint_slice_from_k8s(&es).map_err(fields)? {
-                out.cluster.endpoint_slices.insert(es.key.clone(), es);
-            }
-            Ok(())
-        }
-        "" => Err(vec![format!("object {ns}/{name} has no kind")]),
-        other => {
-            *out.ignored.entry(other.to_string()).or_default() += 1;
-            Ok(())
         }
     }
 }

@@ -18,10 +18,6 @@ pub struct Packet {
     pub port: Option<u16>,
 }
 
-fn pod_with_ip(c: &Cluster, ip: IpAddr) -> Option<&Pod> {
-    c.pods.values().find(|p| !p.host_network && p.ips.contains(&ip))
-}
-
 /// "The pod is isolated for <dir> if any NetworkPolicy selects it and has <dir> in its
 /// policyTypes"; then the union of those policies' <dir> rules decides.
 ///
@@ -99,7 +95,7 @@ fn allowing(c: &Cluster, counts: &dyn Fn(&Policy) -> bool, pod: &Pod, dir: Direc
                     // ingress, the peer for egress.
                     let target = match dir {
                         Direction::Ingress => Some(pod),
-                        Direction::Egress => pod_with_ip(c, peer),
+                        Direction::Egress => c.pod_with_ip(peer),
                     };
                     port_matches(s, target, proto, port)
                 }),
@@ -112,9 +108,7 @@ fn allowing(c: &Cluster, counts: &dyn Fn(&Policy) -> bool, pod: &Pod, dir: Direc
 
 fn peer_matches(c: &Cluster, pol: &Policy, p: &Peer, ip: IpAddr) -> bool {
     match p {
-        Peer::IpBlock(b) => {
-            b.cidr.contains_addr(ip) && !b.except.iter().any(|e| e.contains_addr(ip))
-        }
+        Peer::IpBlock(b) => b.contains(ip),
         Peer::Pods { namespaces, pods } => c.pods.values().any(|q| {
             !q.host_network
                 && q.ips.contains(&ip)
@@ -145,11 +139,11 @@ fn port_matches(s: &PortSpec, target: Option<&Pod>, proto: u8, port: Option<u16>
 /// pod's ingress (if the destination is a pod). Traffic from `node_addrs` into a pod on that
 /// node is always allowed.
 pub fn connection_allowed(c: &Cluster, pkt: Packet, node_addrs: &[IpAddr]) -> bool {
-    let src_ok = match pod_with_ip(c, pkt.src) {
+    let src_ok = match c.pod_with_ip(pkt.src) {
         Some(p) => allowed(c, p, Direction::Egress, pkt.dst, pkt.proto, pkt.port),
         None => true,
     };
-    let dst_ok = match pod_with_ip(c, pkt.dst) {
+    let dst_ok = match c.pod_with_ip(pkt.dst) {
         Some(p) => node_addrs.contains(&pkt.src) || allowed(c, p, Direction::Ingress, pkt.src, pkt.proto, pkt.port),
         None => true,
     };

@@ -47,9 +47,8 @@ pub fn cluster(s: &Shape) -> Cluster {
     let namespaces = s.pods.div_ceil(s.pods_per_namespace).max(1);
     for n in 0..namespaces {
         let name = format!("ns-{n}");
-        let mut l = labels(&[("team", format!("team-{}", n % 17)), ("env", if n % 3 == 0 { "prod".into() } else { "dev".into() })]);
-        l.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
-        c.namespaces.insert(name.clone(), Namespace { name, labels: l });
+        let l = labels(&[("team", format!("team-{}", n % 17)), ("env", if n % 3 == 0 { "prod".into() } else { "dev".into() })]);
+        c.namespaces.insert(name.clone(), Namespace::new(name, l));
     }
     c.namespaces.insert("monitoring".into(), Namespace::implicit("monitoring"));
     for i in 0..s.pods {
@@ -171,7 +170,7 @@ pub fn cluster(s: &Shape) -> Cluster {
 
 /// The pod keys on a node, for picking one to relabel.
 pub fn pods_on(c: &Cluster, node: &str) -> Vec<ObjKey> {
-    c.pods.values().filter(|p| p.node_name.as_deref() == Some(node)).map(|p| p.key.clone()).collect()
+    c.pods_on(node).map(|p| p.key.clone()).collect()
 }
 
 /// Labels of every pod, to restore after a relabel.

@@ -1,0 +1,229 @@
+//! From the Kubernetes API's objects to the model: validation and conversion, and the one entry
+//! point both sources call ([`from_k8s`] for typed objects, [`from_json`] for manifest text), so
+//! that a manifest and the API server's copy of an object become the same model object and the
+//! same reported problems. Errors name the kind, the object and the field at fault.
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod, Service as K8sService};
+use k8s_openapi::api::discovery::v1::EndpointSlice as K8sEndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::Resource;
+
+use super::{EndpointSlice, FieldError, Namespace, ObjKey, Pod, Policy, Protocol, Service};
+
+mod policy;
+mod resources;
+
+pub use policy::{policy_from_k8s, policy_stand_in, ConvertedPolicy, FAIL_CLOSED_NOTE};
+pub use resources::{endpoint_slice_from_k8s, namespace_from_k8s, pod_from_k8s, service_from_k8s};
+
+/// One object of the model, of any kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    Policy(Policy),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+}
+
+/// One API object converted: what the model keeps of it and what to report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Converted {
+    /// `None`: nothing to keep (the object is invalid and not a NetworkPolicy, a pod that
+    /// finished, a service without cluster IPs, a slice of no service).
+    pub object: Option<Object>,
+    /// Each problem as reported: kind, object, field, what is wrong. An invalid NetworkPolicy's
+    /// end with [`FAIL_CLOSED_NOTE`] (its fail-closed stand-in is the `object`).
+    pub errors: Vec<String>,
+    /// Problems that change nothing in enforcement (an annotation value netpol ignores).
+    pub warnings: Vec<String>,
+}
+
+impl Converted {
+    fn failed(error: String) -> Converted {
+        Converted { object: None, errors: vec![error], warnings: vec![] }
+    }
+
+    /// From a kind's conversion: its object (if kept), or its field errors.
+    fn of(kind: &str, result: Result<Option<Object>, Vec<FieldError>>) -> Converted {
+        match result {
+            Ok(object) => Converted { object, ..Default::default() },
+            Err(errs) => Converted { errors: errs.iter().map(|e| format!("{kind} {e}")).collect(), ..Default::default() },
+        }
+    }
+}
+
+/// An API object of a kind the model takes in.
+pub trait ApiObject: k8s_openapi::Resource + serde::de::DeserializeOwned {
+    fn convert(&self) -> Converted;
+}
+
+/// Converts and validates one API object.
+pub fn from_k8s<K: ApiObject>(obj: &K) -> Converted {
+    obj.convert()
+}
+
+/// Converts one object of a manifest (any kind the model takes; `None` for other kinds). A text
+/// that does not have the API's shape is an error, except that a NetworkPolicy that can be
+/// keyed still fails closed ([`policy_stand_in`]).
+pub fn from_json(value: serde_json::Value) -> Option<Converted> {
+    Some(match value.get("kind").and_then(|k| k.as_str())? {
+        K8sNamespace::KIND => typed_from_json::<K8sNamespace>(value),
+        K8sPod::KIND => typed_from_json::<K8sPod>(value),
+        NetworkPolicy::KIND => policy_from_json(value),
+        K8sService::KIND => typed_from_json::<K8sService>(value),
+        K8sEndpointSlice::KIND => typed_from_json::<K8sEndpointSlice>(value),
+        _ => return None,
+    })
+}
+
+/// The key a manifest object names, for messages: namespace `default` and name `<unnamed>`
+/// where absent.
+pub fn json_key(value: &serde_json::Value) -> ObjKey {
+    let meta = |field: &str| value.get("metadata").and_then(|m| m.get(field)).and_then(|n| n.as_str());
+    ObjKey::new(meta("namespace").unwrap_or("default"), meta("name").unwrap_or("<unnamed>"))
+}
+
+fn typed_from_json<K: ApiObject>(value: serde_json::Value) -> Converted {
+    let key = json_key(&value);
+    match serde_json::from_value::<K>(value) {
+        Ok(obj) => obj.convert(),
+        Err(e) => Converted::failed(format!("{} {key}: {e}", K::KIND)),
+    }
+}
+
+fn policy_from_json(value: serde_json::Value) -> Converted {
+    let e = match serde_json::from_value::<NetworkPolicy>(value.clone()) {
+        Ok(np) => return np.convert(),
+        Err(e) => e,
+    };
+    let key = json_key(&value);
+    match policy_stand_in(&value, &e.to_string()) {
+        // Not even of the API's shape: still fail closed where it can be keyed.
+        Some(p) => Converted {
+            object: Some(Object::Policy(p)),
+            errors: vec![format!("{} {key}: {e}{FAIL_CLOSED_NOTE}", NetworkPolicy::KIND)],
+            warnings: vec![],
+        },
+        None => Converted::failed(format!("{} {key}: {e}", NetworkPolicy::KIND)),
+    }
+}
+
+impl ApiObject for K8sNamespace {
+    fn convert(&self) -> Converted {
+        Converted::of(Self::KIND, namespace_from_k8s(self).map(|n| Some(Object::Namespace(n))).map_err(|e| vec![e]))
+    }
+}
+
+impl ApiObject for K8sPod {
+    fn convert(&self) -> Converted {
+        Converted::of(Self::KIND, pod_from_k8s(self).map(|p| p.map(Object::Pod)))
+    }
+}
+
+impl ApiObject for K8sService {
+    fn convert(&self) -> Converted {
+        Converted::of(Self::KIND, service_from_k8s(self).map(|s| s.map(Object::Service)))
+    }
+}
+
+impl ApiObject for K8sEndpointSlice {
+    fn convert(&self) -> Converted {
+        Converted::of(Self::KIND, endpoint_slice_from_k8s(self).map(|s| s.map(Object::EndpointSlice)))
+    }
+}
+
+/// An invalid policy is kept as its fail-closed stand-in, and reported.
+impl ApiObject for NetworkPolicy {
+    fn convert(&self) -> Converted {
+        match policy_from_k8s(self) {
+            Ok(conv) => Converted {
+                object: Some(Object::Policy(conv.policy)),
+                errors: conv.errors.iter().map(|e| format!("{} {e}{FAIL_CLOSED_NOTE}", Self::KIND)).collect(),
+                warnings: conv.warnings.iter().map(|w| format!("{} {w}", Self::KIND)).collect(),
+            },
+            Err(errs) => Converted::of(Self::KIND, Err(errs)),
+        }
+    }
+}
+
+/// Collects field errors for one object.
+struct Errs<'a> {
+    object: &'a str,
+    list: Vec<FieldError>,
+}
+
+impl Errs<'_> {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.list.push(FieldError { object: self.object.to_string(), field: field.into(), message: message.into() });
+    }
+}
+
+/// The object's key (`namespaced`: in its namespace, `default` when unset); a name is required.
+fn meta_key(kind: &str, meta: &ObjectMeta, namespaced: bool) -> Result<ObjKey, FieldError> {
+    let name = meta.name.clone().unwrap_or_default();
+    let namespace = if namespaced { meta.namespace.clone().unwrap_or_else(|| "default".to_string()) } else { String::new() };
+    if name.is_empty() {
+        return Err(FieldError {
+            object: format!("{kind} {namespace}/<unnamed>"),
+            field: "metadata.name".into(),
+            message: "is required".into(),
+        });
+    }
+    Ok(ObjKey { namespace, name })
+}
+
+/// A `protocol` field of `path`: absent means TCP; an unknown one is an error.
+fn protocol(errs: &mut Errs, path: &str, value: Option<&str>) -> Option<Protocol> {
+    match value {
+        None => Some(Protocol::Tcp),
+        Some(s) => {
+            let p = Protocol::parse(s);
+            if p.is_none() {
+                errs.push(format!("{path}.protocol"), format!("unknown protocol {s:?} (want TCP, UDP or SCTP)"));
+            }
+            p
+        }
+    }
+}
+
+/// IANA_SVC_NAME as validated by the API server.
+pub fn valid_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(text: &str) -> serde_json::Value {
+        serde_yaml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_manifest_and_the_api_servers_copy_convert_alike() {
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: a}\nspec: {containers: [{name: c, ports: [{containerPort: 0}]}]}\n";
+        let typed: K8sPod = serde_json::from_value(json(pod)).unwrap();
+        let conv = from_json(json(pod)).unwrap();
+        assert_eq!(conv, from_k8s(&typed));
+        assert_eq!(conv.errors, ["Pod a/x: spec.containers[0].ports[0].containerPort: 0 is not in 1-65535"]);
+        assert!(conv.object.is_none());
+        assert!(from_json(json("kind: ConfigMap\nmetadata: {name: x}\n")).is_none());
+    }
+
+    #[test]
+    fn a_policy_not_of_the_apis_shape_fails_closed() {
+        let conv = from_json(json("kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: 7}\n")).unwrap();
+        let Some(Object::Policy(p)) = &conv.object else { panic!("{conv:?}") };
+        assert!(p.invalid.is_some() && p.isolates_ingress && p.ingress.is_empty());
+        assert!(conv.errors.len() == 1 && conv.errors[0].starts_with("NetworkPolicy a/p: ") && conv.errors[0].ends_with(FAIL_CLOSED_NOTE));
+        let conv = from_json(json("kind: Service\nmetadata: {name: s}\nspec: {ports: 7}\n")).unwrap();
+        assert!(conv.object.is_none() && conv.errors[0].starts_with("Service default/s: "), "{conv:?}");
+    }
+}
