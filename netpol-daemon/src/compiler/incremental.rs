@@ -23,7 +23,6 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use super::build::build;
-use super::index::{is_local, local_pods};
 use super::ir::class_in;
 use super::pending::pending_pods;
 use super::state::{add_service_allows, backends_of, State};
@@ -117,7 +116,7 @@ impl NodeCompiler {
 
     fn full(&mut self, cluster: &Cluster) {
         let index = Index::new(cluster);
-        let local: Vec<&Pod> = local_pods(cluster, &self.node).collect();
+        let local: Vec<&Pod> = cluster.local_pods(&self.node).collect();
         let (policy, state) = build(&index, &local);
         self.classes_at_full = policy.classes.len();
         self.policy = policy;
@@ -172,7 +171,7 @@ fn local_changes<'a>(st: &State, cluster: &'a Cluster, node: &str, ch: &'a Chang
     let mut now = Vec::new();
     let mut gone = Vec::new();
     for key in &ch.pods {
-        match cluster.pods.get(key).filter(|p| is_local(p, node)) {
+        match cluster.pods.get(key).filter(|p| p.is_on(node) && p.selectable()) {
             Some(p) => {
                 let iso = isolating(cluster, p);
                 for (d, pols) in Direction::BOTH.into_iter().zip(&iso) {

@@ -30,11 +30,8 @@ impl<'a> Index<'a> {
                 pod_by_ip.insert(*ip, p);
             }
         }
-        let mut ns_labels: Vec<(&str, Cow<Labels>)> =
-            cluster.namespaces.iter().map(|(n, ns)| (n.as_str(), Cow::Borrowed(&ns.labels))).collect();
-        for n in pods_by_ns.keys().filter(|n| !cluster.namespaces.contains_key(**n)) {
-            ns_labels.push((n, namespace_labels(cluster, n)));
-        }
+        let implicit: Vec<&str> = pods_by_ns.keys().filter(|n| !cluster.namespaces.contains_key(**n)).copied().collect();
+        let ns_labels = cluster.namespaces.keys().map(|n| n.as_str()).chain(implicit).map(|n| (n, cluster.namespace_labels(n))).collect();
         Index { cluster, pods_by_ns, pod_by_ip, ns_labels }
     }
 
@@ -65,26 +62,6 @@ impl<'a> Index<'a> {
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&'a Pod> {
         self.pod_by_ip.get(&ip).copied()
     }
-}
-
-/// The labels of namespace `ns`; one known only through its pods or policies carries only
-/// the automatic name label.
-pub(super) fn namespace_labels<'a>(cluster: &'a Cluster, ns: &str) -> Cow<'a, Labels> {
-    match cluster.namespaces.get(ns) {
-        Some(n) => Cow::Borrowed(&n.labels),
-        None => Cow::Owned(Namespace::implicit(ns).labels),
-    }
-}
-
-/// Does `node` enforce policy for `pod`: is it scheduled there and selectable (not
-/// host-network, with an address)?
-pub(super) fn is_local(pod: &Pod, node: &str) -> bool {
-    pod.node_name.as_deref() == Some(node) && pod.selectable()
-}
-
-/// The pods `node` enforces policy for ([`is_local`]).
-pub(super) fn local_pods<'a>(cluster: &'a Cluster, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
-    cluster.pods.values().filter(move |p| is_local(p, node))
 }
 
 /// The policies of `pod`'s namespace that select it and isolate it, per direction (ingress,

@@ -39,12 +39,12 @@ pub use ir::{slot_of, Allow, ClassKey, CompiledPod, DirPolicy, NodePolicy, PortR
 pub use pending::{pending_isolation, pending_pod, PendingIface};
 
 use crate::model::*;
-use index::{isolating, local_pods};
+use index::isolating;
 
 /// Compiles everything the pods of `node` (not host-network, with an address) need.
 pub fn compile_node(cluster: &Cluster, node: &str) -> NodePolicy {
     let index = Index::new(cluster);
-    let local: Vec<&Pod> = local_pods(cluster, node).collect();
+    let local: Vec<&Pod> = cluster.local_pods(node).collect();
     compile_pods(&index, &local)
 }
 

@@ -23,7 +23,7 @@ pub struct PendingIface {
 /// direction stays open).
 pub fn pending_isolation(cluster: &Cluster, node: &str) -> Option<[bool; 2]> {
     let mut out: Option<[bool; 2]> = None;
-    for pod in cluster.pods.values().filter(|p| p.node_name.as_deref() == Some(node) && !p.host_network && p.ips.is_empty()) {
+    for pod in cluster.unaddressed_pods(node) {
         let iso = isolating(cluster, pod).map(|v| !v.is_empty());
         out = Some(match out {
             None => iso,

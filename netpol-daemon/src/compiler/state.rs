@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use super::index::{namespace_labels, PeerSet};
+use super::index::PeerSet;
 use super::ir::class_in;
 use super::*;
 use crate::model::cidr::Cidr;
@@ -52,7 +52,7 @@ impl GroupState {
             sel.matches(&pod.labels)
                 && match nss {
                     None => pod.key.namespace == *own,
-                    Some(s) => s.matches(namespace_labels(cluster, &pod.key.namespace).as_ref()),
+                    Some(s) => s.matches(cluster.namespace_labels(&pod.key.namespace).as_ref()),
                 }
         })
     }
