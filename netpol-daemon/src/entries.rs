@@ -159,10 +159,14 @@ pub struct EntryCache {
     prefix_class: HashMap<Cidr, usize>,
     refs: Vec<u32>,
     class_ids: Vec<Option<u32>>,
-    pods: HashMap<ObjKey, (u32, CompiledPod, Vec<(PolicyKey, PolicyValue)>)>,
+    pods: HashMap<ObjKey, Programmed>,
     /// Per port set in use: its POLICY_PORTS entries and users.
     port_sets: HashMap<u32, PortSetUse>,
 }
+
+/// A programmed pod: its endpoint id, the compiled tables its entries come from, its POLICY
+/// entries.
+type Programmed = (u32, CompiledPod, Vec<(PolicyKey, PolicyValue)>);
 
 impl EntryCache {
     /// Brings `cur` up to date with `node`. `Some`: what changed, when the update was
@@ -175,61 +179,85 @@ impl EntryCache {
         portsets: &mut PortSetInterner,
     ) -> Option<Changed> {
         let inc = self.valid && node.epoch != 0 && node.epoch == self.epoch && node.prefix_gen >= self.prefix_gen;
-        // Prefixes whose class changed since the last refresh.
-        let mut prefix_moves: Vec<Cidr> = Vec::new();
-        if inc {
-            self.refs.resize(node.classes.len(), 0);
-            for (c, _) in node.touched_prefixes.iter().filter(|(_, g)| **g > self.prefix_gen) {
-                let (old, new) = (self.prefix_class.get(c).copied(), node.prefixes.get(c).copied());
-                if old == new {
-                    continue;
-                }
-                if let Some(o) = old {
-                    self.refs[o] -= 1;
-                }
-                match new {
-                    Some(n) => {
-                        self.refs[n] += 1;
-                        self.prefix_class.insert(*c, n);
-                    }
-                    None => {
-                        self.prefix_class.remove(c);
-                    }
-                }
-                prefix_moves.push(*c);
-            }
+        let prefix_moves = if inc {
+            self.move_prefixes(node)
         } else {
-            self.refs = vec![0; node.classes.len()];
-            self.prefix_class = node.prefixes.iter().map(|(c, k)| (*c, *k)).collect();
-            for k in node.prefixes.values() {
-                self.refs[*k] += 1;
-            }
-        }
-        let same_epoch = node.epoch != 0 && node.epoch == self.epoch;
-        let class_ids: Vec<Option<u32>> = node
-            .classes
-            .iter()
-            .enumerate()
-            .map(|(i, k)| match i {
-                0 => Some(0),
-                _ if self.refs[i] > 0 => Some(self.class_ids.get(i).copied().flatten().filter(|_| same_epoch).unwrap_or_else(|| classes.id(k))),
-                _ => None,
-            })
-            .collect();
+            self.count_prefixes(node);
+            Vec::new()
+        };
+        let class_ids = self.class_ids_of(node, classes);
         // A class that gained or lost its id changes the entries of every pod: afresh.
         let classes_kept = class_ids.len() >= self.class_ids.len() && class_ids[..self.class_ids.len()] == self.class_ids[..];
         self.epoch = node.epoch;
         self.prefix_gen = node.prefix_gen;
+        self.class_ids = class_ids;
         if !(inc && classes_kept) {
-            self.class_ids = class_ids;
             self.rebuild(node, endpoints, portsets);
             return None;
         }
-        self.class_ids = class_ids;
         let mut ch = Changed::default();
+        self.move_identities(&prefix_moves, &mut ch);
+        self.redo_pods(node, endpoints, portsets, &mut ch);
+        Some(ch)
+    }
+
+    /// The prefixes the compiler touched since the last refresh whose class changed: their
+    /// classes and the classes' prefix counts brought up to date. Returns them.
+    fn move_prefixes(&mut self, node: &NodePolicy) -> Vec<Cidr> {
+        let mut moves = Vec::new();
+        self.refs.resize(node.classes.len(), 0);
+        for (c, _) in node.touched_prefixes.iter().filter(|(_, g)| **g > self.prefix_gen) {
+            let (old, new) = (self.prefix_class.get(c).copied(), node.prefixes.get(c).copied());
+            if old == new {
+                continue;
+            }
+            if let Some(o) = old {
+                self.refs[o] -= 1;
+            }
+            match new {
+                Some(n) => {
+                    self.refs[n] += 1;
+                    self.prefix_class.insert(*c, n);
+                }
+                None => {
+                    self.prefix_class.remove(c);
+                }
+            }
+            moves.push(*c);
+        }
+        moves
+    }
+
+    /// Every prefix's class and the classes' prefix counts, afresh.
+    fn count_prefixes(&mut self, node: &NodePolicy) {
+        self.refs = vec![0; node.classes.len()];
+        self.prefix_class = node.prefixes.iter().map(|(c, k)| (*c, *k)).collect();
+        for k in node.prefixes.values() {
+            self.refs[*k] += 1;
+        }
+    }
+
+    /// The id of every class of `node` some prefix maps to (kept from the last refresh within
+    /// one epoch), `None` for the others; class 0 is id 0.
+    fn class_ids_of(&self, node: &NodePolicy, classes: &mut ClassInterner) -> Vec<Option<u32>> {
+        let same_epoch = node.epoch != 0 && node.epoch == self.epoch;
+        let kept = |i: usize| self.class_ids.get(i).copied().flatten().filter(|_| same_epoch);
+        node.classes
+            .iter()
+            .enumerate()
+            .map(|(i, k)| match i {
+                0 => Some(0),
+                _ if self.refs[i] > 0 => Some(kept(i).unwrap_or_else(|| classes.id(k))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The IDENTITIES entries of the moved prefixes, and the class ids in use.
+    fn move_identities(&mut self, prefix_moves: &[Cidr], ch: &mut Changed) {
         for c in prefix_moves {
-            let key = id_key(&c);
-            match self.prefix_class.get(&c) {
+            let key = id_key(c);
+            match self.prefix_class.get(c) {
                 Some(k) => {
                     let id = self.class_ids[*k].expect("referenced");
                     if self.cur.identities.insert(key, id) != Some(id) {
@@ -243,9 +271,18 @@ impl EntryCache {
                 }
             }
         }
-        self.cur.classes = self.class_ids.iter().flatten().copied().filter(|c| *c != 0).collect();
-        // Pods whose entries change: every old entry out first, then the new ones in (an
-        // endpoint id freed by one pod may be another's now).
+        self.cur.classes = self.classes_in_use();
+    }
+
+    /// The ids of the classes some prefix maps to (class 0 aside).
+    fn classes_in_use(&self) -> BTreeSet<u32> {
+        self.class_ids.iter().flatten().copied().filter(|c| *c != 0).collect()
+    }
+
+    /// The POLICY entries of the pods whose compiled tables or endpoint changed, and of the
+    /// pods gone: every old entry out first, then the new ones in (an endpoint id freed by one
+    /// pod may be another's now).
+    fn redo_pods(&mut self, node: &NodePolicy, endpoints: &BTreeMap<ObjKey, u32>, portsets: &mut PortSetInterner, ch: &mut Changed) {
         let mut redo: Vec<(ObjKey, u32)> = Vec::new();
         for (key, pod) in &node.pods {
             let Some(&endpoint) = endpoints.get(key) else { continue };
@@ -263,13 +300,9 @@ impl EntryCache {
         }
         for (key, endpoint) in redo {
             let pod = &node.pods[&key];
-            let entries = self.pod_entries(endpoint, pod, portsets);
-            self.add_entries(&entries, &mut edit);
-            self.cur.policy_entries.insert(key.clone(), entries.len());
-            self.pods.insert(key, (endpoint, pod.clone(), entries));
+            self.install(key, endpoint, pod, portsets, &mut edit);
         }
-        self.settle(edit, &mut ch);
-        Some(ch)
+        self.settle(edit, ch);
     }
 
     /// Everything derived again from `node` (pods' entries included).
@@ -282,16 +315,21 @@ impl EntryCache {
         for (cidr, class) in &node.prefixes {
             self.cur.identities.insert(id_key(cidr), self.class_ids[*class].expect("referenced"));
         }
-        self.cur.classes = self.class_ids.iter().flatten().copied().filter(|c| *c != 0).collect();
+        self.cur.classes = self.classes_in_use();
         let mut edit = Edit::default();
         for (key, pod) in &node.pods {
             let Some(&endpoint) = endpoints.get(key) else { continue };
-            let entries = self.pod_entries(endpoint, pod, portsets);
-            self.cur.policy_entries.insert(key.clone(), entries.len());
-            self.add_entries(&entries, &mut edit);
-            self.pods.insert(key.clone(), (endpoint, pod.clone(), entries));
+            self.install(key.clone(), endpoint, pod, portsets, &mut edit);
         }
         self.settle(edit, &mut Changed::default());
+    }
+
+    /// Puts the POLICY entries of `pod`, programmed as `endpoint`, into `cur`.
+    fn install(&mut self, key: ObjKey, endpoint: u32, pod: &CompiledPod, portsets: &mut PortSetInterner, edit: &mut Edit) {
+        let entries = self.pod_entries(endpoint, pod, portsets);
+        self.add_entries(&entries, edit);
+        self.cur.policy_entries.insert(key.clone(), entries.len());
+        self.pods.insert(key, (endpoint, pod.clone(), entries));
     }
 
     /// A pod's POLICY entries (port sets interned, their POLICY_PORTS entries derived once).
@@ -437,13 +475,16 @@ pub fn lookup_slot(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::I
     // The longest matching prefix decides, as in the LPM trie.
     d.ports
         .iter()
-        .filter(|((len, k), _)| {
-            let bits = len - PORT_KEY_FIXED_BITS;
-            let mask: u16 = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
-            k.portset == v.portset && k.proto == proto && (port & mask) == u16::from_be_bytes(k.port)
-        })
+        .filter(|((len, k), _)| k.portset == v.portset && k.proto == proto && covers_port(*len, k, port))
         .max_by_key(|((len, _), _)| *len)
         .map(|(_, v)| v.slot)
+}
+
+/// Does the POLICY_PORTS key `(len, k)` cover `port` (its port set and protocol aside)?
+fn covers_port(len: u32, k: &PortKey, port: u16) -> bool {
+    let bits = len - PORT_KEY_FIXED_BITS;
+    let mask: u16 = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
+    (port & mask) == u16::from_be_bytes(k.port)
 }
 
 #[cfg(test)]
@@ -490,15 +531,7 @@ mod tests {
         let mut out = HashMap::default();
         portset_entries(9, &a, &mut out);
         for (port, slot) in [(0u16, 7u32), (89, 7), (90, 3), (149, 3), (150, 1), (250, 1), (251, 7), (65535, 7)] {
-            let hit = out
-                .iter()
-                .filter(|((len, k), _)| {
-                    let bits = len - PORT_KEY_FIXED_BITS;
-                    let mask: u16 = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
-                    (port & mask) == u16::from_be_bytes(k.port)
-                })
-                .max_by_key(|((len, _), _)| *len)
-                .map(|(_, v)| v.slot);
+            let hit = out.iter().filter(|((len, k), _)| covers_port(*len, k, port)).max_by_key(|((len, _), _)| *len).map(|(_, v)| v.slot);
             assert_eq!(hit, Some(slot), "port {port}");
         }
     }

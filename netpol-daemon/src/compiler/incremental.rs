@@ -22,7 +22,12 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use super::build::build;
+use super::ir::class_in;
+use super::pending::pending_pods;
+use super::state::{add_service_allows, backends_of, State};
 use super::*;
+use crate::model::cidr::Cidr;
 
 /// How an update was done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +55,15 @@ pub struct NodeCompiler {
 
 impl NodeCompiler {
     pub fn new(node: &str) -> NodeCompiler {
-        NodeCompiler { node: node.to_string(), state: None, policy: NodePolicy::default(), classes_at_full: 0, fallback: true, pending: Vec::new(), pending_changed: false }
+        NodeCompiler {
+            node: node.to_string(),
+            state: None,
+            policy: NodePolicy::default(),
+            classes_at_full: 0,
+            fallback: true,
+            pending: Vec::new(),
+            pending_changed: false,
+        }
     }
 
     pub fn policy(&self) -> &NodePolicy {
@@ -74,11 +87,8 @@ impl NodeCompiler {
         // in after it (their isolation follows the cluster's pending pods).
         self.policy.pods.retain(|_, c| c.pending.is_none());
         let kind = self.update_cluster(cluster, changes);
-        if let Some(iso) = pending_isolation(cluster, &self.node).filter(|i| i[0] || i[1]) {
-            for iface in &self.pending {
-                let c = pending_pod(iface, iso);
-                self.policy.pods.insert(c.key.clone(), c);
-            }
+        for c in pending_pods(cluster, &self.node, &self.pending) {
+            self.policy.pods.insert(c.key.clone(), c);
         }
         match kind {
             UpdateKind::Unchanged if pending_changed => UpdateKind::Incremental,
@@ -106,8 +116,7 @@ impl NodeCompiler {
 
     fn full(&mut self, cluster: &Cluster) {
         let index = Index::new(cluster);
-        let local: Vec<&Pod> =
-            cluster.pods.values().filter(|p| p.node_name.as_deref() == Some(self.node.as_str()) && p.selectable()).collect();
+        let local: Vec<&Pod> = cluster.local_pods(&self.node).collect();
         let (policy, state) = build(&index, &local);
         self.classes_at_full = policy.classes.len();
         self.policy = policy;
@@ -136,123 +145,125 @@ pub fn full_is_cheaper(changed: usize, pods: usize) -> bool {
 /// Applies pod changes (and EndpointSlice changes) to a compiled node. Returns false, having
 /// changed nothing, when the node must be compiled again (a local pod needs rules not in use).
 fn apply_pods(st: &mut State, out: &mut NodePolicy, cluster: &Cluster, node: &str, ch: &ChangeSet) -> bool {
-    let is_local = |p: &Pod| p.node_name.as_deref() == Some(node) && p.selectable();
-    // Check first, change after: local pods whose policies are all in use.
-    let mut local_now: Vec<(&Pod, [Vec<&Policy>; 2])> = Vec::new();
-    let mut local_gone: Vec<&ObjKey> = Vec::new();
-    for key in &ch.pods {
-        match cluster.pods.get(key).filter(|p| is_local(p)) {
-            Some(p) => {
-                let iso = isolating(cluster, p);
-                for (d, pols) in Direction::BOTH.into_iter().zip(&iso) {
-                    if pols.iter().any(|p| !st.in_use(&p.key, d)) {
-                        return false;
-                    }
-                }
-                local_now.push((p, iso));
-            }
-            None => {
-                if st.local.contains_key(key) {
-                    local_gone.push(key);
-                }
-            }
-        }
-    }
-
-    // Addresses: owners before and after (and the index by address with them).
-    let mut affected: BTreeSet<IpAddr> = BTreeSet::new();
-    for key in &ch.pods {
-        if let Some(ips) = st.pod_ips.remove(key) {
-            for ip in &ips {
-                if let Some(set) = st.ip_owners.get_mut(ip) {
-                    set.remove(key);
-                    if set.is_empty() {
-                        st.ip_owners.remove(ip);
-                    }
-                }
-            }
-            affected.extend(ips);
-        }
-        if let Some(p) = cluster.pods.get(key).filter(|p| p.selectable()) {
-            st.pod_ips.insert(key.clone(), p.ips.clone());
-            for ip in &p.ips {
-                st.ip_owners.entry(*ip).or_default().insert(key.clone());
-            }
-            affected.extend(p.ips.iter().copied());
-        }
-    }
-
-    // Their classes and prefix entries.
-    let mut new_classes = Vec::new();
-    out.prefix_gen += 1;
-    for addr in &affected {
-        let key = st.class_key(cluster, *addr);
-        let class = match st.class_ids.get(&key) {
-            Some(c) => *c,
-            None => {
-                let c = st.add_class(&mut out.classes, key);
-                new_classes.push(c);
-                c
-            }
-        };
-        let host = Cidr::host(*addr);
-        let before = out.prefixes.remove(&host);
-        if lpm_class(&out.prefixes, *addr) != class {
-            out.prefixes.insert(host, class);
-        }
-        if out.prefixes.get(&host) != before.as_ref() {
-            out.touched_prefixes.insert(host, out.prefix_gen);
-        }
-    }
-
+    let Some((local_now, local_gone)) = local_changes(st, cluster, node, ch) else { return false };
+    let affected = update_owners(st, cluster, ch);
+    let new_classes = reclassify(st, out, cluster, &affected);
     // Pods that left the node; pods of the node that changed are compiled again below.
     for key in local_gone {
         st.local.remove(key);
         out.pods.remove(key);
     }
     let changed_local: BTreeSet<&ObjKey> = local_now.iter().map(|(p, _)| &p.key).collect();
+    add_new_classes(st, out, cluster, &new_classes, &changed_local);
+    // The node's changed pods, compiled from their policies.
+    for (pod, iso) in &local_now {
+        let c = st.compile_pod(&out.classes, pod, iso);
+        st.set_local(&pod.key, iso);
+        out.pods.insert(pod.key.clone(), c);
+    }
+    refresh_service_allows(out, cluster);
+    true
+}
 
-    // New classes: an entry in the other local pods' tables where their rules treat the class
-    // differently from class 0.
-    if !new_classes.is_empty() {
-        for (key, compiled) in out.pods.iter_mut() {
-            if changed_local.contains(key) {
-                continue;
-            }
-            let (Some(pod), Some(iso)) = (cluster.pods.get(key), st.local.get(key)) else { continue };
-            for dir in Direction::BOTH {
-                let dp = match dir {
-                    Direction::Ingress => compiled.ingress.as_mut(),
-                    Direction::Egress => compiled.egress.as_mut(),
-                };
-                let Some(dp) = dp else { continue };
-                let rules = st.pod_rules(&iso[dir as usize], dir);
-                let base = dp.allows.get(&0).cloned().unwrap_or_else(Allow::nothing);
-                for ci in &new_classes {
-                    if let Some(a) = st.class_allow(&out.classes, *ci, &base, pod, dir, &rules) {
-                        dp.allows.insert(*ci, a);
+/// The changed pods now on the node with their isolating policies, and the node's pods that
+/// are gone; `None` when one of them needs a policy (direction) not in use.
+fn local_changes<'a>(st: &State, cluster: &'a Cluster, node: &str, ch: &'a ChangeSet) -> Option<LocalChanges<'a>> {
+    let mut now = Vec::new();
+    let mut gone = Vec::new();
+    for key in &ch.pods {
+        match cluster.pods.get(key).filter(|p| p.is_on(node) && p.selectable()) {
+            Some(p) => {
+                let iso = isolating(cluster, p);
+                for (d, pols) in Direction::BOTH.into_iter().zip(&iso) {
+                    if pols.iter().any(|p| !st.in_use(&p.key, d)) {
+                        return None;
                     }
+                }
+                now.push((p, iso));
+            }
+            None if st.local.contains_key(key) => gone.push(key),
+            None => {}
+        }
+    }
+    Some((now, gone))
+}
+
+/// Changed pods on the node (with their isolating policies), and the node's pods gone.
+type LocalChanges<'a> = (Vec<(&'a Pod, [Vec<&'a Policy>; 2])>, Vec<&'a ObjKey>);
+
+/// The index by address brought up to date with the changed pods; returns their addresses,
+/// before and after.
+fn update_owners(st: &mut State, cluster: &Cluster, ch: &ChangeSet) -> BTreeSet<IpAddr> {
+    let mut affected: BTreeSet<IpAddr> = BTreeSet::new();
+    for key in &ch.pods {
+        if let Some(ips) = st.remove_owner(key) {
+            affected.extend(ips);
+        }
+        if let Some(p) = cluster.pods.get(key).filter(|p| p.selectable()) {
+            st.add_owner(p);
+            affected.extend(p.ips.iter().copied());
+        }
+    }
+    affected
+}
+
+/// The class and prefix entry of every affected address, derived again (the table kept
+/// pruned); returns the classes that are new.
+fn reclassify(st: &mut State, out: &mut NodePolicy, cluster: &Cluster, affected: &BTreeSet<IpAddr>) -> Vec<usize> {
+    let mut new_classes = Vec::new();
+    out.prefix_gen += 1;
+    for addr in affected {
+        let key = st.class_key(cluster, *addr);
+        let known = out.classes.len();
+        let class = st.class_for(&mut out.classes, key);
+        if class == known {
+            new_classes.push(class);
+        }
+        let host = Cidr::host(*addr);
+        let before = out.prefixes.remove(&host);
+        if class_in(&out.prefixes, *addr) != class {
+            out.prefixes.insert(host, class);
+        }
+        if out.prefixes.get(&host) != before.as_ref() {
+            out.touched_prefixes.insert(host, out.prefix_gen);
+        }
+    }
+    new_classes
+}
+
+/// New classes: an entry in the tables of the node's unchanged pods where their rules treat
+/// the class differently from class 0.
+fn add_new_classes(st: &State, out: &mut NodePolicy, cluster: &Cluster, new_classes: &[usize], changed_local: &BTreeSet<&ObjKey>) {
+    if new_classes.is_empty() {
+        return;
+    }
+    for (key, compiled) in out.pods.iter_mut() {
+        if changed_local.contains(key) {
+            continue;
+        }
+        let (Some(pod), Some(iso)) = (cluster.pods.get(key), st.local.get(key)) else { continue };
+        for dir in Direction::BOTH {
+            let Some(dp) = compiled.dir_mut(dir) else { continue };
+            let rules = st.pod_rules(&iso[dir as usize], dir);
+            let base = dp.allows.get(&0).cloned().unwrap_or_else(Allow::nothing);
+            for ci in new_classes {
+                if let Some(a) = st.class_allow(&out.classes, *ci, &base, pod, dir, &rules) {
+                    dp.allows.insert(*ci, a);
                 }
             }
         }
     }
+}
 
-    // The node's changed pods, compiled from their policies.
-    for (pod, iso) in local_now {
-        let c = st.compile_pod(&out.classes, pod, &iso);
-        st.local.insert(pod.key.clone(), iso.map(|v| v.iter().map(|p| p.key.clone()).collect()));
-        out.pods.insert(pod.key.clone(), c);
+/// Egress to cluster IPs follows the backends' entries: derived again for every pod.
+fn refresh_service_allows(out: &mut NodePolicy, cluster: &Cluster) {
+    if !out.classes.iter().any(|c| c.service.is_some()) {
+        return;
     }
-
-    // Egress to cluster IPs follows the backends' entries: derived again for every pod.
-    if out.classes.iter().any(|c| c.service.is_some()) {
-        let backends = backends_of(cluster, &out.classes);
-        for compiled in out.pods.values_mut() {
-            let Some(dp) = compiled.egress.as_mut() else { continue };
-            dp.allows.retain(|c, _| out.classes[*c].service.is_none());
-            let svc = service_allows(&out.prefixes, &out.classes, &backends, &dp.allows);
-            dp.allows.extend(svc);
-        }
+    let backends = backends_of(cluster, &out.classes);
+    for compiled in out.pods.values_mut() {
+        let Some(dp) = compiled.egress.as_mut() else { continue };
+        dp.allows.retain(|c, _| out.classes[*c].service.is_none());
+        add_service_allows(dp, &out.prefixes, &out.classes, &backends);
     }
-    true
 }

@@ -1,5 +1,6 @@
 //! Compiler tests: named semantics cases, then a differential property test against the
 //! reference evaluator over random clusters and packets.
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -481,7 +482,7 @@ fn selector(g: &mut Gen) -> Selector {
 const CIDRS: &[&str] = &["10.0.0.0/8", "10.0.0.0/29", "10.0.0.0/30", "10.0.0.4/30", "10.0.0.2/31", "10.0.0.5/32", "0.0.0.0/0", "192.168.0.0/16", "fd00::/64", "fd00::/126", "::/0"];
 
 fn ip_block(g: &mut Gen) -> IpBlock {
-    let cidr = Cidr::parse(&g.pick(CIDRS)).unwrap();
+    let cidr = Cidr::parse(g.pick(CIDRS)).unwrap();
     let inside: Vec<Cidr> = CIDRS.iter().map(|c| Cidr::parse(c).unwrap()).filter(|c| cidr.strictly_contains(c)).collect();
     let mut except = Vec::new();
     if !inside.is_empty() {

@@ -1,0 +1,253 @@
+//! The full compile of one node, in the phases the module doc describes: the rules in use,
+//! resolved to distinct peer sets; the candidate prefixes; which peer sets hold each
+//! candidate; the classes and the pruned prefix table; each local pod's tables, with its
+//! egress to cluster IPs. It leaves behind the [`State`] incremental updates start from.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::index::{block_holds, has_named, isolating, PeerResolver, PeerSet};
+use super::state::{add_service_allows, backends_of, class_ports, GroupState, RuleState, State};
+use super::*;
+use crate::model::cidr::Cidr;
+
+/// Numbers the full compiles ([`NodePolicy::epoch`]).
+static EPOCH: AtomicU64 = AtomicU64::new(1);
+
+/// Compiles `local` as the pods of one node; returns the policy and the state incremental
+/// updates start from.
+pub(super) fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
+    let isolating_of: Vec<[Vec<&Policy>; 2]> = local.iter().map(|pod| isolating(index.cluster, pod)).collect();
+    let rules = resolve_rules(index, &isolating_of);
+    let (named_groups, any_named) = rules.named_groups();
+    let cands = candidates(index, &rules.groups, &named_groups, any_named);
+    let members = membership(&rules.groups, &cands.prefixes);
+    let mut st = rules.into_state(index.cluster, named_groups, any_named, cands.service_of);
+    let (classes, table) = classify(&mut st, index, &cands.prefixes, members);
+    let prefixes = prune(table);
+    let pods = compile_local(&mut st, index.cluster, &classes, &prefixes, local, isolating_of);
+    let epoch = EPOCH.fetch_add(1, Ordering::Relaxed);
+    (NodePolicy { epoch, classes, prefixes, pods, prefix_gen: 0, touched_prefixes: BTreeMap::new() }, st)
+}
+
+/// Every rule in use on the node, resolved once and numbered in [`RuleRef`] order. Rules
+/// with the same peers share one peer set ("group"): classes are computed over groups.
+#[derive(Default)]
+struct Rules<'a> {
+    rules: Vec<RuleState>,
+    /// Policy in use -> per direction, its rules' range in `rules`.
+    rule_range: HashMap<ObjKey, [Option<(usize, usize)>; 2]>,
+    groups: Vec<PeerSet<'a>>,
+    group_states: Vec<GroupState>,
+    group_ids: HashMap<PeerSet<'a>, u32>,
+}
+
+/// Resolves the rules of every (policy, direction) isolating some local pod, once each.
+fn resolve_rules<'a>(index: &Index<'a>, isolating_of: &[[Vec<&'a Policy>; 2]]) -> Rules<'a> {
+    let mut used: BTreeMap<(&ObjKey, Direction), &'a Policy> = BTreeMap::new();
+    for per_dir in isolating_of {
+        for (d, v) in Direction::BOTH.into_iter().zip(per_dir) {
+            for p in v {
+                used.insert((&p.key, d), *p);
+            }
+        }
+    }
+    let mut peers = PeerResolver::new(index);
+    let mut out = Rules::default();
+    for ((key, dir), pol) in used {
+        let first = out.rules.len();
+        for (i, rule) in pol.rules(dir).iter().enumerate() {
+            let set = peers.peer_set(pol, rule);
+            let any = matches!(set, PeerSet::Any);
+            let group = out.group_of(set, rule, pol);
+            let rref = RuleRef { policy: pol.key.clone(), dir, index: i };
+            out.rules.push(RuleState { rref, rule: rule.clone(), group, any, named_egress: dir == Direction::Egress && has_named(rule) });
+        }
+        out.rule_range.entry(key.clone()).or_default()[dir as usize] = Some((first, out.rules.len()));
+    }
+    out
+}
+
+impl<'a> Rules<'a> {
+    /// The group of peer set `set` (of `rule` of `policy`), registered if new.
+    fn group_of(&mut self, set: PeerSet<'a>, rule: &Rule, policy: &Policy) -> u32 {
+        if let Some(g) = self.group_ids.get(&set) {
+            return *g;
+        }
+        let g = self.groups.len() as u32;
+        self.group_states.push(GroupState::new(&set, rule, policy));
+        self.groups.push(set.clone());
+        self.group_ids.insert(set, g);
+        g
+    }
+
+    /// The groups of egress rules with named ports, and whether one of them is every peer.
+    fn named_groups(&self) -> (BTreeSet<u32>, bool) {
+        let named: BTreeSet<u32> = self.rules.iter().filter(|r| r.named_egress).map(|r| r.group).collect();
+        let any = named.iter().any(|g| matches!(self.groups[*g as usize], PeerSet::Any));
+        (named, any)
+    }
+
+    /// The state kept for incremental updates, with the addresses of every selectable pod.
+    fn into_state(self, cluster: &Cluster, named_groups: BTreeSet<u32>, any_named: bool, service_of: HashMap<IpAddr, ObjKey>) -> State {
+        let pods = cluster.pods.len();
+        let mut st = State {
+            group_classes: vec![Vec::new(); self.group_states.len()],
+            rules: self.rules,
+            rule_range: self.rule_range,
+            groups: self.group_states,
+            named_groups,
+            any_named,
+            class_ids: HashMap::default(),
+            class_groups: vec![Vec::new()],
+            with_ports: Vec::new(),
+            service_of,
+            local: BTreeMap::new(),
+            pod_ips: HashMap::with_capacity_and_hasher(pods, Default::default()),
+            ip_owners: HashMap::with_capacity_and_hasher(pods, Default::default()),
+        };
+        for p in cluster.pods.values().filter(|p| p.selectable()) {
+            st.add_owner(p);
+        }
+        st
+    }
+}
+
+/// The candidate prefixes, sorted and distinct, and the service of each cluster IP.
+struct Candidates {
+    prefixes: Vec<Cidr>,
+    service_of: HashMap<IpAddr, ObjKey>,
+}
+
+/// Candidate prefixes: every cidr and except, every peer pod address, (for egress rules with
+/// named ports, which resolve against each destination pod) every pod address such a rule
+/// covers, and every service cluster IP (a class of its own).
+fn candidates(index: &Index, groups: &[PeerSet], named_groups: &BTreeSet<u32>, any_named: bool) -> Candidates {
+    let mut prefixes: Vec<Cidr> = Vec::new();
+    let mut seen_lists: BTreeSet<*const Vec<IpAddr>> = BTreeSet::new();
+    for g in groups {
+        if let PeerSet::Some { blocks, pod_ips } = g {
+            for b in blocks {
+                prefixes.push(b.cidr);
+                prefixes.extend(b.except.iter().copied());
+            }
+            if seen_lists.insert(Rc::as_ptr(&pod_ips.0)) {
+                prefixes.extend(pod_ips.iter().map(|ip| Cidr::host(*ip)));
+            }
+        }
+    }
+    if !named_groups.is_empty() {
+        for ip in index.pod_by_ip.keys() {
+            let host = Cidr::host(*ip);
+            if any_named || named_groups.iter().any(|g| groups[*g as usize].contains_region(&host)) {
+                prefixes.push(host);
+            }
+        }
+    }
+    let mut service_of: HashMap<IpAddr, ObjKey> = HashMap::default();
+    for svc in index.cluster.services.values() {
+        for ip in &svc.cluster_ips {
+            service_of.insert(*ip, svc.key.clone());
+            prefixes.push(Cidr::host(*ip));
+        }
+    }
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    Candidates { prefixes, service_of }
+}
+
+/// Per candidate, the groups whose peer set contains its region, in group order.
+fn membership(groups: &[PeerSet], cands: &[Cidr]) -> Vec<Vec<u32>> {
+    let host_idx: HashMap<IpAddr, usize> = cands.iter().enumerate().filter(|(_, c)| c.is_host()).map(|(i, c)| (c.addr(), i)).collect();
+    let mut members: Vec<Vec<u32>> = vec![Vec::new(); cands.len()];
+    let mut list_hits: HashMap<*const Vec<IpAddr>, Rc<Vec<usize>>> = HashMap::default();
+    for (gi, g) in groups.iter().enumerate() {
+        let PeerSet::Some { blocks, pod_ips } = g else { continue };
+        let mut hits: Vec<usize> = Vec::new();
+        for b in blocks {
+            // Candidates inside the cidr are a contiguous run in (address, length) order.
+            let lo = cands.partition_point(|c| *c < b.cidr);
+            let inside = cands.iter().enumerate().skip(lo).take_while(|(_, c)| b.cidr.contains_addr(c.addr()));
+            hits.extend(inside.filter(|(_, c)| block_holds(b, c)).map(|(i, _)| i));
+        }
+        let from_pods = list_hits
+            .entry(Rc::as_ptr(&pod_ips.0))
+            .or_insert_with(|| Rc::new(pod_ips.iter().filter_map(|ip| host_idx.get(ip).copied()).collect()))
+            .clone();
+        // Groups are visited in order, so each candidate's list stays sorted; a candidate hit
+        // twice by one group is marked once.
+        for i in hits.into_iter().chain(from_pods.iter().copied()) {
+            if members[i].last() != Some(&(gi as u32)) {
+                members[i].push(gi as u32);
+            }
+        }
+    }
+    members
+}
+
+/// Classes: candidates in the same peer sets (and, under named egress rules, with the same
+/// pod ports) are one class. A cluster IP is a class of its own: egress to it is decided by
+/// its backends ([`add_service_allows`]); as a source address it is an address like any
+/// other. Returns the classes and every candidate's class.
+fn classify(st: &mut State, index: &Index, cands: &[Cidr], members: Vec<Vec<u32>>) -> (Vec<ClassKey>, BTreeMap<Cidr, usize>) {
+    let mut classes: Vec<ClassKey> = vec![ClassKey::default()];
+    st.class_ids.insert((Vec::new(), Vec::new(), None), 0);
+    let mut table: BTreeMap<Cidr, usize> = BTreeMap::new();
+    for (prefix, groups) in cands.iter().zip(members) {
+        let host = prefix.is_host().then(|| prefix.addr());
+        let ports = match host {
+            Some(addr) if st.wants_ports(&groups) => index.pod_by_ip(addr).map(class_ports).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let service = host.and_then(|addr| st.service_of.get(&addr).cloned());
+        table.insert(*prefix, st.class_for(&mut classes, (groups, ports, service)));
+    }
+    (classes, table)
+}
+
+/// Drops prefixes that change nothing: one whose class equals its nearest enclosing prefix's
+/// (or is class 0 with no enclosing prefix).
+fn prune(table: BTreeMap<Cidr, usize>) -> BTreeMap<Cidr, usize> {
+    // BTreeMap order on Cidr is (address, length): an enclosing prefix sorts before the
+    // prefixes inside it, so a stack of open ancestors suffices.
+    let mut out = BTreeMap::new();
+    let mut stack: Vec<(Cidr, usize)> = Vec::new();
+    for (c, class) in table {
+        while let Some((top, _)) = stack.last() {
+            if top.contains(&c) {
+                break;
+            }
+            stack.pop();
+        }
+        let inherited = stack.last().map_or(0, |(_, k)| *k);
+        if class != inherited {
+            out.insert(c, class);
+        }
+        stack.push((c, class));
+    }
+    out
+}
+
+/// Per local pod, direction and class: the allowed ports, and egress to cluster IPs by
+/// their backends.
+fn compile_local(
+    st: &mut State,
+    cluster: &Cluster,
+    classes: &[ClassKey],
+    prefixes: &BTreeMap<Cidr, usize>,
+    local: &[&Pod],
+    isolating_of: Vec<[Vec<&Policy>; 2]>,
+) -> BTreeMap<ObjKey, CompiledPod> {
+    let backends = backends_of(cluster, classes);
+    let mut pods = BTreeMap::new();
+    for (pod, per_dir) in local.iter().zip(isolating_of) {
+        let mut out = st.compile_pod(classes, pod, &per_dir);
+        if let Some(dp) = out.egress.as_mut() {
+            add_service_allows(dp, prefixes, classes, &backends);
+        }
+        st.set_local(&pod.key, &per_dir);
+        pods.insert(pod.key.clone(), out);
+    }
+    pods
+}
