@@ -10,23 +10,31 @@ fn main() {
     let root = manifest_dir.parent().unwrap().to_path_buf();
     let ebpf_dir = root.join("netpol-ebpf");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    for p in ["netpol-ebpf/src", "netpol-ebpf/Cargo.toml", "netpol-ebpf/Cargo.lock", "netpol-ebpf/.cargo/config.toml", "netpol-common/src", "netpol-common/Cargo.toml"] {
+    for p in [
+        "netpol-ebpf/src",
+        "netpol-ebpf/Cargo.toml",
+        "netpol-ebpf/Cargo.lock",
+        "netpol-ebpf/.cargo/config.toml",
+        "netpol-common/src",
+        "netpol-common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
     // A target dir of its own, stable across builds of the daemon, so rebuilds are incremental.
-    let target_dir = std::env::var_os("NETPOL_EBPF_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target").join("ebpf"));
+    let target_dir = std::env::var_os("NETPOL_EBPF_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target").join("ebpf"));
 
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&ebpf_dir)
-        .args(["build", "--release", "--target-dir"])
-        .arg(&target_dir)
-        .env("RUSTC_BOOTSTRAP", "1");
+    cmd.current_dir(&ebpf_dir).args(["build", "--release", "--target-dir"]).arg(&target_dir).env("RUSTC_BOOTSTRAP", "1");
     // Do not leak the host build's settings into the BPF build.
     for (k, _) in std::env::vars() {
-        if k.starts_with("CARGO_") && k != "CARGO_HOME" || k == "RUSTC" || k == "RUSTC_WRAPPER" || k == "RUSTFLAGS" || k == "RUSTC_WORKSPACE_WRAPPER" || k == "RUSTDOC" {
+        if k.starts_with("CARGO_") && k != "CARGO_HOME"
+            || k == "RUSTC"
+            || k == "RUSTC_WRAPPER"
+            || k == "RUSTFLAGS"
+            || k == "RUSTC_WORKSPACE_WRAPPER"
+            || k == "RUSTDOC"
+        {
             cmd.env_remove(&k);
         }
     }

@@ -14,10 +14,6 @@ fn denied(lab: &Lab, pod: &str, dir: &str) -> f64 {
     packets(lab, "t", pod, dir, "deny")
 }
 
-
-
-
-
 /// Pod a may send only to its own addresses; its ingress is open. It forges the victim's
 /// "reply" to itself (which passes its egress, to its own address, and its open ingress),
 /// then sends to the victim as if answering: nothing may arrive at the victim.
@@ -40,11 +36,31 @@ fn forged_hairpin_replies_do_not_open_an_isolated_egress() {
     assert!(!lab.udp("a", "v", 80), "a's egress to v is denied");
     let before = denied(&lab, "a", "egress");
     let cases = [
-        ("udp4", "IP(src='10.244.0.51', dst=MY_IP)/UDP(sport=80, dport=5000)", "IP(src=MY_IP, dst='10.244.0.51')/UDP(sport=5000, dport=80)"),
-        ("tcp4", "IP(src='10.244.0.51', dst=MY_IP)/TCP(sport=80, dport=5001, flags='SA', seq=1000, ack=2000)", "IP(src=MY_IP, dst='10.244.0.51')/TCP(sport=5001, dport=80, flags='S', seq=1999)"),
-        ("tcp4-ack", "IP(src='10.244.0.51', dst=MY_IP)/TCP(sport=80, dport=5002, flags='A', seq=1000, ack=2000)", "IP(src=MY_IP, dst='10.244.0.51')/TCP(sport=5002, dport=80, flags='A', seq=2000, ack=1000)"),
-        ("udp6", "IPv6(src='fd00:244::51', dst=MY_IP6)/UDP(sport=80, dport=5003)", "IPv6(src=MY_IP6, dst='fd00:244::51')/UDP(sport=5003, dport=80)"),
-        ("tcp6", "IPv6(src='fd00:244::51', dst=MY_IP6)/TCP(sport=80, dport=5004, flags='SA', seq=1000, ack=2000)", "IPv6(src=MY_IP6, dst='fd00:244::51')/TCP(sport=5004, dport=80, flags='S', seq=1999)"),
+        (
+            "udp4",
+            "IP(src='10.244.0.51', dst=MY_IP)/UDP(sport=80, dport=5000)",
+            "IP(src=MY_IP, dst='10.244.0.51')/UDP(sport=5000, dport=80)",
+        ),
+        (
+            "tcp4",
+            "IP(src='10.244.0.51', dst=MY_IP)/TCP(sport=80, dport=5001, flags='SA', seq=1000, ack=2000)",
+            "IP(src=MY_IP, dst='10.244.0.51')/TCP(sport=5001, dport=80, flags='S', seq=1999)",
+        ),
+        (
+            "tcp4-ack",
+            "IP(src='10.244.0.51', dst=MY_IP)/TCP(sport=80, dport=5002, flags='A', seq=1000, ack=2000)",
+            "IP(src=MY_IP, dst='10.244.0.51')/TCP(sport=5002, dport=80, flags='A', seq=2000, ack=1000)",
+        ),
+        (
+            "udp6",
+            "IPv6(src='fd00:244::51', dst=MY_IP6)/UDP(sport=80, dport=5003)",
+            "IPv6(src=MY_IP6, dst='fd00:244::51')/UDP(sport=5003, dport=80)",
+        ),
+        (
+            "tcp6",
+            "IPv6(src='fd00:244::51', dst=MY_IP6)/TCP(sport=80, dport=5004, flags='SA', seq=1000, ack=2000)",
+            "IPv6(src=MY_IP6, dst='fd00:244::51')/TCP(sport=5004, dport=80, flags='S', seq=1999)",
+        ),
     ];
     // The attacker keeps its own kernel from answering the forged TCP "replies" with RSTs
     // (which would end the forged flow before the attack): its own netns, its own firewall.

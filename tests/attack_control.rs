@@ -31,7 +31,15 @@ fn invalid_policies_fail_closed_and_unknown_annotation_values_are_enforced() {
     lab.write_cluster_manifest().unwrap();
     lab.start_daemon(Path::new(DAEMON)).unwrap();
     // No policy yet: everything flows.
-    check(&lab, &[("client", "web", "tcp", 80, true), ("client", "db", "tcp", 5432, true), ("client", "job", "tcp", 8080, true), ("web", "cache", "tcp", 6379, true)]);
+    check(
+        &lab,
+        &[
+            ("client", "web", "tcp", 80, true),
+            ("client", "db", "tcp", 5432, true),
+            ("client", "job", "tcp", 8080, true),
+            ("web", "cache", "tcp", 6379, true),
+        ],
+    );
 
     // Default deny for web, with an audit value netpol does not understand: enforced.
     lab.apply(
@@ -85,7 +93,8 @@ fn invalid_policies_fail_closed_and_unknown_annotation_values_are_enforced() {
     for (ns, pod) in [("shop", "web"), ("shop", "db"), ("batch", "job")] {
         assert!(deny_count(&m, ns, pod) > deny_count(&before, ns, pod), "{ns}/{pod}: no deny counted\n{m}");
         assert!(
-            sample(&m, &format!("netpol_packets_total{{namespace=\"{ns}\",pod=\"{pod}\",direction=\"ingress\",verdict=\"audit\"}}")).is_none_or(|v| v == 0.0),
+            sample(&m, &format!("netpol_packets_total{{namespace=\"{ns}\",pod=\"{pod}\",direction=\"ingress\",verdict=\"audit\"}}"))
+                .is_none_or(|v| v == 0.0),
             "{ns}/{pod}: passed as audit\n{m}"
         );
     }

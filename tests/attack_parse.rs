@@ -4,14 +4,11 @@
 //! does) and that the daemon's counters saw the verdict.
 use std::path::Path;
 
-use netpol_daemon::testkit::lab::Lab;
 use netpol_daemon::metrics::sample;
+use netpol_daemon::testkit::lab::Lab;
 
 mod common;
 use common::*;
-
-
-
 
 fn early(lab: &Lab, pod: &str, direction: &str) -> f64 {
     let m = lab.metrics().unwrap();

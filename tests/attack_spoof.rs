@@ -14,9 +14,6 @@ fn spoofed(lab: &Lab, pod: &str) -> f64 {
     packets(lab, "t", pod, "egress", "spoofed")
 }
 
-
-
-
 /// Sends `pkt` (scapy, from `from`) and returns how many frames carrying `marker` reached `to`.
 fn arrives(lab: &Lab, from: &str, to: &str, marker: &str, pkt: &str) -> usize {
     let cap = lab.capture(to, marker).unwrap();
@@ -53,7 +50,11 @@ fn a_pod_cannot_pose_as_another_pod_or_the_node() {
     let udp = "UDP(sport=5555, dport=4321)";
     // The instrument: b's own frames reach c, a's own frames do not (policy).
     assert_eq!(arrives(&lab, "b", "c", "FROM-B-4", &format!("IP(src=MY_IP, dst='10.244.0.42')/{udp}")), 2, "b is allowed into c");
-    assert_eq!(arrives(&lab, "b", "c", "FROM-B-6", &format!("IPv6(src=MY_IP6, dst='fd00:244::42')/{udp}")), 2, "b is allowed into c (IPv6)");
+    assert_eq!(
+        arrives(&lab, "b", "c", "FROM-B-6", &format!("IPv6(src=MY_IP6, dst='fd00:244::42')/{udp}")),
+        2,
+        "b is allowed into c (IPv6)"
+    );
     assert_eq!(arrives(&lab, "a", "c", "FROM-A-4", &format!("IP(src=MY_IP, dst='10.244.0.42')/{udp}")), 0, "a is not allowed into c");
 
     let before = spoofed(&lab, "a");
@@ -84,7 +85,11 @@ fn a_pod_cannot_pose_as_another_pod_or_the_node() {
     assert_eq!(arrives(&lab, "a", "d", "OWN6-TO-D", &format!("IPv6(src=MY_IP6, dst='fd00:244::43')/{udp}")), 2);
     assert_eq!(arrives(&lab, "a", "d", "SPOOF-TO-D", &format!("IP(src='10.244.0.99', dst='10.244.0.43')/{udp}")), 0);
     assert_eq!(arrives(&lab, "a", "d", "SPOOF6-TO-D", &format!("IPv6(src='fd00:244::99', dst='fd00:244::43')/{udp}")), 0);
-    assert_eq!(arrives(&lab, "a", "d", "LL-TO-D", &format!("IPv6(src='fe80::1234', dst='fd00:244::43')/{udp}")), 0, "link-local source, not neighbour discovery");
+    assert_eq!(
+        arrives(&lab, "a", "d", "LL-TO-D", &format!("IPv6(src='fe80::1234', dst='fd00:244::43')/{udp}")),
+        0,
+        "link-local source, not neighbour discovery"
+    );
     // Neighbour discovery still works (real IPv6 traffic resolves the gateway through it).
     assert!(lab.udp6("a", "d", 4321), "IPv6 from a's own address (ND included) flows");
     assert!(lab.udp("a", "d", 4321), "IPv4 from a's own address flows");
@@ -136,13 +141,21 @@ fn the_daemon_refuses_a_bpffs_private_to_its_mount_namespace() {
     }
     let _cleanup = Cleanup(ns.clone(), manifests.clone(), pin.clone());
     let daemon_args = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = vec![DAEMON.into(), "run".into(), "--node-name".into(), "n".into(), "--manifests".into(), manifests.display().to_string()];
+        let mut v: Vec<String> =
+            vec![DAEMON.into(), "run".into(), "--node-name".into(), "n".into(), "--manifests".into(), manifests.display().to_string()];
         v.extend(["--metrics-addr".into(), "0.0.0.0:0".into(), "--bpffs".into(), pin.clone()]);
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
     let spawn = |prefix: &[&str], extra: &[&str]| {
-        Command::new(prefix[0]).args(&prefix[1..]).args(daemon_args(extra)).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+        Command::new(prefix[0])
+            .args(&prefix[1..])
+            .args(daemon_args(extra))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     };
 
     // ip netns exec: refused.
@@ -159,7 +172,7 @@ fn the_daemon_refuses_a_bpffs_private_to_its_mount_namespace() {
     // compared with: not in a sandbox that hides PID 1).
     let script = "mount -t bpf bpf /sys/fs/bpf && exec \"$@\"";
     if std::fs::metadata("/proc/1/root/sys").is_ok() {
-        let mut c = spawn(&["unshare", "--mount", "sh", "-c", &script, "sh"], &[]);
+        let mut c = spawn(&["unshare", "--mount", "sh", "-c", script, "sh"], &[]);
         let st = wait_exit(&mut c, 20).unwrap_or_else(|| {
             let _ = c.kill();
             panic!("the daemon under `unshare --mount` with a private bpffs did not exit")

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use netpol_daemon::compiler::compile_node;
 use netpol_daemon::datapath::{CounterReader, Datapath, Iface};
-use netpol_daemon::source::manifests::{load_text, Loaded};
 use netpol_daemon::model::{Direction, ObjKey};
+use netpol_daemon::source::manifests::{load_text, Loaded};
 use netpol_daemon::testkit::testpkt::*;
 
 const OK: i32 = 0;
@@ -127,11 +127,19 @@ fn ports_protocols_ranges_and_address_classes() {
         ("ipv6 tcp 8500 from fd00::/64", ipv6(v6("fd00::1"), v6("fd00::10"), 6, 40000, 8500, TCP_SYN, &[]), OK),
         ("ipv6 tcp 9001", ipv6(v6("fd00::1"), v6("fd00::10"), 6, 40000, 9001, TCP_SYN, &[]), SHOT),
         ("ipv6 tcp from fd01::", ipv6(v6("fd01::1"), v6("fd00::10"), 6, 40000, 8500, TCP_SYN, &[]), SHOT),
-        ("ipv6 behind hop-by-hop + dest opts + fragment(0)", ipv6(v6("fd00::1"), v6("fd00::10"), 6, 40000, 8500, TCP_SYN, &[0, 60, 44]), OK),
+        (
+            "ipv6 behind hop-by-hop + dest opts + fragment(0)",
+            ipv6(v6("fd00::1"), v6("fd00::10"), 6, 40000, 8500, TCP_SYN, &[0, 60, 44]),
+            OK,
+        ),
         ("ipv6 behind extension headers, wrong port", ipv6(v6("fd00::1"), v6("fd00::10"), 6, 40000, 7999, TCP_SYN, &[0, 60]), SHOT),
         ("ipv6 udp 53", ipv6(v6("2001:db8::1"), v6("fd00::10"), 17, 5353, 53, 0, &[]), OK),
         ("ipv6 neighbour solicitation", nd6(v6("fe80::1"), v6("ff02::1:ff00:10"), 135, 0, 255, &nd_lladdr_option(1), &[]), OK),
-        ("ipv6 neighbour solicitation that crossed a router (hop limit 64)", ipv6(v6("fe80::1"), v6("ff02::1:ff00:10"), 58, 0, 0, 135, &[]), SHOT),
+        (
+            "ipv6 neighbour solicitation that crossed a router (hop limit 64)",
+            ipv6(v6("fe80::1"), v6("ff02::1:ff00:10"), 58, 0, 0, 135, &[]),
+            SHOT,
+        ),
         ("ipv6 echo: port rules only", ipv6(v6("fd00::1"), v6("fd00::10"), 58, 9, 0, 128, &[]), SHOT),
     ];
     let mut bad = Vec::new();
@@ -205,7 +213,7 @@ fn pod_without_policy_is_never_blocked_and_all_traffic_rules_allow_icmp() {
     }
     let Some(mut f) = fixture("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: t}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}}]}]}\n") else { return };
     assert_eq!(run(&mut f, Direction::Ingress, &ipv4(v4("10.9.1.1"), web, 1, 7, 0, 8, 0)), OK, "icmp under a rule without ports");
-    assert_eq!(run(&mut f, Direction::Ingress, &ipv4(v4("10.9.1.1"), web, 6, 0, 0, 0, 100), ), OK, "fragment under a rule without ports");
+    assert_eq!(run(&mut f, Direction::Ingress, &ipv4(v4("10.9.1.1"), web, 6, 0, 0, 0, 100),), OK, "fragment under a rule without ports");
     assert_eq!(run(&mut f, Direction::Ingress, &ipv4(v4("11.9.1.1"), web, 1, 7, 0, 8, 0)), SHOT);
 }
 
@@ -332,7 +340,8 @@ fn deny_events_are_rate_limited_and_off_by_default() {
 fn a_pod_whose_entries_do_not_fit_fails_closed_and_is_named() {
     let Some(mut f) = fixture("") else { return };
     // Twenty rules, each its own address class: twenty POLICY entries for web.
-    let rules: Vec<String> = (1..=20).map(|i| format!("{{from: [{{ipBlock: {{cidr: 10.7.{i}.0/24}}}}], ports: [{{port: {}}}]}}", 75 + i)).collect();
+    let rules: Vec<String> =
+        (1..=20).map(|i| format!("{{from: [{{ipBlock: {{cidr: 10.7.{i}.0/24}}}}], ports: [{{port: {}}}]}}", 75 + i)).collect();
     let yaml = format!(
         "{POD}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: db, namespace: t, labels: {{app: db}}}}\nspec: {{nodeName: n, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: 10.1.0.11}}\n---\n\
 apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: wide, namespace: t}}\nspec: {{podSelector: {{matchLabels: {{app: web}}}}, ingress: [{}]}}\n---\n\
@@ -475,7 +484,8 @@ fn on_cpu(cpu: usize) -> bool {
 fn drop_conntrack_entries(pin: &Path) -> usize {
     use aya::maps::{HashMap, Map, MapData};
     let md = MapData::from_pin(pin.join(netpol_common::maps::CONNTRACK)).expect("pinned CONNTRACK");
-    let mut ct: HashMap<MapData, netpol_common::CtKey, netpol_common::CtValue> = HashMap::try_from(Map::from_map_data(md).unwrap()).unwrap();
+    let mut ct: HashMap<MapData, netpol_common::CtKey, netpol_common::CtValue> =
+        HashMap::try_from(Map::from_map_data(md).unwrap()).unwrap();
     let keys: Vec<_> = ct.keys().flatten().collect();
     for k in &keys {
         ct.remove(k).unwrap();
@@ -708,7 +718,11 @@ fn icmp_errors_pass_only_toward_the_quoted_packets_sender() {
     assert_eq!(run(&mut f, e, &icmp6_error(me, peer, 1, 4, &syn)), OK, "v6: back to the client");
     assert_eq!(run(&mut f, e, &icmp6_error(me, v6("2001:db8::66"), 1, 4, &syn)), SHOT, "v6: quoting the flow, to a denied address");
     let back = ipv6(me, peer, 6, 8080, 40000, TCP_SYN | TCP_ACK, &[]);
-    assert_eq!(run(&mut f, i, &icmp6_error(v6("2001:db8::1"), me, 2, 0, &back)), OK, "v6: packet too big for the pod's reply, from a router");
+    assert_eq!(
+        run(&mut f, i, &icmp6_error(v6("2001:db8::1"), me, 2, 0, &back)),
+        OK,
+        "v6: packet too big for the pod's reply, from a router"
+    );
     assert_eq!(run(&mut f, i, &icmp6_error(v6("2001:db8::1"), v6("fd00::11"), 2, 0, &back)), SHOT, "v6: to another address");
 }
 
@@ -769,7 +783,7 @@ fn tracked_flows_of_the_older_conntrack_layout_are_migrated_at_load() {
         eprintln!("SKIPPED: needs root");
         return;
     }
-    use netpol_common::{CtKey, CtValue, CtValueV1, maps};
+    use netpol_common::{maps, CtKey, CtValue, CtValueV1};
     let pin = PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-migrate", std::process::id()));
     let _ = std::fs::remove_dir_all(&pin);
     std::fs::create_dir_all(&pin).unwrap();
@@ -842,7 +856,12 @@ fn neighbour_discovery_passes_only_as_the_link_uses_it() {
         ("NS to global multicast ff0e::", e, nd6(ll, v6("ff0e::1"), 135, 0, 255, &sll, &[]), SHOT),
         ("NS with hop limit 254", e, nd6(ll, mcast, 135, 0, 254, &sll, &[]), SHOT),
         ("NS with code 1", e, nd6(ll, mcast, 135, 1, 255, &sll, &[]), SHOT),
-        ("NS carrying 200 bytes of payload as an option", e, nd6(ll, mcast, 135, 0, 255, &[&[1u8, 26][..], &[0x41; 206]].concat(), &[]), SHOT),
+        (
+            "NS carrying 200 bytes of payload as an option",
+            e,
+            nd6(ll, mcast, 135, 0, 255, &[&[1u8, 26][..], &[0x41; 206]].concat(), &[]),
+            SHOT,
+        ),
         ("NS with bytes past its IPv6 payload length", e, nd6(ll, mcast, 135, 0, 255, &sll, &[0x41; 64]), SHOT),
         ("NS with a zero-length option", e, nd6(ll, mcast, 135, 0, 255, &[1, 0, 0, 0, 0, 0, 0, 0], &[]), SHOT),
         ("NS whose option runs past the message", e, nd6(ll, mcast, 135, 0, 255, &[1, 2, 0, 0, 0, 0, 0, 0], &[]), SHOT),
@@ -970,7 +989,11 @@ fn ipv6_extension_headers_up_to_the_limit_pass_and_more_are_denied() {
     for n in [5, 6, 7, 8] {
         assert_eq!(run(&mut f, i, &ipv6(peer, me, 6, 40000 + n as u16, 8500, TCP_SYN, &exts(n))), OK, "{n} extension headers");
     }
-    assert_eq!(run(&mut f, i, &ipv6(peer, me, 6, 40000, 8500, TCP_SYN, &[0, 60, 43, 44, 60, 60, 60, 60])), OK, "8 mixed, with a fragment header");
+    assert_eq!(
+        run(&mut f, i, &ipv6(peer, me, 6, 40000, 8500, TCP_SYN, &[0, 60, 43, 44, 60, 60, 60, 60])),
+        OK,
+        "8 mixed, with a fragment header"
+    );
     assert_eq!(run(&mut f, i, &ipv6(peer, me, 6, 40009, 8500, TCP_SYN, &exts(9))), SHOT, "9 extension headers");
     let all = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: t}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 'fd00::/64'}}]}]}\n";
     let Some(mut f) = fixture(all) else { return };
@@ -1014,8 +1037,18 @@ fn a_pod_sends_only_from_its_own_addresses() {
             ("unspecified source, udp", ipv6(v6("::"), v6("fd00::20"), 17, 5353, 53, 0, &[]), SHOT, true),
             // MLDv2 reports (every IPv6 stack sends them as a link comes up): not spoofed on
             // the link; policy judges them as ICMPv6 (the policy has no all-traffic egress).
-            ("link-local MLDv2 report", ipv6(v6("fe80::1"), v6("ff02::16"), 58, 0, 0, 143, &[]), if yaml.is_empty() { OK } else { SHOT }, false),
-            ("unspecified source, MLDv2 report", ipv6(v6("::"), v6("ff02::16"), 58, 0, 0, 143, &[]), if yaml.is_empty() { OK } else { SHOT }, false),
+            (
+                "link-local MLDv2 report",
+                ipv6(v6("fe80::1"), v6("ff02::16"), 58, 0, 0, 143, &[]),
+                if yaml.is_empty() { OK } else { SHOT },
+                false,
+            ),
+            (
+                "unspecified source, MLDv2 report",
+                ipv6(v6("::"), v6("ff02::16"), 58, 0, 0, 143, &[]),
+                if yaml.is_empty() { OK } else { SHOT },
+                false,
+            ),
             ("link-local MLD report off the link", ipv6(v6("fe80::1"), v6("fd00::20"), 58, 0, 0, 143, &[]), SHOT, true),
             ("arp", arp(), OK, false),
         ];
@@ -1067,8 +1100,15 @@ fn a_pod_address_change_moves_what_it_may_send_from() {
 fn node_addresses_let_into_pods_are_never_loopback_or_link_local() {
     let Some(mut f) = fixture(POLICY) else { return };
     let web = v4("10.1.0.10");
-    f.dp.set_node_addrs(&["10.250.0.1".parse().unwrap(), "127.0.0.1".parse().unwrap(), "169.254.1.1".parse().unwrap(), "::1".parse().unwrap(), "fe80::1".parse().unwrap(), "fd00:250::1".parse().unwrap()])
-        .unwrap();
+    f.dp.set_node_addrs(&[
+        "10.250.0.1".parse().unwrap(),
+        "127.0.0.1".parse().unwrap(),
+        "169.254.1.1".parse().unwrap(),
+        "::1".parse().unwrap(),
+        "fe80::1".parse().unwrap(),
+        "fd00:250::1".parse().unwrap(),
+    ])
+    .unwrap();
     let i = Direction::Ingress;
     assert_eq!(run(&mut f, i, &tcp4(v4("10.250.0.1"), web, 40000, 9999, TCP_SYN)), OK, "the node's address");
     assert_eq!(run(&mut f, i, &tcp4(v4("127.0.0.1"), web, 40000, 9999, TCP_SYN)), SHOT, "loopback");

@@ -73,13 +73,17 @@ fn rbac_grants_read_only_access_to_exactly_the_watched_resources() {
             }
         }
     }
-    let watched: BTreeSet<(String, String)> = netpol_daemon::source::kube::WATCHED.iter().map(|(g, r)| (g.to_string(), r.to_string())).collect();
+    let watched: BTreeSet<(String, String)> =
+        netpol_daemon::source::kube::WATCHED.iter().map(|(g, r)| (g.to_string(), r.to_string())).collect();
     assert_eq!(granted, watched, "the ClusterRole must cover exactly the watched resources");
     let b = &o.bindings[0];
     assert_eq!(b.role_ref.name, role.metadata.name.clone().unwrap());
     let sa = &o.accounts[0];
     let subj = &b.subjects.as_ref().unwrap()[0];
-    assert_eq!((subj.kind.as_str(), Some(&subj.name), subj.namespace.as_ref()), ("ServiceAccount", sa.metadata.name.as_ref(), sa.metadata.namespace.as_ref()));
+    assert_eq!(
+        (subj.kind.as_str(), Some(&subj.name), subj.namespace.as_ref()),
+        ("ServiceAccount", sa.metadata.name.as_ref(), sa.metadata.namespace.as_ref())
+    );
     assert_eq!(sa.metadata.namespace, o.namespaces[0].metadata.name);
 }
 

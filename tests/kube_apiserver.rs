@@ -31,7 +31,11 @@ fn pod(i: usize, app: &str) -> Value {
 }
 
 fn app(i: usize) -> &'static str {
-    if i.is_multiple_of(2) { "web" } else { "db" }
+    if i.is_multiple_of(2) {
+        "web"
+    } else {
+        "db"
+    }
 }
 
 /// Pods app=db accept app=web on 8080.

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netpol_daemon::source::kube::KubeSource;
 use netpol_daemon::model::ObjKey;
+use netpol_daemon::source::kube::KubeSource;
 use serde_json::{json, Value};
 
 /// Every request target the fake API server was sent (path and query).
@@ -50,12 +50,17 @@ fn fake_api(routes: Routes, down: Arc<AtomicBool>) -> String {
                     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
                     if path == "/version" {
                         let body = r#"{"major":"1","minor":"31","gitVersion":"v1.31.0","gitCommit":"x","gitTreeState":"clean","buildDate":"2024-01-01T00:00:00Z","goVersion":"go1.22","compiler":"gc","platform":"linux/amd64"}"#;
-                        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                        let _ =
+                            write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
                         continue;
                     }
                     let Some((items, events)) = routes.get(path) else {
                         let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
-                        let _ = write!(s, "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
                         continue;
                     };
                     if query.contains("watch=true") {
@@ -153,8 +158,14 @@ fn lists_and_watch_events_reach_the_cluster_model() {
     // The invalid policy is reported with its field and enforced fail-closed (isolating
     // what it selects, allowing nothing), as from manifests.
     let broken = &c.policies[&ObjKey::new("shop", "broken")];
-    assert!(broken.invalid.is_some() && broken.isolates_ingress && broken.ingress.is_empty() && broken.pod_selector.is_everything(), "{broken:?}");
-    assert!(errors.iter().any(|e| e.contains("shop/broken: spec.ingress[0].ports[0].port: 70000 is not in 1-65535 (enforced fail-closed")), "{errors:?}");
+    assert!(
+        broken.invalid.is_some() && broken.isolates_ingress && broken.ingress.is_empty() && broken.pod_selector.is_everything(),
+        "{broken:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("shop/broken: spec.ingress[0].ports[0].port: 70000 is not in 1-65535 (enforced fail-closed")),
+        "{errors:?}"
+    );
     assert!(src.generation.load(Ordering::SeqCst) > 0);
     // The model compiles like any other source.
     let node = netpol_daemon::compiler::compile_node(&c, "node-1");
@@ -204,7 +215,12 @@ fn explain_and_check_work_against_a_live_cluster() {
     )
     .unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_netpol-daemon")).args(args).env("KUBECONFIG", &kubeconfig).env_remove("KUBERNETES_SERVICE_HOST").output().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_netpol-daemon"))
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
     };
     let (code, text) = run(&["explain", "--from", "shop/web-1", "--to", "shop/db-1", "--port", "5432"]);

@@ -3,13 +3,11 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use netpol_daemon::testkit::lab::Lab;
 use netpol_daemon::metrics::sample;
+use netpol_daemon::testkit::lab::Lab;
 
 mod common;
 use common::*;
-
-
 
 /// Three namespaces like the seeds' products: a Kafka-like namespace, a client namespace, and
 /// an outside host.
@@ -24,7 +22,6 @@ fn standard(lab: &mut Lab) {
     lab.add_external("outside", ip("192.168.77.5")).unwrap();
     lab.write_cluster_manifest().unwrap();
 }
-
 
 #[test]
 fn default_deny_ingress_then_allow_labelled_pods_and_live_edit() {
@@ -84,9 +81,14 @@ fn default_deny_ingress_then_allow_labelled_pods_and_live_edit() {
     assert!(allowed >= 5.0, "allowed counter {allowed}\n{m}");
     // The allowed connections are counted against the policy that allowed them (kept after
     // the policy went away), never against the default-deny one.
-    let by_policy = sample(&m, "netpol_policy_allowed_packets_total{namespace=\"kafka\",pod=\"broker\",direction=\"ingress\",policy=\"allow-api\"}");
+    let by_policy =
+        sample(&m, "netpol_policy_allowed_packets_total{namespace=\"kafka\",pod=\"broker\",direction=\"ingress\",policy=\"allow-api\"}");
     assert!(by_policy.is_some_and(|v| v >= 4.0), "allowed by allow-api: {by_policy:?}\n{m}");
-    assert!(sample(&m, "netpol_policy_allowed_packets_total{namespace=\"kafka\",pod=\"broker\",direction=\"ingress\",policy=\"default-deny\"}").is_none_or(|v| v == 0.0), "{m}");
+    assert!(
+        sample(&m, "netpol_policy_allowed_packets_total{namespace=\"kafka\",pod=\"broker\",direction=\"ingress\",policy=\"default-deny\"}")
+            .is_none_or(|v| v == 0.0),
+        "{m}"
+    );
     assert_eq!(sample(&m, "netpol_ready"), Some(1.0));
 }
 
@@ -157,7 +159,10 @@ spec:
     let before = lab.syncs();
     lab.write_cluster_manifest().unwrap();
     lab.wait_synced(before).unwrap();
-    check(&lab, &[("stranger", "broker", "tcp", 9093, true), ("stranger", "broker", "udp", 5353, true), ("stranger", "broker", "tcp", 9092, false)]);
+    check(
+        &lab,
+        &[("stranger", "broker", "tcp", 9093, true), ("stranger", "broker", "udp", 5353, true), ("stranger", "broker", "tcp", 9092, false)],
+    );
 
     // The deny drops were counted on the api pod's egress.
     let m = lab.metrics().unwrap();
@@ -174,7 +179,7 @@ fn readyz_metrics_and_node_name_filtering() {
     // A pod of another node with a selected label: not attached here, not counted.
     lab.write_manifest(
         "remote.yaml",
-        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: remote, namespace: web, labels: {{app: web}}}}\nspec: {{nodeName: other-node, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: 10.244.9.9}}\n"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: remote, namespace: web, labels: {app: web}}\nspec: {nodeName: other-node, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.244.9.9}\n",
     )
     .unwrap();
     lab.write_manifest(
@@ -218,8 +223,13 @@ fn kill_9_and_restart_is_hitless() {
     check(&lab, &[("client", "server", "tcp", 8080, true), ("intruder", "server", "tcp", 8080, false)]);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (long_fail, new_ok, new_fail, denied_passed, denied_tries) =
-        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (long_fail, new_ok, new_fail, denied_passed, denied_tries) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
     let server = std::net::SocketAddr::from(([10, 244, 0, 60], 8080));
     let client_ns = lab.pod("client").netns.clone();
     let intruder_ns = lab.pod("intruder").netns.clone();
@@ -323,10 +333,27 @@ fn dns_through_the_cluster_ip_with_selector_and_ports_only_policies() {
     lab.spawn_in(
         "coredns",
         "dnsmasq",
-        &["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces", "--listen-address=10.244.0.53", "--address=/svc.netpol.test/192.0.2.44", "--user=root", "--pid-file="],
+        &[
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=10.244.0.53",
+            "--address=/svc.netpol.test/192.0.2.44",
+            "--user=root",
+            "--pid-file=",
+        ],
     )
     .unwrap();
-    lab.add_cluster_ip("kube-system", "kube-dns", ip("10.96.0.10"), "coredns", &[("k8s-app", "kube-dns")], &[("udp", 53, 53, "dns"), ("tcp", 53, 53, "dns-tcp")]).unwrap();
+    lab.add_cluster_ip(
+        "kube-system",
+        "kube-dns",
+        ip("10.96.0.10"),
+        "coredns",
+        &[("k8s-app", "kube-dns")],
+        &[("udp", 53, 53, "dns"), ("tcp", 53, 53, "dns-tcp")],
+    )
+    .unwrap();
     lab.write_cluster_manifest().unwrap();
     // The DNS pod only takes DNS, from anywhere in the cluster.
     lab.write_manifest(
@@ -465,8 +492,16 @@ fn a_starting_pod_is_closed_until_programmed_and_an_unisolated_one_is_never_bloc
     check(&lab, &[("locked/client", "locked/web", "tcp", 8080, true), ("locked/client", "locked/web", "tcp", 9090, false)]);
     let m = lab.metrics().unwrap();
     assert_eq!(sample(&m, "netpol_endpoints"), Some(2.0), "the pending entry became the pod's");
-    assert_eq!(sample(&m, "netpol_pod_isolated_by{namespace=\"locked\",pod=\"web\",direction=\"ingress\",policy=\"web\"}"), Some(1.0), "{m}");
-    assert!(sample(&m, "netpol_packets_total{namespace=\"locked\",pod=\"web\",direction=\"ingress\",verdict=\"deny\"}").is_some_and(|v| v >= 1.0), "{m}");
+    assert_eq!(
+        sample(&m, "netpol_pod_isolated_by{namespace=\"locked\",pod=\"web\",direction=\"ingress\",policy=\"web\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "netpol_packets_total{namespace=\"locked\",pod=\"web\",direction=\"ingress\",verdict=\"deny\"}")
+            .is_some_and(|v| v >= 1.0),
+        "{m}"
+    );
 
     // A starting pod in a namespace without policies is reachable all along.
     lab.add_pod("open", "free", ip("10.244.6.4"), &[("app", "free")], &[8080], &[]).unwrap();
@@ -511,7 +546,11 @@ fn dual_stack_pods_are_enforced_on_both_families() {
         ("v4 db -> api tcp/8080 (the block is IPv6)", lab.tcp("db", "api", 8080), false),
         ("v6 api -> cache tcp/8080 (not isolated)", lab.tcp6("api", "cache", 8080), true),
     ];
-    let wrong: Vec<String> = cases.iter().filter(|(_, got, want)| got != want).map(|(what, got, _)| format!("{what}: got {}", if *got { "allowed" } else { "denied" })).collect();
+    let wrong: Vec<String> = cases
+        .iter()
+        .filter(|(_, got, want)| got != want)
+        .map(|(what, got, _)| format!("{what}: got {}", if *got { "allowed" } else { "denied" }))
+        .collect();
     assert!(wrong.is_empty(), "{}\n--- daemon log ---\n{}", wrong.join("\n"), lab.daemon_log());
     let m = lab.metrics().unwrap();
     let denied = sample(&m, "netpol_packets_total{namespace=\"shop\",pod=\"db\",direction=\"ingress\",verdict=\"deny\"}").unwrap_or(0.0);

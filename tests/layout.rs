@@ -157,9 +157,9 @@ fn long_functions(text: &str, max: usize) -> Vec<(usize, String, usize)> {
         let indent = &line[..line.len() - body.len()];
         let Some(at) = body.find("fn ") else { continue };
         let head = &body[..at];
-        let is_fn = head.split_whitespace().all(|w| {
-            matches!(w, "pub" | "const" | "async" | "unsafe" | "extern" | "\"C\"") || w.starts_with("pub(")
-        });
+        let is_fn = head
+            .split_whitespace()
+            .all(|w| matches!(w, "pub" | "const" | "async" | "unsafe" | "extern" | "\"C\"") || w.starts_with("pub("));
         if !is_fn || body.ends_with(';') || body.ends_with('}') {
             continue;
         }

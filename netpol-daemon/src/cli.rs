@@ -7,10 +7,10 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Result};
 
 use crate::compiler::{self, Explanation};
-use crate::model::{self, Cluster};
 use crate::entries::{self, ClassInterner, PortSetInterner};
-use crate::source::manifests;
+use crate::model::{self, Cluster};
 use crate::model::{Direction, ObjKey, PortRef, Protocol};
+use crate::source::manifests;
 
 /// An end of a connection: a pod (NS/POD) or an address (a pod's, or outside the cluster).
 #[derive(Clone, Debug)]
@@ -155,11 +155,24 @@ pub fn check(dir: Option<&Path>) -> Result<(usize, String)> {
     for pol in c.policies.values() {
         if pol.invalid.is_some() {
             let dirs: Vec<&str> = Direction::BOTH.into_iter().filter(|d| pol.isolates(*d)).map(|d| d.as_str()).collect();
-            let selected = c.pods.values().filter(|p| p.selectable() && p.key.namespace == pol.key.namespace && pol.pod_selector.matches(&p.labels)).count();
-            let _ = writeln!(out, "note: {}: invalid, enforced fail-closed: isolates {selected} pod(s) for {} and allows nothing", pol.key, dirs.join(" and "));
+            let selected = c
+                .pods
+                .values()
+                .filter(|p| p.selectable() && p.key.namespace == pol.key.namespace && pol.pod_selector.matches(&p.labels))
+                .count();
+            let _ = writeln!(
+                out,
+                "note: {}: invalid, enforced fail-closed: isolates {selected} pod(s) for {} and allows nothing",
+                pol.key,
+                dirs.join(" and ")
+            );
             continue;
         }
-        let selected = c.pods.values().filter(|p| p.selectable() && p.key.namespace == pol.key.namespace && pol.pod_selector.matches(&p.labels)).count();
+        let selected = c
+            .pods
+            .values()
+            .filter(|p| p.selectable() && p.key.namespace == pol.key.namespace && pol.pod_selector.matches(&p.labels))
+            .count();
         if selected == 0 {
             let _ = writeln!(out, "warning: {}: spec.podSelector selects no pod", pol.key);
         }
@@ -169,7 +182,13 @@ pub fn check(dir: Option<&Path>) -> Result<(usize, String)> {
                     if let PortRef::Named(n) = &spec.port {
                         let anywhere = c.pods.values().any(|p| p.named_ports(n, spec.protocol).next().is_some());
                         if !anywhere {
-                            let _ = writeln!(out, "warning: {}: spec.{}[{i}].ports[{j}]: no pod has a {} port named {n:?}", pol.key, dir.as_str(), spec.protocol);
+                            let _ = writeln!(
+                                out,
+                                "warning: {}: spec.{}[{i}].ports[{j}]: no pod has a {} port named {n:?}",
+                                pol.key,
+                                dir.as_str(),
+                                spec.protocol
+                            );
                         }
                     }
                 }
@@ -194,7 +213,15 @@ pub fn check(dir: Option<&Path>) -> Result<(usize, String)> {
                 let _ = writeln!(out, "error: node {n}: needs {need} {map} entries, the map holds {have}");
             }
         }
-        let _ = writeln!(out, "node {n}: {} pods, {} address classes; {} IDENTITIES, {} POLICY, {} POLICY_PORTS entries", node.pods.len(), node.classes.len(), d.identities.len(), d.policy.len(), d.ports.len());
+        let _ = writeln!(
+            out,
+            "node {n}: {} pods, {} address classes; {} IDENTITIES, {} POLICY, {} POLICY_PORTS entries",
+            node.pods.len(),
+            node.classes.len(),
+            d.identities.len(),
+            d.policy.len(),
+            d.ports.len()
+        );
     }
     let _ = writeln!(out, "{} namespaces, {} pods, {} policies; {errors} error(s)", c.namespaces.len(), c.pods.len(), c.policies.len());
     Ok((errors, out))
@@ -213,7 +240,11 @@ mod tests {
         impl Dir {
             pub fn new(files: &[(&str, &str)]) -> Dir {
                 static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-                let p = std::env::temp_dir().join(format!("netpol-cli-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+                let p = std::env::temp_dir().join(format!(
+                    "netpol-cli-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                ));
                 std::fs::create_dir_all(&p).unwrap();
                 for (n, t) in files {
                     std::fs::write(p.join(n), t).unwrap();

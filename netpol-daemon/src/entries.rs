@@ -7,8 +7,8 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 
 use netpol_common::*;
 
-use crate::model::cidr::{addr_family, Cidr};
 use crate::compiler::{Allow, ClassKey, CompiledPod, NodePolicy, PortSet};
+use crate::model::cidr::{addr_family, Cidr};
 use crate::model::{Direction, ObjKey, Protocol};
 
 /// An LPM key: prefix length and data.
@@ -100,10 +100,7 @@ pub fn endpoint_flags(c: &CompiledPod) -> u32 {
 }
 
 pub fn id_key(cidr: &Cidr) -> Lpm<IdKey> {
-    (
-        ID_KEY_FIXED_BITS + cidr.len() as u32,
-        IdKey { family: addr_family(cidr.addr()), _pad: [0; 3], addr: cidr.addr_bytes() },
-    )
+    (ID_KEY_FIXED_BITS + cidr.len() as u32, IdKey { family: addr_family(cidr.addr()), _pad: [0; 3], addr: cidr.addr_bytes() })
 }
 
 pub fn portset_entries(id: u32, ps: &PortSet, out: &mut HashMap<Lpm<PortKey>, PortValue>) {
@@ -111,10 +108,7 @@ pub fn portset_entries(id: u32, ps: &PortSet, out: &mut HashMap<Lpm<PortKey>, Po
         for r in ranges {
             for (value, len) in port_prefixes(r.lo, r.hi) {
                 out.insert(
-                    (
-                        PORT_KEY_FIXED_BITS + len as u32,
-                        PortKey { portset: id, proto: proto.number(), _pad: 0, port: value.to_be_bytes() },
-                    ),
+                    (PORT_KEY_FIXED_BITS + len as u32, PortKey { portset: id, proto: proto.number(), _pad: 0, port: value.to_be_bytes() }),
                     PortValue { slot: r.slot as u32 },
                 );
             }
@@ -435,7 +429,15 @@ struct PortSetUse {
 
 /// Emulates the whole BPF decision on map contents for an endpoint with `flags` (conntrack
 /// and node addresses aside): isolation, policy tables, audit.
-pub fn verdict(d: &Desired, endpoint: u32, flags: u32, dir: Direction, peer: std::net::IpAddr, proto: u8, port: Option<u16>) -> crate::model::Verdict {
+pub fn verdict(
+    d: &Desired,
+    endpoint: u32,
+    flags: u32,
+    dir: Direction,
+    peer: std::net::IpAddr,
+    proto: u8,
+    port: Option<u16>,
+) -> crate::model::Verdict {
     use crate::model::Verdict;
     let (isolate, audit) = match dir {
         Direction::Ingress => (EP_ISOLATE_INGRESS, EP_AUDIT_INGRESS),
@@ -461,9 +463,7 @@ pub fn lookup_slot(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::I
     let identity = d
         .identities
         .iter()
-        .filter(|((len, k), _)| {
-            k.family == full.1.family && Cidr::new(peer, (*len - ID_KEY_FIXED_BITS) as u8).addr_bytes() == k.addr
-        })
+        .filter(|((len, k), _)| k.family == full.1.family && Cidr::new(peer, (*len - ID_KEY_FIXED_BITS) as u8).addr_bytes() == k.addr)
         .max_by_key(|((len, _), _)| *len)
         .map_or(0, |(_, id)| *id);
     let key = |identity| PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] };

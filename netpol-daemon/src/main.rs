@@ -157,16 +157,18 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Explain { manifests, from, to, port, protocol } => match netpol_daemon::cli::explain(manifests.as_deref(), &from, &to, port, &protocol) {
-            Ok((allowed, text)) => {
-                print!("{text}");
-                std::process::exit(if allowed { 0 } else { 3 });
+        Cmd::Explain { manifests, from, to, port, protocol } => {
+            match netpol_daemon::cli::explain(manifests.as_deref(), &from, &to, port, &protocol) {
+                Ok((allowed, text)) => {
+                    print!("{text}");
+                    std::process::exit(if allowed { 0 } else { 3 });
+                }
+                Err(e) => {
+                    eprintln!("netpol-daemon explain: {e:#}");
+                    std::process::exit(2);
+                }
             }
-            Err(e) => {
-                eprintln!("netpol-daemon explain: {e:#}");
-                std::process::exit(2);
-            }
-        },
+        }
         Cmd::Check { manifests } => match netpol_daemon::cli::check(manifests.as_deref()) {
             Ok((errors, text)) => {
                 print!("{text}");

@@ -84,17 +84,7 @@ fn timeout(proto: u8, flags: u32) -> u64 {
 
 #[inline(always)]
 pub fn key(endpoint: u32, dir: u8, p: &Packet) -> CtKey {
-    CtKey {
-        endpoint,
-        dir,
-        proto: p.proto,
-        family: p.family,
-        _pad: 0,
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-    }
+    CtKey { endpoint, dir, proto: p.proto, family: p.family, _pad: 0, src: p.src, dst: p.dst, sport: p.sport, dport: p.dport }
 }
 
 #[inline(always)]

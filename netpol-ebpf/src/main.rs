@@ -102,9 +102,8 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     }
     // Packets of an established flow that the flow cache vouches for (TCP packets that open or
     // close connections always take the conntrack path, which follows their state).
-    let cacheable = p.has_ports
-        && !p.fragment
-        && !(p.proto == PROTO_TCP && p.tcp_flags & (parse::TCP_SYN | parse::TCP_FIN | parse::TCP_RST) != 0);
+    let cacheable =
+        p.has_ports && !p.fragment && !(p.proto == PROTO_TCP && p.tcp_flags & (parse::TCP_SYN | parse::TCP_FIN | parse::TCP_RST) != 0);
     let ticks = if cacheable { config::config().flow_cache_ticks } else { 0 };
     let now = if ticks != 0 { flowcache::now() } else { 0 };
     // (Unless the fast path already looked at this packet's slot.)

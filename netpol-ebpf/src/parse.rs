@@ -272,10 +272,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
             }
             PROTO_ICMP | PROTO_ICMPV6 => {
                 p.icmp_type = load::<u8>(ctx, l4_off)?;
-                let echo = matches!(
-                    (p.proto, p.icmp_type),
-                    (PROTO_ICMP, 0) | (PROTO_ICMP, 8) | (PROTO_ICMPV6, 128) | (PROTO_ICMPV6, 129)
-                );
+                let echo = matches!((p.proto, p.icmp_type), (PROTO_ICMP, 0) | (PROTO_ICMP, 8) | (PROTO_ICMPV6, 128) | (PROTO_ICMPV6, 129));
                 if echo {
                     // Echo request and reply share the identifier: use it as both "ports" so
                     // that a reply is the reverse tuple of its request.
@@ -284,10 +281,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
                     p.dport = id;
                     p.has_ports = true;
                 }
-                let error = matches!(
-                    (p.proto, p.icmp_type),
-                    (PROTO_ICMP, 3) | (PROTO_ICMP, 11) | (PROTO_ICMP, 12) | (PROTO_ICMPV6, 1..=4)
-                );
+                let error = matches!((p.proto, p.icmp_type), (PROTO_ICMP, 3) | (PROTO_ICMP, 11) | (PROTO_ICMP, 12) | (PROTO_ICMPV6, 1..=4));
                 if error {
                     if let Ok(i) = inner(ctx, p.proto, l4_off + 8) {
                         p.related = i;

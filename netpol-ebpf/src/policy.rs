@@ -32,11 +32,8 @@ static ENDPOINT_ADDRS: HashMap<EpAddrKey, u8> = HashMap::pinned(ENDPOINT_ADDRS_M
 
 #[inline(always)]
 pub fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
-    let e = if ifindex < ENDPOINTS_ARRAY_SIZE {
-        ENDPOINTS_ARRAY.get(ifindex).copied()
-    } else {
-        unsafe { ENDPOINTS.get(&ifindex) }.copied()
-    };
+    let e =
+        if ifindex < ENDPOINTS_ARRAY_SIZE { ENDPOINTS_ARRAY.get(ifindex).copied() } else { unsafe { ENDPOINTS.get(&ifindex) }.copied() };
     e.filter(|e| e.flags & EP_PRESENT != 0)
 }
 
@@ -103,9 +100,6 @@ pub fn allowed(endpoint: u32, dir: u8, p: &Packet) -> Option<u32> {
     if !p.has_ports || !matches!(p.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
         return None;
     }
-    let pkey = Key::new(
-        PORT_KEY_FIXED_BITS + 16,
-        PortKey { portset: v.portset, proto: p.proto, _pad: 0, port: p.dport.to_be_bytes() },
-    );
+    let pkey = Key::new(PORT_KEY_FIXED_BITS + 16, PortKey { portset: v.portset, proto: p.proto, _pad: 0, port: p.dport.to_be_bytes() });
     POLICY_PORTS.get(&pkey).map(|v| v.slot)
 }

@@ -4,8 +4,8 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use netpol_daemon::testkit::lab::Lab;
 use netpol_daemon::metrics::sample;
+use netpol_daemon::testkit::lab::Lab;
 
 pub const DAEMON: &str = env!("CARGO_BIN_EXE_netpol-daemon");
 
@@ -48,7 +48,8 @@ pub fn wait_endpoints(lab: &Lab, n: usize, secs: u64, what: &str) {
 /// `netpol_packets_total` of pod `namespace/pod`, direction and verdict (0 before any).
 pub fn packets(lab: &Lab, namespace: &str, pod: &str, direction: &str, verdict: &str) -> f64 {
     let m = lab.metrics().unwrap();
-    sample(&m, &format!("netpol_packets_total{{namespace=\"{namespace}\",pod=\"{pod}\",direction=\"{direction}\",verdict=\"{verdict}\"}}")).unwrap_or(0.0)
+    sample(&m, &format!("netpol_packets_total{{namespace=\"{namespace}\",pod=\"{pod}\",direction=\"{direction}\",verdict=\"{verdict}\"}}"))
+        .unwrap_or(0.0)
 }
 
 /// Probes every `(from, to, "tcp"|"udp", port, allowed?)` at once and panics with every mismatch

@@ -8,9 +8,9 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::entries::{self, ClassInterner, PortSetInterner};
+use crate::model::labels::{Op, Requirement};
 use crate::source::manifests::{load_text, Loaded};
 use crate::testkit::reference;
-use crate::model::labels::{Op, Requirement};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -116,7 +116,9 @@ fn policy_types_default_and_empty_rule_lists() {
     assert!(!verdict(&c, "ns1/a", Ingress, "10.0.0.2", TCP, Some(80)));
     assert!(verdict(&c, "ns1/a", Egress, "10.0.0.2", TCP, Some(80)));
     // egress: [] without policyTypes does not isolate egress.
-    let c = with("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: ns1}\nspec: {podSelector: {}, egress: []}\n");
+    let c = with(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: ns1}\nspec: {podSelector: {}, egress: []}\n",
+    );
     assert!(verdict(&c, "ns1/a", Egress, "10.0.0.2", TCP, Some(80)));
     // A non-empty egress list adds Egress.
     let c = with("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: ns1}\nspec: {podSelector: {}, egress: [{ports: [{port: 53, protocol: UDP}]}]}\n");
@@ -253,24 +255,50 @@ spec:
 
 #[test]
 fn invalid_objects_are_rejected_with_their_field() {
-    let np = |spec: &str| format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: bad, namespace: ns}}\nspec: {spec}\n");
+    let np = |spec: &str| {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: bad, namespace: ns}}\nspec: {spec}\n")
+    };
     let cases = [
-        (np("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]}"), "ns/bad: spec.ingress[0].from[0].ipBlock.cidr: invalid CIDR"),
-        (np("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]}"), "spec.ingress[0].from[0].ipBlock.except[0]: \"11.0.0.0/16\" is not a strict subset"),
+        (
+            np("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]}"),
+            "ns/bad: spec.ingress[0].from[0].ipBlock.cidr: invalid CIDR",
+        ),
+        (
+            np("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]}"),
+            "spec.ingress[0].from[0].ipBlock.except[0]: \"11.0.0.0/16\" is not a strict subset",
+        ),
         (np("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.0/8]}}]}]}"), "is not a strict subset"),
-        (np("{podSelector: {}, egress: [{ports: [{port: 80}, {protocol: ICMP, port: 1}]}]}"), "ns/bad: spec.egress[0].ports[1].protocol: unknown protocol \"ICMP\""),
-        (np("{podSelector: {}, ingress: [{ports: [{port: 90, endPort: 80}]}]}"), "spec.ingress[0].ports[0].endPort: 80 is less than port 90"),
+        (
+            np("{podSelector: {}, egress: [{ports: [{port: 80}, {protocol: ICMP, port: 1}]}]}"),
+            "ns/bad: spec.egress[0].ports[1].protocol: unknown protocol \"ICMP\"",
+        ),
+        (
+            np("{podSelector: {}, ingress: [{ports: [{port: 90, endPort: 80}]}]}"),
+            "spec.ingress[0].ports[0].endPort: 80 is less than port 90",
+        ),
         (np("{podSelector: {}, ingress: [{ports: [{port: 0}]}]}"), "spec.ingress[0].ports[0].port: 0 is not in 1-65535"),
         (np("{podSelector: {}, ingress: [{ports: [{port: http, endPort: 90}]}]}"), "endPort: cannot be used with a named port"),
         (np("{podSelector: {}, ingress: [{ports: [{port: Not_A_Name}]}]}"), "is not a valid port name"),
-        (np("{podSelector: {matchExpressions: [{key: app, operator: Maybe, values: [x]}]}}"), "spec.podSelector.matchExpressions[0].operator: unknown operator \"Maybe\""),
-        (np("{podSelector: {matchExpressions: [{key: app, operator: In}]}}"), "spec.podSelector.matchExpressions[0].values: must be non-empty"),
+        (
+            np("{podSelector: {matchExpressions: [{key: app, operator: Maybe, values: [x]}]}}"),
+            "spec.podSelector.matchExpressions[0].operator: unknown operator \"Maybe\"",
+        ),
+        (
+            np("{podSelector: {matchExpressions: [{key: app, operator: In}]}}"),
+            "spec.podSelector.matchExpressions[0].values: must be non-empty",
+        ),
         (np("{podSelector: {matchExpressions: [{key: app, operator: Exists, values: [x]}]}}"), "must be empty for operator Exists"),
-        (np("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}]}"), "spec.ingress[0].from[0]: ipBlock cannot be combined"),
+        (
+            np("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}]}"),
+            "spec.ingress[0].from[0]: ipBlock cannot be combined",
+        ),
         (np("{podSelector: {}, ingress: [{from: [{}]}]}"), "spec.ingress[0].from[0]: must set one of"),
         (np("{podSelector: {}, policyTypes: [Sideways]}"), "spec.policyTypes[0]: unknown policy type"),
         (np("{podSelector: {matchLabels: {\"bad key!\": x}}}"), "invalid label key"),
-        ("kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: x}\nspec: {podSelector: 5}\n".to_string(), "NetworkPolicy default/x:"),
+        (
+            "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: x}\nspec: {podSelector: 5}\n".to_string(),
+            "NetworkPolicy default/x:",
+        ),
         ("key: [unclosed\n".to_string(), "unparsable YAML"),
     ];
     for (yaml, want) in cases {
@@ -479,7 +507,19 @@ fn selector(g: &mut Gen) -> Selector {
     Selector { requirements: reqs }
 }
 
-const CIDRS: &[&str] = &["10.0.0.0/8", "10.0.0.0/29", "10.0.0.0/30", "10.0.0.4/30", "10.0.0.2/31", "10.0.0.5/32", "0.0.0.0/0", "192.168.0.0/16", "fd00::/64", "fd00::/126", "::/0"];
+const CIDRS: &[&str] = &[
+    "10.0.0.0/8",
+    "10.0.0.0/29",
+    "10.0.0.0/30",
+    "10.0.0.4/30",
+    "10.0.0.2/31",
+    "10.0.0.5/32",
+    "0.0.0.0/0",
+    "192.168.0.0/16",
+    "fd00::/64",
+    "fd00::/126",
+    "::/0",
+];
 
 fn ip_block(g: &mut Gen) -> IpBlock {
     let cidr = Cidr::parse(g.pick(CIDRS)).unwrap();
@@ -574,10 +614,14 @@ fn random_cluster(seed: u64) -> Cluster {
             let sports = ports.iter().map(|p: &ServicePort| (p.name.clone(), p.protocol, g.pick(PORTS))).collect();
             let es = ObjKey::new(key.namespace.clone(), format!("{}-x", key.name));
             c.endpoint_slices.insert(es.clone(), EndpointSlice { key: es, service: key.name.clone(), addresses, ports: sports });
-            c.services.insert(key.clone(), Service { key, cluster_ips: vec![IpAddr::from([10, 96, 0, i as u8 + 1])], ports, selector: None });
+            c.services
+                .insert(key.clone(), Service { key, cluster_ips: vec![IpAddr::from([10, 96, 0, i as u8 + 1])], ports, selector: None });
         } else {
             let sel = labels(&mut g);
-            c.services.insert(key.clone(), Service { key, cluster_ips: vec![IpAddr::from([10, 96, 0, i as u8 + 1])], ports, selector: Some(sel) });
+            c.services.insert(
+                key.clone(),
+                Service { key, cluster_ips: vec![IpAddr::from([10, 96, 0, i as u8 + 1])], ports, selector: Some(sel) },
+            );
         }
     }
     for i in 0..(1 + g.below(4)) {
@@ -591,12 +635,33 @@ fn random_cluster(seed: u64) -> Cluster {
         };
         let key = ObjKey::new(g.pick(NAMESPACES), format!("np{i}"));
         let audit = g.chance(20);
-        c.policies.insert(key.clone(), Policy { key, pod_selector: selector(&mut g), ingress, egress, isolates_ingress, isolates_egress, audit, invalid: None });
+        c.policies.insert(
+            key.clone(),
+            Policy { key, pod_selector: selector(&mut g), ingress, egress, isolates_ingress, isolates_egress, audit, invalid: None },
+        );
     }
     c
 }
 
-const PEERS: &[&str] = &["10.96.0.1", "10.96.0.2", "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.9", "10.9.9.9", "192.168.1.1", "8.8.8.8", "fd00::1", "fd00::2", "fd00::9", "2001:db8::1"];
+const PEERS: &[&str] = &[
+    "10.96.0.1",
+    "10.96.0.2",
+    "10.0.0.1",
+    "10.0.0.2",
+    "10.0.0.3",
+    "10.0.0.4",
+    "10.0.0.5",
+    "10.0.0.6",
+    "10.0.0.7",
+    "10.0.0.9",
+    "10.9.9.9",
+    "192.168.1.1",
+    "8.8.8.8",
+    "fd00::1",
+    "fd00::2",
+    "fd00::9",
+    "2001:db8::1",
+];
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(2000), ..ProptestConfig::default() })]
@@ -681,8 +746,7 @@ fn audit_mode_policies_count_their_drops_and_let_traffic_through() {
         assert_eq!(verdict3(&c, "ns1/a", Ingress, "10.0.0.2", TCP, Some(81)), Verdict::Deny, "{v}: enforced, not audit");
         assert_eq!(verdict3(&c, "ns1/a", Ingress, "9.9.9.9", UDP, Some(53)), Verdict::Deny, "{v}");
     }
-    let np: k8s_openapi::api::networking::v1::NetworkPolicy =
-        serde_yaml::from_str(&AUDIT.replace("\"true\"", "\"yes\"")).unwrap();
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy = serde_yaml::from_str(&AUDIT.replace("\"true\"", "\"yes\"")).unwrap();
     let conv = crate::model::policy_from_k8s(&np).unwrap();
     assert!(conv.errors.is_empty() && conv.policy.invalid.is_none());
     assert_eq!(conv.warnings.len(), 1);
@@ -698,12 +762,17 @@ fn loaded(yaml: &str) -> (Cluster, Vec<String>) {
 
 #[test]
 fn an_invalid_policy_isolates_what_it_selects_and_allows_nothing() {
-    let np = |spec: &str| format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: bad, namespace: ns1}}\nspec: {spec}\n");
+    let np = |spec: &str| {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: bad, namespace: ns1}}\nspec: {spec}\n")
+    };
     // A bad port beside a valid rule that would allow everything: no allows at all, in the
     // policy's own direction only, for the pods it selects only.
     let (c, errs) = loaded(&np("{podSelector: {matchLabels: {app: a}}, ingress: [{}, {ports: [{port: 80}, {port: 0}]}]}"));
     assert_eq!(errs.len(), 1, "{errs:?}");
-    assert!(errs[0].contains("NetworkPolicy ns1/bad: spec.ingress[1].ports[1].port: 0 is not in 1-65535 (enforced fail-closed"), "{errs:?}");
+    assert!(
+        errs[0].contains("NetworkPolicy ns1/bad: spec.ingress[1].ports[1].port: 0 is not in 1-65535 (enforced fail-closed"),
+        "{errs:?}"
+    );
     let pol = &c.policies[&ObjKey::new("ns1", "bad")];
     assert!(pol.invalid.is_some() && pol.ingress.is_empty() && pol.egress.is_empty());
     assert!(!verdict(&c, "ns1/a", Ingress, "8.8.8.8", TCP, Some(80)));
@@ -728,7 +797,9 @@ fn an_invalid_policy_isolates_what_it_selects_and_allows_nothing() {
     assert!(!verdict(&c, "ns1/a", Egress, "10.0.0.2", TCP, Some(80)));
     assert!(verdict(&c, "ns1/b", Egress, "10.0.0.1", TCP, Some(80)));
     // Unreadable pod selector: every pod of the namespace, and only of that namespace.
-    let (c, errs) = loaded(&np("{podSelector: {matchExpressions: [{key: app, operator: Maybe, values: [x]}]}, policyTypes: [Ingress, Egress], ingress: [{}]}"));
+    let (c, errs) = loaded(&np(
+        "{podSelector: {matchExpressions: [{key: app, operator: Maybe, values: [x]}]}, policyTypes: [Ingress, Egress], ingress: [{}]}",
+    ));
     assert!(errs[0].contains("ns1/bad: spec.podSelector.matchExpressions[0].operator: unknown operator"), "{errs:?}");
     for pod in ["ns1/a", "ns1/b"] {
         assert!(!verdict(&c, pod, Ingress, "10.0.0.3", TCP, Some(80)), "{pod}");
@@ -738,7 +809,10 @@ fn an_invalid_policy_isolates_what_it_selects_and_allows_nothing() {
     // Beside a valid policy: the valid policy's allows still hold (a union), the invalid
     // one adds none.
     let good = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: good, namespace: ns1}\nspec: {podSelector: {}, ingress: [{ports: [{port: 443}]}]}\n";
-    let (c, _) = loaded(&format!("{good}---\n{}", np("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]}")));
+    let (c, _) = loaded(&format!(
+        "{good}---\n{}",
+        np("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]}")
+    ));
     assert!(verdict(&c, "ns1/a", Ingress, "10.0.0.3", TCP, Some(443)));
     assert!(!verdict(&c, "ns1/a", Ingress, "10.0.0.3", TCP, Some(80)));
     // Not even of the API's shape (a field of the wrong type): still fail closed, from what
@@ -760,7 +834,9 @@ fn an_invalid_policy_isolates_what_it_selects_and_allows_nothing() {
 
 #[test]
 fn ip_blocks_read_as_the_api_server_reads_them() {
-    let np = |block: &str| format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: ns1}}\nspec: {{podSelector: {{matchLabels: {{app: a}}}}, ingress: [{{from: [{{ipBlock: {block}}}]}}]}}\n");
+    let np = |block: &str| {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: ns1}}\nspec: {{podSelector: {{matchLabels: {{app: a}}}}, ingress: [{{from: [{{ipBlock: {block}}}]}}]}}\n")
+    };
     // Leading zeros are decimal: 010.0.0.9 is 10.0.0.9, not 8.0.0.9.
     let c = with(&np("{cidr: 010.000.000.009/32}"));
     assert!(verdict(&c, "ns1/a", Ingress, "10.0.0.9", TCP, Some(80)));
@@ -798,17 +874,28 @@ fn agrees_with_reference(c: &Cluster, node: &NodePolicy, what: &str) {
             for peer in PEERS.iter().chain(&["10.0.0.8", "10.0.0.10", "fd00::3", "fd00::7"]) {
                 let peer = ip(peer);
                 for proto in [TCP, UDP, SCTP, ICMP] {
-                    let ports: &[Option<u16>] = if proto == ICMP { &[None] } else { &[Some(53), Some(80), Some(81), Some(443), Some(8080), Some(9999)] };
+                    let ports: &[Option<u16>] =
+                        if proto == ICMP { &[None] } else { &[Some(53), Some(80), Some(81), Some(443), Some(8080), Some(9999)] };
                     for &port in ports {
                         let want = reference::verdict(c, pod, dir, peer, proto, port);
                         let got = node.verdict(&pod.key, dir, peer, proto, port);
-                        assert_eq!(got, want, "{what}: pod {} {dir:?} peer {peer} proto {proto} port {port:?}\ncluster: {c:?}\ncompiled: {node:?}", pod.key);
-                        let via_maps = entries::verdict(&d, ids[&pod.key], entries::endpoint_flags(&node.pods[&pod.key]), dir, peer, proto, port);
+                        assert_eq!(
+                            got, want,
+                            "{what}: pod {} {dir:?} peer {peer} proto {proto} port {port:?}\ncluster: {c:?}\ncompiled: {node:?}",
+                            pod.key
+                        );
+                        let via_maps =
+                            entries::verdict(&d, ids[&pod.key], entries::endpoint_flags(&node.pods[&pod.key]), dir, peer, proto, port);
                         assert_eq!(via_maps, want, "{what}: map entries: pod {} {dir:?} peer {peer} proto {proto} port {port:?}", pod.key);
                         if let (Some(dp), Verdict::Allow) = (node.pods[&pod.key].dir(dir), want) {
                             let allowing = reference::allowing_policies(c, pod, dir, peer, proto, port).unwrap_or_default();
-                            let by = entries::lookup_slot(&d, ids[&pod.key], dir, peer, proto, port).and_then(|s| dp.policies.get(s as usize));
-                            assert!(by.is_some_and(|k| allowing.contains(k)), "{what}: attribution: pod {} {dir:?} peer {peer}: {by:?} of {allowing:?}", pod.key);
+                            let by =
+                                entries::lookup_slot(&d, ids[&pod.key], dir, peer, proto, port).and_then(|s| dp.policies.get(s as usize));
+                            assert!(
+                                by.is_some_and(|k| allowing.contains(k)),
+                                "{what}: attribution: pod {} {dir:?} peer {peer}: {by:?} of {allowing:?}",
+                                pod.key
+                            );
                         }
                     }
                 }
@@ -861,7 +948,11 @@ fn mutate(g: &mut Gen, c: &mut Cluster) -> ChangeSet {
         5 => {
             let key = ObjKey::new(g.pick(NAMESPACES), format!("q{}", g.below(1000)));
             let ports = (0..g.below(3))
-                .map(|_| ContainerPort { name: Some(g.pick(PORT_NAMES).to_string()), port: g.pick(PORTS), protocol: g.pick(&Protocol::ALL) })
+                .map(|_| ContainerPort {
+                    name: Some(g.pick(PORT_NAMES).to_string()),
+                    port: g.pick(PORTS),
+                    protocol: g.pick(&Protocol::ALL),
+                })
                 .collect();
             let node = if g.chance(60) { "n" } else { "other" };
             let ips = free(g, c, false).into_iter().collect();
@@ -879,7 +970,11 @@ fn mutate(g: &mut Gen, c: &mut Cluster) -> ChangeSet {
         7 => {
             let k = some(g);
             c.pods.get_mut(&k).unwrap().ports = (0..g.below(4))
-                .map(|_| ContainerPort { name: Some(g.pick(PORT_NAMES).to_string()), port: g.pick(PORTS), protocol: g.pick(&Protocol::ALL) })
+                .map(|_| ContainerPort {
+                    name: Some(g.pick(PORT_NAMES).to_string()),
+                    port: g.pick(PORTS),
+                    protocol: g.pick(&Protocol::ALL),
+                })
                 .collect();
             ch.pods.insert(k);
         }
@@ -916,7 +1011,10 @@ fn incremental_updates_agree_with_the_reference() {
         let (mut classes, mut portsets) = (ClassInterner::default(), PortSetInterner::default());
         let mut cache = entries::EntryCache::default();
         let ids = |n: &NodePolicy| -> BTreeMap<ObjKey, u32> { n.pods.keys().enumerate().map(|(i, k)| (k.clone(), i as u32 + 1)).collect() };
-        assert!(cache.refresh(nc.policy(), &ids(nc.policy()), &mut classes, &mut portsets).is_none(), "the first refresh derives everything");
+        assert!(
+            cache.refresh(nc.policy(), &ids(nc.policy()), &mut classes, &mut portsets).is_none(),
+            "the first refresh derives everything"
+        );
         let mut g = Gen(seed ^ 0x5555);
         for step in 0..6 {
             if c.pods.is_empty() {
@@ -947,8 +1045,15 @@ fn incremental_updates_agree_with_the_reference() {
             assert_eq!(cache.cur, fresh.cur, "{what}");
             if let Some(changed) = changed {
                 in_place_updates += 1;
-                fn differing<K: std::hash::Hash + Eq + Ord + Copy, V: PartialEq, S: std::hash::BuildHasher>(a: &std::collections::HashMap<K, V, S>, b: &std::collections::HashMap<K, V, S>) -> BTreeSet<K> {
-                    a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).map(|(k, _)| *k).chain(b.keys().filter(|k| !a.contains_key(*k)).copied()).collect()
+                fn differing<K: std::hash::Hash + Eq + Ord + Copy, V: PartialEq, S: std::hash::BuildHasher>(
+                    a: &std::collections::HashMap<K, V, S>,
+                    b: &std::collections::HashMap<K, V, S>,
+                ) -> BTreeSet<K> {
+                    a.iter()
+                        .filter(|(k, v)| b.get(*k) != Some(*v))
+                        .map(|(k, _)| *k)
+                        .chain(b.keys().filter(|k| !a.contains_key(*k)).copied())
+                        .collect()
                 }
                 fn set<K: Ord + Copy>(v: &[K]) -> BTreeSet<K> {
                     v.iter().copied().collect()

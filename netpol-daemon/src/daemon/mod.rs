@@ -102,7 +102,8 @@ impl Daemon {
                 metrics::events::spawn(rb, shared.clone(), stop.clone())?;
             }
         }
-        metrics::serve(cfg.metrics_addr, shared.clone(), cfg.bpffs.clone()).with_context(|| format!("listening on {}", cfg.metrics_addr))?;
+        metrics::serve(cfg.metrics_addr, shared.clone(), cfg.bpffs.clone())
+            .with_context(|| format!("listening on {}", cfg.metrics_addr))?;
         let source: Box<dyn Source> = match &cfg.manifests {
             Some(dir) => Box::new(ManifestsDir::new(dir.clone())),
             None => Box::new(KubeSource::start()?),

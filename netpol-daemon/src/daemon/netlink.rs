@@ -64,12 +64,25 @@ fn send(msg: &[u8]) -> io::Result<Fd> {
     let fd = Fd(fd);
     let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
     unsafe {
-        libc::setsockopt(fd.0, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, size_of::<libc::timeval>() as u32);
+        libc::setsockopt(
+            fd.0,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            size_of::<libc::timeval>() as u32,
+        );
     }
     let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     sa.nl_family = libc::AF_NETLINK as u16;
     let n = unsafe {
-        libc::sendto(fd.0, msg.as_ptr() as *const libc::c_void, msg.len(), 0, &sa as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_nl>() as u32)
+        libc::sendto(
+            fd.0,
+            msg.as_ptr() as *const libc::c_void,
+            msg.len(),
+            0,
+            &sa as *const _ as *const libc::sockaddr,
+            size_of::<libc::sockaddr_nl>() as u32,
+        )
     };
     if n < 0 {
         return Err(io::Error::last_os_error());
@@ -90,12 +103,7 @@ pub fn route_get(addr: IpAddr) -> io::Result<RouteInfo> {
     let rta_len = 4 + bytes.len();
     let total = size_of::<NlMsgHdr>() + size_of::<RtMsg>() + rta_len;
     let hdr = NlMsgHdr { len: total as u32, ty: RTM_GETROUTE, flags: NLM_F_REQUEST, seq: 1, pid: 0 };
-    let rtm = RtMsg {
-        family,
-        dst_len: (bytes.len() * 8) as u8,
-        flags: RTM_F_FIB_MATCH,
-        ..Default::default()
-    };
+    let rtm = RtMsg { family, dst_len: (bytes.len() * 8) as u8, flags: RTM_F_FIB_MATCH, ..Default::default() };
     let mut msg = Vec::with_capacity(total);
     msg.extend_from_slice(as_bytes(&hdr));
     msg.extend_from_slice(as_bytes(&rtm));
@@ -389,7 +397,8 @@ fn neighbour_mac(table: &[Neighbour], addr: IpAddr, ifindex: u32) -> Option<Vec<
 /// The port of `bridge` behind which the forwarding database has seen `mac`.
 fn fdb_port(fdb: &[Neighbour], bridge: u32, mac: &[u8]) -> Option<u32> {
     fdb.iter().find_map(|(port, _, a)| {
-        let master = a.iter().find(|(t, _)| *t == NDA_MASTER).and_then(|(_, v)| v.get(..4)).map(|v| u32::from_ne_bytes(v.try_into().unwrap()));
+        let master =
+            a.iter().find(|(t, _)| *t == NDA_MASTER).and_then(|(_, v)| v.get(..4)).map(|v| u32::from_ne_bytes(v.try_into().unwrap()));
         let lladdr = a.iter().find(|(t, _)| *t == NDA_LLADDR).map(|(_, v)| v.as_slice());
         (*port != bridge && master == Some(bridge) && lladdr == Some(mac)).then_some(*port)
     })

@@ -24,7 +24,10 @@ pub(super) struct Addrs {
 
 impl Addrs {
     pub fn adopt(ebpf: &mut Ebpf) -> Result<Addrs> {
-        Ok(Addrs { node: MapMirror::adopt(take(ebpf, maps::NODE_ADDRS)?)?, endpoints: MapMirror::adopt(take(ebpf, maps::ENDPOINT_ADDRS)?)? })
+        Ok(Addrs {
+            node: MapMirror::adopt(take(ebpf, maps::NODE_ADDRS)?)?,
+            endpoints: MapMirror::adopt(take(ebpf, maps::ENDPOINT_ADDRS)?)?,
+        })
     }
 
     /// The node's own addresses (those [`node_addr_for_pods`] keeps); the first error stops
@@ -62,9 +65,9 @@ impl Addrs {
             .flat_map(|(id, c)| c.ips.iter().map(move |a| (endpoint_addr_key(id, *a), 1)))
             .collect();
         self.endpoints.retain(|k| want.contains_key(k));
-        let _ = self.endpoints.insert_wanted(Scope::All, &want, |k, e| {
-            report.errors.push(format!("ENDPOINT_ADDRS insert (endpoint {}): {e}", k.endpoint))
-        });
+        let _ = self
+            .endpoints
+            .insert_wanted(Scope::All, &want, |k, e| report.errors.push(format!("ENDPOINT_ADDRS insert (endpoint {}): {e}", k.endpoint)));
     }
 }
 

@@ -14,10 +14,10 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use aya::Ebpf;
 use netpol_common::*;
 
-use crate::model::cidr::addr_from_bytes;
 use super::maps::{migrate_conntrack_v1, take};
 use super::HashMap;
 use crate::compiler::NodePolicy;
+use crate::model::cidr::addr_from_bytes;
 use crate::model::{Direction, ObjKey};
 
 pub(super) struct Conntrack {

@@ -99,10 +99,7 @@ impl Counters {
 
     /// For the metrics: per programmed pod (`endpoints`: its id and key) and direction, its
     /// endpoint id and slot labels, and the counts folded out of the map.
-    pub fn policy_slots<'a>(
-        &self,
-        endpoints: impl Iterator<Item = (u32, &'a ObjKey)>,
-    ) -> (SlotLabels, RetiredCounts) {
+    pub fn policy_slots<'a>(&self, endpoints: impl Iterator<Item = (u32, &'a ObjKey)>) -> (SlotLabels, RetiredCounts) {
         let mut out = Vec::new();
         for (id, k) in endpoints {
             for d in [DIR_INGRESS, DIR_EGRESS] {

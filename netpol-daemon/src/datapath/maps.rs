@@ -183,7 +183,9 @@ fn bpffs_mount_of(path: &Path) -> Option<PathBuf> {
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
 pub fn ensure_bpffs(path: &Path) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf") && Path::new(l.split_whitespace().nth(1).unwrap_or("")) == Path::new("/sys/fs/bpf")) {
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(2) == Some("bpf") && Path::new(l.split_whitespace().nth(1).unwrap_or("")) == Path::new("/sys/fs/bpf")
+    }) {
         return Ok(());
     }
     if !path.starts_with("/sys/fs/bpf") {

@@ -42,8 +42,8 @@ mod test_run;
 
 pub use addrs::node_addr_for_pods;
 pub use counters::{slot_label, CounterReader, RetiredCounts, SlotLabels};
-pub use test_run::ProgramStats;
 pub use maps::{check_bpffs_outlives_daemon, ensure_bpffs, EBPF_OBJECT};
+pub use test_run::ProgramStats;
 
 /// Hash maps keyed by our own values: a fast non-cryptographic hasher (no untrusted keys).
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
@@ -134,7 +134,8 @@ impl Datapath {
     /// Lowers the entry budgets below the map sizes (to exercise the fail-closed path).
     pub fn set_limits(&mut self, l: Limits) {
         let d = Limits::default();
-        self.tables.limits = Limits { identities: l.identities.min(d.identities), policy: l.policy.min(d.policy), ports: l.ports.min(d.ports) };
+        self.tables.limits =
+            Limits { identities: l.identities.min(d.identities), policy: l.policy.min(d.policy), ports: l.ports.min(d.ports) };
     }
 
     /// Runtime settings for the programs (conntrack timeouts, deny events). The flow cache's

@@ -168,14 +168,16 @@ impl Tables {
             None => (Scope::All, Scope::All, Scope::All),
         };
         let errors = &mut report.errors;
-        let ports = self.ports.insert_wanted(ports, &desired.ports, |k, e| errors.push(format!("POLICY_PORTS insert (set {}): {e}", k.1.portset)));
+        let ports =
+            self.ports.insert_wanted(ports, &desired.ports, |k, e| errors.push(format!("POLICY_PORTS insert (set {}): {e}", k.1.portset)));
         let mut owner: Option<HashMap<u32, &ObjKey>> = None;
         let policy = self.policy.insert_wanted(policy, &desired.policy, |k, e| {
             let owner = owner.get_or_insert_with(|| ids.iter().map(|(k, id)| (*id, k)).collect());
             let pod = owner.get(&k.endpoint).map(|p| p.to_string()).unwrap_or_default();
             errors.push(format!("{pod}: POLICY insert: {e}"));
         });
-        let identities = self.identities.insert_wanted(identities, &desired.identities, |_, e| errors.push(format!("IDENTITIES insert: {e}")));
+        let identities =
+            self.identities.insert_wanted(identities, &desired.identities, |_, e| errors.push(format!("IDENTITIES insert: {e}")));
         Pass { fitted, identities, policy, ports }
     }
 

@@ -41,7 +41,13 @@ impl Datapath {
         ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
         ctx[40..44].copy_from_slice(&1u32.to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 256];
-        let r = prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..TestRunOptions::new() })?;
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            ..TestRunOptions::new()
+        })?;
         Ok(r.return_value as i32)
     }
 
@@ -49,7 +55,12 @@ impl Datapath {
     pub fn test_run_program(&mut self, name: &str, frame: &[u8], repeat: u32) -> Result<(i32, Duration)> {
         let prog = classifier(&mut self.ebpf, name)?;
         let mut out = vec![0u8; frame.len() + 256];
-        let r = prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: repeat.max(1), ..TestRunOptions::new() })?;
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: repeat.max(1),
+            ..TestRunOptions::new()
+        })?;
         Ok((r.return_value as i32, r.duration))
     }
 
@@ -61,7 +72,12 @@ impl Datapath {
             let Some(p) = self.ebpf.program(name) else { continue };
             let Ok(p): Result<&SchedClassifier, _> = p.try_into() else { continue };
             if let Ok(info) = p.info() {
-                out.push((name.to_string(), info.verified_instruction_count(), info.size_translated().map(|b| b / 8), Some(info.size_jitted())));
+                out.push((
+                    name.to_string(),
+                    info.verified_instruction_count(),
+                    info.size_translated().map(|b| b / 8),
+                    Some(info.size_jitted()),
+                ));
             }
         }
         out

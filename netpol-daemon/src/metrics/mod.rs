@@ -26,11 +26,8 @@ pub struct Shared {
 }
 
 fn respond(mut s: TcpStream, code: u16, reason: &str, ctype: &str, body: &str) {
-    let _ = write!(
-        s,
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let _ =
+        write!(s, "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
 }
 
 fn handle(s: TcpStream, shared: &Shared, counters: &Option<CounterReader>) {

@@ -41,7 +41,9 @@ fn packets(status: &Status, counters: Option<&CounterReader>, out: &mut String) 
     let Some(c) = counters else { return };
     for (id, pod) in &status.endpoints {
         for (dir, dname) in DIRECTIONS {
-            for (verdict, vname) in [(VERDICT_ALLOW, "allow"), (VERDICT_DENY, "deny"), (VERDICT_AUDIT, "audit"), (VERDICT_SPOOFED, "spoofed")] {
+            for (verdict, vname) in
+                [(VERDICT_ALLOW, "allow"), (VERDICT_DENY, "deny"), (VERDICT_AUDIT, "audit"), (VERDICT_SPOOFED, "spoofed")]
+            {
                 let n = c.read(*id, dir, verdict);
                 out.push_str(&format!("netpol_packets_total{{{},direction=\"{dname}\",verdict=\"{vname}\"}} {n}\n", pod_labels(pod)));
             }
@@ -99,15 +101,27 @@ fn gauges(status: &Status, ready: bool, out: &mut String) {
         ("netpol_ready", "1 once the first full sync is programmed.", if ready { 1.0 } else { 0.0 }),
         ("netpol_endpoints", "Pod interfaces with programs attached.", status.endpoints.len() as f64),
         ("netpol_policies", "NetworkPolicies in the cluster model.", status.policies as f64),
-        ("netpol_manifest_errors", "Invalid objects (skipped; an invalid NetworkPolicy is enforced fail-closed: it isolates what it selects and allows nothing).", status.manifest_errors as f64),
+        (
+            "netpol_manifest_errors",
+            "Invalid objects (skipped; an invalid NetworkPolicy is enforced fail-closed: it isolates what it selects and allows nothing).",
+            status.manifest_errors as f64,
+        ),
         ("netpol_sync_errors", "Errors of the last datapath sync.", status.sync_errors as f64),
         ("netpol_identity_map_entries", "Entries in the IDENTITIES map (address classes).", status.identity_entries as f64),
         ("netpol_policy_map_entries", "Entries in the POLICY map.", status.policy_entries as f64),
         ("netpol_port_map_entries", "Entries in the POLICY_PORTS map.", status.port_entries as f64),
         ("netpol_fail_closed_pods", "Local pods failing closed because the maps are full.", status.fail_closed.len() as f64),
-        ("netpol_source_up", "0 while the Kubernetes API is unreachable (the last state stays enforced).", if status.source_down { 0.0 } else { 1.0 }),
+        (
+            "netpol_source_up",
+            "0 while the Kubernetes API is unreachable (the last state stays enforced).",
+            if status.source_down { 0.0 } else { 1.0 },
+        ),
         ("netpol_last_sync_duration_seconds", "Compile and program time of the last sync.", status.last_sync_seconds),
-        ("netpol_last_programmed_timestamp_seconds", "Unix time at which the last observed change was in the maps.", status.last_programmed_unix),
+        (
+            "netpol_last_programmed_timestamp_seconds",
+            "Unix time at which the last observed change was in the maps.",
+            status.last_programmed_unix,
+        ),
     ];
     for (name, help, v) in gauges {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
@@ -154,7 +168,10 @@ mod tests {
         assert_eq!(sample(&text, "netpol_last_programmed_timestamp_seconds"), Some(0.0));
         assert_eq!(sample(&text, "netpol_pod_fail_closed{namespace=\"a\",pod=\"big\"}"), Some(1.0));
         assert_eq!(sample(&text, "netpol_fail_closed_pods"), Some(1.0));
-        assert_eq!(sample(&text, "netpol_pod_isolated_by{namespace=\"a\",pod=\"web\",direction=\"ingress\",policy=\"allow-api\"}"), Some(1.0));
+        assert_eq!(
+            sample(&text, "netpol_pod_isolated_by{namespace=\"a\",pod=\"web\",direction=\"ingress\",policy=\"allow-api\"}"),
+            Some(1.0)
+        );
     }
 
     #[test]

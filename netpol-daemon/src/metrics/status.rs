@@ -58,7 +58,6 @@ impl Histogram {
     }
 }
 
-
 /// One datapath sync, as the status reports it.
 pub struct Synced<'a> {
     pub report: &'a SyncReport,

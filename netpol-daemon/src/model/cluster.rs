@@ -21,11 +21,8 @@ impl Cluster {
     /// the service's EndpointSlices when it has any, else from its selector and the pods'
     /// container ports (named target ports resolved per pod).
     pub fn service_backends(&self, svc: &Service) -> Vec<(ServicePort, Vec<(IpAddr, u16)>)> {
-        let slices: Vec<&EndpointSlice> = self
-            .endpoint_slices
-            .values()
-            .filter(|s| s.key.namespace == svc.key.namespace && s.service == svc.key.name)
-            .collect();
+        let slices: Vec<&EndpointSlice> =
+            self.endpoint_slices.values().filter(|s| s.key.namespace == svc.key.namespace && s.service == svc.key.name).collect();
         svc.ports
             .iter()
             .map(|sp| {
@@ -187,4 +184,3 @@ impl Verdict {
         self != Verdict::Deny
     }
 }
-

@@ -66,16 +66,10 @@ impl Selector {
             }
             let op = match e.operator.as_str() {
                 "In" | "NotIn" if values.is_empty() => {
-                    return Err((
-                        format!("{field}.values"),
-                        format!("must be non-empty for operator {}", e.operator),
-                    ))
+                    return Err((format!("{field}.values"), format!("must be non-empty for operator {}", e.operator)))
                 }
                 "Exists" | "DoesNotExist" if !values.is_empty() => {
-                    return Err((
-                        format!("{field}.values"),
-                        format!("must be empty for operator {}", e.operator),
-                    ))
+                    return Err((format!("{field}.values"), format!("must be empty for operator {}", e.operator)))
                 }
                 "In" => Op::In(values),
                 "NotIn" => Op::NotIn(values),
@@ -123,9 +117,7 @@ pub fn validate_key(k: &str) -> Result<(), String> {
         }
     }
     if !name_part_ok(name) {
-        return Err(format!(
-            "invalid label key {k:?}: name must be 1-63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric"
-        ));
+        return Err(format!("invalid label key {k:?}: name must be 1-63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric"));
     }
     Ok(())
 }
@@ -134,8 +126,6 @@ pub fn validate_value(v: &str) -> Result<(), String> {
     if v.is_empty() || name_part_ok(v) {
         Ok(())
     } else {
-        Err(format!(
-            "invalid label value {v:?}: at most 63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric"
-        ))
+        Err(format!("invalid label value {v:?}: at most 63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric"))
     }
 }

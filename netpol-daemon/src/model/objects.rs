@@ -157,10 +157,7 @@ impl Pod {
     /// Resolves a named port against this pod's containers (name and protocol must match).
     /// Every container port with that name counts (names may repeat across containers).
     pub fn named_ports<'a>(&'a self, name: &'a str, protocol: Protocol) -> impl Iterator<Item = u16> + 'a {
-        self.ports
-            .iter()
-            .filter(move |p| p.protocol == protocol && p.name.as_deref() == Some(name))
-            .map(|p| p.port)
+        self.ports.iter().filter(move |p| p.protocol == protocol && p.name.as_deref() == Some(name)).map(|p| p.port)
     }
 
     /// Pods that policies can select: not host-network, and with an address.
@@ -211,7 +208,10 @@ impl IpBlock {
 pub enum Peer {
     /// Pods selected by `pods` in the namespaces selected by `namespaces` (`None`: the
     /// policy's own namespace).
-    Pods { namespaces: Option<Selector>, pods: Selector },
+    Pods {
+        namespaces: Option<Selector>,
+        pods: Selector,
+    },
     IpBlock(IpBlock),
 }
 

@@ -15,18 +15,13 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 
-use crate::model::Cluster;
 use crate::model;
+use crate::model::Cluster;
 
 /// The resources watched, as (API group, resource): what the ClusterRole must grant
 /// get/list/watch on (checked against deploy/ by a test).
-pub const WATCHED: &[(&str, &str)] = &[
-    ("", "namespaces"),
-    ("", "pods"),
-    ("", "services"),
-    ("discovery.k8s.io", "endpointslices"),
-    ("networking.k8s.io", "networkpolicies"),
-];
+pub const WATCHED: &[(&str, &str)] =
+    &[("", "namespaces"), ("", "pods"), ("", "services"), ("discovery.k8s.io", "endpointslices"), ("networking.k8s.io", "networkpolicies")];
 
 pub struct KubeSource {
     /// Bumped on every change seen by any watcher.
@@ -128,7 +123,8 @@ impl KubeSource {
                 st.init_container_statuses = None;
             }
         });
-        let policies = watch(&rt, Api::<NetworkPolicy>::all(client.clone()), watcher::Config::default(), g(), |n| n.metadata.managed_fields = None);
+        let policies =
+            watch(&rt, Api::<NetworkPolicy>::all(client.clone()), watcher::Config::default(), g(), |n| n.metadata.managed_fields = None);
         let services = watch(&rt, Api::<Service>::all(client.clone()), watcher::Config::default(), g(), |s| {
             s.metadata.managed_fields = None;
             s.metadata.annotations = None;
@@ -163,7 +159,21 @@ impl KubeSource {
                 generation.fetch_add(1, Ordering::SeqCst);
             });
         }
-        KubeSource { generation, errors, synced, healthy, pending_since, namespaces, pods, policies, services, slices, warned: Default::default(), refreshed: None, _rt: rt }
+        KubeSource {
+            generation,
+            errors,
+            synced,
+            healthy,
+            pending_since,
+            namespaces,
+            pods,
+            policies,
+            services,
+            slices,
+            warned: Default::default(),
+            refreshed: None,
+            _rt: rt,
+        }
     }
 
     /// The cluster model from the stores; invalid objects are skipped and reported (an invalid

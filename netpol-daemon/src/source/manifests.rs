@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::model::{ChangeSet, Cluster};
 use crate::model::{self, ObjKey};
+use crate::model::{ChangeSet, Cluster};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadError {
@@ -35,11 +35,8 @@ pub struct Loaded {
 
 /// The manifest files of `dir`, sorted by name.
 pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| is_manifest_name(p) && p.is_file())
-        .collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| is_manifest_name(p) && p.is_file()).collect();
     files.sort();
     Ok(files)
 }
@@ -243,7 +240,9 @@ fn load_reusing(file: &Path, text: &str, prev: Option<&FileState>, out: &mut Loa
             // when the whole file loaded cleanly without duplicates.)
             let reused = prev.and_then(|p| p.docs.get(&h).map(|(refs, ignored)| (p, refs, ignored)));
             let (refs, ignored) = match reused {
-                Some((p, refs, ignored)) if refs.iter().all(|r| r.copy(&p.loaded.cluster, &mut all.cluster)) => (refs.clone(), ignored.clone()),
+                Some((p, refs, ignored)) if refs.iter().all(|r| r.copy(&p.loaded.cluster, &mut all.cluster)) => {
+                    (refs.clone(), ignored.clone())
+                }
                 _ => {
                     let mut d = Loaded::default();
                     load_text(file, part, &mut d);
@@ -336,14 +335,15 @@ impl DirReader {
             }
             changed
         }
-        let mut ch = ChangeSet::default();
-        ch.namespaces = !reconcile(&sources, files, &owners.namespaces, |c| &c.namespaces, &mut into.namespaces).is_empty();
-        ch.pods = reconcile(&sources, files, &owners.pods, |c| &c.pods, &mut into.pods).into_iter().collect();
-        ch.policies = !reconcile(&sources, files, &owners.policies, |c| &c.policies, &mut into.policies).is_empty();
-        ch.services = !reconcile(&sources, files, &owners.services, |c| &c.services, &mut into.services).is_empty();
-        ch.endpoint_slices =
-            !reconcile(&sources, files, &owners.endpoint_slices, |c| &c.endpoint_slices, &mut into.endpoint_slices).is_empty();
-        Ok(ch)
+        Ok(ChangeSet {
+            all: false,
+            namespaces: !reconcile(&sources, files, &owners.namespaces, |c| &c.namespaces, &mut into.namespaces).is_empty(),
+            pods: reconcile(&sources, files, &owners.pods, |c| &c.pods, &mut into.pods).into_iter().collect(),
+            policies: !reconcile(&sources, files, &owners.policies, |c| &c.policies, &mut into.policies).is_empty(),
+            services: !reconcile(&sources, files, &owners.services, |c| &c.services, &mut into.services).is_empty(),
+            endpoint_slices: !reconcile(&sources, files, &owners.endpoint_slices, |c| &c.endpoint_slices, &mut into.endpoint_slices)
+                .is_empty(),
+        })
     }
 
     /// Every file's problems, in file order.
@@ -643,7 +643,13 @@ mod tests {
         let p = &l.cluster.policies[&key];
         assert!(p.invalid.as_deref().is_some_and(|m| m.contains("a/p: spec.ingress[0].ports[0].port: 70000")), "{p:?}");
         assert!(p.ingress.is_empty() && p.isolates_ingress && !p.isolates_egress);
-        assert!(l.errors.iter().any(|e| e.message.contains("NetworkPolicy a/p: spec.ingress[0].ports[0].port") && e.message.contains("fail-closed")), "{:?}", l.errors);
+        assert!(
+            l.errors
+                .iter()
+                .any(|e| e.message.contains("NetworkPolicy a/p: spec.ingress[0].ports[0].port") && e.message.contains("fail-closed")),
+            "{:?}",
+            l.errors
+        );
         // Valid: as written.
         std::fs::write(&f, format!("{NS}---\n{}", POLICY.replace("PORT", "80"))).unwrap();
         let l = r.load(&dir).unwrap();
@@ -661,23 +667,47 @@ mod tests {
 
     #[test]
     fn a_file_parsed_document_by_document_loads_as_when_parsed_whole() {
-        let pod = |name: &str, app: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: a, labels: {{app: {app}}}}}\nspec: {{nodeName: n, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: 10.0.0.1}}\n");
-        let json_pod = |name: &str, app: &str| format!("{{\"apiVersion\":\"v1\",\"kind\":\"Pod\",\"metadata\":{{\"name\":\"{name}\",\"namespace\":\"a\",\"labels\":{{\"app\":\"{app}\"}}}},\"spec\":{{\"containers\":[]}}}}\n");
+        let pod = |name: &str, app: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: a, labels: {{app: {app}}}}}\nspec: {{nodeName: n, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: 10.0.0.1}}\n")
+        };
+        let json_pod = |name: &str, app: &str| {
+            format!("{{\"apiVersion\":\"v1\",\"kind\":\"Pod\",\"metadata\":{{\"name\":\"{name}\",\"namespace\":\"a\",\"labels\":{{\"app\":\"{app}\"}}}},\"spec\":{{\"containers\":[]}}}}\n")
+        };
         let y = Path::new("m.yaml");
         let j = Path::new("m.json");
         let cases: Vec<(&Path, String, String)> = vec![
             // One document changed among several: the others are reused.
-            (y, format!("{}---\n{}---\n{NS}", pod("p1", "x"), pod("p2", "y")), format!("{}---\n{}---\n{NS}", pod("p1", "x"), pod("p2", "z"))),
+            (
+                y,
+                format!("{}---\n{}---\n{NS}", pod("p1", "x"), pod("p2", "y")),
+                format!("{}---\n{}---\n{NS}", pod("p1", "x"), pod("p2", "z")),
+            ),
             // Markers with content, a leading marker, a duplicate (the later one wins), a null document.
-            (y, format!("---\n{}--- \n{}---\n", pod("p1", "x"), pod("p1", "y")), format!("--- {{}}\n---\n{}---\n{}", pod("p1", "y"), pod("p1", "x"))),
+            (
+                y,
+                format!("---\n{}--- \n{}---\n", pod("p1", "x"), pod("p1", "y")),
+                format!("--- {{}}\n---\n{}---\n{}", pod("p1", "y"), pod("p1", "x")),
+            ),
             // A bad document: parsed whole, its problems numbered as in the whole file.
             (y, format!("{}---\n{NS}", pod("p1", "x")), format!("{}---\nkind: Pod\nmetadata: {{name: [}}\n---\n{NS}", pod("p1", "x"))),
-            (y, format!("{}---\n{}", pod("p1", "x"), POLICY.replace("PORT", "80")), format!("{}---\n{}", pod("p1", "x"), POLICY.replace("PORT", "0"))),
+            (
+                y,
+                format!("{}---\n{}", pod("p1", "x"), POLICY.replace("PORT", "80")),
+                format!("{}---\n{}", pod("p1", "x"), POLICY.replace("PORT", "0")),
+            ),
             // Directives and document ends: parsed whole.
             (y, format!("%YAML 1.2\n---\n{}...\n", pod("p1", "x")), format!("%YAML 1.2\n---\n{}...\n", pod("p1", "y"))),
             // A JSON List (its items are documents), a stream, and one cut short.
-            (j, format!("{{\"kind\":\"List\",\"items\":[{},{}]}}", json_pod("p1", "x"), json_pod("p2", "y")), format!("{{\"kind\":\"List\",\"items\":[{},{}]}}", json_pod("p1", "x"), json_pod("p1", "z"))),
-            (j, format!("{{\"kind\":\"List\",\"items\":[{}]}}", json_pod("p1", "x")), format!("{{\"kind\":\"List\",\"items\":[{},{{\"kind\":\"Pod\"}}]}}", json_pod("p1", "x"))),
+            (
+                j,
+                format!("{{\"kind\":\"List\",\"items\":[{},{}]}}", json_pod("p1", "x"), json_pod("p2", "y")),
+                format!("{{\"kind\":\"List\",\"items\":[{},{}]}}", json_pod("p1", "x"), json_pod("p1", "z")),
+            ),
+            (
+                j,
+                format!("{{\"kind\":\"List\",\"items\":[{}]}}", json_pod("p1", "x")),
+                format!("{{\"kind\":\"List\",\"items\":[{},{{\"kind\":\"Pod\"}}]}}", json_pod("p1", "x")),
+            ),
             (j, format!("{}{}", json_pod("p1", "x"), json_pod("p2", "y")), format!("{}  {}", json_pod("p1", "x"), json_pod("p2", "z"))),
             (j, format!("{}{}", json_pod("p1", "x"), json_pod("p2", "y")), format!("{}{{\"kind\": ", json_pod("p1", "x"))),
         ];
@@ -702,7 +732,8 @@ mod tests {
         let mut planted = Loaded::default();
         load_text(y, &pod("p9", "x"), &mut planted);
         let p9 = vec![ObjRef::Pod(ObjKey::new("a", "p9"))];
-        let prev = FileState { meta: None, hash: 0, loaded: planted, docs: [(text_hash(parts[0]), (p9, Vec::new()))].into_iter().collect() };
+        let prev =
+            FileState { meta: None, hash: 0, loaded: planted, docs: [(text_hash(parts[0]), (p9, Vec::new()))].into_iter().collect() };
         let mut out = Loaded::default();
         load_reusing(y, &text, Some(&prev), &mut out);
         let names: Vec<&str> = out.cluster.pods.keys().map(|k| k.name.as_str()).collect();
@@ -738,7 +769,7 @@ mod tests {
         write("1-pods.yaml", &PODS.replace("LABEL", "two"));
         assert!(r.update(&dir, &mut c).unwrap().is_empty());
         // A later file defining the same pod wins; removing it brings the first one back.
-        write("3-more.yaml", &PODS.replace("LABEL", "three").split("---").next().unwrap().to_string());
+        write("3-more.yaml", PODS.replace("LABEL", "three").split("---").next().unwrap());
         let ch = r.update(&dir, &mut c).unwrap();
         assert_eq!(ch.pods, [ObjKey::new("a", "x")].into());
         assert_eq!(c.pods[&ObjKey::new("a", "x")].labels["app"], "three");

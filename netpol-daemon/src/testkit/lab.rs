@@ -202,13 +202,29 @@ impl Lab {
     }
 
     /// Adds a pod (or, with `declared` false, an outside host) wired like a CNI would.
-    pub fn add_pod(&mut self, namespace: &str, name: &str, ip: Ipv4Addr, labels: &[(&str, &str)], tcp: &[u16], udp: &[u16]) -> Result<usize> {
+    pub fn add_pod(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        ip: Ipv4Addr,
+        labels: &[(&str, &str)],
+        tcp: &[u16],
+        udp: &[u16],
+    ) -> Result<usize> {
         self.add_endpoint(namespace, name, ip, labels, tcp, udp, true, false)
     }
 
     /// Adds a pod wired like the bridge CNI plugin: its veth is a port of the node's bridge,
     /// its address in the bridge's 10.245.0.0/24 (no host route of its own).
-    pub fn add_bridge_pod(&mut self, namespace: &str, name: &str, ip: Ipv4Addr, labels: &[(&str, &str)], tcp: &[u16], udp: &[u16]) -> Result<usize> {
+    pub fn add_bridge_pod(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        ip: Ipv4Addr,
+        labels: &[(&str, &str)],
+        tcp: &[u16],
+        udp: &[u16],
+    ) -> Result<usize> {
         self.add_endpoint(namespace, name, ip, labels, tcp, udp, true, true)
     }
 
@@ -231,7 +247,17 @@ impl Lab {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn add_endpoint(&mut self, namespace: &str, name: &str, ip: Ipv4Addr, labels: &[(&str, &str)], tcp: &[u16], udp: &[u16], declared: bool, bridged: bool) -> Result<usize> {
+    fn add_endpoint(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        ip: Ipv4Addr,
+        labels: &[(&str, &str)],
+        tcp: &[u16],
+        udp: &[u16],
+        declared: bool,
+        bridged: bool,
+    ) -> Result<usize> {
         let idx = self.next_if;
         self.next_if += 1;
         let netns = format!("{NETNS_PREFIX}{}-p{idx}", self.id);
@@ -422,7 +448,15 @@ impl Lab {
     /// A ClusterIP service as kube-proxy makes it: nftables DNAT in the node namespace from
     /// `cluster_ip:port` to the backend pod's `target` port, and the Service manifest (written
     /// with the cluster manifest). `ports` are (protocol "tcp"/"udp", port, target, port name).
-    pub fn add_cluster_ip(&mut self, namespace: &str, name: &str, cluster_ip: Ipv4Addr, backend: &str, selector: &[(&str, &str)], ports: &[(&str, u16, u16, &str)]) -> Result<()> {
+    pub fn add_cluster_ip(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        cluster_ip: Ipv4Addr,
+        backend: &str,
+        selector: &[(&str, &str)],
+        ports: &[(&str, u16, u16, &str)],
+    ) -> Result<()> {
         let b = self.pod(backend).ip;
         let node = self.node_netns.clone();
         let mut script = String::from("add table ip netpol_lab\nadd chain ip netpol_lab pre { type nat hook prerouting priority -100; }\n");
@@ -435,7 +469,12 @@ impl Lab {
         let sel: BTreeMap<String, String> = selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let ps: Vec<String> = ports
             .iter()
-            .map(|(proto, port, _, pname)| format!("{{\"name\": \"{pname}\", \"protocol\": \"{}\", \"port\": {port}, \"targetPort\": \"{pname}\"}}", proto.to_uppercase()))
+            .map(|(proto, port, _, pname)| {
+                format!(
+                    "{{\"name\": \"{pname}\", \"protocol\": \"{}\", \"port\": {port}, \"targetPort\": \"{pname}\"}}",
+                    proto.to_uppercase()
+                )
+            })
             .collect();
         self.services.push(format!(
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  clusterIP: {cluster_ip}\n  selector: {}\n  ports: [{}]\n",
@@ -458,11 +497,21 @@ impl Lab {
         for p in self.pods.iter().filter(|p| p.declared) {
             let mut ports: Vec<String> = Vec::new();
             for port in &p.tcp {
-                let name = p.named.iter().find(|n| n.port == *port && n.protocol == "TCP").map(|n| format!(", \"name\": \"{}\"", n.name)).unwrap_or_default();
+                let name = p
+                    .named
+                    .iter()
+                    .find(|n| n.port == *port && n.protocol == "TCP")
+                    .map(|n| format!(", \"name\": \"{}\"", n.name))
+                    .unwrap_or_default();
                 ports.push(format!("{{\"containerPort\": {port}, \"protocol\": \"TCP\"{name}}}"));
             }
             for port in &p.udp {
-                let name = p.named.iter().find(|n| n.port == *port && n.protocol == "UDP").map(|n| format!(", \"name\": \"{}\"", n.name)).unwrap_or_default();
+                let name = p
+                    .named
+                    .iter()
+                    .find(|n| n.port == *port && n.protocol == "UDP")
+                    .map(|n| format!(", \"name\": \"{}\"", n.name))
+                    .unwrap_or_default();
                 ports.push(format!("{{\"containerPort\": {port}, \"protocol\": \"UDP\"{name}}}"));
             }
             let status = if p.ip_reported {

@@ -5,8 +5,8 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use crate::model::{Cluster, Verdict};
 use crate::model::*;
+use crate::model::{Cluster, Verdict};
 
 /// A packet's destination port as the datapath sees it (`None` for ICMP and other
 /// port-less protocols). `proto` is the IP protocol number.
@@ -40,7 +40,15 @@ pub fn verdict(c: &Cluster, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, 
 }
 
 /// [`allowed`] for a cluster holding only the policies `counts` accepts.
-fn allowed_by(c: &Cluster, counts: &dyn Fn(&Policy) -> bool, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> bool {
+fn allowed_by(
+    c: &Cluster,
+    counts: &dyn Fn(&Policy) -> bool,
+    pod: &Pod,
+    dir: Direction,
+    peer: IpAddr,
+    proto: u8,
+    port: Option<u16>,
+) -> bool {
     allowing(c, counts, pod, dir, peer, proto, port).is_none_or(|s| !s.is_empty())
 }
 
@@ -50,7 +58,15 @@ pub fn allowing_policies(c: &Cluster, pod: &Pod, dir: Direction, peer: IpAddr, p
     allowing(c, &|_| true, pod, dir, peer, proto, port)
 }
 
-fn allowing(c: &Cluster, counts: &dyn Fn(&Policy) -> bool, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> Option<BTreeSet<ObjKey>> {
+fn allowing(
+    c: &Cluster,
+    counts: &dyn Fn(&Policy) -> bool,
+    pod: &Pod,
+    dir: Direction,
+    peer: IpAddr,
+    proto: u8,
+    port: Option<u16>,
+) -> Option<BTreeSet<ObjKey>> {
     if dir == Direction::Egress {
         if let Some(svc) = c.service_with_ip(peer) {
             let isolated = c
@@ -129,9 +145,9 @@ fn port_matches(s: &PortSpec, target: Option<&Pod>, proto: u8, port: Option<u16>
     match &s.port {
         PortRef::Any => true,
         PortRef::Range(a, b) => *a <= port && port <= *b,
-        PortRef::Named(n) => target.is_some_and(|t| {
-            t.ports.iter().any(|cp| cp.name.as_deref() == Some(n) && cp.protocol == s.protocol && cp.port == port)
-        }),
+        PortRef::Named(n) => {
+            target.is_some_and(|t| t.ports.iter().any(|cp| cp.name.as_deref() == Some(n) && cp.protocol == s.protocol && cp.port == port))
+        }
     }
 }
 

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::model::cidr::Cidr;
+use crate::model::labels::{Op, Requirement, Selector};
 use crate::model::Cluster;
 use crate::model::*;
-use crate::model::labels::{Op, Requirement, Selector};
 
 pub struct Shape {
     pub pods: usize,
@@ -94,7 +94,14 @@ fn add_monitoring(c: &mut Cluster, s: &Shape) {
         let key = ObjKey::new("monitoring", format!("prometheus-{m}"));
         c.pods.insert(
             key.clone(),
-            Pod { key, labels: labels(&[("app", "prometheus".into())]), node_name: Some(node_name(m % s.nodes)), ips: vec![IpAddr::V4(Ipv4Addr::new(10, 200, 0, m as u8 + 1))], ports: vec![], host_network: false },
+            Pod {
+                key,
+                labels: labels(&[("app", "prometheus".into())]),
+                node_name: Some(node_name(m % s.nodes)),
+                ips: vec![IpAddr::V4(Ipv4Addr::new(10, 200, 0, m as u8 + 1))],
+                ports: vec![],
+                host_network: false,
+            },
         );
     }
 }
@@ -108,14 +115,29 @@ fn policy(s: &Shape, p: usize, namespaces: usize) -> Policy {
     let key = ObjKey::new(ns.clone(), format!("np-{p}"));
     let port = |proto, port| PortSpec { protocol: proto, port };
     match kind % 6 {
-        0 => Policy { key, pod_selector: Selector::everything(), ingress: vec![], egress: vec![], isolates_ingress: true, isolates_egress: false, audit: false, invalid: None },
+        0 => Policy {
+            key,
+            pod_selector: Selector::everything(),
+            ingress: vec![],
+            egress: vec![],
+            isolates_ingress: true,
+            isolates_egress: false,
+            audit: false,
+            invalid: None,
+        },
         1 => Policy {
             key,
             pod_selector: sel(&[("app", app.clone())]),
             ingress: vec![
-                Rule { peers: Some(vec![Peer::Pods { namespaces: None, pods: sel(&[("app", app.clone())]) }]), ports: Some(vec![port(Protocol::Tcp, PortRef::Named("http".into()))]) },
                 Rule {
-                    peers: Some(vec![Peer::Pods { namespaces: Some(sel(&[(NAMESPACE_NAME_LABEL, "monitoring".into())])), pods: sel(&[("app", "prometheus".into())]) }]),
+                    peers: Some(vec![Peer::Pods { namespaces: None, pods: sel(&[("app", app.clone())]) }]),
+                    ports: Some(vec![port(Protocol::Tcp, PortRef::Named("http".into()))]),
+                },
+                Rule {
+                    peers: Some(vec![Peer::Pods {
+                        namespaces: Some(sel(&[(NAMESPACE_NAME_LABEL, "monitoring".into())])),
+                        pods: sel(&[("app", "prometheus".into())]),
+                    }]),
                     ports: Some(vec![port(Protocol::Tcp, PortRef::Named("metrics".into()))]),
                 },
             ],
@@ -129,7 +151,10 @@ fn policy(s: &Shape, p: usize, namespaces: usize) -> Policy {
             key,
             pod_selector: sel(&[("tier", "db".into())]),
             ingress: vec![Rule {
-                peers: Some(vec![Peer::Pods { namespaces: Some(sel(&[("team", format!("team-{}", n % 17))])), pods: sel(&[("tier", "api".into())]) }]),
+                peers: Some(vec![Peer::Pods {
+                    namespaces: Some(sel(&[("team", format!("team-{}", n % 17))])),
+                    pods: sel(&[("tier", "api".into())]),
+                }]),
                 ports: Some(vec![port(Protocol::Tcp, PortRef::Range(5432, 5432)), port(Protocol::Tcp, PortRef::Range(6000, 6100))]),
             }],
             egress: vec![],
@@ -143,11 +168,18 @@ fn policy(s: &Shape, p: usize, namespaces: usize) -> Policy {
             pod_selector: sel(&[("app", app.clone())]),
             ingress: vec![],
             egress: vec![
-                Rule { peers: None, ports: Some(vec![port(Protocol::Udp, PortRef::Range(53, 53)), port(Protocol::Tcp, PortRef::Range(53, 53))]) },
+                Rule {
+                    peers: None,
+                    ports: Some(vec![port(Protocol::Udp, PortRef::Range(53, 53)), port(Protocol::Tcp, PortRef::Range(53, 53))]),
+                },
                 Rule {
                     peers: Some(vec![Peer::IpBlock(IpBlock {
                         cidr: Cidr::parse("0.0.0.0/0").unwrap(),
-                        except: vec![Cidr::parse("10.0.0.0/8").unwrap(), Cidr::parse("172.16.0.0/12").unwrap(), Cidr::parse("192.168.0.0/16").unwrap()],
+                        except: vec![
+                            Cidr::parse("10.0.0.0/8").unwrap(),
+                            Cidr::parse("172.16.0.0/12").unwrap(),
+                            Cidr::parse("192.168.0.0/16").unwrap(),
+                        ],
                     })]),
                     ports: Some(vec![port(Protocol::Tcp, PortRef::Range(443, 443))]),
                 },
@@ -163,7 +195,10 @@ fn policy(s: &Shape, p: usize, namespaces: usize) -> Policy {
             pod_selector: sel(&[("tier", "web".into())]),
             ingress: vec![Rule {
                 peers: Some(vec![
-                    Peer::IpBlock(IpBlock { cidr: Cidr::parse(&format!("192.168.{}.0/24", n % 256)).unwrap(), except: vec![Cidr::parse(&format!("192.168.{}.128/25", n % 256)).unwrap()] }),
+                    Peer::IpBlock(IpBlock {
+                        cidr: Cidr::parse(&format!("192.168.{}.0/24", n % 256)).unwrap(),
+                        except: vec![Cidr::parse(&format!("192.168.{}.128/25", n % 256)).unwrap()],
+                    }),
                     Peer::Pods { namespaces: Some(Selector::everything()), pods: Selector::everything() },
                 ]),
                 ports: Some(vec![port(Protocol::Tcp, PortRef::Range(8000, 8099))]),
@@ -177,7 +212,10 @@ fn policy(s: &Shape, p: usize, namespaces: usize) -> Policy {
         _ => Policy {
             key,
             pod_selector: sel(&[("app", app)]),
-            ingress: vec![Rule { peers: Some(vec![Peer::Pods { namespaces: Some(sel(&[("env", "prod".into())])), pods: Selector::everything() }]), ports: Some(vec![port(Protocol::Udp, PortRef::Range(10000, 20000))]) }],
+            ingress: vec![Rule {
+                peers: Some(vec![Peer::Pods { namespaces: Some(sel(&[("env", "prod".into())])), pods: Selector::everything() }]),
+                ports: Some(vec![port(Protocol::Udp, PortRef::Range(10000, 20000))]),
+            }],
             egress: vec![],
             isolates_ingress: true,
             isolates_egress: false,
@@ -259,7 +297,10 @@ fn manifests_of(c: &Cluster, want: impl Fn(&str) -> bool) -> BTreeMap<String, St
     for ns in c.namespaces.values().filter(|n| want(&n.name)) {
         let mut labels = ns.labels.clone();
         labels.remove(NAMESPACE_NAME_LABEL);
-        files.entry(ns.name.clone()).or_default().push(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name, "labels": labels}}));
+        files
+            .entry(ns.name.clone())
+            .or_default()
+            .push(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name, "labels": labels}}));
     }
     for p in c.pods.values().filter(|p| want(&p.key.namespace)) {
         let ports: Vec<serde_json::Value> = p
@@ -305,7 +346,10 @@ fn manifests_of(c: &Cluster, want: impl Fn(&str) -> bool) -> BTreeMap<String, St
         }));
     }
     // One JSON `List` per namespace, as `kubectl get -o json` writes it.
-    files.into_iter().map(|(ns, docs)| (ns, serde_json::json!({"apiVersion": "v1", "kind": "List", "items": docs}).to_string() + "\n")).collect()
+    files
+        .into_iter()
+        .map(|(ns, docs)| (ns, serde_json::json!({"apiVersion": "v1", "kind": "List", "items": docs}).to_string() + "\n"))
+        .collect()
 }
 
 #[cfg(test)]

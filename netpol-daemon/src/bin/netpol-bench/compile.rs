@@ -51,7 +51,11 @@ pub fn compile_bench(pods: usize, policies: usize, repeats: usize) {
         runs.push(t.elapsed());
         total_pods = n.pods.len();
     }
-    println!("| full compile of every pod of the cluster at once | {} | {} | {total_pods} pods, one table |", ms(median(runs.clone())), ms(p99(runs)));
+    println!(
+        "| full compile of every pod of the cluster at once | {} | {} | {total_pods} pods, one table |",
+        ms(median(runs.clone())),
+        ms(p99(runs))
+    );
 
     // One pod label change on this node, recompiled and translated to map contents.
     let local = synth::pods_on(&cluster, &node);
@@ -72,7 +76,11 @@ pub fn compile_bench(pods: usize, policies: usize, repeats: usize) {
             None => pod.labels.remove("app"),
         };
     }
-    println!("| one pod label change: full recompile of the node + map contents | {} | {} | {repeats} changes |", ms(median(runs.clone())), ms(p99(runs)));
+    println!(
+        "| one pod label change: full recompile of the node + map contents | {} | {} | {repeats} changes |",
+        ms(median(runs.clone())),
+        ms(p99(runs))
+    );
 
     // The same changes applied incrementally (what the daemon does), for a pod of this node
     // and for a pod of another node (a peer), each translated to map contents with the
@@ -91,7 +99,14 @@ pub fn compile_bench(pods: usize, policies: usize, repeats: usize) {
             for back in [false, true] {
                 // Relabel, then back, so every change starts from the same state.
                 let pod = cluster.pods.get_mut(key).unwrap();
-                pod.labels.insert("app".into(), if back { pod.labels["app"].trim_end_matches("-relabelled").to_string() } else { format!("{}-relabelled", pod.labels.get("app").cloned().unwrap_or_default()) });
+                pod.labels.insert(
+                    "app".into(),
+                    if back {
+                        pod.labels["app"].trim_end_matches("-relabelled").to_string()
+                    } else {
+                        format!("{}-relabelled", pod.labels.get("app").cloned().unwrap_or_default())
+                    },
+                );
                 let ch = model::ChangeSet { pods: [key.clone()].into(), ..Default::default() };
                 let t = Instant::now();
                 if nc.update(&cluster, &ch) == compiler::UpdateKind::Full {
@@ -135,7 +150,8 @@ pub fn bulk_bench(pods: usize, policies: usize, changed: usize, forced: bool) {
     let mut caches: Vec<_> = ncs
         .iter()
         .map(|(_, nc)| {
-            let (mut classes, mut portsets, mut cache) = (ClassInterner::default(), PortSetInterner::default(), entries::EntryCache::default());
+            let (mut classes, mut portsets, mut cache) =
+                (ClassInterner::default(), PortSetInterner::default(), entries::EntryCache::default());
             let _ = cache.refresh(nc.policy(), &ids, &mut classes, &mut portsets);
             (classes, portsets, cache)
         })
@@ -159,7 +175,11 @@ pub fn bulk_bench(pods: usize, policies: usize, changed: usize, forced: bool) {
     }
     let t = Instant::now();
     let n = compiler::compile_node(&cluster, &node);
-    println!("| full compile of the same state (compile_node) | {} | {} local pods, {} classes |", ms(t.elapsed()), n.pods.len(), n.classes.len());
+    println!(
+        "| full compile of the same state (compile_node) | {} | {} local pods, {} classes |",
+        ms(t.elapsed()),
+        n.pods.len(),
+        n.classes.len()
+    );
     println!();
 }
-

@@ -21,7 +21,10 @@ pub fn control_bench(pods: usize, policies: usize, changes: usize) -> anyhow::Re
     let local = synth::pods_on(&cluster, &node);
     let ifaces: BTreeMap<ObjKey, Iface> =
         local.iter().enumerate().map(|(i, k)| (k.clone(), Iface { ifindex: 1000 + i as u32, ifname: format!("fake{i}") })).collect();
-    println!("## Control plane: {pods} pods, {policies} policies, node of {} pods (real BPF maps, programs loaded, not attached)\n", local.len());
+    println!(
+        "## Control plane: {pods} pods, {policies} policies, node of {} pods (real BPF maps, programs loaded, not attached)\n",
+        local.len()
+    );
     println!("| what | median | p99 | detail |\n| --- | --- | --- | --- |");
     let t = Instant::now();
     let n = compiler::compile_node(&cluster, &node);
@@ -60,11 +63,14 @@ pub fn control_bench(pods: usize, policies: usize, changes: usize) -> anyhow::Re
         nc.update(&cluster, &ch);
         dp.sync(nc.policy(), &ifaces);
     }
-    println!("| one pod label change: incremental compile + rewrite the differing map entries | {} | {} | {changes} changes |", ms(median(runs.clone())), ms(p99(runs)));
+    println!(
+        "| one pod label change: incremental compile + rewrite the differing map entries | {} | {} | {changes} changes |",
+        ms(median(runs.clone())),
+        ms(p99(runs))
+    );
     println!("| of which the incremental compile | {} | {} | |", ms(median(compile_runs.clone())), ms(p99(compile_runs)));
     println!("\nPeak RSS of this process (cluster model of {pods} pods and {policies} policies, compiled node, map shadows): {:.1} MiB (VmHWM).\n", vm_hwm_kib() as f64 / 1024.0);
     drop(dp);
     drop(pin);
     Ok(())
 }
-

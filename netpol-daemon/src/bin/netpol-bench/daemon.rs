@@ -135,9 +135,16 @@ pub fn daemon_bench(daemon: &str, pods: usize, policies: usize, changes: usize) 
     let pid = lab.start(daemon, &node)?;
     let ready = lab.wait_ready(t0)?;
     let endpoints = lab.metric("netpol_endpoints").unwrap_or(0.0);
-    println!("## Daemon: {pods} pods, {policies} policies as manifests, node of {} pods (real daemon process, programs attached)\n", local.len());
+    println!(
+        "## Daemon: {pods} pods, {policies} policies as manifests, node of {} pods (real daemon process, programs attached)\n",
+        local.len()
+    );
     println!("| what | median | p99 | detail |\n| --- | --- | --- | --- |");
-    println!("| start to ready (parse {} files, compile, program maps, attach) | {} | (one run) | {endpoints} endpoints attached |", files.len(), ms(ready));
+    println!(
+        "| start to ready (parse {} files, compile, program maps, attach) | {} | (one run) | {endpoints} endpoints attached |",
+        files.len(),
+        ms(ready)
+    );
     let (runs, runs_daemon) = label_changes(&lab, &mut cluster, &local, changes)?;
     println!(
         "| one pod label change: file written to maps updated (bench clock before the write to the daemon's netpol_last_programmed_timestamp_seconds; the daemon wakes on inotify, reads only that file, updates incrementally) | {} | {} | {changes} changes |",
@@ -150,7 +157,8 @@ pub fn daemon_bench(daemon: &str, pods: usize, policies: usize, changes: usize) 
         ms(p99(runs_daemon))
     );
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |k: &str| status.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).unwrap_or(0);
+    let kib =
+        |k: &str| status.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).unwrap_or(0);
     println!(
         "\nPeak RSS of the daemon process: {:.1} MiB (VmHWM; {:.1} MiB resident now).\n",
         kib("VmHWM:") as f64 / 1024.0,
@@ -164,7 +172,12 @@ pub fn daemon_bench(daemon: &str, pods: usize, policies: usize, changes: usize) 
 /// netpol_last_programmed_timestamp_seconds), and the daemon's histogram, which starts when
 /// the inotify event woke it (or at the file's mtime, a coarse timestamp, when the event waited
 /// for a busy loop).
-fn label_changes(lab: &DaemonLab, cluster: &mut Cluster, local: &[ObjKey], changes: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+fn label_changes(
+    lab: &DaemonLab,
+    cluster: &mut Cluster,
+    local: &[ObjKey],
+    changes: usize,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     let (mut runs, mut runs_daemon) = (Vec::new(), Vec::new());
     for i in 0..changes {
         let key = local[i % local.len()].clone();

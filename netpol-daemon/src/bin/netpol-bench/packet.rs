@@ -43,7 +43,12 @@ fn rules_policy(n: usize) -> String {
         "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: t, labels: {app: web}}\nspec: {nodeName: n, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.1.0.10}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: many, namespace: t}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  egress: [{to: [{ipBlock: {cidr: 10.2.0.0/16}}], ports: [{port: 443}]}]\n  ingress:\n",
     );
     for i in 0..n {
-        y.push_str(&format!("  - from: [{{ipBlock: {{cidr: 10.{}.{}.0/24}}}}]\n    ports: [{{port: {}}}]\n", 100 + i / 256, i % 256, 1000 + i % 50000));
+        y.push_str(&format!(
+            "  - from: [{{ipBlock: {{cidr: 10.{}.{}.0/24}}}}]\n    ports: [{{port: {}}}]\n",
+            100 + i / 256,
+            i % 256,
+            1000 + i % 50000
+        ));
     }
     y
 }
@@ -181,7 +186,10 @@ fn print_table(counts: &[usize], samples: &[Vec<Vec<f64>>], firsts: &[Vec<f64>])
         println!(" {:.2}x |", median(&ratios));
     }
     // Net of the harness, round by round.
-    for (c, name) in [(0usize, "allowed, established (flow cache hit), minus the harness"), (1, "allowed, established, flow cache off, minus the harness")] {
+    for (c, name) in [
+        (0usize, "allowed, established (flow cache hit), minus the harness"),
+        (1, "allowed, established, flow cache off, minus the harness"),
+    ] {
         print!("| {name} |");
         let net: Vec<Vec<f64>> =
             (0..counts.len()).map(|j| samples[c][j].iter().zip(&samples[HARNESS][j]).map(|(a, h)| a - h).collect()).collect();

@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use netpol_daemon::testkit::lab::{self, Lab};
 use netpol_daemon::metrics::sample;
+use netpol_daemon::testkit::lab::{self, Lab};
 
 mod throughput;
 
@@ -118,9 +118,8 @@ const PROBES: &[(&str, &str, &str, u16, &str)] = &[
     ("api", "rest", "tcp", 8080, "api egress 8080 not listed"),
 ];
 
-const EXPECTED: &[bool] = &[
-    true, true, false, true, false, false, true, false, true, true, false, true, true, false, true, true, true, false, false,
-];
+const EXPECTED: &[bool] =
+    &[true, true, false, true, false, false, true, false, true, true, false, true, true, false, true, true, true, false, false];
 
 fn measure(lab: &Lab) -> Vec<bool> {
     std::thread::scope(|s| {
@@ -154,7 +153,7 @@ fn demo(daemon: PathBuf) -> Result<()> {
     lab.apply("policies.yaml", POLICIES)?;
     let after = measure(&lab);
 
-    println!("\n{:<17} {:<19} {:<9} {:<6} {:<6} {:<8} {}", "FROM", "TO", "PORT", "BEFORE", "AFTER", "EXPECTED", "WHY");
+    println!("\n{:<17} {:<19} {:<9} {:<6} {:<6} {:<8} WHY", "FROM", "TO", "PORT", "BEFORE", "AFTER", "EXPECTED");
     println!("{}", "-".repeat(110));
     let mut mismatches = 0;
     for (i, (from, to, proto, port, why)) in PROBES.iter().enumerate() {
@@ -162,14 +161,30 @@ fn demo(daemon: PathBuf) -> Result<()> {
         let ok = after[i] == EXPECTED[i];
         mismatches += usize::from(!ok);
         let mark = if ok { "ok" } else { "MISMATCH" };
-        println!("{:<17} {:<19} {:<9} {:<6} {:<6} {:<8} {}", from, tgt, format!("{proto}/{port}"), verdict(before[i]), verdict(after[i]), mark, why);
+        println!(
+            "{:<17} {:<19} {:<9} {:<6} {:<6} {:<8} {}",
+            from,
+            tgt,
+            format!("{proto}/{port}"),
+            verdict(before[i]),
+            verdict(after[i]),
+            mark,
+            why
+        );
     }
     let m = lab.metrics()?;
     println!("\ncounters from /metrics (netpol_packets_total, non-zero):");
     for l in m.lines().filter(|l| l.starts_with("netpol_packets_total{") && !l.ends_with(" 0")) {
         println!("  {l}");
     }
-    for g in ["netpol_endpoints", "netpol_policies", "netpol_identity_map_entries", "netpol_policy_map_entries", "netpol_port_map_entries", "netpol_manifest_errors"] {
+    for g in [
+        "netpol_endpoints",
+        "netpol_policies",
+        "netpol_identity_map_entries",
+        "netpol_policy_map_entries",
+        "netpol_port_map_entries",
+        "netpol_manifest_errors",
+    ] {
         println!("  {g} {}", sample(&m, g).unwrap_or(f64::NAN));
     }
     let open_before = before.iter().filter(|b| **b).count();

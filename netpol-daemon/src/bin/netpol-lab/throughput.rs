@@ -46,7 +46,13 @@ fn iptables_rules(n: usize) -> String {
     let _ = writeln!(s, "-A NETPOL-BENCH -s {CLIENT_IP}/32 -j DROP");
     // Server ingress.
     for i in 0..n.saturating_sub(1) {
-        let _ = writeln!(s, "-A NETPOL-BENCH -d {SERVER_IP}/32 -s 10.{}.{}.0/24 -p tcp --dport {} -j ACCEPT", 100 + i / 250, i % 250, 10000 + i);
+        let _ = writeln!(
+            s,
+            "-A NETPOL-BENCH -d {SERVER_IP}/32 -s 10.{}.{}.0/24 -p tcp --dport {} -j ACCEPT",
+            100 + i / 250,
+            i % 250,
+            10000 + i
+        );
     }
     for proto in ["tcp", "udp"] {
         let _ = writeln!(s, "-A NETPOL-BENCH -d {SERVER_IP}/32 -s {CLIENT_IP}/32 -p {proto} --dport {PORT} -j ACCEPT");
@@ -85,8 +91,16 @@ fn iptables_clear(netns: &str) {
 fn iperf(lab: &Lab, udp: bool, secs: u32) -> Result<f64> {
     let ns = lab.pod("bench/client").netns.clone();
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/var/run/netns/{ns}"))
-        .args(["iperf3", "-c", &SERVER_IP.to_string(), "-p", &PORT.to_string(), "-t", &secs.to_string(), "-J"]);
+    cmd.arg(format!("--net=/var/run/netns/{ns}")).args([
+        "iperf3",
+        "-c",
+        &SERVER_IP.to_string(),
+        "-p",
+        &PORT.to_string(),
+        "-t",
+        &secs.to_string(),
+        "-J",
+    ]);
     if udp {
         cmd.args(["-u", "-b", "0", "-l", "1400"]);
     }
@@ -205,12 +219,25 @@ fn account(lab: &Lab, case: &str, secs: u32, repeats: usize, out: &mut Vec<Accou
             }
             let busiest = cpu1.iter().zip(&cpu0).map(|(b, a)| b.saturating_sub(*a)).max().unwrap_or(0).max(1) as f64;
             let (ns, runs) = ((ns1 - ns0) as f64, (runs1 - runs0) as f64);
-            rows.push(Accounting { case: case.to_string(), udp, gbps, runs_per_s: runs / (wall / 1e9), ns_per_run: ns / runs, share: ns / busiest, busiest: busiest / wall });
+            rows.push(Accounting {
+                case: case.to_string(),
+                udp,
+                gbps,
+                runs_per_s: runs / (wall / 1e9),
+                ns_per_run: ns / runs,
+                share: ns / busiest,
+                busiest: busiest / wall,
+            });
         }
         // The run with the median share stands for the case.
         rows.sort_by(|a, b| a.share.partial_cmp(&b.share).unwrap());
         let m = rows.swap_remove(rows.len() / 2);
-        eprintln!("accounting: {case} {}: {:.1} ns per run, {:.2}% of the busiest CPU", if udp { "UDP" } else { "TCP" }, m.ns_per_run, m.share * 100.0);
+        eprintln!(
+            "accounting: {case} {}: {:.1} ns per run, {:.2}% of the busiest CPU",
+            if udp { "UDP" } else { "TCP" },
+            m.ns_per_run,
+            m.share * 100.0
+        );
         out.push(m);
     }
     Ok(())
@@ -268,7 +295,10 @@ fn svg(rows: &[Row]) -> String {
     let left = 20.0 + rows.iter().map(|r| r.case.len()).max().unwrap_or(0) as f64 * 6.6;
     let (width, bar, gap) = (420.0, 14.0, 10.0);
     let height = 40.0 + rows.len() as f64 * (2.0 * bar + gap) + 30.0;
-    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n", left + width + 90.0);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n",
+        left + width + 90.0
+    );
     let _ = writeln!(s, "<text x=\"10\" y=\"20\" font-size=\"14\">iperf3 between two lab pods, Gbit/s (median)</text>");
     let _ = writeln!(s, "<rect x=\"{}\" y=\"28\" width=\"12\" height=\"10\" fill=\"#3b6fb6\"/><text x=\"{}\" y=\"37\">TCP</text><rect x=\"{}\" y=\"28\" width=\"12\" height=\"10\" fill=\"#e08a2c\"/><text x=\"{}\" y=\"37\">UDP</text>", left, left + 16.0, left + 60.0, left + 76.0);
     let mut y = 50.0;
@@ -276,7 +306,12 @@ fn svg(rows: &[Row]) -> String {
         let _ = writeln!(s, "<text x=\"10\" y=\"{}\">{}</text>", y + bar + 4.0, r.case);
         for (v, color) in [(r.tcp, "#3b6fb6"), (r.udp, "#e08a2c")] {
             let w = v / max * width;
-            let _ = writeln!(s, "<rect x=\"{left}\" y=\"{y}\" width=\"{w:.1}\" height=\"{bar}\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\">{v:.2}</text>", left + w + 4.0, y + bar - 3.0);
+            let _ = writeln!(
+                s,
+                "<rect x=\"{left}\" y=\"{y}\" width=\"{w:.1}\" height=\"{bar}\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\">{v:.2}</text>",
+                left + w + 4.0,
+                y + bar - 3.0
+            );
             y += bar;
         }
         y += gap;
@@ -380,7 +415,14 @@ fn print_rates(rows: &[Row], secs: u32, repeats: usize) {
     let pct = |(m, lo, hi): (f64, f64, f64)| format!("{:.1}% ({:.0}-{:.0}%)", m * 100.0, lo * 100.0, hi * 100.0);
     for r in rows {
         let base = &rows[r.base];
-        println!("| {} | {:.2} | {:.2} | {} | {} |", r.case, r.tcp, r.udp, pct(paired(&r.tcp_runs, &base.tcp_runs)), pct(paired(&r.udp_runs, &base.udp_runs)));
+        println!(
+            "| {} | {:.2} | {:.2} | {} | {} |",
+            r.case,
+            r.tcp,
+            r.udp,
+            pct(paired(&r.tcp_runs, &base.tcp_runs)),
+            pct(paired(&r.udp_runs, &base.udp_runs))
+        );
     }
     println!();
     for n in [10, 1000] {

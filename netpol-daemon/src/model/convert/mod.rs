@@ -208,7 +208,8 @@ mod tests {
 
     #[test]
     fn a_manifest_and_the_api_servers_copy_convert_alike() {
-        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: a}\nspec: {containers: [{name: c, ports: [{containerPort: 0}]}]}\n";
+        let pod =
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: a}\nspec: {containers: [{name: c, ports: [{containerPort: 0}]}]}\n";
         let typed: K8sPod = serde_json::from_value(json(pod)).unwrap();
         let conv = from_json(json(pod)).unwrap();
         assert_eq!(conv, from_k8s(&typed));
@@ -219,7 +220,8 @@ mod tests {
 
     #[test]
     fn a_policy_not_of_the_apis_shape_fails_closed() {
-        let conv = from_json(json("kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: 7}\n")).unwrap();
+        let conv =
+            from_json(json("kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: 7}\n")).unwrap();
         let Some(Object::Policy(p)) = &conv.object else { panic!("{conv:?}") };
         assert!(p.invalid.is_some() && p.isolates_ingress && p.ingress.is_empty());
         assert!(conv.errors.len() == 1 && conv.errors[0].starts_with("NetworkPolicy a/p: ") && conv.errors[0].ends_with(FAIL_CLOSED_NOTE));

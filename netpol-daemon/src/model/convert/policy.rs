@@ -51,7 +51,16 @@ pub fn policy_from_k8s(np: &NetworkPolicy) -> Result<ConvertedPolicy, Vec<FieldE
     let (isolates_ingress, isolates_egress, types_unreadable) = policy_types(&mut errs, spec);
     let audit = audit_mode(&mut warnings, np);
     let policy = if errs.list.is_empty() {
-        Policy { key, pod_selector: pod_selector.unwrap_or_default(), ingress, egress, isolates_ingress, isolates_egress, audit, invalid: None }
+        Policy {
+            key,
+            pod_selector: pod_selector.unwrap_or_default(),
+            ingress,
+            egress,
+            isolates_ingress,
+            isolates_egress,
+            audit,
+            invalid: None,
+        }
     } else {
         let (isolates_ingress, isolates_egress) = if types_unreadable { (true, true) } else { (isolates_ingress, isolates_egress) };
         Policy {
@@ -160,13 +169,7 @@ fn selector(errs: &mut Errs, field: &str, sel: Option<&LabelSelector>) -> Option
     }
 }
 
-fn rule(
-    errs: &mut Errs,
-    base: &str,
-    peer_field: &str,
-    peers: Option<&[NetworkPolicyPeer]>,
-    ports: Option<&[NetworkPolicyPort]>,
-) -> Rule {
+fn rule(errs: &mut Errs, base: &str, peer_field: &str, peers: Option<&[NetworkPolicyPeer]>, ports: Option<&[NetworkPolicyPort]>) -> Rule {
     let peers = valid_items(errs, peers, |i| format!("{base}.{peer_field}[{i}]"), peer);
     let ports = valid_items(errs, ports, |i| format!("{base}.ports[{i}]"), port);
     Rule { peers, ports }
@@ -237,7 +240,6 @@ fn peer(errs: &mut Errs, path: &str, p: &NetworkPolicyPeer) -> Option<Peer> {
         }
     }
 }
-
 
 fn port(errs: &mut Errs, path: &str, p: &NetworkPolicyPort) -> Option<PortSpec> {
     let protocol = protocol(errs, path, p.protocol.as_deref())?;

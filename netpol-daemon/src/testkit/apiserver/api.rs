@@ -274,7 +274,11 @@ fn update(shared: &Shared, res: &'static Resource, namespace: &str, name: &str, 
             let what = format!("{}.{} \"{name}\"", res.plural, res.group);
             return Err(ApiError::new(409, "Conflict", format!("Operation cannot be fulfilled on {what}: {msg}")));
         }
-        if req.method == "PUT" { obj = body } else { merge_patch(&mut obj, &body) }
+        if req.method == "PUT" {
+            obj = body
+        } else {
+            merge_patch(&mut obj, &body)
+        }
         obj["metadata"]["name"] = name.into();
         if res.namespaced {
             obj["metadata"]["namespace"] = namespace.into();

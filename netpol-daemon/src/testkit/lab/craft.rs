@@ -32,7 +32,11 @@ impl Capture {
         let mut out = String::new();
         let _ = self.stdout.read_to_string(&mut out);
         let _ = self.child.wait();
-        out.trim().lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("capture on {}: no count in {out:?}", self.what))
+        out.trim()
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("capture on {}: no count in {out:?}", self.what))
     }
 }
 
@@ -53,7 +57,11 @@ fn python_in(netns: &str) -> Command {
 fn mac_of(netns: &str, ifname: &str) -> Result<String> {
     let out = Command::new("ip").args(["-n", netns, "-o", "link", "show", "dev", ifname]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mac = text.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).ok_or_else(|| anyhow!("no MAC for {ifname} in {netns}: {text}"))?;
+    let mac = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .ok_or_else(|| anyhow!("no MAC for {ifname} in {netns}: {text}"))?;
     Ok(mac.to_string())
 }
 
@@ -71,7 +79,10 @@ impl Lab {
             "{PRELUDE}IFACE = 'eth0'\nMAC = get_if_hwaddr(IFACE)\nGW_MAC = '{gw_mac}'\nMY_IP = '{}'\nMY_IP6 = {my6}\nGW_IP = '{GATEWAY_IP}'\nGW_IP6 = '{GATEWAY_IP6}'\nNODE_IP = '{NODE_IP}'\ndef tx(pkt, count=1):\n    sendp(Ether(src=MAC, dst=GW_MAC)/pkt, iface=IFACE, count=count)\n{code}\n",
             p.ip
         );
-        let out = python_in(&p.netns).arg(&script).output().context("running /usr/bin/python3 (python3-scapy is installed by `cargo xtask setup`)")?;
+        let out = python_in(&p.netns)
+            .arg(&script)
+            .output()
+            .context("running /usr/bin/python3 (python3-scapy is installed by `cargo xtask setup`)")?;
         if !out.status.success() {
             bail!("scapy in {pod} failed: {}\n--- script ---\n{script}", String::from_utf8_lossy(&out.stderr));
         }
