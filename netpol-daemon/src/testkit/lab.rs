@@ -6,8 +6,7 @@
 //! [`cleanup_all`] (Ctrl-C) and by the next lab if this process died.
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,7 +18,12 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 mod craft;
+mod manifest;
+use manifest::json_map;
+mod probe;
+mod serve;
 pub use craft::Capture;
+pub use probe::{probe_tcp, probe_udp, resolve};
 
 pub const NODE_NAME: &str = "lab-node";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
@@ -381,54 +385,6 @@ impl Lab {
         self.pods.iter().find(|p| p.key() == key || p.name == key).unwrap_or_else(|| panic!("no lab pod {key}"))
     }
 
-    fn serve(&mut self, i: usize, ip: IpAddr) -> Result<()> {
-        let pod = self.pods[i].clone();
-        for port in pod.tcp.clone() {
-            let addr = SocketAddr::new(ip, port);
-            let l = in_netns(&pod.netns, move || TcpListener::bind(addr))??;
-            l.set_nonblocking(true)?;
-            let stop = self.stop.clone();
-            let reply = format!("{} tcp/{port}\n", pod.key());
-            self.servers.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match l.accept() {
-                        Ok((mut s, _)) => {
-                            // Answer every message until the client closes (or 5 s of silence).
-                            let reply = reply.clone();
-                            std::thread::spawn(move || {
-                                let _ = s.set_nonblocking(false);
-                                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                                let mut buf = [0u8; 256];
-                                while let Ok(n) = s.read(&mut buf) {
-                                    if n == 0 || s.write_all(reply.as_bytes()).is_err() {
-                                        break;
-                                    }
-                                }
-                            });
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                    }
-                }
-            }));
-        }
-        for port in pod.udp.clone() {
-            let addr = SocketAddr::new(ip, port);
-            let s = in_netns(&pod.netns, move || UdpSocket::bind(addr))??;
-            s.set_read_timeout(Some(Duration::from_millis(100)))?;
-            let stop = self.stop.clone();
-            let reply = format!("{} udp/{port}\n", pod.key());
-            self.servers.push(std::thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((_, from)) = s.recv_from(&mut buf) {
-                        let _ = s.send_to(reply.as_bytes(), from);
-                    }
-                }
-            }));
-        }
-        Ok(())
-    }
-
     /// Starts a program inside a pod's network namespace (killed when the lab goes).
     pub fn spawn_in(&mut self, pod: &str, program: &str, args: &[&str]) -> Result<()> {
         let ns = self.pod(pod).netns.clone();
@@ -482,56 +438,6 @@ impl Lab {
             ps.join(", ")
         ));
         Ok(())
-    }
-
-    /// Writes the Namespace and Pod manifests of every declared pod (file `00-cluster.yaml`).
-    pub fn write_cluster_manifest(&self) -> Result<()> {
-        let mut y = String::new();
-        let mut nss: BTreeMap<String, BTreeMap<String, String>> = self.namespaces.clone();
-        for p in self.pods.iter().filter(|p| p.declared) {
-            nss.entry(p.namespace.clone()).or_default();
-        }
-        for (ns, labels) in &nss {
-            y.push_str(&format!("---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels: {}\n", json_map(labels)));
-        }
-        for p in self.pods.iter().filter(|p| p.declared) {
-            let mut ports: Vec<String> = Vec::new();
-            for port in &p.tcp {
-                let name = p
-                    .named
-                    .iter()
-                    .find(|n| n.port == *port && n.protocol == "TCP")
-                    .map(|n| format!(", \"name\": \"{}\"", n.name))
-                    .unwrap_or_default();
-                ports.push(format!("{{\"containerPort\": {port}, \"protocol\": \"TCP\"{name}}}"));
-            }
-            for port in &p.udp {
-                let name = p
-                    .named
-                    .iter()
-                    .find(|n| n.port == *port && n.protocol == "UDP")
-                    .map(|n| format!(", \"name\": \"{}\"", n.name))
-                    .unwrap_or_default();
-                ports.push(format!("{{\"containerPort\": {port}, \"protocol\": \"UDP\"{name}}}"));
-            }
-            let status = if p.ip_reported {
-                let v6 = p.ip6.map(|a| format!(", {{\"ip\": \"{a}\"}}")).unwrap_or_default();
-                format!("status:\n  phase: Running\n  podIP: {}\n  podIPs: [{{\"ip\": \"{}\"}}{v6}]\n", p.ip, p.ip)
-            } else {
-                "status:\n  phase: Pending\n".to_string()
-            };
-            y.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {}\nspec:\n  nodeName: {NODE_NAME}\n  containers:\n  - name: app\n    image: lab\n    ports: [{}]\n{status}",
-                p.name,
-                p.namespace,
-                json_map(&p.labels),
-                ports.join(", "),
-            ));
-        }
-        for svc in &self.services {
-            y.push_str(svc);
-        }
-        self.write_manifest("00-cluster.yaml", &y)
     }
 
     /// Writes (atomically, by rename) a manifest file into the daemon's directory.
@@ -642,132 +548,6 @@ impl Lab {
         self.remove_manifest(name)?;
         self.wait_synced(before)
     }
-
-    /// Opens a TCP connection from `from` to `to:port` and exchanges a line.
-    pub fn tcp(&self, from: &str, to: &str, port: u16) -> bool {
-        let src = self.source_netns(from);
-        let dst = SocketAddr::new(IpAddr::V4(self.address(to)), port);
-        in_netns(&src, move || probe_tcp(dst, Duration::from_millis(800))).unwrap_or(false)
-    }
-
-    /// Sends a UDP datagram from `from` to `to:port` and waits for the answer.
-    pub fn udp(&self, from: &str, to: &str, port: u16) -> bool {
-        let src = self.source_netns(from);
-        let dst = SocketAddr::new(IpAddr::V4(self.address(to)), port);
-        in_netns(&src, move || probe_udp(dst, Duration::from_millis(800))).unwrap_or(false)
-    }
-
-    /// [`Lab::tcp`] over IPv6 (both pods dual-stack).
-    pub fn tcp6(&self, from: &str, to: &str, port: u16) -> bool {
-        let src = self.source_netns(from);
-        let dst = SocketAddr::new(IpAddr::V6(self.pod(to).ip6.expect("a dual-stack pod")), port);
-        in_netns(&src, move || probe_tcp(dst, Duration::from_millis(800))).unwrap_or(false)
-    }
-
-    /// [`Lab::udp`] over IPv6.
-    pub fn udp6(&self, from: &str, to: &str, port: u16) -> bool {
-        let src = self.source_netns(from);
-        let dst = SocketAddr::new(IpAddr::V6(self.pod(to).ip6.expect("a dual-stack pod")), port);
-        in_netns(&src, move || probe_udp(dst, Duration::from_millis(800))).unwrap_or(false)
-    }
-
-    /// "node" means the node namespace itself.
-    fn source_netns(&self, from: &str) -> String {
-        if from == "node" {
-            self.node_netns.clone()
-        } else {
-            self.pod(from).netns.clone()
-        }
-    }
-
-    pub fn address(&self, who: &str) -> Ipv4Addr {
-        if who == "node" {
-            NODE_IP
-        } else {
-            self.pod(who).ip
-        }
-    }
-}
-
-pub fn probe_tcp(dst: SocketAddr, timeout: Duration) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&dst, timeout) else { return false };
-    let _ = s.set_read_timeout(Some(timeout));
-    if s.write_all(b"ping\n").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 128];
-    matches!(s.read(&mut buf), Ok(n) if n > 0)
-}
-
-pub fn probe_udp(dst: SocketAddr, timeout: Duration) -> bool {
-    let any = if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-    let Ok(s) = UdpSocket::bind(any) else { return false };
-    let _ = s.set_read_timeout(Some(timeout));
-    if s.send_to(b"ping\n", dst).is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 128];
-    matches!(s.recv_from(&mut buf), Ok((n, _)) if n > 0)
-}
-
-/// A DNS query for an A record; the answer's first IPv4 address.
-fn dns_query(name: &str, id: u16) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
-fn dns_answer(resp: &[u8], id: u16) -> Option<Ipv4Addr> {
-    if resp.len() < 12 || resp[0..2] != id.to_be_bytes() || resp[3] & 0x0f != 0 || u16::from_be_bytes([resp[6], resp[7]]) == 0 {
-        return None;
-    }
-    // The A record's data is the last 4 bytes of a one-answer response.
-    let n = resp.len();
-    Some(Ipv4Addr::new(resp[n - 4], resp[n - 3], resp[n - 2], resp[n - 1]))
-}
-
-/// Resolves `name` with the DNS server at `server` over UDP (or TCP).
-pub fn resolve(server: SocketAddr, name: &str, tcp: bool, timeout: Duration) -> Option<Ipv4Addr> {
-    let id = 0x4e50;
-    let q = dns_query(name, id);
-    if tcp {
-        let mut s = TcpStream::connect_timeout(&server, timeout).ok()?;
-        s.set_read_timeout(Some(timeout)).ok()?;
-        let mut msg = (q.len() as u16).to_be_bytes().to_vec();
-        msg.extend_from_slice(&q);
-        s.write_all(&msg).ok()?;
-        let mut len = [0u8; 2];
-        s.read_exact(&mut len).ok()?;
-        let mut resp = vec![0u8; u16::from_be_bytes(len) as usize];
-        s.read_exact(&mut resp).ok()?;
-        dns_answer(&resp, id)
-    } else {
-        let s = UdpSocket::bind("0.0.0.0:0").ok()?;
-        s.set_read_timeout(Some(timeout)).ok()?;
-        s.send_to(&q, server).ok()?;
-        let mut buf = [0u8; 512];
-        let (n, _) = s.recv_from(&mut buf).ok()?;
-        dns_answer(&buf[..n], id)
-    }
-}
-
-impl Lab {
-    /// Resolves `name` from inside pod `from` through `server`.
-    pub fn dns(&self, from: &str, server: SocketAddr, name: &str, tcp: bool) -> Option<Ipv4Addr> {
-        let ns = self.source_netns(from);
-        let name = name.to_string();
-        in_netns(&ns, move || resolve(server, &name, tcp, Duration::from_millis(800))).ok().flatten()
-    }
-}
-
-fn json_map(m: &BTreeMap<String, String>) -> String {
-    let inner: Vec<String> = m.iter().map(|(k, v)| format!("{k:?}: {v:?}")).collect();
-    format!("{{{}}}", inner.join(", "))
 }
 
 impl Drop for Lab {

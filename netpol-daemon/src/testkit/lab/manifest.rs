@@ -1,0 +1,60 @@
+//! The lab's cluster as manifests: the Namespaces and Pods it declared, written where the
+//! daemon reads them.
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+
+use super::{Lab, LabPod, NODE_NAME};
+
+impl Lab {
+    /// Writes the Namespace and Pod manifests of every declared pod (file `00-cluster.yaml`).
+    pub fn write_cluster_manifest(&self) -> Result<()> {
+        let mut y = String::new();
+        let mut nss: BTreeMap<String, BTreeMap<String, String>> = self.namespaces.clone();
+        for p in self.pods.iter().filter(|p| p.declared) {
+            nss.entry(p.namespace.clone()).or_default();
+        }
+        for (ns, labels) in &nss {
+            y.push_str(&format!("---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels: {}\n", json_map(labels)));
+        }
+        for p in self.pods.iter().filter(|p| p.declared) {
+            let ports: Vec<String> = [("TCP", &p.tcp), ("UDP", &p.udp)]
+                .into_iter()
+                .flat_map(|(proto, ports)| ports.iter().map(move |port| container_port(p, *port, proto)))
+                .collect();
+            let status = if p.ip_reported {
+                let v6 = p.ip6.map(|a| format!(", {{\"ip\": \"{a}\"}}")).unwrap_or_default();
+                format!("status:\n  phase: Running\n  podIP: {}\n  podIPs: [{{\"ip\": \"{}\"}}{v6}]\n", p.ip, p.ip)
+            } else {
+                "status:\n  phase: Pending\n".to_string()
+            };
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {}\nspec:\n  nodeName: {NODE_NAME}\n  containers:\n  - name: app\n    image: lab\n    ports: [{}]\n{status}",
+                p.name,
+                p.namespace,
+                json_map(&p.labels),
+                ports.join(", "),
+            ));
+        }
+        for svc in &self.services {
+            y.push_str(svc);
+        }
+        self.write_manifest("00-cluster.yaml", &y)
+    }
+}
+
+/// A container port of the pod's manifest, with its name when the lab named it.
+fn container_port(p: &LabPod, port: u16, protocol: &str) -> String {
+    let name = p
+        .named
+        .iter()
+        .find(|n| n.port == port && n.protocol == protocol)
+        .map(|n| format!(", \"name\": \"{}\"", n.name))
+        .unwrap_or_default();
+    format!("{{\"containerPort\": {port}, \"protocol\": \"{protocol}\"{name}}}")
+}
+
+pub(super) fn json_map(m: &BTreeMap<String, String>) -> String {
+    let inner: Vec<String> = m.iter().map(|(k, v)| format!("{k:?}: {v:?}")).collect();
+    format!("{{{}}}", inner.join(", "))
+}
