@@ -225,6 +225,7 @@ fn bench(extra: &[String]) -> Result<()> {
             (&bin, vec!["packet", "100000"]),
             (&bin, vec!["control", "10000", "2000", "20"]),
             (&bin, vec!["daemon", &daemon, "10000", "2000", "10"]),
+            (&bin, vec!["kube", &daemon, "10000", "2000", "100", "20", "1"]),
             (&lab, vec!["throughput", "2", "1", &svg]),
         ]
     } else {
@@ -234,6 +235,7 @@ fn bench(extra: &[String]) -> Result<()> {
             (&bin, vec!["packet", "1000000"]),
             (&bin, vec!["control", "10000", "2000", "100"]),
             (&bin, vec!["daemon", &daemon, "10000", "2000", "40"]),
+            (&bin, vec!["kube", &daemon, "10000", "2000", "100", "100", "3"]),
             (&lab, vec!["throughput", "2", "15", &svg]),
         ]
     };

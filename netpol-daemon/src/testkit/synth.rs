@@ -2,7 +2,8 @@
 //! whose pods carry app/tier labels and named container ports, spread over nodes, with a
 //! realistic mix of policies per namespace (default deny, same-app access on a named port,
 //! access from a monitoring namespace, namespaceSelector + podSelector peers, ipBlocks with
-//! excepts, DNS egress with `to:` null, port ranges).
+//! excepts, DNS egress with `to:` null, port ranges), and optionally services with an
+//! EndpointSlice each.
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -17,11 +18,13 @@ pub struct Shape {
     pub nodes: usize,
     pub pods_per_namespace: usize,
     pub pods_per_app: usize,
+    /// Services (with one EndpointSlice each), spread over the namespaces; none by default.
+    pub services: usize,
 }
 
 impl Shape {
     pub fn new(pods: usize, policies: usize) -> Shape {
-        Shape { pods, policies, nodes: pods.div_ceil(110).max(1), pods_per_namespace: 50, pods_per_app: 5 }
+        Shape { pods, policies, nodes: pods.div_ceil(110).max(1), pods_per_namespace: 50, pods_per_app: 5, services: 0 }
     }
 }
 
@@ -51,6 +54,7 @@ pub fn cluster(s: &Shape) -> Cluster {
         let pol = policy(s, p, namespaces);
         c.policies.insert(pol.key.clone(), pol);
     }
+    add_services(&mut c, s, namespaces);
     c
 }
 
@@ -103,6 +107,34 @@ fn add_monitoring(c: &mut Cluster, s: &Shape) {
                 host_network: false,
             },
         );
+    }
+}
+
+/// Service `i` in namespace `i * namespaces / services` selects one app there on its named
+/// port `http`; its EndpointSlice lists the addresses of those pods.
+fn add_services(c: &mut Cluster, s: &Shape, namespaces: usize) {
+    let apps = (s.pods_per_namespace / s.pods_per_app).max(1);
+    for i in 0..s.services {
+        let ns = format!("ns-{}", i * namespaces / s.services);
+        let app = i % apps;
+        let selector = labels(&[("app", format!("app-{app}"))]);
+        let key = ObjKey::new(ns.clone(), format!("svc-{i}"));
+        let addresses: Vec<IpAddr> = c
+            .pods
+            .values()
+            .filter(|p| p.key.namespace == ns && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        let slice = EndpointSlice {
+            key: ObjKey::new(ns.clone(), format!("svc-{i}-1")),
+            service: key.name.clone(),
+            addresses,
+            ports: vec![(Some("http".into()), Protocol::Tcp, 8000 + (app % 5) as u16)],
+        };
+        c.endpoint_slices.insert(slice.key.clone(), slice);
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 96, (i / 250) as u8, (i % 250) as u8 + 1));
+        let port = ServicePort { name: Some("http".into()), protocol: Protocol::Tcp, port: 80, target: TargetPort::Named("http".into()) };
+        c.services.insert(key.clone(), Service { key, cluster_ips: vec![ip], ports: vec![port], selector: Some(selector) });
     }
 }
 
@@ -282,7 +314,8 @@ fn rule_json(r: &Rule, dir: Direction) -> serde_json::Value {
 }
 
 /// The cluster as manifests a user would write (JSON documents, one file per namespace:
-/// its Namespace, Pods and NetworkPolicies), for running the real daemon on it.
+/// its Namespace, Pods, NetworkPolicies, Services and EndpointSlices), for running the real
+/// daemon on it.
 pub fn manifests(c: &Cluster) -> BTreeMap<String, String> {
     manifests_of(c, |_| true)
 }
@@ -292,64 +325,111 @@ pub fn namespace_manifest(c: &Cluster, namespace: &str) -> String {
     manifests_of(c, |ns| ns == namespace).remove(namespace).unwrap_or_default()
 }
 
+/// Every object of the cluster as a Kubernetes API object (JSON, with apiVersion and kind), in
+/// the order of [`manifests`]: for serving it from an API server.
+pub fn objects(c: &Cluster) -> Vec<serde_json::Value> {
+    documents_of(c, |_| true).into_values().flatten().collect()
+}
+
 fn manifests_of(c: &Cluster, want: impl Fn(&str) -> bool) -> BTreeMap<String, String> {
+    // One JSON `List` per namespace, as `kubectl get -o json` writes it.
+    let list = |docs: Vec<serde_json::Value>| serde_json::json!({"apiVersion": "v1", "kind": "List", "items": docs}).to_string() + "\n";
+    documents_of(c, want).into_iter().map(|(ns, docs)| (ns, list(docs))).collect()
+}
+
+/// A pod as the API serves it (Running, with its addresses).
+pub fn pod_json(p: &Pod) -> serde_json::Value {
+    let ports: Vec<serde_json::Value> = p
+        .ports
+        .iter()
+        .map(|cp| match &cp.name {
+            Some(n) => serde_json::json!({"name": n, "containerPort": cp.port, "protocol": cp.protocol.as_str()}),
+            None => serde_json::json!({"containerPort": cp.port, "protocol": cp.protocol.as_str()}),
+        })
+        .collect();
+    let ips: Vec<serde_json::Value> = p.ips.iter().map(|ip| serde_json::json!({"ip": ip.to_string()})).collect();
+    let mut status = serde_json::json!({"phase": "Running", "podIPs": ips});
+    if let Some(ip) = p.ips.first() {
+        status["podIP"] = ip.to_string().into();
+    }
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": p.key.name, "namespace": p.key.namespace, "labels": p.labels},
+        "spec": {"nodeName": p.node_name, "hostNetwork": p.host_network, "containers": [{"name": "app", "image": "app", "ports": ports}]},
+        "status": status,
+    })
+}
+
+fn policy_json(pol: &Policy) -> serde_json::Value {
+    let mut types = Vec::new();
+    if pol.isolates_ingress {
+        types.push("Ingress");
+    }
+    if pol.isolates_egress {
+        types.push("Egress");
+    }
+    let mut meta = serde_json::json!({"name": pol.key.name, "namespace": pol.key.namespace});
+    if pol.audit {
+        meta["annotations"] = serde_json::json!({AUDIT_ANNOTATION: "true"});
+    }
+    serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta,
+        "spec": {
+            "podSelector": selector_json(&pol.pod_selector),
+            "policyTypes": types,
+            "ingress": pol.ingress.iter().map(|r| rule_json(r, Direction::Ingress)).collect::<Vec<_>>(),
+            "egress": pol.egress.iter().map(|r| rule_json(r, Direction::Egress)).collect::<Vec<_>>(),
+        },
+    })
+}
+
+fn service_json(svc: &Service) -> serde_json::Value {
+    let ports: Vec<serde_json::Value> = svc
+        .ports
+        .iter()
+        .map(|sp| {
+            let target = match &sp.target {
+                TargetPort::Number(n) => serde_json::json!(n),
+                TargetPort::Named(n) => serde_json::json!(n),
+            };
+            serde_json::json!({"name": sp.name, "protocol": sp.protocol.as_str(), "port": sp.port, "targetPort": target})
+        })
+        .collect();
+    let ips: Vec<String> = svc.cluster_ips.iter().map(|ip| ip.to_string()).collect();
+    let mut spec = serde_json::json!({"clusterIP": ips.first(), "clusterIPs": ips, "ports": ports});
+    if let Some(sel) = &svc.selector {
+        spec["selector"] = serde_json::json!(sel);
+    }
+    serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": svc.key.name, "namespace": svc.key.namespace}, "spec": spec})
+}
+
+fn slice_json(sl: &EndpointSlice) -> serde_json::Value {
+    let endpoints: Vec<serde_json::Value> =
+        sl.addresses.iter().map(|a| serde_json::json!({"addresses": [a.to_string()], "conditions": {"ready": true}})).collect();
+    let ports: Vec<serde_json::Value> =
+        sl.ports.iter().map(|(name, proto, port)| serde_json::json!({"name": name, "protocol": proto.as_str(), "port": port})).collect();
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": sl.key.name, "namespace": sl.key.namespace, "labels": {"kubernetes.io/service-name": sl.service}},
+        "addressType": "IPv4", "endpoints": endpoints, "ports": ports,
+    })
+}
+
+/// The objects of the namespaces `want` accepts, per namespace: its Namespace, Pods,
+/// NetworkPolicies, Services and EndpointSlices.
+fn documents_of(c: &Cluster, want: impl Fn(&str) -> bool) -> BTreeMap<String, Vec<serde_json::Value>> {
     let mut files: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    let mut add = |ns: &str, doc| files.entry(ns.to_string()).or_default().push(doc);
     for ns in c.namespaces.values().filter(|n| want(&n.name)) {
         let mut labels = ns.labels.clone();
         labels.remove(NAMESPACE_NAME_LABEL);
-        files
-            .entry(ns.name.clone())
-            .or_default()
-            .push(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name, "labels": labels}}));
+        add(&ns.name, serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name, "labels": labels}}));
     }
-    for p in c.pods.values().filter(|p| want(&p.key.namespace)) {
-        let ports: Vec<serde_json::Value> = p
-            .ports
-            .iter()
-            .map(|cp| match &cp.name {
-                Some(n) => serde_json::json!({"name": n, "containerPort": cp.port, "protocol": cp.protocol.as_str()}),
-                None => serde_json::json!({"containerPort": cp.port, "protocol": cp.protocol.as_str()}),
-            })
-            .collect();
-        let ips: Vec<serde_json::Value> = p.ips.iter().map(|ip| serde_json::json!({"ip": ip.to_string()})).collect();
-        let mut status = serde_json::json!({"phase": "Running", "podIPs": ips});
-        if let Some(ip) = p.ips.first() {
-            status["podIP"] = ip.to_string().into();
-        }
-        files.entry(p.key.namespace.clone()).or_default().push(serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": p.key.name, "namespace": p.key.namespace, "labels": p.labels},
-            "spec": {"nodeName": p.node_name, "hostNetwork": p.host_network, "containers": [{"name": "app", "image": "app", "ports": ports}]},
-            "status": status,
-        }));
-    }
-    for pol in c.policies.values().filter(|p| want(&p.key.namespace)) {
-        let mut types = Vec::new();
-        if pol.isolates_ingress {
-            types.push("Ingress");
-        }
-        if pol.isolates_egress {
-            types.push("Egress");
-        }
-        let mut meta = serde_json::json!({"name": pol.key.name, "namespace": pol.key.namespace});
-        if pol.audit {
-            meta["annotations"] = serde_json::json!({AUDIT_ANNOTATION: "true"});
-        }
-        files.entry(pol.key.namespace.clone()).or_default().push(serde_json::json!({
-            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta,
-            "spec": {
-                "podSelector": selector_json(&pol.pod_selector),
-                "policyTypes": types,
-                "ingress": pol.ingress.iter().map(|r| rule_json(r, Direction::Ingress)).collect::<Vec<_>>(),
-                "egress": pol.egress.iter().map(|r| rule_json(r, Direction::Egress)).collect::<Vec<_>>(),
-            },
-        }));
-    }
-    // One JSON `List` per namespace, as `kubectl get -o json` writes it.
+    c.pods.values().filter(|p| want(&p.key.namespace)).for_each(|p| add(&p.key.namespace, pod_json(p)));
+    c.policies.values().filter(|p| want(&p.key.namespace)).for_each(|p| add(&p.key.namespace, policy_json(p)));
+    c.services.values().filter(|s| want(&s.key.namespace)).for_each(|s| add(&s.key.namespace, service_json(s)));
+    c.endpoint_slices.values().filter(|s| want(&s.key.namespace)).for_each(|s| add(&s.key.namespace, slice_json(s)));
     files
-        .into_iter()
-        .map(|(ns, docs)| (ns, serde_json::json!({"apiVersion": "v1", "kind": "List", "items": docs}).to_string() + "\n"))
-        .collect()
 }
 
 #[cfg(test)]
@@ -358,7 +438,7 @@ mod tests {
 
     #[test]
     fn manifests_load_back_into_the_same_cluster() {
-        let c = cluster(&Shape::new(300, 60));
+        let c = cluster(&Shape { services: 12, ..Shape::new(300, 60) });
         let mut loaded = crate::source::manifests::Loaded::default();
         for (ns, text) in manifests(&c) {
             crate::source::manifests::load_text(std::path::Path::new(&format!("{ns}.yaml")), &text, &mut loaded);
@@ -367,11 +447,15 @@ mod tests {
         let l = &loaded.cluster;
         assert_eq!(l.namespaces, c.namespaces);
         assert_eq!(l.pods, c.pods);
+        assert_eq!((l.services.len(), l.endpoint_slices.len()), (12, 12));
+        assert_eq!((&l.services, &l.endpoint_slices), (&c.services, &c.endpoint_slices));
         assert_eq!(l.policies.len(), c.policies.len());
         for (k, p) in &c.policies {
             assert_eq!(&l.policies[k], p, "{k}");
         }
         assert_eq!(namespace_manifest(&c, "ns-1"), manifests(&c)["ns-1"]);
+        let all = c.namespaces.len() + c.pods.len() + c.policies.len() + c.services.len() + c.endpoint_slices.len();
+        assert_eq!(objects(&c).len(), all);
         // And they compile to the same node.
         assert_eq!(crate::compiler::compile_node(l, &node_name(0)), crate::compiler::compile_node(&c, &node_name(0)));
     }
