@@ -46,6 +46,7 @@ pub fn pending_pod(iface: &PendingIface, iso: [bool; 2]) -> CompiledPod {
 
 /// The entries of `pending` on `node`, when the node's pending pods isolate some direction.
 pub(super) fn pending_pods<'a>(cluster: &Cluster, node: &str, pending: &'a [PendingIface]) -> impl Iterator<Item = CompiledPod> + 'a {
-    let iso = pending_isolation(cluster, node).filter(|i| i[0] || i[1]);
+    // Without pending interfaces the cluster's pods are not scanned (every update calls this).
+    let iso = if pending.is_empty() { None } else { pending_isolation(cluster, node).filter(|i| i[0] || i[1]) };
     iso.into_iter().flat_map(move |iso| pending.iter().map(move |iface| pending_pod(iface, iso)))
 }
