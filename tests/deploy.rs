@@ -59,23 +59,29 @@ fn load() -> (Objects, Vec<String>) {
 }
 
 #[test]
-fn rbac_grants_read_only_access_to_exactly_the_watched_resources() {
+fn rbac_grants_read_access_to_exactly_the_watched_resources_and_writes_only_events() {
     let (o, _) = load();
     assert_eq!(o.roles.len(), 1);
     let role = &o.roles[0];
-    let mut granted = BTreeSet::new();
+    let read = BTreeSet::from(["get", "list", "watch"]);
+    let (events_group, events, event_verbs) = netpol_daemon::metrics::kube_events::EVENTS_RULE;
+    let write = BTreeSet::from_iter(event_verbs.iter().copied());
+    let (mut granted, mut written) = (BTreeSet::new(), BTreeSet::new());
     for rule in role.rules.iter().flatten() {
         let verbs: BTreeSet<&str> = rule.verbs.iter().map(|s| s.as_str()).collect();
-        assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]), "only read access: {rule:?}");
+        assert!(verbs == read || verbs == write, "read access, or create/patch on Events only: {rule:?}");
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none(), "{rule:?}");
         for g in rule.api_groups.iter().flatten() {
             for r in rule.resources.iter().flatten() {
-                granted.insert((g.clone(), r.clone()));
+                let into = if verbs == read { &mut granted } else { &mut written };
+                into.insert((g.clone(), r.clone()));
             }
         }
     }
     let watched: BTreeSet<(String, String)> =
         netpol_daemon::source::kube::WATCHED.iter().map(|(g, r)| (g.to_string(), r.to_string())).collect();
     assert_eq!(granted, watched, "the ClusterRole must cover exactly the watched resources");
+    assert_eq!(written, BTreeSet::from([(events_group.to_string(), events.to_string())]), "writes: events.k8s.io Events only");
     let b = &o.bindings[0];
     assert_eq!(b.role_ref.name, role.metadata.name.clone().unwrap());
     let sa = &o.accounts[0];

@@ -17,6 +17,7 @@ mod pass;
 
 use crate::compiler::NodeCompiler;
 use crate::datapath::Datapath;
+use crate::metrics::kube_events::{self, KubeEvents};
 use crate::metrics::{self, Shared};
 use crate::model::{ChangeSet, Cluster};
 use crate::source::directory::ManifestsDir;
@@ -52,6 +53,8 @@ pub struct Context {
     shared: Arc<Shared>,
     datapath: Datapath,
     source: Box<dyn Source>,
+    /// Kubernetes Events on the policies not enforced as written (Kubernetes mode only).
+    events: KubeEvents,
 }
 
 /// What one pass leaves to the next.
@@ -108,6 +111,13 @@ impl Daemon {
             Some(dir) => Box::new(ManifestsDir::new(dir.clone())),
             None => Box::new(KubeSource::start()?),
         };
+        let events = match &cfg.manifests {
+            Some(_) => KubeEvents::disabled(),
+            None => KubeEvents::start(&cfg.node_name, shared.kube_events.clone()).unwrap_or_else(|e| {
+                log::warn!("{e:#}: no Kubernetes Events");
+                KubeEvents::disabled()
+            }),
+        };
         log::info!(
             "netpol-daemon: node {}, source {}, metrics on {}, maps pinned in {}",
             cfg.node_name,
@@ -128,7 +138,7 @@ impl Daemon {
             interfaces: Interfaces::default(),
             put_off: false,
         };
-        Ok(Daemon { ctx: Context { cfg, shared, datapath, source }, state })
+        Ok(Daemon { ctx: Context { cfg, shared, datapath, source, events }, state })
     }
 
     /// One pass of the pipeline: wait for the source, take its changes, track the pending
@@ -192,6 +202,9 @@ impl Daemon {
         log::debug!("state loaded in {:?} (change made {age:?} before): {ch:?}", t_load.elapsed());
         st.loaded_once = true;
         st.change_age = if first { None } else { age.map(|a| (a, now)) };
+        if errors != st.load_errors {
+            ctx.events.loaded(kube_events::invalid_policies(&st.cluster));
+        }
         log_new_load_errors(&errors, &st.load_errors);
         st.load_errors = errors;
         if !ch.pods.is_empty() || first {

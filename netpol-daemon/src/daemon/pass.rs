@@ -10,7 +10,7 @@ use super::interfaces::{self, Resolved};
 use super::Daemon;
 use crate::compiler::UpdateKind;
 use crate::datapath::{Iface, SyncReport};
-use crate::metrics::Synced;
+use crate::metrics::{kube_events, Synced};
 use crate::model::ObjKey;
 
 /// What a pass has to do, and why.
@@ -74,6 +74,7 @@ impl Daemon {
                 log::info!("revalidated tracked flows: {cut} no longer allowed, cut");
             }
         }
+        self.ctx.events.synced(kube_events::not_enforced(self.state.compiler.policy(), &report.errors));
         errors.extend(report.errors.iter().cloned());
         self.log_sync_errors(errors);
         self.report_status(&report, &ifaces, started);

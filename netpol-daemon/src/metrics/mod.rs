@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::datapath::CounterReader;
 
 pub mod events;
+pub mod kube_events;
 mod render;
 pub mod status;
 
@@ -23,6 +24,8 @@ pub use status::{Histogram, Status, Synced, LATENCY_BUCKETS};
 pub struct Shared {
     pub ready: AtomicBool,
     pub status: Mutex<Status>,
+    /// What the Kubernetes Events reporter wrote and dropped ([`kube_events`]).
+    pub kube_events: Arc<kube_events::Counters>,
 }
 
 fn respond(mut s: TcpStream, code: u16, reason: &str, ctype: &str, body: &str) {
@@ -51,7 +54,9 @@ fn handle(s: TcpStream, shared: &Shared, counters: &Option<CounterReader>) {
     match (method, path) {
         ("GET", "/metrics") => {
             let status = shared.status.lock().unwrap().clone();
-            respond(s, 200, "OK", "text/plain; version=0.0.4", &render(&status, ready, counters.as_ref()))
+            let mut text = render(&status, ready, counters.as_ref());
+            shared.kube_events.render(&mut text);
+            respond(s, 200, "OK", "text/plain; version=0.0.4", &text)
         }
         ("GET", "/readyz") if ready && shared.status.lock().unwrap().source_down => {
             respond(s, 503, "Service Unavailable", "text/plain", "Kubernetes API unreachable; enforcing the last known state\n")

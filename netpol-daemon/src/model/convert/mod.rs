@@ -13,7 +13,7 @@ use super::{EndpointSlice, FieldError, Namespace, ObjKey, Pod, Policy, Protocol,
 mod policy;
 mod resources;
 
-pub use policy::{policy_from_k8s, policy_stand_in, ConvertedPolicy, FAIL_CLOSED_NOTE};
+pub use policy::{invalid_policy_message, policy_from_k8s, policy_stand_in, ConvertedPolicy, FAIL_CLOSED_NOTE};
 pub use resources::{endpoint_slice_from_k8s, namespace_from_k8s, pod_from_k8s, service_from_k8s};
 
 /// One object of the model, of any kind.
@@ -102,7 +102,7 @@ fn policy_from_json(value: serde_json::Value) -> Converted {
         // Not even of the API's shape: still fail closed where it can be keyed.
         Some(p) => Converted {
             object: Some(Object::Policy(p)),
-            errors: vec![format!("{} {key}: {e}{FAIL_CLOSED_NOTE}", NetworkPolicy::KIND)],
+            errors: vec![policy::fail_closed_message(&format_args!("{key}: {e}"))],
             warnings: vec![],
         },
         None => Converted::failed(format!("{} {key}: {e}", NetworkPolicy::KIND)),
@@ -139,7 +139,7 @@ impl ApiObject for NetworkPolicy {
         match policy_from_k8s(self) {
             Ok(conv) => Converted {
                 object: Some(Object::Policy(conv.policy)),
-                errors: conv.errors.iter().map(|e| format!("{} {e}{FAIL_CLOSED_NOTE}", Self::KIND)).collect(),
+                errors: conv.errors.iter().map(|e| policy::fail_closed_message(e)).collect(),
                 warnings: conv.warnings.iter().map(|w| format!("{} {w}", Self::KIND)).collect(),
             },
             Err(errs) => Converted::of(Self::KIND, Err(errs)),
@@ -225,7 +225,23 @@ mod tests {
         let Some(Object::Policy(p)) = &conv.object else { panic!("{conv:?}") };
         assert!(p.invalid.is_some() && p.isolates_ingress && p.ingress.is_empty());
         assert!(conv.errors.len() == 1 && conv.errors[0].starts_with("NetworkPolicy a/p: ") && conv.errors[0].ends_with(FAIL_CLOSED_NOTE));
+        assert_eq!(invalid_policy_message(p).as_ref(), conv.errors.first());
         let conv = from_json(json("kind: Service\nmetadata: {name: s}\nspec: {ports: 7}\n")).unwrap();
         assert!(conv.object.is_none() && conv.errors[0].starts_with("Service default/s: "), "{conv:?}");
+    }
+
+    #[test]
+    fn an_invalid_policys_message_is_its_first_load_error() {
+        let text = "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\n\
+                    spec: {podSelector: {}, ingress: [{ports: [{port: 70000}, {protocol: ICMP}]}]}\n";
+        let conv = from_json(json(text)).unwrap();
+        let Some(Object::Policy(p)) = &conv.object else { panic!("{conv:?}") };
+        assert_eq!(conv.errors.len(), 2, "{conv:?}");
+        assert_eq!(invalid_policy_message(p).as_ref(), Some(&conv.errors[0]));
+        assert!(conv.errors[0].starts_with("NetworkPolicy a/p: spec.ingress[0].ports[0].port: "), "{conv:?}");
+        assert!(conv.errors[0].ends_with(FAIL_CLOSED_NOTE));
+        let valid = from_json(json("kind: NetworkPolicy\nmetadata: {name: q, namespace: a}\nspec: {podSelector: {}}\n")).unwrap();
+        let Some(Object::Policy(q)) = &valid.object else { panic!("{valid:?}") };
+        assert_eq!(invalid_policy_message(q), None);
     }
 }

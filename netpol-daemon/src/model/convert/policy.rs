@@ -10,6 +10,19 @@ use crate::model::{Cidr, FieldError, IpBlock, ObjKey, Peer, Policy, PortRef, Por
 /// Appended to a NetworkPolicy's validation errors where they are reported.
 pub const FAIL_CLOSED_NOTE: &str = " (enforced fail-closed: the policy isolates the pods it selects and allows nothing)";
 
+/// How a validation problem of a NetworkPolicy is reported: `NetworkPolicy NS/NAME: FIELD: WHAT`
+/// and [`FAIL_CLOSED_NOTE`] (the load error the daemon logs).
+pub(super) fn fail_closed_message(problem: &dyn std::fmt::Display) -> String {
+    format!("NetworkPolicy {problem}{FAIL_CLOSED_NOTE}")
+}
+
+/// The reported message of a policy's first validation problem (`None` for a valid policy):
+/// the same text as its first load error, so that what is said about the policy elsewhere
+/// (a Kubernetes Event on it) reads as the log line does.
+pub fn invalid_policy_message(policy: &Policy) -> Option<String> {
+    policy.invalid.as_ref().map(|first| fail_closed_message(first))
+}
+
 /// A NetworkPolicy as it is enforced, with what was wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConvertedPolicy {
