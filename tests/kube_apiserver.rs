@@ -3,13 +3,14 @@
 //! bookmarks, 410 Gone after a compaction (on a watch and on a continued list), connections
 //! cut mid-stream, a slow server. After each fault the model must converge to the server's
 //! state; the assertions are about the model and about what the server was asked, not about
-//! the source's internals ([`converges`] is the one place that knows how to observe it).
+//! the source's internals: the model is brought up to date through the `Source` interface, as
+//! the daemon does ([`Watched::sync`]).
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use netpol_daemon::model::{Cluster, Labels, ObjKey};
-use netpol_daemon::source::kube::KubeSource;
+use netpol_daemon::model::{ChangeSet, Cluster, Labels, ObjKey};
+use netpol_daemon::source::kube::{KubeSource, COALESCE};
+use netpol_daemon::source::Source;
 use netpol_daemon::testkit::apiserver::{ApiServer, LoggedRequest};
 use serde_json::{json, Value};
 
@@ -62,11 +63,43 @@ fn populate(server: &ApiServer, pods: usize) {
     server.apply_all("pods", (0..pods).map(|i| pod(i, app(i))));
 }
 
-/// A Kubernetes source watching `server`, on a runtime of its own.
-fn source(server: &ApiServer) -> KubeSource {
+/// A Kubernetes source watching `server` (on a runtime of its own) and the model the daemon
+/// would build from it.
+struct Watched {
+    src: KubeSource,
+    model: Cluster,
+    /// The problems of the last refresh.
+    errors: Vec<String>,
+    /// What the refreshes changed, merged (a test clears it), and how many refreshes took
+    /// changes.
+    changed: ChangeSet,
+    refreshes: usize,
+}
+
+impl Watched {
+    /// One pass of the daemon loop's source side: wait for a change, take what is queued.
+    fn sync(&mut self, wait: Duration) {
+        self.src.wait(wait);
+        if self.src.ready() {
+            if let Some((ch, errors)) = self.src.refresh(&mut self.model, false).unwrap() {
+                self.errors = errors;
+                self.changed.merge(ch);
+                self.refreshes += 1;
+            }
+        }
+    }
+}
+
+fn source(server: &ApiServer) -> Watched {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let client = server.client(&rt);
-    KubeSource::with_client(rt, client, Duration::from_millis(500))
+    Watched {
+        src: KubeSource::with_client(rt, client, "node-1", Duration::from_millis(500)),
+        model: Cluster::default(),
+        errors: vec![],
+        changed: ChangeSet::default(),
+        refreshes: 0,
+    }
 }
 
 /// What is compared between the server and the model: every object by key, and the labels of
@@ -118,42 +151,41 @@ fn mirrors(server: &ApiServer) -> impl Fn(&Cluster) -> bool {
     move |c| model_view(c) == want
 }
 
-/// Waits until the source has synced and its model satisfies `want`; returns that model.
+/// Waits until the source is ready and its model satisfies `want`; returns that model.
 /// Panics after `timeout`, describing the last model.
-fn converges(src: &KubeSource, timeout: Duration, want: impl Fn(&Cluster) -> bool) -> Cluster {
+fn converges(w: &mut Watched, timeout: Duration, want: impl Fn(&Cluster) -> bool) -> Cluster {
     let t0 = Instant::now();
     loop {
-        let (c, _) = src.snapshot();
-        if src.synced.load(Ordering::SeqCst) && want(&c) {
-            return c;
+        w.sync(Duration::from_millis(20));
+        if w.src.ready() && want(&w.model) {
+            return w.model.clone();
         }
         if t0.elapsed() > timeout {
-            let v = model_view(&c);
+            let v = model_view(&w.model);
             panic!(
-                "the model did not converge in {timeout:?}: synced={}, \
+                "the model did not converge in {timeout:?}: ready={}, \
                  {} namespaces, {} pods, {} policies, {} services, {} slices, {} watch errors",
-                src.synced.load(Ordering::SeqCst),
+                w.src.ready(),
                 v.namespaces.len(),
                 v.pods.len(),
                 v.policies.len(),
                 v.services.len(),
                 v.slices.len(),
-                src.errors.load(Ordering::SeqCst)
+                w.src.watch_errors()
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// A server holding [`populate`]'s cluster with `pods` pods, prepared by `prepare` (latency,
 /// bookmarks), and a source whose model has converged to it.
-fn converged(pods: usize, prepare: impl FnOnce(&ApiServer)) -> (ApiServer, KubeSource) {
+fn converged(pods: usize, prepare: impl FnOnce(&ApiServer)) -> (ApiServer, Watched) {
     let server = ApiServer::start();
     prepare(&server);
     populate(&server, pods);
-    let src = source(&server);
-    converges(&src, T, mirrors(&server));
-    (server, src)
+    let mut w = source(&server);
+    converges(&mut w, T, mirrors(&server));
+    (server, w)
 }
 
 /// The pod list requests (pages), in order.
@@ -176,9 +208,9 @@ fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
 
 #[test]
 fn a_paged_initial_list_reaches_the_model() {
-    let (server, src) = converged(2_500, |_| {});
+    let (server, w) = converged(2_500, |_| {});
     let rv = server.resource_version().to_string();
-    assert_eq!(src.snapshot().0.pods.len(), 2_500);
+    assert_eq!(w.model.pods.len(), 2_500);
     // kube's page size is 500: five pages, each after the first continuing the one before.
     let pages = pod_lists(&server);
     assert_eq!(pages.len(), 5, "{pages:#?}");
@@ -192,7 +224,7 @@ fn a_paged_initial_list_reaches_the_model() {
 
 #[test]
 fn live_changes_reach_the_model_through_the_watch() {
-    let (server, src) = converged(50, |_| {});
+    let (server, mut w) = converged(50, |_| {});
     let lists_before = lists(&server).len();
 
     server.apply("pods", pod(0, "db"));
@@ -205,7 +237,7 @@ fn live_changes_reach_the_model_through_the_watch() {
     server.apply("namespaces", namespace("ns-new"));
     server.delete("networkpolicies", "ns-3", "db");
     server.delete("services", "ns-4", "db");
-    let c = converges(&src, T, mirrors(&server));
+    let c = converges(&mut w, T, mirrors(&server));
     assert_eq!(c.pods[&ObjKey::new("ns-0", "pod-0")].labels["app"], "db");
     assert!(!c.pods.contains_key(&ObjKey::new("ns-2", "pod-2")) && !c.pods.contains_key(&ObjKey::new("ns-1", "pod-1")));
     assert_eq!(lists(&server).len(), lists_before, "the watch carried every change: no relist");
@@ -213,7 +245,7 @@ fn live_changes_reach_the_model_through_the_watch() {
 
 #[test]
 fn bookmarks_let_a_quiet_watch_resume_after_a_compaction() {
-    let (server, src) = converged(20, |s| s.set_bookmark_interval(Duration::from_millis(100)));
+    let (server, mut w) = converged(20, |s| s.set_bookmark_interval(Duration::from_millis(100)));
     // Changes elsewhere move the resourceVersion past what the pods watch has seen; only
     // its bookmarks carry the new version to it.
     server.apply("namespaces", namespace("ns-quiet"));
@@ -223,7 +255,7 @@ fn bookmarks_let_a_quiet_watch_resume_after_a_compaction() {
     server.clear_requests();
     server.drop_connections();
     server.apply("pods", pod(20, "web"));
-    converges(&src, T, mirrors(&server));
+    converges(&mut w, T, mirrors(&server));
     assert!(lists(&server).is_empty(), "every watch resumed, none relisted: {:#?}", server.requests());
     let pod_watches: Vec<_> = server.requests().into_iter().filter(|r| r.path == PODS && r.is_watch()).collect();
     assert!(
@@ -234,7 +266,7 @@ fn bookmarks_let_a_quiet_watch_resume_after_a_compaction() {
 
 #[test]
 fn a_compaction_while_the_watchers_are_away_forces_a_relist_that_converges() {
-    let (server, src) = converged(100, |_| {});
+    let (server, mut w) = converged(100, |_| {});
     // An outage; meanwhile the cluster changes and the old versions are compacted away.
     server.refuse_connections_for(Duration::from_secs(60));
     server.drop_connections();
@@ -247,9 +279,15 @@ fn a_compaction_while_the_watchers_are_away_forces_a_relist_that_converges() {
     server.apply("namespaces", namespace("ns-new"));
     server.compact();
     server.clear_requests();
+    w.changed = ChangeSet::default();
     server.refuse_connections_for(Duration::ZERO);
 
-    let c = converges(&src, T, mirrors(&server));
+    let c = converges(&mut w, T, mirrors(&server));
+    // The relist was diffed against the model: only what changed is reported changed.
+    let touched: BTreeSet<ObjKey> =
+        (0..10).flat_map(|i| [i, 200 + i]).chain([50]).map(|i| ObjKey::new(format!("ns-{}", i % NAMESPACES), format!("pod-{i}"))).collect();
+    assert_eq!(w.changed.pods, touched);
+    assert!(w.changed.policies && w.changed.namespaces && !w.changed.services && !w.changed.endpoint_slices && !w.changed.all);
     assert!(
         (0..10).all(|i| !c.pods.contains_key(&ObjKey::new(format!("ns-{}", i % NAMESPACES), format!("pod-{i}")))),
         "deleted pods are gone"
@@ -264,7 +302,7 @@ fn continuing_a_list_from_a_compacted_snapshot_is_gone_and_the_list_restarts() {
     let server = ApiServer::start();
     populate(&server, 2_500);
     server.set_latency(Duration::from_millis(200));
-    let src = source(&server);
+    let mut w = source(&server);
     // The second page has arrived and waits out the latency: the snapshot it continues is
     // compacted away under it.
     wait_for("a continued pod list", T, || pod_lists(&server).iter().any(|r| r.param("continue").is_some()));
@@ -272,7 +310,7 @@ fn continuing_a_list_from_a_compacted_snapshot_is_gone_and_the_list_restarts() {
     server.apply("pods", pod(5_000, "web"));
     server.compact();
 
-    let c = converges(&src, Duration::from_secs(60), mirrors(&server));
+    let c = converges(&mut w, Duration::from_secs(60), mirrors(&server));
     assert!(c.pods.contains_key(&ObjKey::new("ns-0", "pod-5000")) && !c.pods.contains_key(&ObjKey::new("ns-0", "pod-0")));
     let pages = pod_lists(&server);
     let gone = pages.iter().position(|r| r.gone).unwrap_or_else(|| panic!("no page was answered 410: {pages:#?}"));
@@ -282,26 +320,60 @@ fn continuing_a_list_from_a_compacted_snapshot_is_gone_and_the_list_restarts() {
 
 #[test]
 fn watches_cut_mid_stream_resume_and_converge() {
-    let (server, src) = converged(100, |_| {});
+    let (server, mut w) = converged(100, |_| {});
     for round in 0..3 {
         server.clear_requests();
         server.drop_connections();
         server.apply("pods", pod(1_000 + round, "web"));
         server.delete("pods", &format!("ns-{}", round % NAMESPACES), &format!("pod-{round}"));
-        converges(&src, T, mirrors(&server));
+        converges(&mut w, T, mirrors(&server));
         assert!(lists(&server).is_empty(), "round {round}: resumed from the last resourceVersion, no relist: {:#?}", server.requests());
         assert!(server.requests().iter().any(|r| r.path == PODS && r.is_watch() && r.param("resourceVersion").is_some_and(|v| v != "0")));
     }
 }
 
+/// 1,000 pod events, sent one by one as fast as the server takes them, are taken at most one
+/// refresh per `COALESCE` while they keep coming (the daemon loop's source side coalesces a
+/// stream), and every one of them reaches the model.
+#[test]
+fn a_burst_of_events_is_taken_in_few_refreshes() {
+    let (server, mut w) = converged(1_000, |_| {});
+    let before = w.refreshes;
+    let t0 = Instant::now();
+    let (sent_in, taken_in) = std::thread::scope(|s| {
+        let sender = s.spawn(|| {
+            for i in 0..1_000 {
+                let mut p = pod(i, app(i));
+                p["metadata"]["labels"]["rev"] = "2".into();
+                server.apply("pods", p);
+            }
+            t0.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(5));
+        let t0 = Instant::now();
+        while !w.model.pods.values().all(|p| p.labels.get("rev").is_some_and(|r| r == "2")) {
+            assert!(t0.elapsed() < T, "the burst did not arrive");
+            w.sync(Duration::from_millis(100));
+        }
+        (sender.join().unwrap(), t0.elapsed())
+    });
+    let refreshes = w.refreshes - before;
+    let most = taken_in.as_millis() / COALESCE.as_millis() + 2;
+    assert!(
+        refreshes as u128 <= most,
+        "1,000 events sent in {sent_in:?}, all taken {taken_in:?} after the first was sent, in {refreshes} refreshes (at most {most})"
+    );
+    assert!(mirrors(&server)(&w.model));
+}
+
 #[test]
 fn a_slow_server_still_converges() {
-    let (server, src) = converged(1_200, |s| s.set_latency(Duration::from_millis(200)));
+    let (server, mut w) = converged(1_200, |s| s.set_latency(Duration::from_millis(200)));
     assert_eq!(pod_lists(&server).len(), 3, "1,200 pods in pages of 500");
     server.apply("pods", pod(7, "web"));
     server.delete("pods", "ns-3", "pod-8");
-    converges(&src, T, mirrors(&server));
-    assert!(src.healthy.load(Ordering::SeqCst));
+    converges(&mut w, T, mirrors(&server));
+    assert!(w.src.healthy());
 }
 
 /// kube-runtime's event Recorder (what the daemon's Kubernetes Events will use): the first

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netpol_daemon::model::ObjKey;
+use netpol_daemon::model::{Cluster, ObjKey};
 use netpol_daemon::source::kube::KubeSource;
+use netpol_daemon::source::Source;
 use serde_json::{json, Value};
 
 /// Every request target the fake API server was sent (path and query).
@@ -140,17 +141,24 @@ fn lists_and_watch_events_reach_the_cluster_model() {
         let cfg = kube::Config::new(url.parse().unwrap());
         kube::Client::try_from(cfg).unwrap()
     };
-    let src = KubeSource::with_client(rt, client, Duration::from_millis(500));
+    let mut src = KubeSource::with_client(rt, client, "node-1", Duration::from_millis(500));
+    // Taken as the daemon loop takes it: wait for a change, refresh the model.
+    let (mut c, mut errors) = (Cluster::default(), Vec::new());
     let t0 = Instant::now();
-    loop {
-        let (c, _) = src.snapshot();
-        if src.synced.load(Ordering::SeqCst) && c.pods.len() == 3 {
-            break;
+    let mut first = None;
+    while !(src.ready() && c.pods.len() == 3) {
+        assert!(t0.elapsed() < Duration::from_secs(20), "not ready: {} pods, ready={}", c.pods.len(), src.ready());
+        src.wait(Duration::from_millis(50));
+        if src.ready() {
+            if let Some((ch, e)) = src.refresh(&mut c, false).unwrap() {
+                errors = e;
+                first.get_or_insert(ch);
+                assert!(src.take_change_age().is_some(), "changes are stamped for the latency histogram");
+            }
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "not synced: {} pods, synced={}", c.pods.len(), src.synced.load(Ordering::SeqCst));
-        std::thread::sleep(Duration::from_millis(50));
     }
-    let (c, errors) = src.snapshot();
+    let first = first.unwrap();
+    assert!(first.namespaces && first.policies && first.services && first.pods.contains(&ObjKey::new("shop", "db-1")), "{first:?}");
     assert!(c.pods.contains_key(&ObjKey::new("shop", "web-2")), "the watch event was applied");
     assert_eq!(c.namespaces["shop"].labels.get("team").map(|s| s.as_str()), Some("a"));
     assert!(c.policies.contains_key(&ObjKey::new("shop", "db")));
@@ -166,14 +174,12 @@ fn lists_and_watch_events_reach_the_cluster_model() {
         errors.iter().any(|e| e.contains("shop/broken: spec.ingress[0].ports[0].port: 70000 is not in 1-65535 (enforced fail-closed")),
         "{errors:?}"
     );
-    assert!(src.generation.load(Ordering::SeqCst) > 0);
     // The model compiles like any other source.
     let node = netpol_daemon::compiler::compile_node(&c, "node-1");
     let db = ObjKey::new("shop", "db-1");
     assert!(node.permits(&db, netpol_daemon::model::Direction::Ingress, "10.244.1.7".parse().unwrap(), 6, Some(5432)));
     assert!(!node.permits(&db, netpol_daemon::model::Direction::Ingress, "10.244.1.7".parse().unwrap(), 6, Some(5433)));
-    assert!(src.healthy.load(Ordering::SeqCst));
-    assert!(src.pending_since.lock().unwrap().is_some(), "changes are stamped for the latency histogram");
+    assert!(src.healthy());
     // Pods are listed and watched without the finished ones; the other kinds unfiltered.
     let seen = SEEN.lock().unwrap().clone();
     let pod_requests: Vec<_> = seen.iter().filter(|t| t.starts_with("/api/v1/pods?")).collect();
@@ -186,20 +192,27 @@ fn lists_and_watch_events_reach_the_cluster_model() {
     // The API server goes away: the source says so and keeps the last state.
     down.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
-    while src.healthy.load(Ordering::SeqCst) {
+    while src.healthy() {
         assert!(t0.elapsed() < Duration::from_secs(20), "outage not noticed");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(src.errors.load(Ordering::SeqCst) > 0);
-    assert_eq!(src.snapshot().0.pods.len(), 3, "last state kept");
+    assert!(src.watch_errors() > 0);
+    // Nothing arrives while it is away: the model keeps the last state.
+    assert!(src.refresh(&mut c, false).unwrap().is_none_or(|(ch, _)| ch.is_empty()));
+    assert_eq!(c.pods.len(), 3, "last state kept");
     // It comes back: the watchers relist (with backoff) and the source is healthy again.
     down.store(false, Ordering::SeqCst);
     let t0 = Instant::now();
-    while !src.healthy.load(Ordering::SeqCst) {
+    while !src.healthy() {
         assert!(t0.elapsed() < Duration::from_secs(20), "no recovery");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(src.snapshot().0.pods.len(), 3);
+    // The relist after the outage finds what the model holds: it changes nothing.
+    src.wait(Duration::from_secs(2));
+    if let Some((ch, _)) = src.refresh(&mut c, false).unwrap() {
+        assert!(ch.is_empty(), "a relist of the same state changes nothing: {ch:?}");
+    }
+    assert_eq!(c.pods.len(), 3);
 }
 
 /// `explain` and `check` without --manifests read the live cluster (KUBECONFIG).

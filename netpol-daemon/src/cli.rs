@@ -10,7 +10,7 @@ use crate::compiler::{self, Explanation};
 use crate::entries::{self, ClassInterner, PortSetInterner};
 use crate::model::{self, Cluster};
 use crate::model::{Direction, ObjKey, PortRef, Protocol};
-use crate::source::manifests;
+use crate::source::{manifests, Source};
 
 /// An end of a connection: a pod (NS/POD) or an address (a pod's, or outside the cluster).
 #[derive(Clone, Debug)]
@@ -92,15 +92,18 @@ pub fn load(dir: Option<&Path>) -> Result<(Cluster, Vec<String>)> {
             Ok((loaded.cluster, loaded.errors.iter().map(|e| e.to_string()).collect()))
         }
         None => {
-            let src = crate::source::kube::KubeSource::start()?;
+            // Pods of every node are kept whole: `explain` may be asked about any of them.
+            let mut src = crate::source::kube::KubeSource::start("")?;
             let t0 = std::time::Instant::now();
-            while !src.synced.load(std::sync::atomic::Ordering::SeqCst) {
+            while !src.ready() {
                 if t0.elapsed() > std::time::Duration::from_secs(60) {
                     bail!("the Kubernetes API did not list every watched resource within 60 s");
                 }
-                std::thread::sleep(std::time::Duration::from_millis(100));
+                src.wait(std::time::Duration::from_millis(100));
             }
-            Ok(src.snapshot())
+            let mut cluster = Cluster::default();
+            let (_, errors) = src.refresh(&mut cluster, false)?.unwrap_or_default();
+            Ok((cluster, errors))
         }
     }
 }

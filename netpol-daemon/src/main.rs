@@ -73,7 +73,9 @@ struct RunArgs {
     /// with the daemon. Refused without it.
     #[arg(long)]
     allow_private_bpffs: bool,
-    /// How often the manifests directory is checked for changes, in milliseconds.
+    /// The longest the daemon sleeps between passes, in milliseconds, when nothing wakes it
+    /// (a change wakes it at once: inotify on the manifests directory, a watch event from the
+    /// Kubernetes API); the periodic work (interface look-ups, full rescans) runs on these.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
     /// What a policy change does to flows already tracked: `keep` lets them run until

@@ -109,7 +109,7 @@ impl Daemon {
             .with_context(|| format!("listening on {}", cfg.metrics_addr))?;
         let source: Box<dyn Source> = match &cfg.manifests {
             Some(dir) => Box::new(ManifestsDir::new(dir.clone())),
-            None => Box::new(KubeSource::start()?),
+            None => Box::new(KubeSource::start(&cfg.node_name)?),
         };
         let events = match &cfg.manifests {
             Some(_) => KubeEvents::disabled(),

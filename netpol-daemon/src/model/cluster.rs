@@ -117,6 +117,103 @@ impl Cluster {
     }
 }
 
+/// The kinds of object the model holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Policy,
+    Service,
+    EndpointSlice,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [Kind::Namespace, Kind::Pod, Kind::Policy, Kind::Service, Kind::EndpointSlice];
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::Policy(_) => Kind::Policy,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+        }
+    }
+
+    /// The object's key (a namespace's: no namespace, its name).
+    pub fn key(&self) -> ObjKey {
+        match self {
+            Object::Namespace(ns) => ObjKey::new("", ns.name.clone()),
+            Object::Pod(p) => p.key.clone(),
+            Object::Policy(p) => p.key.clone(),
+            Object::Service(s) => s.key.clone(),
+            Object::EndpointSlice(s) => s.key.clone(),
+        }
+    }
+}
+
+/// Puts `v` at `k` unless the same value is there; whether anything changed.
+fn put_one<K: Ord, V: PartialEq>(map: &mut BTreeMap<K, V>, k: K, v: V) -> bool {
+    match map.get_mut(&k) {
+        Some(old) if *old == v => false,
+        Some(old) => {
+            *old = v;
+            true
+        }
+        None => {
+            map.insert(k, v);
+            true
+        }
+    }
+}
+
+impl Cluster {
+    /// Adds or replaces `obj`, noting in `ch` what that changed (nothing when it is already
+    /// there as it is).
+    pub fn put(&mut self, obj: Object, ch: &mut ChangeSet) {
+        match obj {
+            Object::Namespace(ns) => ch.namespaces |= put_one(&mut self.namespaces, ns.name.clone(), ns),
+            Object::Pod(p) => {
+                let key = p.key.clone();
+                if put_one(&mut self.pods, key.clone(), p) {
+                    ch.pods.insert(key);
+                }
+            }
+            Object::Policy(p) => ch.policies |= put_one(&mut self.policies, p.key.clone(), p),
+            Object::Service(s) => ch.services |= put_one(&mut self.services, s.key.clone(), s),
+            Object::EndpointSlice(s) => ch.endpoint_slices |= put_one(&mut self.endpoint_slices, s.key.clone(), s),
+        }
+    }
+
+    /// Removes the object of `kind` at `key` (if any), noting it in `ch`.
+    pub fn remove(&mut self, kind: Kind, key: &ObjKey, ch: &mut ChangeSet) {
+        match kind {
+            Kind::Namespace => ch.namespaces |= self.namespaces.remove(&key.name).is_some(),
+            Kind::Pod => {
+                if self.pods.remove(key).is_some() {
+                    ch.pods.insert(key.clone());
+                }
+            }
+            Kind::Policy => ch.policies |= self.policies.remove(key).is_some(),
+            Kind::Service => ch.services |= self.services.remove(key).is_some(),
+            Kind::EndpointSlice => ch.endpoint_slices |= self.endpoint_slices.remove(key).is_some(),
+        }
+    }
+
+    /// The keys of every object of `kind` (namespaces as [`Object::key`] makes them).
+    pub fn keys(&self, kind: Kind) -> Vec<ObjKey> {
+        match kind {
+            Kind::Namespace => self.namespaces.keys().map(|n| ObjKey::new("", n.clone())).collect(),
+            Kind::Pod => self.pods.keys().cloned().collect(),
+            Kind::Policy => self.policies.keys().cloned().collect(),
+            Kind::Service => self.services.keys().cloned().collect(),
+            Kind::EndpointSlice => self.endpoint_slices.keys().cloned().collect(),
+        }
+    }
+}
+
 /// What changed in the cluster since the last update.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChangeSet {

@@ -33,16 +33,18 @@ enum Reply {
 }
 
 /// Answers one request on `out`.
-pub fn handle(shared: &Shared, req: &Request, out: &mut impl Write) -> io::Result<Answer> {
+pub fn handle(shared: &Shared, req: &Request, out: &mut impl Write, logged: &mut dyn FnMut(u16, bool)) -> io::Result<Answer> {
     match answer(shared, req) {
         Ok(Reply::Json(code, body)) => {
+            logged(code, false);
             http::respond(out, code, &body)?;
-            Ok(Answer { status: code, gone: false, keep_alive: true })
+            Ok(Answer { keep_alive: true })
         }
-        Ok(Reply::Watch(res, filter, params)) => watch::stream(shared, res, &filter, &params, out),
+        Ok(Reply::Watch(res, filter, params)) => watch::stream(shared, res, &filter, &params, out, logged),
         Err(e) => {
+            logged(e.code, e.code == 410);
             http::respond(out, e.code, e.status().to_string().as_bytes())?;
-            Ok(Answer { status: e.code, gone: e.code == 410, keep_alive: true })
+            Ok(Answer { keep_alive: true })
         }
     }
 }

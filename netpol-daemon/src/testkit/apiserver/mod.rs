@@ -78,8 +78,6 @@ struct Controls {
 
 /// How a request was answered.
 struct Answer {
-    status: u16,
-    gone: bool,
     /// The connection can carry another request.
     keep_alive: bool,
 }
@@ -354,11 +352,15 @@ fn serve_connection(shared: &Shared, conn: TcpStream) {
         let entry = log_request(shared, &req);
         let latency = shared.controls.lock().unwrap().latency;
         std::thread::sleep(latency);
-        let Ok(answer) = api::handle(shared, &req, &mut out) else { break };
-        let log = &mut *shared.log.lock().unwrap();
-        if let Some(logged) = entry.checked_sub(log.cleared).and_then(|i| log.entries.get_mut(i)) {
-            (logged.status, logged.gone) = (answer.status, answer.gone);
-        }
+        // The status is logged before the answer is written: a client that has read it finds
+        // it in the log.
+        let mut record = |status, gone| {
+            let log = &mut *shared.log.lock().unwrap();
+            if let Some(logged) = entry.checked_sub(log.cleared).and_then(|i| log.entries.get_mut(i)) {
+                (logged.status, logged.gone) = (status, gone);
+            }
+        };
+        let Ok(answer) = api::handle(shared, &req, &mut out, &mut record) else { break };
         if req.close || !answer.keep_alive {
             break;
         }

@@ -100,16 +100,25 @@ fn open(shared: &Shared, res: &'static Resource, p: &Params) -> Result<Start, Ap
 }
 
 /// Serves a watch stream on `out` until its timeout, a cut or a write error.
-pub fn stream(shared: &Shared, res: &'static Resource, filter: &Filter, p: &Params, out: &mut impl Write) -> io::Result<Answer> {
+/// `logged` is told the status (and whether the watch is gone) before anything is written.
+pub fn stream(
+    shared: &Shared,
+    res: &'static Resource,
+    filter: &Filter,
+    p: &Params,
+    out: &mut impl Write,
+    logged: &mut dyn FnMut(u16, bool),
+) -> io::Result<Answer> {
     let deadline = Instant::now() + p.timeout;
     let opened = open(shared, res, p);
+    logged(200, opened.is_err());
     let mut body = Chunked::start(out)?;
     let start = match opened {
         Ok(start) => start,
         Err(e) => {
             body.send(&event_line("ERROR", &e.status()))?;
             body.finish()?;
-            return Ok(Answer { status: 200, gone: true, keep_alive: true });
+            return Ok(Answer { keep_alive: true });
         }
     };
     let _registered = Registered { shared, id: start.id };
@@ -126,13 +135,13 @@ pub fn stream(shared: &Shared, res: &'static Resource, filter: &Filter, p: &Para
         let wake = if p.bookmarks { next_bookmark.min(deadline) } else { deadline };
         let Some((changes, rv)) = wait_for_changes(shared, start.id, wake) else {
             body.cut();
-            return Ok(Answer { status: 200, gone: false, keep_alive: false });
+            return Ok(Answer { keep_alive: false });
         };
         cursor = send_changes(&mut body, &changes, filter, cursor)?;
         let now = Instant::now();
         if now >= deadline {
             body.finish()?;
-            return Ok(Answer { status: 200, gone: false, keep_alive: true });
+            return Ok(Answer { keep_alive: true });
         }
         if p.bookmarks && now >= next_bookmark {
             // Every change up to `rv` has been queued for this stream, and sent.

@@ -9,6 +9,12 @@ use super::{Lab, LabPod, NODE_NAME};
 impl Lab {
     /// Writes the Namespace and Pod manifests of every declared pod (file `00-cluster.yaml`).
     pub fn write_cluster_manifest(&self) -> Result<()> {
+        self.write_manifest("00-cluster.yaml", &self.cluster_manifest())
+    }
+
+    /// The Namespaces, Pods (and emulated Services) of the lab as one multi-document YAML: what
+    /// the manifests mode reads, and what a test applies on the stand-in API server.
+    pub fn cluster_manifest(&self) -> String {
         let mut y = String::new();
         let mut nss: BTreeMap<String, BTreeMap<String, String>> = self.namespaces.clone();
         for p in self.pods.iter().filter(|p| p.declared) {
@@ -39,7 +45,7 @@ impl Lab {
         for svc in &self.services {
             y.push_str(svc);
         }
-        self.write_manifest("00-cluster.yaml", &y)
+        y
     }
 }
 
