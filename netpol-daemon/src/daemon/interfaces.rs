@@ -39,8 +39,9 @@ pub struct Interfaces {
     unresolved: bool,
     last_resolve: Instant,
     last_full_resolve: Instant,
-    /// The node's addresses kubelet reaches pods from.
-    node_addrs: Vec<IpAddr>,
+    /// The node's addresses kubelet reaches pods from (`None`: not looked up yet; a node may
+    /// have none, and that is not looked up again on every pass).
+    node_addrs: Option<Vec<IpAddr>>,
 }
 
 /// Where the pods were found by one look-up.
@@ -63,7 +64,7 @@ impl Default for Interfaces {
             unresolved: false,
             last_resolve: Instant::now() - Duration::from_secs(3600),
             last_full_resolve: Instant::now(),
-            node_addrs: Vec::new(),
+            node_addrs: None,
         }
     }
 }
@@ -165,12 +166,13 @@ impl Interfaces {
 
     /// The node's addresses kubelet reaches pods from, looked up again when `full`.
     pub fn node_addrs(&mut self, full: bool) -> &[IpAddr] {
-        if full || self.node_addrs.is_empty() {
+        if full || self.node_addrs.is_none() {
             // Only the addresses kubelet reaches pods from (see node_addr_for_pods).
-            self.node_addrs = netlink::local_addresses().unwrap_or_default();
-            self.node_addrs.retain(|a| crate::datapath::node_addr_for_pods(*a));
+            let mut addrs = netlink::local_addresses().unwrap_or_default();
+            addrs.retain(|a| crate::datapath::node_addr_for_pods(*a));
+            self.node_addrs = Some(addrs);
         }
-        &self.node_addrs
+        self.node_addrs.as_deref().unwrap_or_default()
     }
 }
 
@@ -189,6 +191,15 @@ fn wake_silent(resolver: &mut netlink::Resolver, missing: &mut Vec<(&ObjKey, &Ve
         });
         missing.is_empty()
     });
+}
+
+/// The interfaces pods sit behind by their host routes (a veth with a route to one address),
+/// as found before the cluster is known: where the programs can be attached ahead.
+pub fn routed_pod_interfaces() -> Vec<Iface> {
+    let mut ifindexes: Vec<u32> = netlink::veth_host_routes().unwrap_or_default().into_iter().map(|(_, i)| i).collect();
+    ifindexes.sort_unstable();
+    ifindexes.dedup();
+    ifindexes.into_iter().filter_map(|ifindex| netlink::ifname(ifindex).ok().map(|ifname| Iface { ifindex, ifname })).collect()
 }
 
 /// The pending interfaces the compiler holds default-deny (those whose name can be read).

@@ -99,7 +99,14 @@ impl Daemon {
     /// and connects the source.
     pub fn start(cfg: RunConfig, stop: &Arc<AtomicBool>) -> Result<Daemon> {
         let shared = Arc::new(Shared::default());
+        // The source first: the cluster is listed while the datapath loads and the programs
+        // are attached ahead to the interfaces already there.
+        let source: Box<dyn Source> = match &cfg.manifests {
+            Some(dir) => Box::new(ManifestsDir::new(dir.clone())),
+            None => Box::new(KubeSource::start(&cfg.node_name)?),
+        };
         let mut datapath = load_datapath(&cfg)?;
+        datapath.preattach(interfaces::routed_pod_interfaces());
         if cfg.datapath_config.deny_events_per_sec > 0 {
             if let Some(rb) = datapath.take_events() {
                 metrics::events::spawn(rb, shared.clone(), stop.clone())?;
@@ -107,10 +114,6 @@ impl Daemon {
         }
         metrics::serve(cfg.metrics_addr, shared.clone(), cfg.bpffs.clone())
             .with_context(|| format!("listening on {}", cfg.metrics_addr))?;
-        let source: Box<dyn Source> = match &cfg.manifests {
-            Some(dir) => Box::new(ManifestsDir::new(dir.clone())),
-            None => Box::new(KubeSource::start(&cfg.node_name)?),
-        };
         let events = match &cfg.manifests {
             Some(_) => KubeEvents::disabled(),
             None => KubeEvents::start(&cfg.node_name, shared.kube_events.clone()).unwrap_or_else(|e| {

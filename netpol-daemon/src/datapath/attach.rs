@@ -44,6 +44,8 @@ pub(super) struct Links {
     use_tcx: bool,
     /// Attach programs to interfaces (false: maps only, for BPF_PROG_TEST_RUN and benches).
     pub attach_programs: bool,
+    /// Links being made ahead ([`Links::preattach`]).
+    preattaching: Option<std::thread::JoinHandle<Vec<PinnedAhead>>>,
 }
 
 impl Links {
@@ -62,7 +64,7 @@ impl Links {
             };
             adopted.insert((ifindex, prog), e.path());
         }
-        Links { links_dir, attached: BTreeMap::new(), adopted, use_tcx: true, attach_programs: true }
+        Links { links_dir, attached: BTreeMap::new(), adopted, use_tcx: true, attach_programs: true, preattaching: None }
     }
 
     /// Endpoint id and pod of every attached interface.
@@ -134,7 +136,7 @@ impl Links {
     /// (no TCX) adds clsact filters.
     fn attach_both(&mut self, ebpf: &mut Ebpf, ifname: &str, ifindex: u32) -> Result<Vec<AttachedLink>> {
         let mut links = Vec::new();
-        for (name, ty) in [(programs::FROM_POD, TcAttachType::Ingress), (programs::TO_POD, TcAttachType::Egress)] {
+        for (name, ty) in PROGRAMS {
             let prog = classifier(ebpf, name)?;
             if let Some(link) = self.adopt_link(prog, ifindex, name) {
                 links.push(link);
@@ -180,14 +182,106 @@ impl Links {
 
     /// Pins the new TCX link `id` of program `name` on `ifindex`.
     fn pin(&self, prog: &mut SchedClassifier, id: SchedClassifierLinkId, ifindex: u32, name: &str) -> Result<AttachedLink> {
-        let link = FdLink::try_from(prog.take_link(id)?)?;
-        let short = if name == programs::FROM_POD { "from" } else { "to" };
-        let path = self.links_dir.join(format!("{ifindex}-{short}"));
-        std::fs::create_dir_all(&self.links_dir)?;
-        let _ = std::fs::remove_file(&path);
-        let pinned = link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
-        Ok(AttachedLink::Pinned { link: FdLink::from(pinned), path })
+        let (link, path) = pin_link(&self.links_dir, prog, id, ifindex, name)?;
+        Ok(AttachedLink::Pinned { link: FdLink::from(link), path })
     }
+
+    /// Starts attaching the programs (TCX) to `ifaces` in the background, pinning the links
+    /// where a previous daemon's would be, for [`Links::attach`] to adopt once
+    /// [`Links::finish_preattach`] took them. Each TCX attach waits out an RCU grace period in
+    /// the kernel under the rtnl lock (about 10-15 ms on a small VM, one at a time): for a node
+    /// of 100 pods that is seconds, spent here while the cluster is listed and compiled rather
+    /// than after. A program on an interface with no endpoint entry lets everything pass, as
+    /// no program does, so attaching early changes nothing until the entries are written; the
+    /// links no pod claims are removed by the first sync ([`Links::drop_unadopted`]).
+    pub fn preattach(&mut self, ebpf: &mut Ebpf, ifaces: Vec<Iface>) {
+        let todo: Vec<Iface> =
+            ifaces.into_iter().filter(|i| PROGRAMS.iter().all(|(name, _)| !self.adopted.contains_key(&(i.ifindex, *name)))).collect();
+        if !self.attach_programs || !self.use_tcx || todo.is_empty() || self.preattaching.is_some() {
+            return;
+        }
+        // The thread needs program objects of its own: opened from temporary pins.
+        let progs_dir = self.links_dir.with_file_name("attaching");
+        if let Err(e) = pin_programs(ebpf, &progs_dir) {
+            log::warn!("not attaching ahead: pinning the programs in {}: {e:#}", progs_dir.display());
+            let _ = std::fs::remove_dir_all(&progs_dir);
+            return;
+        }
+        let links_dir = self.links_dir.clone();
+        self.preattaching = Some(std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            let made = attach_all(&progs_dir, &links_dir, &todo);
+            log::debug!("attached ahead to {} of {} interfaces in {:?}", made.len() / 2, todo.len(), t0.elapsed());
+            let _ = std::fs::remove_dir_all(&progs_dir);
+            made
+        }));
+    }
+
+    /// Waits for [`Links::preattach`] and takes the links it made for adoption.
+    pub fn finish_preattach(&mut self) {
+        if let Some(h) = self.preattaching.take() {
+            self.adopted.extend(h.join().unwrap_or_default());
+        }
+    }
+}
+
+/// A link made ahead: (ifindex, program) and its pin.
+type PinnedAhead = ((u32, &'static str), PathBuf);
+
+/// Both programs, and where they attach.
+const PROGRAMS: [(&str, TcAttachType); 2] = [(programs::FROM_POD, TcAttachType::Ingress), (programs::TO_POD, TcAttachType::Egress)];
+
+/// Pins both programs under `dir` (replacing what is there).
+fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    for (name, _) in PROGRAMS {
+        classifier(ebpf, name)?.pin(dir.join(name)).with_context(|| format!("pinning {name}"))?;
+    }
+    Ok(())
+}
+
+/// Attaches the programs pinned in `progs_dir` to each of `ifaces` by TCX and pins the links;
+/// returns the pins made, by (ifindex, program).
+fn attach_all(progs_dir: &Path, links_dir: &Path, ifaces: &[Iface]) -> Vec<PinnedAhead> {
+    let mut made = Vec::new();
+    for (name, ty) in PROGRAMS {
+        let mut prog = match SchedClassifier::from_pin(progs_dir.join(name)) {
+            Ok(p) => p,
+            Err(e) => {
+                log::warn!("opening the pinned {name}: {e}");
+                continue;
+            }
+        };
+        for iface in ifaces {
+            let pinned = prog
+                .attach(&iface.ifname, ty)
+                .map_err(anyhow::Error::from)
+                .and_then(|id| pin_link(links_dir, &mut prog, id, iface.ifindex, name));
+            match pinned {
+                Ok((_, path)) => made.push(((iface.ifindex, name), path)),
+                Err(e) => log::debug!("attaching {name} to {} ahead: {e:#} (tried again when its pod is programmed)", iface.ifname),
+            }
+        }
+    }
+    made
+}
+
+/// Pins the TCX link `id` of `prog` (program `name`) on `ifindex` under `links_dir`.
+fn pin_link(
+    links_dir: &Path,
+    prog: &mut SchedClassifier,
+    id: SchedClassifierLinkId,
+    ifindex: u32,
+    name: &str,
+) -> Result<(PinnedLink, PathBuf)> {
+    let link = FdLink::try_from(prog.take_link(id)?)?;
+    let short = if name == programs::FROM_POD { "from" } else { "to" };
+    let path = links_dir.join(format!("{ifindex}-{short}"));
+    std::fs::create_dir_all(links_dir)?;
+    let _ = std::fs::remove_file(&path);
+    let pinned = link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+    Ok((pinned, path))
 }
 
 fn detach(ebpf: &mut Ebpf, a: Attached) {

@@ -123,6 +123,13 @@ impl Datapath {
 
     /// Removes every pinned link and map of this daemon: enforcement stops. (`netpol-daemon
     /// uninstall`; a normal exit keeps enforcing.)
+    /// Starts attaching the programs to `ifaces` (the node's pod interfaces as found before
+    /// the cluster is known) in the background; the first [`Datapath::sync`] adopts what
+    /// belongs to a pod and removes the rest ([`attach::Links::preattach`]).
+    pub fn preattach(&mut self, ifaces: Vec<Iface>) {
+        self.links.preattach(&mut self.ebpf, ifaces);
+    }
+
     pub fn uninstall(pin_dir: &Path) -> Result<()> {
         maps::remove_pins(pin_dir)
     }

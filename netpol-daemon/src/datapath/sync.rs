@@ -80,6 +80,7 @@ impl Datapath {
     /// Each pod's endpoint entry, then its programs where the interface has none yet. A pod
     /// whose interface cannot be attached loses its entry and id.
     fn program_endpoints(&mut self, node: &NodePolicy, pods: &Pods, ids: &BTreeMap<ObjKey, u32>, report: &mut SyncReport) {
+        self.links.finish_preattach();
         for (k, (iface, flags)) in pods {
             let Some(&id) = ids.get(*k) else { continue };
             if let Err(e) = self.endpoints.set(iface.ifindex, endpoint_info(id, *flags, node.pods.get(*k))) {
