@@ -14,6 +14,9 @@ use super::status::{Histogram, Status, LATENCY_BUCKETS};
 use crate::datapath::CounterReader;
 use crate::model::ObjKey;
 
+/// A counter family: name, help and the field of a [`Count`] it exports.
+type CountFamily = (&'static str, &'static str, fn(Count) -> u64);
+
 const DIRECTIONS: [(u8, &str); 2] = [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")];
 const VERDICT_NAMES: [(u32, &str); 4] =
     [(VERDICT_ALLOW, "allow"), (VERDICT_DENY, "deny"), (VERDICT_AUDIT, "audit"), (VERDICT_SPOOFED, "spoofed")];
@@ -140,7 +143,7 @@ fn packets(status: &Status, counters: Option<&CounterReader>, out: &mut Families
             Count { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }
         })
     };
-    let kinds: [(&str, &str, fn(Count) -> u64); 2] = [
+    let kinds: [CountFamily; 2] = [
         ("netpol_packets_total", "Packets seen by netpol per pod, direction and verdict.", |c| c.packets),
         ("netpol_bytes_total", "Bytes (frame length at TC) seen by netpol per pod, direction and verdict.", |c| c.bytes),
     ];
@@ -153,7 +156,7 @@ fn packets(status: &Status, counters: Option<&CounterReader>, out: &mut Families
             }
         }
     }
-    let kinds: [(&str, &str, fn(Count) -> u64); 2] = [
+    let kinds: [CountFamily; 2] = [
         ("netpol_dropped_packets_total", "Packets dropped per pod, direction and reason (policy: no policy allows it; fail-closed: the pod's entries do not fit the maps; spoofed: a source the pod does not own; malformed: truncated or malformed IP; unsupported: another ethertype or VLAN through an isolated direction; tcp-rst-window: an RST outside the receiver's window).", |c| c.packets),
         ("netpol_dropped_bytes_total", "Bytes (frame length at TC) dropped per pod, direction and reason (the reasons of netpol_dropped_packets_total).", |c| c.bytes),
     ];

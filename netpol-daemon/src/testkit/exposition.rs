@@ -5,8 +5,10 @@
 //! are not cumulative or whose +Inf bucket is not the count).
 use std::collections::{BTreeMap, BTreeSet};
 
-/// One sample: metric name, labels (in the order written) and value.
-pub type Sample = (String, Vec<(String, String)>, f64);
+/// Labels in the order written.
+pub type Labels = Vec<(String, String)>;
+/// One sample: metric name, labels and value.
+pub type Sample = (String, Labels, f64);
 
 /// The samples of `text`, or what is wrong with it (with the line).
 pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
@@ -106,7 +108,7 @@ fn family_of(name: &str, types: &BTreeMap<String, String>) -> String {
     name.to_string()
 }
 
-fn sample_line(line: &str) -> Result<(String, Vec<(String, String)>, f64), String> {
+fn sample_line(line: &str) -> Result<Sample, String> {
     let name_end = line.find(['{', ' ']).ok_or("no value")?;
     let name = &line[..name_end];
     if !metric_name(name) {
@@ -175,7 +177,7 @@ fn label_value(s: &str) -> Result<(String, &str), String> {
 fn check_histograms(samples: &[Sample], types: &BTreeMap<String, String>) -> Result<(), String> {
     for (family, _) in types.iter().filter(|(_, t)| *t == "histogram") {
         // Per label set (without le): (le, count) of each bucket.
-        let mut buckets: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut buckets: BTreeMap<Labels, Vec<(f64, f64)>> = BTreeMap::new();
         for (name, labels, v) in samples.iter().filter(|(n, _, _)| *n == format!("{family}_bucket")) {
             let le = labels.iter().find(|(k, _)| k == "le").ok_or(format!("{name} without le"))?;
             let le: f64 = if le.1 == "+Inf" { f64::INFINITY } else { le.1.parse().map_err(|_| format!("{name}: bad le {:?}", le.1))? };
