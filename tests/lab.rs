@@ -218,6 +218,10 @@ fn readyz_metrics_and_node_name_filtering() {
     let m = lab.metrics().unwrap();
     assert_eq!(sample(&m, "netpol_endpoints"), Some(2.0), "{m}");
     assert!(!m.contains("pod=\"remote\""), "{m}");
+    // The loop passes (every --poll-ms at least): alive, and /healthz says so.
+    let age = sample(&m, "netpol_last_pass_age_seconds").unwrap();
+    assert!((0.0..2.0).contains(&age), "last pass {age} s ago");
+    assert_eq!(lab.http_get("/healthz").unwrap(), (200, "ok\n".to_string()));
     assert!(m.contains("# TYPE netpol_packets_total counter"));
     check(&lab, &[("client", "here", "tcp", 80, false), ("here", "client", "tcp", 80, true)]);
 }
