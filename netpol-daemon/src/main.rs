@@ -68,7 +68,7 @@ struct RunArgs {
     /// /healthz fails (503) once the daemon loop's last pass began more than this many
     /// seconds ago. A pass begins at least every --poll-ms after the last one ended, so this
     /// only has to cover the longest sync.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     liveness_timeout: u64,
     /// Directory on a bpffs where the maps are pinned (re-used across restarts).
     #[arg(long, default_value = "/sys/fs/bpf/netpol")]
