@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
+    build_info();
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
     let ebpf_dir = root.join("netpol-ebpf");
@@ -47,4 +48,27 @@ fn main() {
     }
     let obj = target_dir.join("bpfel-unknown-none/release/netpol");
     std::fs::copy(&obj, out_dir.join("netpol")).unwrap_or_else(|e| panic!("copying {}: {e}", obj.display()));
+}
+
+/// `NETPOL_GIT_COMMIT` (HEAD's commit, when built from a git checkout) and `NETPOL_RUSTC_VERSION`, for `--version` and the
+/// `netpol_build_info` metric. Re-run when HEAD (or the branch it names) moves.
+fn build_info() {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git").args(args).output().ok()?;
+        let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+        (out.status.success() && !s.is_empty()).then_some(s)
+    };
+    if let Some(commit) = git(&["rev-parse", "--short=12", "HEAD"]) {
+        println!("cargo:rustc-env=NETPOL_GIT_COMMIT={commit}");
+        // (A path that does not exist would make every build re-run this: only existing ones.)
+        let branch = git(&["symbolic-ref", "-q", "HEAD"]);
+        for r in ["HEAD", "packed-refs"].into_iter().map(String::from).chain(branch) {
+            if let Some(p) = git(&["rev-parse", "--git-path", &r]).filter(|p| std::path::Path::new(p).exists()) {
+                println!("cargo:rerun-if-changed={p}");
+            }
+        }
+    }
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let version = Command::new(rustc).arg("--version").output().ok().and_then(|o| String::from_utf8(o.stdout).ok());
+    println!("cargo:rustc-env=NETPOL_RUSTC_VERSION={}", version.as_deref().map(str::trim).unwrap_or("unknown"));
 }

@@ -749,6 +749,8 @@ fn only_an_in_window_reset_ends_a_tracked_flow() {
     assert_eq!(run(&mut f, i, &back(TCP_ACK, 0x8000_0001, 1001)), OK, "the flow survives");
     let c = CounterReader::open(&f.pin).unwrap();
     assert!(c.read(0, 0, 1) >= 3 && c.read(0, 1, 1) >= 1, "counted as deny");
+    let rst = netpol_common::DROP_TCP_RST;
+    assert_eq!((c.read_outcome(0, 0, rst).packets, c.read_outcome(0, 1, rst).packets), (3, 1), "with their reason");
     // In the window (after some data): honoured.
     assert_eq!(run(&mut f, i, &back(TCP_ACK, 0x8000_0001 + 5000, 1001)), OK);
     assert_eq!(run(&mut f, i, &back(TCP_RST, 0x8000_0001 + 6000, 0)), OK);
@@ -1141,4 +1143,103 @@ fn pinned_maps_of_an_older_layout_are_replaced() {
     let dp = Datapath::load_detached(&pin);
     let _ = std::fs::remove_dir_all(&pin);
     assert!(dp.is_ok(), "{:#}", dp.err().unwrap());
+}
+
+/// Every drop is counted under its reason, with its bytes (the frame's length), and the
+/// verdict counters are their sums: what `netpol_dropped_*_total{reason}` and
+/// `netpol_bytes_total` export.
+#[test]
+fn drops_are_counted_per_reason_with_their_bytes() {
+    use netpol_common::*;
+    let Some(mut f) = fixture(POLICY) else { return };
+    let web = v4("10.1.0.10");
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    let (ig, eg) = (DIR_INGRESS, DIR_EGRESS);
+    let allowed = udp4(v4("192.0.2.1"), web, 5353, 53);
+    let denied = udp4(v4("192.0.2.1"), web, 5353, 54);
+    let spoofed = tcp4(v4("10.1.0.99"), v4("10.2.0.1"), 40000, 443, TCP_SYN);
+    let lldp = ethertype_frame(0x88cc, 46);
+    // An IPv4 header length below 20 bytes.
+    let mut truncated = allowed.clone();
+    truncated[14] = 0x44;
+    let cases: Vec<(&str, Direction, Vec<u8>, i32)> = vec![
+        ("allowed udp 53", i, allowed.clone(), OK),
+        ("denied udp 54", i, denied.clone(), SHOT),
+        ("denied udp 54 again", i, denied.clone(), SHOT),
+        ("spoofed source", e, spoofed.clone(), SHOT),
+        ("LLDP out", e, lldp.clone(), SHOT),
+        ("malformed IPv4 in", i, truncated.clone(), SHOT),
+        ("malformed IPv4 out", e, truncated.clone(), SHOT),
+    ];
+    run_cases(&mut f, &cases);
+    let c = CounterReader::open(&f.pin).unwrap();
+    let got = |dir, o| c.read_outcome(0, dir, o);
+    let n = |frame: &[u8], k: u64| Count { packets: k, bytes: k * frame.len() as u64 };
+    assert_eq!(got(ig, VERDICT_ALLOW), n(&allowed, 1));
+    assert_eq!(got(ig, VERDICT_DENY), n(&denied, 2), "reason policy");
+    assert_eq!(got(eg, VERDICT_SPOOFED), n(&spoofed, 1));
+    assert_eq!(got(eg, DROP_UNSUPPORTED), n(&lldp, 1));
+    assert_eq!(got(ig, DROP_MALFORMED), n(&truncated, 1));
+    assert_eq!(got(eg, DROP_MALFORMED), n(&truncated, 1));
+    assert_eq!(got(ig, DROP_FAIL_CLOSED), Count::default());
+    // The verdicts: a malformed packet out of the pod counts as spoofed, into it as denied.
+    assert_eq!((c.read(0, ig, VERDICT_DENY), c.read(0, ig, VERDICT_ALLOW)), (3, 1));
+    assert_eq!((c.read(0, eg, VERDICT_DENY), c.read(0, eg, VERDICT_SPOOFED)), (1, 2));
+
+    // The pod failing closed (its entries do not fit): the same denied packet counts as
+    // fail-closed, no longer as the policies'.
+    let mut loaded = Loaded::default();
+    load_text(Path::new("t.yaml"), &format!("{POD}\n---\n{POLICY}"), &mut loaded);
+    let node = compile_node(&loaded.cluster, "n");
+    let ifaces: BTreeMap<ObjKey, Iface> = [(ObjKey::new("t", "web"), Iface { ifindex: 1, ifname: "lo".into() })].into();
+    f.dp.set_limits(netpol_daemon::datapath::Limits { policy: 1, ..Default::default() });
+    assert_eq!(f.dp.sync(&node, &ifaces).fail_closed, vec![ObjKey::new("t", "web")]);
+    // (A new flow: the first one is tracked and goes on.)
+    let allowed = udp4(v4("192.0.2.1"), web, 5354, 53);
+    assert_eq!(run(&mut f, i, &allowed), SHOT, "fails closed");
+    assert_eq!(got(ig, DROP_FAIL_CLOSED), n(&allowed, 1));
+    assert_eq!(got(ig, VERDICT_DENY), n(&denied, 2), "unchanged");
+    f.dp.set_limits(netpol_daemon::datapath::Limits::default());
+    assert!(f.dp.sync(&node, &ifaces).fail_closed.is_empty());
+    assert_eq!(run(&mut f, i, &denied), SHOT);
+    assert_eq!(got(ig, VERDICT_DENY), n(&denied, 3), "the policies' again");
+    assert_eq!(got(ig, DROP_FAIL_CLOSED), n(&allowed, 1));
+}
+
+/// Deny events over the per-CPU rate limit, and those the ring buffer has no room for, are
+/// counted (EVENT_DROPS: `netpol_deny_events_dropped_total`).
+#[test]
+fn deny_events_not_sent_are_counted() {
+    use netpol_common::*;
+    let Some(mut f) = fixture(POLICY) else { return };
+    let i = Direction::Ingress;
+    let denied = udp4(v4("192.0.2.1"), v4("10.1.0.10"), 5353, 54);
+    // Nobody reads the ring buffer here.
+    let _rb = f.dp.take_events().expect("ring buffer");
+    f.dp.set_config(&Config { deny_events_per_sec: 2, ..Default::default() }).unwrap();
+    let c = CounterReader::open(&f.pin).unwrap();
+    // One syscall, 10 runs on one CPU (well within a second): 2 sent, 8 over the limit.
+    f.dp.test_run(i, &denied, 10).unwrap();
+    assert_eq!((c.read_event_drops(EVENT_DROP_RATE), c.read_event_drops(EVENT_DROP_FULL)), (8, 0));
+    // No limit to speak of: the 256 KiB ring fills up (48-byte events plus headers), then
+    // every further event is counted as not sent.
+    f.dp.set_config(&Config { deny_events_per_sec: u32::MAX, ..Default::default() }).unwrap();
+    f.dp.test_run(i, &denied, 20_000).unwrap();
+    let full = c.read_event_drops(EVENT_DROP_FULL);
+    let room = EVENTS_BYTES as u64 / std::mem::size_of::<DenyEvent>() as u64;
+    assert!(full > 20_000 - room - 2 && full < 20_000, "{full} not sent with the ring full");
+    assert_eq!(c.read_event_drops(EVENT_DROP_RATE), 8);
+}
+
+/// The conntrack table's fill is counted by batched look-ups (several batches here), as each
+/// scrape does for `netpol_bpf_map_entries{map="CONNTRACK2"}`.
+#[test]
+fn tracked_flows_are_counted() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    let c = CounterReader::open(&f.pin).unwrap();
+    assert_eq!(c.count_conntrack().unwrap(), 0);
+    for sport in 0..5000u16 {
+        assert_eq!(run(&mut f, Direction::Ingress, &udp4(v4("192.0.2.1"), v4("10.1.0.10"), 10_000 + sport, 53)), OK);
+    }
+    assert_eq!(c.count_conntrack().unwrap(), 5000);
 }

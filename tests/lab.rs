@@ -79,6 +79,29 @@ fn default_deny_ingress_then_allow_labelled_pods_and_live_edit() {
     let allowed = sample(&m, "netpol_packets_total{namespace=\"kafka\",pod=\"broker\",direction=\"ingress\",verdict=\"allow\"}").unwrap();
     assert!(denied >= 5.0, "denied counter {denied}\n{m}");
     assert!(allowed >= 5.0, "allowed counter {allowed}\n{m}");
+    // The whole exposition is valid text format; drops are counted by reason (every
+    // ingress drop here is one the policies made), bytes beside packets.
+    let all = netpol_daemon::testkit::exposition::parse(&m).unwrap_or_else(|e| panic!("{e}\n{m}"));
+    let v = |name: &str, labels: &[(&str, &str)]| netpol_daemon::testkit::exposition::value(&all, name, labels);
+    let broker =
+        |dir: &'static str, k: &'static str, val: &'static str| [("namespace", "kafka"), ("pod", "broker"), ("direction", dir), (k, val)];
+    let by_reason: f64 = netpol_daemon::metrics::DROP_REASONS
+        .iter()
+        .filter(|(_, r)| *r != "spoofed")
+        .map(|(_, r)| v("netpol_dropped_packets_total", &broker("ingress", "reason", r)).unwrap())
+        .sum();
+    assert_eq!(by_reason, denied, "{m}");
+    assert_eq!(v("netpol_dropped_packets_total", &broker("ingress", "reason", "policy")), Some(denied));
+    let allowed_bytes = v("netpol_bytes_total", &broker("ingress", "verdict", "allow")).unwrap();
+    assert!(allowed_bytes >= 42.0 * allowed, "{allowed_bytes} bytes in {allowed} packets");
+    let denied_bytes = v("netpol_dropped_bytes_total", &broker("ingress", "reason", "policy")).unwrap();
+    assert!(denied_bytes >= 42.0 * denied && denied_bytes == v("netpol_bytes_total", &broker("ingress", "verdict", "deny")).unwrap());
+    // Map pressure: the allowed connections are tracked flows; the policies are gone by now.
+    assert!(v("netpol_bpf_map_entries", &[("map", "CONNTRACK2")]).is_some_and(|n| n >= 1.0), "{m}");
+    assert_eq!(v("netpol_bpf_map_entries", &[("map", "POLICY")]), Some(0.0), "{m}");
+    assert_eq!(v("netpol_bpf_map_capacity", &[("map", "CONNTRACK2")]), Some(netpol_common::CONNTRACK_MAX as f64));
+    assert!(v("process_resident_memory_bytes", &[]).is_some_and(|b| b > 1e6), "{m}");
+    assert_eq!(lab.http_get("/healthz").unwrap().0, 200);
     // The allowed connections are counted against the policy that allowed them (kept after
     // the policy went away), never against the default-deny one.
     let by_policy =
@@ -195,6 +218,10 @@ fn readyz_metrics_and_node_name_filtering() {
     let m = lab.metrics().unwrap();
     assert_eq!(sample(&m, "netpol_endpoints"), Some(2.0), "{m}");
     assert!(!m.contains("pod=\"remote\""), "{m}");
+    // The loop passes (every --poll-ms at least): alive, and /healthz says so.
+    let age = sample(&m, "netpol_last_pass_age_seconds").unwrap();
+    assert!((0.0..2.0).contains(&age), "last pass {age} s ago");
+    assert_eq!(lab.http_get("/healthz").unwrap(), (200, "ok\n".to_string()));
     assert!(m.contains("# TYPE netpol_packets_total counter"));
     check(&lab, &[("client", "here", "tcp", 80, false), ("here", "client", "tcp", 80, true)]);
 }
@@ -425,10 +452,11 @@ fn five_hundred_pods_come_and_go_without_leaks() {
     let pid = lab.daemon_pid().unwrap();
     let links_dir = lab.pin_dir.join("links");
     let ifaces_before = lab.node_interfaces().unwrap();
+    let gauge = |lab: &Lab, name: &str| sample(&lab.metrics().unwrap(), name).unwrap_or(-1.0);
+    // (After a first scrape: it opens the pinned maps it reads, once.)
+    let policy_before = gauge(&lab, "netpol_policy_map_entries");
     let fds_before = bpf_fds(pid);
     let links_before = count_files(&links_dir);
-    let gauge = |lab: &Lab, name: &str| sample(&lab.metrics().unwrap(), name).unwrap_or(-1.0);
-    let policy_before = gauge(&lab, "netpol_policy_map_entries");
     assert_eq!(gauge(&lab, "netpol_endpoints"), 1.0);
 
     const N: usize = 500;
@@ -613,4 +641,20 @@ fn crafted_frames_arrive_where_they_are_sent() {
     assert_eq!(to_b.count(), 3, "b receives the three crafted frames");
     assert_eq!(to_c.count(), 0, "c receives none");
     assert_eq!(at_node.count(), 3, "the node sees each frame arrive once (not again as it forwards it)");
+}
+
+/// `--version` names the crate's version and the commit it was built from; the metric says
+/// the same.
+#[test]
+fn version_names_the_build() {
+    let out = std::process::Command::new(DAEMON).arg("--version").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success());
+    assert_eq!(text.trim(), format!("netpol-daemon {}", netpol_daemon::metrics::build_info::long_version()));
+    assert!(text.contains(env!("CARGO_PKG_VERSION")), "{text}");
+    // Built from a git checkout here: the commit is HEAD's (or the build predates it).
+    if let Some(c) = netpol_daemon::metrics::build_info::COMMIT {
+        assert!(c.len() == 12 && c.chars().all(|ch| ch.is_ascii_hexdigit()), "{c}");
+        assert!(text.contains(c), "{text}");
+    }
 }

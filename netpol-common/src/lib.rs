@@ -51,6 +51,9 @@ pub const EP_PRESENT: u32 = 4;
 /// what the policy tables deny passes, counted and reported as `VERDICT_AUDIT`.
 pub const EP_AUDIT_INGRESS: u32 = 8;
 pub const EP_AUDIT_EGRESS: u32 = 16;
+/// [`EndpointInfo::flags`]: the pod's entries do not fit the maps, its isolated directions
+/// deny everything; what the policy tables deny then counts as [`DROP_FAIL_CLOSED`].
+pub const EP_FAIL_CLOSED: u32 = 32;
 
 /// Interfaces with an ifindex below this are looked up in the `ENDPOINTS_ARRAY` (an array
 /// lookup the verifier inlines); larger ifindexes (nodes with much churn) in `ENDPOINTS`.
@@ -61,17 +64,49 @@ pub const POLICY_ALLOW_ALL: u32 = 1;
 
 /// Upper bound on endpoint ids (pods with programs on this node); sizes the counter array.
 pub const MAX_ENDPOINTS: u32 = 4096;
-/// Counter slots per endpoint: direction (2) x verdict (4).
-pub const COUNTER_SLOTS: u32 = 8;
-/// Verdicts per direction in `COUNTERS`.
-pub const VERDICTS: u32 = 4;
+/// Counter slots per endpoint: direction (2) x outcome ([`OUTCOMES`]).
+pub const COUNTER_SLOTS: u32 = 2 * OUTCOMES;
+/// Outcomes per direction in `COUNTERS`: the verdict and, for a dropped packet, why (a
+/// [`Count`] each). Which verdict an outcome counts as is [`verdict_of`].
+pub const OUTCOMES: u32 = 8;
 pub const VERDICT_ALLOW: u32 = 0;
+/// Denied by the policy tables (no policy isolating the pod allows it). As an outcome: drop
+/// reason `policy`.
 pub const VERDICT_DENY: u32 = 1;
 /// Denied by an audit-mode policy, let through.
 pub const VERDICT_AUDIT: u32 = 2;
 /// Sent by a pod with a source address that is not one of its own (anti-spoofing, in
 /// `netpol_from_pod`, whatever the policies): dropped.
 pub const VERDICT_SPOOFED: u32 = 3;
+/// Outcome: denied because the pod fails closed (its entries do not fit the maps:
+/// [`EP_FAIL_CLOSED`]); verdict deny.
+pub const DROP_FAIL_CLOSED: u32 = 4;
+/// Outcome: a truncated or malformed IP packet; verdict deny into a pod, spoofed out of one
+/// (its source could not be checked).
+pub const DROP_MALFORMED: u32 = 5;
+/// Outcome: a frame the programs do not judge (another ethertype, VLAN-tagged) through an
+/// isolated direction; verdict deny.
+pub const DROP_UNSUPPORTED: u32 = 6;
+/// Outcome: a TCP RST of a tracked flow outside the receiver's window; verdict deny.
+pub const DROP_TCP_RST: u32 = 7;
+
+/// The verdict (`VERDICT_*`) an outcome of `COUNTERS` counts as, in direction `dir`.
+pub const fn verdict_of(outcome: u32, dir: u8) -> u32 {
+    match outcome {
+        VERDICT_ALLOW | VERDICT_AUDIT | VERDICT_SPOOFED => outcome,
+        DROP_MALFORMED if dir == DIR_EGRESS => VERDICT_SPOOFED,
+        _ => VERDICT_DENY,
+    }
+}
+
+/// A `COUNTERS` value: packets and their bytes (the frame's length as TC sees it, `skb->len`,
+/// link-layer header included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Count {
+    pub packets: u64,
+    pub bytes: u64,
+}
 
 /// Policies per endpoint and direction that allowed packets are attributed to: the slot is
 /// the policy's index in the pod's sorted list of policies isolating it in that direction; the
@@ -89,10 +124,10 @@ pub const fn policy_counter_index(endpoint: u32, dir: u8, slot: u32) -> u32 {
     (endpoint * 2 + dir as u32) * POLICY_SLOTS + slot
 }
 
-/// Index of a counter in `COUNTERS` for an endpoint, direction and verdict.
+/// Index of a counter in `COUNTERS` for an endpoint, direction and outcome.
 #[inline(always)]
-pub const fn counter_index(endpoint: u32, dir: u8, verdict: u32) -> u32 {
-    endpoint * COUNTER_SLOTS + (dir as u32) * VERDICTS + verdict
+pub const fn counter_index(endpoint: u32, dir: u8, outcome: u32) -> u32 {
+    endpoint * COUNTER_SLOTS + (dir as u32) * OUTCOMES + outcome
 }
 
 /// Map names, shared so userspace and the programs cannot drift apart.
@@ -116,6 +151,9 @@ pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_RATE: &str = "EVENT_RATE";
+    /// Per CPU: deny events not sent, [`EVENT_DROP_RATE`](super::EVENT_DROP_RATE) over the
+    /// rate limit and [`EVENT_DROP_FULL`](super::EVENT_DROP_FULL) with the ring buffer full.
+    pub const EVENT_DROPS: &str = "EVENT_DROPS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const POLICY_COUNTERS: &str = "POLICY_COUNTERS";
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
@@ -391,6 +429,11 @@ pub struct RateState {
 
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
+/// `EVENT_DROPS` indexes: deny events held back by the per-CPU rate limit, and those the ring
+/// buffer had no room for (the daemon reading too slowly).
+pub const EVENT_DROP_RATE: u32 = 0;
+pub const EVENT_DROP_FULL: u32 = 1;
+
 /// Conntrack idle timeouts (nanoseconds).
 pub const CT_TIMEOUT_TCP_NS: u64 = 7_200 * 1_000_000_000;
 pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
@@ -414,6 +457,7 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for DenyEvent {}
+    unsafe impl aya::Pod for Count {}
 }
 
 #[cfg(test)]
@@ -447,5 +491,22 @@ mod tests {
 
         assert_eq!(core::mem::size_of::<EndpointInfo>(), 12);
         assert_eq!(core::mem::size_of::<EpAddrKey>(), 24);
+        assert_eq!(core::mem::size_of::<Count>(), 16);
+    }
+
+    #[test]
+    fn every_outcome_has_one_verdict_and_malformed_egress_counts_as_spoofed() {
+        assert_eq!(verdict_of(VERDICT_ALLOW, DIR_EGRESS), VERDICT_ALLOW);
+        assert_eq!(verdict_of(VERDICT_AUDIT, DIR_INGRESS), VERDICT_AUDIT);
+        assert_eq!(verdict_of(VERDICT_SPOOFED, DIR_EGRESS), VERDICT_SPOOFED);
+        assert_eq!(verdict_of(DROP_MALFORMED, DIR_EGRESS), VERDICT_SPOOFED);
+        assert_eq!(verdict_of(DROP_MALFORMED, DIR_INGRESS), VERDICT_DENY);
+        for o in [VERDICT_DENY, DROP_FAIL_CLOSED, DROP_UNSUPPORTED, DROP_TCP_RST] {
+            assert_eq!(verdict_of(o, DIR_INGRESS), VERDICT_DENY);
+            assert_eq!(verdict_of(o, DIR_EGRESS), VERDICT_DENY);
+        }
+        // The outcomes of both directions of every endpoint fit its slots, without overlap.
+        assert_eq!(counter_index(1, DIR_INGRESS, 0), COUNTER_SLOTS);
+        assert_eq!(counter_index(0, DIR_EGRESS, OUTCOMES - 1), COUNTER_SLOTS - 1);
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "netpol-daemon", about = "Kubernetes NetworkPolicy enforcement with eBPF")]
+#[command(name = "netpol-daemon", about = "Kubernetes NetworkPolicy enforcement with eBPF", version = version())]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -63,8 +63,13 @@ struct RunArgs {
     #[arg(long)]
     manifests: Option<PathBuf>,
     /// Address of the /metrics, /readyz and /healthz endpoint.
-    #[arg(long, default_value = "0.0.0.0:9090")]
+    #[arg(long, default_value = "0.0.0.0:9977")]
     metrics_addr: SocketAddr,
+    /// /healthz fails (503) once the daemon loop's last pass began more than this many
+    /// seconds ago. A pass begins at least every --poll-ms after the last one ended, so this
+    /// only has to cover the longest sync.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    liveness_timeout: u64,
     /// Directory on a bpffs where the maps are pinned (re-used across restarts).
     #[arg(long, default_value = "/sys/fs/bpf/netpol")]
     bpffs: PathBuf,
@@ -113,6 +118,7 @@ impl RunArgs {
             node_name: self.node_name,
             manifests: self.manifests,
             metrics_addr: self.metrics_addr,
+            max_pass_age: Duration::from_secs(self.liveness_timeout),
             bpffs: self.bpffs,
             allow_private_bpffs: self.allow_private_bpffs,
             poll_interval: Duration::from_millis(self.poll_ms),
@@ -129,6 +135,11 @@ impl RunArgs {
             flow_cache: self.flow_cache == "on",
         }
     }
+}
+
+/// `--version`: the crate's version and, when built from a git checkout, the commit.
+fn version() -> &'static str {
+    Box::leak(netpol_daemon::metrics::build_info::long_version().into_boxed_str())
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

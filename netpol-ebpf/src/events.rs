@@ -18,6 +18,18 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 #[map(name = "EVENT_RATE")]
 static EVENT_RATE: PerCpuArray<RateState> = PerCpuArray::pinned(1, 0);
 
+/// Per CPU: deny events not sent (`EVENT_DROP_RATE`: over the rate limit; `EVENT_DROP_FULL`:
+/// no room in the ring buffer), for the daemon's metrics.
+#[map(name = "EVENT_DROPS")]
+static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
+
+#[inline(always)]
+fn dropped(index: u32) {
+    if let Some(c) = EVENT_DROPS.get_ptr_mut(index) {
+        unsafe { *c += 1 };
+    }
+}
+
 /// Reports a denied packet, at most `deny_events_per_sec` per second on this CPU.
 #[inline(always)]
 pub fn deny_event(endpoint: u32, dir: u8, p: &Packet, verdict: u32) {
@@ -33,6 +45,7 @@ pub fn deny_event(endpoint: u32, dir: u8, p: &Packet, verdict: u32) {
         st.sent = 0;
     }
     if st.sent >= limit {
+        dropped(EVENT_DROP_RATE);
         return;
     }
     st.sent += 1;
@@ -47,5 +60,7 @@ pub fn deny_event(endpoint: u32, dir: u8, p: &Packet, verdict: u32) {
         sport: p.sport,
         dport: p.dport,
     };
-    let _ = EVENTS.output::<DenyEvent>(&ev, 0);
+    if EVENTS.output::<DenyEvent>(&ev, 0).is_err() {
+        dropped(EVENT_DROP_FULL);
+    }
 }

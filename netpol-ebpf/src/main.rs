@@ -42,7 +42,7 @@ pub fn netpol_noop(_ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn enforce(ctx: &TcContext, dir: u8) -> i32 {
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
     let Some(ep) = policy::endpoint(ifindex) else {
         // Not an interface we manage (or being torn down).
         return TC_ACT_OK;
@@ -53,40 +53,39 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     let fast = flowcache::established_v4(ctx.data(), ctx.data_end(), ep.id, dir, own_v4);
     if let flowcache::Fast::Hit(flow_dir, slot) = fast {
         counters::count_policy(ep.id, flow_dir, slot);
-        return verdict(ep.id, dir, true);
+        return pass(ep.id, dir, len);
     }
     let isolate_flag = if dir == DIR_INGRESS { EP_ISOLATE_INGRESS } else { EP_ISOLATE_EGRESS };
     let isolated = ep.flags & isolate_flag != 0;
     let p = match parse::parse(ctx) {
         Ok(Parsed::Ip(p)) => p,
-        Ok(Parsed::Arp) => return verdict(ep.id, dir, true),
+        Ok(Parsed::Arp) => return pass(ep.id, dir, len),
         // Other ethertypes and VLAN-tagged frames: what the kernel makes of them later is not
         // judged here, so an isolated direction does not let them through.
-        Ok(Parsed::Other) => return verdict(ep.id, dir, !isolated),
+        Ok(Parsed::Other) => return judged(ep.id, dir, !isolated, DROP_UNSUPPORTED, len),
         Err(()) => {
             // Truncated or malformed IP packet: never let it through an isolated direction,
             // nor out of a pod at all (its source could not be checked).
-            if dir == DIR_EGRESS {
-                return spoofed(ep.id, dir);
-            }
-            return verdict(ep.id, dir, !isolated);
+            // (Out of a pod this outcome counts as spoofed: see `verdict_of`.)
+            let deny = dir == DIR_EGRESS || isolated;
+            return judged(ep.id, dir, !deny, DROP_MALFORMED, len);
         }
     };
     // Anti-spoofing: whatever the policies, a pod sends only from its own addresses (else a
     // pod could pose as another pod, or as the node, which every ingress policy lets in).
     if dir == DIR_EGRESS && !policy::source_owned(&ep, &p) {
-        return spoofed(ep.id, dir);
+        return judged(ep.id, dir, false, VERDICT_SPOOFED, len);
     }
     // IPv6 neighbour discovery and router messages keep the link working, when they are
     // what the link uses and nothing more (see parse::neighbour_discovery).
     if p.proto == PROTO_ICMPV6 && (133..=137).contains(&p.icmp_type) && parse::neighbour_discovery(ctx, &p, dir == DIR_EGRESS) {
-        return verdict(ep.id, dir, true);
+        return pass(ep.id, dir, len);
     }
     let mut ct = conntrack::key(ep.id, dir, &p);
     // ICMP errors about a flow this endpoint has (port unreachable, fragmentation needed...).
     if p.has_related {
         if conntrack::related_to_flow(&mut ct, &p.related) {
-            return verdict(ep.id, dir, true);
+            return pass(ep.id, dir, len);
         }
         ct = conntrack::key(ep.id, dir, &p);
     }
@@ -95,8 +94,8 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     let mut early = false;
     if p.later_fragment {
         match fragments::later(ep.id, dir, &p) {
-            fragments::Later::Allowed => return verdict(ep.id, dir, true),
-            fragments::Later::Denied => return verdict(ep.id, dir, !isolated),
+            fragments::Later::Allowed => return pass(ep.id, dir, len),
+            fragments::Later::Denied => return judged(ep.id, dir, !isolated, policy_drop(&ep), len),
             fragments::Later::Unknown => early = true,
         }
     }
@@ -110,7 +109,7 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     if ticks != 0 && !matches!(fast, flowcache::Fast::Missed) {
         if let Some((flow_dir, slot)) = flowcache::lookup(&ct, ticks, now) {
             counters::count_policy(ep.id, flow_dir, slot);
-            return verdict(ep.id, dir, true);
+            return pass(ep.id, dir, len);
         }
     }
     if p.has_ports {
@@ -119,14 +118,14 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         if let Some(flow) = conntrack::track_existing(&ct, &p) {
             if !flow.pass {
                 // An RST of a tracked flow outside the receiver's window: dropped, the flow stays.
-                return verdict(ep.id, dir, false);
+                return judged(ep.id, dir, false, DROP_TCP_RST, len);
             }
             if ticks != 0 {
                 flowcache::store(&ct, epoch, now, flow.dir, flow.slot);
             }
             fragments::remember(ep.id, dir, &p, true);
             counters::count_policy(ep.id, flow.dir, flow.slot);
-            return verdict(ep.id, dir, true);
+            return pass(ep.id, dir, len);
         }
     }
     // Some(slot of the allowing policy, or SLOT_NONE when no policy had to allow it).
@@ -154,7 +153,7 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     if v != VERDICT_ALLOW {
         events::deny_event(ep.id, dir, &p, v);
     }
-    counters::count(ep.id, dir, v);
+    counters::count(ep.id, dir, if v == VERDICT_DENY { policy_drop(&ep) } else { v }, len);
     if v == VERDICT_DENY {
         TC_ACT_SHOT
     } else {
@@ -174,20 +173,32 @@ fn audit_verdict(ep: &EndpointInfo, dir: u8) -> u32 {
     }
 }
 
+/// Why the policy tables' deny drops the packet: the policies, or the pod failing closed.
 #[inline(always)]
-fn spoofed(endpoint: u32, dir: u8) -> i32 {
-    counters::count(endpoint, dir, VERDICT_SPOOFED);
-    TC_ACT_SHOT
+fn policy_drop(ep: &EndpointInfo) -> u32 {
+    if ep.flags & EP_FAIL_CLOSED != 0 {
+        DROP_FAIL_CLOSED
+    } else {
+        VERDICT_DENY
+    }
 }
 
+/// Lets the packet (`len` bytes) through, counted as allowed.
 #[inline(always)]
-fn verdict(endpoint: u32, dir: u8, allow: bool) -> i32 {
-    counters::count(endpoint, dir, if allow { VERDICT_ALLOW } else { VERDICT_DENY });
+fn pass(endpoint: u32, dir: u8, len: u32) -> i32 {
+    counters::count(endpoint, dir, VERDICT_ALLOW, len);
+    TC_ACT_OK
+}
+
+/// Lets the packet through (`allow`) or drops it, counted with the outcome `drop` (a
+/// `DROP_*`, `VERDICT_DENY` or `VERDICT_SPOOFED`: why it was dropped).
+#[inline(always)]
+fn judged(endpoint: u32, dir: u8, allow: bool, drop: u32, len: u32) -> i32 {
     if allow {
-        TC_ACT_OK
-    } else {
-        TC_ACT_SHOT
+        return pass(endpoint, dir, len);
     }
+    counters::count(endpoint, dir, drop, len);
+    TC_ACT_SHOT
 }
 
 #[cfg(not(test))]

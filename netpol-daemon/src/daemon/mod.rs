@@ -31,6 +31,8 @@ pub struct RunConfig {
     /// A manifests directory; `None`: the Kubernetes API (in-cluster config or KUBECONFIG).
     pub manifests: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
+    /// `/healthz` fails once the loop's last pass began longer ago than this.
+    pub max_pass_age: Duration,
     pub bpffs: PathBuf,
     /// Start even when the pins under `bpffs` would vanish with the daemon's mount namespace.
     pub allow_private_bpffs: bool,
@@ -99,6 +101,7 @@ impl Daemon {
     /// and connects the source.
     pub fn start(cfg: RunConfig, stop: &Arc<AtomicBool>) -> Result<Daemon> {
         let shared = Arc::new(Shared::default());
+        shared.heartbeat.set_max_age(cfg.max_pass_age);
         // The source first: the cluster is listed while the datapath loads and the programs
         // are attached ahead to the interfaces already there.
         let source: Box<dyn Source> = match &cfg.manifests {
@@ -147,6 +150,8 @@ impl Daemon {
     /// One pass of the pipeline: wait for the source, take its changes, track the pending
     /// interfaces, then (when something is due) compile, resolve, program and report.
     pub fn step(&mut self) {
+        // Liveness: every pass begins within the poll interval of the end of the last one.
+        self.ctx.shared.heartbeat.beat();
         self.wait_for_source();
         if !self.source_ready() {
             return;

@@ -1,10 +1,11 @@
-//! Packet counters: per endpoint, direction and verdict (COUNTERS), per policy slot
+//! Packet counters: packets and bytes per endpoint, direction and outcome (the verdict and a
+//! drop's reason: COUNTERS), per policy slot
 //! (POLICY_COUNTERS: the packets each of a pod's policies allowed) and early fragments
 //! (FRAG_EARLY). The programs count by endpoint id and slot number only; what a slot means
 //! (which policy) is known here, so when a pod's policy list changes its slots are folded into
 //! `retired_counts` under their old labels and zeroed, and a new endpoint id starts at zero:
 //! the metrics never give one policy's packets to another. [`CounterReader`] reads the pinned
-//! maps from any thread.
+//! maps from any thread, and the deny events the programs could not send (EVENT_DROPS).
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -27,7 +28,7 @@ pub type RetiredCounts = BTreeMap<(ObjKey, u8, String), u64>;
 
 /// The counter maps, and what the policy slots of each endpoint mean.
 pub(super) struct Counters {
-    counters: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, Count>,
     policy_counters: PerCpuArray<MapData, u64>,
     /// Per endpoint id and direction: later fragments dropped before their first fragment.
     frag_early: PerCpuArray<MapData, u64>,
@@ -51,8 +52,8 @@ impl Counters {
     /// Zeroes every count of endpoint `id` (handed to a new pod).
     pub fn reset(&mut self, id: u32) {
         for dir in [DIR_INGRESS, DIR_EGRESS] {
-            for verdict in [VERDICT_ALLOW, VERDICT_DENY, VERDICT_AUDIT, VERDICT_SPOOFED] {
-                zero(&mut self.counters, counter_index(id, dir, verdict));
+            for outcome in 0..OUTCOMES {
+                zero(&mut self.counters, counter_index(id, dir, outcome));
             }
             zero(&mut self.frag_early, id * 2 + dir as u32);
             for slot in 0..POLICY_SLOTS {
@@ -114,9 +115,9 @@ impl Counters {
 }
 
 /// Sets a per-CPU counter to 0 on every CPU.
-fn zero(map: &mut PerCpuArray<MapData, u64>, index: u32) {
+fn zero<T: aya::Pod + Default>(map: &mut PerCpuArray<MapData, T>, index: u32) {
     let ncpu = aya::util::nr_cpus().unwrap_or(1);
-    if let Ok(z) = PerCpuValues::try_from(vec![0u64; ncpu]) {
+    if let Ok(z) = PerCpuValues::try_from((0..ncpu).map(|_| T::default()).collect::<Vec<T>>()) {
         let _ = map.set(index, z, 0);
     }
 }
@@ -132,22 +133,51 @@ pub fn slot_label(policies: &[ObjKey], slot: u32) -> String {
     }
 }
 
-/// Reads the packet counters from the pinned COUNTERS and POLICY_COUNTERS maps (usable from
-/// any thread).
+/// Reads the packet counters from the pinned COUNTERS, POLICY_COUNTERS, FRAG_EARLY and
+/// EVENT_DROPS maps (usable from any thread).
 pub struct CounterReader {
-    map: PerCpuArray<MapData, u64>,
+    map: PerCpuArray<MapData, Count>,
     policy: PerCpuArray<MapData, u64>,
     frag_early: PerCpuArray<MapData, u64>,
+    event_drops: PerCpuArray<MapData, u64>,
+    conntrack: MapData,
+}
+
+/// Opens the pinned per-CPU array `name` under `pin_dir`.
+fn open_array<T: aya::Pod>(pin_dir: &Path, name: &str) -> Result<PerCpuArray<MapData, T>> {
+    let path = pin_dir.join(name);
+    let md = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    PerCpuArray::try_from(Map::from_map_data(md)?).with_context(|| format!("map {}", path.display()))
 }
 
 impl CounterReader {
     pub fn open(pin_dir: &Path) -> Result<CounterReader> {
-        let open = |name: &str| -> Result<PerCpuArray<MapData, u64>> {
-            let path = pin_dir.join(name);
-            let md = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-            Ok(PerCpuArray::try_from(Map::from_map_data(md)?)?)
-        };
-        Ok(CounterReader { map: open(maps::COUNTERS)?, policy: open(maps::POLICY_COUNTERS)?, frag_early: open(maps::FRAG_EARLY)? })
+        Ok(CounterReader {
+            map: open_array(pin_dir, maps::COUNTERS)?,
+            policy: open_array(pin_dir, maps::POLICY_COUNTERS)?,
+            frag_early: open_array(pin_dir, maps::FRAG_EARLY)?,
+            event_drops: open_array(pin_dir, maps::EVENT_DROPS)?,
+            conntrack: MapData::from_pin(pin_dir.join(maps::CONNTRACK)).with_context(|| format!("opening {}", maps::CONNTRACK))?,
+        })
+    }
+
+    /// Packets and bytes of `endpoint` in `dir` with `outcome` (a `VERDICT_*` or `DROP_*`),
+    /// summed over CPUs.
+    pub fn read_outcome(&self, endpoint: u32, dir: u8, outcome: u32) -> Count {
+        let v = self.map.get(&counter_index(endpoint, dir, outcome), 0);
+        v.map(|v| v.iter().fold(Count::default(), |a, c| Count { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+            .unwrap_or_default()
+    }
+
+    /// Flows in the conntrack table (read out in batches: see `pressure`).
+    pub fn count_conntrack(&self) -> Result<u64> {
+        super::pressure::count_entries(&self.conntrack, CONNTRACK_MAX)
+    }
+
+    /// Deny events the programs did not send, at `EVENT_DROP_RATE` (over the rate limit) or
+    /// `EVENT_DROP_FULL` (the ring buffer full).
+    pub fn read_event_drops(&self, index: u32) -> u64 {
+        self.event_drops.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
     /// Packets of flows that the policy in `slot` of `endpoint` allowed in `dir`.
@@ -161,7 +191,9 @@ impl CounterReader {
         self.frag_early.get(&(endpoint * 2 + (dir & 1) as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
+    /// Packets of `endpoint` in `dir` with `verdict` (a `VERDICT_*`: every outcome that counts
+    /// as it, see `verdict_of`).
     pub fn read(&self, endpoint: u32, dir: u8, verdict: u32) -> u64 {
-        self.map.get(&counter_index(endpoint, dir, verdict), 0).map(|v| v.iter().sum()).unwrap_or(0)
+        (0..OUTCOMES).filter(|o| verdict_of(*o, dir) == verdict).map(|o| self.read_outcome(endpoint, dir, o).packets).sum()
     }
 }

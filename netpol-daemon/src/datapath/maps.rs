@@ -87,7 +87,7 @@ pub(super) fn migrate_conntrack_v1(pin_dir: &Path, new: &mut BpfHashMap<MapData,
 }
 
 /// Pinned maps whose layout differs from this build's (a daemon of an older version left
-/// them: e.g. `EndpointInfo` grew, `COUNTERS` got a verdict more) cannot be re-used: the
+/// them: e.g. `EndpointInfo` grew, `COUNTERS` got bytes and drop reasons) cannot be re-used: the
 /// verifier would reject programs reading past their values. They are unpinned, so that new
 /// ones are created; the old programs keep theirs (and enforce) until their links get the new
 /// programs. What they held is programmed again by the first sync (counts restart).
@@ -95,7 +95,7 @@ fn drop_pins_of_other_layouts(pin_dir: &Path) {
     let want: [(&str, u32, u32); 4] = [
         (maps::ENDPOINTS_ARRAY, std::mem::size_of::<EndpointInfo>() as u32, ENDPOINTS_ARRAY_SIZE),
         (maps::ENDPOINTS, std::mem::size_of::<EndpointInfo>() as u32, ENDPOINTS_MAX),
-        (maps::COUNTERS, 8, MAX_ENDPOINTS * COUNTER_SLOTS),
+        (maps::COUNTERS, std::mem::size_of::<Count>() as u32, MAX_ENDPOINTS * COUNTER_SLOTS),
         (maps::ENDPOINT_ADDRS, 1, ENDPOINT_ADDRS_MAX),
     ];
     for (name, value_size, max_entries) in want {

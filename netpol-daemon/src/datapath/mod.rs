@@ -37,6 +37,7 @@ mod counters;
 mod endpoints;
 mod maps;
 mod mirror;
+mod pressure;
 mod sync;
 mod test_run;
 

@@ -83,7 +83,9 @@ impl Datapath {
         self.links.finish_preattach();
         for (k, (iface, flags)) in pods {
             let Some(&id) = ids.get(*k) else { continue };
-            if let Err(e) = self.endpoints.set(iface.ifindex, endpoint_info(id, *flags, node.pods.get(*k))) {
+            // (Its drops then count as fail-closed, not as the policies'.)
+            let flags = if report.fail_closed.contains(k) { flags | EP_FAIL_CLOSED } else { *flags };
+            if let Err(e) = self.endpoints.set(iface.ifindex, endpoint_info(id, flags, node.pods.get(*k))) {
                 report.errors.push(format!("{k}: ENDPOINTS insert: {e}"));
                 continue;
             }

@@ -136,20 +136,20 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub fn render(&self, out: &mut String) {
-        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        out.push_str(&format!(
-            "# HELP netpol_kube_events_total Kubernetes Events written on NetworkPolicies this node cannot enforce as written: created, or an Event's series patched (the problem still there).\n\
-             # TYPE netpol_kube_events_total counter\nnetpol_kube_events_total{{verb=\"create\"}} {}\nnetpol_kube_events_total{{verb=\"patch\"}} {}\n",
-            n(&self.created),
-            n(&self.patched)
-        ));
-        out.push_str(&format!(
-            "# HELP netpol_kube_events_dropped_total Kubernetes Events not written: over the rate limit (tried again later), or failed (refused by the API server, or it was unreachable).\n\
-             # TYPE netpol_kube_events_dropped_total counter\nnetpol_kube_events_dropped_total{{reason=\"rate_limited\"}} {}\nnetpol_kube_events_dropped_total{{reason=\"failed\"}} {}\n",
-            n(&self.rate_limited),
-            n(&self.failed)
-        ));
+    pub fn families(&self, out: &mut super::render::Families) {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+        out.counter(
+            "netpol_kube_events_total",
+            "Kubernetes Events written on NetworkPolicies this node cannot enforce as written: created, or an Event's series patched (the problem still there).",
+        )
+        .sample(&[("verb", "create")], n(&self.created))
+        .sample(&[("verb", "patch")], n(&self.patched));
+        out.counter(
+            "netpol_kube_events_dropped_total",
+            "Kubernetes Events not written: over the rate limit (tried again later), or failed (refused by the API server, or it was unreachable).",
+        )
+        .sample(&[("reason", "rate_limited")], n(&self.rate_limited))
+        .sample(&[("reason", "failed")], n(&self.failed));
     }
 }
 

@@ -1,22 +1,31 @@
 //! The metrics and health endpoint: `GET /metrics` (Prometheus text format), `GET /readyz`
-//! (200 once the first full sync is programmed), `GET /healthz`. A tiny HTTP/1.1 server on a
-//! thread of its own; counters are read straight from the pinned BPF map. The daemon fills the
-//! [`Status`] in ([`status`]), [`render`] writes it out, and [`events`] logs the deny events the
-//! programs send: the end of the flow, reading the datapath and never writing it.
-use std::io::{BufRead, BufReader, Write};
+//! (200 once the first full sync is programmed), `GET /healthz` (200 while the daemon loop
+//! passes, [`health`]). An HTTP server on a tokio runtime of its own ([`http`]); counters are
+//! read straight from the pinned BPF maps at each scrape. The daemon fills the [`Status`] in
+//! ([`status`]), [`render`] writes it out through the `prometheus` crate (with the process
+//! metrics and [`build_info`]), and [`events`] logs the deny events the programs send: the end
+//! of the flow, reading the datapath and never writing it.
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use prometheus::core::Collector;
 
 use crate::datapath::CounterReader;
 
+pub mod build_info;
 pub mod events;
+pub mod health;
+pub mod http;
 pub mod kube_events;
 mod render;
 pub mod status;
 
-pub use render::render;
+pub use health::{Heartbeat, Liveness};
+pub use render::{render, Families, DROP_REASONS};
 pub use status::{Histogram, Status, Synced, LATENCY_BUCKETS};
 
 /// What the daemon loop and the metrics thread share.
@@ -26,61 +35,71 @@ pub struct Shared {
     pub status: Mutex<Status>,
     /// What the Kubernetes Events reporter wrote and dropped ([`kube_events`]).
     pub kube_events: Arc<kube_events::Counters>,
+    /// Stamped by the daemon loop as each pass begins (`/healthz`).
+    pub heartbeat: Heartbeat,
 }
 
-fn respond(mut s: TcpStream, code: u16, reason: &str, ctype: &str, body: &str) {
-    let _ =
-        write!(s, "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-}
-
-fn handle(s: TcpStream, shared: &Shared, counters: &Option<CounterReader>) {
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut line = String::new();
-    let mut r = BufReader::new(match s.try_clone() {
-        Ok(c) => c,
-        Err(_) => return,
-    });
-    if r.read_line(&mut line).is_err() {
-        return;
-    }
-    // Drain headers.
-    let mut h = String::new();
-    while r.read_line(&mut h).is_ok_and(|n| n > 2) {
-        h.clear();
-    }
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let ready = shared.ready.load(Ordering::SeqCst);
-    match (method, path) {
-        ("GET", "/metrics") => {
-            let status = shared.status.lock().unwrap().clone();
-            let mut text = render(&status, ready, counters.as_ref());
-            shared.kube_events.render(&mut text);
-            respond(s, 200, "OK", "text/plain; version=0.0.4", &text)
+impl Shared {
+    /// `/readyz`: the status code and body.
+    pub fn readiness(&self) -> (u16, &'static str) {
+        if !self.ready.load(Ordering::SeqCst) {
+            (503, "not synced yet\n")
+        } else if self.status.lock().unwrap().source_down {
+            (503, "Kubernetes API unreachable; enforcing the last known state\n")
+        } else {
+            (200, "ready\n")
         }
-        ("GET", "/readyz") if ready && shared.status.lock().unwrap().source_down => {
-            respond(s, 503, "Service Unavailable", "text/plain", "Kubernetes API unreachable; enforcing the last known state\n")
+    }
+
+    /// `/healthz`: the status code and body.
+    pub fn liveness(&self) -> (u16, String) {
+        match self.heartbeat.check(Instant::now()) {
+            Liveness::Alive(_) => (200, "ok\n".to_string()),
+            Liveness::Stuck(age) => (503, format!("the daemon loop's last pass began {:.1} s ago\n", age.as_secs_f64())),
         }
-        ("GET", "/readyz") if ready => respond(s, 200, "OK", "text/plain", "ready\n"),
-        ("GET", "/readyz") => respond(s, 503, "Service Unavailable", "text/plain", "not synced yet\n"),
-        ("GET", "/healthz") => respond(s, 200, "OK", "text/plain", "ok\n"),
-        _ => respond(s, 404, "Not Found", "text/plain", "not found\n"),
     }
 }
 
-/// Serves until the process exits. `counters` is opened lazily (the map exists once loaded).
-pub fn serve(addr: SocketAddr, shared: Arc<Shared>, pin_dir: std::path::PathBuf) -> std::io::Result<()> {
+/// What a scrape reads: the shared status, the pinned maps (opened once the datapath is
+/// loaded and synced) and the process.
+pub struct Scraper {
+    pub shared: Arc<Shared>,
+    pin_dir: PathBuf,
+    counters: Mutex<Option<CounterReader>>,
+    process: prometheus::process_collector::ProcessCollector,
+}
+
+impl Scraper {
+    pub fn new(shared: Arc<Shared>, pin_dir: PathBuf) -> Scraper {
+        Scraper { shared, pin_dir, counters: Mutex::new(None), process: prometheus::process_collector::ProcessCollector::for_self() }
+    }
+
+    /// The text of `/metrics`.
+    pub fn scrape(&self) -> String {
+        let ready = self.shared.ready.load(Ordering::SeqCst);
+        let mut counters = self.counters.lock().unwrap();
+        if counters.is_none() && ready {
+            *counters = CounterReader::open(&self.pin_dir).map_err(|e| log::debug!("metrics: {e:#}")).ok();
+        }
+        let status = self.shared.status.lock().unwrap().clone();
+        let mut out = Families::default();
+        render::families(&status, ready, counters.as_ref(), &mut out);
+        self.shared.kube_events.families(&mut out);
+        out.gauge(
+            "netpol_last_pass_age_seconds",
+            "Seconds since the daemon loop's last pass began (/healthz fails above --liveness-timeout).",
+        )
+        .sample(&[], self.shared.heartbeat.age(Instant::now()).as_secs_f64());
+        build_info::family(&mut out);
+        out.extend(self.process.collect());
+        out.encode()
+    }
+}
+
+/// Serves until the process exits. `counters` are opened lazily (the maps exist once loaded).
+pub fn serve(addr: SocketAddr, shared: Arc<Shared>, pin_dir: PathBuf) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
-    std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        let mut counters: Option<CounterReader> = None;
-        for s in listener.incoming().flatten() {
-            if counters.is_none() && shared.ready.load(Ordering::SeqCst) {
-                counters = CounterReader::open(&pin_dir).ok();
-            }
-            handle(s, &shared, &counters);
-        }
-    })?;
-    Ok(())
+    http::spawn(listener, Arc::new(Scraper::new(shared, pin_dir)))
 }
 
 /// A minimal HTTP GET for tests and tools (status code and body).
@@ -105,32 +124,4 @@ pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn readyz_is_503_until_the_first_sync_then_200() {
-        let shared = Arc::new(Shared::default());
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        drop(l);
-        serve(addr, shared.clone(), std::path::PathBuf::from("/nonexistent")).unwrap();
-        let (code, _) = http_get(addr, "/readyz").unwrap();
-        assert_eq!(code, 503);
-        let (code, body) = http_get(addr, "/metrics").unwrap();
-        assert_eq!(code, 200);
-        assert_eq!(sample(&body, "netpol_ready"), Some(0.0));
-        shared.ready.store(true, Ordering::SeqCst);
-        let (code, _) = http_get(addr, "/readyz").unwrap();
-        assert_eq!(code, 200);
-        assert_eq!(http_get(addr, "/healthz").unwrap().0, 200);
-        // The API server goes away: not ready (still healthy), the metric says why.
-        shared.status.lock().unwrap().source_down = true;
-        let (code, body) = http_get(addr, "/readyz").unwrap();
-        assert_eq!((code, body.contains("last known state")), (503, true));
-        assert_eq!(sample(&http_get(addr, "/metrics").unwrap().1, "netpol_source_up"), Some(0.0));
-        assert_eq!(http_get(addr, "/healthz").unwrap().0, 200);
-        shared.status.lock().unwrap().source_down = false;
-        assert_eq!(http_get(addr, "/readyz").unwrap().0, 200);
-    }
-}
+mod tests;

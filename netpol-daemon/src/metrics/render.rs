@@ -1,69 +1,186 @@
-//! The Prometheus text of `/metrics`: per-pod packet counters read from the pinned BPF maps,
-//! per-policy counts, what isolates each pod, the programming-latency histogram and the
-//! daemon's gauges, from a [`Status`] snapshot.
+//! The Prometheus text of `/metrics`, through the `prometheus` crate's data model and text
+//! encoder: per-pod packet and byte counters (per verdict, and per drop reason) read from the
+//! pinned BPF maps, per-policy counts, what isolates each pod, the programming-latency
+//! histogram, map pressure and the daemon's gauges, from a [`Status`] snapshot. Families are
+//! built here (labels in the order given) and written by [`Families::encode`]; families with
+//! no sample are left out (the text format has no empty family).
 use std::collections::BTreeMap;
 
-use netpol_common::{DIR_EGRESS, DIR_INGRESS, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_SPOOFED};
+use netpol_common::*;
+use prometheus::proto::{Bucket, Counter, Gauge, Histogram as HistogramProto, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::Encoder;
 
 use super::status::{Histogram, Status, LATENCY_BUCKETS};
 use crate::datapath::CounterReader;
 use crate::model::ObjKey;
 
+/// A counter family: name, help and the field of a [`Count`] it exports.
+type CountFamily = (&'static str, &'static str, fn(Count) -> u64);
+
 const DIRECTIONS: [(u8, &str); 2] = [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")];
+const VERDICT_NAMES: [(u32, &str); 4] =
+    [(VERDICT_ALLOW, "allow"), (VERDICT_DENY, "deny"), (VERDICT_AUDIT, "audit"), (VERDICT_SPOOFED, "spoofed")];
+/// Drop reasons: the outcomes of `COUNTERS` that drop the packet, and their `reason` label.
+pub const DROP_REASONS: [(u32, &str); 6] = [
+    (VERDICT_DENY, "policy"),
+    (DROP_FAIL_CLOSED, "fail-closed"),
+    (VERDICT_SPOOFED, "spoofed"),
+    (DROP_MALFORMED, "malformed"),
+    (DROP_UNSUPPORTED, "unsupported"),
+    (DROP_TCP_RST, "tcp-rst-window"),
+];
 
-pub(super) fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// The metric families of one scrape, in the order they are written.
+#[derive(Default)]
+pub struct Families(Vec<MetricFamily>);
+
+/// One family being filled in.
+pub struct Family<'a>(&'a mut MetricFamily);
+
+impl Families {
+    pub fn counter(&mut self, name: &str, help: &str) -> Family<'_> {
+        self.family(name, help, MetricType::COUNTER)
+    }
+
+    pub fn gauge(&mut self, name: &str, help: &str) -> Family<'_> {
+        self.family(name, help, MetricType::GAUGE)
+    }
+
+    fn family(&mut self, name: &str, help: &str, t: MetricType) -> Family<'_> {
+        let mut mf = MetricFamily::default();
+        mf.set_name(name.to_string());
+        mf.set_help(help.to_string());
+        mf.set_field_type(t);
+        self.0.push(mf);
+        Family(self.0.last_mut().expect("just pushed"))
+    }
+
+    /// Families collected elsewhere (the process metrics).
+    pub fn extend(&mut self, families: Vec<MetricFamily>) {
+        self.0.extend(families);
+    }
+
+    /// The text exposition format (version 0.0.4).
+    pub fn encode(self) -> String {
+        let families: Vec<MetricFamily> = self.0.into_iter().filter(|f| !f.get_metric().is_empty()).collect();
+        let mut out = Vec::new();
+        // Only an empty family or name fails, and neither is left here.
+        if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
+            log::error!("encoding the metrics: {e}");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
 }
 
-/// `namespace="..",pod=".."`, escaped.
-fn pod_labels(pod: &ObjKey) -> String {
-    format!("namespace=\"{}\",pod=\"{}\"", escape(&pod.namespace), escape(&pod.name))
+impl Family<'_> {
+    /// A sample with these labels (in this order): a counter's or a gauge's value.
+    pub fn sample(&mut self, labels: &[(&str, &str)], v: f64) -> &mut Self {
+        let mut m = Metric::from_label(labels.iter().map(|(k, v)| label(k, v)).collect());
+        if self.0.get_field_type() == MetricType::COUNTER {
+            let mut c = Counter::default();
+            c.set_value(v);
+            m.set_counter(c);
+        } else {
+            let mut g = Gauge::default();
+            g.set_value(v);
+            m.set_gauge(g);
+        }
+        self.0.mut_metric().push(m);
+        self
+    }
 }
 
-pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) -> String {
-    let mut out = String::new();
-    packets(status, counters, &mut out);
-    fragments_early_dropped(status, counters, &mut out);
-    policy_allowed(status, counters, &mut out);
-    isolation(status, &mut out);
-    status.programming_latency.render(
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_string());
+    l.set_value(value.to_string());
+    l
+}
+
+/// `namespace`, `pod` and the labels after them.
+fn pod_labels<'a>(pod: &'a ObjKey, rest: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut v = vec![("namespace", pod.namespace.as_str()), ("pod", pod.name.as_str())];
+    v.extend_from_slice(rest);
+    v
+}
+
+/// The families a status snapshot (and the pinned counters, once they can be read) gives.
+pub fn families(status: &Status, ready: bool, counters: Option<&CounterReader>, out: &mut Families) {
+    packets(status, counters, out);
+    fragments_early_dropped(status, counters, out);
+    policy_allowed(status, counters, out);
+    isolation(status, out);
+    status.programming_latency.family(
         "netpol_programming_latency_seconds",
         "From a change being observed (manifest written, watch event received) to the maps updated.",
-        &mut out,
+        out,
     );
-    gauges(status, ready, &mut out);
-    out
+    gauges(status, ready, out);
+    map_pressure(status, counters, out);
 }
 
-fn packets(status: &Status, counters: Option<&CounterReader>, out: &mut String) {
-    out.push_str("# HELP netpol_packets_total Packets seen by netpol per pod, direction and verdict.\n");
-    out.push_str("# TYPE netpol_packets_total counter\n");
-    let Some(c) = counters else { return };
-    for (id, pod) in &status.endpoints {
-        for (dir, dname) in DIRECTIONS {
-            for (verdict, vname) in
-                [(VERDICT_ALLOW, "allow"), (VERDICT_DENY, "deny"), (VERDICT_AUDIT, "audit"), (VERDICT_SPOOFED, "spoofed")]
-            {
-                let n = c.read(*id, dir, verdict);
-                out.push_str(&format!("netpol_packets_total{{{},direction=\"{dname}\",verdict=\"{vname}\"}} {n}\n", pod_labels(pod)));
+/// The families of a status snapshot, as text.
+pub fn render(status: &Status, ready: bool, counters: Option<&CounterReader>) -> String {
+    let mut out = Families::default();
+    families(status, ready, counters, &mut out);
+    out.encode()
+}
+
+/// Packets and bytes per pod, direction and verdict, and the dropped ones per reason.
+fn packets(status: &Status, counters: Option<&CounterReader>, out: &mut Families) {
+    // Per pod and direction: packets and bytes per outcome.
+    let mut read: Vec<(&ObjKey, u8, &str, [Count; OUTCOMES as usize])> = Vec::new();
+    if let Some(c) = counters {
+        for (id, pod) in &status.endpoints {
+            for (dir, dname) in DIRECTIONS {
+                read.push((pod, dir, dname, std::array::from_fn(|o| c.read_outcome(*id, dir, o as u32))));
+            }
+        }
+    }
+    let by_verdict = |verdict: u32, dir: u8, counts: &[Count; OUTCOMES as usize]| {
+        (0..OUTCOMES).filter(|o| verdict_of(*o, dir) == verdict).fold(Count::default(), |a, o| {
+            let c = counts[o as usize];
+            Count { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }
+        })
+    };
+    let kinds: [CountFamily; 2] = [
+        ("netpol_packets_total", "Packets seen by netpol per pod, direction and verdict.", |c| c.packets),
+        ("netpol_bytes_total", "Bytes (frame length at TC) seen by netpol per pod, direction and verdict.", |c| c.bytes),
+    ];
+    for (name, help, field) in kinds {
+        let mut f = out.counter(name, help);
+        for (pod, dir, dname, counts) in &read {
+            for (verdict, vname) in VERDICT_NAMES {
+                let n = field(by_verdict(verdict, *dir, counts));
+                f.sample(&pod_labels(pod, &[("direction", dname), ("verdict", vname)]), n as f64);
+            }
+        }
+    }
+    let kinds: [CountFamily; 2] = [
+        ("netpol_dropped_packets_total", "Packets dropped per pod, direction and reason (policy: no policy allows it; fail-closed: the pod's entries do not fit the maps; spoofed: a source the pod does not own; malformed: truncated or malformed IP; unsupported: another ethertype or VLAN through an isolated direction; tcp-rst-window: an RST outside the receiver's window).", |c| c.packets),
+        ("netpol_dropped_bytes_total", "Bytes (frame length at TC) dropped per pod, direction and reason (the reasons of netpol_dropped_packets_total).", |c| c.bytes),
+    ];
+    for (name, help, field) in kinds {
+        let mut f = out.counter(name, help);
+        for (pod, _, dname, counts) in &read {
+            for (outcome, reason) in DROP_REASONS {
+                f.sample(&pod_labels(pod, &[("direction", dname), ("reason", reason)]), field(counts[outcome as usize]) as f64);
             }
         }
     }
 }
 
-fn fragments_early_dropped(status: &Status, counters: Option<&CounterReader>, out: &mut String) {
-    out.push_str("# HELP netpol_fragments_early_dropped_total Later IP fragments dropped because their datagram's first fragment had not been seen (reordered on the way; also counted as denied).\n# TYPE netpol_fragments_early_dropped_total counter\n");
+fn fragments_early_dropped(status: &Status, counters: Option<&CounterReader>, out: &mut Families) {
+    let mut f = out.counter("netpol_fragments_early_dropped_total", "Later IP fragments dropped because their datagram's first fragment had not been seen (reordered on the way; also counted as denied).");
     let Some(c) = counters else { return };
     for (id, pod) in &status.endpoints {
         for (dir, dname) in DIRECTIONS {
-            let n = c.read_frag_early(*id, dir);
-            out.push_str(&format!("netpol_fragments_early_dropped_total{{{},direction=\"{dname}\"}} {n}\n", pod_labels(pod)));
+            f.sample(&pod_labels(pod, &[("direction", dname)]), c.read_frag_early(*id, dir) as f64);
         }
     }
 }
 
-fn policy_allowed(status: &Status, counters: Option<&CounterReader>, out: &mut String) {
-    out.push_str("# HELP netpol_policy_allowed_packets_total Packets of connections that a policy allowed, per pod and the policy's direction (the allowed packet and the rest of its flow, both ways; when several policies allow, one of them).\n# TYPE netpol_policy_allowed_packets_total counter\n");
+fn policy_allowed(status: &Status, counters: Option<&CounterReader>, out: &mut Families) {
     let mut policy_counts: BTreeMap<(ObjKey, u8, String), u64> = status.policy_retired.clone();
     if let Some(c) = counters {
         for (id, pod, dir, labels) in &status.policy_slots {
@@ -72,31 +189,32 @@ fn policy_allowed(status: &Status, counters: Option<&CounterReader>, out: &mut S
             }
         }
     }
+    let mut f = out.counter("netpol_policy_allowed_packets_total", "Packets of connections that a policy allowed, per pod and the policy's direction (the allowed packet and the rest of its flow, both ways; when several policies allow, one of them).");
     for ((pod, dir, policy), n) in &policy_counts {
-        out.push_str(&format!(
-            "netpol_policy_allowed_packets_total{{{},direction=\"{}\",policy=\"{}\"}} {n}\n",
-            pod_labels(pod),
-            if *dir == DIR_INGRESS { "ingress" } else { "egress" },
-            escape(policy)
-        ));
+        let d = if *dir == DIR_INGRESS { "ingress" } else { "egress" };
+        f.sample(&pod_labels(pod, &[("direction", d), ("policy", policy)]), *n as f64);
     }
 }
 
 /// What isolates each pod, and the pods failing closed.
-fn isolation(status: &Status, out: &mut String) {
-    out.push_str("# HELP netpol_pod_isolated_by 1 for each policy isolating a pod in a direction: the policies its default-deny drops (verdict=\"deny\") come from.\n# TYPE netpol_pod_isolated_by gauge\n");
+fn isolation(status: &Status, out: &mut Families) {
+    let mut f = out.gauge(
+        "netpol_pod_isolated_by",
+        "1 for each policy isolating a pod in a direction: the policies its default-deny drops (verdict=\"deny\") come from.",
+    );
     for (pod, dir, policies) in &status.isolated_by {
         for p in policies {
-            out.push_str(&format!("netpol_pod_isolated_by{{{},direction=\"{dir}\",policy=\"{}\"}} 1\n", pod_labels(pod), escape(&p.name)));
+            f.sample(&pod_labels(pod, &[("direction", dir), ("policy", &p.name)]), 1.0);
         }
     }
-    out.push_str("# HELP netpol_pod_fail_closed 1 for a local pod whose map entries do not fit: its isolated directions deny everything.\n# TYPE netpol_pod_fail_closed gauge\n");
+    let mut f =
+        out.gauge("netpol_pod_fail_closed", "1 for a local pod whose map entries do not fit: its isolated directions deny everything.");
     for pod in &status.fail_closed {
-        out.push_str(&format!("netpol_pod_fail_closed{{{}}} 1\n", pod_labels(pod)));
+        f.sample(&pod_labels(pod, &[]), 1.0);
     }
 }
 
-fn gauges(status: &Status, ready: bool, out: &mut String) {
+fn gauges(status: &Status, ready: bool, out: &mut Families) {
     let gauges: [(&str, &str, f64); 12] = [
         ("netpol_ready", "1 once the first full sync is programmed.", if ready { 1.0 } else { 0.0 }),
         ("netpol_endpoints", "Pod interfaces with programs attached.", status.endpoints.len() as f64),
@@ -124,23 +242,65 @@ fn gauges(status: &Status, ready: bool, out: &mut String) {
         ),
     ];
     for (name, help, v) in gauges {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+        out.gauge(name, help).sample(&[], v);
     }
-    out.push_str(&format!(
-        "# HELP netpol_syncs_total Datapath syncs done.\n# TYPE netpol_syncs_total counter\nnetpol_syncs_total {}\n",
-        status.syncs
-    ));
+    out.counter("netpol_syncs_total", "Datapath syncs done.").sample(&[], status.syncs as f64);
+}
+
+/// How full the maps are (entries and capacity per map, by its pinned name), and the deny
+/// events the programs could not send.
+fn map_pressure(status: &Status, counters: Option<&CounterReader>, out: &mut Families) {
+    let conntrack = counters.and_then(|c| c.count_conntrack().map_err(|e| log::debug!("counting {}: {e:#}", maps::CONNTRACK)).ok());
+    let rows: [(&str, Option<u64>, u32); 5] = [
+        (maps::ENDPOINTS, Some(status.endpoints.len() as u64), ENDPOINTS_MAX),
+        (maps::IDENTITIES, Some(status.identity_entries as u64), IDENTITIES_MAX),
+        (maps::POLICY, Some(status.policy_entries as u64), POLICY_MAX),
+        (maps::POLICY_PORTS, Some(status.port_entries as u64), POLICY_PORTS_MAX),
+        (maps::CONNTRACK, conntrack, CONNTRACK_MAX),
+    ];
+    let mut f = out.gauge(
+        "netpol_bpf_map_entries",
+        "Entries in each BPF map (by pinned name; ENDPOINTS: endpoint ids in use; CONNTRACK2: tracked flows, counted at each scrape).",
+    );
+    for (map, n, _) in rows {
+        if let Some(n) = n {
+            f.sample(&[("map", map)], n as f64);
+        }
+    }
+    let mut f = out.gauge("netpol_bpf_map_capacity", "Entries each BPF map holds at most (an LRU map such as CONNTRACK2 evicts its oldest flows when full; the others fail the pods that do not fit closed).");
+    for (map, _, cap) in rows {
+        f.sample(&[("map", map)], cap as f64);
+    }
+    let mut f = out.counter("netpol_deny_events_dropped_total", "Deny events (--log-denied) the programs did not send: over the per-CPU rate limit (rate_limited) or with the ring buffer full (ring_full).");
+    if let Some(c) = counters {
+        for (i, reason) in [(EVENT_DROP_RATE, "rate_limited"), (EVENT_DROP_FULL, "ring_full")] {
+            f.sample(&[("reason", reason)], c.read_event_drops(i) as f64);
+        }
+    }
 }
 
 impl Histogram {
-    fn render(&self, name: &str, help: &str, out: &mut String) {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+    fn family(&self, name: &str, help: &str, out: &mut Families) {
         let mut cum = 0;
-        for (b, n) in LATENCY_BUCKETS.iter().zip(self.buckets) {
-            cum += n;
-            out.push_str(&format!("{name}_bucket{{le=\"{b}\"}} {cum}\n"));
-        }
-        out.push_str(&format!("{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}\n", self.count, self.sum, self.count));
+        let buckets = LATENCY_BUCKETS
+            .iter()
+            .zip(self.buckets)
+            .map(|(b, n)| {
+                cum += n;
+                let mut bucket = Bucket::default();
+                bucket.set_upper_bound(*b);
+                bucket.set_cumulative_count(cum);
+                bucket
+            })
+            .collect();
+        let mut h = HistogramProto::default();
+        h.set_bucket(buckets);
+        h.set_sample_count(self.count);
+        h.set_sample_sum(self.sum);
+        let mut m = Metric::default();
+        m.set_histogram(h);
+        let f = out.family(name, help, MetricType::HISTOGRAM);
+        f.0.mut_metric().push(m);
     }
 }
 
@@ -176,9 +336,23 @@ mod tests {
 
     #[test]
     fn render_escapes_labels() {
-        let st = Status { endpoints: vec![], syncs: 3, ..Default::default() };
+        let st = Status { endpoints: vec![], syncs: 3, fail_closed: vec![ObjKey::new("a\"b\\c", "x\ny")], ..Default::default() };
         let text = render(&st, true, None);
         assert_eq!(sample(&text, "netpol_syncs_total"), Some(3.0));
-        assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
+        assert_eq!(sample(&text, "netpol_pod_fail_closed{namespace=\"a\\\"b\\\\c\",pod=\"x\\ny\"}"), Some(1.0), "{text}");
+    }
+
+    #[test]
+    fn map_capacity_is_exported_for_every_map_and_entries_for_those_known() {
+        let st = Status { identity_entries: 7, policy_entries: 11, port_entries: 3, ..Default::default() };
+        let text = render(&st, true, None);
+        assert_eq!(sample(&text, "netpol_bpf_map_entries{map=\"POLICY\"}"), Some(11.0));
+        assert_eq!(sample(&text, "netpol_bpf_map_entries{map=\"IDENTITIES\"}"), Some(7.0));
+        assert_eq!(sample(&text, "netpol_bpf_map_entries{map=\"POLICY_PORTS\"}"), Some(3.0));
+        assert_eq!(sample(&text, "netpol_bpf_map_entries{map=\"ENDPOINTS\"}"), Some(0.0));
+        assert_eq!(sample(&text, "netpol_bpf_map_capacity{map=\"POLICY\"}"), Some(POLICY_MAX as f64));
+        assert_eq!(sample(&text, "netpol_bpf_map_capacity{map=\"CONNTRACK2\"}"), Some(CONNTRACK_MAX as f64));
+        // Without the pinned maps there is no conntrack count (rather than a false 0).
+        assert_eq!(sample(&text, "netpol_bpf_map_entries{map=\"CONNTRACK2\"}"), None);
     }
 }

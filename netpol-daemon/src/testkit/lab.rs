@@ -28,7 +28,7 @@ pub use probe::{probe_tcp, probe_udp, resolve};
 
 pub const NODE_NAME: &str = "lab-node";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
-pub const METRICS_PORT: u16 = 9090;
+pub const METRICS_PORT: u16 = 9977;
 /// Address of every host-side veth (the pods' gateway), as the ptp CNI plugin does.
 pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 /// Bridge-mode pods (the bridge plugin, flannel): one /24 on a Linux bridge in the node

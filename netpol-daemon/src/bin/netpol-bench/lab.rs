@@ -18,7 +18,7 @@ use netpol_daemon::model::{Cluster, ObjKey};
 use crate::stats::sh;
 
 /// Where the daemon's metrics are served inside its network namespace.
-const METRICS: &str = "127.0.0.1:9090";
+const METRICS: &str = "127.0.0.1:9977";
 const PREFIX: &str = "npbench-";
 
 static LABS: AtomicU32 = AtomicU32::new(0);
