@@ -37,6 +37,7 @@ mod counters;
 mod endpoints;
 mod maps;
 mod mirror;
+pub mod rtnl;
 mod sync;
 mod test_run;
 
