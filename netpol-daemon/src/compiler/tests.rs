@@ -522,8 +522,8 @@ const CIDRS: &[&str] = &[
 ];
 
 fn ip_block(g: &mut Gen) -> IpBlock {
-    let cidr = Cidr::parse(g.pick(CIDRS)).unwrap();
-    let inside: Vec<Cidr> = CIDRS.iter().map(|c| Cidr::parse(c).unwrap()).filter(|c| cidr.strictly_contains(c)).collect();
+    let cidr = cidr::parse(g.pick(CIDRS)).unwrap();
+    let inside: Vec<IpNet> = CIDRS.iter().map(|c| cidr::parse(c).unwrap()).filter(|c| cidr::strictly_contains(&cidr, c)).collect();
     let mut except = Vec::new();
     if !inside.is_empty() {
         for _ in 0..g.below(3) {
