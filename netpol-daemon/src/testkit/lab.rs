@@ -20,6 +20,7 @@ use anyhow::{anyhow, bail, Context, Result};
 mod craft;
 mod manifest;
 use manifest::json_map;
+mod node;
 mod probe;
 mod serve;
 pub use craft::Capture;
@@ -151,6 +152,8 @@ pub struct Lab {
     services: Vec<String>,
     next_if: u32,
     has_bridge: bool,
+    /// Added to `netpol-daemon run`'s arguments (`--attach tc`).
+    pub daemon_args: Vec<String>,
 }
 
 impl Lab {
@@ -185,6 +188,7 @@ impl Lab {
             services: Vec::new(),
             next_if: 0,
             has_bridge: false,
+            daemon_args: Vec::new(),
         };
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("manifests"))?;
@@ -467,6 +471,7 @@ impl Lab {
             .arg(self.manifests_dir())
             .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}"), "--bpffs"])
             .arg(&self.pin_dir)
+            .args(&self.daemon_args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(log.try_clone()?)
             .stderr(log)
