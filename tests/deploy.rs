@@ -26,7 +26,7 @@ struct Objects {
 
 fn load() -> (Objects, Vec<String>) {
     let dir = root().join("deploy");
-    let kust: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap()).unwrap();
+    let kust: serde_norway::Value = serde_norway::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap()).unwrap();
     let resources: Vec<String> = kust["resources"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
@@ -41,16 +41,16 @@ fn load() -> (Objects, Vec<String>) {
     let mut o = Objects::default();
     for f in &resources {
         let text = std::fs::read_to_string(dir.join(f)).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = serde_yaml::Value::deserialize(doc).unwrap();
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            let v = serde_norway::Value::deserialize(doc).unwrap();
             let kind = v["kind"].as_str().unwrap_or_default().to_string();
             let ctx = format!("{f}: {kind}");
             match kind.as_str() {
-                "Namespace" => o.namespaces.push(serde_yaml::from_value(v).expect(&ctx)),
-                "ServiceAccount" => o.accounts.push(serde_yaml::from_value(v).expect(&ctx)),
-                "ClusterRole" => o.roles.push(serde_yaml::from_value(v).expect(&ctx)),
-                "ClusterRoleBinding" => o.bindings.push(serde_yaml::from_value(v).expect(&ctx)),
-                "DaemonSet" => o.daemonsets.push(serde_yaml::from_value(v).expect(&ctx)),
+                "Namespace" => o.namespaces.push(serde_norway::from_value(v).expect(&ctx)),
+                "ServiceAccount" => o.accounts.push(serde_norway::from_value(v).expect(&ctx)),
+                "ClusterRole" => o.roles.push(serde_norway::from_value(v).expect(&ctx)),
+                "ClusterRoleBinding" => o.bindings.push(serde_norway::from_value(v).expect(&ctx)),
+                "DaemonSet" => o.daemonsets.push(serde_norway::from_value(v).expect(&ctx)),
                 other => panic!("{f}: unexpected kind {other:?}"),
             }
         }

@@ -8,8 +8,9 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 use netpol_common::*;
 
 use crate::compiler::{Allow, ClassKey, CompiledPod, NodePolicy, PortSet};
-use crate::model::cidr::{addr_family, Cidr};
+use crate::model::cidr::{self, addr_bytes, addr_family};
 use crate::model::{Direction, ObjKey, Protocol};
+use ipnet::IpNet;
 
 /// An LPM key: prefix length and data.
 pub type Lpm<K> = (u32, K);
@@ -99,8 +100,8 @@ pub fn endpoint_flags(c: &CompiledPod) -> u32 {
     f
 }
 
-pub fn id_key(cidr: &Cidr) -> Lpm<IdKey> {
-    (ID_KEY_FIXED_BITS + cidr.len() as u32, IdKey { family: addr_family(cidr.addr()), _pad: [0; 3], addr: cidr.addr_bytes() })
+pub fn id_key(cidr: &IpNet) -> Lpm<IdKey> {
+    (ID_KEY_FIXED_BITS + cidr.prefix_len() as u32, IdKey { family: addr_family(cidr.addr()), _pad: [0; 3], addr: addr_bytes(cidr.addr()) })
 }
 
 pub fn portset_entries(id: u32, ps: &PortSet, out: &mut HashMap<Lpm<PortKey>, PortValue>) {
@@ -150,7 +151,7 @@ pub struct EntryCache {
     prefix_gen: u64,
     /// Class index of every prefix, and how many prefixes map to each class (a class no
     /// prefix maps to gets no id and no entries).
-    prefix_class: HashMap<Cidr, usize>,
+    prefix_class: HashMap<IpNet, usize>,
     refs: Vec<u32>,
     class_ids: Vec<Option<u32>>,
     pods: HashMap<ObjKey, Programmed>,
@@ -197,7 +198,7 @@ impl EntryCache {
 
     /// The prefixes the compiler touched since the last refresh whose class changed: their
     /// classes and the classes' prefix counts brought up to date. Returns them.
-    fn move_prefixes(&mut self, node: &NodePolicy) -> Vec<Cidr> {
+    fn move_prefixes(&mut self, node: &NodePolicy) -> Vec<IpNet> {
         let mut moves = Vec::new();
         self.refs.resize(node.classes.len(), 0);
         for (c, _) in node.touched_prefixes.iter().filter(|(_, g)| **g > self.prefix_gen) {
@@ -248,7 +249,7 @@ impl EntryCache {
     }
 
     /// The IDENTITIES entries of the moved prefixes, and the class ids in use.
-    fn move_identities(&mut self, prefix_moves: &[Cidr], ch: &mut Changed) {
+    fn move_identities(&mut self, prefix_moves: &[IpNet], ch: &mut Changed) {
         for c in prefix_moves {
             let key = id_key(c);
             match self.prefix_class.get(c) {
@@ -459,11 +460,13 @@ pub fn lookup(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::IpAddr
 
 /// Emulates the BPF policy lookup on map contents: the slot of the allowing policy.
 pub fn lookup_slot(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::IpAddr, proto: u8, port: Option<u16>) -> Option<u32> {
-    let full = id_key(&Cidr::host(peer));
+    let full = id_key(&IpNet::from(peer));
     let identity = d
         .identities
         .iter()
-        .filter(|((len, k), _)| k.family == full.1.family && Cidr::new(peer, (*len - ID_KEY_FIXED_BITS) as u8).addr_bytes() == k.addr)
+        .filter(|((len, k), _)| {
+            k.family == full.1.family && addr_bytes(cidr::prefix(peer, (*len - ID_KEY_FIXED_BITS) as u8).addr()) == k.addr
+        })
         .max_by_key(|((len, _), _)| *len)
         .map_or(0, |(_, id)| *id);
     let key = |identity| PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] };

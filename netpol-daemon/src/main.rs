@@ -42,7 +42,8 @@ enum Cmd {
         #[arg(long)]
         manifests: Option<PathBuf>,
     },
-    /// Stop enforcing on this node: remove the pinned links (programs detach) and maps.
+    /// Stop enforcing on this node: delete netpol's tc filters (every interface of this
+    /// network namespace), remove the pinned links (programs detach) and maps.
     /// A daemon that exits normally keeps enforcing until its successor takes over.
     Uninstall {
         #[arg(long, default_value = "/sys/fs/bpf/netpol")]
@@ -110,6 +111,11 @@ struct RunArgs {
     /// verdict="audit" and let through (one policy: annotation netpol.io/audit: "true").
     #[arg(long)]
     audit: bool,
+    /// How the programs attach to pod interfaces: `tcx` (kernel 6.6 and later: pinned
+    /// links), `tc` (clsact + cls_bpf filters, what older kernels have), or `auto` (TCX where
+    /// the kernel has it, else tc). Both survive a restart or a crash of the daemon.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tcx", "tc"])]
+    attach: String,
 }
 
 impl RunArgs {
@@ -133,6 +139,7 @@ impl RunArgs {
                 flow_cache_ticks: 0,
             },
             flow_cache: self.flow_cache == "on",
+            attach: self.attach.parse().expect("clap checked the value"),
         }
     }
 }
@@ -192,12 +199,13 @@ fn main() {
                 std::process::exit(2);
             }
         },
-        Cmd::Uninstall { bpffs } => {
-            if let Err(e) = netpol_daemon::datapath::Datapath::uninstall(&bpffs) {
+        Cmd::Uninstall { bpffs } => match netpol_daemon::datapath::Datapath::uninstall(&bpffs) {
+            Ok(filters) => println!("netpol-daemon uninstall: pins under {} removed, {filters} tc filters deleted", bpffs.display()),
+            Err(e) => {
                 eprintln!("netpol-daemon: {e:#}");
                 std::process::exit(1);
             }
-        }
+        },
         Cmd::Run(args) => {
             let stop = stop_on_signal();
             if let Err(e) = netpol_daemon::daemon::run(args.config(), stop) {

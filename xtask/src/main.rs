@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
 
 /// Debian packages: the eBPF toolchain, then the lab and test tools.
 const PACKAGES: &[&str] = &[
@@ -34,14 +35,62 @@ const PACKAGES: &[&str] = &[
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-const USAGE: &str = "usage: cargo xtask <command>
+/// Arguments passed on as typed: `cargo xtask test --test lab -- --nocapture` runs `cargo
+/// test --test lab -- --nocapture`.
+#[derive(Args)]
+struct PassOn {
+    /// Passed on (to `cargo test`: `--test lab`, `-p netpol-daemon --lib`).
+    #[arg(allow_hyphen_values = true)]
+    args: Vec<String>,
+    /// After `--`: passed on after `--` (the test binaries' flags).
+    #[arg(last = true)]
+    after: Vec<String>,
+}
 
-  setup       install Debian packages and bpf-linker (idempotent)
-  build-ebpf  build the eBPF object
-  build       build the daemon and the lab/bench tools (eBPF object embedded)
-  test        check formatting and clippy, then run every test (lab tests need root)
-  demo        run the netns lab demo (root)
-  bench       run the benchmarks, write BENCHMARKS.md (root; --quick for fewer repeats)";
+impl PassOn {
+    fn args(self) -> Vec<String> {
+        let mut out = self.args;
+        if !self.after.is_empty() {
+            out.push("--".into());
+            out.extend(self.after);
+        }
+        out
+    }
+}
+
+/// Project tasks (root for the lab, demo and bench).
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install Debian packages and bpf-linker (idempotent).
+    Setup,
+    /// Build the eBPF object.
+    BuildEbpf,
+    /// Build the daemon and the lab/bench tools (eBPF object embedded).
+    Build,
+    /// Check formatting and clippy, then run every test (lab tests need root).
+    Test {
+        #[command(flatten)]
+        extra: PassOn,
+    },
+    /// Run the netns lab demo (root).
+    Demo {
+        #[command(flatten)]
+        extra: PassOn,
+    },
+    /// Run the benchmarks, write BENCHMARKS.md (root).
+    Bench {
+        /// Fewer repeats and smaller runs.
+        #[arg(long)]
+        quick: bool,
+    },
+}
 
 /// How the benchmarks measure, written into BENCHMARKS.md after the machine line.
 const BENCH_METHOD: &str = include_str!("bench-method.md");
@@ -205,14 +254,13 @@ fn demo(extra: &[String]) -> Result<()> {
 }
 
 /// Runs the benchmarks in release mode and writes BENCHMARKS.md.
-fn bench(extra: &[String]) -> Result<()> {
+fn bench(quick: bool) -> Result<()> {
     if !is_root() {
         bail!("the benchmarks load BPF programs: run them as root");
     }
     ensure_setup()?;
     sh(Command::new(cargo()).current_dir(root()).args(["build", "--release"]).args(DAEMON_BINS))?;
     let bin = root().join("target/release/netpol-bench");
-    let quick = extra.iter().any(|a| a == "--quick");
     let mut sections = Vec::new();
     let lab = root().join("target/release/netpol-lab");
     let svg = root().join("BENCHMARKS-throughput.svg");
@@ -269,22 +317,39 @@ fn bench(extra: &[String]) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (cmd, rest) = args.split_first().map(|(c, r)| (c.as_str(), r)).unwrap_or(("help", &[]));
-    match cmd {
-        "setup" => setup(),
-        "build-ebpf" => build_ebpf(),
-        "build" => build(),
-        "test" => test(rest),
-        "demo" => demo(rest),
-        "bench" => bench(rest),
-        _ => {
-            eprintln!("{USAGE}");
-            if cmd == "help" || cmd == "--help" {
-                Ok(())
-            } else {
-                bail!("unknown command {cmd}")
-            }
-        }
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Build => build(),
+        Cmd::Test { extra } => test(&extra.args()),
+        Cmd::Demo { extra } => demo(&extra.args()),
+        Cmd::Bench { quick } => bench(quick),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `cargo xtask test ...` passes on to `cargo test`: everything after `test`, as
+    /// typed (`--` included, so test-binary flags stay behind it).
+    #[test]
+    fn test_and_demo_pass_their_arguments_on_as_typed() {
+        let extra = |args: &[&str]| match Cli::try_parse_from(["xtask"].iter().chain(args)).unwrap().cmd {
+            Cmd::Test { extra } | Cmd::Demo { extra } => extra.args(),
+            _ => panic!("not test or demo"),
+        };
+        assert_eq!(extra(&["test"]), Vec::<String>::new());
+        assert_eq!(extra(&["test", "--test", "lab", "--", "--nocapture"]), ["--test", "lab", "--", "--nocapture"]);
+        assert_eq!(extra(&["test", "-p", "netpol-daemon", "--lib"]), ["-p", "netpol-daemon", "--lib"]);
+        assert_eq!(extra(&["test", "--", "--nocapture"]), ["--", "--nocapture"]);
+        assert_eq!(
+            extra(&["test", "--test", "tc_fallback", "--", "--nocapture", "kill"]),
+            ["--test", "tc_fallback", "--", "--nocapture", "kill"]
+        );
+        assert_eq!(extra(&["demo", "--", "x"]), ["--", "x"]);
+        assert!(matches!(Cli::try_parse_from(["xtask", "bench", "--quick"]).unwrap().cmd, Cmd::Bench { quick: true }));
+        assert!(matches!(Cli::try_parse_from(["xtask", "bench"]).unwrap().cmd, Cmd::Bench { quick: false }));
+        assert!(Cli::try_parse_from(["xtask", "frobnicate"]).is_err());
     }
 }

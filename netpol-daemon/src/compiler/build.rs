@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::index::{block_holds, has_named, isolating, PeerResolver, PeerSet};
 use super::state::{add_service_allows, backends_of, class_ports, GroupState, RuleState, State};
 use super::*;
-use crate::model::cidr::Cidr;
+use ipnet::IpNet;
+
+use crate::model::cidr;
 
 /// Numbers the full compiles ([`NodePolicy::epoch`]).
 static EPOCH: AtomicU64 = AtomicU64::new(1);
@@ -116,7 +118,7 @@ impl<'a> Rules<'a> {
 
 /// The candidate prefixes, sorted and distinct, and the service of each cluster IP.
 struct Candidates {
-    prefixes: Vec<Cidr>,
+    prefixes: Vec<IpNet>,
     service_of: HashMap<IpAddr, ObjKey>,
 }
 
@@ -124,7 +126,7 @@ struct Candidates {
 /// named ports, which resolve against each destination pod) every pod address such a rule
 /// covers, and every service cluster IP (a class of its own).
 fn candidates(index: &Index, groups: &[PeerSet], named_groups: &BTreeSet<u32>, any_named: bool) -> Candidates {
-    let mut prefixes: Vec<Cidr> = Vec::new();
+    let mut prefixes: Vec<IpNet> = Vec::new();
     let mut seen_lists: BTreeSet<*const Vec<IpAddr>> = BTreeSet::new();
     for g in groups {
         if let PeerSet::Some { blocks, pod_ips } = g {
@@ -133,13 +135,13 @@ fn candidates(index: &Index, groups: &[PeerSet], named_groups: &BTreeSet<u32>, a
                 prefixes.extend(b.except.iter().copied());
             }
             if seen_lists.insert(Rc::as_ptr(&pod_ips.0)) {
-                prefixes.extend(pod_ips.iter().map(|ip| Cidr::host(*ip)));
+                prefixes.extend(pod_ips.iter().map(|ip| IpNet::from(*ip)));
             }
         }
     }
     if !named_groups.is_empty() {
         for ip in index.pod_by_ip.keys() {
-            let host = Cidr::host(*ip);
+            let host = IpNet::from(*ip);
             if any_named || named_groups.iter().any(|g| groups[*g as usize].contains_region(&host)) {
                 prefixes.push(host);
             }
@@ -149,7 +151,7 @@ fn candidates(index: &Index, groups: &[PeerSet], named_groups: &BTreeSet<u32>, a
     for svc in index.cluster.services.values() {
         for ip in &svc.cluster_ips {
             service_of.insert(*ip, svc.key.clone());
-            prefixes.push(Cidr::host(*ip));
+            prefixes.push(IpNet::from(*ip));
         }
     }
     prefixes.sort_unstable();
@@ -158,8 +160,8 @@ fn candidates(index: &Index, groups: &[PeerSet], named_groups: &BTreeSet<u32>, a
 }
 
 /// Per candidate, the groups whose peer set contains its region, in group order.
-fn membership(groups: &[PeerSet], cands: &[Cidr]) -> Vec<Vec<u32>> {
-    let host_idx: HashMap<IpAddr, usize> = cands.iter().enumerate().filter(|(_, c)| c.is_host()).map(|(i, c)| (c.addr(), i)).collect();
+fn membership(groups: &[PeerSet], cands: &[IpNet]) -> Vec<Vec<u32>> {
+    let host_idx: HashMap<IpAddr, usize> = cands.iter().enumerate().filter(|(_, c)| cidr::is_host(c)).map(|(i, c)| (c.addr(), i)).collect();
     let mut members: Vec<Vec<u32>> = vec![Vec::new(); cands.len()];
     let mut list_hits: HashMap<*const Vec<IpAddr>, Rc<Vec<usize>>> = HashMap::default();
     for (gi, g) in groups.iter().enumerate() {
@@ -168,7 +170,7 @@ fn membership(groups: &[PeerSet], cands: &[Cidr]) -> Vec<Vec<u32>> {
         for b in blocks {
             // Candidates inside the cidr are a contiguous run in (address, length) order.
             let lo = cands.partition_point(|c| *c < b.cidr);
-            let inside = cands.iter().enumerate().skip(lo).take_while(|(_, c)| b.cidr.contains_addr(c.addr()));
+            let inside = cands.iter().enumerate().skip(lo).take_while(|(_, c)| b.cidr.contains(&c.addr()));
             hits.extend(inside.filter(|(_, c)| block_holds(b, c)).map(|(i, _)| i));
         }
         let from_pods = list_hits
@@ -190,12 +192,12 @@ fn membership(groups: &[PeerSet], cands: &[Cidr]) -> Vec<Vec<u32>> {
 /// pod ports) are one class. A cluster IP is a class of its own: egress to it is decided by
 /// its backends ([`add_service_allows`]); as a source address it is an address like any
 /// other. Returns the classes and every candidate's class.
-fn classify(st: &mut State, index: &Index, cands: &[Cidr], members: Vec<Vec<u32>>) -> (Vec<ClassKey>, BTreeMap<Cidr, usize>) {
+fn classify(st: &mut State, index: &Index, cands: &[IpNet], members: Vec<Vec<u32>>) -> (Vec<ClassKey>, BTreeMap<IpNet, usize>) {
     let mut classes: Vec<ClassKey> = vec![ClassKey::default()];
     st.class_ids.insert((Vec::new(), Vec::new(), None), 0);
-    let mut table: BTreeMap<Cidr, usize> = BTreeMap::new();
+    let mut table: BTreeMap<IpNet, usize> = BTreeMap::new();
     for (prefix, groups) in cands.iter().zip(members) {
-        let host = prefix.is_host().then(|| prefix.addr());
+        let host = cidr::is_host(prefix).then(|| prefix.addr());
         let ports = match host {
             Some(addr) if st.wants_ports(&groups) => index.pod_by_ip(addr).map(class_ports).unwrap_or_default(),
             _ => Vec::new(),
@@ -208,11 +210,11 @@ fn classify(st: &mut State, index: &Index, cands: &[Cidr], members: Vec<Vec<u32>
 
 /// Drops prefixes that change nothing: one whose class equals its nearest enclosing prefix's
 /// (or is class 0 with no enclosing prefix).
-fn prune(table: BTreeMap<Cidr, usize>) -> BTreeMap<Cidr, usize> {
-    // BTreeMap order on Cidr is (address, length): an enclosing prefix sorts before the
+fn prune(table: BTreeMap<IpNet, usize>) -> BTreeMap<IpNet, usize> {
+    // BTreeMap order on IpNet is (address, length): an enclosing prefix sorts before the
     // prefixes inside it, so a stack of open ancestors suffices.
     let mut out = BTreeMap::new();
-    let mut stack: Vec<(Cidr, usize)> = Vec::new();
+    let mut stack: Vec<(IpNet, usize)> = Vec::new();
     for (c, class) in table {
         while let Some((top, _)) = stack.last() {
             if top.contains(&c) {
@@ -235,7 +237,7 @@ fn compile_local(
     st: &mut State,
     cluster: &Cluster,
     classes: &[ClassKey],
-    prefixes: &BTreeMap<Cidr, usize>,
+    prefixes: &BTreeMap<IpNet, usize>,
     local: &[&Pod],
     isolating_of: Vec<[Vec<&Policy>; 2]>,
 ) -> BTreeMap<ObjKey, CompiledPod> {

@@ -27,7 +27,7 @@ use super::ir::class_in;
 use super::pending::pending_pods;
 use super::state::{add_service_allows, backends_of, State};
 use super::*;
-use crate::model::cidr::Cidr;
+use ipnet::IpNet;
 
 /// How an update was done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,7 +219,7 @@ fn reclassify(st: &mut State, out: &mut NodePolicy, cluster: &Cluster, affected:
         if class == known {
             new_classes.push(class);
         }
-        let host = Cidr::host(*addr);
+        let host = IpNet::from(*addr);
         let before = out.prefixes.remove(&host);
         if class_in(&out.prefixes, *addr) != class {
             out.prefixes.insert(host, class);

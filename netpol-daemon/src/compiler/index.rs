@@ -7,7 +7,9 @@ use std::net::IpAddr;
 use std::rc::Rc;
 
 use super::HashMap;
-use crate::model::cidr::Cidr;
+use ipnet::IpNet;
+
+use crate::model::cidr;
 use crate::model::*;
 
 /// Cluster-wide lookups built once per compilation.
@@ -85,7 +87,7 @@ pub(super) fn has_named(rule: &Rule) -> bool {
 
 /// Is all of `prefix` in the block (inside its cidr, under none of its excepts)? For
 /// candidate prefixes, which are nested or disjoint with every cidr and except.
-pub(super) fn block_holds(block: &IpBlock, prefix: &Cidr) -> bool {
+pub(super) fn block_holds(block: &IpBlock, prefix: &IpNet) -> bool {
     block.cidr.contains(prefix) && !block.except.iter().any(|e| e.contains(prefix))
 }
 
@@ -135,11 +137,11 @@ pub(super) enum PeerSet<'a> {
 
 impl PeerSet<'_> {
     /// Is the region of `prefix` (its addresses not under a longer candidate) in the set?
-    pub(super) fn contains_region(&self, prefix: &Cidr) -> bool {
+    pub(super) fn contains_region(&self, prefix: &IpNet) -> bool {
         match self {
             PeerSet::Any => true,
             PeerSet::Some { blocks, pod_ips } => {
-                (prefix.is_host() && pod_ips.binary_search(&prefix.addr()).is_ok()) || blocks.iter().any(|b| block_holds(b, prefix))
+                (cidr::is_host(prefix) && pod_ips.binary_search(&prefix.addr()).is_ok()) || blocks.iter().any(|b| block_holds(b, prefix))
             }
         }
     }

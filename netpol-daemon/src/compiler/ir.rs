@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::model::cidr::Cidr;
 use crate::model::*;
+use ipnet::IpNet;
 
 /// Slot of the policy that allowed a port or class: its index in the pod's
 /// [`DirPolicy::policies`] for that direction, capped at `POLICY_SLOTS - 1` (which then stands
@@ -258,7 +258,7 @@ pub struct NodePolicy {
     pub classes: Vec<ClassKey>,
     /// Longest-prefix-match table from address to class index. Addresses under no prefix are
     /// in class 0.
-    pub prefixes: BTreeMap<Cidr, usize>,
+    pub prefixes: BTreeMap<IpNet, usize>,
     /// The node's pods that get programs.
     pub pods: BTreeMap<ObjKey, CompiledPod>,
     /// Incremental updates since the last full compile (same `epoch`): each bumps
@@ -266,7 +266,7 @@ pub struct NodePolicy {
     /// that last touched it; a consumer that saw generation g looks again only at the
     /// prefixes noted after g. Not part of equality.
     pub prefix_gen: u64,
-    pub touched_prefixes: BTreeMap<Cidr, u64>,
+    pub touched_prefixes: BTreeMap<IpNet, u64>,
 }
 
 impl PartialEq for NodePolicy {
@@ -300,7 +300,7 @@ impl NodePolicy {
 }
 
 /// The class of `addr` in a prefix table: its longest matching prefix's, class 0 if none.
-pub(super) fn class_in(prefixes: &BTreeMap<Cidr, usize>, addr: IpAddr) -> usize {
+pub(super) fn class_in(prefixes: &BTreeMap<IpNet, usize>, addr: IpAddr) -> usize {
     let max = if addr.is_ipv4() { 32 } else { 128 };
-    (0..=max).rev().find_map(|len| prefixes.get(&Cidr::new(addr, len))).copied().unwrap_or(0)
+    (0..=max).rev().find_map(|len| prefixes.get(&cidr::prefix(addr, len))).copied().unwrap_or(0)
 }

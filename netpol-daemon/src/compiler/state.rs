@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use super::index::PeerSet;
 use super::ir::class_in;
 use super::*;
-use crate::model::cidr::Cidr;
+use ipnet::IpNet;
 
 /// One rule in use on the node (owned: kept for incremental updates).
 pub(super) struct RuleState {
@@ -308,7 +308,7 @@ pub(super) fn backends_of(cluster: &Cluster, classes: &[ClassKey]) -> Backends {
 /// Adds to an egress table its entries for cluster IPs: per service class, the service
 /// ports whose backends the pod may reach (by its other entries) on their target ports,
 /// attributed to the lowest allowing slot. Always explicit entries (no fallback to class 0).
-pub(super) fn add_service_allows(dp: &mut DirPolicy, prefixes: &BTreeMap<Cidr, usize>, classes: &[ClassKey], backends: &Backends) {
+pub(super) fn add_service_allows(dp: &mut DirPolicy, prefixes: &BTreeMap<IpNet, usize>, classes: &[ClassKey], backends: &Backends) {
     let allows = &dp.allows;
     let allow_at = |addr: IpAddr| -> Option<&Allow> { allows.get(&class_in(prefixes, addr)).or_else(|| allows.get(&0)) };
     let mut out = Vec::new();

@@ -46,6 +46,8 @@ pub struct RunConfig {
     /// Established flows' packets pass through the per-CPU flow cache (else every one looks
     /// the conntrack table up).
     pub flow_cache: bool,
+    /// TCX links, clsact + cls_bpf filters, or TCX where the kernel has it (`--attach`).
+    pub attach: crate::datapath::AttachMode,
 }
 
 /// What every pass works with: the configuration, the status shared with the metrics thread,
@@ -246,6 +248,7 @@ fn load_datapath(cfg: &RunConfig) -> Result<Datapath> {
     let mut dp = Datapath::load(&cfg.bpffs)?;
     dp.set_config(&cfg.datapath_config)?;
     dp.set_flow_cache(cfg.flow_cache)?;
+    dp.set_attach_mode(cfg.attach);
     Ok(dp)
 }
 

@@ -1,19 +1,23 @@
 //! The programs on the pods' interfaces: TCX links where the kernel has them, pinned under
 //! `<bpffs>/links` so that they outlive the daemon (enforcement must not depend on the process)
 //! and are re-adopted on restart by swapping in the new daemon's programs atomically (no
-//! window); clsact + cls_bpf filters on kernels without TCX. Which pod is attached where, with
-//! which endpoint id, is kept here too: it is what an attachment is for.
-use std::collections::BTreeMap;
+//! window); on kernels without TCX, clsact + cls_bpf filters of a known priority and handle
+//! ([`super::tc`]), which outlive the daemon too and whose program a restart swaps in place.
+//! Which pod is attached where, with which endpoint id, is kept here too: it is what an
+//! attachment is for.
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
-use anyhow::{Context, Result};
-use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions};
+use anyhow::{bail, Context, Result};
+use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
+use aya::programs::tc::{self as aya_tc, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::Ebpf;
 use netpol_common::programs;
 
 use super::maps::classifier;
+use super::tc::{self, Hook};
 use super::{HashMap, Iface};
 use crate::compiler::NodePolicy;
 use crate::model::ObjKey;
@@ -22,8 +26,33 @@ use crate::model::ObjKey;
 enum AttachedLink {
     /// A TCX link pinned at `path`: it outlives the daemon, which re-adopts it on restart.
     Pinned { link: FdLink, path: PathBuf },
-    /// A clsact/cls_bpf filter (kernels without TCX), owned by the program.
-    Netlink { prog: &'static str, id: SchedClassifierLinkId },
+    /// netpol's clsact/cls_bpf filter on `hook` of `ifindex` (kernels without TCX): no
+    /// process owns it; the kernel keeps it until it is deleted or its interface goes.
+    Tc { ifindex: u32, hook: Hook },
+}
+
+/// How programs are attached (`--attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX where the kernel has it (6.6 and later), else clsact + cls_bpf filters.
+    #[default]
+    Auto,
+    /// TCX only: an attach that fails is an error.
+    Tcx,
+    /// clsact + cls_bpf filters only (what kernels before 6.6 get in `auto`).
+    Tc,
+}
+
+impl FromStr for AttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<AttachMode, String> {
+        match s {
+            "auto" => Ok(AttachMode::Auto),
+            "tcx" => Ok(AttachMode::Tcx),
+            "tc" => Ok(AttachMode::Tc),
+            _ => Err(format!("attach mode {s:?}: want auto, tcx or tc")),
+        }
+    }
 }
 
 struct Attached {
@@ -40,7 +69,12 @@ pub(super) struct Links {
     attached: BTreeMap<ObjKey, Attached>,
     /// Pinned links a previous daemon left, by (ifindex, program): re-used, not re-created.
     adopted: HashMap<(u32, &'static str), PathBuf>,
-    /// TCX first; false once a TCX attach failed (clsact from then on).
+    /// netpol's tc filters a previous daemon left: their programs are replaced in place;
+    /// those no pod re-used are deleted after the first sync.
+    adopted_tc: BTreeSet<(u32, Hook)>,
+    pub mode: AttachMode,
+    /// TCX first (not in `tc` mode); false once a TCX attach failed in `auto` (tc from then
+    /// on).
     use_tcx: bool,
     /// Attach programs to interfaces (false: maps only, for BPF_PROG_TEST_RUN and benches).
     pub attach_programs: bool,
@@ -64,7 +98,21 @@ impl Links {
             };
             adopted.insert((ifindex, prog), e.path());
         }
-        Links { links_dir, attached: BTreeMap::new(), adopted, use_tcx: true, attach_programs: true, preattaching: None }
+        let adopted_tc = match tc::ours() {
+            Ok(found) => found.into_iter().collect(),
+            Err(e) => {
+                log::warn!("listing netpol's tc filters failed ({e}); a stale one would stay");
+                BTreeSet::new()
+            }
+        };
+        let mode = AttachMode::default();
+        Links { links_dir, attached: BTreeMap::new(), adopted, adopted_tc, mode, use_tcx: true, attach_programs: true, preattaching: None }
+    }
+
+    /// Sets how programs are attached from now on.
+    pub fn set_mode(&mut self, mode: AttachMode) {
+        self.mode = mode;
+        self.use_tcx = mode != AttachMode::Tc;
     }
 
     /// Endpoint id and pod of every attached interface.
@@ -101,7 +149,7 @@ impl Links {
     }
 
     /// Detaches the pods whose interface disappeared or changed; returns their ids.
-    pub fn detach_stale(&mut self, ebpf: &mut Ebpf, pods: &BTreeMap<&ObjKey, (&Iface, u32)>) -> Vec<u32> {
+    pub fn detach_stale(&mut self, pods: &BTreeMap<&ObjKey, (&Iface, u32)>) -> Vec<u32> {
         let stale: Vec<ObjKey> = self
             .attached
             .iter()
@@ -112,7 +160,7 @@ impl Links {
         for k in stale {
             let a = self.attached.remove(&k).expect("present");
             freed.push(a.id);
-            detach(ebpf, a);
+            detach(a);
         }
         freed
     }
@@ -124,41 +172,57 @@ impl Links {
         Ok(())
     }
 
-    /// Removes the pins of adopted links no interface re-used (gone, or no longer ours).
+    /// Removes the pins of adopted links and the tc filters no interface re-used (gone, no
+    /// longer ours, or attached the other way now).
     pub fn drop_unadopted(&mut self) {
         for (_, path) in self.adopted.drain() {
             let _ = std::fs::remove_file(path);
+        }
+        for (ifindex, hook) in std::mem::take(&mut self.adopted_tc) {
+            if let Err(e) = tc::delete(ifindex, hook) {
+                log::warn!("deleting the stale tc filter of {} on interface {ifindex}: {e}", hook.program());
+            }
         }
     }
 
     /// Attaches both programs to an interface: adopts the pinned links of a previous daemon
     /// (atomically swapping in this daemon's program), else creates and pins TCX links, else
-    /// (no TCX) adds clsact filters.
+    /// (no TCX, or `--attach tc`) puts them in netpol's tc filters.
     fn attach_both(&mut self, ebpf: &mut Ebpf, ifname: &str, ifindex: u32) -> Result<Vec<AttachedLink>> {
         let mut links = Vec::new();
-        for (name, ty) in PROGRAMS {
+        for (hook, ty) in [(Hook::Ingress, TcAttachType::Ingress), (Hook::Egress, TcAttachType::Egress)] {
+            let name = hook.program();
             let prog = classifier(ebpf, name)?;
-            if let Some(link) = self.adopt_link(prog, ifindex, name) {
-                links.push(link);
-                continue;
-            }
             if self.use_tcx {
-                match prog.attach(ifname, ty) {
+                if let Some(link) = self.adopt_link(prog, ifindex, name) {
+                    links.push(link);
+                    continue;
+                }
+                match prog.attach_with_options(ifname, ty, TcAttachOptions::TcxOrder(LinkOrder::default())) {
                     Ok(id) => {
                         links.push(self.pin(prog, id, ifindex, name)?);
                         continue;
                     }
+                    Err(e) if self.mode == AttachMode::Tcx => bail!("TCX attach of {name} to {ifname}: {e} (--attach tcx)"),
                     Err(e) => {
-                        log::warn!("TCX attach of {name} to {ifname} failed ({e}); falling back to clsact");
+                        log::warn!("TCX attach of {name} to {ifname} failed ({e}); falling back to clsact + cls_bpf");
                         self.use_tcx = false;
                     }
                 }
             }
-            let _ = tc::qdisc_add_clsact(ifname);
-            let id = prog.attach_with_options(ifname, ty, TcAttachOptions::Netlink(NlOptions::default()))?;
-            links.push(AttachedLink::Netlink { prog: name, id });
+            links.push(self.attach_tc(prog, ifname, ifindex, hook)?);
         }
         Ok(links)
+    }
+
+    /// Puts `prog` in netpol's filter on `hook` (replacing a previous daemon's program there).
+    fn attach_tc(&mut self, prog: &SchedClassifier, ifname: &str, ifindex: u32, hook: Hook) -> Result<AttachedLink> {
+        let name = hook.program();
+        tc::ensure_clsact(ifindex).with_context(|| format!("adding the clsact qdisc to {ifname}"))?;
+        let fd = prog.fd().with_context(|| format!("program {name}"))?;
+        tc::replace(ifindex, hook, fd).with_context(|| format!("tc filter of {name} on {ifname}"))?;
+        self.adopted_tc.remove(&(ifindex, hook));
+        Ok(AttachedLink::Tc { ifindex, hook })
     }
 
     /// The pinned link a previous daemon left for program `name` on `ifindex`, now running
@@ -167,7 +231,7 @@ impl Links {
         let old = self.adopted.remove(&(ifindex, name))?;
         let adopted = PinnedLink::from_pin(&old)
             .map_err(anyhow::Error::from)
-            .and_then(|p| Ok(tc::SchedClassifierLink::try_from(FdLink::from(p))?))
+            .and_then(|p| Ok(aya_tc::SchedClassifierLink::try_from(FdLink::from(p))?))
             .and_then(|l| Ok(prog.attach_to_link(l)?))
             .and_then(|id| Ok(FdLink::try_from(prog.take_link(id)?)?));
         match adopted {
@@ -255,7 +319,7 @@ fn attach_all(progs_dir: &Path, links_dir: &Path, ifaces: &[Iface]) -> Vec<Pinne
         };
         for iface in ifaces {
             let pinned = prog
-                .attach(&iface.ifname, ty)
+                .attach_with_options(&iface.ifname, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))
                 .map_err(anyhow::Error::from)
                 .and_then(|id| pin_link(links_dir, &mut prog, id, iface.ifindex, name));
             match pinned {
@@ -284,7 +348,7 @@ fn pin_link(
     Ok((pinned, path))
 }
 
-fn detach(ebpf: &mut Ebpf, a: Attached) {
+fn detach(a: Attached) {
     for l in a.links {
         match l {
             AttachedLink::Pinned { link, path } => {
@@ -293,9 +357,9 @@ fn detach(ebpf: &mut Ebpf, a: Attached) {
                 let _ = std::fs::remove_file(&path);
                 drop(link);
             }
-            AttachedLink::Netlink { prog, id } => {
-                if let Ok(p) = classifier(ebpf, prog) {
-                    let _ = p.detach(id);
+            AttachedLink::Tc { ifindex, hook } => {
+                if let Err(e) = tc::delete(ifindex, hook) {
+                    log::warn!("deleting the tc filter of {} on interface {ifindex}: {e}", hook.program());
                 }
             }
         }

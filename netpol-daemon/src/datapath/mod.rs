@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use aya::Ebpf;
 use netpol_common::{Config, IDENTITIES_MAX, POLICY_MAX, POLICY_PORTS_MAX};
@@ -38,10 +38,13 @@ mod endpoints;
 mod maps;
 mod mirror;
 mod pressure;
+pub mod rtnl;
 mod sync;
+mod tc;
 mod test_run;
 
 pub use addrs::node_addr_for_pods;
+pub use attach::AttachMode;
 pub use counters::{slot_label, CounterReader, RetiredCounts, SlotLabels};
 pub use maps::{check_bpffs_outlives_daemon, ensure_bpffs, EBPF_OBJECT};
 pub use test_run::ProgramStats;
@@ -122,8 +125,6 @@ impl Datapath {
         Ok(dp)
     }
 
-    /// Removes every pinned link and map of this daemon: enforcement stops. (`netpol-daemon
-    /// uninstall`; a normal exit keeps enforcing.)
     /// Starts attaching the programs to `ifaces` (the node's pod interfaces as found before
     /// the cluster is known) in the background; the first [`Datapath::sync`] adopts what
     /// belongs to a pod and removes the rest ([`attach::Links::preattach`]).
@@ -131,8 +132,18 @@ impl Datapath {
         self.links.preattach(&mut self.ebpf, ifaces);
     }
 
-    pub fn uninstall(pin_dir: &Path) -> Result<()> {
-        maps::remove_pins(pin_dir)
+    /// Removes netpol's tc filters from every interface of this network namespace, then
+    /// every pinned link and map of this daemon: enforcement stops. (`netpol-daemon
+    /// uninstall`; a normal exit keeps enforcing.) Returns how many tc filters there were.
+    pub fn uninstall(pin_dir: &Path) -> Result<usize> {
+        let filters = tc::delete_all().context("deleting netpol's tc filters")?;
+        maps::remove_pins(pin_dir)?;
+        Ok(filters)
+    }
+
+    /// How programs are attached to interfaces from now on (`--attach`).
+    pub fn set_attach_mode(&mut self, mode: AttachMode) {
+        self.links.set_mode(mode);
     }
 
     pub fn pin_dir(&self) -> &Path {

@@ -30,7 +30,7 @@ impl Datapath {
         let pods: Pods = node.pods.iter().filter_map(|(k, c)| ifaces.get(k).map(|i| (k, (i, entries::endpoint_flags(c))))).collect();
         self.links.hand_over_claimed(node, &pods);
         // Interfaces that disappeared or changed: detach first (their entries go below).
-        for id in self.links.detach_stale(&mut self.ebpf, &pods) {
+        for id in self.links.detach_stale(&pods) {
             self.endpoints.free(id);
         }
         let ids = self.assign_ids(&pods, &mut report);

@@ -1,132 +1,57 @@
-//! IPv4/IPv6 prefixes with host bits cleared.
-use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+//! CIDRs are [`IpNet`]s with host bits cleared; what ipnet lacks lives here: parsing as the
+//! API server reads NetworkPolicy `ipBlock`s (Go's rules, not Rust's), strict containment,
+//! and the datapath's address-bytes layout.
+use std::net::IpAddr;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Cidr {
-    addr: IpAddr,
-    len: u8,
+use ipnet::IpNet;
+
+/// The prefix of length `len` holding `addr` (host bits cleared). Panics if `len` exceeds the
+/// address width.
+pub fn prefix(addr: IpAddr, len: u8) -> IpNet {
+    IpNet::new(addr, len).unwrap_or_else(|e| panic!("prefix length {len} of {addr}: {e}")).trunc()
 }
 
-fn to_u128(a: IpAddr) -> (u128, u8) {
-    match a {
-        IpAddr::V4(v) => (u32::from(v) as u128, 32),
-        IpAddr::V6(v) => (u128::from(v), 128),
+/// Parses a CIDR as the API server reads it (see [`parse_api`]).
+pub fn parse(s: &str) -> Result<IpNet, String> {
+    parse_api(s).map(|(c, _)| c)
+}
+
+/// Parses a CIDR the way the API server validates and its clients read NetworkPolicy
+/// `ipBlock` fields (`IsValidCIDRForLegacyField`, k8s.io/utils/net `ParseCIDRSloppy`):
+/// - Go's `net.ParseCIDR` first: `a.b.c.d/n` or an IPv6 address (also with an embedded
+///   IPv4 part, `::ffff:a.b.c.d`) and `/n`, `n` decimal digits only (leading zeros allowed).
+/// - Failing that, the same after stripping leading zeros from the octets of a trailing
+///   dotted quad and from the length: `010.244.1.30/32` is `10.244.1.30/32` (decimal, not
+///   octal). Objects stored before Go 1.17 hold such values, and the API server still
+///   accepts them where strict validation is off.
+/// - Host bits may be set (`10.1.2.3/8`, the "interface address" form); they are cleared.
+/// - An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) is the IPv4 network
+///   (`10.0.0.0/8`), as Go's `IPNet.Contains` matches IPv4 addresses against it.
+///
+/// Returns the prefix and the prefix length as written (what the API server compares
+/// when it checks that an `except` is a strict subset of its `cidr`).
+pub fn parse_api(s: &str) -> Result<(IpNet, u8), String> {
+    let bad = || format!("invalid CIDR {s:?}: want an address and a prefix length, as 10.0.0.0/8 or fd00::/64");
+    match go_parse_cidr(s) {
+        Some(c) => Ok(c),
+        None => go_parse_cidr(&strip_zeros(s).ok_or_else(bad)?).ok_or_else(bad),
     }
 }
 
-fn mask(bits: u8, len: u8) -> u128 {
-    if len == 0 {
-        return 0;
-    }
-    let all: u128 = if bits == 128 { u128::MAX } else { (1u128 << bits) - 1 };
-    let shift = bits - len;
-    (all >> shift) << shift
+/// `inner` lies inside `outer` and is smaller.
+pub fn strictly_contains(outer: &IpNet, inner: &IpNet) -> bool {
+    inner.prefix_len() > outer.prefix_len() && outer.contains(inner)
 }
 
-fn from_u128(v: u128, bits: u8) -> IpAddr {
-    if bits == 32 {
-        IpAddr::V4(Ipv4Addr::from(v as u32))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(v))
-    }
-}
-
-impl Cidr {
-    /// A prefix; host bits are cleared. Panics if `len` exceeds the address width.
-    pub fn new(addr: IpAddr, len: u8) -> Cidr {
-        let (v, bits) = to_u128(addr);
-        assert!(len <= bits, "prefix length {len} too long");
-        Cidr { addr: from_u128(v & mask(bits, len), bits), len }
-    }
-
-    /// The single-address prefix of `addr`.
-    pub fn host(addr: IpAddr) -> Cidr {
-        let len = if addr.is_ipv4() { 32 } else { 128 };
-        Cidr { addr, len }
-    }
-
-    /// Parses a CIDR as the API server reads it (see [`Cidr::parse_api`]).
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        Cidr::parse_api(s).map(|(c, _)| c)
-    }
-
-    /// Parses a CIDR the way the API server validates and its clients read NetworkPolicy
-    /// `ipBlock` fields (`IsValidCIDRForLegacyField`, k8s.io/utils/net `ParseCIDRSloppy`):
-    /// - Go's `net.ParseCIDR` first: `a.b.c.d/n` or an IPv6 address (also with an embedded
-    ///   IPv4 part, `::ffff:a.b.c.d`) and `/n`, `n` decimal digits only (leading zeros allowed).
-    /// - Failing that, the same after stripping leading zeros from the octets of a trailing
-    ///   dotted quad and from the length: `010.244.1.30/32` is `10.244.1.30/32` (decimal, not
-    ///   octal). Objects stored before Go 1.17 hold such values, and the API server still
-    ///   accepts them where strict validation is off.
-    /// - Host bits may be set (`10.1.2.3/8`, the "interface address" form); they are cleared.
-    /// - An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) is the IPv4 network
-    ///   (`10.0.0.0/8`), as Go's `IPNet.Contains` matches IPv4 addresses against it.
-    ///
-    /// Returns the prefix and the prefix length as written (what the API server compares
-    /// when it checks that an `except` is a strict subset of its `cidr`).
-    pub fn parse_api(s: &str) -> Result<(Cidr, u8), String> {
-        let bad = || format!("invalid CIDR {s:?}: want an address and a prefix length, as 10.0.0.0/8 or fd00::/64");
-        match go_parse_cidr(s) {
-            Some(c) => Ok(c),
-            None => go_parse_cidr(&strip_zeros(s).ok_or_else(bad)?).ok_or_else(bad),
-        }
-    }
-
-    pub fn addr(&self) -> IpAddr {
-        self.addr
-    }
-
-    /// The prefix length (a Cidr is not a collection: there is no "empty").
-    #[allow(clippy::len_without_is_empty)]
-    pub fn len(&self) -> u8 {
-        self.len
-    }
-
-    pub fn is_ipv4(&self) -> bool {
-        self.addr.is_ipv4()
-    }
-
-    pub fn max_len(&self) -> u8 {
-        if self.is_ipv4() {
-            32
-        } else {
-            128
-        }
-    }
-
-    pub fn is_host(&self) -> bool {
-        self.len == self.max_len()
-    }
-
-    pub fn contains_addr(&self, a: IpAddr) -> bool {
-        if a.is_ipv4() != self.is_ipv4() {
-            return false;
-        }
-        let (v, bits) = to_u128(a);
-        let (mine, _) = to_u128(self.addr);
-        v & mask(bits, self.len) == mine
-    }
-
-    /// `other` lies inside `self` (or is equal to it).
-    pub fn contains(&self, other: &Cidr) -> bool {
-        other.len >= self.len && self.contains_addr(other.addr)
-    }
-
-    pub fn strictly_contains(&self, other: &Cidr) -> bool {
-        other.len > self.len && self.contains_addr(other.addr)
-    }
-
-    /// Address bytes in network order, IPv4 in the first four bytes.
-    pub fn addr_bytes(&self) -> [u8; 16] {
-        addr_bytes(self.addr)
-    }
+/// The prefix is a single address (/32, /128).
+pub fn is_host(c: &IpNet) -> bool {
+    c.prefix_len() == c.max_prefix_len()
 }
 
 /// Go's `net.ParseCIDR`, normalised: (prefix, length as written). The address part is Go's
 /// `netip.ParseAddr` (no zone; IPv4 octets without leading zeros, which Rust's parser also
 /// rejects), the length Go's `dtoi` (decimal digits only, no sign).
-fn go_parse_cidr(s: &str) -> Option<(Cidr, u8)> {
+fn go_parse_cidr(s: &str) -> Option<(IpNet, u8)> {
     let (a, l) = s.split_once('/')?;
     let addr: IpAddr = a.parse().ok()?;
     if l.is_empty() || !l.bytes().all(|b| b.is_ascii_digit()) {
@@ -138,12 +63,12 @@ fn go_parse_cidr(s: &str) -> Option<(Cidr, u8)> {
         return None;
     }
     let len = len as u8;
-    let c = Cidr::new(addr, len);
+    let c = prefix(addr, len);
     // A masked address in ::ffff:0:0/96 is an IPv4 network to Go (IP.To4 succeeds).
-    if let IpAddr::V6(v6) = c.addr {
-        if let Some(v4) = v6.to_ipv4_mapped() {
+    if let IpNet::V6(v6) = c {
+        if let Some(v4) = v6.addr().to_ipv4_mapped() {
             if len >= 96 {
-                return Some((Cidr::new(IpAddr::V4(v4), len - 96), len));
+                return Some((prefix(IpAddr::V4(v4), len - 96), len));
             }
         }
     }
@@ -208,34 +133,28 @@ pub fn addr_from_bytes(family: u8, b: [u8; 16]) -> IpAddr {
     }
 }
 
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn parse_masks_host_bits_and_rejects_garbage() {
-        assert_eq!(Cidr::parse("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!(Cidr::parse("0.0.0.0/0").unwrap().to_string(), "0.0.0.0/0");
-        assert_eq!(Cidr::parse("fd00::1/64").unwrap().to_string(), "fd00::/64");
-        assert_eq!(Cidr::parse("::/0").unwrap().to_string(), "::/0");
-        assert_eq!(Cidr::parse("1.2.3.4/32").unwrap().to_string(), "1.2.3.4/32");
-        assert!(Cidr::parse("10.0.0.0/33").is_err());
-        assert!(Cidr::parse("10.0.0.0").is_err());
-        assert!(Cidr::parse("10.0.0/8").is_err());
-        assert!(Cidr::parse("fd00::/129").is_err());
+        assert_eq!(parse("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse("0.0.0.0/0").unwrap().to_string(), "0.0.0.0/0");
+        assert_eq!(parse("fd00::1/64").unwrap().to_string(), "fd00::/64");
+        assert_eq!(parse("::/0").unwrap().to_string(), "::/0");
+        assert_eq!(parse("1.2.3.4/32").unwrap().to_string(), "1.2.3.4/32");
+        assert!(parse("10.0.0.0/33").is_err());
+        assert!(parse("10.0.0.0").is_err());
+        assert!(parse("10.0.0/8").is_err());
+        assert!(parse("fd00::/129").is_err());
     }
 
     /// What the API server accepts in an ipBlock (k8s.io/utils/net ParseCIDRSloppy after Go's
     /// net.ParseCIDR), with the meaning its clients give it.
     #[test]
     fn parse_accepts_what_the_api_server_accepts_with_its_meaning() {
-        let p = |s: &str| Cidr::parse(s).map(|c| c.to_string());
+        let p = |s: &str| parse(s).map(|c| c.to_string());
         // Leading zeros in IPv4 octets and the length: decimal, not octal.
         assert_eq!(p("010.244.1.30/32").unwrap(), "10.244.1.30/32");
         assert_eq!(p("010.244.001.030/32").unwrap(), "10.244.1.30/32");
@@ -251,7 +170,7 @@ mod tests {
         assert_eq!(p("::ffff:0:0/96").unwrap(), "0.0.0.0/0");
         assert_eq!(p("::ffff:10.0.0.0/64").unwrap(), "::/64");
         assert_eq!(p("::ffff:0a00:1/120").unwrap(), "10.0.0.0/24");
-        assert_eq!(Cidr::parse_api("::ffff:10.0.0.0/104").unwrap().1, 104);
+        assert_eq!(parse_api("::ffff:10.0.0.0/104").unwrap().1, 104);
         // What it rejects.
         for bad in [
             "10.0.0.256/32",
@@ -268,22 +187,22 @@ mod tests {
             "0x0a.0.0.0/8",
             "10.0.0.0/ 8",
         ] {
-            assert!(Cidr::parse(bad).is_err(), "{bad} accepted");
+            assert!(parse(bad).is_err(), "{bad} accepted");
         }
     }
 
     #[test]
     fn containment_is_per_family() {
-        let all4 = Cidr::parse("0.0.0.0/0").unwrap();
-        let all6 = Cidr::parse("::/0").unwrap();
-        assert!(all4.contains_addr("1.2.3.4".parse().unwrap()));
-        assert!(!all6.contains_addr("1.2.3.4".parse().unwrap()));
-        assert!(!all4.contains_addr("::1".parse().unwrap()));
-        let a = Cidr::parse("10.0.0.0/8").unwrap();
-        let b = Cidr::parse("10.1.0.0/16").unwrap();
-        assert!(a.strictly_contains(&b));
+        let all4 = parse("0.0.0.0/0").unwrap();
+        let all6 = parse("::/0").unwrap();
+        assert!(all4.contains(&"1.2.3.4".parse::<IpAddr>().unwrap()));
+        assert!(!all6.contains(&"1.2.3.4".parse::<IpAddr>().unwrap()));
+        assert!(!all4.contains(&"::1".parse::<IpAddr>().unwrap()));
+        let a = parse("10.0.0.0/8").unwrap();
+        let b = parse("10.1.0.0/16").unwrap();
+        assert!(strictly_contains(&a, &b));
         assert!(!b.contains(&a));
-        assert!(a.contains(&a) && !a.strictly_contains(&a));
+        assert!(a.contains(&a) && !strictly_contains(&a, &a));
     }
 
     #[test]

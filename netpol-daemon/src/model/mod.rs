@@ -17,11 +17,11 @@ pub mod convert;
 pub mod labels;
 mod objects;
 
-pub use cidr::Cidr;
 pub use cluster::{ChangeSet, Cluster, Kind, Verdict};
 pub use convert::{
     endpoint_slice_from_k8s, from_json, from_k8s, invalid_policy_message, json_key, namespace_from_k8s, pod_from_k8s, policy_from_k8s,
     policy_stand_in, service_from_k8s, valid_port_name, ApiObject, Converted, ConvertedPolicy, Object, FAIL_CLOSED_NOTE,
 };
+pub use ipnet::IpNet;
 pub use labels::{Labels, Selector};
 pub use objects::*;

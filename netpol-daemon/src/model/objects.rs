@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use super::{Cidr, Labels, Selector};
+use super::{IpNet, Labels, Selector};
 
 /// Label every namespace carries (set by the API server since Kubernetes 1.21).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -194,13 +194,13 @@ pub struct PortSpec {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct IpBlock {
-    pub cidr: Cidr,
-    pub except: Vec<Cidr>,
+    pub cidr: IpNet,
+    pub except: Vec<IpNet>,
 }
 
 impl IpBlock {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.cidr.contains_addr(ip) && !self.except.iter().any(|e| e.contains_addr(ip))
+        self.cidr.contains(&ip) && !self.except.iter().any(|e| e.contains(&ip))
     }
 }
 

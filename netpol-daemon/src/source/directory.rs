@@ -62,7 +62,7 @@ impl Source for ManifestsDir {
         // The full scan put off by a change runs on the next pass, without waiting.
         let timeout = if std::mem::take(&mut self.put_off) { Duration::ZERO } else { timeout };
         let waiting = Instant::now();
-        self.hint = match &self.watch {
+        self.hint = match &mut self.watch {
             Some(w) => w.wait(&self.dir, timeout),
             None => {
                 std::thread::sleep(timeout);

@@ -1,69 +1,85 @@
-//! An inotify watch on a manifests directory: it wakes the daemon as soon as a file is written,
-//! renamed, created or removed, and names the files, so that a change is read without looking
-//! at every file (the periodic full scan in [`super::directory`] stays the safety net).
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+//! An inotify watch on a manifests directory (the `inotify` crate): it wakes the daemon as soon
+//! as a file is written, renamed, created or removed, and names the files, so that a change is
+//! read without looking at every file (the periodic full scan in [`super::directory`] stays the
+//! safety net).
+use std::io::ErrorKind;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use inotify::{EventMask, Inotify, WatchMask};
+
 /// Wakes the loop when a manifest file is written, renamed, created or removed.
 pub struct DirWatch {
-    fd: OwnedFd,
+    inotify: Inotify,
+    buf: Vec<u8>,
 }
 
 impl DirWatch {
     pub fn new(dir: &Path) -> std::io::Result<DirWatch> {
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-        let mask = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_CREATE | libc::IN_DELETE | libc::IN_ATTRIB;
-        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(DirWatch { fd })
+        // Non-blocking and close-on-exec: the crate's defaults.
+        let inotify = Inotify::init()?;
+        let mask = WatchMask::CLOSE_WRITE
+            | WatchMask::MOVED_TO
+            | WatchMask::MOVED_FROM
+            | WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::ATTRIB;
+        inotify.watches().add(dir, mask)?;
+        Ok(DirWatch { inotify, buf: vec![0u8; 64 * 1024] })
     }
 
     /// Returns after events (the queue drained: the paths they name), `Some(empty)` after
     /// `timeout`, `None` when the event queue overflowed (look at every file).
-    pub fn wait(&self, dir: &Path, timeout: Duration) -> Option<Vec<PathBuf>> {
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    pub fn wait(&mut self, dir: &Path, timeout: Duration) -> Option<Vec<PathBuf>> {
+        // The crate reads without waiting (or blocks without a timeout): poll for the timeout.
+        let mut pfd = libc::pollfd { fd: self.inotify.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
         if n <= 0 {
             return Some(Vec::new());
         }
         let mut names = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let got = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-            if got <= 0 {
-                break;
-            }
-            if !events(&buf[..got as usize], dir, &mut names) {
-                return None;
+            let events = match self.inotify.read_events(&mut self.buf) {
+                Ok(e) => e,
+                // Drained (WouldBlock), or an error that a full scan covers as well.
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    log::warn!("reading inotify events of {}: {e}", dir.display());
+                    break;
+                }
+            };
+            for ev in events {
+                if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                    return None;
+                }
+                if let Some(name) = ev.name.filter(|n| !n.is_empty()) {
+                    names.push(dir.join(name));
+                }
             }
         }
         Some(names)
     }
 }
 
-/// Appends the paths the events in `buf` name; false when the queue overflowed.
-fn events(buf: &[u8], dir: &Path, names: &mut Vec<PathBuf>) -> bool {
-    let head = std::mem::size_of::<libc::inotify_event>();
-    let mut off = 0usize;
-    while off + head <= buf.len() {
-        let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(buf[off..].as_ptr() as *const libc::inotify_event) };
-        if ev.mask & libc::IN_Q_OVERFLOW != 0 {
-            return false;
-        }
-        let name = &buf[off + head..(off + head + ev.len as usize).min(buf.len())];
-        let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
-        if !name.is_empty() {
-            names.push(dir.join(std::ffi::OsStr::from_bytes(name)));
-        }
-        off += head + ev.len as usize;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_files_written_renamed_and_removed() {
+        let dir = std::env::temp_dir().join(format!("netpol-inotify-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = DirWatch::new(&dir).unwrap();
+        assert_eq!(w.wait(&dir, Duration::from_millis(20)), Some(vec![]), "nothing happened yet");
+        std::fs::write(dir.join("a.yaml"), "x").unwrap();
+        std::fs::rename(dir.join("a.yaml"), dir.join("b.yaml")).unwrap();
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        let mut names = w.wait(&dir, Duration::from_secs(2)).unwrap();
+        names.dedup();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(names, vec![dir.join("a.yaml"), dir.join("b.yaml")], "create/close-write of a, rename a -> b, delete b");
     }
-    true
 }

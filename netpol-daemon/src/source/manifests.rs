@@ -523,7 +523,7 @@ pub fn load_text(file: &Path, text: &str, out: &mut Loaded) {
             }
         }
     } else {
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
             if !add(i + 1, serde_json::Value::deserialize(doc).map_err(|e| e.to_string()), out) {
                 return;
             }

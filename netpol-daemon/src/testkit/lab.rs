@@ -21,6 +21,7 @@ mod craft;
 mod daemon;
 mod manifest;
 use manifest::json_map;
+mod node;
 mod probe;
 mod serve;
 pub use craft::Capture;
@@ -152,6 +153,8 @@ pub struct Lab {
     services: Vec<String>,
     next_if: u32,
     has_bridge: bool,
+    /// Added to `netpol-daemon run`'s arguments (`--attach tc`).
+    pub daemon_args: Vec<String>,
 }
 
 impl Lab {
@@ -186,6 +189,7 @@ impl Lab {
             services: Vec::new(),
             next_if: 0,
             has_bridge: false,
+            daemon_args: Vec::new(),
         };
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("manifests"))?;

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
-use crate::model::cidr::Cidr;
+use crate::model::cidr;
 use crate::model::labels::{Op, Requirement, Selector};
 use crate::model::Cluster;
 use crate::model::*;
@@ -206,11 +206,11 @@ fn policy(s: &Shape, p: usize, namespaces: usize) -> Policy {
                 },
                 Rule {
                     peers: Some(vec![Peer::IpBlock(IpBlock {
-                        cidr: Cidr::parse("0.0.0.0/0").unwrap(),
+                        cidr: cidr::parse("0.0.0.0/0").unwrap(),
                         except: vec![
-                            Cidr::parse("10.0.0.0/8").unwrap(),
-                            Cidr::parse("172.16.0.0/12").unwrap(),
-                            Cidr::parse("192.168.0.0/16").unwrap(),
+                            cidr::parse("10.0.0.0/8").unwrap(),
+                            cidr::parse("172.16.0.0/12").unwrap(),
+                            cidr::parse("192.168.0.0/16").unwrap(),
                         ],
                     })]),
                     ports: Some(vec![port(Protocol::Tcp, PortRef::Range(443, 443))]),
@@ -228,8 +228,8 @@ fn policy(s: &Shape, p: usize, namespaces: usize) -> Policy {
             ingress: vec![Rule {
                 peers: Some(vec![
                     Peer::IpBlock(IpBlock {
-                        cidr: Cidr::parse(&format!("192.168.{}.0/24", n % 256)).unwrap(),
-                        except: vec![Cidr::parse(&format!("192.168.{}.128/25", n % 256)).unwrap()],
+                        cidr: cidr::parse(&format!("192.168.{}.0/24", n % 256)).unwrap(),
+                        except: vec![cidr::parse(&format!("192.168.{}.128/25", n % 256)).unwrap()],
                     }),
                     Peer::Pods { namespaces: Some(Selector::everything()), pods: Selector::everything() },
                 ]),

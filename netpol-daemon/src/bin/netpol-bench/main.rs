@@ -9,6 +9,7 @@ mod measure;
 mod packet;
 mod stats;
 
+use clap::{Parser, Subcommand};
 use compile::{bulk_bench, compile_bench};
 use control::control_bench;
 use daemon::daemon_bench;
@@ -16,68 +17,107 @@ use kube::kube_bench;
 use netpol_daemon::testkit::synth;
 use packet::packet_bench;
 
+/// Measurements for BENCHMARKS.md (`cargo xtask bench` runs each; root for the BPF ones).
+#[derive(Parser)]
+#[command(name = "netpol-bench")]
+struct Cli {
+    /// Without one: `compile` with its defaults.
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Full compile of a synthetic cluster, repeated.
+    Compile {
+        #[arg(default_value_t = 10_000)]
+        pods: usize,
+        #[arg(default_value_t = 2_000)]
+        policies: usize,
+        #[arg(default_value_t = 21)]
+        repeats: usize,
+    },
+    /// Many pods relabelled at once, incrementally (`forced`: the full compile beside it).
+    Bulk {
+        #[arg(default_value_t = 60_000)]
+        pods: usize,
+        #[arg(default_value_t = 2_000)]
+        policies: usize,
+        #[arg(default_value_t = 50_000)]
+        changed: usize,
+        #[arg(value_parser = ["forced"])]
+        forced: Option<String>,
+    },
+    /// Per-packet cost of the programs (BPF_PROG_TEST_RUN), at 10 to 10,000 rules.
+    Packet {
+        #[arg(default_value_t = 1_000_000)]
+        repeat: u32,
+    },
+    /// Control-plane latency: a change to maps programmed, in process.
+    Control {
+        #[arg(default_value_t = 10_000)]
+        pods: usize,
+        #[arg(default_value_t = 2_000)]
+        policies: usize,
+        #[arg(default_value_t = 100)]
+        changes: usize,
+    },
+    /// The daemon binary on a manifests directory: start to ready, change to programmed, RSS.
+    Daemon {
+        /// The netpol-daemon binary to measure.
+        daemon: String,
+        #[arg(default_value_t = 10_000)]
+        pods: usize,
+        #[arg(default_value_t = 2_000)]
+        policies: usize,
+        #[arg(default_value_t = 50)]
+        changes: usize,
+    },
+    /// The daemon binary on the stand-in API server: watch event to programmed, bursts.
+    Kube {
+        /// The netpol-daemon binary to measure.
+        daemon: String,
+        #[arg(default_value_t = 10_000)]
+        pods: usize,
+        #[arg(default_value_t = 2_000)]
+        policies: usize,
+        #[arg(default_value_t = 100)]
+        services: usize,
+        #[arg(default_value_t = 100)]
+        changes: usize,
+        #[arg(default_value_t = 3)]
+        bursts: usize,
+    },
+}
+
 fn main() {
+    let cmd = Cli::parse().cmd.unwrap_or(Cmd::Compile { pods: 10_000, policies: 2_000, repeats: 21 });
     ctrlc::set_handler(|| {
         eprintln!("\ninterrupted: stopping the daemon, removing the bench's network namespace and pins");
         lab::cleanup_all();
         std::process::exit(130);
     })
     .expect("installing the Ctrl-C handler");
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let what = args.first().map(|s| s.as_str()).unwrap_or("compile");
-    match what {
-        "compile" => {
-            let pods = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10_000);
-            let policies = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2_000);
-            let repeats = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(21);
+    let (what, r) = match cmd {
+        Cmd::Compile { pods, policies, repeats } => {
             compile_bench(pods, policies, repeats);
+            ("compile", Ok(()))
         }
-        "bulk" => {
-            let pods = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60_000);
-            let policies = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2_000);
-            let changed = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(50_000);
-            let forced = args.get(4).is_some_and(|s| s == "forced");
-            bulk_bench(pods, policies, changed, forced);
+        Cmd::Bulk { pods, policies, changed, forced } => {
+            bulk_bench(pods, policies, changed, forced.is_some());
+            ("bulk", Ok(()))
         }
-        "packet" => {
-            let repeat = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
-            if let Err(e) = packet_bench(&[10, 100, 1000, 10_000], repeat) {
-                eprintln!("netpol-bench packet: {e:#}");
-                std::process::exit(1);
-            }
+        Cmd::Packet { repeat } => ("packet", packet_bench(&[10, 100, 1000, 10_000], repeat)),
+        Cmd::Control { pods, policies, changes } => ("control", control_bench(pods, policies, changes)),
+        Cmd::Daemon { daemon, pods, policies, changes } => ("daemon", daemon_bench(&daemon, pods, policies, changes)),
+        Cmd::Kube { daemon, pods, policies, services, changes, bursts } => {
+            let shape = synth::Shape { services, ..synth::Shape::new(pods, policies) };
+            let plan = measure::Plan { changes, bursts, burst_events: 1_000, steady_rate: 100 };
+            ("kube", kube_bench(&daemon, shape, plan))
         }
-        "control" => {
-            let pods = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10_000);
-            let policies = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2_000);
-            let changes = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100);
-            if let Err(e) = control_bench(pods, policies, changes) {
-                eprintln!("netpol-bench control: {e:#}");
-                std::process::exit(1);
-            }
-        }
-        "daemon" => {
-            let daemon = args.get(1).cloned().unwrap_or_default();
-            let pods = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10_000);
-            let policies = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(2_000);
-            let changes = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(50);
-            if let Err(e) = daemon_bench(&daemon, pods, policies, changes) {
-                eprintln!("netpol-bench daemon: {e:#}");
-                std::process::exit(1);
-            }
-        }
-        "kube" => {
-            let daemon = args.get(1).cloned().unwrap_or_default();
-            let arg = |i: usize, default: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
-            let shape = synth::Shape { services: arg(4, 100), ..synth::Shape::new(arg(2, 10_000), arg(3, 2_000)) };
-            let plan = measure::Plan { changes: arg(5, 100), bursts: arg(6, 3), burst_events: 1_000, steady_rate: 100 };
-            if let Err(e) = kube_bench(&daemon, shape, plan) {
-                eprintln!("netpol-bench kube: {e:#}");
-                std::process::exit(1);
-            }
-        }
-        other => {
-            eprintln!("usage: netpol-bench compile [PODS POLICIES REPEATS] | bulk [PODS POLICIES CHANGED [forced]] | packet [REPEAT] | control [PODS POLICIES CHANGES] | daemon DAEMON_BIN [PODS POLICIES CHANGES] | kube DAEMON_BIN [PODS POLICIES SERVICES CHANGES BURSTS]   (unknown {other})");
-            std::process::exit(2);
-        }
+    };
+    if let Err(e) = r {
+        eprintln!("netpol-bench {what}: {e:#}");
+        std::process::exit(1);
     }
 }

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
 use netpol_daemon::metrics::sample;
 use netpol_daemon::testkit::lab::{self, Lab};
 
@@ -198,27 +199,44 @@ fn demo(daemon: PathBuf) -> Result<()> {
     Ok(())
 }
 
+/// A small cluster in network namespaces with the real daemon (root).
+#[derive(Parser)]
+#[command(name = "netpol-lab")]
+struct Cli {
+    /// Without one: `demo`.
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Connectivity before and after the policies apply, with the counters.
+    Demo,
+    /// iperf3 throughput through the programs, against no program and iptables.
+    Throughput {
+        /// Seconds per iperf3 run.
+        #[arg(default_value_t = 3)]
+        seconds: u32,
+        /// Interleaved rounds.
+        #[arg(default_value_t = 3)]
+        repeats: usize,
+        /// Where to write the chart (SVG); none: no chart.
+        svg: Option<PathBuf>,
+    },
+}
+
 fn main() {
+    let cmd = Cli::parse().cmd.unwrap_or(Cmd::Demo);
     ctrlc::set_handler(|| {
         eprintln!("\ninterrupted: removing the lab");
         lab::cleanup_all();
         std::process::exit(130);
     })
     .expect("installing the Ctrl-C handler");
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let daemon = std::env::current_exe().unwrap().with_file_name("netpol-daemon");
-    let r = match args.first().map(|s| s.as_str()) {
-        Some("demo") | None => demo(daemon),
-        // throughput [SECONDS] [REPEATS] [SVG]
-        Some("throughput") => {
-            let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
-            let repeats = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
-            throughput::run(daemon, secs, repeats, args.get(3).map(std::path::Path::new))
-        }
-        Some(other) => {
-            eprintln!("usage: netpol-lab demo | throughput [SECONDS] [REPEATS] [SVG]   (unknown command {other})");
-            std::process::exit(2);
-        }
+    let r = match cmd {
+        Cmd::Demo => demo(daemon),
+        Cmd::Throughput { seconds, repeats, svg } => throughput::run(daemon, seconds, repeats, svg.as_deref()),
     };
     if let Err(e) = r {
         eprintln!("netpol-lab: {e:#}");

@@ -203,7 +203,7 @@ mod tests {
     use super::*;
 
     fn json(text: &str) -> serde_json::Value {
-        serde_yaml::from_str(text).unwrap()
+        serde_norway::from_str(text).unwrap()
     }
 
     #[test]

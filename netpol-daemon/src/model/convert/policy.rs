@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{meta_key, protocol, valid_port_name, Errs};
-use crate::model::{Cidr, FieldError, IpBlock, ObjKey, Peer, Policy, PortRef, PortSpec, Rule, Selector, AUDIT_ANNOTATION};
+use crate::model::{cidr, FieldError, IpBlock, ObjKey, Peer, Policy, PortRef, PortSpec, Rule, Selector, AUDIT_ANNOTATION};
 
 /// Appended to a NetworkPolicy's validation errors where they are reported.
 pub const FAIL_CLOSED_NOTE: &str = " (enforced fail-closed: the policy isolates the pods it selects and allows nothing)";
@@ -213,7 +213,7 @@ fn peer(errs: &mut Errs, path: &str, p: &NetworkPolicyPeer) -> Option<Peer> {
             None
         }
         (Some(b), None, None) => {
-            let (cidr, cidr_len) = match Cidr::parse_api(&b.cidr) {
+            let (cidr, cidr_len) = match cidr::parse_api(&b.cidr) {
                 Ok(c) => c,
                 Err(e) => {
                     errs.push(format!("{path}.ipBlock.cidr"), e);
@@ -226,8 +226,8 @@ fn peer(errs: &mut Errs, path: &str, p: &NetworkPolicyPeer) -> Option<Peer> {
                 let field = format!("{path}.ipBlock.except[{i}]");
                 // As the API server checks it: the except's address inside cidr, its prefix
                 // length (as written) longer than cidr's.
-                match Cidr::parse_api(e) {
-                    Ok((c, len)) if cidr.contains_addr(c.addr()) && len > cidr_len => except.push(c),
+                match cidr::parse_api(e) {
+                    Ok((c, len)) if cidr.contains(&c.addr()) && len > cidr_len => except.push(c),
                     Ok(_) => {
                         errs.push(field, format!("{e:?} is not a strict subset of cidr {:?}", b.cidr));
                         ok = false;

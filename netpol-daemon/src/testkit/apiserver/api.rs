@@ -220,7 +220,7 @@ fn list_body(res: &Resource, page: &Page) -> Vec<u8> {
 /// A request body: JSON, or YAML (server-side apply patches may be either).
 fn body_value(req: &Request) -> Result<Value, ApiError> {
     serde_json::from_slice(&req.body)
-        .or_else(|_| serde_yaml::from_slice(&req.body))
+        .or_else(|_| serde_norway::from_slice(&req.body))
         .map_err(|e| ApiError::bad_request(format!("the request body is not JSON or YAML: {e}")))
 }
 

@@ -208,7 +208,7 @@ impl ApiServer {
     /// Applies every document of a multi-document YAML manifest, by its `kind`.
     pub fn apply_yaml(&self, yaml: &str) -> Result<u64> {
         let mut rv = self.resource_version();
-        for doc in serde_yaml::Deserializer::from_str(yaml) {
+        for doc in serde_norway::Deserializer::from_str(yaml) {
             let obj = Value::deserialize(doc).context("parsing a manifest")?;
             if obj.is_null() {
                 continue;

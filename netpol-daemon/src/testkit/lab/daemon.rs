@@ -38,6 +38,7 @@ impl Lab {
             .args(["run", "--node-name", NODE_NAME])
             .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}"), "--bpffs"])
             .arg(&self.pin_dir)
+            .args(&self.daemon_args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         cmd
     }

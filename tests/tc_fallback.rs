@@ -1,0 +1,210 @@
+//! The clsact + cls_bpf fallback (kernels without TCX), forced with `--attach tc` on this
+//! kernel: the real daemon, real filters, real connections between network namespaces.
+//! Enforcement outlives a kill -9 and a graceful exit, a restarted daemon adopts the filters (swaps its programs
+//! into the same ones: never two per hook), and `netpol-daemon uninstall` removes them.
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use netpol_daemon::testkit::lab::{in_netns, probe_tcp, Lab};
+
+mod common;
+use common::*;
+
+/// netpol's filter priority as `tc` prints it (`pref`).
+const PREF: &str = "pref 20048 ";
+
+/// netpol's filters on both hooks of `pod`'s node-side interface: (ingress, egress) lines.
+fn filters(lab: &Lab, pod: &str) -> (Vec<String>, Vec<String>) {
+    let ifname = lab.pod(pod).host_if.clone();
+    let ours = |hook| lab.tc_filters(&ifname, hook).unwrap().into_iter().filter(|l| l.contains(PREF)).collect::<Vec<_>>();
+    (ours("ingress"), ours("egress"))
+}
+
+/// The program id a `tc filter show` line names (`... id 42 tag ...`).
+fn prog_id(line: &str) -> u32 {
+    let mut words = line.split_whitespace();
+    words
+        .find(|w| *w == "id")
+        .and_then(|_| words.next())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no program id in {line:?}"))
+}
+
+/// Exactly one filter of netpol's per hook of `pod`, running the from-pod program on ingress
+/// and the to-pod one on egress; returns their program ids.
+fn one_filter_per_hook(lab: &Lab, pod: &str, when: &str) -> (u32, u32) {
+    let (ingress, egress) = filters(lab, pod);
+    assert_eq!(ingress.len(), 1, "{when}: {pod}'s ingress filters: {ingress:?}\n{}", lab.daemon_log());
+    assert_eq!(egress.len(), 1, "{when}: {pod}'s egress filters: {egress:?}\n{}", lab.daemon_log());
+    assert!(ingress[0].contains("from_pod") && ingress[0].contains("direct-action"), "{when}: {ingress:?}");
+    assert!(egress[0].contains("to_pod") && egress[0].contains("direct-action"), "{when}: {egress:?}");
+    (prog_id(&ingress[0]), prog_id(&egress[0]))
+}
+
+/// Traffic running while the daemon is killed and restarted: one long-lived allowed
+/// connection exchanging a line every 10 ms, and denied attempts in a loop.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    long_fail: Arc<AtomicUsize>,
+    exchanges: Arc<AtomicUsize>,
+    denied_passed: Arc<AtomicUsize>,
+    denied_tries: Arc<AtomicUsize>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(lab: &Lab, client: &str, intruder: &str, server: SocketAddr) -> Traffic {
+        let t = Traffic {
+            stop: Arc::new(AtomicBool::new(false)),
+            long_fail: Arc::new(AtomicUsize::new(0)),
+            exchanges: Arc::new(AtomicUsize::new(0)),
+            denied_passed: Arc::new(AtomicUsize::new(0)),
+            denied_tries: Arc::new(AtomicUsize::new(0)),
+            threads: Vec::new(),
+        };
+        let (stop, fail, done, ns) = (t.stop.clone(), t.long_fail.clone(), t.exchanges.clone(), lab.pod(client).netns.clone());
+        let long = std::thread::spawn(move || {
+            in_netns(&ns, move || {
+                let mut s = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(1)).expect("long-lived connect");
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut buf = [0u8; 128];
+                while !stop.load(Ordering::SeqCst) {
+                    if s.write_all(b"x\n").is_err() || !matches!(s.read(&mut buf), Ok(n) if n > 0) {
+                        fail.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+            .unwrap()
+        });
+        let (stop, passed, tries, ns) = (t.stop.clone(), t.denied_passed.clone(), t.denied_tries.clone(), lab.pod(intruder).netns.clone());
+        let denied = std::thread::spawn(move || {
+            in_netns(&ns, move || {
+                while !stop.load(Ordering::SeqCst) {
+                    tries.fetch_add(1, Ordering::SeqCst);
+                    if probe_tcp(server, Duration::from_millis(150)) {
+                        passed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+            .unwrap()
+        });
+        Traffic { threads: vec![long, denied], ..t }
+    }
+
+    /// Stops the traffic: (long-lived failures, exchanges, denied passed, denied tries).
+    fn finish(self) -> (usize, usize, usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let get = |a: &AtomicUsize| a.load(Ordering::SeqCst);
+        (get(&self.long_fail), get(&self.exchanges), get(&self.denied_passed), get(&self.denied_tries))
+    }
+}
+
+#[test]
+fn tc_fallback_survives_kill_9_is_adopted_on_restart_and_uninstalled() {
+    let Some(mut lab) = lab() else { return };
+    lab.add_pod("app", "server", ip("10.244.0.70"), &[("app", "server")], &[8080], &[]).unwrap();
+    lab.add_pod("app", "client", ip("10.244.0.71"), &[("app", "client")], &[], &[]).unwrap();
+    lab.add_pod("app", "intruder", ip("10.244.0.72"), &[("app", "intruder")], &[], &[]).unwrap();
+    lab.write_cluster_manifest().unwrap();
+    lab.write_manifest(
+        "p.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: app}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n",
+    )
+    .unwrap();
+    let cases = [("client", "server", "tcp", 8080, true), ("intruder", "server", "tcp", 8080, false)];
+    lab.daemon_args = vec!["--attach".into(), "tc".into()];
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    wait_endpoints(&lab, 3, 10, "three pods attached");
+    check(&lab, &cases);
+    let first = one_filter_per_hook(&lab, "server", "first start");
+    one_filter_per_hook(&lab, "intruder", "first start");
+    let links = lab.pin_dir.join("links");
+    assert_eq!(std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0), 0, "--attach tc pinned TCX links in {}", links.display());
+
+    // kill -9 under traffic: nothing detaches the filters, so nothing stops enforcing.
+    let server: SocketAddr = ([10, 244, 0, 70], 8080).into();
+    let traffic = Traffic::start(&lab, "client", "intruder", server);
+    std::thread::sleep(Duration::from_millis(300));
+    lab.kill_daemon();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(one_filter_per_hook(&lab, "server", "daemon killed"), first, "the filters changed with no daemon running");
+    check(&lab, &cases);
+
+    // The restarted daemon swaps its programs into the same filters: one per hook, new ids.
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    wait_endpoints(&lab, 3, 10, "three pods re-attached");
+    std::thread::sleep(Duration::from_millis(300));
+    let (long_fail, exchanges, denied_passed, denied_tries) = traffic.finish();
+    eprintln!("tc fallback: {exchanges} exchanges on the long-lived connection, {long_fail} failures; {denied_tries} denied attempts, {denied_passed} passed");
+    assert_eq!(long_fail, 0, "the long-lived allowed connection broke\n{}", lab.daemon_log());
+    assert!(exchanges > 50, "too little allowed traffic measured: {exchanges}");
+    assert_eq!(denied_passed, 0, "{denied_passed} denied connections got through\n{}", lab.daemon_log());
+    assert!(denied_tries > 10, "too few denied attempts: {denied_tries}");
+    let second = one_filter_per_hook(&lab, "server", "after restart");
+    assert!(
+        second.0 != first.0 && second.1 != first.1,
+        "the restarted daemon's programs are not the ones attached: {first:?} then {second:?}"
+    );
+    check(&lab, &cases);
+
+    // A graceful stop (SIGTERM, as a rollout does) leaves the filters too: the process owns
+    // no attachment that its exit would undo.
+    assert!(lab.stop_daemon().unwrap(), "the daemon's exit on SIGTERM failed\n{}", lab.daemon_log());
+    assert_eq!(one_filter_per_hook(&lab, "server", "daemon stopped"), second, "the filters changed with the daemon's exit");
+    check(&lab, &cases);
+
+    // uninstall (with no daemon running, as the uninstall Job runs after the DaemonSet is
+    // gone): no filter of netpol's left, and the denied connection now passes.
+    let said = lab.uninstall(Path::new(DAEMON)).unwrap();
+    assert!(said.contains("6 tc filters deleted"), "three pods, two hooks each: {said}");
+    for pod in ["server", "client", "intruder"] {
+        assert_eq!(filters(&lab, pod), (vec![], vec![]), "{pod}'s filters after uninstall");
+    }
+    check(&lab, &[("client", "server", "tcp", 8080, true), ("intruder", "server", "tcp", 8080, true)]);
+}
+
+/// Switching `--attach` across a restart moves every hook to the new kind and removes the old
+/// one once the new is in place: tc filters -> pinned TCX links -> tc filters again.
+#[test]
+fn switching_attach_mode_across_restarts_leaves_one_kind() {
+    let Some(mut lab) = lab() else { return };
+    lab.add_pod("app", "server", ip("10.244.0.75"), &[("app", "server")], &[8080], &[]).unwrap();
+    lab.add_pod("app", "client", ip("10.244.0.76"), &[("app", "client")], &[], &[]).unwrap();
+    lab.add_pod("app", "intruder", ip("10.244.0.77"), &[("app", "intruder")], &[], &[]).unwrap();
+    lab.write_cluster_manifest().unwrap();
+    lab.write_manifest(
+        "p.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: app}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n",
+    )
+    .unwrap();
+    let cases = [("client", "server", "tcp", 8080, true), ("intruder", "server", "tcp", 8080, false)];
+    let links = lab.pin_dir.join("links");
+    let pinned = || std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0);
+    for (mode, want_filters, want_pins) in [("tc", 1, 0), ("tcx", 0, 6), ("tc", 1, 0)] {
+        lab.daemon_args = vec!["--attach".into(), mode.into()];
+        lab.start_daemon(Path::new(DAEMON)).unwrap();
+        wait_endpoints(&lab, 3, 10, "three pods attached");
+        check(&lab, &cases);
+        for pod in ["server", "client", "intruder"] {
+            let (ingress, egress) = filters(&lab, pod);
+            assert_eq!(
+                (ingress.len(), egress.len()),
+                (want_filters, want_filters),
+                "--attach {mode}: {pod}'s filters {ingress:?} {egress:?}"
+            );
+        }
+        assert_eq!(pinned(), want_pins, "--attach {mode}: pinned TCX links in {}", links.display());
+        lab.kill_daemon();
+    }
+}
