@@ -50,7 +50,8 @@ const KUBE_TOOLS: &[(&str, &str)] = &[
 
 const USAGE: &str = "usage: cargo xtask <command>
 
-  setup       install Debian packages and bpf-linker (idempotent)
+  setup       install Debian packages, bpf-linker, helm and kubectl (idempotent;
+              --build-only: what building the daemon needs, without helm and kubectl)
   build-ebpf  build the eBPF object
   build       build the daemon and the lab/bench tools (eBPF object embedded)
   test        check formatting and clippy, then run every test (lab tests need root)
@@ -178,7 +179,10 @@ fn setup_needed() -> bool {
     !missing_packages().is_empty() || !bpf_linker_ok() || !lint_tools_ok() || !kube_tools_ok() || (is_root() && !bpffs_mounted())
 }
 
-fn setup() -> Result<()> {
+/// `build_only` (`setup --build-only`, the image build in deploy/Dockerfile): without the
+/// deploy tests' helm and kubectl (the build image has no npm) and without mounting bpffs
+/// (a container build may not mount; building needs none).
+fn setup(build_only: bool) -> Result<()> {
     let missing = missing_packages();
     if !missing.is_empty() {
         if !is_root() {
@@ -202,10 +206,10 @@ fn setup() -> Result<()> {
         eprintln!("xtask setup: adding the rustfmt and clippy components");
         sh(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))?;
     }
-    if !kube_tools_ok() {
+    if !build_only && !kube_tools_ok() {
         install_kube_tools()?;
     }
-    if is_root() && !bpffs_mounted() {
+    if !build_only && is_root() && !bpffs_mounted() {
         std::fs::create_dir_all("/sys/fs/bpf").ok();
         sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
@@ -216,7 +220,7 @@ fn setup() -> Result<()> {
 
 fn ensure_setup() -> Result<()> {
     if setup_needed() {
-        setup()?;
+        setup(false)?;
     }
     Ok(())
 }
@@ -336,7 +340,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = args.split_first().map(|(c, r)| (c.as_str(), r)).unwrap_or(("help", &[]));
     match cmd {
-        "setup" => setup(),
+        "setup" => setup(rest.iter().any(|a| a == "--build-only")),
         "build-ebpf" => build_ebpf(),
         "build" => build(),
         "test" => test(rest),
