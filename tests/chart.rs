@@ -335,3 +335,31 @@ fn helm_uninstall_runs_netpol_daemon_uninstall_on_every_node_first() {
     let o = Objects::of(&helm_template(&["uninstall.enabled=false"]), "chart");
     assert!(o.jobs.is_empty() && o.roles.is_empty() && o.config_maps.is_empty());
 }
+
+/// The init container's script, run here in a mount namespace of its own: it mounts bpffs at
+/// /sys/fs/bpf where there is none, and stacks nothing where there is one (root needed).
+#[test]
+fn mount_bpffs_init_container_mounts_only_where_none_is() {
+    if unsafe { libc::geteuid() } != 0 {
+        let msg = "mounting bpffs needs root; run `cargo xtask test` as root";
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    let o = Objects::of(&helm_template(&[]), "chart");
+    let init = &pod_spec(o.daemonset(RELEASE)).init_containers.as_ref().unwrap()[0];
+    let command = init.command.clone().unwrap();
+    assert_eq!(command, ["/bin/sh", "-c"]);
+    let script = &init.args.as_ref().unwrap()[0];
+    let count = "grep -c ' /sys/fs/bpf bpf ' /proc/mounts";
+    for (case, before) in [
+        ("a bpffs is mounted", "grep -q ' /sys/fs/bpf bpf ' /proc/mounts"),
+        ("none is", "while grep -q ' /sys/fs/bpf bpf ' /proc/mounts; do umount /sys/fs/bpf; done"),
+    ] {
+        // A private mount namespace: nothing done here reaches this machine's mounts.
+        let out = run(Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!("{before} && {script} && {count}")));
+        assert_eq!(out.trim(), "1", "{case}: exactly one bpffs at /sys/fs/bpf afterwards");
+    }
+}

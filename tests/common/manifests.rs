@@ -182,7 +182,9 @@ pub fn flags_of(daemon: &Path, subcommand: &str) -> Vec<(String, Option<String>)
     let mut flags: Vec<(String, Option<String>)> = Vec::new();
     for line in help.lines() {
         let t = line.trim_start();
-        let long = t.strip_prefix("-h, ").unwrap_or(t);
+        // "-x, --name" (a short form first) or "--name".
+        let b = t.as_bytes();
+        let long = if b.len() > 4 && b[0] == b'-' && b[1] != b'-' && &t[2..4] == ", " { &t[4..] } else { t };
         if let Some(rest) = long.strip_prefix("--") {
             let name = rest.split([' ', '=', '<']).next().unwrap().to_string();
             flags.push((name, None));
@@ -190,7 +192,7 @@ pub fn flags_of(daemon: &Path, subcommand: &str) -> Vec<(String, Option<String>)
             last.1 = Some(d.split(']').next().unwrap().to_string());
         }
     }
-    flags.retain(|(n, _)| n != "help");
+    flags.retain(|(n, _)| n != "help" && n != "version");
     flags
 }
 
