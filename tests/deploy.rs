@@ -120,8 +120,18 @@ fn kind_file(name: &str) -> String {
 /// Runs `snippet` in bash with tests/kind/run.sh's functions defined (sourced: main does not
 /// run), returning its status and standard output.
 fn with_script(snippet: &str, stdin: &str) -> (bool, String) {
+    with_script_on_path(snippet, stdin, None)
+}
+
+/// The same with `bin` first on PATH (stand-ins for docker, kind, kubectl).
+fn with_script_on_path(snippet: &str, stdin: &str, bin: Option<&std::path::Path>) -> (bool, String) {
     use std::io::Write;
+    let path = match bin {
+        Some(b) => format!("{}:{}", b.display(), std::env::var("PATH").unwrap_or_default()),
+        None => std::env::var("PATH").unwrap_or_default(),
+    };
     let mut child = Command::new("bash")
+        .env("PATH", path)
         .arg("-c")
         .arg(format!("set -euo pipefail; source '{}'; {snippet}", root().join("tests/kind/run.sh").display()))
         .stdin(std::process::Stdio::piped())
@@ -244,4 +254,58 @@ fn license_files_match_cargo_toml() {
     assert!(docker.contains(&format!("org.opencontainers.image.licenses=\"{license}\"")), "deploy/Dockerfile: the image's license label");
     let chart = std::fs::read_to_string(root().join("deploy/chart/Chart.yaml")).unwrap();
     assert!(chart.contains(&format!("artifacthub.io/license: {license}")), "Chart.yaml: the license annotation");
+}
+
+/// install_cni against stand-ins for kind, kubectl and docker (three nodes): each node gets
+/// the conflist with its own podCIDR, a route to each other node's pods via that node, and
+/// the masquerade rule; a node image without the plugins is refused.
+#[test]
+fn kind_script_wires_every_node_to_every_other() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("netpol-kind-stubs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stub = |name: &str, body: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/usr/bin/env bash\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    let log = dir.join("calls.log");
+    stub("kind", "printf 'n1\\nn2\\nn3\\n'");
+    stub(
+        "kubectl",
+        r#"[[ $1 == wait ]] && exit 0
+n="${3#n}"
+case "$5" in
+  *podCIDR*) echo "10.244.$n.0/24" ;;
+  *InternalIP*) echo "172.18.0.1$n" ;;
+esac"#,
+    );
+    stub(
+        "docker",
+        &format!(
+            r#"shift; if [[ $1 == -i ]]; then shift; node="$1"; cat >"{d}/$node.conflist"; exit 0; fi
+node="$1"; shift
+if [[ $1 == test ]]; then [[ ! -e "{d}/no-plugins-$node" ]]; exit; fi
+echo "$node: $*" >>"{l}""#,
+            d = dir.display(),
+            l = log.display()
+        ),
+    );
+    let (ok, _) = with_script_on_path("install_cni", "", Some(&dir));
+    let calls = std::fs::read_to_string(&log).unwrap_or_default();
+    let confs: Vec<String> = (1..=3).map(|n| std::fs::read_to_string(dir.join(format!("n{n}.conflist"))).unwrap_or_default()).collect();
+    std::fs::write(dir.join("no-plugins-n2"), "").unwrap();
+    let (refused_ok, _) = with_script_on_path("install_cni 2>/dev/null", "", Some(&dir));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(ok, "install_cni failed: {calls}");
+    for n in 1..=3 {
+        let conf: Value = serde_json::from_str(&confs[n - 1]).unwrap_or_else(|e| panic!("n{n}.conflist: {e}"));
+        assert_eq!(conf["plugins"][0]["ipam"]["ranges"][0][0]["subnet"], format!("10.244.{n}.0/24"), "n{n}: its own podCIDR");
+        assert!(calls.contains(&format!("n{n}: iptables -t nat -A POSTROUTING -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE")));
+        for m in (1..=3).filter(|m| *m != n) {
+            assert!(calls.contains(&format!("n{n}: ip route replace 10.244.{m}.0/24 via 172.18.0.1{m}")), "n{n} -> n{m}: {calls}");
+        }
+    }
+    assert_eq!(calls.lines().filter(|l| l.contains("ip route")).count(), 6, "{calls}");
+    assert!(!refused_ok, "a node without the CNI plugins must stop the script");
 }

@@ -85,13 +85,12 @@ install_cni() {
   for node in $(nodes); do
     docker exec "$node" test -x /opt/cni/bin/ptp -a -x /opt/cni/bin/host-local -a -x /opt/cni/bin/portmap \
       || die "$node: the kind node image lacks the ptp/host-local/portmap CNI plugins"
-    cidr="$(kubectl get node "$node" -o jsonpath='{.spec.podCIDR}')"
-    [[ -n $cidr ]] || die "$node: no spec.podCIDR"
+    cidr="$(pod_cidr "$node")"
     render_cni_conflist "$cidr" | docker exec -i "$node" sh -c 'cat >/etc/cni/net.d/10-netpol-e2e.conflist'
     docker exec "$node" iptables -t nat -A POSTROUTING -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE
     for other in $(nodes); do
       [[ $other == "$node" ]] && continue
-      ocidr="$(kubectl get node "$other" -o jsonpath='{.spec.podCIDR}')"
+      ocidr="$(pod_cidr "$other")"
       oip="$(kubectl get node "$other" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')"
       docker exec "$node" ip route replace "$ocidr" via "$oip"
     done
@@ -124,12 +123,33 @@ probe() {
   fi
 }
 
+# The probe must give $2 within 30 s (programming a change takes a moment).
 expect_probe() {
-  local got
-  got="$(probe)"
-  echo "$1: $got" >>"$ARTIFACTS/probe.txt"
-  [[ $got == "$2" ]] || die "probe $1: the connection was $got, expected $2"
-  log "probe $1: $got (as expected)"
+  local got try
+  for try in $(seq 10); do
+    got="$(probe)"
+    echo "$1 (try $try): $got" >>"$ARTIFACTS/probe.txt"
+    if [[ $got == "$2" ]]; then
+      log "probe $1: $got (as expected)"
+      return 0
+    fi
+    sleep 3
+  done
+  die "probe $1: the connection was $got, expected $2"
+}
+
+# A node's spec.podCIDR, once the controller manager has assigned it.
+pod_cidr() {
+  local cidr try
+  for try in $(seq 60); do
+    cidr="$(kubectl get node "$1" -o jsonpath='{.spec.podCIDR}')"
+    if [[ -n $cidr ]]; then
+      printf '%s\n' "$cidr"
+      return 0
+    fi
+    [[ $try -lt 60 ]] && sleep 1
+  done
+  die "$1: no spec.podCIDR after 60 s"
 }
 
 install_netpol() {
@@ -216,8 +236,8 @@ main() {
     command -v "$tool" >/dev/null || die "missing prerequisite: $tool"
   done
   [[ $INSTALL == kustomize ]] || helm_bin >/dev/null
-  rm -rf "$ARTIFACTS"
   mkdir -p "$ARTIFACTS"
+  : >"$ARTIFACTS/probe.txt"
   version="$(app_version)"
   [[ -n $version ]] || die "no appVersion in deploy/chart/Chart.yaml"
   trap on_exit EXIT
