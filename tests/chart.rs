@@ -85,6 +85,8 @@ const FLAG_VALUES: &[(&str, &str, &str)] = &[
     ("manifests", "daemon.manifestsHostPath=/var/lib/netpol", "--manifests=/etc/netpol/manifests"),
     ("allow-private-bpffs", "daemon.allowPrivateBpffs=true", "--allow-private-bpffs"),
     ("poll-ms", "daemon.pollMs=50", "--poll-ms=50"),
+    ("liveness-timeout", "daemon.livenessTimeoutSeconds=45", "--liveness-timeout=45"),
+    ("attach", "daemon.attach=tc", "--attach=tc"),
     ("established", "daemon.established=revalidate", "--established=revalidate"),
     ("ct-tcp-timeout", "daemon.conntrack.tcpTimeoutSeconds=100", "--ct-tcp-timeout=100"),
     ("ct-udp-timeout", "daemon.conntrack.udpTimeoutSeconds=101", "--ct-udp-timeout=101"),
