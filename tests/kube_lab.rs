@@ -57,6 +57,7 @@ fn an_api_server_outage_with_compaction_never_opens_and_the_relist_converges() {
     lab.start_daemon_kube(Path::new(common::DAEMON), &kubeconfig).unwrap();
     common::wait_endpoints(&lab, 4, 30, "every pod attached");
     common::check(&lab, &[("web", "db", "tcp", 5432, true), ("api", "db", "tcp", 5432, false), ("evil", "db", "tcp", 5432, false)]);
+    assert_eq!(sample(&lab.metrics().unwrap(), "netpol_source_errors_total"), Some(0.0));
 
     // evil -> db is denied before, during and after the fault: probed without pause throughout.
     let (stop, probes, opened) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
@@ -98,4 +99,5 @@ fn an_api_server_outage_with_compaction_never_opens_and_the_relist_converges() {
     assert!(pods[gone..].iter().any(|r| !r.is_watch() && r.param("continue").is_none()), "a fresh list followed: {pods:#?}");
     let m = lab.metrics().unwrap();
     assert_eq!(sample(&m, "netpol_source_up"), Some(1.0), "{m}");
+    assert!(sample(&m, "netpol_source_errors_total").is_some_and(|e| e >= 1.0), "the failed watches are counted: {m}");
 }

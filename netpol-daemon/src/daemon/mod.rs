@@ -181,7 +181,11 @@ impl Daemon {
     /// Reports the source's health; whether the source can be programmed from.
     fn source_ready(&self) -> bool {
         let down = !self.ctx.source.healthy();
-        let went_down = self.ctx.shared.status.lock().unwrap().set_source_down(down);
+        let went_down = {
+            let mut status = self.ctx.shared.status.lock().unwrap();
+            status.source_errors = self.ctx.source.errors();
+            status.set_source_down(down)
+        };
         if went_down {
             log::warn!("the Kubernetes API is unreachable; enforcing the last known state");
         }

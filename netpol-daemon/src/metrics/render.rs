@@ -245,6 +245,11 @@ fn gauges(status: &Status, ready: bool, out: &mut Families) {
         out.gauge(name, help).sample(&[], v);
     }
     out.counter("netpol_syncs_total", "Datapath syncs done.").sample(&[], status.syncs as f64);
+    out.counter(
+        "netpol_source_errors_total",
+        "Errors reading the source: failed Kubernetes API watches and lists (each followed by a relist with backoff).",
+    )
+    .sample(&[], status.source_errors as f64);
 }
 
 /// How full the maps are (entries and capacity per map, by its pinned name), and the deny

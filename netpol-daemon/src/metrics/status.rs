@@ -31,6 +31,8 @@ pub struct Status {
     pub fail_closed: Vec<ObjKey>,
     /// The source (Kubernetes API) is unreachable; the last state is enforced.
     pub source_down: bool,
+    /// Errors of the source so far ([`crate::source`]'s watch errors; 0 for manifests).
+    pub source_errors: u64,
     /// Change observed (file written, watch event received) → maps updated.
     pub programming_latency: Histogram,
     /// When the last observed change was in the maps (Unix time, seconds); 0: none yet.

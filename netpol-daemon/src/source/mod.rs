@@ -26,6 +26,12 @@ pub trait Source {
     /// False while the Kubernetes API is unreachable (the last state stays enforced).
     fn healthy(&self) -> bool;
 
+    /// Errors reading the source so far (failed watches and lists; none for a directory,
+    /// whose problems are per object).
+    fn errors(&self) -> u64 {
+        0
+    }
+
     /// The state is complete enough to program (the first lists are done).
     fn ready(&self) -> bool;
 

@@ -36,10 +36,12 @@ impl Feed for KubeFeed<'_> {
     }
 }
 
-/// How the daemon's start went on the server's side.
+/// How the daemon's start went on the server's side, and how long a restart took.
 struct Start {
     lists: usize,
     watches: usize,
+    /// Killed (SIGKILL) after the measurements and started again over its pins: to ready.
+    restart: Duration,
 }
 
 /// The daemon reading `cluster` from the stand-in API server, measured as `plan` says.
@@ -59,16 +61,19 @@ fn kube_mode(daemon: &str, cluster: &Cluster, node: &str, plan: &Plan) -> anyhow
     let kubeconfig = lab.path("kubeconfig");
     server.write_kubeconfig(&kubeconfig)?;
     let t0 = Instant::now();
-    lab.start(daemon, node, &[], &[("KUBECONFIG", kubeconfig.into())])?;
+    lab.start(daemon, node, &[], &[("KUBECONFIG", kubeconfig.clone().into())])?;
     let ready = lab.wait_ready(t0)?;
     let requests = server.requests();
-    let start = Start {
-        lists: requests.iter().filter(|r| r.method == "GET" && !r.is_watch()).count(),
-        watches: requests.iter().filter(|r| r.is_watch()).count(),
-    };
+    let (lists, watches) =
+        (requests.iter().filter(|r| r.method == "GET" && !r.is_watch()).count(), requests.iter().filter(|r| r.is_watch()).count());
     let feed = KubeFeed { server: &server };
     let mut moves = Moves::new(&cluster, node);
     let figures = measure_all(&mut lab, &feed, (&mut cluster, node), ready, plan, &mut moves)?;
+    // A crash or an upgrade: the new daemon lists again and adopts the pinned maps and links.
+    lab.kill();
+    let t1 = Instant::now();
+    lab.start(daemon, node, &[], &[("KUBECONFIG", kubeconfig.into())])?;
+    let start = Start { lists, watches, restart: lab.wait_ready(t1)? };
     anyhow::ensure!(
         figures.policies == cluster.policies.len() as f64,
         "the daemon was ready with {} of the {} policies",
@@ -160,6 +165,10 @@ fn kube_table(k: &Figures, start: &Start, plan: &Plan, candidates: usize) -> Str
         k.policies,
         start.lists,
         start.watches
+    );
+    t += &format!(
+        "| restart to ready: the daemon killed (SIGKILL) and started again over its pins (lists again, adopts the maps and the TCX links: no attach) | {} | (one run) | | | |\n",
+        ms(start.restart)
     );
     t += &format!(
         "| watch event -> maps programmed: a remote pod relabelled into a peer selector of a local pod's policy (bench clock before ApiServer::apply to the daemon's netpol_last_programmed_timestamp_seconds) | {} | {} | {} | median < 5 ms, p99 < 10 ms | {} changes, {candidates} pods to move |\n",

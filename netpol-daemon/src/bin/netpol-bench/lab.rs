@@ -118,7 +118,8 @@ impl DaemonLab {
     /// arguments naming where it reads the cluster) and `env` set; returns its pid. Its log
     /// goes to a file named in errors; it dies with this process.
     pub fn start(&mut self, daemon: &str, node: &str, source: &[OsString], env: &[(&str, OsString)]) -> anyhow::Result<u32> {
-        let log = std::fs::File::create(&self.log)?;
+        // Appended: a restarted daemon's log follows the first one's.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/var/run/netns/{}", self.netns))
             .arg(daemon)
@@ -126,6 +127,8 @@ impl DaemonLab {
             .args(source)
             .args(["--metrics-addr", METRICS, "--bpffs"])
             .arg(&self.pin)
+            // Extra daemon flags for an experiment (`--attach tc`); none in `cargo xtask bench`.
+            .args(std::env::var("NETPOL_BENCH_DAEMON_ARGS").unwrap_or_default().split_whitespace())
             .env("RUST_LOG", std::env::var("NETPOL_BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()))
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("KUBERNETES_SERVICE_PORT")
@@ -146,6 +149,14 @@ impl DaemonLab {
             live.daemon = Some(pid);
         }
         Ok(pid)
+    }
+
+    /// Kills the daemon (SIGKILL, as a crash or an OOM kill would) and reaps it; its pins stay.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     pub fn pid(&self) -> u32 {

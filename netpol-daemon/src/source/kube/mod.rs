@@ -122,6 +122,10 @@ impl Source for KubeSource {
         self.health.healthy.load(Ordering::SeqCst)
     }
 
+    fn errors(&self) -> u64 {
+        self.watch_errors()
+    }
+
     /// Every kind has been listed once (until then the pinned state of a previous run, if any,
     /// keeps enforcing: nothing is programmed from a partial view).
     fn ready(&self) -> bool {
