@@ -236,16 +236,7 @@ fn kill_9_and_restart_is_hitless() {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    let Some(mut lab) = lab() else { return };
-    lab.add_pod("app", "server", ip("10.244.0.60"), &[("app", "server")], &[8080], &[]).unwrap();
-    lab.add_pod("app", "client", ip("10.244.0.61"), &[("app", "client")], &[], &[]).unwrap();
-    lab.add_pod("app", "intruder", ip("10.244.0.62"), &[("app", "intruder")], &[], &[]).unwrap();
-    lab.write_cluster_manifest().unwrap();
-    lab.write_manifest(
-        "p.yaml",
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: app}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n",
-    )
-    .unwrap();
+    let Some(mut lab) = server_client_intruder(60) else { return };
     lab.start_daemon(Path::new(DAEMON)).unwrap();
     check(&lab, &[("client", "server", "tcp", 8080, true), ("intruder", "server", "tcp", 8080, false)]);
 

@@ -112,17 +112,8 @@ impl Traffic {
 
 #[test]
 fn tc_fallback_survives_kill_9_is_adopted_on_restart_and_uninstalled() {
-    let Some(mut lab) = lab() else { return };
-    lab.add_pod("app", "server", ip("10.244.0.70"), &[("app", "server")], &[8080], &[]).unwrap();
-    lab.add_pod("app", "client", ip("10.244.0.71"), &[("app", "client")], &[], &[]).unwrap();
-    lab.add_pod("app", "intruder", ip("10.244.0.72"), &[("app", "intruder")], &[], &[]).unwrap();
-    lab.write_cluster_manifest().unwrap();
-    lab.write_manifest(
-        "p.yaml",
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: app}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n",
-    )
-    .unwrap();
-    let cases = [("client", "server", "tcp", 8080, true), ("intruder", "server", "tcp", 8080, false)];
+    let Some(mut lab) = server_client_intruder(70) else { return };
+    let cases = SERVER_CASES;
     lab.daemon_args = vec!["--attach".into(), "tc".into()];
     lab.start_daemon(Path::new(DAEMON)).unwrap();
     wait_endpoints(&lab, 3, 10, "three pods attached");
@@ -178,17 +169,8 @@ fn tc_fallback_survives_kill_9_is_adopted_on_restart_and_uninstalled() {
 /// one once the new is in place: tc filters -> pinned TCX links -> tc filters again.
 #[test]
 fn switching_attach_mode_across_restarts_leaves_one_kind() {
-    let Some(mut lab) = lab() else { return };
-    lab.add_pod("app", "server", ip("10.244.0.75"), &[("app", "server")], &[8080], &[]).unwrap();
-    lab.add_pod("app", "client", ip("10.244.0.76"), &[("app", "client")], &[], &[]).unwrap();
-    lab.add_pod("app", "intruder", ip("10.244.0.77"), &[("app", "intruder")], &[], &[]).unwrap();
-    lab.write_cluster_manifest().unwrap();
-    lab.write_manifest(
-        "p.yaml",
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: app}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n",
-    )
-    .unwrap();
-    let cases = [("client", "server", "tcp", 8080, true), ("intruder", "server", "tcp", 8080, false)];
+    let Some(mut lab) = server_client_intruder(75) else { return };
+    let cases = SERVER_CASES;
     let links = lab.pin_dir.join("links");
     let pinned = || std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0);
     for (mode, want_filters, want_pins) in [("tc", 1, 0), ("tcx", 0, 6), ("tc", 1, 0)] {

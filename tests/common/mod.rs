@@ -28,6 +28,28 @@ pub fn lab() -> Option<Lab> {
     root().then(|| Lab::new().expect("creating the lab"))
 }
 
+/// The restart tests' lab: pods `app/server` (TCP 8080), `app/client` and `app/intruder` at
+/// 10.244.0.`first`, +1 and +2, and a policy that lets only the client reach the server on
+/// 8080 ([`SERVER_CASES`]). None (said why) without root.
+pub fn server_client_intruder(first: u8) -> Option<Lab> {
+    let mut lab = lab()?;
+    for (i, name) in ["server", "client", "intruder"].into_iter().enumerate() {
+        let tcp: &[u16] = if name == "server" { &[8080] } else { &[] };
+        lab.add_pod("app", name, Ipv4Addr::new(10, 244, 0, first + i as u8), &[("app", name)], tcp, &[]).unwrap();
+    }
+    lab.write_cluster_manifest().unwrap();
+    lab.write_manifest(
+        "p.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server, namespace: app}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n",
+    )
+    .unwrap();
+    Some(lab)
+}
+
+/// What [`server_client_intruder`]'s policy allows: the client, not the intruder.
+pub const SERVER_CASES: [(&str, &str, &str, u16, bool); 2] =
+    [("client", "server", "tcp", 8080, true), ("intruder", "server", "tcp", 8080, false)];
+
 pub fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
