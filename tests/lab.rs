@@ -231,97 +231,24 @@ fn readyz_metrics_and_node_name_filtering() {
 /// connection breaks, no denied packet passes.
 #[test]
 fn kill_9_and_restart_is_hitless() {
-    use std::io::{Read, Write};
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     let Some(mut lab) = server_client_intruder(60) else { return };
     lab.start_daemon(Path::new(DAEMON)).unwrap();
     check(&lab, &[("client", "server", "tcp", 8080, true), ("intruder", "server", "tcp", 8080, false)]);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (long_fail, new_ok, new_fail, denied_passed, denied_tries) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-    );
     let server = std::net::SocketAddr::from(([10, 244, 0, 60], 8080));
-    let client_ns = lab.pod("client").netns.clone();
-    let intruder_ns = lab.pod("intruder").netns.clone();
-    let mut threads = Vec::new();
-    // One long-lived allowed connection exchanging a message every 10 ms.
-    {
-        let (stop, fail, ns) = (stop.clone(), long_fail.clone(), client_ns.clone());
-        threads.push(std::thread::spawn(move || {
-            netpol_daemon::testkit::lab::in_netns(&ns, move || {
-                let mut s = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(1)).expect("long-lived connect");
-                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                let mut buf = [0u8; 128];
-                while !stop.load(Ordering::SeqCst) {
-                    if s.write_all(b"x\n").is_err() || !matches!(s.read(&mut buf), Ok(n) if n > 0) {
-                        fail.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            })
-            .unwrap()
-        }));
-    }
-    // New allowed connections, and denied attempts, continuously.
-    {
-        let (stop, ok, fail, ns) = (stop.clone(), new_ok.clone(), new_fail.clone(), client_ns.clone());
-        threads.push(std::thread::spawn(move || {
-            netpol_daemon::testkit::lab::in_netns(&ns, move || {
-                while !stop.load(Ordering::SeqCst) {
-                    if netpol_daemon::testkit::lab::probe_tcp(server, Duration::from_secs(1)) {
-                        ok.fetch_add(1, Ordering::SeqCst);
-                    } else {
-                        fail.fetch_add(1, Ordering::SeqCst);
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            })
-            .unwrap()
-        }));
-    }
-    for _ in 0..3 {
-        let (stop, passed, tries, ns) = (stop.clone(), denied_passed.clone(), denied_tries.clone(), intruder_ns.clone());
-        threads.push(std::thread::spawn(move || {
-            netpol_daemon::testkit::lab::in_netns(&ns, move || {
-                while !stop.load(Ordering::SeqCst) {
-                    tries.fetch_add(1, Ordering::SeqCst);
-                    if netpol_daemon::testkit::lab::probe_tcp(server, Duration::from_millis(150)) {
-                        passed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            })
-            .unwrap()
-        }));
-    }
+    let traffic = Traffic::start(&lab, "client", "intruder", server, 3);
     std::thread::sleep(Duration::from_millis(300));
     lab.kill_daemon();
     let t_dead = Instant::now();
     // No daemon at all for a while: the pinned programs keep enforcing.
     std::thread::sleep(Duration::from_millis(800));
-    let denied_while_dead = denied_tries.load(Ordering::SeqCst);
+    let denied_while_dead = traffic.denied_tries();
     lab.start_daemon(Path::new(DAEMON)).unwrap();
     let downtime = t_dead.elapsed();
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    for t in threads {
-        t.join().unwrap();
-    }
-    let (lf, ok, nf, dp, dt) = (
-        long_fail.load(Ordering::SeqCst),
-        new_ok.load(Ordering::SeqCst),
-        new_fail.load(Ordering::SeqCst),
-        denied_passed.load(Ordering::SeqCst),
-        denied_tries.load(Ordering::SeqCst),
-    );
+    let Seen { long_fail: lf, new_ok: ok, new_fail: nf, denied_passed: dp, denied_tries: dt, .. } = traffic.finish();
     eprintln!("restart: daemon down {downtime:?}; allowed new connections ok {ok} failed {nf}; long-lived failures {lf}; denied attempts {dt} ({denied_while_dead} before restart) passed {dp}");
     assert_eq!(lf, 0, "the long-lived allowed connection broke\n{}", lab.daemon_log());
     assert_eq!(nf, 0, "{nf} new allowed connections failed\n{}", lab.daemon_log());

@@ -2,15 +2,11 @@
 //! kernel: the real daemon, real filters, real connections between network namespaces.
 //! Enforcement outlives a kill -9 and a graceful exit, a restarted daemon adopts the filters (swaps its programs
 //! into the same ones: never two per hook), and `netpol-daemon uninstall` removes them.
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use netpol_daemon::testkit::lab::{in_netns, probe_tcp, Lab};
+use netpol_daemon::testkit::lab::Lab;
 
 mod common;
 use common::*;
@@ -46,70 +42,6 @@ fn one_filter_per_hook(lab: &Lab, pod: &str, when: &str) -> (u32, u32) {
     (prog_id(&ingress[0]), prog_id(&egress[0]))
 }
 
-/// Traffic running while the daemon is killed and restarted: one long-lived allowed
-/// connection exchanging a line every 10 ms, and denied attempts in a loop.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    long_fail: Arc<AtomicUsize>,
-    exchanges: Arc<AtomicUsize>,
-    denied_passed: Arc<AtomicUsize>,
-    denied_tries: Arc<AtomicUsize>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Traffic {
-    fn start(lab: &Lab, client: &str, intruder: &str, server: SocketAddr) -> Traffic {
-        let t = Traffic {
-            stop: Arc::new(AtomicBool::new(false)),
-            long_fail: Arc::new(AtomicUsize::new(0)),
-            exchanges: Arc::new(AtomicUsize::new(0)),
-            denied_passed: Arc::new(AtomicUsize::new(0)),
-            denied_tries: Arc::new(AtomicUsize::new(0)),
-            threads: Vec::new(),
-        };
-        let (stop, fail, done, ns) = (t.stop.clone(), t.long_fail.clone(), t.exchanges.clone(), lab.pod(client).netns.clone());
-        let long = std::thread::spawn(move || {
-            in_netns(&ns, move || {
-                let mut s = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(1)).expect("long-lived connect");
-                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                let mut buf = [0u8; 128];
-                while !stop.load(Ordering::SeqCst) {
-                    if s.write_all(b"x\n").is_err() || !matches!(s.read(&mut buf), Ok(n) if n > 0) {
-                        fail.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                    done.fetch_add(1, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            })
-            .unwrap()
-        });
-        let (stop, passed, tries, ns) = (t.stop.clone(), t.denied_passed.clone(), t.denied_tries.clone(), lab.pod(intruder).netns.clone());
-        let denied = std::thread::spawn(move || {
-            in_netns(&ns, move || {
-                while !stop.load(Ordering::SeqCst) {
-                    tries.fetch_add(1, Ordering::SeqCst);
-                    if probe_tcp(server, Duration::from_millis(150)) {
-                        passed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            })
-            .unwrap()
-        });
-        Traffic { threads: vec![long, denied], ..t }
-    }
-
-    /// Stops the traffic: (long-lived failures, exchanges, denied passed, denied tries).
-    fn finish(self) -> (usize, usize, usize, usize) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let get = |a: &AtomicUsize| a.load(Ordering::SeqCst);
-        (get(&self.long_fail), get(&self.exchanges), get(&self.denied_passed), get(&self.denied_tries))
-    }
-}
-
 #[test]
 fn tc_fallback_survives_kill_9_is_adopted_on_restart_and_uninstalled() {
     let Some(mut lab) = server_client_intruder(70) else { return };
@@ -125,7 +57,7 @@ fn tc_fallback_survives_kill_9_is_adopted_on_restart_and_uninstalled() {
 
     // kill -9 under traffic: nothing detaches the filters, so nothing stops enforcing.
     let server: SocketAddr = ([10, 244, 0, 70], 8080).into();
-    let traffic = Traffic::start(&lab, "client", "intruder", server);
+    let traffic = Traffic::start(&lab, "client", "intruder", server, 1);
     std::thread::sleep(Duration::from_millis(300));
     lab.kill_daemon();
     std::thread::sleep(Duration::from_millis(300));
@@ -136,7 +68,7 @@ fn tc_fallback_survives_kill_9_is_adopted_on_restart_and_uninstalled() {
     lab.start_daemon(Path::new(DAEMON)).unwrap();
     wait_endpoints(&lab, 3, 10, "three pods re-attached");
     std::thread::sleep(Duration::from_millis(300));
-    let (long_fail, exchanges, denied_passed, denied_tries) = traffic.finish();
+    let Seen { long_fail, exchanges, denied_passed, denied_tries, .. } = traffic.finish();
     eprintln!("tc fallback: {exchanges} exchanges on the long-lived connection, {long_fail} failures; {denied_tries} denied attempts, {denied_passed} passed");
     assert_eq!(long_fail, 0, "the long-lived allowed connection broke\n{}", lab.daemon_log());
     assert!(exchanges > 50, "too little allowed traffic measured: {exchanges}");

@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 use netpol_daemon::metrics::sample;
 use netpol_daemon::testkit::lab::Lab;
 
+mod traffic;
+#[allow(unused_imports)] // Only the restart tests use it.
+pub use traffic::{Seen, Traffic};
+
 pub const DAEMON: &str = env!("CARGO_BIN_EXE_netpol-daemon");
 
 /// Root is needed (network namespaces, veth, BPF). Where it is missing the test says why; in
