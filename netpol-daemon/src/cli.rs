@@ -92,7 +92,8 @@ pub fn load(dir: Option<&Path>) -> Result<(Cluster, Vec<String>)> {
             Ok((loaded.cluster, loaded.errors.iter().map(|e| e.to_string()).collect()))
         }
         None => {
-            // Pods of every node are kept whole: `explain` may be asked about any of them.
+            // No node of its own: every pod is kept in the slim form, which holds all that
+            // rules match on (labels, addresses, named ports), for `explain` and `check`.
             let mut src = crate::source::kube::KubeSource::start("")?;
             let t0 = std::time::Instant::now();
             while !src.ready() {
