@@ -119,7 +119,7 @@ impl Source for KubeSource {
     }
 
     fn healthy(&self) -> bool {
-        self.health.healthy.load(Ordering::SeqCst)
+        self.health.healthy()
     }
 
     fn errors(&self) -> u64 {

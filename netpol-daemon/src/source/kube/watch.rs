@@ -3,7 +3,7 @@
 //! daemon waits on. Objects are converted to the model's slim form here, as they arrive, and
 //! the API's copy is dropped: nothing else keeps them.
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,15 +69,46 @@ impl Inbox {
 /// Whether the API server answers, and how many times a watch failed.
 #[derive(Default)]
 pub struct Health {
-    /// The last thing each watcher saw was not an error, and the last version probe answered.
-    pub healthy: AtomicBool,
+    /// One bit per watcher whose last outcome was an error, and one for the version probe:
+    /// the source is healthy only when every watch works (one watch still backing off after
+    /// an outage while the others resumed is not "up").
+    failing: AtomicU32,
     /// Watch errors so far (each followed by a relist with backoff).
     pub errors: AtomicU64,
 }
 
+/// The version probe's bit in [`Health::failing`], past the watchers' (one per [`Kind`]).
+const PROBE: u32 = 1 << Kind::ALL.len();
+
 impl Health {
     pub fn new() -> Health {
-        Health { healthy: AtomicBool::new(true), errors: AtomicU64::new(0) }
+        Health::default()
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.failing.load(Ordering::SeqCst) == 0
+    }
+
+    /// Records the last outcome of `kind`'s watch; an event also shows the server answers.
+    fn watch(&self, kind: Kind, ok: bool) {
+        self.set(1 << kind as u32 | if ok { PROBE } else { 0 }, ok);
+    }
+
+    /// Records the outcome of a version probe; whether the source's health changed. A watch
+    /// that resumes quietly after an outage shows nothing, so an answer clears every bit (a
+    /// watch still failing sets its bit again at its next try, and counts an error).
+    fn probe(&self, ok: bool) -> bool {
+        let before = self.healthy();
+        self.set(if ok { u32::MAX } else { PROBE }, ok);
+        before != self.healthy()
+    }
+
+    fn set(&self, bit: u32, ok: bool) {
+        if ok {
+            self.failing.fetch_and(!bit, Ordering::SeqCst);
+        } else {
+            self.failing.fetch_or(bit, Ordering::SeqCst);
+        }
     }
 }
 
@@ -135,12 +166,12 @@ where
                 Ok(ev) => ev,
                 Err(e) => {
                     sink.health.errors.fetch_add(1, Ordering::SeqCst);
-                    sink.health.healthy.store(false, Ordering::SeqCst);
+                    sink.health.watch(kind, false);
                     log::warn!("watch {}: {e}; keeping the last state, relisting with backoff", K::plural(&Default::default()));
                     continue;
                 }
             };
-            sink.health.healthy.store(true, Ordering::SeqCst);
+            sink.health.watch(kind, true);
             match ev {
                 Event::Apply(o) => sink.inbox.push(Change::Put(Box::new(record(kind, &o, &sink.node, &mut warned)))),
                 Event::Delete(o) => sink.inbox.push(Change::Gone(kind, key_of(kind, &o))),
@@ -159,9 +190,35 @@ pub fn probe(rt: &tokio::runtime::Runtime, client: kube::Client, health: Arc<Hea
         loop {
             tokio::time::sleep(every).await;
             let ok = client.apiserver_version().await.is_ok();
-            if health.healthy.swap(ok, Ordering::SeqCst) != ok {
-                log::info!("Kubernetes API {}", if ok { "reachable again" } else { "unreachable" });
+            if health.probe(ok) {
+                log::info!("Kubernetes API {}", if health.healthy() { "reachable again" } else { "unreachable" });
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_source_is_up_only_while_every_watch_and_the_probe_work() {
+        let h = Health::new();
+        assert!(h.healthy());
+        h.watch(Kind::Pod, false);
+        h.watch(Kind::Service, false);
+        // Pods resumed; services still back off: not up yet.
+        h.watch(Kind::Pod, true);
+        assert!(!h.healthy(), "one watch's event does not hide another's failure");
+        h.watch(Kind::Service, true);
+        assert!(h.healthy());
+        assert!(h.probe(false), "a failed probe takes the source down");
+        assert!(!h.probe(false), "and reports no change while it stays down");
+        h.watch(Kind::Namespace, true);
+        assert!(h.healthy(), "an event shows the server answers, as a probe would");
+        // A watch that resumed quietly is cleared by the next probe that is answered.
+        h.watch(Kind::Policy, false);
+        assert!(h.probe(true));
+        assert!(h.healthy());
+    }
 }
