@@ -210,6 +210,7 @@ fn readyz_metrics_and_node_name_filtering() {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: web}\nspec: {podSelector: {matchLabels: {app: web}}}\n",
     )
     .unwrap();
+    lab.daemon_args = vec!["--log-format".into(), "json".into()];
     lab.start_daemon(Path::new(DAEMON)).unwrap();
     let (code, _) = lab.http_get("/readyz").unwrap();
     assert_eq!(code, 200);
@@ -224,6 +225,31 @@ fn readyz_metrics_and_node_name_filtering() {
     assert_eq!(lab.http_get("/healthz").unwrap(), (200, "ok\n".to_string()));
     assert!(m.contains("# TYPE netpol_packets_total counter"));
     check(&lab, &[("client", "here", "tcp", 80, false), ("here", "client", "tcp", 80, true)]);
+    json_log_has_the_sync_spans(&lab.daemon_log());
+}
+
+/// Every line of a `--log-format json` log is one JSON object; the sync is logged inside the
+/// pass span, which carries the steps' durations.
+fn json_log_has_the_sync_spans(log: &str) {
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{log}"))).collect();
+    let synced = lines
+        .iter()
+        .find(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("synced")))
+        .unwrap_or_else(|| panic!("no sync logged:\n{log}"));
+    assert_eq!(synced["level"], "INFO", "{synced}");
+    assert_eq!(synced["fields"]["local_pods"], 2, "{synced}");
+    let span = &synced["span"];
+    assert_eq!(span["name"], "pass", "{synced}");
+    assert_eq!(span["kind"], "Full", "{synced}");
+    for step in ["compile_ms", "resolve_ms", "maps_ms"] {
+        assert!(span[step].as_f64().is_some_and(|v| v >= 0.0), "{step} in {synced}");
+    }
+    let loaded = lines
+        .iter()
+        .find(|l| l["span"]["name"] == "load_datapath" && l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("datapath loaded")))
+        .unwrap_or_else(|| panic!("no load span:\n{log}"));
+    assert!(loaded["fields"]["ms"].as_f64().is_some(), "{loaded}");
 }
 
 /// kill -9 under continuous allowed and denied traffic, then restart: enforcement never stops

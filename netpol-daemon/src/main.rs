@@ -12,6 +12,29 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// How log lines are written to stderr: text for people, json (one object per line, with
+    /// the spans and their fields) for log collectors. What is logged is chosen by RUST_LOG
+    /// (default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "NETPOL_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logging through tracing: the daemon's spans (load, compile, sync) and events, kube-rs'
+/// own, and aya's `log` records (bridged by tracing-subscriber), to stderr.
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -187,8 +210,8 @@ fn limit_malloc_arenas() {
 
 fn main() {
     limit_malloc_arenas();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match cli.cmd {
         Cmd::Explain { manifests, from, to, port, protocol } => {
             match netpol_daemon::cli::explain(manifests.as_deref(), &from, &to, port, &protocol) {

@@ -141,7 +141,7 @@ impl Interfaces {
         let errors = self.keep_or_report(missing, &mut ifaces);
         let same = ifaces.len() == self.known.len() && ifaces.iter().all(|(k, i)| self.known.get(k).is_some_and(|(_, o)| o == i));
         if !same {
-            log::debug!("pod interfaces: {:?}", ifaces.iter().map(|(k, i)| format!("{k}={}", i.ifname)).collect::<Vec<_>>());
+            tracing::debug!("pod interfaces: {:?}", ifaces.iter().map(|(k, i)| format!("{k}={}", i.ifname)).collect::<Vec<_>>());
         }
         self.known = ifaces.iter().map(|(k, i)| (k.clone(), (node.pods[k].ips.clone(), i.clone()))).collect();
         Resolved { ifaces, errors, same }

@@ -94,7 +94,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
     while !stop.load(Ordering::SeqCst) {
         daemon.step();
     }
-    log::info!("stopping; maps stay pinned in {}", daemon.ctx.datapath.pin_dir().display());
+    tracing::info!("stopping; maps stay pinned in {}", daemon.ctx.datapath.pin_dir().display());
     Ok(())
 }
 
@@ -122,11 +122,11 @@ impl Daemon {
         let events = match &cfg.manifests {
             Some(_) => KubeEvents::disabled(),
             None => KubeEvents::start(&cfg.node_name, shared.kube_events.clone()).unwrap_or_else(|e| {
-                log::warn!("{e:#}: no Kubernetes Events");
+                tracing::warn!("{e:#}: no Kubernetes Events");
                 KubeEvents::disabled()
             }),
         };
-        log::info!(
+        tracing::info!(
             "netpol-daemon: node {}, source {}, metrics on {}, maps pinned in {}",
             cfg.node_name,
             source.describe(),
@@ -187,7 +187,7 @@ impl Daemon {
             status.set_source_down(down)
         };
         if went_down {
-            log::warn!("the Kubernetes API is unreachable; enforcing the last known state");
+            tracing::warn!("the Kubernetes API is unreachable; enforcing the last known state");
         }
         // Until every watch has listed once, the pinned state of a previous run (if any)
         // keeps enforcing; nothing is programmed from a partial view.
@@ -200,11 +200,13 @@ impl Daemon {
         let (ctx, st) = (&mut self.ctx, &mut self.state);
         let first = !st.loaded_once;
         let t_load = Instant::now();
+        let span = tracing::info_span!("load", ms = tracing::field::Empty);
+        let _load = span.enter();
         let (ch, errors) = match ctx.source.refresh(&mut st.cluster, ctx.cfg.audit_all) {
             Ok(Some(loaded)) => loaded,
             Ok(None) => return true,
             Err(e) => {
-                log::error!("{e:#}; keeping the last state");
+                tracing::error!("{e:#}; keeping the last state");
                 return false;
             }
         };
@@ -213,7 +215,8 @@ impl Daemon {
         if ch.is_empty() && !first && errors == st.load_errors {
             return true;
         }
-        log::debug!("state loaded in {:?} (change made {age:?} before): {ch:?}", t_load.elapsed());
+        span.record("ms", pass::ms(t_load.elapsed()));
+        tracing::debug!("state loaded in {:?} (change made {age:?} before): {ch:?}", t_load.elapsed());
         st.loaded_once = true;
         st.change_age = if first { None } else { age.map(|a| (a, now)) };
         if errors != st.load_errors {
@@ -247,12 +250,15 @@ impl Daemon {
 
 /// Refuses a bpffs that dies with the daemon (unless allowed), then loads or adopts the maps
 /// and programs pinned there and configures them.
+#[tracing::instrument(name = "load_datapath", skip_all, fields(bpffs = %cfg.bpffs.display()))]
 fn load_datapath(cfg: &RunConfig) -> Result<Datapath> {
+    let t0 = Instant::now();
     crate::datapath::check_bpffs_outlives_daemon(&cfg.bpffs, cfg.allow_private_bpffs)?;
     let mut dp = Datapath::load(&cfg.bpffs)?;
     dp.set_config(&cfg.datapath_config)?;
     dp.set_flow_cache(cfg.flow_cache)?;
     dp.set_attach_mode(cfg.attach);
+    tracing::info!(ms = pass::ms(t0.elapsed()), "datapath loaded in {:?}", t0.elapsed());
     Ok(dp)
 }
 
@@ -263,7 +269,7 @@ fn log_new_load_errors(errors: &[String], logged: &[String]) {
             // Invalid policies are enforced fail-closed (their message says so); other
             // invalid objects are skipped.
             let what = if e.contains(crate::model::FAIL_CLOSED_NOTE) { "invalid" } else { "skipped" };
-            log::error!("{what}: {e}");
+            tracing::error!("{what}: {e}");
         }
     }
 }

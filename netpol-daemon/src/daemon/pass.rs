@@ -6,6 +6,8 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use tracing::field::Empty;
+
 use super::interfaces::{self, Resolved};
 use super::Daemon;
 use crate::compiler::UpdateKind;
@@ -50,10 +52,16 @@ struct Timings {
 impl Daemon {
     /// Compiles, resolves the interfaces, programs the maps and reports.
     pub(super) fn program(&mut self, pass: Pass) {
+        // The pass's span carries each step's duration (in ms) to every line logged in it; the
+        // steps' own spans (compile, sync) name what a line logged inside them was about.
+        let span = tracing::info_span!("pass", kind = Empty, compile_ms = Empty, resolve_ms = Empty, maps_ms = Empty);
+        let _pass = span.enter();
         let started = Instant::now();
         let resolving_all = self.state.interfaces.begin(pass.full_resolve);
-        let kind = self.compile(&pass.pending);
+        let kind = tracing::info_span!("compile").in_scope(|| self.compile(&pass.pending));
         let compiled = started.elapsed();
+        span.record("kind", tracing::field::debug(kind));
+        span.record("compile_ms", ms(compiled));
         let resolved = self.state.interfaces.resolve(self.state.compiler.policy(), pass.full_resolve);
         if pass.lookup_only() && resolved.same {
             // A periodic look-up that found every interface where it was.
@@ -64,14 +72,17 @@ impl Daemon {
         }
         let (ifaces, mut errors, node_addrs) = self.interfaces_to_program(resolved, pass.full_resolve);
         let resolved = started.elapsed() - compiled;
+        span.record("resolve_ms", ms(resolved));
         let t_sync = Instant::now();
-        let report = self.ctx.datapath.sync(self.state.compiler.policy(), &ifaces);
+        let report = tracing::info_span!("sync", interfaces = ifaces.len())
+            .in_scope(|| self.ctx.datapath.sync(self.state.compiler.policy(), &ifaces));
         let t = Timings { started, compiled, resolved, synced: t_sync.elapsed() };
+        span.record("maps_ms", ms(t.synced));
         self.observe_latency(&t);
         if pass.have_changes && self.ctx.cfg.revalidate_established {
             let cut = self.ctx.datapath.revalidate(self.state.compiler.policy(), &node_addrs);
             if cut > 0 {
-                log::info!("revalidated tracked flows: {cut} no longer allowed, cut");
+                tracing::info!("revalidated tracked flows: {cut} no longer allowed, cut");
             }
         }
         self.ctx.events.synced(kube_events::not_enforced(self.state.compiler.policy(), &report.errors));
@@ -112,7 +123,12 @@ impl Daemon {
         if let Some((age, at)) = self.state.change_age.take() {
             let latency = age + at.elapsed();
             self.ctx.shared.status.lock().unwrap().record_programmed(latency);
-            log::debug!("change programmed {latency:?} after it was made (resolve {:?}, maps {:?})", t.resolved, t.synced);
+            tracing::debug!(
+                latency_ms = ms(latency),
+                "change programmed {latency:?} after it was made (resolve {:?}, maps {:?})",
+                t.resolved,
+                t.synced
+            );
         }
     }
 
@@ -120,7 +136,7 @@ impl Daemon {
     fn log_sync_errors(&mut self, errors: Vec<String>) {
         if errors != self.state.sync_errors {
             for e in &errors {
-                log::warn!("{e}");
+                tracing::warn!("{e}");
             }
             self.state.sync_errors = errors;
         }
@@ -140,14 +156,24 @@ impl Daemon {
 }
 
 fn log_synced(kind: UpdateKind, report: &SyncReport, t: &Timings) {
-    log::info!(
-        "synced ({kind:?} compile in {:?}, maps in {:?}): {} local pods, {} identity, {} policy and {} port entries in {:?}",
+    let total = t.started.elapsed();
+    tracing::info!(
+        local_pods = report.endpoints,
+        identity_entries = report.identities,
+        policy_entries = report.policy,
+        port_entries = report.ports,
+        total_ms = ms(total),
+        "synced ({kind:?} compile in {:?}, maps in {:?}): {} local pods, {} identity, {} policy and {} port entries in {total:?}",
         t.compiled,
         t.synced,
         report.endpoints,
         report.identities,
         report.policy,
         report.ports,
-        t.started.elapsed()
     );
+}
+
+/// A duration as a span or event field: milliseconds, to the microsecond.
+pub(super) fn ms(d: Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
 }

@@ -101,7 +101,7 @@ impl Links {
         let adopted_tc = match tc::ours() {
             Ok(found) => found.into_iter().collect(),
             Err(e) => {
-                log::warn!("listing netpol's tc filters failed ({e}); a stale one would stay");
+                tracing::warn!("listing netpol's tc filters failed ({e}); a stale one would stay");
                 BTreeSet::new()
             }
         };
@@ -180,7 +180,7 @@ impl Links {
         }
         for (ifindex, hook) in std::mem::take(&mut self.adopted_tc) {
             if let Err(e) = tc::delete(ifindex, hook) {
-                log::warn!("deleting the stale tc filter of {} on interface {ifindex}: {e}", hook.program());
+                tracing::warn!("deleting the stale tc filter of {} on interface {ifindex}: {e}", hook.program());
             }
         }
     }
@@ -205,7 +205,7 @@ impl Links {
                     }
                     Err(e) if self.mode == AttachMode::Tcx => bail!("TCX attach of {name} to {ifname}: {e} (--attach tcx)"),
                     Err(e) => {
-                        log::warn!("TCX attach of {name} to {ifname} failed ({e}); falling back to clsact + cls_bpf");
+                        tracing::warn!("TCX attach of {name} to {ifname} failed ({e}); falling back to clsact + cls_bpf");
                         self.use_tcx = false;
                     }
                 }
@@ -237,7 +237,7 @@ impl Links {
         match adopted {
             Ok(link) => Some(AttachedLink::Pinned { link, path: old }),
             Err(e) => {
-                log::info!("pinned link {} not re-usable ({e:#}); attaching anew", old.display());
+                tracing::info!("pinned link {} not re-usable ({e:#}); attaching anew", old.display());
                 let _ = std::fs::remove_file(&old);
                 None
             }
@@ -267,7 +267,7 @@ impl Links {
         // The thread needs program objects of its own: opened from temporary pins.
         let progs_dir = self.links_dir.with_file_name("attaching");
         if let Err(e) = pin_programs(ebpf, &progs_dir) {
-            log::warn!("not attaching ahead: pinning the programs in {}: {e:#}", progs_dir.display());
+            tracing::warn!("not attaching ahead: pinning the programs in {}: {e:#}", progs_dir.display());
             let _ = std::fs::remove_dir_all(&progs_dir);
             return;
         }
@@ -275,7 +275,7 @@ impl Links {
         self.preattaching = Some(std::thread::spawn(move || {
             let t0 = std::time::Instant::now();
             let made = attach_all(&progs_dir, &links_dir, &todo);
-            log::debug!("attached ahead to {} of {} interfaces in {:?}", made.len() / 2, todo.len(), t0.elapsed());
+            tracing::debug!("attached ahead to {} of {} interfaces in {:?}", made.len() / 2, todo.len(), t0.elapsed());
             let _ = std::fs::remove_dir_all(&progs_dir);
             made
         }));
@@ -313,7 +313,7 @@ fn attach_all(progs_dir: &Path, links_dir: &Path, ifaces: &[Iface]) -> Vec<Pinne
         let mut prog = match SchedClassifier::from_pin(progs_dir.join(name)) {
             Ok(p) => p,
             Err(e) => {
-                log::warn!("opening the pinned {name}: {e}");
+                tracing::warn!("opening the pinned {name}: {e}");
                 continue;
             }
         };
@@ -324,7 +324,7 @@ fn attach_all(progs_dir: &Path, links_dir: &Path, ifaces: &[Iface]) -> Vec<Pinne
                 .and_then(|id| pin_link(links_dir, &mut prog, id, iface.ifindex, name));
             match pinned {
                 Ok((_, path)) => made.push(((iface.ifindex, name), path)),
-                Err(e) => log::debug!("attaching {name} to {} ahead: {e:#} (tried again when its pod is programmed)", iface.ifname),
+                Err(e) => tracing::debug!("attaching {name} to {} ahead: {e:#} (tried again when its pod is programmed)", iface.ifname),
             }
         }
     }
@@ -359,7 +359,7 @@ fn detach(a: Attached) {
             }
             AttachedLink::Tc { ifindex, hook } => {
                 if let Err(e) = tc::delete(ifindex, hook) {
-                    log::warn!("deleting the tc filter of {} on interface {ifindex}: {e}", hook.program());
+                    tracing::warn!("deleting the tc filter of {} on interface {ifindex}: {e}", hook.program());
                 }
             }
         }

@@ -62,7 +62,7 @@ impl Conntrack {
     pub fn set_flow_cache(&mut self, on: bool) -> Result<()> {
         let rt = preempt_rt();
         if on && rt {
-            log::warn!("PREEMPT_RT kernel: the flow cache stays off (every packet looks the conntrack table up)");
+            tracing::warn!("PREEMPT_RT kernel: the flow cache stays off (every packet looks the conntrack table up)");
         }
         self.flow_cache = on && !rt;
         let c = self.settings;

@@ -80,8 +80,8 @@ pub(super) fn migrate_conntrack_v1(pin_dir: &Path, new: &mut BpfHashMap<MapData,
         Ok(n)
     })();
     match migrated {
-        Ok(n) => log::info!("migrated {n} tracked flow(s) from the old {} map", maps::CONNTRACK_V1),
-        Err(e) => log::warn!("old {} map not migrated ({e:#}); its flows will be judged afresh", maps::CONNTRACK_V1),
+        Ok(n) => tracing::info!("migrated {n} tracked flow(s) from the old {} map", maps::CONNTRACK_V1),
+        Err(e) => tracing::warn!("old {} map not migrated ({e:#}); its flows will be judged afresh", maps::CONNTRACK_V1),
     }
     let _ = std::fs::remove_file(&path);
 }
@@ -103,7 +103,7 @@ fn drop_pins_of_other_layouts(pin_dir: &Path) {
         let Ok(md) = MapData::from_pin(&path) else { continue };
         let Ok(info) = md.info() else { continue };
         if info.value_size() != value_size || info.max_entries() != max_entries {
-            log::warn!(
+            tracing::warn!(
                 "pinned map {} has another layout (value {} bytes, {} entries; this version: {value_size}, {max_entries}): replacing it",
                 path.display(),
                 info.value_size(),
@@ -140,7 +140,7 @@ pub fn check_bpffs_outlives_daemon(path: &Path, allow: bool) -> Result<()> {
         own.map(|p| p.display().to_string()).unwrap_or_else(|| "unknown".into())
     );
     if allow {
-        log::warn!("{msg} (allowed by --allow-private-bpffs)");
+        tracing::warn!("{msg} (allowed by --allow-private-bpffs)");
         return Ok(());
     }
     Err(anyhow!(msg))
@@ -159,7 +159,7 @@ fn private_bpffs(path: &Path, mnt: &Path) -> Option<String> {
     if there.is_none() {
         // PID 1 is not ours to look at (a sandbox; no CAP_SYS_PTRACE): a bpffs is
         // mounted here, which is what a host bind mount looks like too.
-        log::warn!("--bpffs {}: cannot compare the bpffs at {} with PID 1's; assuming it is the host's", path.display(), mnt.display());
+        tracing::warn!("--bpffs {}: cannot compare the bpffs at {} with PID 1's; assuming it is the host's", path.display(), mnt.display());
         return None;
     }
     Some(format!("the bpffs at {} is not the one PID 1 sees there (a private mount)", mnt.display()))

@@ -45,7 +45,7 @@ fn request(msg: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetlinkM
                 Err(e) => {
                     // A message this crate cannot read (an attribute of a newer kernel) is one
                     // object less in a dump, not a failed look-up of every other one.
-                    log::warn!("skipping a netlink message of type {}: {e}", NetlinkBuffer::new(one).message_type());
+                    tracing::warn!("skipping a netlink message of type {}: {e}", NetlinkBuffer::new(one).message_type());
                     continue;
                 }
             };

@@ -49,7 +49,7 @@ fn log_event(ev: &DenyEvent, shared: &Shared) {
         .unwrap_or_else(|| format!("endpoint-{}", ev.endpoint));
     let proto = Protocol::ip_name(ev.proto).map_or_else(|| ev.proto.to_string(), str::to_string);
     let (src, dst) = (addr_from_bytes(ev.family, ev.src), addr_from_bytes(ev.family, ev.dst));
-    log::info!(
+    tracing::info!(
         target: "netpol::denied",
         "{} pod={pod} direction={} proto={proto} src={} dst={}",
         if ev.verdict as u32 == netpol_common::VERDICT_AUDIT { "audit" } else { "denied" },

@@ -36,7 +36,7 @@ async fn accept(listener: std::net::TcpListener, scraper: Arc<Scraper>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
-            log::error!("metrics endpoint: {e}: not serving");
+            tracing::error!("metrics endpoint: {e}: not serving");
             return;
         }
     };
@@ -46,7 +46,7 @@ async fn accept(listener: std::net::TcpListener, scraper: Arc<Scraper>) {
             Ok((s, _)) => s,
             Err(e) => {
                 // Out of file descriptors, most likely: let some connections end first.
-                log::warn!("metrics endpoint: accept: {e}");
+                tracing::warn!("metrics endpoint: accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

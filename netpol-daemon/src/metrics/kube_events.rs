@@ -325,13 +325,16 @@ impl Task {
                 t.written = Some(Instant::now());
                 let counter = if repeat { &self.counters.patched } else { &self.counters.created };
                 counter.fetch_add(1, Ordering::Relaxed);
-                log::debug!("Kubernetes Event {} on NetworkPolicy {}: {}", p.reason.as_str(), p.policy, p.message);
+                tracing::debug!("Kubernetes Event {} on NetworkPolicy {}: {}", p.reason.as_str(), p.policy, p.message);
                 self.failing = false;
             }
             Err(e) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
                 if !std::mem::replace(&mut self.failing, true) {
-                    log::warn!("writing a Kubernetes Event on NetworkPolicy {}: {e} (further failures are counted, not logged)", p.policy);
+                    tracing::warn!(
+                        "writing a Kubernetes Event on NetworkPolicy {}: {e} (further failures are counted, not logged)",
+                        p.policy
+                    );
                 }
             }
         }

@@ -79,7 +79,7 @@ impl Scraper {
         let ready = self.shared.ready.load(Ordering::SeqCst);
         let mut counters = self.counters.lock().unwrap();
         if counters.is_none() && ready {
-            *counters = CounterReader::open(&self.pin_dir).map_err(|e| log::debug!("metrics: {e:#}")).ok();
+            *counters = CounterReader::open(&self.pin_dir).map_err(|e| tracing::debug!("metrics: {e:#}")).ok();
         }
         let status = self.shared.status.lock().unwrap().clone();
         let mut out = Families::default();

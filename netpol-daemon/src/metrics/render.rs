@@ -66,7 +66,7 @@ impl Families {
         let mut out = Vec::new();
         // Only an empty family or name fails, and neither is left here.
         if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
-            log::error!("encoding the metrics: {e}");
+            tracing::error!("encoding the metrics: {e}");
         }
         String::from_utf8(out).unwrap_or_default()
     }
@@ -255,7 +255,7 @@ fn gauges(status: &Status, ready: bool, out: &mut Families) {
 /// How full the maps are (entries and capacity per map, by its pinned name), and the deny
 /// events the programs could not send.
 fn map_pressure(status: &Status, counters: Option<&CounterReader>, out: &mut Families) {
-    let conntrack = counters.and_then(|c| c.count_conntrack().map_err(|e| log::debug!("counting {}: {e:#}", maps::CONNTRACK)).ok());
+    let conntrack = counters.and_then(|c| c.count_conntrack().map_err(|e| tracing::debug!("counting {}: {e:#}", maps::CONNTRACK)).ok());
     let rows: [(&str, Option<u64>, u32); 5] = [
         (maps::ENDPOINTS, Some(status.endpoints.len() as u64), ENDPOINTS_MAX),
         (maps::IDENTITIES, Some(status.identity_entries as u64), IDENTITIES_MAX),

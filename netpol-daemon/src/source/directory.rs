@@ -31,7 +31,7 @@ pub struct ManifestsDir {
 impl ManifestsDir {
     /// Watches `dir` with inotify where it can (else polls it).
     pub fn new(dir: PathBuf) -> ManifestsDir {
-        let watch = DirWatch::new(&dir).map_err(|e| log::warn!("no inotify on {}: {e}; polling only", dir.display())).ok();
+        let watch = DirWatch::new(&dir).map_err(|e| tracing::warn!("no inotify on {}: {e}; polling only", dir.display())).ok();
         let last_full_scan = Instant::now();
         ManifestsDir { dir, reader: DirReader::default(), watch, hint: None, woke: None, last_full_scan, put_off: false }
     }

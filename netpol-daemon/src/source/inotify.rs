@@ -46,7 +46,7 @@ impl DirWatch {
                 // Drained (WouldBlock), or an error that a full scan covers as well.
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    log::warn!("reading inotify events of {}: {e}", dir.display());
+                    tracing::warn!("reading inotify events of {}: {e}", dir.display());
                     break;
                 }
             };

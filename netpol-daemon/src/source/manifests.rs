@@ -556,7 +556,7 @@ fn add_object(value: serde_json::Value, out: &mut Loaded) -> Result<(), Vec<Stri
                 return Ok(());
             };
             for w in &conv.warnings {
-                log::warn!("{w}");
+                tracing::warn!("{w}");
             }
             if let Some(obj) = conv.object {
                 out.cluster.insert(obj);

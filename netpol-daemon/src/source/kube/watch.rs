@@ -127,7 +127,7 @@ fn record<K: ApiObject + Resource>(kind: Kind, obj: &K, node: &str, warned: &mut
     let mut converted = model::from_k8s(obj);
     for w in std::mem::take(&mut converted.warnings) {
         if warned.insert(w.clone()) {
-            log::warn!("{w}");
+            tracing::warn!("{w}");
         }
     }
     if let Some(Object::Pod(p)) = &mut converted.object {
@@ -167,7 +167,7 @@ where
                 Err(e) => {
                     sink.health.errors.fetch_add(1, Ordering::SeqCst);
                     sink.health.watch(kind, false);
-                    log::warn!("watch {}: {e}; keeping the last state, relisting with backoff", K::plural(&Default::default()));
+                    tracing::warn!("watch {}: {e}; keeping the last state, relisting with backoff", K::plural(&Default::default()));
                     continue;
                 }
             };
@@ -191,7 +191,7 @@ pub fn probe(rt: &tokio::runtime::Runtime, client: kube::Client, health: Arc<Hea
             tokio::time::sleep(every).await;
             let ok = client.apiserver_version().await.is_ok();
             if health.probe(ok) {
-                log::info!("Kubernetes API {}", if health.healthy() { "reachable again" } else { "unreachable" });
+                tracing::info!("Kubernetes API {}", if health.healthy() { "reachable again" } else { "unreachable" });
             }
         }
     });
