@@ -67,6 +67,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 - --poll-ms={{ int64 $d.pollMs }}
 - --liveness-timeout={{ int64 $d.livenessTimeoutSeconds }}
 - --attach={{ $d.attach }}
+- --log-format={{ $d.logFormat }}
 {{- if $d.audit }}
 - --audit
 {{- end }}
