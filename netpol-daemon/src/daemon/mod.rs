@@ -155,6 +155,7 @@ impl Daemon {
         // Liveness: every pass begins within the poll interval of the end of the last one.
         self.ctx.shared.heartbeat.beat();
         self.wait_for_source();
+        self.take_tcx_upgrades();
         if !self.source_ready() {
             return;
         }
@@ -167,6 +168,13 @@ impl Daemon {
         let pass = self.plan(retry, full_resolve);
         if pass.is_due() {
             self.program(pass);
+        }
+    }
+
+    /// Interfaces moved from tc filters to TCX links in the background since the last pass.
+    fn take_tcx_upgrades(&mut self) {
+        if self.ctx.datapath.collect_upgrades() {
+            self.ctx.shared.status.lock().unwrap().attached = self.ctx.datapath.attach_counts();
         }
     }
 

@@ -44,7 +44,7 @@ mod tc;
 mod test_run;
 
 pub use addrs::node_addr_for_pods;
-pub use attach::AttachMode;
+pub use attach::{AttachCounts, AttachMode};
 pub use counters::{slot_label, CounterReader, RetiredCounts, SlotLabels};
 pub use maps::{check_bpffs_outlives_daemon, ensure_bpffs, EBPF_OBJECT};
 pub use test_run::ProgramStats;
@@ -139,6 +139,17 @@ impl Datapath {
         let filters = tc::delete_all().context("deleting netpol's tc filters")?;
         maps::remove_pins(pin_dir)?;
         Ok(filters)
+    }
+
+    /// Takes the interfaces the background move to TCX finished (`--attach auto`); whether
+    /// any attachment changed.
+    pub fn collect_upgrades(&mut self) -> bool {
+        self.links.collect_upgrades()
+    }
+
+    /// How many attached interfaces run the programs from TCX links, and how many from tc.
+    pub fn attach_counts(&self) -> AttachCounts {
+        self.links.counts()
     }
 
     /// How programs are attached to interfaces from now on (`--attach`).

@@ -244,6 +244,12 @@ fn gauges(status: &Status, ready: bool, out: &mut Families) {
     for (name, help, v) in gauges {
         out.gauge(name, help).sample(&[], v);
     }
+    let mut attached = out.gauge(
+        "netpol_attached_interfaces",
+        "Pod interfaces by how the programs run there: mode=\"tcx\" (TCX links) or \"tc\" (clsact + cls_bpf filters; with --attach auto, a new interface starts there and is moved to TCX in the background).",
+    );
+    attached.sample(&[("mode", "tcx")], status.attached.tcx as f64);
+    attached.sample(&[("mode", "tc")], status.attached.tc as f64);
     out.counter("netpol_syncs_total", "Datapath syncs done.").sample(&[], status.syncs as f64);
     out.counter(
         "netpol_source_errors_total",
