@@ -135,8 +135,9 @@ struct RunArgs {
     #[arg(long)]
     audit: bool,
     /// How the programs attach to pod interfaces: `tcx` (kernel 6.6 and later: pinned
-    /// links), `tc` (clsact + cls_bpf filters, what older kernels have), or `auto` (TCX where
-    /// the kernel has it, else tc). Both survive a restart or a crash of the daemon.
+    /// links), `tc` (clsact + cls_bpf filters, what older kernels have), or `auto` (a new
+    /// interface gets a tc filter at once and is moved to a TCX link in the background where
+    /// the kernel has TCX). Both survive a restart or a crash of the daemon.
     #[arg(long, default_value = "auto", value_parser = ["auto", "tcx", "tc"])]
     attach: String,
 }
