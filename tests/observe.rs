@@ -15,8 +15,9 @@ const ALLOW_API: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n
 
 /// kafka/broker (TCP 9092, UDP 5353) lets in only clients/api on 9092; other/stranger is
 /// nobody it knows.
-fn lab_with_policy() -> Option<Lab> {
+fn lab_with_policy(daemon_args: &[&str]) -> Option<Lab> {
     let mut lab = lab()?;
+    lab.daemon_args = daemon_args.iter().map(|a| a.to_string()).collect();
     lab.add_namespace("kafka", &[("team", "streams")]);
     lab.add_namespace("clients", &[("team", "apps")]);
     lab.add_namespace("other", &[("team", "other")]);
@@ -56,7 +57,7 @@ fn is(f: &Flow, pod: &str, direction: &str, verdict: &str) -> bool {
 /// established packets of the allowed connection show up not at all.
 #[test]
 fn observe_names_allowed_denied_and_spoofed_flows_and_filters_them() {
-    let Some(lab) = lab_with_policy() else { return };
+    let Some(lab) = lab_with_policy(&[]) else { return };
     assert_eq!(metric(&lab, "netpol_flow_events_rate"), 0.0, "off without observe (--log-denied 0)");
     let all = lab.observe(Path::new(DAEMON), &["-o", "json"]).unwrap();
     let stranger = lab.observe(Path::new(DAEMON), &["-o", "json", "--pod", "other/stranger", "--verdict", "denied"]).unwrap();
@@ -130,7 +131,7 @@ fn observe_names_allowed_denied_and_spoofed_flows_and_filters_them() {
 /// flood of denials yields at most the asked-for rate, the rest counted as rate limited.
 #[test]
 fn observe_turns_events_on_and_off_and_the_rate_limit_holds() {
-    let Some(lab) = lab_with_policy() else { return };
+    let Some(lab) = lab_with_policy(&[]) else { return };
     let pid = lab.daemon_pid();
     let received = |lab: &Lab| {
         metric(lab, "netpol_flow_events_total{verdict=\"allowed\"}") + metric(lab, "netpol_flow_events_total{verdict=\"denied\"}")
@@ -181,4 +182,32 @@ fn observe_turns_events_on_and_off_and_the_rate_limit_holds() {
     // Every denial was either sent or counted as not sent (other pods' denials, such as a
     // stray neighbour solicitation, count too).
     assert!(limited1 - limited0 >= flood - (sent1 - sent0), "{}", lab.metrics().unwrap());
+}
+
+/// `--log-denied N` logs denials (the reader always runs) at N a second and CPU; an observe
+/// client widens what the programs send and leaves the log's base as it was.
+#[test]
+fn log_denied_logs_denials_with_their_reason_and_observe_returns_to_it() {
+    let Some(lab) = lab_with_policy(&["--log-denied", "10"]) else { return };
+    assert_eq!(metric(&lab, "netpol_flow_events_rate"), 10.0);
+    assert_eq!(metric(&lab, "netpol_flow_events_enabled{verdict=\"allowed\"}"), 0.0);
+    assert!(!lab.tcp("stranger", "broker", 9092));
+    let t0 = Instant::now();
+    let logged = "denied pod=kafka/broker direction=ingress proto=TCP src=10.244.0.30:";
+    while !lab.daemon_log().lines().any(|l| l.contains(logged) && l.contains("dst=10.244.0.10:9092 reason=policy")) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no deny log line:\n{}", lab.daemon_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = lab.observe(Path::new(DAEMON), &["-o", "json", "--verdict", "allowed", "--rate", "200"]).unwrap();
+    assert_eq!(metric(&lab, "netpol_flow_events_rate"), 200.0);
+    assert_eq!(metric(&lab, "netpol_flow_events_enabled{verdict=\"allowed\"}"), 1.0);
+    assert!(lab.tcp("api", "broker", 9092));
+    assert!(!o.lines_until(Duration::from_secs(5), |l| !l.is_empty()).is_empty());
+    // Allowed flows are streamed, never logged.
+    assert!(!lab.daemon_log().contains("allowed pod="), "{}", lab.daemon_log());
+    o.stop();
+    wait_metric(&lab, "netpol_flow_clients", 0.0);
+    assert_eq!(metric(&lab, "netpol_flow_events_rate"), 10.0, "back to --log-denied");
+    assert_eq!(metric(&lab, "netpol_flow_events_enabled{verdict=\"allowed\"}"), 0.0);
+    assert_eq!(metric(&lab, "netpol_flow_events_enabled{verdict=\"denied\"}"), 1.0);
 }

@@ -201,4 +201,86 @@ spec:
         let d = dir(&[("c.yaml", CLUSTER)]);
         assert_eq!(check(Some(&d.0), Output::Text).unwrap().0, 0);
     }
+
+    #[test]
+    fn explain_writes_the_same_facts_as_one_json_document() {
+        let d = dir(&[("c.yaml", CLUSTER)]);
+        let (ok, json) = explain(Some(&d.0), "apps/api", "data/db", Some(9187), "tcp", Output::Json).unwrap();
+        assert!(!ok, "the exit status follows the verdict as with text");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+        assert_eq!((v["allowed"].as_bool(), v["protocol"].as_str(), v["port"].as_u64()), (Some(false), Some("TCP"), Some(9187)));
+        assert_eq!(
+            (v["from"]["name"].as_str(), v["from"]["ip"].as_str(), v["to"]["pod"].as_str()),
+            (Some("apps/api"), Some("10.0.0.1"), Some("data/db"))
+        );
+        let (eg, ig) = (&v["ends"][0], &v["ends"][1]);
+        assert_eq!(
+            (eg["direction"].as_str(), eg["at"].as_str(), eg["verdict"].as_str()),
+            (Some("egress"), Some("apps/api"), Some("denied"))
+        );
+        assert_eq!(eg["policies"], serde_json::json!([{"name": "apps/api-out", "invalid": null}]));
+        assert_eq!(eg["rules"], serde_json::json!([]));
+        assert_eq!((ig["verdict"].as_str(), ig["isolated"].as_bool()), (Some("allowed"), Some(true)));
+        assert_eq!(
+            ig["rules"],
+            serde_json::json!([{"policy": "data/db-in", "field": "spec.ingress[1]", "peers": 1, "ports": ["TCP/5432", "TCP/9187"]}])
+        );
+        // The text says the same.
+        let (_, text) = explain(Some(&d.0), "apps/api", "data/db", Some(9187), "tcp", Output::Text).unwrap();
+        assert!(text.contains("allowed by data/db-in: spec.ingress[1] (1 peer(s); TCP/5432, TCP/9187)"), "{text}");
+        // An end that is not a pod; a rule of any peer and port.
+        let (ok, json) = explain(Some(&d.0), "192.168.1.1", "apps/api", Some(80), "TCP", Output::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(ok);
+        assert_eq!((v["ends"][0]["enforced"].as_bool(), v["ends"][0]["at"].as_str()), (Some(false), Some("192.168.1.1")));
+        assert_eq!((v["ends"][1]["isolated"].as_bool(), v["ends"][1]["verdict"].as_str()), (Some(false), Some("allowed")));
+    }
+
+    #[test]
+    fn check_writes_its_problems_with_severity_object_and_field_as_json() {
+        let bad = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: apps}\nspec: {podSelector: {}, ingress: [{ports: [{port: 0}]}]}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: lonely, namespace: apps}\nspec: {podSelector: {matchLabels: {app: nothing}}, ingress: [{ports: [{port: web}]}]}\n";
+        let d = dir(&[("c.yaml", CLUSTER), ("bad.yaml", bad)]);
+        let (errors, json) = check(Some(&d.0), Output::Json).unwrap();
+        assert_eq!(errors, 1, "the exit status follows the errors as with text");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+        let problems = v["problems"].as_array().unwrap();
+        let find = |sev: &str, field: Option<&str>| {
+            problems
+                .iter()
+                .find(|p| p["severity"] == sev && p["field"].as_str() == field)
+                .unwrap_or_else(|| panic!("{sev} {field:?}: {json}"))
+        };
+        let e = find("error", Some("spec.ingress[0].ports[0].port"));
+        assert_eq!((e["kind"].as_str(), e["object"].as_str(), e["document"].as_u64()), (Some("NetworkPolicy"), Some("apps/bad"), Some(1)));
+        assert!(e["message"].as_str().unwrap().starts_with("0 is not in 1-65535"), "{e}");
+        assert!(e["file"].as_str().unwrap().ends_with("bad.yaml"), "{e}");
+        let n = find("note", None);
+        assert_eq!(n["object"].as_str(), Some("apps/bad"));
+        let w = find("warning", Some("spec.podSelector"));
+        assert_eq!((w["object"].as_str(), w["message"].as_str()), (Some("apps/lonely"), Some("selects no pod")));
+        assert_eq!(find("warning", Some("spec.ingress[0].ports[0]"))["message"].as_str(), Some("no pod has a TCP port named \"web\""));
+        assert_eq!((v["errors"].as_u64(), v["pods"].as_u64(), v["policies"].as_u64()), (Some(1), Some(2), Some(4)));
+        let n2 = v["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "n2").unwrap();
+        assert_eq!(n2["pods"].as_u64(), Some(1));
+        // The text is the same report, line by line.
+        let (_, text) = check(Some(&d.0), Output::Text).unwrap();
+        for p in problems {
+            assert!(text.contains(&format!("{}: {}", p["severity"].as_str().unwrap(), p["text"].as_str().unwrap())), "{p}\n{text}");
+        }
+    }
+
+    #[test]
+    fn problems_are_read_from_the_sources_wording() {
+        let p = Problem::parse(Severity::Error, "NetworkPolicy a/b: spec.egress[0].to[1].ipBlock.cidr: bad CIDR \"x\"");
+        assert_eq!(
+            (p.kind.as_deref(), p.object.as_deref(), p.field.as_deref()),
+            (Some("NetworkPolicy"), Some("a/b"), Some("spec.egress[0].to[1].ipBlock.cidr"))
+        );
+        assert_eq!((p.message.as_str(), p.file.as_deref()), ("bad CIDR \"x\"", None));
+        let p = Problem::parse(Severity::Error, "/m/x.yaml (document 0): cannot read: denied");
+        assert_eq!((p.file.as_deref(), p.document, p.kind.as_deref(), p.field.as_deref()), (Some("/m/x.yaml"), Some(0), None, None));
+        assert_eq!(p.message, "cannot read: denied");
+        let p = Problem::parse(Severity::Error, "Pod t/web: no name given: really");
+        assert_eq!((p.object.as_deref(), p.field.as_deref(), p.message.as_str()), (Some("t/web"), None, "no name given: really"));
+    }
 }
