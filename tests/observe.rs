@@ -48,6 +48,30 @@ fn wait_metric(lab: &Lab, name: &str, want: f64) {
     }
 }
 
+/// The response head (and, for an error, body) of a plain HTTP/1.1 GET of `path` from the
+/// daemon's endpoint.
+fn raw_get(lab: &Lab, path: &str) -> String {
+    use std::io::{Read, Write};
+    let path = path.to_string();
+    netpol_daemon::testkit::lab::in_netns(&lab.node_netns, move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", netpol_daemon::testkit::lab::METRICS_PORT)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = vec![0; 4096];
+        let mut got = Vec::new();
+        // A stream never ends: its head is enough. An error's body ends with the connection.
+        let stream_head = |g: &[u8]| g.starts_with(b"HTTP/1.1 200") && String::from_utf8_lossy(g).contains("\r\n\r\n");
+        while !stream_head(&got) {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&got).to_lowercase().replace("http/1.1", "HTTP/1.1")
+    })
+    .unwrap()
+}
+
 fn is(f: &Flow, pod: &str, direction: &str, verdict: &str) -> bool {
     f.pod == pod && f.direction == direction && f.verdict.as_str() == verdict
 }
@@ -121,6 +145,14 @@ fn observe_names_allowed_denied_and_spoofed_flows_and_filters_them() {
             && l.contains(" (clients/api) -> 10.244.0.10:9092 TCP SYN: by kafka/allow-api")),
         "{t:?}"
     );
+    // Any HTTP/1.1 client gets chunked NDJSON; a bad query is refused, naming the parameter.
+    let head = raw_get(&lab, "/v1/flows?verdict=denied");
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.contains("transfer-encoding: chunked") && head.contains("application/x-ndjson"),
+        "{head}"
+    );
+    let refused = raw_get(&lab, "/v1/flows?verdict=dropped");
+    assert!(refused.starts_with("HTTP/1.1 400") && refused.contains("verdict: \"dropped\""), "{refused}");
     // Nothing more arrives for the filtered clients (no stray flow of other pods or verdicts).
     std::thread::sleep(Duration::from_millis(300));
     let more = flows(&stranger.lines_for(Duration::from_millis(300)));
