@@ -98,9 +98,9 @@ struct ObserveArgs {
     /// The daemon's endpoint (its --metrics-addr).
     #[arg(long, default_value = "127.0.0.1:9977")]
     addr: String,
-    /// Flow events the programs may send per second and CPU while this runs (the highest any
-    /// client, or --log-denied, asks for applies).
-    #[arg(long, default_value_t = netpol_daemon::metrics::flows::hub::DEFAULT_RATE, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Flow events the programs may send per second and CPU while this runs, 1 to 10000 (the
+    /// highest any client, or --log-denied, asks for applies).
+    #[arg(long, default_value_t = netpol_daemon::metrics::flows::hub::DEFAULT_RATE, value_parser = clap::value_parser!(u32).range(1..=netpol_daemon::metrics::flows::hub::MAX_RATE as i64))]
     rate: u32,
 }
 

@@ -24,6 +24,10 @@ pub const MAX_CLIENTS: usize = 64;
 pub const QUEUE: usize = 4096;
 /// Events per second and CPU a client gets unless it asks for another rate (`observe --rate`).
 pub const DEFAULT_RATE: u32 = 1000;
+/// The most events per second and CPU a client may ask for (what one reader thread keeps up
+/// with on a node of many CPUs, and a bound on what a client of the endpoint can make the
+/// programs do).
+pub const MAX_RATE: u32 = 10_000;
 /// A client whose queue stays full this long is disconnected.
 pub const STALL: Duration = Duration::from_secs(30);
 
@@ -49,7 +53,7 @@ impl Default for Filter {
 
 impl Filter {
     /// From the query of `/v1/flows`: `pod=NS/POD`, `verdict=denied|allowed|audit` (repeated,
-    /// or comma-separated; none: all), `rate=N` (1 or more).
+    /// or comma-separated; none: all), `rate=N` (1 to [`MAX_RATE`]).
     pub fn from_query(query: &str) -> Result<Filter, String> {
         let mut f = Filter { verdicts: Vec::new(), ..Filter::default() };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -68,7 +72,13 @@ impl Filter {
                         }
                     }
                 }
-                "rate" => f.rate = v.parse().ok().filter(|r| *r > 0).ok_or_else(|| format!("rate: {v:?} is not a number from 1"))?,
+                "rate" => {
+                    f.rate = v
+                        .parse()
+                        .ok()
+                        .filter(|r| (1..=MAX_RATE).contains(r))
+                        .ok_or_else(|| format!("rate: {v:?} is not a number from 1 to {MAX_RATE}"))?
+                }
                 _ => return Err(format!("unknown parameter {k:?} (pod, verdict, rate)")),
             }
         }

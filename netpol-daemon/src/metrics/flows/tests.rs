@@ -139,7 +139,7 @@ fn filters_read_the_query_and_select_by_pod_and_verdict() {
     assert_eq!(f, Filter { pod: Some("kafka/broker".into()), verdicts: vec![FlowVerdict::Denied, FlowVerdict::Audit], rate: 5 });
     assert_eq!(Filter::from_query(&f.to_query()).unwrap(), f);
     assert_eq!(Filter::from_query("").unwrap(), Filter::default());
-    for bad in ["pod=broker", "verdict=dropped", "rate=0", "rate=x", "colour=red", "pod=%zz"] {
+    for bad in ["pod=broker", "verdict=dropped", "rate=0", "rate=10001", "rate=x", "colour=red", "pod=%zz"] {
         assert!(Filter::from_query(bad).is_err(), "{bad}");
     }
     let denied = flow(&event(VERDICT_DENY, SLOT_NONE));
