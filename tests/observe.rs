@@ -243,3 +243,55 @@ fn log_denied_logs_denials_with_their_reason_and_observe_returns_to_it() {
     assert_eq!(metric(&lab, "netpol_flow_events_enabled{verdict=\"allowed\"}"), 0.0);
     assert_eq!(metric(&lab, "netpol_flow_events_enabled{verdict=\"denied\"}"), 1.0);
 }
+
+/// A client that connects to the stream and never reads loses what its queue cannot hold,
+/// counted; the reader, the other clients and the endpoint go on as if it were not there.
+#[test]
+fn a_client_that_does_not_read_holds_up_no_one() {
+    let Some(lab) = lab_with_policy(&[]) else { return };
+    let quick = lab.observe(Path::new(DAEMON), &["-o", "json", "--verdict", "denied", "--rate", "10000"]).unwrap();
+    // Connected, never read (the stream's head included).
+    let slow = netpol_daemon::testkit::lab::in_netns(&lab.node_netns, || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", netpol_daemon::testkit::lab::METRICS_PORT)).unwrap();
+        write!(s, "GET /v1/flows?verdict=denied&rate=10000 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s
+    })
+    .unwrap();
+    wait_metric(&lab, "netpol_flow_clients", 2.0);
+    let total = |lab: &Lab| metric(lab, "netpol_flow_events_total{verdict=\"denied\"}");
+    let before = total(&lab);
+    // 60,000 denied datagrams from the stranger in bursts, over a few seconds (so that the
+    // ring buffer keeps up: the point is the client's queue).
+    let dst = std::net::SocketAddr::from((lab.address("broker"), 5353));
+    netpol_daemon::testkit::lab::in_netns(&lab.pod("stranger").netns.clone(), move || {
+        let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..300 {
+            for _ in 0..200 {
+                let _ = u.send_to(b"FLOOD", dst);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
+    .unwrap();
+    // The endpoint answers meanwhile.
+    let t0 = Instant::now();
+    assert_eq!(lab.http_get("/healthz").unwrap().0, 200);
+    assert!(t0.elapsed() < Duration::from_secs(1), "/healthz took {:?}", t0.elapsed());
+    // Wait until the daemon has read everything the programs sent.
+    let mut sent = total(&lab) - before;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = total(&lab) - before;
+        if now == sent {
+            break;
+        }
+        sent = now;
+    }
+    let got = quick.lines_until(Duration::from_secs(20), |l| l.len() as f64 >= sent);
+    assert!(got.len() as f64 >= 0.9 * sent, "the reading client got {} of {sent}", got.len());
+    let m = lab.metrics().unwrap();
+    let lost = sample(&m, "netpol_flow_events_dropped_total{reason=\"slow_client\"}").unwrap_or(0.0);
+    assert!(lost > 0.0 && lost <= sent, "the client that does not read lost {lost} of {sent}\n{m}");
+    drop(slow);
+}
