@@ -282,7 +282,7 @@ fn map_pressure(status: &Status, counters: Option<&CounterReader>, out: &mut Fam
     for (map, _, cap) in rows {
         f.sample(&[("map", map)], cap as f64);
     }
-    let mut f = out.counter("netpol_deny_events_dropped_total", "Deny events (--log-denied) the programs did not send: over the per-CPU rate limit (rate_limited) or with the ring buffer full (ring_full).");
+    let mut f = out.counter("netpol_deny_events_dropped_total", "Flow events (--log-denied, observe) the programs did not send: over the per-CPU rate limit (rate_limited) or with the ring buffer full (ring_full).");
     if let Some(c) = counters {
         for (i, reason) in [(EVENT_DROP_RATE, "rate_limited"), (EVENT_DROP_FULL, "ring_full")] {
             f.sample(&[("reason", reason)], c.read_event_drops(i) as f64);
