@@ -68,6 +68,9 @@ pub fn daemon_bench(daemon: &str, pods: usize, policies: usize, changes: usize) 
     let t0 = Instant::now();
     lab.start(daemon, &node, &feed.args(), &[])?;
     let ready = lab.wait_ready(t0)?;
+    // (The changes are measured once the move to TCX is done, as in Kubernetes mode: it holds
+    // the rtnl lock.)
+    lab.wait_all_tcx(t0)?;
     let endpoints = lab.metric("netpol_endpoints").unwrap_or(0.0);
     println!(
         "## Daemon: {pods} pods, {policies} policies as manifests, node of {} pods (real daemon process, programs attached)\n",
@@ -109,6 +112,7 @@ pub fn manifests_mode(daemon: &str, cluster: &Cluster, node: &str, plan: &Plan) 
     let t0 = Instant::now();
     lab.start(daemon, node, &feed.args(), &[])?;
     let ready = lab.wait_ready(t0)?;
+    lab.wait_all_tcx(t0)?;
     let mut moves = Moves::new(&cluster, node);
     measure_all(&mut lab, &feed, (&mut cluster, node), ready, plan, &mut moves)
 }
