@@ -77,8 +77,9 @@ fn count_batched(fd: u32, key_size: usize, value_size: usize, max: u32) -> std::
         total += attr.count as u64;
         match r {
             Ok(()) => {}
-            // Past the last bucket: done.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
+            // Past the last bucket: done. (A batch ends on a bucket's end, so the first may
+            // return fewer than `max` and the last one pass it: the bound holds here too.)
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total.min(max as u64)),
             Err(e) => return Err(e),
         }
         // An LRU map being filled as it is read cannot hold more than `max`; stop there.
