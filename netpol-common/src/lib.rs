@@ -159,6 +159,11 @@ pub mod maps {
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
     pub const FLOW_EPOCH: &str = "FLOW_EPOCH";
     pub const ENDPOINT_ADDRS: &str = "ENDPOINT_ADDRS";
+    /// Userspace only (the programs never read it; the daemon creates it beside the others):
+    /// per ifindex in `ENDPOINTS`, the pod and interface the daemon programmed it for
+    /// ([`EndpointName`](super::EndpointName)), so that `netpol-daemon status` can name the
+    /// endpoints from the pins alone.
+    pub const ENDPOINT_NAMES: &str = "ENDPOINT_NAMES";
 }
 
 /// Program names (the function names in netpol-ebpf).
@@ -189,6 +194,27 @@ pub struct EndpointInfo {
     /// an IPv4 packet's source with it first, on data the endpoint lookup already loaded;
     /// every address of the pod (this one too) is also in `ENDPOINT_ADDRS`.
     pub v4: [u8; 4],
+}
+
+/// Bytes of [`EndpointName::pod`]: a namespace (at most 63) and a pod name (at most 253).
+pub const ENDPOINT_NAME_BYTES: usize = 316;
+/// Bytes of [`EndpointName::ifname`] (the kernel's `IFNAMSIZ`).
+pub const IFNAME_BYTES: usize = 16;
+
+/// A value of `ENDPOINT_NAMES` (keyed by ifindex, as `ENDPOINTS`): which pod an endpoint is.
+/// Written by the daemon at each sync, read by `netpol-daemon status`; no program reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointName {
+    /// The endpoint id the entry was written for (as in `ENDPOINTS`).
+    pub id: u32,
+    /// Length of the namespace at the start of `pod`, then of the name after it.
+    pub namespace_len: u16,
+    pub name_len: u16,
+    /// The host-side interface's name when the daemon programmed it (NUL-padded).
+    pub ifname: [u8; IFNAME_BYTES],
+    /// The namespace, then the name, unseparated.
+    pub pod: [u8; ENDPOINT_NAME_BYTES],
 }
 
 /// Key of `ENDPOINT_ADDRS`: an address a pod owns (status.podIPs), the sources its packets
@@ -458,6 +484,7 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for DenyEvent {}
     unsafe impl aya::Pod for Count {}
+    unsafe impl aya::Pod for EndpointName {}
 }
 
 #[cfg(test)]
@@ -492,6 +519,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<EndpointInfo>(), 12);
         assert_eq!(core::mem::size_of::<EpAddrKey>(), 24);
         assert_eq!(core::mem::size_of::<Count>(), 16);
+        assert_eq!(core::mem::size_of::<EndpointName>(), 340);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `explain` and `check`: the compiler's answers for people, from a manifests directory.
+//! `explain` and `check`: the compiler's answers for people, from a manifests directory;
+//! `status`: what the node's pinned maps enforce ([`status`]).
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -11,6 +12,9 @@ use crate::entries::{self, ClassInterner, PortSetInterner};
 use crate::model::{self, Cluster};
 use crate::model::{Direction, ObjKey, PortRef, Protocol};
 use crate::source::{manifests, Source};
+
+mod status;
+pub use status::{select as status_select, status};
 
 /// An end of a connection: a pod (NS/POD) or an address (a pod's, or outside the cluster).
 #[derive(Clone, Debug)]

@@ -1,4 +1,4 @@
-//! `netpol-daemon`: the command line (run, explain, check, uninstall) over the library.
+//! `netpol-daemon`: the command line (run, explain, check, uninstall, status) over the library.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,6 +72,34 @@ enum Cmd {
         #[arg(long, default_value = "/sys/fs/bpf/netpol")]
         bpffs: PathBuf,
     },
+    /// What this node's maps enforce now, read from the pinned maps (not from the compiler;
+    /// no daemon needed): every endpoint, or one endpoint and, per direction, the peers
+    /// (the CIDRs and addresses of each class) and ports its entries allow. Run it in the
+    /// node's network namespace (interface names, tc filters).
+    #[command(visible_alias = "inspect")]
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
+        bpffs: PathBuf,
+        /// One endpoint by pod (NAMESPACE/POD), through the names table the daemon pins
+        /// beside the maps (ENDPOINT_NAMES).
+        #[arg(long)]
+        pod: Option<String>,
+        /// One endpoint by one of its addresses.
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
+        /// One endpoint by its host-side interface.
+        #[arg(long)]
+        ifname: Option<String>,
+        /// text (for people) or json (one document).
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 // `netpol-daemon run`: what the daemon enforces, from where, and how (a plain comment: the
@@ -242,6 +270,17 @@ fn main() {
                 std::process::exit(1);
             }
         },
+        Cmd::Status { bpffs, pod, ip, ifname, output } => {
+            let report = netpol_daemon::cli::status_select(pod.as_deref(), ip, ifname.as_deref())
+                .and_then(|sel| netpol_daemon::cli::status(&bpffs, sel.as_ref(), output == Output::Json));
+            match report {
+                Ok(text) => print!("{text}"),
+                Err(e) => {
+                    eprintln!("netpol-daemon status: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Cmd::Run(args) => {
             let stop = stop_on_signal();
             if let Err(e) = netpol_daemon::daemon::run(args.config(), stop) {

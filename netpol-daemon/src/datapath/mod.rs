@@ -11,6 +11,8 @@
 //! - `attach`: which pod has the programs on which interface, TCX links or clsact filters;
 //! - `counters`: packet counters and what the policy slots mean;
 //! - `conntrack`: tracked flows, their revalidation, the flow-cache epochs and the settings;
+//! - `names`: which pod each endpoint is (`ENDPOINT_NAMES`, for people);
+//! - `inspect`: what the pinned maps enforce, read back (`netpol-daemon status`);
 //! - `test_run`: running the programs on crafted frames (BPF_PROG_TEST_RUN).
 //!
 //! The parts hold no reference to one another: where one needs another's answer (the
@@ -35,8 +37,10 @@ mod attach;
 mod conntrack;
 mod counters;
 mod endpoints;
+pub mod inspect;
 mod maps;
 mod mirror;
+mod names;
 mod pressure;
 pub mod rtnl;
 mod sync;
@@ -106,7 +110,7 @@ impl Datapath {
     /// what a previous daemon left in them (it keeps enforcing until the first sync).
     pub fn load(pin_dir: &Path) -> Result<Datapath> {
         let mut ebpf = maps::load_object(pin_dir)?;
-        let endpoints = endpoints::Endpoints::adopt(&mut ebpf)?;
+        let endpoints = endpoints::Endpoints::adopt(&mut ebpf, pin_dir)?;
         let tables = sync::Tables::adopt(&mut ebpf)?;
         let addrs = addrs::Addrs::adopt(&mut ebpf)?;
         let counters = counters::Counters::take(&mut ebpf)?;
