@@ -304,16 +304,26 @@ fn conntrack_timeouts_come_from_the_config() {
     assert_eq!(run(&mut f, e, &udp4(web, v4("192.0.2.9"), 53, 5354)), OK, "within the default timeout");
 }
 
+/// Every event in the ring buffer now.
+fn drain(rb: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<netpol_common::FlowEvent> {
+    let mut events = Vec::new();
+    while let Some(item) = rb.next() {
+        events.push(netpol_daemon::datapath::read_event(&item).expect("a FlowEvent"));
+    }
+    events
+}
+
 #[test]
 fn deny_events_are_rate_limited_and_off_by_default() {
+    use netpol_common::*;
     let Some(mut f) = fixture(POLICY) else { return };
     let web = v4("10.1.0.10");
     let i = Direction::Ingress;
-    let mut rb = f.dp.take_events().expect("ring buffer");
+    let mut ev = f.dp.take_events().expect("ring buffer");
     let denied = tcp4(v4("10.9.1.1"), web, 40000, 80, TCP_SYN);
     assert_eq!(run(&mut f, i, &denied), SHOT);
-    assert!(rb.next().is_none(), "off by default");
-    f.dp.set_config(&netpol_common::Config { deny_events_per_sec: 3, ..Default::default() }).unwrap();
+    assert!(ev.ring.next().is_none(), "off by default");
+    ev.control.set(EventConfig { per_sec: 3, verdicts: EVENTS_DENIED | EVENTS_AUDIT }).unwrap();
     // Test runs execute on whichever CPU; pin to one so the per-CPU budget is one budget.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     unsafe {
@@ -323,17 +333,59 @@ fn deny_events_are_rate_limited_and_off_by_default() {
     for _ in 0..10 {
         assert_eq!(run(&mut f, i, &denied), SHOT);
     }
-    assert_eq!(run(&mut f, i, &tcp4(v4("10.1.1.1"), web, 40000, 80, TCP_SYN)), OK, "allowed: no event");
-    let mut events = Vec::new();
-    while let Some(item) = rb.next() {
-        events.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const netpol_common::DenyEvent) });
-    }
+    assert_eq!(run(&mut f, i, &tcp4(v4("10.1.1.1"), web, 40000, 80, TCP_SYN)), OK, "allowed: no event (not asked for)");
+    let events = drain(&mut ev.ring);
     assert_eq!(events.len(), 3, "rate limit of 3 per second: {events:?}");
-    let ev = events[0];
-    assert_eq!((ev.dir, ev.proto, ev.family), (netpol_common::DIR_INGRESS, 6, netpol_common::FAMILY_V4));
-    assert_eq!(&ev.src[..4], &[10, 9, 1, 1]);
-    assert_eq!(&ev.dst[..4], &[10, 1, 0, 10]);
-    assert_eq!((ev.sport, ev.dport), (40000, 80));
+    let e = events[0];
+    assert_eq!((e.dir, e.proto, e.family), (DIR_INGRESS, 6, FAMILY_V4));
+    assert_eq!((e.outcome as u32, e.slot, e.flags), (VERDICT_DENY, SLOT_NONE, FLOW_ISOLATED));
+    assert_eq!(&e.src[..4], &[10, 9, 1, 1]);
+    assert_eq!(&e.dst[..4], &[10, 1, 0, 10]);
+    assert_eq!((e.sport, e.dport, e.tcp_flags), (40000, 80, TCP_SYN));
+    assert_eq!(e.len as usize, denied.len());
+    assert_eq!(ev.control.get(), EventConfig { per_sec: 3, verdicts: EVENTS_DENIED | EVENTS_AUDIT });
+}
+
+/// Allowed flows are reported once, by the packet that created their conntrack entry (with the
+/// slot of the policy that allowed them), never by their established packets or replies; each
+/// kind is sent only while asked for; drops of every reason are reported.
+#[test]
+fn flow_events_report_new_flows_once_and_every_drop() {
+    use netpol_common::*;
+    let Some(mut f) = fixture(POLICY) else { return };
+    let web = v4("10.1.0.10");
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    let mut ev = f.dp.take_events().expect("ring buffer");
+    ev.control.set(EventConfig { per_sec: 1000, verdicts: EVENTS_ALLOWED | EVENTS_DENIED | EVENTS_AUDIT }).unwrap();
+    let peer = v4("10.1.1.1");
+    assert_eq!(run(&mut f, i, &tcp4(peer, web, 40000, 80, TCP_SYN)), OK);
+    assert_eq!(run(&mut f, e, &tcp4(web, peer, 80, 40000, TCP_SYN | TCP_ACK)), OK, "the reply");
+    for _ in 0..5 {
+        assert_eq!(run(&mut f, i, &tcp4(peer, web, 40000, 80, TCP_ACK)), OK, "established");
+    }
+    let got = drain(&mut ev.ring);
+    assert_eq!(got.len(), 1, "one event for the new flow: {got:?}");
+    assert_eq!((got[0].outcome as u32, got[0].slot, got[0].dir, got[0].dport), (VERDICT_ALLOW, 0, DIR_INGRESS, 80));
+    // A second flow (new source port): its own event. UDP too.
+    assert_eq!(run(&mut f, i, &tcp4(peer, web, 40001, 80, TCP_SYN)), OK);
+    assert_eq!(run(&mut f, i, &udp4(peer, web, 5353, 53)), OK);
+    assert_eq!(run(&mut f, i, &udp4(peer, web, 5353, 53)), OK);
+    let got: Vec<(u16, u8)> = drain(&mut ev.ring).iter().map(|e| (e.sport, e.proto)).collect();
+    assert_eq!(got, vec![(40001, PROTO_TCP), (5353, PROTO_UDP)]);
+    // Drops: the policy's, a spoofed source out of the pod, an RST outside the window.
+    assert_eq!(run(&mut f, i, &tcp4(v4("10.9.0.1"), web, 40002, 80, TCP_SYN)), SHOT);
+    assert_eq!(run(&mut f, e, &tcp4(v4("10.1.0.99"), v4("10.2.0.1"), 40003, 443, TCP_SYN)), SHOT);
+    assert_eq!(run(&mut f, i, &with_seq(tcp4(peer, web, 40000, 80, TCP_RST), 0x8000_0000, 0)), SHOT);
+    let got: Vec<u32> = drain(&mut ev.ring).iter().map(|e| e.outcome as u32).collect();
+    assert_eq!(got, vec![VERDICT_DENY, VERDICT_SPOOFED, DROP_TCP_RST]);
+    // Only denials asked for: a new allowed flow sends nothing.
+    ev.control.set(EventConfig { per_sec: 1000, verdicts: EVENTS_DENIED }).unwrap();
+    assert_eq!(run(&mut f, i, &tcp4(peer, web, 40004, 80, TCP_SYN)), OK);
+    assert!(drain(&mut ev.ring).is_empty());
+    // Nothing asked for (a rate of 0 is nothing too).
+    ev.control.set(EventConfig { per_sec: 0, verdicts: EVENTS_DENIED }).unwrap();
+    assert_eq!(run(&mut f, i, &tcp4(v4("10.9.0.1"), web, 40005, 80, TCP_SYN)), SHOT);
+    assert!(drain(&mut ev.ring).is_empty());
 }
 
 #[test]
@@ -385,8 +437,9 @@ fn audit_mode_passes_would_be_drops_and_counts_them() {
     let Some(mut f) = fixture(&format!("{audit}---\n{enforcing}")) else { return };
     let web = v4("10.1.0.10");
     let (i, e) = (Direction::Ingress, Direction::Egress);
-    let mut rb = f.dp.take_events().unwrap();
-    f.dp.set_config(&netpol_common::Config { deny_events_per_sec: 100, ..Default::default() }).unwrap();
+    let mut ev = f.dp.take_events().unwrap();
+    let verdicts = netpol_common::EVENTS_DENIED | netpol_common::EVENTS_AUDIT;
+    ev.control.set(netpol_common::EventConfig { per_sec: 100, verdicts }).unwrap();
     assert_eq!(run(&mut f, i, &tcp4(v4("192.0.2.1"), web, 40000, 80, TCP_SYN)), OK, "allowed by the audit policy's rule");
     assert_eq!(run(&mut f, i, &tcp4(v4("10.5.0.1"), web, 40000, 22, TCP_SYN)), OK, "allowed by the enforcing policy");
     assert_eq!(run(&mut f, i, &tcp4(v4("192.0.2.1"), web, 40000, 22, TCP_SYN)), SHOT, "the enforcing policy isolates ingress: a real drop");
@@ -398,11 +451,7 @@ fn audit_mode_passes_would_be_drops_and_counts_them() {
     use netpol_common::{VERDICT_ALLOW as A, VERDICT_AUDIT as AU, VERDICT_DENY as D};
     assert_eq!((c.read(0, ig, A), c.read(0, ig, AU), c.read(0, ig, D)), (2, 0, 1));
     assert_eq!((c.read(0, eg, A), c.read(0, eg, AU), c.read(0, eg, D)), (1, 1, 0));
-    let mut verdicts = Vec::new();
-    while let Some(item) = rb.next() {
-        let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const netpol_common::DenyEvent) };
-        verdicts.push((ev.dir, ev.verdict as u32, ev.dport));
-    }
+    let mut verdicts: Vec<(u8, u32, u16)> = drain(&mut ev.ring).iter().map(|e| (e.dir, e.outcome as u32, e.dport)).collect();
     verdicts.sort();
     assert_eq!(verdicts, vec![(ig, D, 22), (eg, AU, 443)]);
 }
@@ -1215,18 +1264,18 @@ fn deny_events_not_sent_are_counted() {
     let i = Direction::Ingress;
     let denied = udp4(v4("192.0.2.1"), v4("10.1.0.10"), 5353, 54);
     // Nobody reads the ring buffer here.
-    let _rb = f.dp.take_events().expect("ring buffer");
-    f.dp.set_config(&Config { deny_events_per_sec: 2, ..Default::default() }).unwrap();
+    let mut ev = f.dp.take_events().expect("ring buffer");
+    ev.control.set(EventConfig { per_sec: 2, verdicts: EVENTS_DENIED }).unwrap();
     let c = CounterReader::open(&f.pin).unwrap();
     // One syscall, 10 runs on one CPU (well within a second): 2 sent, 8 over the limit.
     f.dp.test_run(i, &denied, 10).unwrap();
     assert_eq!((c.read_event_drops(EVENT_DROP_RATE), c.read_event_drops(EVENT_DROP_FULL)), (8, 0));
-    // No limit to speak of: the 256 KiB ring fills up (48-byte events plus headers), then
+    // No limit to speak of: the 256 KiB ring fills up (64-byte events plus headers), then
     // every further event is counted as not sent.
-    f.dp.set_config(&Config { deny_events_per_sec: u32::MAX, ..Default::default() }).unwrap();
+    ev.control.set(EventConfig { per_sec: u32::MAX, verdicts: EVENTS_DENIED }).unwrap();
     f.dp.test_run(i, &denied, 20_000).unwrap();
     let full = c.read_event_drops(EVENT_DROP_FULL);
-    let room = EVENTS_BYTES as u64 / std::mem::size_of::<DenyEvent>() as u64;
+    let room = EVENTS_BYTES as u64 / std::mem::size_of::<FlowEvent>() as u64;
     assert!(full > 20_000 - room - 2 && full < 20_000, "{full} not sent with the ring full");
     assert_eq!(c.read_event_drops(EVENT_DROP_RATE), 8);
 }

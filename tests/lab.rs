@@ -399,6 +399,7 @@ fn five_hundred_pods_come_and_go_without_leaks() {
     let gauge = |lab: &Lab, name: &str| sample(&lab.metrics().unwrap(), name).unwrap_or(-1.0);
     // (After a first scrape: it opens the pinned maps it reads, once.)
     let policy_before = gauge(&lab, "netpol_policy_map_entries");
+    wait_tcx(&lab, 1, 10, "the anchor moved to TCX");
     let fds_before = bpf_fds(pid);
     let links_before = count_files(&links_dir);
     assert_eq!(gauge(&lab, "netpol_endpoints"), 1.0);
@@ -411,6 +412,7 @@ fn five_hundred_pods_come_and_go_without_leaks() {
     }
     lab.write_cluster_manifest().unwrap();
     wait_endpoints(&lab, N + 1, 120, "not all pods attached");
+    wait_tcx(&lab, N + 1, 120, "not all pods moved to TCX");
     assert_eq!(count_files(&links_dir), links_before + 2 * N, "two pinned links per pod");
     // Enforced: the anchor admits only the anchor on 8080, so a churn pod is refused.
     assert!(!lab.tcp("churn/p7", "churn/anchor", 8080));

@@ -105,10 +105,15 @@ fn switching_attach_mode_across_restarts_leaves_one_kind() {
     let cases = SERVER_CASES;
     let links = lab.pin_dir.join("links");
     let pinned = || std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0);
-    for (mode, want_filters, want_pins) in [("tc", 1, 0), ("tcx", 0, 6), ("tc", 1, 0)] {
+    for (mode, want_filters, want_pins) in [("tc", 1, 0), ("tcx", 0, 6), ("tc", 1, 0), ("auto", 0, 6)] {
         lab.daemon_args = vec!["--attach".into(), mode.into()];
         lab.start_daemon(Path::new(DAEMON)).unwrap();
         wait_endpoints(&lab, 3, 10, "three pods attached");
+        if mode == "tc" {
+            assert_eq!(attached(&lab), (0, 3), "--attach tc");
+        } else {
+            wait_tcx(&lab, 3, 10, "three pods on TCX");
+        }
         check(&lab, &cases);
         for pod in ["server", "client", "intruder"] {
             let (ingress, egress) = filters(&lab, pod);
@@ -121,4 +126,57 @@ fn switching_attach_mode_across_restarts_leaves_one_kind() {
         assert_eq!(pinned(), want_pins, "--attach {mode}: pinned TCX links in {}", links.display());
         lab.kill_daemon();
     }
+}
+
+/// `--attach auto` (the default) on a kernel with TCX: a fresh start enforces at once from tc
+/// filters, then moves each interface to TCX links in the background. Under traffic, with a
+/// kill -9 in the middle of the move and a restart: no allowed connection breaks, no denied
+/// one passes, and the end state is one kind per hook (pinned TCX links, no filter left).
+#[test]
+fn auto_enforces_from_tc_at_once_and_moves_to_tcx_without_a_gap() {
+    let Some(mut lab) = server_client_intruder(80) else { return };
+    // Enough idle pods that the move (one RCU grace period per hook) takes a while.
+    const IDLE: usize = 60;
+    for i in 0..IDLE {
+        lab.add_pod("app", &format!("idle{i}"), std::net::Ipv4Addr::new(10, 244, 0, 100 + i as u8), &[("app", "idle")], &[], &[]).unwrap();
+    }
+    lab.write_cluster_manifest().unwrap();
+    let all = IDLE + 3;
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    let (tcx, tc) = attached(&lab);
+    assert_eq!(tcx + tc, all, "every pod enforced once ready");
+    assert!(tc > 0, "ready before the move to TCX was done ({tcx} on TCX already)");
+    check(&lab, &SERVER_CASES);
+
+    let server: SocketAddr = ([10, 244, 0, 80], 8080).into();
+    let traffic = Traffic::start(&lab, "client", "intruder", server, 1);
+    // kill -9 half-way through the move.
+    let t0 = std::time::Instant::now();
+    while attached(&lab).0 < 10 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the move to TCX does not progress: {:?}\n{}", attached(&lab), lab.daemon_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let at_kill = attached(&lab);
+    lab.kill_daemon();
+    assert!(at_kill.1 > 0, "the move finished before the kill: {at_kill:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    check(&lab, &SERVER_CASES);
+
+    // The restarted daemon adopts both kinds and finishes the move.
+    lab.start_daemon(Path::new(DAEMON)).unwrap();
+    wait_tcx(&lab, all, 30, "every pod on TCX after the restart");
+    std::thread::sleep(Duration::from_millis(300));
+    let Seen { long_fail, exchanges, new_ok, new_fail, denied_passed, denied_tries } = traffic.finish();
+    eprintln!("auto: killed at {at_kill:?} (tcx, tc); {exchanges} exchanges, {new_ok} new connections ({new_fail} failed), {denied_tries} denied attempts ({denied_passed} passed)");
+    assert_eq!(long_fail, 0, "the long-lived allowed connection broke\n{}", lab.daemon_log());
+    assert_eq!(new_fail, 0, "{new_fail} new allowed connections failed\n{}", lab.daemon_log());
+    assert!(exchanges > 50 && new_ok > 10, "too little allowed traffic measured: {exchanges}, {new_ok}");
+    assert_eq!(denied_passed, 0, "{denied_passed} denied connections got through\n{}", lab.daemon_log());
+    assert!(denied_tries > 10, "too few denied attempts: {denied_tries}");
+    for pod in ["server", "client", "intruder", "idle0", "idle59"] {
+        assert_eq!(filters(&lab, pod), (vec![], vec![]), "{pod} still has tc filters once on TCX");
+    }
+    let links = lab.pin_dir.join("links");
+    assert_eq!(std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0), 2 * all, "two pinned links per pod");
+    check(&lab, &SERVER_CASES);
 }

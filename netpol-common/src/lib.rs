@@ -150,8 +150,10 @@ pub mod maps {
     pub const FRAG_EARLY: &str = "FRAG_EARLY";
     pub const CONFIG: &str = "CONFIG";
     pub const EVENTS: &str = "EVENTS";
+    /// [`EventConfig`](super::EventConfig): which flow events are sent, how many.
+    pub const EVENT_CONFIG: &str = "EVENT_CONFIG";
     pub const EVENT_RATE: &str = "EVENT_RATE";
-    /// Per CPU: deny events not sent, [`EVENT_DROP_RATE`](super::EVENT_DROP_RATE) over the
+    /// Per CPU: flow events not sent, [`EVENT_DROP_RATE`](super::EVENT_DROP_RATE) over the
     /// rate limit and [`EVENT_DROP_FULL`](super::EVENT_DROP_FULL) with the ring buffer full.
     pub const EVENT_DROPS: &str = "EVENT_DROPS";
     pub const COUNTERS: &str = "COUNTERS";
@@ -378,8 +380,9 @@ pub struct Config {
     pub ct_tcp_closing_ns: u64,
     pub ct_udp_ns: u64,
     pub ct_other_ns: u64,
-    /// Deny events sent to userspace per second and CPU; 0: none.
-    pub deny_events_per_sec: u32,
+    /// Unused: was the deny-event rate, which now lives in `EVENT_CONFIG` ([`EventConfig`],
+    /// changed at run time by the daemon alone). Kept so that a pinned `CONFIG` keeps its layout.
+    pub _reserved: u32,
     /// How long (in kernel ticks, `jiffies`) a flow-cache entry vouches for its flow before
     /// the packet goes to the conntrack table again; 0: the flow cache is off. The daemon sets
     /// it (see `flow_cache_ticks`), never the user: at most the shortest timeout / 20 ms
@@ -428,23 +431,74 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Slots of `FLOW_CACHE` per CPU (a power of two; 64 bytes each: 256 KiB per CPU).
 pub const FLOW_CACHE_SLOTS: u32 = 4096;
 
-/// A denied (or audited) packet, sent through the `EVENTS` ring buffer.
+/// `EVENT_CONFIG[0]`: which flow events the programs send through `EVENTS`, and how many. The
+/// daemon writes it at run time (`--log-denied`, and what `observe` clients ask for); all zero
+/// (the state before the daemon writes it): none.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct DenyEvent {
+pub struct EventConfig {
+    /// Events per second and CPU (one token bucket per CPU for every kind); 0: none.
+    pub per_sec: u32,
+    /// Which verdicts are sent: `EVENTS_*` bits.
+    pub verdicts: u32,
+}
+
+/// [`EventConfig::verdicts`]: dropped packets, whatever the reason (policy, spoofed, ...).
+pub const EVENTS_DENIED: u32 = 1;
+/// Packets an audit-mode policy would have dropped (they pass).
+pub const EVENTS_AUDIT: u32 = 2;
+/// The first packet of every newly tracked flow (where conntrack creates the entry), never
+/// the packets of established flows.
+pub const EVENTS_ALLOWED: u32 = 4;
+
+/// The `EVENTS_*` bit an outcome (`VERDICT_*` or `DROP_*`) is sent under.
+pub const fn event_kind(outcome: u32) -> u32 {
+    match outcome {
+        VERDICT_ALLOW => EVENTS_ALLOWED,
+        VERDICT_AUDIT => EVENTS_AUDIT,
+        _ => EVENTS_DENIED,
+    }
+}
+
+/// [`FlowEvent::flags`]: the direction was isolated when the packet was decided.
+pub const FLOW_ISOLATED: u8 = 1;
+/// [`FlowEvent::flags`]: the packet was not read as IP (another ethertype, a VLAN tag, or
+/// truncated): no addresses.
+pub const FLOW_NOT_IP: u8 = 2;
+
+/// One decided packet, sent through the `EVENTS` ring buffer: a dropped or audited packet, or
+/// the first packet of a newly allowed flow. Written in place in the ring buffer (no copy on
+/// the programs' stack).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) when the packet was decided.
+    pub ktime_ns: u64,
     pub endpoint: u32,
+    /// The slot of the policy (of `endpoint`, in `dir`) that allowed the flow, or
+    /// [`SLOT_NONE`] (as `POLICY_COUNTERS` counts it).
+    pub slot: u32,
     pub dir: u8,
     pub proto: u8,
+    /// `FAMILY_V4`, `FAMILY_V6`, or 0 with [`FLOW_NOT_IP`].
     pub family: u8,
-    /// `VERDICT_DENY` or `VERDICT_AUDIT`.
-    pub verdict: u8,
+    /// What happened: a `COUNTERS` outcome (`VERDICT_ALLOW`, `VERDICT_AUDIT`, or a drop's
+    /// reason: `VERDICT_DENY`, `VERDICT_SPOOFED`, `DROP_*`).
+    pub outcome: u8,
+    /// `FLOW_*` bits.
+    pub flags: u8,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub _pad: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub sport: u16,
     pub dport: u16,
+    /// The frame's length at TC (`skb->len`).
+    pub len: u32,
 }
 
-/// Per-CPU token bucket for deny events.
+/// Per-CPU token bucket for flow events.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RateState {
@@ -455,7 +509,7 @@ pub struct RateState {
 
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
-/// `EVENT_DROPS` indexes: deny events held back by the per-CPU rate limit, and those the ring
+/// `EVENT_DROPS` indexes: flow events held back by the per-CPU rate limit, and those the ring
 /// buffer had no room for (the daemon reading too slowly).
 pub const EVENT_DROP_RATE: u32 = 0;
 pub const EVENT_DROP_FULL: u32 = 1;
@@ -482,7 +536,8 @@ mod user {
     unsafe impl aya::Pod for EpAddrKey {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for Config {}
-    unsafe impl aya::Pod for DenyEvent {}
+    unsafe impl aya::Pod for EventConfig {}
+    unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for Count {}
     unsafe impl aya::Pod for EndpointName {}
 }
@@ -520,6 +575,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<EpAddrKey>(), 24);
         assert_eq!(core::mem::size_of::<Count>(), 16);
         assert_eq!(core::mem::size_of::<EndpointName>(), 340);
+        // Reserved in the ring buffer as is (8-aligned records).
+        assert_eq!(core::mem::size_of::<FlowEvent>(), 64);
+        assert_eq!(core::mem::align_of::<FlowEvent>(), 8);
+        assert_eq!(core::mem::size_of::<EventConfig>(), 8);
     }
 
     #[test]
@@ -536,5 +595,11 @@ mod tests {
         // The outcomes of both directions of every endpoint fit its slots, without overlap.
         assert_eq!(counter_index(1, DIR_INGRESS, 0), COUNTER_SLOTS);
         assert_eq!(counter_index(0, DIR_EGRESS, OUTCOMES - 1), COUNTER_SLOTS - 1);
+        // Flow events: every drop reason is sent as a denial.
+        assert_eq!(event_kind(VERDICT_ALLOW), EVENTS_ALLOWED);
+        assert_eq!(event_kind(VERDICT_AUDIT), EVENTS_AUDIT);
+        for o in [VERDICT_DENY, VERDICT_SPOOFED, DROP_FAIL_CLOSED, DROP_MALFORMED, DROP_UNSUPPORTED, DROP_TCP_RST] {
+            assert_eq!(event_kind(o), EVENTS_DENIED);
+        }
     }
 }

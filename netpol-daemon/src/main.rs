@@ -1,4 +1,5 @@
-//! `netpol-daemon`: the command line (run, explain, check, uninstall, status) over the library.
+//! `netpol-daemon`: the command line (run, explain, check, observe, status, uninstall) over the
+//! library.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +58,9 @@ enum Cmd {
         /// TCP, UDP, SCTP or ICMP.
         #[arg(long, default_value = "TCP")]
         protocol: String,
+        /// text, or json: one JSON document with the same facts.
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
     },
     /// Validate a manifests directory (or the live cluster) and list the problems (exit
     /// status 1 if any error).
@@ -64,7 +68,14 @@ enum Cmd {
         /// A manifests directory; without it, the live cluster (in-cluster config or KUBECONFIG).
         #[arg(long)]
         manifests: Option<PathBuf>,
+        /// text, or json: one JSON document with the same facts.
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
     },
+    /// Watch this node's flows as the programs decide them (like `hubble observe`): dropped
+    /// and audited packets, and the first packet of every newly allowed flow, from the
+    /// daemon's endpoint (GET /v1/flows). Runs until interrupted.
+    Observe(ObserveArgs),
     /// Stop enforcing on this node: delete netpol's tc filters (every interface of this
     /// network namespace), remove the pinned links (programs detach) and maps.
     /// A daemon that exits normally keeps enforcing until its successor takes over.
@@ -90,16 +101,42 @@ enum Cmd {
         /// One endpoint by its host-side interface.
         #[arg(long)]
         ifname: Option<String>,
-        /// text (for people) or json (one document).
-        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
-        output: Output,
+        /// text, or json: one JSON document with the same facts.
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
     },
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Output {
-    Text,
-    Json,
+#[derive(Args)]
+struct ObserveArgs {
+    /// Only the flows of this pod (NAMESPACE/POD), on its own interface or as the peer.
+    #[arg(long)]
+    pod: Option<String>,
+    /// Only flows of this verdict (repeat for several; default: all).
+    #[arg(long, value_parser = ["denied", "allowed", "audit"])]
+    verdict: Vec<String>,
+    /// text (one line per flow), or json (one JSON object per line).
+    #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
+    /// The daemon's endpoint (its --metrics-addr).
+    #[arg(long, default_value = "127.0.0.1:9977")]
+    addr: String,
+    /// Flow events the programs may send per second and CPU while this runs, 1 to 10000 (the
+    /// highest any client, or --log-denied, asks for applies).
+    #[arg(long, default_value_t = netpol_daemon::metrics::flows::hub::DEFAULT_RATE, value_parser = clap::value_parser!(u32).range(1..=netpol_daemon::metrics::flows::hub::MAX_RATE as i64))]
+    rate: u32,
+}
+
+impl ObserveArgs {
+    fn run(self) -> anyhow::Result<netpol_daemon::cli::observe::Ended> {
+        use netpol_daemon::metrics::flows::{Filter, FlowVerdict};
+        let verdicts = self.verdict.iter().filter_map(|v| FlowVerdict::parse(v)).collect::<Vec<_>>();
+        let filter =
+            Filter { pod: self.pod, verdicts: if verdicts.is_empty() { FlowVerdict::ALL.to_vec() } else { verdicts }, rate: self.rate };
+        let output = netpol_daemon::cli::Output::parse(&self.output).expect("clap checked the value");
+        let mut stdout = std::io::stdout().lock();
+        netpol_daemon::cli::observe::observe(&self.addr, &filter, output, &mut stdout, |what| eprintln!("netpol-daemon observe: {what}"))
+    }
 }
 
 // `netpol-daemon run`: what the daemon enforces, from where, and how (a plain comment: the
@@ -163,8 +200,9 @@ struct RunArgs {
     #[arg(long)]
     audit: bool,
     /// How the programs attach to pod interfaces: `tcx` (kernel 6.6 and later: pinned
-    /// links), `tc` (clsact + cls_bpf filters, what older kernels have), or `auto` (TCX where
-    /// the kernel has it, else tc). Both survive a restart or a crash of the daemon.
+    /// links), `tc` (clsact + cls_bpf filters, what older kernels have), or `auto` (a new
+    /// interface gets a tc filter at once and is moved to a TCX link in the background where
+    /// the kernel has TCX). Both survive a restart or a crash of the daemon.
     #[arg(long, default_value = "auto", value_parser = ["auto", "tcx", "tc"])]
     attach: String,
 }
@@ -186,9 +224,10 @@ impl RunArgs {
                 ct_tcp_closing_ns: 0,
                 ct_udp_ns: self.ct_udp_timeout.saturating_mul(1_000_000_000),
                 ct_other_ns: self.ct_other_timeout.saturating_mul(1_000_000_000),
-                deny_events_per_sec: self.log_denied,
+                _reserved: 0,
                 flow_cache_ticks: 0,
             },
+            log_denied: self.log_denied,
             flow_cache: self.flow_cache == "on",
             attach: self.attach.parse().expect("clap checked the value"),
         }
@@ -241,8 +280,9 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {
-        Cmd::Explain { manifests, from, to, port, protocol } => {
-            match netpol_daemon::cli::explain(manifests.as_deref(), &from, &to, port, &protocol) {
+        Cmd::Explain { manifests, from, to, port, protocol, output } => {
+            let output = netpol_daemon::cli::Output::parse(&output).expect("clap checked the value");
+            match netpol_daemon::cli::explain(manifests.as_deref(), &from, &to, port, &protocol, output) {
                 Ok((allowed, text)) => {
                     print!("{text}");
                     std::process::exit(if allowed { 0 } else { 3 });
@@ -253,13 +293,27 @@ fn main() {
                 }
             }
         }
-        Cmd::Check { manifests } => match netpol_daemon::cli::check(manifests.as_deref()) {
-            Ok((errors, text)) => {
-                print!("{text}");
-                std::process::exit(if errors == 0 { 0 } else { 1 });
+        Cmd::Check { manifests, output } => {
+            let output = netpol_daemon::cli::Output::parse(&output).expect("clap checked the value");
+            match netpol_daemon::cli::check(manifests.as_deref(), output) {
+                Ok((errors, text)) => {
+                    print!("{text}");
+                    std::process::exit(if errors == 0 { 0 } else { 1 });
+                }
+                Err(e) => {
+                    eprintln!("netpol-daemon check: {e:#}");
+                    std::process::exit(2);
+                }
+            }
+        }
+        Cmd::Observe(args) => match args.run() {
+            Ok(netpol_daemon::cli::observe::Ended::OutputClosed) => {}
+            Ok(netpol_daemon::cli::observe::Ended::ByDaemon) => {
+                eprintln!("netpol-daemon observe: the daemon closed the stream");
+                std::process::exit(1);
             }
             Err(e) => {
-                eprintln!("netpol-daemon check: {e:#}");
+                eprintln!("netpol-daemon observe: {e:#}");
                 std::process::exit(2);
             }
         },
@@ -271,8 +325,13 @@ fn main() {
             }
         },
         Cmd::Status { bpffs, pod, ip, ifname, output } => {
-            let report = netpol_daemon::cli::status_select(pod.as_deref(), ip, ifname.as_deref())
-                .and_then(|sel| netpol_daemon::cli::status(&bpffs, sel.as_ref(), output == Output::Json));
+            let report = netpol_daemon::cli::status_select(pod.as_deref(), ip, ifname.as_deref()).and_then(|sel| {
+                netpol_daemon::cli::status(
+                    &bpffs,
+                    sel.as_ref(),
+                    netpol_daemon::cli::Output::parse(&output).expect("clap checked the value"),
+                )
+            });
             match report {
                 Ok(text) => print!("{text}"),
                 Err(e) => {

@@ -238,17 +238,18 @@ fn in_window(x: u32, reference: u32) -> bool {
     d <= CT_RST_WINDOW_AHEAD || d.wrapping_neg() <= CT_RST_WINDOW_BEHIND
 }
 
-/// Records a newly allowed flow, allowed by the policy in `slot` (or `SLOT_NONE`).
-#[inline(always)]
+/// Records a newly allowed flow, allowed by the policy in `slot` (or `SLOT_NONE`); whether
+/// it did (only packets with ports are tracked, never an RST).
 ///
 /// `looped`: an ingress packet that entered the node through this same interface (the kernel's
 /// `ingress_ifindex`): the pod sent it and the node routed it back, possibly rewritten by NAT.
-pub fn create(k: &mut CtKey, p: &Packet, slot: u32, looped: bool) {
+#[inline(always)]
+pub fn create(k: &mut CtKey, p: &Packet, slot: u32, looped: bool) -> bool {
     if !p.has_ports {
-        return;
+        return false;
     }
     if p.proto == PROTO_TCP && p.tcp_flags & TCP_RST != 0 {
-        return;
+        return false;
     }
     let mut flags = 0;
     if k.dir == DIR_INGRESS {
@@ -274,7 +275,7 @@ pub fn create(k: &mut CtKey, p: &Packet, slot: u32, looped: bool) {
         }
     }
     // The new value is written in a per-CPU scratch slot, not on the stack (which is full).
-    let Some(v) = CT_SCRATCH.get_ptr_mut(0) else { return };
+    let Some(v) = CT_SCRATCH.get_ptr_mut(0) else { return false };
     let v = unsafe { &mut *v };
     v.last_seen_ns = unsafe { now_ns() };
     v.flags = flags;
@@ -287,7 +288,7 @@ pub fn create(k: &mut CtKey, p: &Packet, slot: u32, looped: bool) {
             v.flags |= CT_ACK0;
         }
     }
-    let _ = CONNTRACK.insert(&*k, v, 0);
+    CONNTRACK.insert(&*k, v, 0).is_ok()
 }
 
 /// One value per CPU where `create` builds an entry (not pinned: holds nothing between runs).

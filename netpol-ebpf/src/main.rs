@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netpol_common::*;
-use parse::Parsed;
+use parse::{Packet, Parsed};
 
 #[classifier]
 pub fn netpol_from_pod(ctx: TcContext) -> i32 {
@@ -60,42 +60,77 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     let p = match parse::parse(ctx) {
         Ok(Parsed::Ip(p)) => p,
         Ok(Parsed::Arp) => return pass(ep.id, dir, len),
-        // Other ethertypes and VLAN-tagged frames: what the kernel makes of them later is not
-        // judged here, so an isolated direction does not let them through.
-        Ok(Parsed::Other) => return judged(ep.id, dir, !isolated, DROP_UNSUPPORTED, len),
-        Err(()) => {
-            // Truncated or malformed IP packet: never let it through an isolated direction,
-            // nor out of a pod at all (its source could not be checked).
-            // (Out of a pod this outcome counts as spoofed: see `verdict_of`.)
-            let deny = dir == DIR_EGRESS || isolated;
-            return judged(ep.id, dir, !deny, DROP_MALFORMED, len);
+        not_ip => {
+            let (allow, drop) = match not_ip {
+                // Other ethertypes and VLAN-tagged frames: what the kernel makes of them later
+                // is not judged here, so an isolated direction does not let them through.
+                Ok(_) => (!isolated, DROP_UNSUPPORTED),
+                // Truncated or malformed IP packet: never let it through an isolated
+                // direction, nor out of a pod at all (its source could not be checked).
+                // (Out of a pod this outcome counts as spoofed: see `verdict_of`.)
+                Err(()) => (!(dir == DIR_EGRESS || isolated), DROP_MALFORMED),
+            };
+            return judged_frame(ep.id, dir, allow, drop, len, isolated);
         }
     };
+    let mut ct = conntrack::key(ep.id, dir, &p);
+    match decide(ctx, &ep, dir, isolated, &p, &mut ct, fast) {
+        Decision::Pass => pass(ep.id, dir, len),
+        Decision::Judged { outcome, slot, report } => {
+            // (One place reports and counts every judged packet: one copy of the code.)
+            if report {
+                events::flow_event(&ct, &p, outcome, slot, isolated_flag_of(isolated), len);
+            }
+            counters::count(ep.id, dir, outcome, len);
+            if matches!(outcome, VERDICT_ALLOW | VERDICT_AUDIT) {
+                TC_ACT_OK
+            } else {
+                TC_ACT_SHOT
+            }
+        }
+    }
+}
+
+/// What became of an IP packet.
+enum Decision {
+    /// It passes, counted as allowed (a tracked flow, a related error, neighbour discovery).
+    Pass,
+    /// Judged with `outcome` (a `VERDICT_*` or `DROP_*`; it passes as `VERDICT_ALLOW` or
+    /// `VERDICT_AUDIT`), the slot of the policy that allowed it; reported (see `events`) when
+    /// `report`: drops, audits and the first packet of a newly tracked flow.
+    Judged { outcome: u32, slot: u32, report: bool },
+}
+
+/// Decides the IP packet `p` (conntrack key `ct`) of endpoint `ep` in `dir`, past the fast
+/// path (`fast`: what it found).
+#[inline(always)]
+fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, isolated: bool, p: &Packet, ct: &mut CtKey, fast: flowcache::Fast) -> Decision {
+    let drop = |outcome| Decision::Judged { outcome, slot: SLOT_NONE, report: true };
     // Anti-spoofing: whatever the policies, a pod sends only from its own addresses (else a
     // pod could pose as another pod, or as the node, which every ingress policy lets in).
     if dir == DIR_EGRESS && !policy::source_owned(&ep, &p) {
-        return judged(ep.id, dir, false, VERDICT_SPOOFED, len);
+        return drop(VERDICT_SPOOFED);
     }
     // IPv6 neighbour discovery and router messages keep the link working, when they are
     // what the link uses and nothing more (see parse::neighbour_discovery).
-    if p.proto == PROTO_ICMPV6 && (133..=137).contains(&p.icmp_type) && parse::neighbour_discovery(ctx, &p, dir == DIR_EGRESS) {
-        return pass(ep.id, dir, len);
+    if p.proto == PROTO_ICMPV6 && (133..=137).contains(&p.icmp_type) && parse::neighbour_discovery(ctx, p, dir == DIR_EGRESS) {
+        return Decision::Pass;
     }
-    let mut ct = conntrack::key(ep.id, dir, &p);
     // ICMP errors about a flow this endpoint has (port unreachable, fragmentation needed...).
     if p.has_related {
-        if conntrack::related_to_flow(&mut ct, &p.related) {
-            return pass(ep.id, dir, len);
+        if conntrack::related_to_flow(ct, &p.related) {
+            return Decision::Pass;
         }
-        ct = conntrack::key(ep.id, dir, &p);
+        *ct = conntrack::key(ep.id, dir, p);
     }
     // The rest of a fragmented datagram follows its first fragment's verdict; without one
     // (reordered), it is judged as a portless packet below.
     let mut early = false;
     if p.later_fragment {
-        match fragments::later(ep.id, dir, &p) {
-            fragments::Later::Allowed => return pass(ep.id, dir, len),
-            fragments::Later::Denied => return judged(ep.id, dir, !isolated, policy_drop(&ep), len),
+        match fragments::later(ep.id, dir, p) {
+            fragments::Later::Allowed => return Decision::Pass,
+            fragments::Later::Denied if !isolated => return Decision::Pass,
+            fragments::Later::Denied => return drop(policy_drop(ep)),
             fragments::Later::Unknown => early = true,
         }
     }
@@ -107,58 +142,55 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     let now = if ticks != 0 { flowcache::now() } else { 0 };
     // (Unless the fast path already looked at this packet's slot.)
     if ticks != 0 && !matches!(fast, flowcache::Fast::Missed) {
-        if let Some((flow_dir, slot)) = flowcache::lookup(&ct, ticks, now) {
+        if let Some((flow_dir, slot)) = flowcache::lookup(ct, ticks, now) {
             counters::count_policy(ep.id, flow_dir, slot);
-            return pass(ep.id, dir, len);
+            return Decision::Pass;
         }
     }
     if p.has_ports {
         // Read before the conntrack lookup: a flow ended after it voids what is cached here.
         let epoch = if ticks != 0 { flowcache::epoch(ep.id) } else { 0 };
-        if let Some(flow) = conntrack::track_existing(&ct, &p) {
+        if let Some(flow) = conntrack::track_existing(ct, p) {
             if !flow.pass {
                 // An RST of a tracked flow outside the receiver's window: dropped, the flow stays.
-                return judged(ep.id, dir, false, DROP_TCP_RST, len);
+                return drop(DROP_TCP_RST);
             }
             if ticks != 0 {
-                flowcache::store(&ct, epoch, now, flow.dir, flow.slot);
+                flowcache::store(ct, epoch, now, flow.dir, flow.slot);
             }
-            fragments::remember(ep.id, dir, &p, true);
+            fragments::remember(ep.id, dir, p, true);
             counters::count_policy(ep.id, flow.dir, flow.slot);
-            return pass(ep.id, dir, len);
+            return Decision::Pass;
         }
     }
     // Some(slot of the allowing policy, or SLOT_NONE when no policy had to allow it).
     let allowed_by = if !isolated || (dir == DIR_INGRESS && policy::is_node_addr(p.family, &p.src)) {
         Some(SLOT_NONE)
     } else {
-        policy::allowed(ep.id, dir, &p)
+        policy::allowed(ep.id, dir, p)
     };
     let v = match allowed_by {
         Some(_) => VERDICT_ALLOW,
-        None => audit_verdict(&ep, dir),
+        None => audit_verdict(ep, dir),
     };
+    let slot = allowed_by.unwrap_or(SLOT_NONE);
+    // Whether this packet begins a tracked flow (its allow event is the flow's only one).
+    let mut created = false;
     if v != VERDICT_DENY {
         // A frame the pod sent that the node routed back to it (see `conntrack::create`).
-        let looped = dir == DIR_INGRESS && unsafe { (*ctx.skb.skb).ingress_ifindex } == ifindex;
-        conntrack::create(&mut ct, &p, allowed_by.unwrap_or(SLOT_NONE), looped);
+        let skb = unsafe { &*ctx.skb.skb };
+        let looped = dir == DIR_INGRESS && skb.ingress_ifindex == skb.ifindex;
+        created = conntrack::create(ct, p, slot, looped);
     }
-    fragments::remember(ep.id, dir, &p, v != VERDICT_DENY);
+    fragments::remember(ep.id, dir, p, v != VERDICT_DENY);
     if early && v == VERDICT_DENY {
         fragments::count_early(ep.id, dir);
     }
     if let Some(slot) = allowed_by {
         counters::count_policy(ep.id, dir, slot);
     }
-    if v != VERDICT_ALLOW {
-        events::deny_event(ep.id, dir, &p, v);
-    }
-    counters::count(ep.id, dir, if v == VERDICT_DENY { policy_drop(&ep) } else { v }, len);
-    if v == VERDICT_DENY {
-        TC_ACT_SHOT
-    } else {
-        TC_ACT_OK
-    }
+    let outcome = if v == VERDICT_DENY { policy_drop(ep) } else { v };
+    Decision::Judged { outcome, slot, report: v != VERDICT_ALLOW || created }
 }
 
 /// A packet the policy tables deny: dropped, unless only audit-mode policies isolate the
@@ -190,15 +222,25 @@ fn pass(endpoint: u32, dir: u8, len: u32) -> i32 {
     TC_ACT_OK
 }
 
-/// Lets the packet through (`allow`) or drops it, counted with the outcome `drop` (a
-/// `DROP_*`, `VERDICT_DENY` or `VERDICT_SPOOFED`: why it was dropped).
+/// Lets a frame not read as IP through (`allow`) or drops it, counted (and reported, see
+/// `events`) with the outcome `drop` (why it was dropped).
 #[inline(always)]
-fn judged(endpoint: u32, dir: u8, allow: bool, drop: u32, len: u32) -> i32 {
+fn judged_frame(endpoint: u32, dir: u8, allow: bool, drop: u32, len: u32, isolated: bool) -> i32 {
     if allow {
         return pass(endpoint, dir, len);
     }
+    events::frame_event(endpoint, dir, drop, isolated_flag_of(isolated), len);
     counters::count(endpoint, dir, drop, len);
     TC_ACT_SHOT
+}
+
+#[inline(always)]
+fn isolated_flag_of(isolated: bool) -> u8 {
+    if isolated {
+        FLOW_ISOLATED
+    } else {
+        0
+    }
 }
 
 #[cfg(not(test))]

@@ -71,6 +71,24 @@ pub fn wait_endpoints(lab: &Lab, n: usize, secs: u64, what: &str) {
     }
 }
 
+/// How many attached interfaces run the programs from TCX links and from tc filters
+/// (`netpol_attached_interfaces`).
+pub fn attached(lab: &Lab) -> (usize, usize) {
+    let m = lab.metrics().unwrap();
+    let mode = |m: &str, mode: &str| sample(m, &format!("netpol_attached_interfaces{{mode=\"{mode}\"}}")).unwrap_or(-1.0) as usize;
+    (mode(&m, "tcx"), mode(&m, "tc"))
+}
+
+/// Waits until `n` interfaces run the programs from TCX links and none from tc filters
+/// (`--attach auto` attaches by tc first and moves each interface to TCX in the background).
+pub fn wait_tcx(lab: &Lab, n: usize, secs: u64, what: &str) {
+    let t0 = Instant::now();
+    while attached(lab) != (n, 0) {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "{what}: want {n} on TCX, none on tc: {:?}\n{}", attached(lab), lab.daemon_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `netpol_packets_total` of pod `namespace/pod`, direction and verdict (0 before any).
 pub fn packets(lab: &Lab, namespace: &str, pod: &str, direction: &str, verdict: &str) -> f64 {
     let m = lab.metrics().unwrap();

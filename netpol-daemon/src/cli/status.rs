@@ -7,11 +7,13 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::json;
 
+use super::Output;
 use crate::datapath::inspect::{Allowed, DirectionRules, Endpoint, Packets, Rule, Select, Snapshot};
 
 /// The report for `pin_dir`: every endpoint, or with `select` one endpoint and what it
-/// allows; `json`: one JSON document.
-pub fn status(pin_dir: &Path, select: Option<&Select>, json: bool) -> Result<String> {
+/// allows.
+pub fn status(pin_dir: &Path, select: Option<&Select>, output: Output) -> Result<String> {
+    let json = output == Output::Json;
     let snap = Snapshot::read(pin_dir)?;
     let Some(sel) = select else {
         return Ok(if json { node_json(&snap) } else { node_text(&snap) });

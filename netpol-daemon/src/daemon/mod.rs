@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use netpol_common::{EventConfig, EVENTS_AUDIT, EVENTS_DENIED};
 
 mod interfaces;
 pub mod netlink;
 mod pass;
 
 use crate::compiler::NodeCompiler;
-use crate::datapath::Datapath;
+use crate::datapath::{Datapath, FlowEvents};
 use crate::metrics::kube_events::{self, KubeEvents};
 use crate::metrics::{self, Shared};
 use crate::model::{ChangeSet, Cluster};
@@ -41,8 +42,10 @@ pub struct RunConfig {
     pub revalidate_established: bool,
     /// Every policy in audit mode.
     pub audit_all: bool,
-    /// Conntrack timeouts and deny events.
+    /// Conntrack timeouts.
     pub datapath_config: netpol_common::Config,
+    /// Denials and audits sent to the log, per second and CPU (`--log-denied`; 0: none).
+    pub log_denied: u32,
     /// Established flows' packets pass through the per-CPU flow cache (else every one looks
     /// the conntrack table up).
     pub flow_cache: bool,
@@ -99,7 +102,7 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<()> {
 }
 
 impl Daemon {
-    /// Loads (or adopts) the datapath, starts the deny-event logger and the metrics endpoint,
+    /// Loads (or adopts) the datapath, starts the flow-event reader and the metrics endpoint,
     /// and connects the source.
     pub fn start(cfg: RunConfig, stop: &Arc<AtomicBool>) -> Result<Daemon> {
         let shared = Arc::new(Shared::default());
@@ -112,10 +115,11 @@ impl Daemon {
         };
         let mut datapath = load_datapath(&cfg)?;
         datapath.preattach(interfaces::routed_pod_interfaces());
-        if cfg.datapath_config.deny_events_per_sec > 0 {
-            if let Some(rb) = datapath.take_events() {
-                metrics::events::spawn(rb, shared.clone(), stop.clone())?;
-            }
+        if let Some(FlowEvents { ring, mut control }) = datapath.take_events() {
+            let verdicts = if cfg.log_denied > 0 { EVENTS_DENIED | EVENTS_AUDIT } else { 0 };
+            let base = EventConfig { per_sec: cfg.log_denied, verdicts };
+            shared.flows.start(&cfg.node_name, Box::new(move |c| control.set(c)), base);
+            metrics::flows::reader::spawn(ring, shared.clone(), stop.clone())?;
         }
         metrics::serve(cfg.metrics_addr, shared.clone(), cfg.bpffs.clone())
             .with_context(|| format!("listening on {}", cfg.metrics_addr))?;
@@ -155,18 +159,29 @@ impl Daemon {
         // Liveness: every pass begins within the poll interval of the end of the last one.
         self.ctx.shared.heartbeat.beat();
         self.wait_for_source();
+        self.take_tcx_upgrades();
         if !self.source_ready() {
             return;
         }
         // Pods whose interface is not there yet are retried every second; every pod's
         // interface (and the node's addresses) is looked up again every few seconds.
         let (retry, full_resolve) = (self.state.interfaces.retry_due(), self.state.interfaces.full_due());
-        if !self.take_changes() {
+        let taken = self.take_changes();
+        // Flow clients get the peers of their flows named.
+        self.ctx.shared.flows.keep_directory(&self.state.cluster);
+        if !taken {
             return;
         }
         let pass = self.plan(retry, full_resolve);
         if pass.is_due() {
             self.program(pass);
+        }
+    }
+
+    /// Interfaces moved from tc filters to TCX links in the background since the last pass.
+    fn take_tcx_upgrades(&mut self) {
+        if self.ctx.datapath.collect_upgrades() {
+            self.ctx.shared.status.lock().unwrap().attached = self.ctx.datapath.attach_counts();
         }
     }
 
@@ -212,6 +227,7 @@ impl Daemon {
         };
         // How long ago the change was made, as of now.
         let (age, now) = (ctx.source.take_change_age(), Instant::now());
+        ctx.shared.flows.pods_changed(&st.cluster, &ch);
         if ch.is_empty() && !first && errors == st.load_errors {
             return true;
         }

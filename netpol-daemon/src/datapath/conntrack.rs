@@ -1,6 +1,6 @@
 //! Tracked flows and what decides how long a verdict lasts: the CONNTRACK table (revalidated
 //! against a new policy with `--established=revalidate`), the runtime settings of the programs
-//! (CONFIG: conntrack timeouts, deny events) and the flow cache's per-endpoint epochs
+//! (CONFIG: conntrack timeouts) and the flow cache's per-endpoint epochs
 //! (FLOW_EPOCH). A cached verdict counts only under its endpoint's current epoch, so bumping it
 //! voids every CPU's slots at once: done when flows are cut, when an id goes to a new pod and
 //! when the settings change (no cached flow outlives a timeout that just got shorter).
@@ -44,7 +44,7 @@ impl Conntrack {
         Ok(ct)
     }
 
-    /// Runtime settings for the programs (conntrack timeouts, deny events). The flow cache's
+    /// Runtime settings for the programs (conntrack timeouts). The flow cache's
     /// lifetime follows from the timeouts (`flow_cache_ticks`); the given one is ignored.
     /// Every cached flow is voided, so none outlives a timeout that just got shorter.
     pub fn set_config(&mut self, c: &Config) -> Result<()> {

@@ -5,7 +5,7 @@
 //! (which policy) is known here, so when a pod's policy list changes its slots are folded into
 //! `retired_counts` under their old labels and zeroed, and a new endpoint id starts at zero:
 //! the metrics never give one policy's packets to another. [`CounterReader`] reads the pinned
-//! maps from any thread, and the deny events the programs could not send (EVENT_DROPS).
+//! maps from any thread, and the flow events the programs could not send (EVENT_DROPS).
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -174,7 +174,7 @@ impl CounterReader {
         super::pressure::count_entries(&self.conntrack, CONNTRACK_MAX)
     }
 
-    /// Deny events the programs did not send, at `EVENT_DROP_RATE` (over the rate limit) or
+    /// Flow events the programs did not send, at `EVENT_DROP_RATE` (over the rate limit) or
     /// `EVENT_DROP_FULL` (the ring buffer full).
     pub fn read_event_drops(&self, index: u32) -> u64 {
         self.event_drops.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
 use netpol_common::*;
@@ -38,11 +38,6 @@ pub(super) fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut S
 pub(super) fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
     let m = ebpf.take_map(name).ok_or_else(|| anyhow!("eBPF object has no map {name}"))?;
     T::try_from(m).with_context(|| format!("map {name}"))
-}
-
-/// The deny-event ring buffer (read by a thread of its own).
-pub(super) fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
-    take(ebpf, maps::EVENTS)
 }
 
 /// Removes every pin (maps and links) under `pin_dir`.

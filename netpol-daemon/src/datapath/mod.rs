@@ -10,6 +10,7 @@
 //! - `addrs`: the node's addresses and each pod's own (anti-spoofing);
 //! - `attach`: which pod has the programs on which interface, TCX links or clsact filters;
 //! - `counters`: packet counters and what the policy slots mean;
+//! - `events`: the flow events' ring buffer and the settings of what the programs send into it;
 //! - `conntrack`: tracked flows, their revalidation, the flow-cache epochs and the settings;
 //! - `names`: which pod each endpoint is (`ENDPOINT_NAMES`, for people);
 //! - `inspect`: what the pinned maps enforce, read back (`netpol-daemon status`);
@@ -25,7 +26,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use aya::maps::{MapData, RingBuf};
 use aya::Ebpf;
 use netpol_common::{Config, IDENTITIES_MAX, POLICY_MAX, POLICY_PORTS_MAX};
 
@@ -37,6 +37,7 @@ mod attach;
 mod conntrack;
 mod counters;
 mod endpoints;
+mod events;
 pub mod inspect;
 mod maps;
 mod mirror;
@@ -48,8 +49,9 @@ mod tc;
 mod test_run;
 
 pub use addrs::node_addr_for_pods;
-pub use attach::AttachMode;
+pub use attach::{AttachCounts, AttachMode};
 pub use counters::{slot_label, CounterReader, RetiredCounts, SlotLabels};
+pub use events::{read_event, EventControl, FlowEvents};
 pub use maps::{check_bpffs_outlives_daemon, ensure_bpffs, EBPF_OBJECT};
 pub use test_run::ProgramStats;
 
@@ -102,7 +104,7 @@ pub struct Datapath {
     links: attach::Links,
     counters: counters::Counters,
     conntrack: conntrack::Conntrack,
-    events: Option<RingBuf<MapData>>,
+    events: Option<FlowEvents>,
 }
 
 impl Datapath {
@@ -115,7 +117,7 @@ impl Datapath {
         let addrs = addrs::Addrs::adopt(&mut ebpf)?;
         let counters = counters::Counters::take(&mut ebpf)?;
         let conntrack = conntrack::Conntrack::take(&mut ebpf, pin_dir)?;
-        let events = Some(maps::take_events(&mut ebpf)?);
+        let events = Some(FlowEvents::take(&mut ebpf)?);
         let links = attach::Links::adopt(pin_dir);
         Ok(Datapath { ebpf, pin_dir: pin_dir.to_path_buf(), tables, addrs, endpoints, links, counters, conntrack, events })
     }
@@ -145,6 +147,17 @@ impl Datapath {
         Ok(filters)
     }
 
+    /// Takes the interfaces the background move to TCX finished (`--attach auto`); whether
+    /// any attachment changed.
+    pub fn collect_upgrades(&mut self) -> bool {
+        self.links.collect_upgrades()
+    }
+
+    /// How many attached interfaces run the programs from TCX links, and how many from tc.
+    pub fn attach_counts(&self) -> AttachCounts {
+        self.links.counts()
+    }
+
     /// How programs are attached to interfaces from now on (`--attach`).
     pub fn set_attach_mode(&mut self, mode: AttachMode) {
         self.links.set_mode(mode);
@@ -161,7 +174,7 @@ impl Datapath {
             Limits { identities: l.identities.min(d.identities), policy: l.policy.min(d.policy), ports: l.ports.min(d.ports) };
     }
 
-    /// Runtime settings for the programs (conntrack timeouts, deny events). The flow cache's
+    /// Runtime settings for the programs (conntrack timeouts). The flow cache's
     /// lifetime follows from the timeouts (`flow_cache_ticks`); the given one is ignored.
     /// Every cached flow is voided, so none outlives a timeout that just got shorter.
     pub fn set_config(&mut self, c: &Config) -> Result<()> {
@@ -176,8 +189,8 @@ impl Datapath {
         self.conntrack.set_flow_cache(on)
     }
 
-    /// The deny-event ring buffer, for a reader thread.
-    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+    /// The flow events' ring buffer and settings, for a reader thread (once).
+    pub fn take_events(&mut self) -> Option<FlowEvents> {
         self.events.take()
     }
 

@@ -47,6 +47,7 @@ impl Datapath {
 
         (report.identities, report.policy, report.ports) = self.tables.counts();
         report.endpoints = self.links.len();
+        self.links.release_upgrades(&mut self.ebpf);
         report
     }
 

@@ -3,8 +3,10 @@
 //! passes, [`health`]). An HTTP server on a tokio runtime of its own ([`http`]); counters are
 //! read straight from the pinned BPF maps at each scrape. The daemon fills the [`Status`] in
 //! ([`status`]), [`render`] writes it out through the `prometheus` crate (with the process
-//! metrics and [`build_info`]), and [`events`] logs the deny events the programs send: the end
-//! of the flow, reading the datapath and never writing it.
+//! metrics and [`build_info`]), and [`flows`] names the flow events the programs send, logs
+//! the denials and streams them to `observe` clients: the end of the flow, reading the
+//! datapath and writing nothing of it but (through the daemon's [`flows::hub::EventSink`])
+//! which flow events the programs send.
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -17,7 +19,7 @@ use prometheus::core::Collector;
 use crate::datapath::CounterReader;
 
 pub mod build_info;
-pub mod events;
+pub mod flows;
 pub mod health;
 pub mod http;
 pub mod kube_events;
@@ -37,6 +39,8 @@ pub struct Shared {
     pub kube_events: Arc<kube_events::Counters>,
     /// Stamped by the daemon loop as each pass begins (`/healthz`).
     pub heartbeat: Heartbeat,
+    /// The flow stream's clients and what the programs send for them.
+    pub flows: Arc<flows::FlowHub>,
 }
 
 impl Shared {
@@ -85,6 +89,7 @@ impl Scraper {
         let mut out = Families::default();
         render::families(&status, ready, counters.as_ref(), &mut out);
         self.shared.kube_events.families(&mut out);
+        self.shared.flows.families(&mut out);
         out.gauge(
             "netpol_last_pass_age_seconds",
             "Seconds since the daemon loop's last pass began (/healthz fails above --liveness-timeout).",

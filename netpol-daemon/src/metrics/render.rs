@@ -244,6 +244,12 @@ fn gauges(status: &Status, ready: bool, out: &mut Families) {
     for (name, help, v) in gauges {
         out.gauge(name, help).sample(&[], v);
     }
+    let mut attached = out.gauge(
+        "netpol_attached_interfaces",
+        "Pod interfaces by how the programs run there: mode=\"tcx\" (TCX links) or \"tc\" (clsact + cls_bpf filters; with --attach auto, a new interface starts there and is moved to TCX in the background).",
+    );
+    attached.sample(&[("mode", "tcx")], status.attached.tcx as f64);
+    attached.sample(&[("mode", "tc")], status.attached.tc as f64);
     out.counter("netpol_syncs_total", "Datapath syncs done.").sample(&[], status.syncs as f64);
     out.counter(
         "netpol_source_errors_total",
@@ -276,7 +282,7 @@ fn map_pressure(status: &Status, counters: Option<&CounterReader>, out: &mut Fam
     for (map, _, cap) in rows {
         f.sample(&[("map", map)], cap as f64);
     }
-    let mut f = out.counter("netpol_deny_events_dropped_total", "Deny events (--log-denied) the programs did not send: over the per-CPU rate limit (rate_limited) or with the ring buffer full (ring_full).");
+    let mut f = out.counter("netpol_deny_events_dropped_total", "Flow events (--log-denied, observe) the programs did not send: over the per-CPU rate limit (rate_limited) or with the ring buffer full (ring_full).");
     if let Some(c) = counters {
         for (i, reason) in [(EVENT_DROP_RATE, "rate_limited"), (EVENT_DROP_FULL, "ring_full")] {
             f.sample(&[("reason", reason)], c.read_event_drops(i) as f64);

@@ -5,12 +5,14 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::compiler::NodePolicy;
-use crate::datapath::{Datapath, Iface, SyncReport};
+use crate::datapath::{AttachCounts, Datapath, Iface, SyncReport};
 use crate::model::ObjKey;
 
 #[derive(Debug, Default, Clone)]
 pub struct Status {
     pub endpoints: Vec<(u32, ObjKey)>,
+    /// How the endpoints' interfaces run the programs (TCX links or tc filters).
+    pub attached: AttachCounts,
     pub manifest_errors: usize,
     pub sync_errors: usize,
     pub syncs: u64,
@@ -91,6 +93,7 @@ impl Status {
     /// isolates each pod that has an interface.
     pub fn record_sync(&mut self, dp: &Datapath, s: Synced) {
         self.endpoints = dp.endpoint_ids();
+        self.attached = dp.attach_counts();
         self.manifest_errors = s.manifest_errors;
         self.sync_errors = s.report.errors.len();
         self.syncs += 1;

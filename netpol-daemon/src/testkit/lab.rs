@@ -22,9 +22,11 @@ mod daemon;
 mod manifest;
 use manifest::json_map;
 mod node;
+mod observe;
 mod probe;
 mod serve;
 pub use craft::Capture;
+pub use observe::Observer;
 pub use probe::{probe_tcp, probe_udp, resolve};
 
 pub const NODE_NAME: &str = "lab-node";

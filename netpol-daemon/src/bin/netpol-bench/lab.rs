@@ -195,6 +195,25 @@ impl DaemonLab {
         Ok(since.elapsed())
     }
 
+    /// Waits (after ready) until every attached interface runs the programs from TCX links
+    /// (`--attach auto` attaches by tc first and moves them in the background); the time since
+    /// `since`, or None when some stay on tc (no TCX, or `--attach tc`) for 60 s.
+    pub fn wait_all_tcx(&mut self, since: Instant) -> anyhow::Result<Option<Duration>> {
+        let t0 = Instant::now();
+        loop {
+            let m = self.metrics();
+            let tc = sample(&m, "netpol_attached_interfaces{mode=\"tc\"}");
+            if tc == Some(0.0) {
+                return Ok(Some(since.elapsed()));
+            }
+            self.check_alive()?;
+            if t0.elapsed() > Duration::from_secs(60) {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The daemon's own programming-latency histogram (from the change being observed to the
     /// maps updated): count and sum.
     pub fn latency_histogram(&self) -> (f64, f64) {
