@@ -1,13 +1,16 @@
 //! `netpol-daemon status` against a real daemon's pins, run in the lab's node namespace: what
 //! it reads back from the maps matches what the compiler intended (`explain`'s verdict for
-//! every peer, port and protocol tried, for an isolated and a non-isolated pod), it keeps
-//! reading the pins once the daemon is killed, a map entry changed by hand shows up in it (and
-//! in the traffic), and without pins it says so.
+//! every peer, port and protocol tried, for an isolated and a non-isolated pod), the rules'
+//! peers are named as pods (local ones and one on another node), it keeps reading the pins
+//! once the daemon is killed, map entries and endpoint flags changed by hand show up in it
+//! (and in the traffic) while the compiler still says otherwise, and without pins it says so.
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use netpol_daemon::cli::Output;
 use netpol_daemon::testkit::lab::{Lab, GATEWAY_IP, NODE_IP};
 use serde_json::Value;
 
@@ -57,14 +60,13 @@ fn allows(a: &Value, proto: &str, port: u16) -> bool {
 }
 
 /// The verdict the rules `status` printed for one direction give a peer, port and protocol,
-/// evaluated as the programs do: not isolated passes; a node address passes into the pod;
-/// the class of the peer (at most one rule's prefixes hold it) or else every other address.
+/// evaluated as the programs do: not isolated passes, nor does anything where only audit-mode
+/// policies isolate; a node address passes into the pod; then the class of the peer (at most
+/// one rule's prefixes hold it) or else every other address. (Failing closed changes only
+/// what a drop is counted as: the daemon then writes no entries.)
 fn status_verdict(d: &Value, peer: IpAddr, proto: &str, port: u16) -> bool {
-    if !d["isolated"].as_bool().unwrap() {
+    if !d["isolated"].as_bool().unwrap() || d["audit"].as_bool().unwrap() {
         return true;
-    }
-    if d["fail_closed"].as_bool().unwrap() {
-        return false;
     }
     if d["node_addresses"].as_array().unwrap().iter().any(|a| a.as_str() == Some(&peer.to_string())) {
         return true;
@@ -80,7 +82,7 @@ fn status_verdict(d: &Value, peer: IpAddr, proto: &str, port: u16) -> bool {
 
 /// `explain`'s verdict at `pod` for `direction` (its `ingress at POD: ...` line).
 fn explain_verdict(lab: &Lab, from: &str, to: &str, pod: &str, direction: &str, proto: &str, port: u16) -> bool {
-    let (_, text) = netpol_daemon::cli::explain(Some(&lab.manifests_dir()), from, to, Some(port), proto).unwrap();
+    let (_, text) = netpol_daemon::cli::explain(Some(&lab.manifests_dir()), from, to, Some(port), proto, Output::Text).unwrap();
     let line = text.lines().find(|l| l.trim_start().starts_with(&format!("{direction} at {pod}:"))).unwrap_or_else(|| panic!("{text}"));
     line.contains("ALLOWED")
 }
@@ -107,12 +109,20 @@ spec:
     ports: [{port: 9090, endPort: 9095}]
 "#;
 
+/// A pod of another node: no interface here, only an address the broker's rules name.
+const REMOTE: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: remote, namespace: clients, labels: {app: remote}}
+spec: {nodeName: other-node, containers: [{name: c, image: i}]}
+status: {podIP: 10.244.1.7}
+"#;
+
 fn lab_with_policies() -> Option<Lab> {
     let mut lab = lab()?;
     lab.add_namespace("kafka", &[("team", "streams")]);
     lab.add_namespace("clients", &[("team", "apps")]);
     lab.add_namespace("other", &[("team", "other")]);
-    lab.add_pod("kafka", "broker", ip("10.244.0.10"), &[("app", "kafka")], &[9092, 9093], &[5353]).unwrap();
+    lab.add_pod("kafka", "broker", ip("10.244.0.10"), &[("app", "kafka")], &[9092, 9093, 7777], &[5353]).unwrap();
     lab.add_pod("kafka", "exporter", ip("10.244.0.11"), &[("app", "exporter")], &[8080], &[]).unwrap();
     lab.add_pod("clients", "api", ip("10.244.0.20"), &[("app", "api")], &[8080], &[]).unwrap();
     lab.add_pod("other", "stranger", ip("10.244.0.30"), &[("app", "stranger")], &[8080], &[]).unwrap();
@@ -120,13 +130,40 @@ fn lab_with_policies() -> Option<Lab> {
     lab.add_external("outside2", ip("192.168.77.6")).unwrap();
     lab.write_cluster_manifest().unwrap();
     lab.write_manifest("p.yaml", POLICIES).unwrap();
+    lab.write_manifest("remote.yaml", REMOTE).unwrap();
     lab.start_daemon(Path::new(DAEMON)).unwrap();
     wait_endpoints(&lab, 4, 20, "four pods programmed");
+    wait_peer_named(&lab, "10.244.1.7");
     Some(lab)
 }
 
+/// Waits until `PEER_NAMES` names `addr` (the daemon writes it at most once a second).
+fn wait_peer_named(lab: &Lab, addr: &str) {
+    let t0 = Instant::now();
+    loop {
+        let (_, out, _) = status(lab, &lab.pin_dir, &["--pod", "kafka/broker"]);
+        if out.contains(&format!("({addr})")) {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{addr} not named within 10 s:\n{out}\n{}", lab.daemon_log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The rule of direction `d` whose peers hold `addr`, and that peer prefix.
+fn rule_holding<'a>(d: &'a Value, addr: &str) -> (&'a Value, &'a Value) {
+    let ip: IpAddr = addr.parse().unwrap();
+    d["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|r| r["peers"].as_array().unwrap().iter().find(|p| in_prefix(p, ip)).map(|p| (r, p)))
+        .unwrap_or_else(|| panic!("no rule holds {addr}: {d:#}"))
+}
+
 /// Peers and ports every comparison tries.
-const PEERS: [&str; 7] = ["10.244.0.10", "10.244.0.11", "10.244.0.20", "10.244.0.30", "192.168.77.5", "192.168.77.6", "8.8.8.8"];
+const PEERS: [&str; 8] =
+    ["10.244.0.10", "10.244.0.11", "10.244.0.20", "10.244.0.30", "10.244.1.7", "192.168.77.5", "192.168.77.6", "8.8.8.8"];
 const PORTS: [(&str, u16); 6] = [("TCP", 9092), ("TCP", 9093), ("TCP", 9095), ("TCP", 9096), ("UDP", 5353), ("TCP", 8080)];
 
 /// Every peer, port and protocol: what `status --pod POD` reads from the maps gives the
@@ -194,10 +231,24 @@ fn status_reads_what_the_compiler_intended_from_the_maps_and_keeps_reading_them_
     let stranger = compare_with_explain(&lab, "other/stranger");
     assert_eq!(stranger["ingress"]["isolated"], false);
     assert_eq!(stranger["ingress"]["rules"], serde_json::json!([]), "a pod no policy isolates has no entries");
+    // The peers are named: the local api pod (its endpoint's name) and the pod of another
+    // node (PEER_NAMES), both in the class the namespace selector of the second rule makes.
+    let (apps, api) = rule_holding(&broker["ingress"], "10.244.0.20");
+    assert_eq!(api["pod"], "clients/api", "{apps}");
+    let (same, remote) = rule_holding(&broker["ingress"], "10.244.1.7");
+    assert_eq!((remote["pod"].as_str(), remote["cidr"].as_str()), (Some("clients/remote"), Some("10.244.1.7")), "{same}");
+    assert_eq!(apps["identity"], same["identity"], "one class for the namespace's pods");
+    let api_doc = status_json(&lab, &["--pod", "clients/api"]);
+    let (_, broker_peer) = rule_holding(&api_doc["egress"], "10.244.0.10");
+    assert_eq!(broker_peer["pod"], "kafka/broker");
+    let (_, outside) = rule_holding(&broker["ingress"], "192.168.77.6");
+    assert_eq!(outside["pod"], Value::Null, "a CIDR is no pod");
     // The except of the ipBlock is shown as the longest-prefix match decides it.
     let text = status(&lab, &lab.pin_dir, &["--pod", "kafka/broker"]).1;
     assert!(text.contains("from 192.168.77.0/24 except 192.168.77.5 (class "), "{text}");
     assert!(text.contains("): TCP 9092\n"), "{text}");
+    assert!(text.contains("clients/remote (10.244.1.7)") && text.contains("clients/api (10.244.0.20)"), "{text}");
+    assert!(text.contains("TCP 9093; UDP 5353"), "{text}");
     assert!(text.contains(&format!("from the node ({GATEWAY_IP}, {NODE_IP}): everything")), "{text}");
     assert!(text.contains("egress: not isolated: everything passes"), "{text}");
     let api = status(&lab, &lab.pin_dir, &["--ip", "10.244.0.20"]).1;
@@ -224,7 +275,7 @@ fn status_reads_what_the_compiler_intended_from_the_maps_and_keeps_reading_them_
 #[test]
 fn status_shows_a_map_entry_changed_by_hand() {
     use aya::maps::lpm_trie::{Key, LpmTrie};
-    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
     use netpol_common::*;
 
     let Some(mut lab) = lab_with_policies() else { return };
@@ -239,6 +290,7 @@ fn status_shows_a_map_entry_changed_by_hand() {
     let outside = rule_with(9092);
     let apps = rule_with(9093);
     assert!(!allows(&outside["allowed"], "TCP", 7777));
+    check(&lab, &[("outside2", "broker", "tcp", 7777, false)]);
 
     // Port 7777 added to the outside class's port set, and the apps class's entry deleted.
     let portset = outside["allowed"]["portset"].as_u64().unwrap() as u32;
@@ -260,5 +312,33 @@ fn status_shows_a_map_entry_changed_by_hand() {
     // with status: the api pod (apps class) falls to "any other address", which allows nothing.
     assert!(!explain_verdict(&lab, "192.168.77.6", "kafka/broker", "kafka/broker", "ingress", "TCP", 7777));
     assert!(!status_verdict(&after["ingress"], "10.244.0.20".parse().unwrap(), "TCP", 9093));
-    check(&lab, &[("api", "broker", "tcp", 9093, false), ("outside2", "broker", "tcp", 9092, true)]);
+    check(
+        &lab,
+        &[("api", "broker", "tcp", 9093, false), ("outside2", "broker", "tcp", 9092, true), ("outside2", "broker", "tcp", 7777, true)],
+    );
+
+    // The endpoint's flags as the programs read them: audit mode by hand (what the entries
+    // deny passes), then failing closed.
+    let ifindex = doc["endpoint"]["ifindex"].as_u64().unwrap() as u32;
+    let set_flags = |f: &dyn Fn(u32) -> u32| {
+        let md = MapData::from_pin(lab.pin_dir.join(maps::ENDPOINTS_ARRAY)).unwrap();
+        let mut array: Array<MapData, EndpointInfo> = Array::try_from(Map::from_map_data(md).unwrap()).unwrap();
+        let mut info = array.get(&ifindex, 0).unwrap();
+        assert_eq!(info.id, id, "the broker's entry is in the array");
+        info.flags = f(info.flags);
+        array.set(ifindex, info, 0).unwrap();
+    };
+    set_flags(&|f| f | EP_AUDIT_INGRESS);
+    let audit = status_json(&lab, &["--pod", "kafka/broker"]);
+    assert_eq!((audit["endpoint"]["audit_ingress"].as_bool(), audit["ingress"]["audit"].as_bool()), (Some(true), Some(true)), "{audit:#}");
+    let text = status(&lab, &lab.pin_dir, &["--pod", "kafka/broker"]).1;
+    assert!(text.contains("ingress: isolated by audit-mode policies only"), "{text}");
+    assert!(status(&lab, &lab.pin_dir, &[]).1.lines().any(|l| l.contains("kafka/broker") && l.contains(" audit ")));
+    check(&lab, &[("outside", "broker", "tcp", 9092, true)]);
+    set_flags(&|f| (f & !EP_AUDIT_INGRESS) | EP_FAIL_CLOSED);
+    let closed = status_json(&lab, &["--pod", "kafka/broker"]);
+    assert_eq!((closed["endpoint"]["fail_closed"].as_bool(), closed["ingress"]["audit"].as_bool()), (Some(true), Some(false)));
+    let text = status(&lab, &lab.pin_dir, &["--pod", "kafka/broker"]).1;
+    assert!(text.contains("ingress: isolated, failing closed") && text.contains("fail-closed: yes"), "{text}");
+    check(&lab, &[("outside", "broker", "tcp", 9092, false)]);
 }

@@ -166,6 +166,10 @@ pub mod maps {
     /// ([`EndpointName`](super::EndpointName)), so that `netpol-daemon status` can name the
     /// endpoints from the pins alone.
     pub const ENDPOINT_NAMES: &str = "ENDPOINT_NAMES";
+    /// Userspace only, as `ENDPOINT_NAMES`: per address that is a class of its own in
+    /// `IDENTITIES` (a host prefix) and a pod's, which pod ([`PodName`](super::PodName),
+    /// keyed by [`AddrKey`](super::AddrKey)), so that `status` names the peers of the rules.
+    pub const PEER_NAMES: &str = "PEER_NAMES";
 }
 
 /// Program names (the function names in netpol-ebpf).
@@ -198,10 +202,21 @@ pub struct EndpointInfo {
     pub v4: [u8; 4],
 }
 
-/// Bytes of [`EndpointName::pod`]: a namespace (at most 63) and a pod name (at most 253).
-pub const ENDPOINT_NAME_BYTES: usize = 316;
+/// Bytes of [`PodName::bytes`]: a namespace (at most 63) and a pod name (at most 253).
+pub const POD_NAME_BYTES: usize = 316;
 /// Bytes of [`EndpointName::ifname`] (the kernel's `IFNAMSIZ`).
 pub const IFNAME_BYTES: usize = 16;
+
+/// A pod's namespace and name, as the names tables hold them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PodName {
+    /// Length of the namespace at the start of `bytes`, then of the name after it.
+    pub namespace_len: u16,
+    pub name_len: u16,
+    /// The namespace, then the name, unseparated.
+    pub bytes: [u8; POD_NAME_BYTES],
+}
 
 /// A value of `ENDPOINT_NAMES` (keyed by ifindex, as `ENDPOINTS`): which pod an endpoint is.
 /// Written by the daemon at each sync, read by `netpol-daemon status`; no program reads it.
@@ -210,13 +225,9 @@ pub const IFNAME_BYTES: usize = 16;
 pub struct EndpointName {
     /// The endpoint id the entry was written for (as in `ENDPOINTS`).
     pub id: u32,
-    /// Length of the namespace at the start of `pod`, then of the name after it.
-    pub namespace_len: u16,
-    pub name_len: u16,
     /// The host-side interface's name when the daemon programmed it (NUL-padded).
     pub ifname: [u8; IFNAME_BYTES],
-    /// The namespace, then the name, unseparated.
-    pub pod: [u8; ENDPOINT_NAME_BYTES],
+    pub pod: PodName,
 }
 
 /// Key of `ENDPOINT_ADDRS`: an address a pod owns (status.podIPs), the sources its packets
@@ -540,6 +551,7 @@ mod user {
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for Count {}
     unsafe impl aya::Pod for EndpointName {}
+    unsafe impl aya::Pod for PodName {}
 }
 
 #[cfg(test)]
@@ -574,6 +586,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<EndpointInfo>(), 12);
         assert_eq!(core::mem::size_of::<EpAddrKey>(), 24);
         assert_eq!(core::mem::size_of::<Count>(), 16);
+        assert_eq!(core::mem::size_of::<PodName>(), 320);
         assert_eq!(core::mem::size_of::<EndpointName>(), 340);
         // Reserved in the ring buffer as is (8-aligned records).
         assert_eq!(core::mem::size_of::<FlowEvent>(), 64);

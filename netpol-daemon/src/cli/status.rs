@@ -124,7 +124,8 @@ fn endpoint_text(e: &Endpoint, out: &mut String) {
         "  addresses: {}",
         if e.addresses.is_empty() { "none (sends nothing but ARP and neighbour discovery)".into() } else { join(&e.addresses) }
     );
-    let _ = writeln!(out, "  fail-closed: {}", if e.fail_closed { "yes (its isolated directions deny everything)" } else { "no" });
+    let _ =
+        writeln!(out, "  fail-closed: {}", if e.fail_closed { "yes (the daemon could not fit its entries into the maps)" } else { "no" });
     let p = |p: &Packets| format!("{} allowed, {} denied, {} audit, {} spoofed", p.allow, p.deny, p.audit, p.spoofed);
     let _ = writeln!(out, "  packets: ingress {}; egress {}", p(&e.ingress_packets), p(&e.egress_packets));
     let _ = writeln!(out, "  tracked flows: {}, POLICY entries: {}", e.conntrack, e.policy_entries);
@@ -139,9 +140,11 @@ fn direction_text(d: &DirectionRules, out: &mut String) {
         }
         return;
     }
+    // Failing closed, the daemon wrote no entries for the endpoint (the maps could not hold
+    // them): what is listed below is what the maps hold all the same.
     let how = match (d.fail_closed, d.audit) {
-        (true, _) => "isolated, fail-closed: everything is denied",
-        (false, true) => "isolated by audit-mode policies only: what they deny passes, counted as audit",
+        (true, _) => "isolated, failing closed (the maps could not hold its entries; its drops count as fail_closed)",
+        (false, true) => "isolated by audit-mode policies only: what no entry below allows passes, counted as audit",
         (false, false) => "isolated",
     };
     let _ = writeln!(out, "{dir}: {how}");
@@ -155,7 +158,7 @@ fn direction_text(d: &DirectionRules, out: &mut String) {
     let _ = writeln!(out, "  {from} any other address: {other}");
 }
 
-/// A rule's peer class: its prefixes (and excepts), and the class id.
+/// A rule's peer class: its pods (by address) and prefixes (and excepts), and the class id.
 fn peers(r: &Rule) -> String {
     if r.peers.is_empty() {
         return format!("class {} (no address maps to it)", r.identity);
@@ -163,7 +166,11 @@ fn peers(r: &Rule) -> String {
     let list: Vec<String> = r
         .peers
         .iter()
-        .map(|p| if p.except.is_empty() { p.cidr.clone() } else { format!("{} except {}", p.cidr, p.except.join(", ")) })
+        .map(|p| match (&p.pod, p.except.is_empty()) {
+            (Some(pod), _) => format!("{pod} ({})", p.cidr),
+            (None, true) => p.cidr.clone(),
+            (None, false) => format!("{} except {}", p.cidr, p.except.join(", ")),
+        })
         .collect();
     format!("{} (class {})", list.join(", "), r.identity)
 }
@@ -220,12 +227,13 @@ mod tests {
         let rule = Rule {
             identity: 5,
             peers: vec![
-                PeerPrefix { cidr: "192.168.77.0/24".into(), except: vec!["192.168.77.5".into()] },
-                PeerPrefix { cidr: "10.0.0.1".into(), except: vec![] },
+                PeerPrefix { cidr: "192.168.77.0/24".into(), except: vec!["192.168.77.5".into()], pod: None },
+                PeerPrefix { cidr: "10.0.0.1".into(), except: vec![], pod: None },
+                PeerPrefix { cidr: "10.0.0.2".into(), except: vec![], pod: Some("apps/api".into()) },
             ],
             allowed: a,
         };
-        assert_eq!(peers(&rule), "192.168.77.0/24 except 192.168.77.5, 10.0.0.1 (class 5)");
+        assert_eq!(peers(&rule), "192.168.77.0/24 except 192.168.77.5, 10.0.0.1, apps/api (10.0.0.2) (class 5)");
         assert!(select(Some("a/b"), Some("10.0.0.1".parse().unwrap()), None).is_err());
         assert!(select(Some("nope"), None, None).is_err());
     }

@@ -76,7 +76,7 @@ impl Endpoints {
     pub fn adopt(ebpf: &mut Ebpf, pin_dir: &std::path::Path) -> Result<Endpoints> {
         let table = EndpointTable { array: take(ebpf, maps::ENDPOINTS_ARRAY)?, hash: take(ebpf, maps::ENDPOINTS)? };
         let table = MapMirror::adopt(table)?;
-        let names = MapMirror::adopt(names::open_or_create(pin_dir)?)?;
+        let names = MapMirror::adopt(names::open_endpoint_names(pin_dir)?)?;
         let adopted: HashMap<u32, u32> = table.installed().iter().map(|(ifindex, info)| (*ifindex, info.id)).collect();
         let next = adopted.values().max().map_or(0, |m| m + 1);
         Ok(Endpoints { table, names, adopted, free: Vec::new(), next })

@@ -105,6 +105,7 @@ pub struct Datapath {
     counters: counters::Counters,
     conntrack: conntrack::Conntrack,
     events: Option<FlowEvents>,
+    peer_names: names::PeerNames,
 }
 
 impl Datapath {
@@ -119,7 +120,15 @@ impl Datapath {
         let conntrack = conntrack::Conntrack::take(&mut ebpf, pin_dir)?;
         let events = Some(FlowEvents::take(&mut ebpf)?);
         let links = attach::Links::adopt(pin_dir);
-        Ok(Datapath { ebpf, pin_dir: pin_dir.to_path_buf(), tables, addrs, endpoints, links, counters, conntrack, events })
+        let peer_names = names::PeerNames::adopt(pin_dir)?;
+        Ok(Datapath { ebpf, pin_dir: pin_dir.to_path_buf(), tables, addrs, endpoints, links, counters, conntrack, events, peer_names })
+    }
+
+    /// Names the peers of `node`'s rules for `status`: `PEER_NAMES` holds, for each address
+    /// `node` gives a class of its own, the pod `pod_at` says holds it. Only differences are
+    /// written; failures are returned (nothing enforced depends on the table).
+    pub fn set_peer_names<'a>(&mut self, node: &NodePolicy, pod_at: impl Fn(IpAddr) -> Option<&'a ObjKey>) -> Vec<String> {
+        self.peer_names.set(&names::peers_of(node, pod_at))
     }
 
     /// Loads the programs and maps without ever attaching to an interface: the maps are

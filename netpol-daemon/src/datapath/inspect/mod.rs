@@ -22,7 +22,7 @@ use crate::model::cidr::addr_from_bytes;
 use crate::model::ObjKey;
 
 mod rules;
-pub use rules::{Allowed, DirectionRules, PeerPrefix, PortRange, Rule};
+pub use rules::{Allowed, DirectionRules, Isolation, PeerPrefix, PortRange, Rule};
 
 /// How an endpoint's programs are attached, as found now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -113,6 +113,9 @@ pub struct Snapshot {
     pub conntrack: u64,
     /// `ENDPOINT_NAMES` is pinned (a daemon of this version has synced here).
     pub names_table: bool,
+    /// The pods of the addresses the tables name: `PEER_NAMES`, and the local endpoints'
+    /// own addresses with their `ENDPOINT_NAMES` entry.
+    pub pods_by_addr: BTreeMap<IpAddr, String>,
     tables: rules::Tables,
 }
 
@@ -169,10 +172,11 @@ impl Snapshot {
         let frags = open_pin(pin_dir, maps::FRAGS)?;
         maps_fill.push(MapFill { map: maps::FRAGS, entries: pressure::count_entries(&frags, FRAGS_MAX)?, capacity: capacity(&frags) });
         let names = read_names(pin_dir, &mut maps_fill)?;
+        let mut pods_by_addr = read_peer_names(pin_dir, &mut maps_fill)?;
         let counters = CounterReader::open(pin_dir).ok();
         let links_dir = pin_dir.join("links");
         let policy_counts = tables.entries_per_endpoint();
-        let endpoints = entries
+        let endpoints: Vec<Endpoint> = entries
             .into_iter()
             .map(|(ifindex, info)| {
                 let named = names.as_ref().and_then(|n| n.get(&ifindex)).filter(|n| n.id == info.id).map(names::decode);
@@ -207,6 +211,12 @@ impl Snapshot {
                 }
             })
             .collect();
+        // A local pod's own entry is written with each sync; PEER_NAMES may lag by a second.
+        for e in &endpoints {
+            for a in e.pod.iter().flat_map(|p| e.addresses.iter().map(move |a| (*a, p))) {
+                pods_by_addr.insert(a.0, a.1.clone());
+            }
+        }
         Ok(Snapshot {
             pin_dir: pin_dir.to_path_buf(),
             endpoints,
@@ -214,6 +224,7 @@ impl Snapshot {
             node_addrs,
             conntrack,
             names_table: names.is_some(),
+            pods_by_addr,
             tables,
         })
     }
@@ -260,7 +271,8 @@ impl Snapshot {
     pub fn rules(&self, ep: &Endpoint) -> [DirectionRules; 2] {
         let dir = |d: u8, isolated: bool, audit: bool| {
             let node = if d == DIR_INGRESS { self.node_addrs.clone() } else { Vec::new() };
-            self.tables.direction(ep.id, d, isolated, audit, ep.fail_closed, node)
+            let how = Isolation { isolated, audit, fail_closed: ep.fail_closed };
+            self.tables.direction(ep.id, d, how, node, &self.pods_by_addr)
         };
         [dir(DIR_INGRESS, ep.isolated_ingress, ep.audit_ingress), dir(DIR_EGRESS, ep.isolated_egress, ep.audit_egress)]
     }
@@ -337,6 +349,23 @@ fn read_names(pin_dir: &Path, fill: &mut Vec<MapFill>) -> Result<Option<BTreeMap
     })?;
     fill.push(MapFill { map: maps::ENDPOINT_NAMES, entries: n, capacity: capacity(&md) });
     Ok(Some(out))
+}
+
+/// `PEER_NAMES` as addresses and pods, when pinned (an older daemon's pins have none).
+fn read_peer_names(pin_dir: &Path, fill: &mut Vec<MapFill>) -> Result<BTreeMap<IpAddr, String>> {
+    let mut out = BTreeMap::new();
+    if !pin_dir.join(maps::PEER_NAMES).exists() {
+        return Ok(out);
+    }
+    let md = open_pin(pin_dir, maps::PEER_NAMES)?;
+    let n = pressure::for_each_entry(&md, IDENTITIES_MAX, |k, v| {
+        if v.len() == std::mem::size_of::<PodName>() {
+            let k: AddrKey = from_bytes(k);
+            out.insert(addr_from_bytes(k.family, k.addr), names::decode_pod(&from_bytes::<PodName>(v)).to_string());
+        }
+    })?;
+    fill.push(MapFill { map: maps::PEER_NAMES, entries: n, capacity: capacity(&md) });
+    Ok(out)
 }
 
 /// How `ifindex` has the programs: pinned TCX links, netpol's tc filters (looked for in this

@@ -23,6 +23,9 @@ use crate::datapath::pressure;
 pub struct PeerPrefix {
     pub cidr: String,
     pub except: Vec<String>,
+    /// A single address that is a pod's: the pod (`NS/POD`, from `PEER_NAMES`, or from
+    /// `ENDPOINT_NAMES` for a local pod's address).
+    pub pod: Option<String>,
 }
 
 /// A protocol's port range of a port set, and the policy slot that allows it.
@@ -60,7 +63,9 @@ pub struct DirectionRules {
     pub isolated: bool,
     /// Only audit-mode policies isolate it: what they deny passes (counted as audit).
     pub audit: bool,
-    /// The endpoint fails closed: its isolated directions deny everything.
+    /// The endpoint fails closed (`EP_FAIL_CLOSED`): the daemon could not fit its entries
+    /// into the maps and wrote none (the entries listed are what the maps hold all the same);
+    /// its drops count as fail_closed.
     pub fail_closed: bool,
     /// Ingress: the node's addresses, always let in.
     pub node_addresses: Vec<IpAddr>,
@@ -68,6 +73,15 @@ pub struct DirectionRules {
     /// Every address in no class with an entry of its own: the identity-0 entry (`None`:
     /// nothing).
     pub any_other: Option<Allowed>,
+}
+
+/// How an endpoint is isolated in one direction (its `ENDPOINTS` flags).
+#[derive(Clone, Copy, Debug)]
+pub struct Isolation {
+    pub isolated: bool,
+    /// Only by audit-mode policies.
+    pub audit: bool,
+    pub fail_closed: bool,
 }
 
 /// The three policy tables as read.
@@ -123,8 +137,10 @@ impl Tables {
         out
     }
 
-    /// What endpoint `id`'s entries allow in direction `dir`.
-    pub fn direction(&self, id: u32, dir: u8, isolated: bool, audit: bool, fail_closed: bool, node: Vec<IpAddr>) -> DirectionRules {
+    /// What endpoint `id`'s entries allow in direction `dir`, the peers' addresses named by
+    /// `pods`.
+    pub fn direction(&self, id: u32, dir: u8, how: Isolation, node: Vec<IpAddr>, pods: &BTreeMap<IpAddr, String>) -> DirectionRules {
+        let Isolation { isolated, audit, fail_closed } = how;
         let direction = if dir == DIR_INGRESS { "ingress" } else { "egress" };
         let mut entries: Vec<&(PolicyKey, PolicyValue)> = self.policy.iter().filter(|(k, _)| k.endpoint == id && k.dir == dir).collect();
         entries.sort_by_key(|(k, _)| k.identity);
@@ -136,7 +152,11 @@ impl Tables {
             if k.identity == 0 {
                 any_other = Some(allowed);
             } else {
-                rules.push(Rule { identity: k.identity, peers: classes.prefixes_of(k.identity), allowed });
+                let mut peers = classes.prefixes_of(k.identity);
+                for p in &mut peers {
+                    p.pod = p.cidr.parse::<IpAddr>().ok().and_then(|ip| pods.get(&ip).cloned());
+                }
+                rules.push(Rule { identity: k.identity, peers, allowed });
             }
         }
         DirectionRules { direction, isolated, audit, fail_closed, node_addresses: node, rules, any_other }
@@ -237,7 +257,7 @@ impl<'a> Classes<'a> {
             })
             .collect();
         out.sort();
-        out.into_iter().map(|(p, ex)| PeerPrefix { cidr: show(&p), except: ex.iter().map(show).collect() }).collect()
+        out.into_iter().map(|(p, ex)| PeerPrefix { cidr: show(&p), except: ex.iter().map(show).collect(), pod: None }).collect()
     }
 
     /// The outermost prefixes inside `p` (through prefixes of class `id`) of another class.
@@ -280,7 +300,11 @@ mod tests {
         // a /32 of its own class; an IPv6 prefix of class 1 too.
         let t = [(n("10.0.0.0/8"), 1), (n("10.1.0.0/16"), 2), (n("10.1.2.0/24"), 1), (n("10.9.0.5/32"), 3), (n("fd00::/64"), 1)];
         let c = Classes::new(&t);
-        let p = |cidr: &str, except: &[&str]| PeerPrefix { cidr: cidr.into(), except: except.iter().map(|s| s.to_string()).collect() };
+        let p = |cidr: &str, except: &[&str]| PeerPrefix {
+            cidr: cidr.into(),
+            except: except.iter().map(|s| s.to_string()).collect(),
+            pod: None,
+        };
         assert_eq!(c.prefixes_of(1), vec![p("10.0.0.0/8", &["10.1.0.0/16", "10.9.0.5"]), p("10.1.2.0/24", &[]), p("fd00::/64", &[])]);
         assert_eq!(c.prefixes_of(2), vec![p("10.1.0.0/16", &["10.1.2.0/24"])]);
         assert_eq!(c.prefixes_of(3), vec![p("10.9.0.5", &[])]);
