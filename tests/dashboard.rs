@@ -99,16 +99,78 @@ fn the_dashboard_has_what_grafana_needs_to_import_it() {
     assert!(ids.len() >= 20, "{} panels", ids.len());
 }
 
-/// What one expression uses: each metric with the labels its matchers name, and the labels
-/// its `by`/`on`/`without`/`group_*` lists name.
+/// What one expression uses: each metric with its matchers, and the labels its
+/// `by`/`on`/`without`/`group_*` lists name.
 #[derive(Debug, Default, PartialEq)]
 struct Uses {
-    metrics: Vec<(String, Vec<String>)>,
+    metrics: Vec<(String, Vec<Matcher>)>,
     grouping: Vec<String>,
 }
 
-/// PromQL's aggregation and binary-operator keywords and Grafana's `label_values`.
-const KEYWORDS: &[&str] = &["and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right"];
+/// `label op "value"` in a selector.
+#[derive(Debug, PartialEq)]
+struct Matcher {
+    label: String,
+    op: String,
+    value: String,
+}
+
+impl Matcher {
+    /// The values it names literally: `=` and `=~` of plain alternatives (`deny|spoofed`),
+    /// none for variables, other regexes and negations.
+    fn literals(&self) -> Vec<&str> {
+        let plain = |v: &str| !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        match self.op.as_str() {
+            "=" if plain(&self.value) => vec![self.value.as_str()],
+            "=~" if self.value.split('|').all(plain) => self.value.split('|').collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The matchers of a selector's body (`a="x", b=~"y|z"`).
+fn matchers(body: &str) -> Vec<Matcher> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while let Some(q) = rest.find('"') {
+        let head = rest[..q].trim_start_matches([',', ' ']);
+        let op_at = head.find(['=', '!', '~']).unwrap_or(head.len());
+        let (label, op) = (head[..op_at].trim().to_string(), head[op_at..].trim().to_string());
+        let tail = &rest[q + 1..];
+        let end = tail.find('"').expect("closing quote");
+        out.push(Matcher { label, op, value: tail[..end].to_string() });
+        rest = &tail[end + 1..];
+    }
+    out
+}
+
+/// PromQL's keywords: the binary operators' and modifiers', and the aggregation operators
+/// (`sum by (x) (...)`: the operator is not followed by its parenthesis).
+const KEYWORDS: &[&str] = &[
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "group",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+];
 
 /// A small PromQL reader: enough to find metric names, matchers and grouping labels.
 fn uses(expr: &str) -> Uses {
@@ -169,14 +231,7 @@ fn uses(expr: &str) -> Uses {
                 let mut labels = Vec::new();
                 if j < c.len() && c[j] == '{' {
                     let end = j + c[j..].iter().position(|x| *x == '}').expect("closing }");
-                    let body: String = c[j + 1..end].iter().collect();
-                    // name op "value", ...: the values were quoted, so split on the quotes.
-                    for part in body.split('"').step_by(2) {
-                        let l = part.trim_start_matches([',', ' ']).trim_end_matches(['=', '~', '!', ' ']);
-                        if !l.is_empty() {
-                            labels.push(l.to_string());
-                        }
-                    }
+                    labels = matchers(&c[j + 1..end].iter().collect::<String>());
                     i = end + 1;
                 }
                 u.metrics.push((name, labels));
@@ -190,13 +245,23 @@ fn uses(expr: &str) -> Uses {
 
 #[test]
 fn the_promql_reader_finds_metrics_matchers_and_grouping_labels() {
+    let m = |label: &str, op: &str, value: &str| Matcher { label: label.into(), op: op.into(), value: value.into() };
     let u = uses(
-        r#"histogram_quantile(0.9, sum by (le) (rate(a_bucket{node=~"$node", x!="1,2"}[$__rate_interval]))) and on (instance, job) b"#,
+        r#"histogram_quantile(0.9, sum by (le) (rate(a_bucket{node=~"$node", x!="1,2", verdict=~"deny|spoofed"}[$__rate_interval]))) and on (instance, job) b"#,
     );
-    assert_eq!(u.metrics, vec![("a_bucket".into(), vec!["node".into(), "x".into()]), ("b".into(), vec![])]);
+    assert_eq!(
+        u.metrics,
+        vec![
+            ("a_bucket".into(), vec![m("node", "=~", "$node"), m("x", "!=", "1,2"), m("verdict", "=~", "deny|spoofed")]),
+            ("b".into(), vec![])
+        ]
+    );
     assert_eq!(u.grouping, vec!["le", "instance", "job"]);
+    let literals: Vec<Vec<&str>> = u.metrics[0].1.iter().map(Matcher::literals).collect();
+    assert_eq!(literals, vec![vec![], vec![], vec!["deny", "spoofed"]], "variables and negations name no value");
+    assert_eq!(m("map", "=", "CONNTRACK2").literals(), vec!["CONNTRACK2"]);
     let u = uses(r#"label_values(m{node=~"$node"}, pod)"#);
-    assert_eq!((u.metrics, u.grouping), (vec![("m".into(), vec!["node".into()])], vec!["pod".to_string()]));
+    assert_eq!((u.metrics, u.grouping), (vec![("m".into(), vec![m("node", "=~", "$node")])], vec!["pod".to_string()]));
     assert_eq!(uses("time() - t > 0").metrics, vec![("t".to_string(), vec![])]);
 }
 
@@ -222,9 +287,13 @@ fn every_expression_names_only_metrics_and_labels_a_live_daemon_exports() {
     check(&lab, &SERVER_CASES);
     let text = lab.metrics().unwrap();
     let samples = exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let mut exported: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    // Per metric, each label with the values it has.
+    let mut exported: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
     for (name, labels, _) in &samples {
-        exported.entry(name.clone()).or_default().extend(labels.iter().map(|(k, _)| k.clone()));
+        let m = exported.entry(name.clone()).or_default();
+        for (k, v) in labels {
+            m.entry(k.clone()).or_default().insert(v.clone());
+        }
     }
     let d = dashboard();
     let mut faults = Vec::new();
@@ -241,9 +310,16 @@ fn every_expression_names_only_metrics_and_labels_a_live_daemon_exports() {
                 faults.push(format!("{at}: metric {m} is not exported"));
                 continue;
             };
-            known.extend(have.iter().cloned());
-            for l in labels.iter().filter(|l| !have.contains(*l) && !TARGET_LABELS.contains(&l.as_str())) {
-                faults.push(format!("{at}: {m} has no label {l} (it has {have:?})"));
+            known.extend(have.keys().cloned());
+            for l in labels.iter().filter(|l| !TARGET_LABELS.contains(&l.label.as_str())) {
+                let Some(values) = have.get(&l.label) else {
+                    faults.push(format!("{at}: {m} has no label {} (it has {:?})", l.label, have.keys()));
+                    continue;
+                };
+                // A value the daemon never exports would leave the panel empty.
+                for v in l.literals().into_iter().filter(|v| !values.contains(*v)) {
+                    faults.push(format!("{at}: {m}{{{}}} is never {v:?} (it is one of {values:?})", l.label));
+                }
             }
         }
         for l in u.grouping.iter().filter(|l| !known.contains(*l)) {
@@ -277,6 +353,9 @@ fn every_expression_names_only_metrics_and_labels_a_live_daemon_exports() {
         "netpol_source_errors_total",
         "netpol_kube_events_dropped_total",
         "netpol_deny_events_dropped_total",
+        "netpol_flow_events_total",
+        "netpol_flow_events_dropped_total",
+        "netpol_attached_interfaces",
         "netpol_build_info",
         "netpol_ready",
     ] {
