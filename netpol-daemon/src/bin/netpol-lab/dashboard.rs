@@ -58,10 +58,23 @@ fn in_node(lab: &Lab, program: &Path) -> Command {
     c
 }
 
+/// GET `path` from Prometheus in the node namespace: (status, body). As HTTP/1.0, which
+/// Prometheus answers unchunked.
 fn prometheus_get(lab: &Lab, path: &str) -> Result<(u16, String)> {
     let addr: SocketAddr = PROMETHEUS.parse()?;
     let path = path.to_string();
-    Ok(in_netns(&lab.node_netns, move || netpol_daemon::metrics::http_get(addr, &path))??)
+    Ok(in_netns(&lab.node_netns, move || http10_get(addr, &path))??)
+}
+
+fn http10_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((code, buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
 }
 
 /// Starts Prometheus scraping the lab's daemon; waits until it is ready.
@@ -176,6 +189,8 @@ fn chromium(lab: &Lab, args: &Args, url: &str, height: u32, extra: &[String], pr
 pub fn run(daemon: PathBuf, args: Args) -> Result<()> {
     let mut lab = Lab::new()?;
     super::build(&mut lab)?;
+    // Denials and audits reported as flow events too (the dashboard's flow events panel).
+    lab.daemon_args.extend(["--log-denied".to_string(), "100".to_string()]);
     lab.start_daemon(&daemon)?;
     lab.apply("policies.yaml", super::POLICIES)?;
     let data = lab.dir.join("dashboard");
