@@ -5,43 +5,59 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::Result;
-use serde_json::json;
+use serde::Serialize;
 
 use super::Output;
-use crate::datapath::inspect::{Allowed, DirectionRules, Endpoint, Packets, Rule, Select, Snapshot};
+use crate::datapath::inspect::{Allowed, DirectionRules, Endpoint, MapFill, Packets, Rule, Select, Snapshot};
 
 /// The report for `pin_dir`: every endpoint, or with `select` one endpoint and what it
 /// allows.
 pub fn status(pin_dir: &Path, select: Option<&Select>, output: Output) -> Result<String> {
-    let json = output == Output::Json;
     let snap = Snapshot::read(pin_dir)?;
     let Some(sel) = select else {
-        return Ok(if json { node_json(&snap) } else { node_text(&snap) });
+        let report = NodeReport {
+            pin_dir: &snap.pin_dir,
+            names_table: snap.names_table,
+            maps: &snap.maps,
+            node_addresses: &snap.node_addrs,
+            conntrack: snap.conntrack,
+            endpoints: &snap.endpoints,
+        };
+        return Ok(output.render(&report, |_| node_text(&snap)));
     };
-    let ep = snap.find(sel)?;
-    let [ingress, egress] = snap.rules(ep);
-    if json {
-        let doc = json!({"pin_dir": snap.pin_dir, "endpoint": ep, "ingress": ingress, "egress": egress});
-        return Ok(format!("{}\n", serde_json::to_string_pretty(&doc)?));
-    }
-    let mut out = String::new();
-    endpoint_text(ep, &mut out);
-    for d in [&ingress, &egress] {
-        direction_text(d, &mut out);
-    }
-    Ok(out)
+    let endpoint = snap.find(sel)?;
+    let [ingress, egress] = snap.rules(endpoint);
+    let report = PodReport { pin_dir: &snap.pin_dir, endpoint, ingress, egress };
+    Ok(output.render(&report, pod_text))
 }
 
-fn node_json(snap: &Snapshot) -> String {
-    let doc = json!({
-        "pin_dir": snap.pin_dir,
-        "names_table": snap.names_table,
-        "maps": snap.maps,
-        "node_addresses": snap.node_addrs,
-        "conntrack": snap.conntrack,
-        "endpoints": snap.endpoints,
-    });
-    format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default())
+/// The node's endpoints and maps, as the JSON document has them.
+#[derive(Serialize)]
+struct NodeReport<'a> {
+    pin_dir: &'a Path,
+    names_table: bool,
+    maps: &'a [MapFill],
+    node_addresses: &'a [IpAddr],
+    conntrack: u64,
+    endpoints: &'a [Endpoint],
+}
+
+/// One endpoint and what its entries allow each way.
+#[derive(Serialize)]
+struct PodReport<'a> {
+    pin_dir: &'a Path,
+    endpoint: &'a Endpoint,
+    ingress: DirectionRules,
+    egress: DirectionRules,
+}
+
+fn pod_text(r: &PodReport) -> String {
+    let mut out = String::new();
+    endpoint_text(r.endpoint, &mut out);
+    for d in [&r.ingress, &r.egress] {
+        direction_text(d, &mut out);
+    }
+    out
 }
 
 fn join<T: ToString>(v: &[T]) -> String {
