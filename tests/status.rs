@@ -258,6 +258,17 @@ fn status_reads_what_the_compiler_intended_from_the_maps_and_keeps_reading_them_
     let all = status(&lab, &lab.pin_dir, &[]).1;
     assert!(all.lines().any(|l| l.contains("kafka/broker") && l.contains("isolated") && l.contains("tcx")), "{all}");
 
+    // A pod gone: its address leaves the class and its name the names table.
+    lab.delete("remote.yaml").unwrap();
+    let t0 = Instant::now();
+    while fill(&status_json(&lab, &[]), "PEER_NAMES")["entries"] != 3 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "PEER_NAMES keeps the removed pod: {:#}", status_json(&lab, &[]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = status(&lab, &lab.pin_dir, &["--pod", "kafka/broker"]).1;
+    assert!(text.contains("from clients/api (10.244.0.20) (class ") && !text.contains("10.244.1.7"), "{text}");
+    let broker = status_json(&lab, &["--pod", "kafka/broker"]);
+
     // The pins outlive the daemon, and so does what status reads from them.
     lab.kill_daemon();
     let after = status_json(&lab, &["--pod", "kafka/broker"]);

@@ -118,9 +118,9 @@ impl PeerNames {
 
     /// Makes the table hold exactly `wanted`, writing only differences. Failures are
     /// returned as one message per entry (the table is for people: nothing else depends on it).
-    pub fn set(&mut self, wanted: &BTreeMap<IpAddr, ObjKey>) -> Vec<String> {
+    pub fn set(&mut self, wanted: &BTreeMap<IpAddr, &ObjKey>) -> Vec<String> {
         let mut errors = Vec::new();
-        let keys: HashMap<AddrKey, &ObjKey> = wanted.iter().map(|(ip, pod)| (addr_key(*ip), pod)).collect();
+        let keys: HashMap<AddrKey, &ObjKey> = wanted.iter().map(|(ip, pod)| (addr_key(*ip), *pod)).collect();
         for (k, pod) in &keys {
             let d = digest(pod);
             if self.written.get(k) == Some(&d) {
@@ -144,12 +144,8 @@ impl PeerNames {
 
 /// The addresses `node` gives a class of their own (its host prefixes), each with the pod
 /// `pod_at` says holds it (addresses of no pod are left out).
-pub fn peers_of<'a>(node: &NodePolicy, pod_at: impl Fn(IpAddr) -> Option<&'a ObjKey>) -> BTreeMap<IpAddr, ObjKey> {
-    node.prefixes
-        .keys()
-        .filter(|p| p.prefix_len() == p.max_prefix_len())
-        .filter_map(|p| pod_at(p.addr()).map(|k| (p.addr(), k.clone())))
-        .collect()
+pub fn peers_of<'a>(node: &NodePolicy, pod_at: impl Fn(IpAddr) -> Option<&'a ObjKey>) -> BTreeMap<IpAddr, &'a ObjKey> {
+    node.prefixes.keys().filter(|p| p.prefix_len() == p.max_prefix_len()).filter_map(|p| pod_at(p.addr()).map(|k| (p.addr(), k))).collect()
 }
 
 #[cfg(test)]
@@ -177,7 +173,7 @@ mod tests {
         let (a, b) = (ObjKey::new("x", "a"), ObjKey::new("y", "b"));
         let pods: BTreeMap<IpAddr, &ObjKey> = [("10.1.2.3".parse().unwrap(), &a), ("fd00::5".parse().unwrap(), &b)].into();
         let got = peers_of(&node, |ip| pods.get(&ip).copied());
-        let want: BTreeMap<IpAddr, ObjKey> = [("10.1.2.3".parse().unwrap(), a), ("fd00::5".parse().unwrap(), b)].into();
+        let want: BTreeMap<IpAddr, &ObjKey> = [("10.1.2.3".parse().unwrap(), &a), ("fd00::5".parse().unwrap(), &b)].into();
         assert_eq!(got, want, "the /8 is no pod, 10.1.2.4 no known one");
     }
 }
