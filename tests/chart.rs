@@ -58,7 +58,7 @@ fn helm_lint_passes_at_the_defaults_and_with_every_option_on() {
     run(Command::new(&helm).current_dir(root()).args(["lint", "--strict", CHART]));
     run(Command::new(&helm).current_dir(root()).args(["lint", "--strict", CHART]).args([
         "--set",
-        "metrics.podMonitor.enabled=true,metrics.serviceMonitor.enabled=true,daemon.manifestsHostPath=/var/lib/netpol,daemon.audit=true",
+        "metrics.podMonitor.enabled=true,metrics.serviceMonitor.enabled=true,daemon.manifestsHostPath=/var/lib/netpol,daemon.audit=true,grafana.dashboard.enabled=true",
     ]));
 }
 
@@ -247,6 +247,45 @@ fn monitors_are_off_by_default_and_select_the_daemons_metrics_port() {
     let sp = &ss.ports.as_ref().unwrap()[0];
     assert_eq!((sp.name.as_deref(), sp.port), (Some("metrics"), port.container_port));
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+    // Both keep the daemon's own namespace/pod labels (the pod a count is about, not the
+    // daemon's pod) and label each series with its node, as the dashboard expects.
+    for ep in [&pm["spec"]["podMetricsEndpoints"][0], &sm["spec"]["endpoints"][0]] {
+        assert_eq!(ep["honorLabels"], true, "{ep}");
+        let r = &ep["relabelings"][0];
+        assert_eq!(
+            (r["sourceLabels"][0].as_str(), r["targetLabel"].as_str()),
+            (Some("__meta_kubernetes_pod_node_name"), Some("node")),
+            "{ep}"
+        );
+    }
+}
+
+#[test]
+fn the_grafana_dashboard_is_an_optional_configmap_for_grafanas_sidecar() {
+    let is_dashboard = |c: &&k8s_openapi::api::core::v1::ConfigMap| {
+        c.metadata.labels.as_ref().and_then(|l| l.get("grafana_dashboard")).map(String::as_str) == Some("1")
+    };
+    let o = Objects::of(&helm_template(&[]), "chart");
+    assert!(!o.config_maps.iter().any(|c| is_dashboard(&c)), "no dashboard ConfigMap by default");
+    let o = Objects::of(
+        &helm_template(&[
+            "grafana.dashboard.enabled=true",
+            "grafana.dashboard.namespace=monitoring",
+            "grafana.dashboard.annotations.grafana_folder=netpol",
+        ]),
+        "chart",
+    );
+    let cm = o.config_maps.iter().find(is_dashboard).expect("a ConfigMap labelled grafana_dashboard: \"1\"");
+    assert_eq!(cm.metadata.namespace.as_deref(), Some("monitoring"));
+    assert_eq!(cm.metadata.annotations.as_ref().unwrap()["grafana_folder"], "netpol");
+    let data = cm.data.as_ref().expect("data");
+    assert_eq!(data.len(), 1, "one dashboard");
+    // The chart ships deploy/grafana's dashboard as it is (through the symlink in the chart).
+    let shipped = std::fs::read_to_string(root().join("deploy/grafana/netpol-dashboard.json")).unwrap();
+    assert_eq!(data["netpol-dashboard.json"].trim_end(), shipped.trim_end());
+    let dash: Value = serde_json::from_str(&data["netpol-dashboard.json"]).expect("the dashboard is JSON");
+    assert_eq!(dash["uid"], "netpol-overview");
+    assert!(helm_template_error(&["grafana.dashboard.enabled=yes"]).contains("/grafana/dashboard/enabled"));
 }
 
 #[test]

@@ -161,6 +161,15 @@ pub mod maps {
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
     pub const FLOW_EPOCH: &str = "FLOW_EPOCH";
     pub const ENDPOINT_ADDRS: &str = "ENDPOINT_ADDRS";
+    /// Userspace only (the programs never read it; the daemon creates it beside the others):
+    /// per ifindex in `ENDPOINTS`, the pod and interface the daemon programmed it for
+    /// ([`EndpointName`](super::EndpointName)), so that `netpol-daemon status` can name the
+    /// endpoints from the pins alone.
+    pub const ENDPOINT_NAMES: &str = "ENDPOINT_NAMES";
+    /// Userspace only, as `ENDPOINT_NAMES`: per address that is a class of its own in
+    /// `IDENTITIES` (a host prefix) and a pod's, which pod ([`PodName`](super::PodName),
+    /// keyed by [`AddrKey`](super::AddrKey)), so that `status` names the peers of the rules.
+    pub const PEER_NAMES: &str = "PEER_NAMES";
 }
 
 /// Program names (the function names in netpol-ebpf).
@@ -191,6 +200,34 @@ pub struct EndpointInfo {
     /// an IPv4 packet's source with it first, on data the endpoint lookup already loaded;
     /// every address of the pod (this one too) is also in `ENDPOINT_ADDRS`.
     pub v4: [u8; 4],
+}
+
+/// Bytes of [`PodName::bytes`]: a namespace (at most 63) and a pod name (at most 253).
+pub const POD_NAME_BYTES: usize = 316;
+/// Bytes of [`EndpointName::ifname`] (the kernel's `IFNAMSIZ`).
+pub const IFNAME_BYTES: usize = 16;
+
+/// A pod's namespace and name, as the names tables hold them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PodName {
+    /// Length of the namespace at the start of `bytes`, then of the name after it.
+    pub namespace_len: u16,
+    pub name_len: u16,
+    /// The namespace, then the name, unseparated.
+    pub bytes: [u8; POD_NAME_BYTES],
+}
+
+/// A value of `ENDPOINT_NAMES` (keyed by ifindex, as `ENDPOINTS`): which pod an endpoint is.
+/// Written by the daemon at each sync, read by `netpol-daemon status`; no program reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointName {
+    /// The endpoint id the entry was written for (as in `ENDPOINTS`).
+    pub id: u32,
+    /// The host-side interface's name when the daemon programmed it (NUL-padded).
+    pub ifname: [u8; IFNAME_BYTES],
+    pub pod: PodName,
 }
 
 /// Key of `ENDPOINT_ADDRS`: an address a pod owns (status.podIPs), the sources its packets
@@ -513,6 +550,8 @@ mod user {
     unsafe impl aya::Pod for EventConfig {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for Count {}
+    unsafe impl aya::Pod for EndpointName {}
+    unsafe impl aya::Pod for PodName {}
 }
 
 #[cfg(test)]
@@ -547,6 +586,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<EndpointInfo>(), 12);
         assert_eq!(core::mem::size_of::<EpAddrKey>(), 24);
         assert_eq!(core::mem::size_of::<Count>(), 16);
+        assert_eq!(core::mem::size_of::<PodName>(), 320);
+        assert_eq!(core::mem::size_of::<EndpointName>(), 340);
         // Reserved in the ring buffer as is (8-aligned records).
         assert_eq!(core::mem::size_of::<FlowEvent>(), 64);
         assert_eq!(core::mem::align_of::<FlowEvent>(), 8);

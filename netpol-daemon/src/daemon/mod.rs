@@ -84,7 +84,14 @@ pub struct State {
     interfaces: Interfaces,
     /// Periodic work put off by a change runs on the next pass, without waiting.
     put_off: bool,
+    /// A programming pass changed something since the rules' peers were last named
+    /// (`PEER_NAMES`), and when they were.
+    peers_stale: bool,
+    peers_named: Option<Instant>,
 }
+
+/// How often at most the rules' peers are named again ([`Daemon::name_peers`]).
+const PEER_NAMES_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Daemon {
     ctx: Context,
@@ -149,6 +156,8 @@ impl Daemon {
             change_age: None,
             interfaces: Interfaces::default(),
             put_off: false,
+            peers_stale: false,
+            peers_named: None,
         };
         Ok(Daemon { ctx: Context { cfg, shared, datapath, source, events }, state })
     }
@@ -175,6 +184,26 @@ impl Daemon {
         let pass = self.plan(retry, full_resolve);
         if pass.is_due() {
             self.program(pass);
+        }
+        self.name_peers();
+    }
+
+    /// Names the rules' peers for `status` (`PEER_NAMES`: which pod each address with a class
+    /// of its own is) after passes that changed something, at most once per
+    /// [`PEER_NAMES_EVERY`]: the names are for people and may lag a change by that much,
+    /// while naming them after every change of a busy cluster would look up every pod's
+    /// addresses each time.
+    fn name_peers(&mut self) {
+        let st = &mut self.state;
+        if !st.peers_stale || st.peers_named.is_some_and(|t| t.elapsed() < PEER_NAMES_EVERY) {
+            return;
+        }
+        (st.peers_stale, st.peers_named) = (false, Some(Instant::now()));
+        let by_ip: std::collections::HashMap<std::net::IpAddr, &crate::model::ObjKey> =
+            st.cluster.pods.values().filter(|p| !p.host_network).flat_map(|p| p.ips.iter().map(move |ip| (*ip, &p.key))).collect();
+        let errors = self.ctx.datapath.set_peer_names(st.compiler.policy(), |ip| by_ip.get(&ip).copied());
+        if let Some(e) = errors.first() {
+            tracing::warn!("{} peer name(s) not written for status, first: {e}", errors.len());
         }
     }
 

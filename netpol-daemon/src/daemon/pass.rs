@@ -91,6 +91,7 @@ impl Daemon {
         self.report_status(&report, &ifaces, started);
         if pass.have_changes {
             log_synced(kind, &report, &t);
+            self.state.peers_stale = true;
         }
         // (After the maps: the first pass attaches every pod, which can take seconds.)
         if resolving_all {

@@ -13,8 +13,10 @@ use netpol_common::*;
 
 use super::maps::take;
 use super::mirror::{BpfMap, MapMirror};
+use super::names::{self, NamesMap};
 use super::HashMap;
 use crate::compiler::CompiledPod;
+use crate::model::ObjKey;
 
 /// The endpoint table as the programs read it: an array indexed by ifindex, a hash for large
 /// ifindexes.
@@ -60,6 +62,8 @@ impl BpfMap for EndpointTable {
 
 pub(super) struct Endpoints {
     table: MapMirror<EndpointTable>,
+    /// Which pod and interface each entry of `table` is (`ENDPOINT_NAMES`, for `status`).
+    names: MapMirror<NamesMap>,
     /// Endpoint ids found in the pinned table at start, by ifindex (adopted on restart).
     adopted: HashMap<u32, u32>,
     free: Vec<u32>,
@@ -67,13 +71,15 @@ pub(super) struct Endpoints {
 }
 
 impl Endpoints {
-    /// Takes the table, adopting the ids it holds: new ids start above them.
-    pub fn adopt(ebpf: &mut Ebpf) -> Result<Endpoints> {
+    /// Takes the table, adopting the ids it holds: new ids start above them. The names table
+    /// is opened (or created) under `pin_dir`.
+    pub fn adopt(ebpf: &mut Ebpf, pin_dir: &std::path::Path) -> Result<Endpoints> {
         let table = EndpointTable { array: take(ebpf, maps::ENDPOINTS_ARRAY)?, hash: take(ebpf, maps::ENDPOINTS)? };
         let table = MapMirror::adopt(table)?;
+        let names = MapMirror::adopt(names::open_endpoint_names(pin_dir)?)?;
         let adopted: HashMap<u32, u32> = table.installed().iter().map(|(ifindex, info)| (*ifindex, info.id)).collect();
         let next = adopted.values().max().map_or(0, |m| m + 1);
-        Ok(Endpoints { table, adopted, free: Vec::new(), next })
+        Ok(Endpoints { table, names, adopted, free: Vec::new(), next })
     }
 
     /// An id for the pod on `ifindex`: the one the pinned table gave it, else a freed one or
@@ -103,19 +109,27 @@ impl Endpoints {
         self.free.push(id);
     }
 
-    /// Writes the entry of `ifindex` unless it holds `info` already.
-    pub fn set(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), MapError> {
-        self.table.set(ifindex, info)
+    /// Writes the entry of `ifindex` unless it holds `info` already, and its name (the pod
+    /// `pod` on interface `ifname`). The name is for people only: failing to write it is
+    /// logged, never an error of the sync.
+    pub fn set(&mut self, ifindex: u32, info: EndpointInfo, pod: &ObjKey, ifname: &str) -> Result<(), MapError> {
+        self.table.set(ifindex, info)?;
+        if let Err(e) = self.names.set(ifindex, names::entry(info.id, pod, ifname)) {
+            tracing::warn!("{pod}: ENDPOINT_NAMES insert: {e}");
+        }
+        Ok(())
     }
 
     pub fn remove(&mut self, ifindex: u32) {
         self.table.remove(&ifindex);
+        self.names.remove(&ifindex);
     }
 
     /// After a sync: the entries of interfaces not among `live` go (interfaces gone or no
     /// longer ours, those a previous daemon left), and so do the adopted ids no pod claimed.
     pub fn retain_live(&mut self, live: &BTreeSet<u32>) {
         self.table.retain(|ifindex| live.contains(ifindex));
+        self.names.retain(|ifindex| live.contains(ifindex));
         self.adopted.clear();
     }
 }

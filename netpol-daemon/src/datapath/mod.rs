@@ -12,6 +12,8 @@
 //! - `counters`: packet counters and what the policy slots mean;
 //! - `events`: the flow events' ring buffer and the settings of what the programs send into it;
 //! - `conntrack`: tracked flows, their revalidation, the flow-cache epochs and the settings;
+//! - `names`: which pod each endpoint is (`ENDPOINT_NAMES`, for people);
+//! - `inspect`: what the pinned maps enforce, read back (`netpol-daemon status`);
 //! - `test_run`: running the programs on crafted frames (BPF_PROG_TEST_RUN).
 //!
 //! The parts hold no reference to one another: where one needs another's answer (the
@@ -36,8 +38,10 @@ mod conntrack;
 mod counters;
 mod endpoints;
 mod events;
+pub mod inspect;
 mod maps;
 mod mirror;
+mod names;
 mod pressure;
 pub mod rtnl;
 mod sync;
@@ -101,6 +105,7 @@ pub struct Datapath {
     counters: counters::Counters,
     conntrack: conntrack::Conntrack,
     events: Option<FlowEvents>,
+    peer_names: names::PeerNames,
 }
 
 impl Datapath {
@@ -108,14 +113,22 @@ impl Datapath {
     /// what a previous daemon left in them (it keeps enforcing until the first sync).
     pub fn load(pin_dir: &Path) -> Result<Datapath> {
         let mut ebpf = maps::load_object(pin_dir)?;
-        let endpoints = endpoints::Endpoints::adopt(&mut ebpf)?;
+        let endpoints = endpoints::Endpoints::adopt(&mut ebpf, pin_dir)?;
         let tables = sync::Tables::adopt(&mut ebpf)?;
         let addrs = addrs::Addrs::adopt(&mut ebpf)?;
         let counters = counters::Counters::take(&mut ebpf)?;
         let conntrack = conntrack::Conntrack::take(&mut ebpf, pin_dir)?;
         let events = Some(FlowEvents::take(&mut ebpf)?);
         let links = attach::Links::adopt(pin_dir);
-        Ok(Datapath { ebpf, pin_dir: pin_dir.to_path_buf(), tables, addrs, endpoints, links, counters, conntrack, events })
+        let peer_names = names::PeerNames::adopt(pin_dir)?;
+        Ok(Datapath { ebpf, pin_dir: pin_dir.to_path_buf(), tables, addrs, endpoints, links, counters, conntrack, events, peer_names })
+    }
+
+    /// Names the peers of `node`'s rules for `status`: `PEER_NAMES` holds, for each address
+    /// `node` gives a class of its own, the pod `pod_at` says holds it. Only differences are
+    /// written; failures are returned (nothing enforced depends on the table).
+    pub fn set_peer_names<'a>(&mut self, node: &NodePolicy, pod_at: impl Fn(IpAddr) -> Option<&'a ObjKey>) -> Vec<String> {
+        self.peer_names.set(&names::peers_of(node, pod_at))
     }
 
     /// Loads the programs and maps without ever attaching to an interface: the maps are

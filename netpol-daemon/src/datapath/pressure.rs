@@ -12,6 +12,7 @@ use aya::maps::MapData;
 const BATCH: u32 = 4096;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 
 /// `union bpf_attr`'s `batch` member.
 #[repr(C)]
@@ -47,17 +48,31 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
 
 /// Entries in the hash (or LRU hash) map `md`, which holds at most `max`.
 pub fn count_entries(md: &MapData, max: u32) -> Result<u64> {
+    for_each_entry(md, max, |_, _| {})
+}
+
+/// Calls `f` with the key and value bytes of every entry of the hash (or LRU hash, not
+/// per-CPU) map `md`, at most `max` of them, read in batches; returns how many there were.
+/// (Without batch look-ups, key by key, each value looked up on its own.)
+pub fn for_each_entry(md: &MapData, max: u32, mut f: impl FnMut(&[u8], &[u8])) -> Result<u64> {
     let info = md.info()?;
     let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
     let fd = md.fd().as_fd().as_raw_fd() as u32;
-    match count_batched(fd, key_size, value_size, max) {
+    let mut seen = 0u64;
+    match walk_batched(fd, key_size, value_size, max, |k, v| {
+        seen += 1;
+        f(k, v)
+    }) {
         Ok(n) => Ok(n),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOTSUP) | Some(524)) => count_by_keys(fd, key_size, max),
+        // Nothing was handed out before the kernel said it cannot batch.
+        Err(e) if seen == 0 && matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOTSUP) | Some(524)) => {
+            walk_by_keys(fd, key_size, value_size, max, f)
+        }
         Err(e) => bail!("BPF_MAP_LOOKUP_BATCH: {e}"),
     }
 }
 
-fn count_batched(fd: u32, key_size: usize, value_size: usize, max: u32) -> std::io::Result<u64> {
+fn walk_batched(fd: u32, key_size: usize, value_size: usize, max: u32, mut f: impl FnMut(&[u8], &[u8])) -> std::io::Result<u64> {
     let mut keys = vec![0u8; key_size * BATCH as usize];
     let mut values = vec![0u8; value_size.next_multiple_of(8) * BATCH as usize];
     // The batch token (a bucket index for hash maps); room for a key, as the kernel allows.
@@ -74,7 +89,15 @@ fn count_batched(fd: u32, key_size: usize, value_size: usize, max: u32) -> std::
             ..Default::default()
         };
         let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        total += attr.count as u64;
+        let n = match &r {
+            Ok(()) => attr.count,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => attr.count,
+            Err(_) => 0,
+        };
+        for i in 0..(n as usize).min((max as u64).saturating_sub(total) as usize) {
+            f(&keys[i * key_size..(i + 1) * key_size], &values[i * value_size..(i + 1) * value_size]);
+        }
+        total += n as u64;
         match r {
             Ok(()) => {}
             // Past the last bucket: done. (A batch ends on a bucket's end, so the first may
@@ -91,8 +114,19 @@ fn count_batched(fd: u32, key_size: usize, value_size: usize, max: u32) -> std::
     }
 }
 
-fn count_by_keys(fd: u32, key_size: usize, max: u32) -> Result<u64> {
+/// `union bpf_attr`'s member for `BPF_MAP_LOOKUP_ELEM`.
+#[repr(C)]
+struct LookupAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn walk_by_keys(fd: u32, key_size: usize, value_size: usize, max: u32, mut f: impl FnMut(&[u8], &[u8])) -> Result<u64> {
     let (mut key, mut next) = (vec![0u8; key_size], vec![0u8; key_size]);
+    let mut value = vec![0u8; value_size.next_multiple_of(8)];
     let mut n = 0u64;
     while n < max as u64 {
         let mut attr =
@@ -103,6 +137,11 @@ fn count_by_keys(fd: u32, key_size: usize, max: u32) -> Result<u64> {
             Err(e) => bail!("BPF_MAP_GET_NEXT_KEY: {e}"),
         }
         std::mem::swap(&mut key, &mut next);
+        let mut look = LookupAttr { map_fd: fd, _pad: 0, key: key.as_ptr() as u64, value: value.as_mut_ptr() as u64, flags: 0 };
+        // Gone since (an LRU eviction, an expired flow): skipped.
+        if bpf(BPF_MAP_LOOKUP_ELEM, &mut look).is_ok() {
+            f(&key, &value[..value_size]);
+        }
     }
     Ok(n)
 }
@@ -144,6 +183,8 @@ mod tests {
             unsafe { libc::syscall(libc::SYS_bpf, 0 as libc::c_long, &mut create as *mut CreateAttr, std::mem::size_of::<CreateAttr>()) };
         assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
         let fd = fd as u32;
+        let count_batched = |fd, k, v, max| walk_batched(fd, k, v, max, |_, _| {});
+        let count_by_keys = |fd, k, max| walk_by_keys(fd, k, 8, max, |_, _| {});
         assert_eq!(count_batched(fd, 4, 8, 10_000).unwrap(), 0);
         assert_eq!(count_by_keys(fd, 4, 10_000).unwrap(), 0);
         for k in 0..5000u32 {
@@ -156,6 +197,21 @@ mod tests {
         // Bounded: never past `max`.
         assert_eq!(count_by_keys(fd, 4, 100).unwrap(), 100);
         assert_eq!(count_batched(fd, 4, 8, 4096).unwrap(), 4096);
+        // Both walks hand out every entry once, its value with its key.
+        for walk in [true, false] {
+            let mut seen = std::collections::BTreeMap::new();
+            let f = |k: &[u8], v: &[u8]| {
+                let k = u32::from_ne_bytes(k.try_into().unwrap());
+                assert!(seen.insert(k, u64::from_ne_bytes(v.try_into().unwrap())).is_none(), "key {k} twice");
+            };
+            if walk {
+                walk_batched(fd, 4, 8, 10_000, f).unwrap();
+            } else {
+                walk_by_keys(fd, 4, 8, 10_000, f).unwrap();
+            }
+            assert_eq!(seen.len(), 5000);
+            assert!(seen.iter().all(|(k, v)| *k as u64 == *v));
+        }
         unsafe { libc::close(fd as i32) };
     }
 }

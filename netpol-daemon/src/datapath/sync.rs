@@ -86,7 +86,7 @@ impl Datapath {
             let Some(&id) = ids.get(*k) else { continue };
             // (Its drops then count as fail-closed, not as the policies'.)
             let flags = if report.fail_closed.contains(k) { flags | EP_FAIL_CLOSED } else { *flags };
-            if let Err(e) = self.endpoints.set(iface.ifindex, endpoint_info(id, flags, node.pods.get(*k))) {
+            if let Err(e) = self.endpoints.set(iface.ifindex, endpoint_info(id, flags, node.pods.get(*k)), k, &iface.ifname) {
                 report.errors.push(format!("{k}: ENDPOINTS insert: {e}"));
                 continue;
             }

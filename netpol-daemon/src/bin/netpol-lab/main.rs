@@ -3,6 +3,7 @@
 //! listed ports and peers; an API pod whose egress is ports-only with `to:` null), runs the
 //! real daemon, and prints the connectivity measured with real connections before and after
 //! the policies apply, with the counters from /metrics. Cleans up on exit and on Ctrl-C.
+//! `netpol-lab dashboard` runs the same lab with traffic for the dashboard's picture.
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand};
 use netpol_daemon::metrics::sample;
 use netpol_daemon::testkit::lab::{self, Lab};
 
+mod dashboard;
 mod throughput;
 
 const POLICIES: &str = r#"# Event streams namespace: isolate every pod for ingress.
@@ -223,6 +225,9 @@ enum Cmd {
         /// Where to write the chart (SVG); none: no chart.
         svg: Option<PathBuf>,
     },
+    /// The demo's lab with traffic running, scraped by Prometheus, and the Grafana
+    /// dashboard's preview page screenshotted by headless Chromium (`cargo xtask dashboard`).
+    Dashboard(dashboard::Args),
 }
 
 fn main() {
@@ -237,6 +242,7 @@ fn main() {
     let r = match cmd {
         Cmd::Demo => demo(daemon),
         Cmd::Throughput { seconds, repeats, svg } => throughput::run(daemon, seconds, repeats, svg.as_deref()),
+        Cmd::Dashboard(args) => dashboard::run(daemon, args),
     };
     if let Err(e) = r {
         eprintln!("netpol-lab: {e:#}");
