@@ -1319,8 +1319,8 @@ impl Records {
 }
 
 /// Loaded with `--bpf-debug`, the programs log each drop with its reason, audit, new flow and
-/// frame not read as IP (one record each, target netpol_bpf); loaded without, there is no log
-/// to read and the logging code is gone from what the verifier passed.
+/// frame not read as IP (one record each, target netpol_bpf); loaded without (the default
+/// build, which has no logging code: `only_the_debug_object_has_the_log`), there is no log.
 #[test]
 fn programs_loaded_to_debug_log_their_decisions_and_cost_nothing_otherwise() {
     let Some(mut off) = fixture(POLICY) else { return };
@@ -1329,30 +1329,30 @@ fn programs_loaded_to_debug_log_their_decisions_and_cost_nothing_otherwise() {
     let records = Records::default();
     let mut log = on.dp.take_program_log_into(records.clone()).unwrap().expect("the programs' log");
     let (web, i, e) = (v4("10.1.0.10"), Direction::Ingress, Direction::Egress);
-    let mut run_logged = |frame: &[u8], dir, want| {
-        assert_eq!(run(&mut on, dir, frame), want);
+    let mut run_logged = |f: &mut Fixture, frame: &[u8], dir, want| {
+        assert_eq!(run(f, dir, frame), want);
         log.read(std::time::Duration::from_millis(100));
         records.take()
     };
     let info = |text: &str| vec![("netpol_bpf".to_string(), log::Level::Info, text.to_string())];
     assert_eq!(
-        run_logged(&tcp4(v4("192.0.2.1"), web, 40000, 22, TCP_SYN), i, SHOT),
+        run_logged(&mut on, &tcp4(v4("192.0.2.1"), web, 40000, 22, TCP_SYN), i, SHOT),
         info("drop: policy ep 0 ingress proto 6 192.0.2.1:40000 -> 10.1.0.10:22")
     );
     assert_eq!(
-        run_logged(&udp4(v4("10.9.9.9"), v4("10.2.0.1"), 5000, 443), e, SHOT),
+        run_logged(&mut on, &udp4(v4("10.9.9.9"), v4("10.2.0.1"), 5000, 443), e, SHOT),
         info("drop: spoofed ep 0 egress proto 17 10.9.9.9:5000 -> 10.2.0.1:443")
     );
     assert_eq!(
-        run_logged(&ipv6(v6("fd00::1"), v6("fd00::10"), 6, 40000, 22, TCP_SYN, &[]), i, SHOT),
+        run_logged(&mut on, &ipv6(v6("fd00::1"), v6("fd00::10"), 6, 40000, 22, TCP_SYN, &[]), i, SHOT),
         info("drop: policy ep 0 ingress proto 6 [fd00::1]:40000 -> [fd00::10]:22")
     );
     // (An IPv4 header length of 16 bytes.)
     let mut malformed = tcp4(v4("192.0.2.1"), web, 40000, 80, TCP_SYN);
     malformed[14] = 0x44;
     let text = format!("drop: malformed ep 0 ingress frame not read as IP ({} bytes)", malformed.len());
-    assert_eq!(run_logged(&malformed, i, SHOT), info(&text));
-    let new_flow = run_logged(&tcp4(v4("10.7.0.1"), web, 40000, 80, TCP_SYN), i, OK);
+    assert_eq!(run_logged(&mut on, &malformed, i, SHOT), info(&text));
+    let new_flow = run_logged(&mut on, &tcp4(v4("10.7.0.1"), web, 40000, 80, TCP_SYN), i, OK);
     assert_eq!(
         new_flow,
         vec![(
@@ -1361,9 +1361,20 @@ fn programs_loaded_to_debug_log_their_decisions_and_cost_nothing_otherwise() {
             "new flow: ep 0 ingress proto 6 10.7.0.1:40000 -> 10.1.0.10:80 policy slot 0".into()
         )]
     );
-    // The flow's next packets, and what passes untracked, log nothing.
-    assert_eq!(run_logged(&tcp4(v4("10.7.0.1"), web, 40000, 80, TCP_ACK), i, OK), vec![]);
-    // Off, the same drop is made by programs from which the verifier removed the logged copy.
+    // The flow's next packets log nothing.
+    assert_eq!(run_logged(&mut on, &tcp4(v4("10.7.0.1"), web, 40000, 80, TCP_ACK), i, OK), vec![]);
+    // The pod failing closed (its entries do not fit): that is the reason logged.
+    let mut loaded = Loaded::default();
+    load_text(Path::new("t.yaml"), &format!("{POD}\n---\n{POLICY}"), &mut loaded);
+    let node = compile_node(&loaded.cluster, "n");
+    let ifaces: BTreeMap<ObjKey, Iface> = [(ObjKey::new("t", "web"), Iface { ifindex: 1, ifname: "lo".into() })].into();
+    on.dp.set_limits(netpol_daemon::datapath::Limits { policy: 1, ..Default::default() });
+    assert_eq!(on.dp.sync(&node, &ifaces).fail_closed, vec![ObjKey::new("t", "web")]);
+    assert_eq!(
+        run_logged(&mut on, &udp4(v4("192.0.2.1"), web, 5354, 53), i, SHOT),
+        info("drop: fail-closed ep 0 ingress proto 17 192.0.2.1:5354 -> 10.1.0.10:53")
+    );
+    // Off, the default programs make the same drop, with a fraction of the instructions.
     assert_eq!(run(&mut off, i, &tcp4(v4("192.0.2.1"), web, 40000, 22, TCP_SYN)), SHOT);
     let (off_stats, on_stats) = (off.dp.program_stats(), on.dp.program_stats());
     for ((name, _, off_insns, off_jited), (_, _, on_insns, on_jited)) in off_stats.iter().zip(&on_stats) {
