@@ -1,8 +1,9 @@
-//! Builds the eBPF programs (netpol-ebpf, target bpfel-unknown-none) and leaves the object in
-//! OUT_DIR for `include_bytes_aligned!`. The eBPF crate needs Debian's rustc-web (its library
+//! Builds the eBPF programs (netpol-ebpf, target bpfel-unknown-none) and leaves the objects in
+//! OUT_DIR for `include_bytes_aligned!`: the default one, and the one that logs its decisions
+//! (feature `debug-log`, for `--bpf-debug`). The eBPF crate needs Debian's rustc-web (its library
 //! source matches exactly) with RUSTC_BOOTSTRAP=1 for build-std, and bpf-linker: both installed
 //! by `cargo xtask setup` (see netpol-ebpf/.cargo/config.toml).
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
@@ -24,9 +25,17 @@ fn main() {
     // A target dir of its own, stable across builds of the daemon, so rebuilds are incremental.
     let target_dir = std::env::var_os("NETPOL_EBPF_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target").join("ebpf"));
 
+    // The default object, then the one `--bpf-debug` loads (netpol-ebpf's `debug-log`).
+    build_ebpf(&ebpf_dir, &target_dir, &[], &out_dir.join("netpol"));
+    build_ebpf(&ebpf_dir, &target_dir, &["--features", "debug-log"], &out_dir.join("netpol-debug"));
+}
+
+/// Builds netpol-ebpf with `args` and copies the object to `out`. (Both builds share the
+/// target dir: each keeps its own artifacts there, so neither rebuilds the other's.)
+fn build_ebpf(ebpf_dir: &Path, target_dir: &Path, args: &[&str], out: &Path) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&ebpf_dir).args(["build", "--release", "--target-dir"]).arg(&target_dir).env("RUSTC_BOOTSTRAP", "1");
+    cmd.current_dir(ebpf_dir).args(["build", "--release", "--target-dir"]).arg(target_dir).args(args).env("RUSTC_BOOTSTRAP", "1");
     // Do not leak the host build's settings into the BPF build.
     for (k, _) in std::env::vars() {
         if k.starts_with("CARGO_") && k != "CARGO_HOME"
@@ -42,12 +51,12 @@ fn main() {
     let status = cmd.status().expect("running cargo for netpol-ebpf");
     if !status.success() {
         panic!(
-            "building netpol-ebpf failed. The eBPF toolchain (Debian rustc-web + rust-web-src, \
+            "building netpol-ebpf {args:?} failed. The eBPF toolchain (Debian rustc-web + rust-web-src, \
              bpf-linker built against LLVM 22) is installed by `cargo xtask setup`."
         );
     }
     let obj = target_dir.join("bpfel-unknown-none/release/netpol");
-    std::fs::copy(&obj, out_dir.join("netpol")).unwrap_or_else(|e| panic!("copying {}: {e}", obj.display()));
+    std::fs::copy(&obj, out).unwrap_or_else(|e| panic!("copying {}: {e}", obj.display()));
 }
 
 /// `NETPOL_GIT_COMMIT` (HEAD's commit, when built from a git checkout) and `NETPOL_RUSTC_VERSION`, for `--version` and the

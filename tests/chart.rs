@@ -94,6 +94,7 @@ const FLAG_VALUES: &[(&str, &str, &str)] = &[
     ("flow-cache", "daemon.flowCache=false", "--flow-cache=off"),
     ("log-denied", "daemon.logDenied=7", "--log-denied=7"),
     ("audit", "daemon.audit=true", "--audit"),
+    ("bpf-debug", "daemon.bpfDebug=true", "--bpf-debug"),
     ("log-format", "daemon.logFormat=json", "--log-format=json"),
 ];
 

@@ -32,6 +32,11 @@ impl Drop for Fixture {
 /// Loads the programs with maps of their own and programs `yaml` for pod t/web as the endpoint
 /// on ifindex 1 (the loopback device a test run sees).
 fn fixture(yaml: &str) -> Option<Fixture> {
+    fixture_logging(yaml, false)
+}
+
+/// [`fixture`] with the programs loaded to log their decisions (`--bpf-debug`) or not.
+fn fixture_logging(yaml: &str, bpf_debug: bool) -> Option<Fixture> {
     if unsafe { libc::geteuid() } != 0 {
         let msg = "datapath tests need root (BPF_PROG_TEST_RUN)";
         if std::env::var_os("CI").is_some() {
@@ -42,12 +47,12 @@ fn fixture(yaml: &str) -> Option<Fixture> {
     }
     let pin = PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
     let _ = std::fs::remove_dir_all(&pin);
-    Some(fixture_at(pin, yaml))
+    Some(fixture_at(pin, yaml, bpf_debug))
 }
 
-/// [`fixture`] over whatever `pin` already holds.
-fn fixture_at(pin: PathBuf, yaml: &str) -> Fixture {
-    let mut dp = Datapath::load_detached(&pin).expect("loading the programs");
+/// [`fixture_logging`] over whatever `pin` already holds.
+fn fixture_at(pin: PathBuf, yaml: &str, bpf_debug: bool) -> Fixture {
+    let mut dp = Datapath::load_detached_with(&pin, bpf_debug).expect("loading the programs");
     let mut loaded = Loaded::default();
     load_text(Path::new("t.yaml"), &format!("{POD}\n---\n{yaml}"), &mut loaded);
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
@@ -461,10 +466,10 @@ fn programs_pass_the_verifier_well_below_its_limits() {
     let Some(f) = fixture("") else { return };
     let stats = f.dp.program_stats();
     assert_eq!(stats.len(), 2, "{stats:?}");
-    for (name, verified, insns, _) in stats {
+    for (name, verified, insns, jited) in stats {
         let verified = verified.expect("kernel reports verified_insns (5.16+)");
         let insns = insns.expect("translated size");
-        eprintln!("{name}: {verified} instructions processed by the verifier, {insns} instructions");
+        eprintln!("{name}: {verified} instructions processed by the verifier, {insns} instructions, {jited:?} bytes JIT-compiled");
         // The verifier's complexity limit is 1,000,000 processed instructions; 4,096 is the
         // size limit of unprivileged programs. Stay far from both.
         assert!(verified < 200_000, "{name}: {verified} processed instructions");
@@ -868,7 +873,7 @@ fn tracked_flows_of_the_older_conntrack_layout_are_migrated_at_load() {
     assert_eq!(bpf(6, &mut a), 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
     unsafe { libc::close(fd as i32) };
 
-    let mut f = fixture_at(pin.clone(), POLICY);
+    let mut f = fixture_at(pin.clone(), POLICY, false);
     assert!(!pin.join(maps::CONNTRACK_V1).exists(), "the old pin is gone");
     {
         use aya::maps::{HashMap, Map, MapData};
@@ -1291,4 +1296,90 @@ fn tracked_flows_are_counted() {
         assert_eq!(run(&mut f, Direction::Ingress, &udp4(v4("192.0.2.1"), v4("10.1.0.10"), 10_000 + sport, 53)), OK);
     }
     assert_eq!(c.count_conntrack().unwrap(), 5000);
+}
+
+/// A `log` logger that keeps the records' target, level and text.
+#[derive(Clone, Default)]
+struct Records(std::sync::Arc<std::sync::Mutex<Vec<(String, log::Level, String)>>>);
+
+impl log::Log for Records {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record) {
+        self.0.lock().unwrap().push((r.target().to_string(), r.level(), r.args().to_string()));
+    }
+    fn flush(&self) {}
+}
+
+impl Records {
+    fn take(&self) -> Vec<(String, log::Level, String)> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+/// Loaded with `--bpf-debug`, the programs log each drop with its reason, audit, new flow and
+/// frame not read as IP (one record each, target netpol_bpf); loaded without (the default
+/// build, which has no logging code: `only_the_debug_object_has_the_log`), there is no log.
+#[test]
+fn programs_loaded_to_debug_log_their_decisions_and_cost_nothing_otherwise() {
+    let Some(mut off) = fixture(POLICY) else { return };
+    assert!(off.dp.take_program_log().unwrap().is_none(), "no log without --bpf-debug");
+    let mut on = fixture_logging(POLICY, true).unwrap();
+    let records = Records::default();
+    let mut log = on.dp.take_program_log_into(records.clone()).unwrap().expect("the programs' log");
+    let (web, i, e) = (v4("10.1.0.10"), Direction::Ingress, Direction::Egress);
+    let mut run_logged = |f: &mut Fixture, frame: &[u8], dir, want| {
+        assert_eq!(run(f, dir, frame), want);
+        log.read(std::time::Duration::from_millis(100));
+        records.take()
+    };
+    let info = |text: &str| vec![("netpol_bpf".to_string(), log::Level::Info, text.to_string())];
+    assert_eq!(
+        run_logged(&mut on, &tcp4(v4("192.0.2.1"), web, 40000, 22, TCP_SYN), i, SHOT),
+        info("drop: policy ep 0 ingress proto 6 192.0.2.1:40000 -> 10.1.0.10:22")
+    );
+    assert_eq!(
+        run_logged(&mut on, &udp4(v4("10.9.9.9"), v4("10.2.0.1"), 5000, 443), e, SHOT),
+        info("drop: spoofed ep 0 egress proto 17 10.9.9.9:5000 -> 10.2.0.1:443")
+    );
+    assert_eq!(
+        run_logged(&mut on, &ipv6(v6("fd00::1"), v6("fd00::10"), 6, 40000, 22, TCP_SYN, &[]), i, SHOT),
+        info("drop: policy ep 0 ingress proto 6 [fd00::1]:40000 -> [fd00::10]:22")
+    );
+    // (An IPv4 header length of 16 bytes.)
+    let mut malformed = tcp4(v4("192.0.2.1"), web, 40000, 80, TCP_SYN);
+    malformed[14] = 0x44;
+    let text = format!("drop: malformed ep 0 ingress frame not read as IP ({} bytes)", malformed.len());
+    assert_eq!(run_logged(&mut on, &malformed, i, SHOT), info(&text));
+    let new_flow = run_logged(&mut on, &tcp4(v4("10.7.0.1"), web, 40000, 80, TCP_SYN), i, OK);
+    assert_eq!(
+        new_flow,
+        vec![(
+            "netpol_bpf".into(),
+            log::Level::Debug,
+            "new flow: ep 0 ingress proto 6 10.7.0.1:40000 -> 10.1.0.10:80 policy slot 0".into()
+        )]
+    );
+    // The flow's next packets log nothing.
+    assert_eq!(run_logged(&mut on, &tcp4(v4("10.7.0.1"), web, 40000, 80, TCP_ACK), i, OK), vec![]);
+    // The pod failing closed (its entries do not fit): that is the reason logged.
+    let mut loaded = Loaded::default();
+    load_text(Path::new("t.yaml"), &format!("{POD}\n---\n{POLICY}"), &mut loaded);
+    let node = compile_node(&loaded.cluster, "n");
+    let ifaces: BTreeMap<ObjKey, Iface> = [(ObjKey::new("t", "web"), Iface { ifindex: 1, ifname: "lo".into() })].into();
+    on.dp.set_limits(netpol_daemon::datapath::Limits { policy: 1, ..Default::default() });
+    assert_eq!(on.dp.sync(&node, &ifaces).fail_closed, vec![ObjKey::new("t", "web")]);
+    assert_eq!(
+        run_logged(&mut on, &udp4(v4("192.0.2.1"), web, 5354, 53), i, SHOT),
+        info("drop: fail-closed ep 0 ingress proto 17 192.0.2.1:5354 -> 10.1.0.10:53")
+    );
+    // Off, the default programs make the same drop, with a fraction of the instructions.
+    assert_eq!(run(&mut off, i, &tcp4(v4("192.0.2.1"), web, 40000, 22, TCP_SYN)), SHOT);
+    let (off_stats, on_stats) = (off.dp.program_stats(), on.dp.program_stats());
+    for ((name, _, off_insns, off_jited), (_, _, on_insns, on_jited)) in off_stats.iter().zip(&on_stats) {
+        eprintln!("{name}: --bpf-debug off {off_insns:?} instructions, {off_jited:?} bytes JIT-compiled; on {on_insns:?}, {on_jited:?}");
+        let (off_insns, on_insns) = (off_insns.unwrap(), on_insns.unwrap());
+        assert!(off_insns < 4096 && on_insns > off_insns + 2000, "{name}: {off_insns} instructions off, {on_insns} on");
+    }
 }

@@ -604,3 +604,61 @@ fn version_names_the_build() {
         assert!(text.contains(c), "{text}");
     }
 }
+
+/// `--bpf-debug`: the programs themselves log a denied packet, with its reason, into the
+/// daemon's log (and a crafted frame they cannot parse); without it nothing reads their log,
+/// the programs loaded have no log at all, and no program line appears. The setting is the
+/// loading daemon's: each restart's programs replace the previous daemon's on every
+/// interface, whichever way the setting changed.
+#[test]
+fn bpf_debug_logs_the_programs_decisions_and_follows_each_restart() {
+    let Some(mut lab) = server_client_intruder(90) else { return };
+    for bpf_debug in [false, true, false] {
+        lab.kill_daemon();
+        lab.daemon_args = if bpf_debug { vec!["--bpf-debug".into()] } else { Vec::new() };
+        lab.start_daemon(Path::new(DAEMON)).unwrap();
+        wait_programs_log(&lab, bpf_debug);
+        check(&lab, &SERVER_CASES);
+        lab.scapy("intruder", "tx(IP(src=MY_IP, dst='10.244.0.90', ihl=4)/UDP(sport=5555, dport=8080))").unwrap();
+        let line = |log: &str, what: &[&str]| log.lines().find(|l| what.iter().all(|w| l.contains(w))).map(str::to_string);
+        // (Text format: the level and target between colour codes.)
+        let denied = ["INFO", "netpol_bpf", " drop: policy ep ", " ingress proto 6 10.244.0.92:", " -> 10.244.0.90:8080"];
+        let crafted = ["INFO", "netpol_bpf", " drop: malformed ep ", " egress frame not read as IP"];
+        let threads = lab.daemon_threads();
+        if bpf_debug {
+            let t0 = std::time::Instant::now();
+            while line(&lab.daemon_log(), &denied).is_none() || line(&lab.daemon_log(), &crafted).is_none() {
+                assert!(t0.elapsed().as_secs() < 5, "no program log of the drops:\n{}", lab.daemon_log());
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            assert!(threads.iter().any(|t| t == "bpf-log"), "{threads:?}");
+        } else {
+            // (Time for a reader, were there one, to have written what it read.)
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let log = lab.daemon_log();
+            assert!(!log.contains("netpol_bpf") && !log.contains("--bpf-debug"), "{log}");
+            assert!(!threads.iter().any(|t| t == "bpf-log"), "a log reader without --bpf-debug: {threads:?}");
+        }
+    }
+}
+
+/// Waits until the only programs on the lab's maps are the current daemon's kind: with the
+/// log ring buffer (AYA_LOGS) when it runs with `--bpf-debug`, without it otherwise (the
+/// previous daemon's are freed once the first sync swapped them out everywhere).
+fn wait_programs_log(lab: &Lab, bpf_debug: bool) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let programs = lab.programs_maps().unwrap();
+        let logging = |maps: &Vec<String>| maps.iter().any(|m| m == "AYA_LOGS");
+        // (At least the two the daemon loaded, which every interface runs.)
+        if programs.len() >= 2 && programs.iter().all(|p| logging(p) == bpf_debug) {
+            return;
+        }
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "want programs logging: {bpf_debug}; maps of those on the lab's: {programs:?}\n{}",
+            lab.daemon_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

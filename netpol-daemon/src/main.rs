@@ -27,10 +27,13 @@ enum LogFormat {
 }
 
 /// Logging through tracing: the daemon's spans (load, compile, sync) and events, kube-rs'
-/// own, and aya's `log` records (bridged by tracing-subscriber), to stderr.
-fn init_logging(format: LogFormat) {
+/// own, and aya's `log` records (bridged by tracing-subscriber: the programs' own too, with
+/// `--bpf-debug`), to stderr. Without RUST_LOG: `info`, and `netpol_bpf=debug` with
+/// `--bpf-debug` (the programs log new flows at debug).
+fn init_logging(format: LogFormat, bpf_debug: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let default = if bpf_debug { "info,netpol_bpf=debug" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => fmt.init(),
@@ -205,6 +208,13 @@ struct RunArgs {
     /// the kernel has TCX). Both survive a restart or a crash of the daemon.
     #[arg(long, default_value = "auto", value_parser = ["auto", "tcx", "tc"])]
     attach: String,
+    /// Load the programs that log their decisions into this log (target netpol_bpf): each
+    /// drop with its reason, audit, newly tracked flow and frame not read as IP, with the
+    /// pod's endpoint id, direction and addresses. For debugging: each such packet writes a
+    /// record. Off (the default), the programs loaded have no logging code at all. Applies to
+    /// the programs this daemon loads, which take over every interface at its first sync.
+    #[arg(long, env = "NETPOL_BPF_DEBUG")]
+    bpf_debug: bool,
 }
 
 impl RunArgs {
@@ -230,6 +240,7 @@ impl RunArgs {
             log_denied: self.log_denied,
             flow_cache: self.flow_cache == "on",
             attach: self.attach.parse().expect("clap checked the value"),
+            bpf_debug: self.bpf_debug,
         }
     }
 }
@@ -278,7 +289,7 @@ fn limit_malloc_arenas() {
 fn main() {
     limit_malloc_arenas();
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(cli.log_format, matches!(&cli.cmd, Cmd::Run(args) if args.bpf_debug));
     match cli.cmd {
         Cmd::Explain { manifests, from, to, port, protocol, output } => {
             let output = netpol_daemon::cli::Output::parse(&output).expect("clap checked the value");

@@ -9,6 +9,8 @@
 mod config;
 mod conntrack;
 mod counters;
+#[cfg(feature = "debug-log")]
+mod debug;
 mod events;
 mod flowcache;
 mod fragments;
@@ -25,12 +27,38 @@ use parse::{Packet, Parsed};
 
 #[classifier]
 pub fn netpol_from_pod(ctx: TcContext) -> i32 {
-    enforce(&ctx, DIR_EGRESS)
+    judge::<DIR_EGRESS>(&ctx)
 }
 
 #[classifier]
 pub fn netpol_to_pod(ctx: TcContext) -> i32 {
-    enforce(&ctx, DIR_INGRESS)
+    judge::<DIR_INGRESS>(&ctx)
+}
+
+/// The programs' decision on the packet of `ctx` in `DIR`.
+#[cfg(not(feature = "debug-log"))]
+#[inline(always)]
+fn judge<const DIR: u8>(ctx: &TcContext) -> i32 {
+    enforce(ctx, DIR)
+}
+
+/// The programs' decision on the packet of `ctx` in `DIR`, then the log of what they decided
+/// (the `debug-log` object, which `--bpf-debug` loads): each in a BPF function of its own,
+/// called from here, where nothing is kept on the stack, so that neither frame holds the
+/// other's (see `debug`).
+#[cfg(feature = "debug-log")]
+#[inline(always)]
+fn judge<const DIR: u8>(ctx: &TcContext) -> i32 {
+    let verdict = enforce_logged::<DIR>(ctx.skb.skb);
+    debug::flush();
+    verdict
+}
+
+/// (The context as the raw pointer: passed in a register, not through the caller's stack.)
+#[cfg(feature = "debug-log")]
+#[inline(never)]
+fn enforce_logged<const DIR: u8>(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    enforce(&TcContext::new(skb), DIR)
 }
 
 /// Does nothing: never attached; the benchmarks run it to measure the test harness's own cost
@@ -70,18 +98,31 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
                 // (Out of a pod this outcome counts as spoofed: see `verdict_of`.)
                 Err(()) => (!(dir == DIR_EGRESS || isolated), DROP_MALFORMED),
             };
+            #[cfg(feature = "debug-log")]
+            debug::frame(ep.id, dir, drop, allow, len);
             return judged_frame(ep.id, dir, allow, drop, len, isolated);
         }
     };
-    let mut ct = conntrack::key(ep.id, dir, &p);
-    match decide(ctx, &ep, dir, isolated, &p, &mut ct, fast) {
+    #[cfg(not(feature = "debug-log"))]
+    let ct = &mut conntrack::key(ep.id, dir, &p);
+    // (Logging, the key is kept where the log reads it, off this frame: see `debug`. The
+    // one slot of a per-CPU array is always there: the `else` never runs.)
+    #[cfg(feature = "debug-log")]
+    let Some(ct) = debug::key(conntrack::key(ep.id, dir, &p)) else {
+        return TC_ACT_SHOT;
+    };
+    match decide(ctx, &ep, dir, isolated, &p, ct, fast) {
         Decision::Pass => pass(ep.id, dir, len),
         Decision::Judged { outcome, slot, report } => {
             // (One place reports and counts every judged packet: one copy of the code.)
             if report {
-                events::flow_event(&ct, &p, outcome, slot, isolated_flag_of(isolated), len);
+                events::flow_event(ct, &p, outcome, slot, isolated_flag_of(isolated), len);
             }
             counters::count(ep.id, dir, outcome, len);
+            #[cfg(feature = "debug-log")]
+            if report {
+                debug::judged(outcome, slot);
+            }
             if matches!(outcome, VERDICT_ALLOW | VERDICT_AUDIT) {
                 TC_ACT_OK
             } else {

@@ -74,6 +74,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- if $d.allowPrivateBpffs }}
 - --allow-private-bpffs
 {{- end }}
+{{- if $d.bpfDebug }}
+- --bpf-debug
+{{- end }}
 {{- range $d.extraArgs }}
 - {{ . | quote }}
 {{- end }}

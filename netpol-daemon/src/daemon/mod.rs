@@ -51,6 +51,8 @@ pub struct RunConfig {
     pub flow_cache: bool,
     /// TCX links, clsact + cls_bpf filters, or TCX where the kernel has it (`--attach`).
     pub attach: crate::datapath::AttachMode,
+    /// The programs log their decisions into the daemon's log (`--bpf-debug`).
+    pub bpf_debug: bool,
 }
 
 /// What every pass works with: the configuration, the status shared with the metrics thread,
@@ -121,6 +123,7 @@ impl Daemon {
             None => Box::new(KubeSource::start(&cfg.node_name)?),
         };
         let mut datapath = load_datapath(&cfg)?;
+        start_program_log(&mut datapath, stop)?;
         datapath.preattach(interfaces::routed_pod_interfaces());
         if let Some(FlowEvents { ring, mut control }) = datapath.take_events() {
             let verdicts = if cfg.log_denied > 0 { EVENTS_DENIED | EVENTS_AUDIT } else { 0 };
@@ -299,12 +302,24 @@ impl Daemon {
 fn load_datapath(cfg: &RunConfig) -> Result<Datapath> {
     let t0 = Instant::now();
     crate::datapath::check_bpffs_outlives_daemon(&cfg.bpffs, cfg.allow_private_bpffs)?;
-    let mut dp = Datapath::load(&cfg.bpffs)?;
+    let mut dp = Datapath::load(&cfg.bpffs, cfg.bpf_debug)?;
     dp.set_config(&cfg.datapath_config)?;
     dp.set_flow_cache(cfg.flow_cache)?;
     dp.set_attach_mode(cfg.attach);
     tracing::info!(ms = pass::ms(t0.elapsed()), "datapath loaded in {:?}", t0.elapsed());
     Ok(dp)
+}
+
+/// With `--bpf-debug`, starts reading what the programs log into the daemon's log (nothing is
+/// made without it). The setting is baked into the programs this daemon loaded: they take over
+/// every interface at the first sync, until when a previous daemon's keep theirs.
+fn start_program_log(datapath: &mut Datapath, stop: &Arc<AtomicBool>) -> Result<()> {
+    let Some(log) = datapath.take_program_log()? else { return Ok(()) };
+    log.spawn(stop.clone()).context("starting the programs' log reader")?;
+    tracing::info!(
+        "--bpf-debug: the programs log each drop, audit, new flow and frame not read as IP (target netpol_bpf); this daemon's programs replace those running now at its first sync"
+    );
+    Ok(())
 }
 
 /// Logs the load problems not logged before.

@@ -107,7 +107,7 @@ impl Conntrack {
 }
 
 /// A PREEMPT_RT kernel (BPF programs preemptible, so two can interleave on one CPU).
-fn preempt_rt() -> bool {
+pub(super) fn preempt_rt() -> bool {
     std::fs::read_to_string("/sys/kernel/realtime").is_ok_and(|s| s.trim() == "1")
 }
 

@@ -14,14 +14,21 @@ use netpol_common::*;
 /// The compiled eBPF object, built by build.rs from netpol-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpol"));
 
-/// Loads the object and its programs, creating or re-using the pinned maps in `pin_dir`.
-pub(super) fn load_object(pin_dir: &Path) -> Result<Ebpf> {
+/// The same programs, built to log their decisions (netpol-ebpf's `debug-log`: `--bpf-debug`).
+/// Same maps, same program names: it replaces the default object's programs and is replaced by
+/// them as any restart's programs are.
+pub static EBPF_OBJECT_DEBUG: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpol-debug"));
+
+/// Loads the object (`bpf_debug`: the one that logs, see `program_log`) and its programs,
+/// creating or re-using the pinned maps in `pin_dir`.
+pub(super) fn load_object(pin_dir: &Path, bpf_debug: bool) -> Result<Ebpf> {
     ensure_bpffs(pin_dir)?;
     std::fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
     drop_pins_of_other_layouts(pin_dir);
+    let object = if bpf_debug { EBPF_OBJECT_DEBUG } else { EBPF_OBJECT };
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
-        .load(EBPF_OBJECT)
+        .load(object)
         .context("loading the eBPF object (is this root, with bpffs mounted?)")?;
     for name in [programs::FROM_POD, programs::TO_POD, programs::NOOP] {
         classifier(&mut ebpf, name)?.load().with_context(|| format!("verifier rejected {name}"))?;
@@ -197,6 +204,7 @@ pub fn ensure_bpffs(path: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use netpol_common::{maps, programs};
     use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
 
     /// The programs never call an out-of-line memset/memcpy: those are byte-at-a-time loops
@@ -206,6 +214,7 @@ mod tests {
     /// too large for LLVM to expand into stores.
     #[test]
     fn programs_call_no_out_of_line_memory_builtins() {
+        // (The object `--bpf-debug` loads is for debugging: its logging may copy as it likes.)
         let file = object::File::parse(super::EBPF_OBJECT).expect("the embedded eBPF object is ELF");
         let mut programs = 0;
         let mut calls = Vec::new();
@@ -225,5 +234,23 @@ mod tests {
         }
         assert!(programs > 0, "no classifier section in the eBPF object");
         assert!(calls.is_empty(), "{} calls to memory builtins, e.g. {:?}", calls.len(), &calls[..calls.len().min(5)]);
+    }
+
+    /// The default object carries nothing of the debug log (`--bpf-debug` loads the other):
+    /// no log ring buffer, no note, no log function; the other has them, and the same
+    /// programs and maps besides.
+    #[test]
+    fn only_the_debug_object_has_the_log() {
+        let symbols = |bytes: &[u8]| -> std::collections::BTreeSet<String> {
+            let file = object::File::parse(bytes).expect("an embedded eBPF object is ELF");
+            file.symbols().filter_map(|s| s.name().ok().map(str::to_string)).filter(|n| !n.is_empty()).collect()
+        };
+        let (plain, debug) = (symbols(super::EBPF_OBJECT), symbols(super::EBPF_OBJECT_DEBUG));
+        let logging = |s: &String| s == "AYA_LOGS" || s == "DEBUG_NOTE" || s.contains("5debug5flush");
+        assert!(!plain.iter().any(logging), "{plain:?}");
+        assert_eq!(debug.iter().filter(|s| logging(s)).count(), 3, "{debug:?}");
+        for name in [programs::FROM_POD, programs::TO_POD, programs::NOOP, maps::CONNTRACK, maps::ENDPOINTS, maps::EVENTS] {
+            assert!(plain.contains(name) && debug.contains(name), "{name}");
+        }
     }
 }

@@ -14,7 +14,8 @@
 //! - `conntrack`: tracked flows, their revalidation, the flow-cache epochs and the settings;
 //! - `names`: which pod each endpoint is (`ENDPOINT_NAMES`, for people);
 //! - `inspect`: what the pinned maps enforce, read back (`netpol-daemon status`);
-//! - `test_run`: running the programs on crafted frames (BPF_PROG_TEST_RUN).
+//! - `test_run`: running the programs on crafted frames (BPF_PROG_TEST_RUN);
+//! - `program_log`: the programs' debug log (`--bpf-debug`), set at load, and its reader.
 //!
 //! The parts hold no reference to one another: where one needs another's answer (the
 //! attached pods for conntrack revalidation, a new endpoint id for the counters), a `Datapath`
@@ -43,6 +44,7 @@ mod maps;
 mod mirror;
 mod names;
 mod pressure;
+mod program_log;
 pub mod rtnl;
 mod sync;
 mod tc;
@@ -53,6 +55,7 @@ pub use attach::{AttachCounts, AttachMode};
 pub use counters::{slot_label, CounterReader, RetiredCounts, SlotLabels};
 pub use events::{read_event, EventControl, FlowEvents};
 pub use maps::{check_bpffs_outlives_daemon, ensure_bpffs, EBPF_OBJECT};
+pub use program_log::ProgramLog;
 pub use test_run::ProgramStats;
 
 /// Hash maps keyed by our own values: a fast non-cryptographic hasher (no untrusted keys).
@@ -106,13 +109,20 @@ pub struct Datapath {
     conntrack: conntrack::Conntrack,
     events: Option<FlowEvents>,
     peer_names: names::PeerNames,
+    /// The programs were loaded to log their decisions (`--bpf-debug`).
+    bpf_debug: bool,
 }
 
 impl Datapath {
     /// Loads the programs, creating or re-using the pinned maps in `pin_dir` and adopting
     /// what a previous daemon left in them (it keeps enforcing until the first sync).
-    pub fn load(pin_dir: &Path) -> Result<Datapath> {
-        let mut ebpf = maps::load_object(pin_dir)?;
+    /// `bpf_debug`: the programs log their decisions ([`Datapath::take_program_log`]).
+    pub fn load(pin_dir: &Path, bpf_debug: bool) -> Result<Datapath> {
+        if bpf_debug && conntrack::preempt_rt() {
+            // (The logging programs keep the packet's conntrack key in a per-CPU slot.)
+            anyhow::bail!("--bpf-debug: not on a PREEMPT_RT kernel (two programs can interleave on a CPU there)");
+        }
+        let mut ebpf = maps::load_object(pin_dir, bpf_debug)?;
         let endpoints = endpoints::Endpoints::adopt(&mut ebpf, pin_dir)?;
         let tables = sync::Tables::adopt(&mut ebpf)?;
         let addrs = addrs::Addrs::adopt(&mut ebpf)?;
@@ -121,7 +131,19 @@ impl Datapath {
         let events = Some(FlowEvents::take(&mut ebpf)?);
         let links = attach::Links::adopt(pin_dir);
         let peer_names = names::PeerNames::adopt(pin_dir)?;
-        Ok(Datapath { ebpf, pin_dir: pin_dir.to_path_buf(), tables, addrs, endpoints, links, counters, conntrack, events, peer_names })
+        Ok(Datapath {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            tables,
+            addrs,
+            endpoints,
+            links,
+            counters,
+            conntrack,
+            events,
+            peer_names,
+            bpf_debug,
+        })
     }
 
     /// Names the peers of `node`'s rules for `status`: `PEER_NAMES` holds, for each address
@@ -135,7 +157,12 @@ impl Datapath {
     /// programmed as usual and the programs are run with [`Datapath::test_run`]. A test run
     /// sees the loopback device's ifindex (1 in a fresh namespace) unless told otherwise.
     pub fn load_detached(pin_dir: &Path) -> Result<Datapath> {
-        let mut dp = Datapath::load(pin_dir)?;
+        Datapath::load_detached_with(pin_dir, false)
+    }
+
+    /// [`Datapath::load_detached`], the programs loaded to log their decisions or not.
+    pub fn load_detached_with(pin_dir: &Path, bpf_debug: bool) -> Result<Datapath> {
+        let mut dp = Datapath::load(pin_dir, bpf_debug)?;
         dp.links.attach_programs = false;
         Ok(dp)
     }
@@ -196,6 +223,20 @@ impl Datapath {
     /// slot half-written by one must never be read by the other.
     pub fn set_flow_cache(&mut self, on: bool) -> Result<()> {
         self.conntrack.set_flow_cache(on)
+    }
+
+    /// What the programs log, read into the `log` crate's logger, for a reader thread (once):
+    /// `None` unless they were loaded to log (nothing is made then).
+    pub fn take_program_log(&mut self) -> Result<Option<ProgramLog>> {
+        self.take_program_log_into(log::logger())
+    }
+
+    /// [`Datapath::take_program_log`] into `logger`.
+    pub fn take_program_log_into<T: log::Log>(&mut self, logger: T) -> Result<Option<ProgramLog<T>>> {
+        if !self.bpf_debug {
+            return Ok(None);
+        }
+        ProgramLog::take(&mut self.ebpf, logger).map(Some)
     }
 
     /// The flow events' ring buffer and settings, for a reader thread (once).

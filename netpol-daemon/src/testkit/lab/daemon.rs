@@ -73,6 +73,30 @@ impl Lab {
         }
     }
 
+    /// The maps (by name) of each BPF program loaded on this machine that uses this lab's
+    /// pinned `ENDPOINTS_ARRAY`: the programs enforcing here, a previous daemon's until the
+    /// kernel frees them (they may still run until the current daemon swapped its own in).
+    pub fn programs_maps(&self) -> Result<Vec<Vec<String>>> {
+        use aya::maps::{MapData, MapInfo};
+        let pinned = self.pin_dir.join(netpol_common::maps::ENDPOINTS_ARRAY);
+        let ours = MapData::from_pin(&pinned).with_context(|| format!("opening {}", pinned.display()))?.info()?.id();
+        let mut out = Vec::new();
+        for p in aya::programs::loaded_programs().flatten() {
+            let ids = p.map_ids()?.unwrap_or_default();
+            if ids.contains(&ours) {
+                out.push(ids.iter().filter_map(|id| MapInfo::from_id(*id).ok()?.name_as_str().map(str::to_string)).collect());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The names of the daemon's threads.
+    pub fn daemon_threads(&self) -> Vec<String> {
+        let Some(pid) = self.daemon_pid() else { return Vec::new() };
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+        tasks.filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok()).map(|c| c.trim().to_string()).collect()
+    }
+
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
