@@ -241,12 +241,12 @@ fn compile_local(
     local: &[&Pod],
     isolating_of: Vec<[Vec<&Policy>; 2]>,
 ) -> BTreeMap<ObjKey, CompiledPod> {
-    let backends = backends_of(cluster, classes);
+    let backends = backends_of(cluster, classes, prefixes);
     let mut pods = BTreeMap::new();
     for (pod, per_dir) in local.iter().zip(isolating_of) {
         let mut out = st.compile_pod(classes, pod, &per_dir);
         if let Some(dp) = out.egress.as_mut() {
-            add_service_allows(dp, prefixes, classes, &backends);
+            add_service_allows(dp, classes, &backends);
         }
         st.set_local(&pod.key, &per_dir);
         pods.insert(pod.key.clone(), out);

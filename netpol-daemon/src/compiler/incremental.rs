@@ -260,10 +260,10 @@ fn refresh_service_allows(out: &mut NodePolicy, cluster: &Cluster) {
     if !out.classes.iter().any(|c| c.service.is_some()) {
         return;
     }
-    let backends = backends_of(cluster, &out.classes);
+    let backends = backends_of(cluster, &out.classes, &out.prefixes);
     for compiled in out.pods.values_mut() {
         let Some(dp) = compiled.egress.as_mut() else { continue };
         dp.allows.retain(|c, _| out.classes[*c].service.is_none());
-        add_service_allows(dp, &out.prefixes, &out.classes, &backends);
+        add_service_allows(dp, &out.classes, &backends);
     }
 }

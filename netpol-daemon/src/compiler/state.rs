@@ -290,15 +290,20 @@ pub(super) fn rule_allow(pod: &Pod, dir: Direction, rule: &Rule, class: &ClassKe
     Allow::Ports(ps)
 }
 
-/// Where kube-proxy sends each port of each service that has a class.
-pub(super) type Backends = HashMap<ObjKey, Vec<(ServicePort, Vec<(IpAddr, u16)>)>>;
+/// Where kube-proxy sends each port of each service that has a class: each backend as its
+/// address's class and its target port.
+pub(super) type Backends = HashMap<ObjKey, Vec<(ServicePort, Vec<(usize, u16)>)>>;
 
-pub(super) fn backends_of(cluster: &Cluster, classes: &[ClassKey]) -> Backends {
+/// The backends of every service class, each backend's class looked up once here (not once
+/// per local pod: a node's pods all read the same backends).
+pub(super) fn backends_of(cluster: &Cluster, classes: &[ClassKey], prefixes: &BTreeMap<IpNet, usize>) -> Backends {
     let mut out = Backends::default();
     for sk in classes.iter().filter_map(|c| c.service.as_ref()) {
         if !out.contains_key(sk) {
             if let Some(svc) = cluster.services.get(sk) {
-                out.insert(sk.clone(), cluster.service_backends(svc));
+                let ports = cluster.service_backends(svc).into_iter();
+                let classed = ports.map(|(sp, bs)| (sp, bs.into_iter().map(|(b, t)| (class_in(prefixes, b), t)).collect()));
+                out.insert(sk.clone(), classed.collect());
             }
         }
     }
@@ -308,9 +313,9 @@ pub(super) fn backends_of(cluster: &Cluster, classes: &[ClassKey]) -> Backends {
 /// Adds to an egress table its entries for cluster IPs: per service class, the service
 /// ports whose backends the pod may reach (by its other entries) on their target ports,
 /// attributed to the lowest allowing slot. Always explicit entries (no fallback to class 0).
-pub(super) fn add_service_allows(dp: &mut DirPolicy, prefixes: &BTreeMap<IpNet, usize>, classes: &[ClassKey], backends: &Backends) {
+pub(super) fn add_service_allows(dp: &mut DirPolicy, classes: &[ClassKey], backends: &Backends) {
     let allows = &dp.allows;
-    let allow_at = |addr: IpAddr| -> Option<&Allow> { allows.get(&class_in(prefixes, addr)).or_else(|| allows.get(&0)) };
+    let allow_at = |class: usize| -> Option<&Allow> { allows.get(&class).or_else(|| allows.get(&0)) };
     let mut out = Vec::new();
     for (ci, class) in classes.iter().enumerate() {
         let Some(sk) = &class.service else { continue };

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::netlink;
 use crate::compiler::{NodePolicy, PendingIface};
 use crate::datapath::Iface;
-use crate::model::{Cluster, ObjKey};
+use crate::model::{Cluster, ObjKey, Pod};
 
 /// How long an interface nobody claims is held default-deny (a host route through a veth that
 /// is not a pod's after all is released).
@@ -31,7 +31,9 @@ pub struct Interfaces {
     /// Pod interfaces (veth host routes) no known pod address claims yet: first seen.
     unclaimed: BTreeMap<u32, (IpAddr, Instant)>,
     last_pending: Vec<u32>,
-    /// Addresses of this node's pods in the current cluster state (recomputed on each load).
+    /// This node's pods in the current cluster state, and their addresses (recomputed on a
+    /// load that changes one of them).
+    local_pods: BTreeSet<ObjKey>,
     local_ips: BTreeSet<IpAddr>,
     /// Some pod of this node has no address yet: only then are host routes watched.
     awaiting_ip: bool,
@@ -59,6 +61,7 @@ impl Default for Interfaces {
             known: BTreeMap::new(),
             unclaimed: BTreeMap::new(),
             last_pending: Vec::new(),
+            local_pods: BTreeSet::new(),
             local_ips: BTreeSet::new(),
             awaiting_ip: false,
             unresolved: false,
@@ -97,11 +100,19 @@ impl Interfaces {
         self.last_full_resolve = Instant::now();
     }
 
-    /// The cluster's pods changed: which addresses are this node's pods', and whether one of
-    /// them has none yet.
-    pub fn set_local_pods(&mut self, cluster: &Cluster, node_name: &str) {
-        self.local_ips = cluster.pods_on(node_name).flat_map(|p| p.ips.iter().copied()).collect();
-        self.awaiting_ip = cluster.unaddressed_pods(node_name).next().is_some();
+    /// The cluster's pods `changed` (every one when `everything`): which addresses are this
+    /// node's pods', and whether one of them has none yet. Only a pod that is or was on this
+    /// node can change either: the others' changes (a node hears every pod of the cluster)
+    /// cost a look at their node name, not a walk over the cluster.
+    pub fn pods_changed(&mut self, cluster: &Cluster, node_name: &str, changed: &BTreeSet<ObjKey>, everything: bool) {
+        let ours = |k: &ObjKey| self.local_pods.contains(k) || cluster.pods.get(k).is_some_and(|p| p.is_on(node_name));
+        if !everything && !changed.iter().any(ours) {
+            return;
+        }
+        let pods: Vec<&Pod> = cluster.pods_on(node_name).collect();
+        self.local_pods = pods.iter().map(|p| p.key.clone()).collect();
+        self.local_ips = pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
+        self.awaiting_ip = pods.iter().any(|p| p.awaits_address());
     }
 
     /// New pod interfaces that no known pod claims: programmed default-deny (for the

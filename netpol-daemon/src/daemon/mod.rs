@@ -272,8 +272,8 @@ impl Daemon {
         }
         log_new_load_errors(&errors, &st.load_errors);
         st.load_errors = errors;
-        if !ch.pods.is_empty() || first {
-            st.interfaces.set_local_pods(&st.cluster, &ctx.cfg.node_name);
+        if !ch.pods.is_empty() || first || ch.all {
+            st.interfaces.pods_changed(&st.cluster, &ctx.cfg.node_name, &ch.pods, first || ch.all);
         }
         st.status_changed = true;
         st.changes.merge(ch);
