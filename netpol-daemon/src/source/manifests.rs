@@ -88,6 +88,7 @@ struct Owners {
     policies: Holders<ObjKey>,
     services: Holders<ObjKey>,
     endpoint_slices: Holders<ObjKey>,
+    cluster_policies: Holders<String>,
 }
 
 impl Owners {
@@ -109,6 +110,7 @@ impl Owners {
         one(&mut self.policies, &c.policies, file, holds);
         one(&mut self.services, &c.services, file, holds);
         one(&mut self.endpoint_slices, &c.endpoint_slices, file, holds);
+        one(&mut self.cluster_policies, &c.cluster_policies, file, holds);
     }
 }
 
@@ -135,6 +137,7 @@ enum ObjRef {
     Policy(ObjKey),
     Service(ObjKey),
     EndpointSlice(ObjKey),
+    ClusterPolicy(String),
 }
 
 impl ObjRef {
@@ -144,6 +147,7 @@ impl ObjRef {
         v.extend(c.policies.keys().map(|k| ObjRef::Policy(k.clone())));
         v.extend(c.services.keys().map(|k| ObjRef::Service(k.clone())));
         v.extend(c.endpoint_slices.keys().map(|k| ObjRef::EndpointSlice(k.clone())));
+        v.extend(c.cluster_policies.keys().map(|k| ObjRef::ClusterPolicy(k.clone())));
         v
     }
 
@@ -158,6 +162,7 @@ impl ObjRef {
             ObjRef::Policy(k) => one(k, &from.policies, &mut into.policies),
             ObjRef::Service(k) => one(k, &from.services, &mut into.services),
             ObjRef::EndpointSlice(k) => one(k, &from.endpoint_slices, &mut into.endpoint_slices),
+            ObjRef::ClusterPolicy(k) => one(k, &from.cluster_policies, &mut into.cluster_policies),
         }
     }
 }
@@ -343,6 +348,8 @@ impl DirReader {
             services: !reconcile(&sources, files, &owners.services, |c| &c.services, &mut into.services).is_empty(),
             endpoint_slices: !reconcile(&sources, files, &owners.endpoint_slices, |c| &c.endpoint_slices, &mut into.endpoint_slices)
                 .is_empty(),
+            cluster_policies: !reconcile(&sources, files, &owners.cluster_policies, |c| &c.cluster_policies, &mut into.cluster_policies)
+                .is_empty(),
         })
     }
 
@@ -455,6 +462,12 @@ fn keep_previous(file: &Path, one: &mut Loaded, prev: Option<&Cluster>) {
             kept += 1;
         }
     }
+    for (k, pol) in one.cluster.cluster_policies.iter_mut() {
+        if let Some(old) = prev.cluster_policies.get(k).filter(|old| pol.invalid.is_some() && old.invalid.is_none()) {
+            *pol = old.clone();
+            kept += 1;
+        }
+    }
     if kept > 0 {
         one.errors.push(LoadError {
             file: file.to_path_buf(),
@@ -470,6 +483,7 @@ fn merge(into: &mut Cluster, from: &Cluster) {
     into.policies.extend(from.policies.iter().map(|(k, v)| (k.clone(), v.clone())));
     into.services.extend(from.services.iter().map(|(k, v)| (k.clone(), v.clone())));
     into.endpoint_slices.extend(from.endpoint_slices.iter().map(|(k, v)| (k.clone(), v.clone())));
+    into.cluster_policies.extend(from.cluster_policies.iter().map(|(k, v)| (k.clone(), v.clone())));
 }
 
 /// Adds to `now` the objects of `prev` it lacks; returns how many.
@@ -489,6 +503,7 @@ fn keep_missing(now: &mut Cluster, prev: &Cluster) -> usize {
         + fill(&mut now.policies, &prev.policies)
         + fill(&mut now.services, &prev.services)
         + fill(&mut now.endpoint_slices, &prev.endpoint_slices)
+        + fill(&mut now.cluster_policies, &prev.cluster_policies)
 }
 
 /// Adds the objects of one file's text to `out`. JSON files (one or more JSON values) are

@@ -2,6 +2,9 @@
 //! documentation and sharing nothing with the compiler but the model types. It answers one
 //! question for one packet by walking every policy and rule. Tests compare the compiler's
 //! tables (looked up the way the datapath looks them up) against it.
+//!
+//! [`tiered_connection_allowed`] adds the ClusterNetworkPolicy tiers around it (Admin, then
+//! NetworkPolicy, then Baseline, then allow), as docs/cluster-network-policy.md states them.
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
@@ -164,4 +167,94 @@ pub fn connection_allowed(c: &Cluster, pkt: Packet, node_addrs: &[IpAddr]) -> bo
         None => true,
     };
     src_ok && dst_ok
+}
+
+/// A connection as the tiers decide it: each end (the source pod's egress, the destination
+/// pod's ingress) by [`tiered_allowed`]. To a Service cluster IP: allowed when one of the
+/// backends on its target port is (what kube-proxy makes of it). Traffic from `node_addrs`
+/// into a pod on that node is always allowed, as for NetworkPolicy.
+pub fn tiered_connection_allowed(c: &Cluster, pkt: Packet, node_addrs: &[IpAddr]) -> bool {
+    let Some(svc) = c.service_with_ip(pkt.dst) else { return tiered_after_nat(c, pkt, node_addrs, false) };
+    c.service_backends(svc)
+        .into_iter()
+        .filter(|(sp, _)| sp.protocol.number() == pkt.proto && Some(sp.port) == pkt.port)
+        .flat_map(|(_, backends)| backends)
+        .any(|(ip, target)| tiered_after_nat(c, Packet { dst: ip, port: Some(target), ..pkt }, node_addrs, true))
+}
+
+/// `pkt` with its final destination. A pod reaching itself at its own pod IP is not subject
+/// to ClusterNetworkPolicy (it is enforced outside the pod's network namespace); reaching
+/// itself through a Service it is.
+fn tiered_after_nat(c: &Cluster, pkt: Packet, node_addrs: &[IpAddr], via_service: bool) -> bool {
+    let (src, dst) = (c.pod_with_ip(pkt.src), c.pod_with_ip(pkt.dst));
+    let hairpin = !via_service && src.is_some() && src.map(|p| &p.key) == dst.map(|p| &p.key);
+    let src_ok = src.is_none_or(|p| tiered_allowed(c, p, Direction::Egress, pkt.dst, pkt.proto, pkt.port, !hairpin));
+    let dst_ok = dst
+        .is_none_or(|p| node_addrs.contains(&pkt.src) || tiered_allowed(c, p, Direction::Ingress, pkt.src, pkt.proto, pkt.port, !hairpin));
+    src_ok && dst_ok
+}
+
+/// One end: the Admin tier's first matching rule (policies by priority, then name; rules in
+/// order) decides when it accepts or denies; else (no match, or Pass) the NetworkPolicies
+/// decide when one isolates the pod in `dir`; else the Baseline tier's first matching rule
+/// (a Pass there: on to the default); else allow. `cnp`: whether the tiers apply at all.
+pub fn tiered_allowed(c: &Cluster, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>, cnp: bool) -> bool {
+    let tier = |t| if cnp { tier_action(c, t, pod, dir, peer, proto, port).map(|(a, _, _)| a) } else { None };
+    match tier(Tier::Admin) {
+        Some(Action::Accept) => return true,
+        Some(Action::Deny) => return false,
+        Some(Action::Pass) | None => {}
+    }
+    if allowing_policies(c, pod, dir, peer, proto, port).is_some() {
+        return allowed(c, pod, dir, peer, proto, port);
+    }
+    tier(Tier::Baseline) != Some(Action::Deny)
+}
+
+/// The first rule of `tier` matching the traffic of `pod` in `dir` with `peer` (an address
+/// after any service translation): its action, its policy and its index.
+pub fn tier_action<'a>(
+    c: &'a Cluster,
+    tier: Tier,
+    pod: &Pod,
+    dir: Direction,
+    peer: IpAddr,
+    proto: u8,
+    port: Option<u16>,
+) -> Option<(Action, &'a ClusterPolicy, usize)> {
+    let mut policies: Vec<&ClusterPolicy> =
+        c.cluster_policies.values().filter(|p| p.tier == tier && in_pod_set(c, &p.subject, pod)).collect();
+    policies.sort_by(|a, b| a.order().cmp(&b.order()));
+    policies.into_iter().find_map(|p| {
+        let i = p.rules(dir).iter().position(|r| cluster_rule_matches(c, r, pod, dir, peer, proto, port))?;
+        Some((p.rules(dir)[i].action, p, i))
+    })
+}
+
+/// Host-network pods are in no pod set.
+fn in_pod_set(c: &Cluster, set: &PodSet, pod: &Pod) -> bool {
+    !pod.host_network && set.pods.matches(&pod.labels) && set.namespaces.matches(&c.namespace_labels(&pod.key.namespace))
+}
+
+fn cluster_rule_matches(c: &Cluster, r: &ClusterRule, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> bool {
+    let peer_ok = r.peers.iter().any(|p| match p {
+        ClusterPeer::Networks(nets) => nets.iter().any(|n| n.contains(&peer)),
+        ClusterPeer::Pods(set) => c.pod_with_ip(peer).is_some_and(|q| in_pod_set(c, set, q)),
+    });
+    let port_ok = r.ports.as_ref().is_none_or(|ports| {
+        ports.iter().any(|cp| match cp {
+            ClusterPort::Range(p, first, last) => p.number() == proto && port.is_some_and(|n| *first <= n && n <= *last),
+            ClusterPort::Named(name) => {
+                // The destination pod's container port of that name, of its own protocol.
+                let target = match dir {
+                    Direction::Ingress => Some(pod),
+                    Direction::Egress => c.pod_with_ip(peer),
+                };
+                target.is_some_and(|t| {
+                    t.ports.iter().any(|p| p.name.as_deref() == Some(name) && p.protocol.number() == proto && Some(p.port) == port)
+                })
+            }
+        })
+    });
+    peer_ok && port_ok
 }
