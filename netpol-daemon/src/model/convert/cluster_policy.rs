@@ -403,3 +403,139 @@ fn port_range(errs: &mut Errs, path: &str, proto: Protocol, pp: &ApiProtocolPort
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::model::{every_address, from_json, Converted, Object};
+
+    use super::*;
+
+    /// A ClusterNetworkPolicy `p` with `spec` (YAML flow text) converted as a manifest's.
+    fn convert(spec: &str) -> Converted {
+        let text = format!("apiVersion: {CLUSTER_POLICY_API_VERSION}\nkind: ClusterNetworkPolicy\nmetadata: {{name: p}}\nspec: {spec}\n");
+        from_json(serde_norway::from_str(&text).unwrap()).unwrap()
+    }
+
+    fn policy(conv: &Converted) -> &ClusterPolicy {
+        match &conv.object {
+            Some(Object::ClusterPolicy(p)) => p,
+            other => panic!("no ClusterNetworkPolicy: {other:?} {conv:?}"),
+        }
+    }
+
+    const SUBJECT: &str = "tier: Admin, priority: 3, subject: {namespaces: {matchLabels: {house: g}}}";
+
+    #[test]
+    fn a_valid_policy_converts_as_written() {
+        let conv = convert(&format!(
+            "{{{SUBJECT}, ingress: [{{name: a, action: Accept, from: [{{namespaces: {{}}}}], protocols: [{{tcp: {{destinationPort: {{number: 80}}}}}}, {{udp: {{destinationPort: {{range: {{start: 50, end: 60}}}}}}}}, {{destinationNamedPort: web}}]}}], \
+             egress: [{{action: Pass, to: [{{networks: [10.0.0.0/8, 'fd00::/8']}}, {{pods: {{podSelector: {{matchLabels: {{app: x}}}}}}}}]}}]}}"
+        ));
+        assert!(conv.errors.is_empty(), "{conv:?}");
+        let p = policy(&conv);
+        assert_eq!((p.name.as_str(), p.tier, p.priority, p.invalid.as_ref()), ("p", Tier::Admin, 3, None));
+        assert!(p.subject.pods.is_everything() && !p.subject.namespaces.is_everything());
+        let ports = p.ingress[0].ports.as_ref().unwrap();
+        assert_eq!(
+            ports,
+            &[ClusterPort::Range(Protocol::Tcp, 80, 80), ClusterPort::Range(Protocol::Udp, 50, 60), ClusterPort::Named("web".into())]
+        );
+        assert_eq!((p.ingress[0].action, p.ingress[0].name.as_deref()), (Action::Accept, Some("a")));
+        let e = &p.egress[0];
+        assert_eq!((e.action, e.ports.as_ref(), e.peers.len()), (Action::Pass, None, 2));
+        assert_eq!(e.peers[0], ClusterPeer::Networks(vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()]));
+        let ClusterPeer::Pods(set) = &e.peers[1] else { panic!("{e:?}") };
+        assert!(set.namespaces.is_everything() && !set.pods.is_everything());
+    }
+
+    /// Each problem is reported at its field, as `ClusterNetworkPolicy p: FIELD: WHAT`.
+    #[test]
+    fn each_error_names_its_field() {
+        let rule = |r: &str| format!("{{{SUBJECT}, ingress: [{r}]}}");
+        let egress = |r: &str| format!("{{{SUBJECT}, egress: [{r}]}}");
+        let cases = [
+            ("{tier: Admin, priority: 1001, subject: {namespaces: {}}}".to_string(), "spec.priority: 1001 is not in 0-1000"),
+            ("{tier: Admin, priority: x, subject: {namespaces: {}}}".to_string(), "spec.priority: invalid type"),
+            ("{priority: 1, subject: {namespaces: {}}}".to_string(), "spec.tier: is required"),
+            ("{tier: Middle, priority: 1, subject: {namespaces: {}}}".to_string(), "spec.tier: unknown tier \"Middle\""),
+            ("{tier: Admin, priority: 1, subject: {namespaces: {}, pods: {podSelector: {}}}}".to_string(), "spec.subject: must set exactly one"),
+            ("{tier: Admin, priority: 1, subject: {pods: {namespaceSelector: {}}}}".to_string(), "spec.subject.pods.podSelector: is required"),
+            (
+                "{tier: Admin, priority: 1, subject: {namespaces: {matchExpressions: [{key: k, operator: Near}]}}}".to_string(),
+                "spec.subject.namespaces.matchExpressions[0]",
+            ),
+            (rule("{from: [{namespaces: {}}]}"), "spec.ingress[0].action: is required"),
+            (rule("{action: Allow, from: [{namespaces: {}}]}"), "spec.ingress[0].action: unknown action \"Allow\""),
+            (rule("{action: Deny, from: []}"), "spec.ingress[0].from: must have at least one item"),
+            (rule("{action: Deny, from: [{networks: [10.0.0.0/8]}]}"), "spec.ingress[0].from[0]: sets none of namespaces or pods"),
+            (rule("{action: Deny, from: [{namespaces: {}, pods: {podSelector: {}}}]}"), "spec.ingress[0].from[0]: must set exactly one"),
+            (rule("{action: Deny, from: [{namespaces: {}}], protocols: []}"), "spec.ingress[0].protocols: must have at least one item"),
+            (rule("{action: Deny, from: [{namespaces: {}}], protocols: [{tcp: {}}]}"), "spec.ingress[0].protocols[0].tcp.destinationPort: is required"),
+            (
+                "{tier: Admin, priority: 1, subject: {namespaces: {}}, ingress: [{action: Deny, from: [{namespaces: {}}], protocols: [{udp: {destinationPort: {number: 53}}}, {udp: {destinationPort: {range: {start: 90, end: 80}}}}]}]}".to_string(),
+                "spec.ingress[0].protocols[1].udp.destinationPort.range: start 90 must be less than end 80",
+            ),
+            (rule("{action: Deny, from: [{namespaces: {}}], protocols: [{sctp: {destinationPort: {number: 0}}}]}"), "spec.ingress[0].protocols[0].sctp.destinationPort.number: 0 is not in 1-65535"),
+            (rule("{action: Deny, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {number: 80}}, destinationNamedPort: web}]}"), "spec.ingress[0].protocols[0]: must set exactly one"),
+            (rule(&format!("{{name: {}, action: Deny, from: [{{namespaces: {{}}}}]}}", "n".repeat(101))), "spec.ingress[0].name: is longer than 100"),
+            (egress("{action: Deny, to: [{networks: [10.0.0.0/8, 10.0.0.300/32]}]}"), "spec.egress[0].to[0].networks[1]: invalid CIDR"),
+            (egress("{action: Accept, to: [{domainNames: [example.com]}]}"), "spec.egress[0].to[0].domainNames: domain name peers are not supported"),
+            (egress("{action: Deny, to: [{nodes: {}}]}"), "spec.egress[0].to[0].nodes: node peers are not supported"),
+            (egress("{action: Deny, to: [{networks: [10.0.0.0/8]}], protocols: [{destinationNamedPort: web}]}"), "spec.egress[0]: networks/nodes/domainNames peer cannot be set with namedPorts"),
+            (egress("{action: Deny, to: [{pods: {podSelector: {}}}], protocols: [{destinationNamedPort: ''}]}"), "spec.egress[0].protocols[0].destinationNamedPort: must not be empty"),
+            (egress("{action: Deny, to: 7}"), "spec.egress[0]: invalid type"),
+        ];
+        for (spec, want) in cases {
+            let conv = convert(&spec);
+            let want = format!("ClusterNetworkPolicy p: {want}");
+            assert!(conv.errors.len() == 1 && conv.errors[0].starts_with(&want), "{spec}: want {want:?}, got {:?}", conv.errors);
+            assert!(conv.errors[0].ends_with(CLUSTER_FAIL_CLOSED_NOTE), "{:?}", conv.errors);
+            // Never dropped: the policy is kept, marked invalid.
+            assert_eq!(
+                policy(&conv).invalid.as_ref().map(|i| format!("ClusterNetworkPolicy {i}")).as_deref(),
+                conv.errors[0].strip_suffix(CLUSTER_FAIL_CLOSED_NOTE)
+            );
+        }
+    }
+
+    #[test]
+    fn a_policy_without_a_name_is_an_error_without_a_policy() {
+        let conv = from_json(serde_norway::from_str("kind: ClusterNetworkPolicy\nmetadata: {}\nspec: {}\n").unwrap()).unwrap();
+        assert_eq!(
+            (conv.object, conv.errors.as_slice()),
+            (None, &["ClusterNetworkPolicy <unnamed>: metadata.name: is required".to_string()][..])
+        );
+        let conv = from_json(serde_norway::from_str("apiVersion: policy.networking.k8s.io/v1alpha1\nkind: ClusterNetworkPolicy\nmetadata: {name: p}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}}\n").unwrap()).unwrap();
+        assert!(conv.errors[0].starts_with("ClusterNetworkPolicy p: apiVersion: "), "{conv:?}");
+    }
+
+    /// The API's fail-closed rule: a rule netpol cannot enforce matches nothing if it accepts
+    /// and denies everything if it denies or passes; the other rules stay as written, unless
+    /// the policy itself is at fault.
+    #[test]
+    fn unsupported_or_invalid_rules_fail_closed() {
+        let conv = convert(&format!(
+            "{{{SUBJECT}, egress: [{{action: Accept, to: [{{domainNames: [example.com]}}]}}, {{action: Pass, to: [{{nodes: {{}}}}], protocols: [{{tcp: {{destinationPort: {{number: 80}}}}}}]}}, \
+             {{action: Accept, to: [{{networks: [10.0.0.0/8]}}]}}, {{action: Bogus, to: [{{namespaces: {{}}}}]}}]}}"
+        ));
+        assert_eq!(conv.errors.len(), 3, "{conv:?}");
+        let p = policy(&conv);
+        let deny_all = ClusterRule { name: None, action: Action::Deny, peers: vec![ClusterPeer::Networks(every_address())], ports: None };
+        assert_eq!(p.egress[0], ClusterRule { name: None, action: Action::Accept, peers: vec![], ports: None });
+        assert_eq!(p.egress[1], deny_all);
+        assert_eq!((p.egress[2].action, p.egress[2].peers.len()), (Action::Accept, 1));
+        assert_eq!(p.egress[3], deny_all);
+        // A problem of the policy itself: every rule fails closed; the tier stays as written.
+        let conv = convert(
+            "{tier: Baseline, priority: 5000, subject: {namespaces: {}}, ingress: [{action: Accept, from: [{namespaces: {}}]}, {action: Deny, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {number: 80}}}]}]}",
+        );
+        let p = policy(&conv);
+        assert_eq!((p.tier, p.priority, conv.errors.len()), (Tier::Baseline, 0, 1));
+        assert!(p.ingress[0].peers.is_empty() && p.ingress[0].action == Action::Accept);
+        assert_eq!(p.ingress[1], deny_all);
+        // An unreadable subject and tier: every pod, in the Admin tier.
+        let p = policy(&convert("{tier: 7, priority: 1, subject: {}, ingress: [{action: Pass, from: [{namespaces: {}}]}]}")).clone();
+        assert!(p.tier == Tier::Admin && p.subject.namespaces.is_everything() && p.subject.pods.is_everything());
+        assert_eq!(p.ingress[0], deny_all);
+    }
+}
