@@ -645,6 +645,32 @@ mod tests {
     }
 
     #[test]
+    fn cluster_network_policies_load_and_an_invalid_edit_keeps_the_valid_version() {
+        let dir = std::env::temp_dir().join(format!("netpol-dircnp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("cnp.yaml");
+        let cnp = |priority: &str| {
+            format!("apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: c}}\nspec: {{tier: Admin, priority: {priority}, subject: {{namespaces: {{}}}}, egress: [{{action: Deny, to: [{{networks: [10.0.0.0/8]}}]}}]}}\n")
+        };
+        let mut r = DirReader::default();
+        std::fs::write(&f, cnp("7")).unwrap();
+        let mut into = Cluster::default();
+        let ch = r.update(&dir, &mut into).unwrap();
+        assert!(ch.cluster_policies && !ch.policies, "{ch:?}");
+        assert_eq!((into.cluster_policies["c"].priority, into.cluster_policies["c"].egress.len()), (7, 1));
+        // An invalid edit: reported at its field, the valid version kept.
+        std::fs::write(&f, cnp("1001")).unwrap();
+        let ch = r.update(&dir, &mut into).unwrap();
+        let errors = r.errors();
+        assert!(errors.iter().any(|e| e.message.contains("ClusterNetworkPolicy c: spec.priority: 1001")), "{errors:?}");
+        assert!(!ch.cluster_policies && into.cluster_policies["c"].invalid.is_none(), "{ch:?}");
+        std::fs::remove_file(&f).unwrap();
+        assert!(r.update(&dir, &mut into).unwrap().cluster_policies && into.cluster_policies.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_new_invalid_policy_fails_closed_and_an_invalid_edit_keeps_the_valid_version() {
         let dir = std::env::temp_dir().join(format!("netpol-dirfailclosed-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
