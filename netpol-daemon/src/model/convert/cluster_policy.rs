@@ -234,7 +234,8 @@ fn list<'a, T>(errs: &mut Errs, path: &str, items: Option<&'a [T]>, required: bo
 /// (for the fail-closed form of every rule when the policy itself is at fault).
 fn rules(errs: &mut Errs, v: Option<&Value>, path: &str, peer_field: &str) -> Vec<(ClusterRule, Option<Action>)> {
     let Some(v) = v.filter(|v| !v.is_null()) else { return vec![] };
-    let Some(items) = read::<Vec<Value>>(errs, path, v) else { return vec![] };
+    // An unreadable list: one rule of unknown action, denying all traffic of the direction.
+    let Some(items) = read::<Vec<Value>>(errs, path, v) else { return vec![(ClusterRule::fail_closed(None, None), None)] };
     if items.len() > MAX_ITEMS {
         errs.push(path, format!("has {} rules; at most {MAX_ITEMS} are allowed", items.len()));
     }
@@ -484,6 +485,7 @@ mod tests {
             (egress("{action: Deny, to: [{networks: [10.0.0.0/8]}], protocols: [{destinationNamedPort: web}]}"), "spec.egress[0]: networks/nodes/domainNames peer cannot be set with namedPorts"),
             (egress("{action: Deny, to: [{pods: {podSelector: {}}}], protocols: [{destinationNamedPort: ''}]}"), "spec.egress[0].protocols[0].destinationNamedPort: must not be empty"),
             (egress("{action: Deny, to: 7}"), "spec.egress[0]: invalid type"),
+            (format!("{{{SUBJECT}, egress: {{action: Accept}}}}"), "spec.egress: invalid type"),
         ];
         for (spec, want) in cases {
             let conv = convert(&spec);
@@ -537,5 +539,8 @@ mod tests {
         let p = policy(&convert("{tier: 7, priority: 1, subject: {}, ingress: [{action: Pass, from: [{namespaces: {}}]}]}")).clone();
         assert!(p.tier == Tier::Admin && p.subject.namespaces.is_everything() && p.subject.pods.is_everything());
         assert_eq!(p.ingress[0], deny_all);
+        // An unreadable list of rules: all traffic of the direction denied.
+        let p = policy(&convert(&format!("{{{SUBJECT}, ingress: 7}}"))).clone();
+        assert_eq!((p.ingress.as_slice(), p.egress.len()), (&[deny_all][..], 0));
     }
 }
