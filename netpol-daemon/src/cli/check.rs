@@ -67,7 +67,7 @@ pub struct CheckReport {
 }
 
 /// The kinds a problem's text may begin with.
-const KINDS: [&str; 5] = ["Namespace", "Pod", "NetworkPolicy", "Service", "EndpointSlice"];
+const KINDS: [&str; 6] = ["Namespace", "Pod", "NetworkPolicy", "Service", "EndpointSlice", "ClusterNetworkPolicy"];
 
 impl Problem {
     fn new(severity: Severity, kind: &str, object: &str, field: Option<String>, message: String, text: String) -> Problem {

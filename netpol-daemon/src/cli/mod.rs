@@ -283,6 +283,12 @@ spec:
         let p = Problem::parse(Severity::Error, "/m/x.yaml (document 0): cannot read: denied");
         assert_eq!((p.file.as_deref(), p.document, p.kind.as_deref(), p.field.as_deref()), (Some("/m/x.yaml"), Some(0), None, None));
         assert_eq!(p.message, "cannot read: denied");
+        let p =
+            Problem::parse(Severity::Error, "ClusterNetworkPolicy c: spec.egress[0].to[0].nodes: node peers are not supported by netpol");
+        assert_eq!(
+            (p.kind.as_deref(), p.object.as_deref(), p.field.as_deref()),
+            (Some("ClusterNetworkPolicy"), Some("c"), Some("spec.egress[0].to[0].nodes"))
+        );
         let p = Problem::parse(Severity::Error, "Pod t/web: no name given: really");
         assert_eq!((p.object.as_deref(), p.field.as_deref(), p.message.as_str()), (Some("t/web"), None, "no name given: really"));
     }

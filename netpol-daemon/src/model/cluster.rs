@@ -14,6 +14,9 @@ pub struct Cluster {
     pub policies: BTreeMap<ObjKey, Policy>,
     pub services: BTreeMap<ObjKey, Service>,
     pub endpoint_slices: BTreeMap<ObjKey, EndpointSlice>,
+    /// ClusterNetworkPolicies by name. Not enforced yet (issue 22): the compiler does not read
+    /// them; the manifests source loads them and the reference evaluator decides with them.
+    pub cluster_policies: BTreeMap<String, ClusterPolicy>,
 }
 
 impl Cluster {
@@ -113,6 +116,9 @@ impl Cluster {
             Object::EndpointSlice(s) => {
                 self.endpoint_slices.insert(s.key.clone(), s);
             }
+            Object::ClusterPolicy(p) => {
+                self.cluster_policies.insert(p.name.clone(), p);
+            }
         }
     }
 }
@@ -125,10 +131,11 @@ pub enum Kind {
     Policy,
     Service,
     EndpointSlice,
+    ClusterPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Namespace, Kind::Pod, Kind::Policy, Kind::Service, Kind::EndpointSlice];
+    pub const ALL: [Kind; 6] = [Kind::Namespace, Kind::Pod, Kind::Policy, Kind::Service, Kind::EndpointSlice, Kind::ClusterPolicy];
 }
 
 impl Object {
@@ -139,10 +146,11 @@ impl Object {
             Object::Policy(_) => Kind::Policy,
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::ClusterPolicy(_) => Kind::ClusterPolicy,
         }
     }
 
-    /// The object's key (a namespace's: no namespace, its name).
+    /// The object's key (a namespace's or a ClusterNetworkPolicy's: no namespace, its name).
     pub fn key(&self) -> ObjKey {
         match self {
             Object::Namespace(ns) => ObjKey::new("", ns.name.clone()),
@@ -150,6 +158,7 @@ impl Object {
             Object::Policy(p) => p.key.clone(),
             Object::Service(s) => s.key.clone(),
             Object::EndpointSlice(s) => s.key.clone(),
+            Object::ClusterPolicy(p) => ObjKey::new("", p.name.clone()),
         }
     }
 }
@@ -184,6 +193,7 @@ impl Cluster {
             Object::Policy(p) => ch.policies |= put_one(&mut self.policies, p.key.clone(), p),
             Object::Service(s) => ch.services |= put_one(&mut self.services, s.key.clone(), s),
             Object::EndpointSlice(s) => ch.endpoint_slices |= put_one(&mut self.endpoint_slices, s.key.clone(), s),
+            Object::ClusterPolicy(p) => ch.cluster_policies |= put_one(&mut self.cluster_policies, p.name.clone(), p),
         }
     }
 
@@ -199,6 +209,7 @@ impl Cluster {
             Kind::Policy => ch.policies |= self.policies.remove(key).is_some(),
             Kind::Service => ch.services |= self.services.remove(key).is_some(),
             Kind::EndpointSlice => ch.endpoint_slices |= self.endpoint_slices.remove(key).is_some(),
+            Kind::ClusterPolicy => ch.cluster_policies |= self.cluster_policies.remove(&key.name).is_some(),
         }
     }
 
@@ -210,6 +221,7 @@ impl Cluster {
             Kind::Policy => self.policies.keys().cloned().collect(),
             Kind::Service => self.services.keys().cloned().collect(),
             Kind::EndpointSlice => self.endpoint_slices.keys().cloned().collect(),
+            Kind::ClusterPolicy => self.cluster_policies.keys().map(|n| ObjKey::new("", n.clone())).collect(),
         }
     }
 }
@@ -223,6 +235,8 @@ pub struct ChangeSet {
     pub policies: bool,
     pub services: bool,
     pub endpoint_slices: bool,
+    /// ClusterNetworkPolicies (the compiler does not read them yet: no recompilation needed).
+    pub cluster_policies: bool,
     /// Pods added, removed or changed.
     pub pods: BTreeSet<ObjKey>,
 }
@@ -233,7 +247,13 @@ impl ChangeSet {
     }
 
     pub fn is_empty(&self) -> bool {
-        !self.all && !self.namespaces && !self.policies && !self.services && !self.endpoint_slices && self.pods.is_empty()
+        !self.all
+            && !self.namespaces
+            && !self.policies
+            && !self.services
+            && !self.endpoint_slices
+            && !self.cluster_policies
+            && self.pods.is_empty()
     }
 
     pub fn merge(&mut self, o: ChangeSet) {
@@ -242,6 +262,7 @@ impl ChangeSet {
         self.policies |= o.policies;
         self.services |= o.services;
         self.endpoint_slices |= o.endpoint_slices;
+        self.cluster_policies |= o.cluster_policies;
         self.pods.extend(o.pods);
     }
 }
@@ -260,6 +281,7 @@ impl Cluster {
             policies: !differ(&self.policies, &new.policies).is_empty(),
             services: !differ(&self.services, &new.services).is_empty(),
             endpoint_slices: !differ(&self.endpoint_slices, &new.endpoint_slices).is_empty(),
+            cluster_policies: !differ(&self.cluster_policies, &new.cluster_policies).is_empty(),
             pods: differ(&self.pods, &new.pods).into_iter().collect(),
         };
         *self = new;

@@ -3,6 +3,8 @@
 //! compiler sees has been checked here; errors name the object and the field at fault.
 //!
 //! - [`objects`]: the object types (keys, pods, policies, rules, peers, services, ...).
+//! - [`cluster_policy`]: ClusterNetworkPolicies (tiers, priorities, ordered Accept/Deny/Pass
+//!   rules).
 //! - [`labels`]: label sets and the selectors that match them.
 //! - [`cidr`]: address prefixes and address bytes as the datapath keys them.
 //! - [`convert`]: the API's objects (typed, or a manifest's JSON) into the model, validated:
@@ -13,14 +15,17 @@
 
 pub mod cidr;
 mod cluster;
+mod cluster_policy;
 pub mod convert;
 pub mod labels;
 mod objects;
 
 pub use cluster::{ChangeSet, Cluster, Kind, Verdict};
+pub use cluster_policy::{every_address, Action, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, PodSet, Tier};
 pub use convert::{
-    endpoint_slice_from_k8s, from_json, from_k8s, invalid_policy_message, json_key, namespace_from_k8s, pod_from_k8s, policy_from_k8s,
-    policy_stand_in, service_from_k8s, valid_port_name, ApiObject, Converted, ConvertedPolicy, Object, FAIL_CLOSED_NOTE,
+    cluster_policy_from_json, endpoint_slice_from_k8s, from_json, from_k8s, invalid_policy_message, json_key, namespace_from_k8s,
+    pod_from_k8s, policy_from_k8s, policy_stand_in, service_from_k8s, valid_port_name, ApiObject, Converted, ConvertedClusterPolicy,
+    ConvertedPolicy, Object, CLUSTER_FAIL_CLOSED_NOTE, CLUSTER_POLICY_API_VERSION, CLUSTER_POLICY_KIND, FAIL_CLOSED_NOTE,
 };
 pub use ipnet::IpNet;
 pub use labels::{Labels, Selector};

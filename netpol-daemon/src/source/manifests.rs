@@ -88,6 +88,7 @@ struct Owners {
     policies: Holders<ObjKey>,
     services: Holders<ObjKey>,
     endpoint_slices: Holders<ObjKey>,
+    cluster_policies: Holders<String>,
 }
 
 impl Owners {
@@ -109,6 +110,7 @@ impl Owners {
         one(&mut self.policies, &c.policies, file, holds);
         one(&mut self.services, &c.services, file, holds);
         one(&mut self.endpoint_slices, &c.endpoint_slices, file, holds);
+        one(&mut self.cluster_policies, &c.cluster_policies, file, holds);
     }
 }
 
@@ -135,6 +137,7 @@ enum ObjRef {
     Policy(ObjKey),
     Service(ObjKey),
     EndpointSlice(ObjKey),
+    ClusterPolicy(String),
 }
 
 impl ObjRef {
@@ -144,6 +147,7 @@ impl ObjRef {
         v.extend(c.policies.keys().map(|k| ObjRef::Policy(k.clone())));
         v.extend(c.services.keys().map(|k| ObjRef::Service(k.clone())));
         v.extend(c.endpoint_slices.keys().map(|k| ObjRef::EndpointSlice(k.clone())));
+        v.extend(c.cluster_policies.keys().map(|k| ObjRef::ClusterPolicy(k.clone())));
         v
     }
 
@@ -158,6 +162,7 @@ impl ObjRef {
             ObjRef::Policy(k) => one(k, &from.policies, &mut into.policies),
             ObjRef::Service(k) => one(k, &from.services, &mut into.services),
             ObjRef::EndpointSlice(k) => one(k, &from.endpoint_slices, &mut into.endpoint_slices),
+            ObjRef::ClusterPolicy(k) => one(k, &from.cluster_policies, &mut into.cluster_policies),
         }
     }
 }
@@ -343,6 +348,8 @@ impl DirReader {
             services: !reconcile(&sources, files, &owners.services, |c| &c.services, &mut into.services).is_empty(),
             endpoint_slices: !reconcile(&sources, files, &owners.endpoint_slices, |c| &c.endpoint_slices, &mut into.endpoint_slices)
                 .is_empty(),
+            cluster_policies: !reconcile(&sources, files, &owners.cluster_policies, |c| &c.cluster_policies, &mut into.cluster_policies)
+                .is_empty(),
         })
     }
 
@@ -455,6 +462,12 @@ fn keep_previous(file: &Path, one: &mut Loaded, prev: Option<&Cluster>) {
             kept += 1;
         }
     }
+    for (k, pol) in one.cluster.cluster_policies.iter_mut() {
+        if let Some(old) = prev.cluster_policies.get(k).filter(|old| pol.invalid.is_some() && old.invalid.is_none()) {
+            *pol = old.clone();
+            kept += 1;
+        }
+    }
     if kept > 0 {
         one.errors.push(LoadError {
             file: file.to_path_buf(),
@@ -470,6 +483,7 @@ fn merge(into: &mut Cluster, from: &Cluster) {
     into.policies.extend(from.policies.iter().map(|(k, v)| (k.clone(), v.clone())));
     into.services.extend(from.services.iter().map(|(k, v)| (k.clone(), v.clone())));
     into.endpoint_slices.extend(from.endpoint_slices.iter().map(|(k, v)| (k.clone(), v.clone())));
+    into.cluster_policies.extend(from.cluster_policies.iter().map(|(k, v)| (k.clone(), v.clone())));
 }
 
 /// Adds to `now` the objects of `prev` it lacks; returns how many.
@@ -489,6 +503,7 @@ fn keep_missing(now: &mut Cluster, prev: &Cluster) -> usize {
         + fill(&mut now.policies, &prev.policies)
         + fill(&mut now.services, &prev.services)
         + fill(&mut now.endpoint_slices, &prev.endpoint_slices)
+        + fill(&mut now.cluster_policies, &prev.cluster_policies)
 }
 
 /// Adds the objects of one file's text to `out`. JSON files (one or more JSON values) are
@@ -626,6 +641,32 @@ mod tests {
         std::fs::remove_file(&f).unwrap();
         let l = r.load(&dir).unwrap();
         assert!(port(&l).is_none() && l.cluster.namespaces.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cluster_network_policies_load_and_an_invalid_edit_keeps_the_valid_version() {
+        let dir = std::env::temp_dir().join(format!("netpol-dircnp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("cnp.yaml");
+        let cnp = |priority: &str| {
+            format!("apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: c}}\nspec: {{tier: Admin, priority: {priority}, subject: {{namespaces: {{}}}}, egress: [{{action: Deny, to: [{{networks: [10.0.0.0/8]}}]}}]}}\n")
+        };
+        let mut r = DirReader::default();
+        std::fs::write(&f, cnp("7")).unwrap();
+        let mut into = Cluster::default();
+        let ch = r.update(&dir, &mut into).unwrap();
+        assert!(ch.cluster_policies && !ch.policies, "{ch:?}");
+        assert_eq!((into.cluster_policies["c"].priority, into.cluster_policies["c"].egress.len()), (7, 1));
+        // An invalid edit: reported at its field, the valid version kept.
+        std::fs::write(&f, cnp("1001")).unwrap();
+        let ch = r.update(&dir, &mut into).unwrap();
+        let errors = r.errors();
+        assert!(errors.iter().any(|e| e.message.contains("ClusterNetworkPolicy c: spec.priority: 1001")), "{errors:?}");
+        assert!(!ch.cluster_policies && into.cluster_policies["c"].invalid.is_none(), "{ch:?}");
+        std::fs::remove_file(&f).unwrap();
+        assert!(r.update(&dir, &mut into).unwrap().cluster_policies && into.cluster_policies.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

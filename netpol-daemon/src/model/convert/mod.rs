@@ -8,11 +8,15 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::Resource;
 
-use super::{EndpointSlice, FieldError, Namespace, ObjKey, Pod, Policy, Protocol, Service};
+use super::{ClusterPolicy, EndpointSlice, FieldError, Namespace, ObjKey, Pod, Policy, Protocol, Service};
 
+mod cluster_policy;
 mod policy;
 mod resources;
 
+pub use cluster_policy::{
+    cluster_policy_from_json, ConvertedClusterPolicy, CLUSTER_FAIL_CLOSED_NOTE, CLUSTER_POLICY_API_VERSION, CLUSTER_POLICY_KIND,
+};
 pub use policy::{invalid_policy_message, policy_from_k8s, policy_stand_in, ConvertedPolicy, FAIL_CLOSED_NOTE};
 pub use resources::{endpoint_slice_from_k8s, namespace_from_k8s, pod_from_k8s, service_from_k8s};
 
@@ -24,6 +28,8 @@ pub enum Object {
     Policy(Policy),
     Service(Service),
     EndpointSlice(EndpointSlice),
+    /// A ClusterNetworkPolicy (cluster-scoped: its key has no namespace).
+    ClusterPolicy(ClusterPolicy),
 }
 
 /// One API object converted: what the model keeps of it and what to report.
@@ -73,6 +79,7 @@ pub fn from_json(value: serde_json::Value) -> Option<Converted> {
         NetworkPolicy::KIND => policy_from_json(value),
         K8sService::KIND => typed_from_json::<K8sService>(value),
         K8sEndpointSlice::KIND => typed_from_json::<K8sEndpointSlice>(value),
+        CLUSTER_POLICY_KIND => cluster_policy_converted(&value),
         _ => return None,
     })
 }
@@ -106,6 +113,18 @@ fn policy_from_json(value: serde_json::Value) -> Converted {
             warnings: vec![],
         },
         None => Converted::failed(format!("{} {key}: {e}", NetworkPolicy::KIND)),
+    }
+}
+
+/// A ClusterNetworkPolicy is kept (its faulty rules fail closed) and its problems reported.
+fn cluster_policy_converted(value: &serde_json::Value) -> Converted {
+    match cluster_policy_from_json(value) {
+        Ok(conv) => Converted {
+            object: Some(Object::ClusterPolicy(conv.policy)),
+            errors: conv.errors.iter().map(|e| format!("{CLUSTER_POLICY_KIND} {e}{CLUSTER_FAIL_CLOSED_NOTE}")).collect(),
+            warnings: vec![],
+        },
+        Err(errs) => Converted::of(CLUSTER_POLICY_KIND, Err(errs)),
     }
 }
 
