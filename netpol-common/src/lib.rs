@@ -54,6 +54,11 @@ pub const EP_AUDIT_EGRESS: u32 = 16;
 /// [`EndpointInfo::flags`]: the pod's entries do not fit the maps, its isolated directions
 /// deny everything; what the policy tables deny then counts as [`DROP_FAIL_CLOSED`].
 pub const EP_FAIL_CLOSED: u32 = 32;
+/// [`EndpointInfo::flags`]: [`EndpointInfo::v4`] is the only IPv4 address the pod owns (none
+/// when it is 0.0.0.0): an IPv4 source other than it was never sent by the pod (anti-spoofing),
+/// which spares new flows a conntrack look-up (see netpol-ebpf/src/conntrack.rs `create`).
+/// Without it (several IPv4 addresses) the programs look.
+pub const EP_SOLE_V4: u32 = 64;
 
 /// Interfaces with an ifindex below this are looked up in the `ENDPOINTS_ARRAY` (an array
 /// lookup the verifier inlines); larger ifindexes (nodes with much churn) in `ENDPOINTS`.

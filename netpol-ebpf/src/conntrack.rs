@@ -119,8 +119,19 @@ pub fn track_existing(k: &CtKey, p: &Packet) -> Option<Flow> {
     if let Some((slot, pass)) = hit(k, p, now, 0) {
         return Some(Flow { dir: k.dir, slot, pass });
     }
+    // A bare SYN is never a reply (`hit` refuses it as one): the reverse look-up, a random
+    // bucket of a large table and so the dearest step of a new connection, is not made.
+    if bare_syn(p) {
+        return None;
+    }
     let r = reverse(k);
     hit(&r, p, now, 1).map(|(slot, pass)| Flow { dir: r.dir, slot, pass })
+}
+
+/// A TCP SYN without ACK: it opens a connection, it never answers one.
+#[inline(always)]
+fn bare_syn(p: &Packet) -> bool {
+    p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// `side` 0: the packet has the entry's own tuple (it comes from the side whose packet created
@@ -145,7 +156,7 @@ fn hit(k: &CtKey, p: &Packet, now: u64, side: u8) -> Option<(u32, bool)> {
         if v.flags & CT_HAIRPIN != 0 && !same_addr(&k.src, &k.dst) {
             return None;
         }
-        if p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        if bare_syn(p) {
             return None;
         }
     }
@@ -243,8 +254,9 @@ fn in_window(x: u32, reference: u32) -> bool {
 ///
 /// `looped`: an ingress packet that entered the node through this same interface (the kernel's
 /// `ingress_ifindex`): the pod sent it and the node routed it back, possibly rewritten by NAT.
+/// `sole_v4`: the endpoint's one IPv4 address, where it owns no other (`EP_SOLE_V4`).
 #[inline(always)]
-pub fn create(k: &mut CtKey, p: &Packet, slot: u32, looped: bool) -> bool {
+pub fn create(k: &mut CtKey, p: &Packet, slot: u32, looped: bool, sole_v4: Option<u32>) -> bool {
     if !p.has_ports {
         return false;
     }
@@ -259,11 +271,18 @@ pub fn create(k: &mut CtKey, p: &Packet, slot: u32, looped: bool) -> bool {
         // (A genuine packet from X never has an egress entry of the same tuple: that would be
         // the pod itself sending with X's source address.)
         // (The key itself, its direction turned for the look-up: no second key on the stack.)
-        k.dir = DIR_EGRESS;
-        if CONNTRACK.get_ptr(&*k).is_some() {
-            flags |= CT_HAIRPIN;
+        // The egress entry passed anti-spoofing, so its source is one of the pod's own
+        // addresses: an IPv4 source other than the pod's only IPv4 address cannot have one,
+        // and the look-up (a random bucket of a large table) is not made.
+        let src4 = u32::from_ne_bytes([k.src[0], k.src[1], k.src[2], k.src[3]]);
+        let not_own = k.family == FAMILY_V4 && sole_v4.is_some_and(|own| own != src4);
+        if !not_own {
+            k.dir = DIR_EGRESS;
+            if CONNTRACK.get_ptr(&*k).is_some() {
+                flags |= CT_HAIRPIN;
+            }
+            k.dir = DIR_INGRESS;
         }
-        k.dir = DIR_INGRESS;
         // The same through a DNAT (a forged `X:80 -> service IP` that the node turns into
         // `X:80 -> pod:P`): egress saw another tuple, but the frame came back in through the
         // pod's own interface. Not where the source is the pod itself (it talks to itself,

@@ -221,7 +221,8 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, isolated: bool, p: &Packe
         // A frame the pod sent that the node routed back to it (see `conntrack::create`).
         let skb = unsafe { &*ctx.skb.skb };
         let looped = dir == DIR_INGRESS && skb.ingress_ifindex == skb.ifindex;
-        created = conntrack::create(ct, p, slot, looped);
+        let sole_v4 = (ep.flags & EP_SOLE_V4 != 0).then(|| u32::from_ne_bytes(ep.v4));
+        created = conntrack::create(ct, p, slot, looped, sole_v4);
     }
     fragments::remember(ep.id, dir, p, v != VERDICT_DENY);
     if early && v == VERDICT_DENY {

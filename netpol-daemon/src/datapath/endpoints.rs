@@ -134,13 +134,40 @@ impl Endpoints {
     }
 }
 
-/// The endpoint entry of a pod: its id, flags and first IPv4 address.
+/// The endpoint entry of a pod: its id, flags and first IPv4 address (`EP_SOLE_V4` when it
+/// has no other: Kubernetes gives a pod at most one address per family).
 pub(super) fn endpoint_info(id: u32, flags: u32, pod: Option<&CompiledPod>) -> EndpointInfo {
-    let v4 = pod.and_then(|c| {
-        c.ips.iter().find_map(|a| match a {
-            IpAddr::V4(a) => Some(a.octets()),
-            IpAddr::V6(_) => None,
+    let v4s: Vec<[u8; 4]> = pod
+        .map(|c| {
+            c.ips
+                .iter()
+                .filter_map(|a| match a {
+                    IpAddr::V4(a) => Some(a.octets()),
+                    IpAddr::V6(_) => None,
+                })
+                .collect()
         })
-    });
-    EndpointInfo { id, flags, v4: v4.unwrap_or([0; 4]) }
+        .unwrap_or_default();
+    let sole = if v4s.len() <= 1 { EP_SOLE_V4 } else { 0 };
+    EndpointInfo { id, flags: flags | sole, v4: v4s.first().copied().unwrap_or([0; 4]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `EP_SOLE_V4` spares new flows a conntrack look-up for every IPv4 source other than
+    /// `v4`: only where the pod owns no other IPv4 address.
+    #[test]
+    fn the_sole_v4_flag_is_set_only_where_the_pod_has_no_other_ipv4_address() {
+        let pod = |ips: &[&str]| CompiledPod { ips: ips.iter().map(|a| a.parse().unwrap()).collect(), ..Default::default() };
+        let info = |p: Option<&CompiledPod>| endpoint_info(7, EP_PRESENT, p);
+        let one = info(Some(&pod(&["10.1.0.10", "fd00::10"])));
+        assert_eq!((one.v4, one.flags), ([10, 1, 0, 10], EP_PRESENT | EP_SOLE_V4));
+        let two = info(Some(&pod(&["10.1.0.10", "10.1.0.11"])));
+        assert_eq!((two.v4, two.flags), ([10, 1, 0, 10], EP_PRESENT));
+        for none in [info(Some(&pod(&["fd00::10"]))), info(None)] {
+            assert_eq!((none.v4, none.flags), ([0; 4], EP_PRESENT | EP_SOLE_V4), "no IPv4 address: it owns none");
+        }
+    }
 }

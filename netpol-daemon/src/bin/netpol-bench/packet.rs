@@ -58,16 +58,20 @@ pub fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
     println!(
         "Every rule count has its programs and maps loaded at once; {ROUNDS} rounds each measure every case at every rule count in turn \
          (repeat count {repeat} per figure), so the machine's drift weighs on all alike. Cells: median over the rounds; \
-         the last column: median of the per-round ratios. First packet: median of 2,000 single runs per rule count, each a new \
-         flow, interleaved in blocks of 100.\n"
+         the last column: median of the per-round ratios. First packet: median of 2,000 single runs (repeat count 1) per rule \
+         count, each a new flow. A single run carries a fixed cost of its own that a repeated one spreads over its runs (the \
+         kernel's clock read around one run, the program's code and data cold in the CPU's caches after the system call): \
+         so the no-op classifier, a denied packet and an established one are measured in single runs too, run by run \
+         interleaved with the first packets (blocks of 100 per rule count), and the first packet is also given minus the \
+         single-run harness (medians).\n"
     );
     let mut setups = Vec::new();
     for &n in counts {
         setups.push(setup(n, n == counts[0])?);
     }
     let samples = rounds(&mut setups, repeat)?;
-    let firsts = first_packets(&mut setups)?;
-    print_table(counts, &samples, &firsts);
+    let singles = single_runs(&mut setups)?;
+    print_table(counts, &samples, &singles);
     Ok(())
 }
 
@@ -136,20 +140,45 @@ fn rounds(setups: &mut [Setup], repeat: u32) -> anyhow::Result<Vec<Vec<Vec<f64>>
     Ok(samples)
 }
 
-/// 2,000 single runs per rule count, each a new flow, interleaved in blocks of 100.
-fn first_packets(setups: &mut [Setup]) -> anyhow::Result<Vec<Vec<f64>>> {
-    let mut firsts = vec![Vec::new(); setups.len()];
+/// What single runs (repeat 1) measure, run by run interleaved: the first packet of a new flow
+/// and, beside it, the single-run harness (the no-op classifier), a denied packet and an
+/// established one (flow cache hit), each in single runs too.
+#[derive(Clone, Default)]
+struct Singles {
+    first: Vec<f64>,
+    harness: Vec<f64>,
+    denied: Vec<f64>,
+    established: Vec<f64>,
+    /// Denied: the rule's own peer on a port no rule allows (every policy lookup made), the
+    /// same flow each time and a new one (a new source port) each time.
+    other_port: Vec<f64>,
+    other_port_new: Vec<f64>,
+}
+
+/// Single runs per rule count: 2,000 of each kind (each first packet a new flow), run by run
+/// interleaved, in blocks of 100 per rule count.
+fn single_runs(setups: &mut [Setup]) -> anyhow::Result<Vec<Singles>> {
+    let mut out = vec![Singles::default(); setups.len()];
+    let single = |dp: &mut Datapath, dir, frame: &[u8], want| one(dp, dir, frame, want, 1);
     for block in 0..20u16 {
         for (j, s) in setups.iter_mut().enumerate() {
+            let denied = tcp4(Ipv4Addr::new(11, 0, 0, 1), web(), 40000, s.port, TCP_SYN);
+            let other_port = tcp4(s.src, web(), 40000, s.port + 1, TCP_SYN);
             for k in 0..100u16 {
-                let frame = tcp4(s.src, web(), 10000 + block * 100 + k, s.port, TCP_SYN);
-                let (rc, d) = s.dp.test_run(Direction::Ingress, &frame, 1)?;
-                anyhow::ensure!(rc == 0, "first packet verdict {rc}");
-                firsts[j].push(d.as_nanos() as f64);
+                let sport = 10000 + block * 100 + k;
+                let frame = tcp4(s.src, web(), sport, s.port, TCP_SYN);
+                let o = &mut out[j];
+                o.first.push(single(&mut s.dp, Direction::Ingress, &frame, 0)?);
+                o.harness.push(s.dp.test_run_program(netpol_common::programs::NOOP, &s.est, 1)?.1.as_nanos() as f64);
+                o.denied.push(single(&mut s.dp, Direction::Ingress, &denied, 2)?);
+                o.established.push(single(&mut s.dp, Direction::Ingress, &s.est, 0)?);
+                o.other_port.push(single(&mut s.dp, Direction::Ingress, &other_port, 2)?);
+                let new_flow = tcp4(s.src, web(), sport, s.port + 1, TCP_SYN);
+                o.other_port_new.push(single(&mut s.dp, Direction::Ingress, &new_flow, 2)?);
             }
         }
     }
-    Ok(firsts)
+    Ok(out)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -158,7 +187,7 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn print_table(counts: &[usize], samples: &[Vec<Vec<f64>>], firsts: &[Vec<f64>]) {
+fn print_table(counts: &[usize], samples: &[Vec<Vec<f64>>], singles: &[Singles]) {
     let last = counts.len() - 1;
     print!("| case |");
     for n in counts {
@@ -173,10 +202,8 @@ fn print_table(counts: &[usize], samples: &[Vec<Vec<f64>>], firsts: &[Vec<f64>])
     for (c, name) in CASES.iter().enumerate() {
         print!("| {name} |");
         if c == FIRST_PACKET {
-            for f in firsts {
-                print!(" {:.0} ns |", median(f));
-            }
-            println!(" {:.2}x |", median(&firsts[last]) / median(&firsts[0]));
+            let firsts: Vec<&[f64]> = singles.iter().map(|s| s.first.as_slice()).collect();
+            single_row(&firsts);
             continue;
         }
         for cell in &samples[c] {
@@ -198,5 +225,75 @@ fn print_table(counts: &[usize], samples: &[Vec<Vec<f64>>], firsts: &[Vec<f64>])
         }
         println!(" |");
     }
+    // Single runs: the harness, the other cases beside the first packet, and each net of the
+    // single-run harness (median minus median).
+    type Pick = fn(&Singles) -> &[f64];
+    let rows: [(&str, Pick); 3] = [
+        ("harness only, single runs (the no-op classifier, repeat count 1)", |s| &s.harness),
+        ("denied, single runs", |s| &s.denied),
+        ("allowed, established (flow cache hit), single runs", |s| &s.established),
+    ];
+    for (name, pick) in rows {
+        print!("| {name} |");
+        single_row(&singles.iter().map(pick).collect::<Vec<_>>());
+    }
+    let net: [(&str, Pick); 3] = [
+        ("allowed, first packet, minus the single-run harness", |s| &s.first),
+        ("denied, single runs, minus the single-run harness", |s| &s.denied),
+        ("allowed, established (flow cache hit), single runs, minus the single-run harness", |s| &s.established),
+    ];
+    for (name, pick) in net {
+        print!("| {name} |");
+        for s in singles {
+            print!(" {:.0} ns |", median(pick(s)) - median(&s.harness));
+        }
+        println!(" |");
+    }
     println!();
+    print_stages(counts, singles);
+}
+
+/// Where a first packet's time goes: single runs of packets that stop at each stage of its
+/// path, each row net of the single-run harness.
+fn print_stages(counts: &[usize], singles: &[Singles]) {
+    println!(
+        "Where the first packet's time goes: single runs of SYNs that stop at each stage of its path (interleaved with the \
+         rows above; medians minus the single-run harness): denied for a peer no rule names (the endpoint, the parse, the \
+         policy's address lookup); denied for the rule's own peer on a port no rule allows (every policy lookup), the same \
+         flow every time, then a new flow (source port) every time; the first packet (allowed: the conntrack entry written).\n"
+    );
+    print!("| stage |");
+    for n in counts {
+        print!(" {n} rules |");
+    }
+    println!();
+    print!("| --- |");
+    for _ in counts {
+        print!(" --- |");
+    }
+    println!();
+    type Pick = fn(&Singles) -> &[f64];
+    let rows: [(&str, Pick); 4] = [
+        ("denied, a peer no rule names", |s| &s.denied),
+        ("denied, the rule's peer on another port, the same flow each time", |s| &s.other_port),
+        ("denied, the rule's peer on another port, a new flow each time", |s| &s.other_port_new),
+        ("allowed, first packet of a new flow", |s| &s.first),
+    ];
+    for (name, pick) in rows {
+        print!("| {name} |");
+        for s in singles {
+            print!(" {:.0} ns |", median(pick(s)) - median(&s.harness));
+        }
+        println!();
+    }
+    println!();
+}
+
+/// One cell per rule count (the median of its single runs) and the ratio of the last to the
+/// first.
+fn single_row(cells: &[&[f64]]) {
+    for c in cells {
+        print!(" {:.0} ns |", median(c));
+    }
+    println!(" {:.2}x |", median(cells[cells.len() - 1]) / median(cells[0]));
 }
