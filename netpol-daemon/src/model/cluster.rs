@@ -17,6 +17,8 @@ pub struct Cluster {
     /// ClusterNetworkPolicies by name. Not enforced yet (issue 22): the compiler does not read
     /// them; the manifests source loads them and the reference evaluator decides with them.
     pub cluster_policies: BTreeMap<String, ClusterPolicy>,
+    /// Nodes by name: what ClusterNetworkPolicy `nodes` peers select.
+    pub nodes: BTreeMap<String, Node>,
 }
 
 impl Cluster {

@@ -54,6 +54,9 @@ pub enum ClusterPeer {
     Pods(PodSet),
     /// `networks`: any address in one of the prefixes, pods' included.
     Networks(Vec<IpNet>),
+    /// `nodes` (experimental): the addresses of the Nodes the selector selects by their
+    /// labels (host-network pods on them included, since they share the node's addresses).
+    Nodes(Selector),
 }
 
 /// One entry of a rule's `protocols`.

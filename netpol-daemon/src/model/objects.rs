@@ -116,6 +116,14 @@ impl fmt::Display for Protocol {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub labels: Labels,
+    /// `status.addresses` of type InternalIP or ExternalIP.
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Namespace {
     pub name: String,
     pub labels: Labels,

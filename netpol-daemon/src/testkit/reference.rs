@@ -240,6 +240,7 @@ fn cluster_rule_matches(c: &Cluster, r: &ClusterRule, pod: &Pod, dir: Direction,
     let peer_ok = r.peers.iter().any(|p| match p {
         ClusterPeer::Networks(nets) => nets.iter().any(|n| n.contains(&peer)),
         ClusterPeer::Pods(set) => c.pod_with_ip(peer).is_some_and(|q| in_pod_set(c, set, q)),
+        ClusterPeer::Nodes(sel) => c.nodes.values().any(|n| sel.matches(&n.labels) && n.addresses.contains(&peer)),
     });
     let port_ok = r.ports.as_ref().is_none_or(|ports| {
         ports.iter().any(|cp| match cp {
