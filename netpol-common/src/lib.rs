@@ -442,7 +442,7 @@ pub fn flow_cache_ticks(c: &Config) -> u32 {
 /// A per-CPU flow-cache slot (`FLOW_CACHE`, direct-mapped by a hash of the key): a packet
 /// whose own conntrack key is here, stored less than `flow_cache_ticks` ago under the
 /// endpoint's current `FLOW_EPOCH`, continues its flow without a conntrack lookup. Written
-/// only after a conntrack hit; anything that ends flows of an endpoint (a TCP RST, a port
+/// after a conntrack hit and when an entry is created; anything that ends flows of an endpoint (a TCP RST, a port
 /// re-used after FIN, the daemon cutting flows) bumps the endpoint's epoch, which voids its
 /// slots on every CPU.
 #[repr(C)]

@@ -153,6 +153,37 @@ struct Singles {
     /// same flow each time and a new one (a new source port) each time.
     other_port: Vec<f64>,
     other_port_new: Vec<f64>,
+    /// The server side of one short connection (the packets of [`CONNECTION`] through the
+    /// pod's two programs, a new flow each time): the sum of its single runs.
+    connection: Vec<f64>,
+}
+
+/// A short TCP connection as the server pod's programs see it (TCP_CRR with the server
+/// closing first): (into the pod?, TCP flags) of each packet.
+const CONNECTION: [(bool, u8); 8] = [
+    (true, TCP_SYN),
+    (false, TCP_SYN | TCP_ACK),
+    (true, TCP_ACK),
+    (true, TCP_ACK | 0x08),
+    (false, TCP_ACK | 0x08),
+    (false, TCP_FIN | TCP_ACK),
+    (true, TCP_FIN | TCP_ACK),
+    (false, TCP_ACK),
+];
+
+/// The packets of one [`CONNECTION`] from `peer:sport` to the pod's `port`, each a single run:
+/// the sum of their kernel-measured durations.
+fn connection(dp: &mut Datapath, peer: Ipv4Addr, sport: u16, port: u16) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for (inward, flags) in CONNECTION {
+        let (dir, frame) = if inward {
+            (Direction::Ingress, tcp4(peer, web(), sport, port, flags))
+        } else {
+            (Direction::Egress, tcp4(web(), peer, port, sport, flags))
+        };
+        total += one(dp, dir, &frame, 0, 1)?;
+    }
+    Ok(total)
 }
 
 /// Single runs per rule count: 2,000 of each kind (each first packet a new flow), run by run
@@ -175,6 +206,7 @@ fn single_runs(setups: &mut [Setup]) -> anyhow::Result<Vec<Singles>> {
                 o.other_port.push(single(&mut s.dp, Direction::Ingress, &other_port, 2)?);
                 let new_flow = tcp4(s.src, web(), sport, s.port + 1, TCP_SYN);
                 o.other_port_new.push(single(&mut s.dp, Direction::Ingress, &new_flow, 2)?);
+                o.connection.push(connection(&mut s.dp, s.src, sport + 20000, s.port)?);
             }
         }
     }
@@ -286,6 +318,14 @@ fn print_stages(counts: &[usize], singles: &[Singles]) {
         }
         println!();
     }
+    print!(
+        "| a whole short connection at the server pod ({} packets through its two programs, TCP_CRR's, the server closing first), summed |",
+        CONNECTION.len()
+    );
+    for s in singles {
+        print!(" {:.0} ns |", median(&s.connection) - CONNECTION.len() as f64 * median(&s.harness));
+    }
+    println!();
     println!();
 }
 
