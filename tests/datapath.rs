@@ -747,19 +747,28 @@ fn a_forged_reply_routed_back_through_nat_does_not_open_the_isolated_egress() {
     assert_eq!(run(&mut f, e, &udp4(me, x, 5310, 80)), SHOT, "cache on: nor the second time");
 }
 
-/// A new connection's next packets pass from the flow cache: the packet that creates the
-/// entry writes its key's slot (the handshake's ACK), the SYN-ACK's conntrack hit the reply
-/// key's (the server's data). A bare SYN is never passed from a slot.
+/// A new connection's next packets pass from the flow cache: the SYN-ACK's conntrack hit
+/// writes the reply key's slot (the server's data) and the flow's own key's (the handshake's
+/// ACK); the bare SYN that creates the entry writes none. A bare SYN is never passed from a
+/// slot.
 #[test]
-fn a_new_connection_is_cached_from_its_first_packet_and_its_syn_ack() {
+fn a_new_connection_is_cached_from_its_syn_ack() {
     let Some(mut f) = fixture(POLICY) else { return };
     assert!(on_cpu(0));
     let (web, srv) = (v4("10.1.0.10"), v4("10.2.0.5"));
     let (i, e) = (Direction::Ingress, Direction::Egress);
+    // (Egress to srv:443 is allowed: whether a packet passed from a slot shows in the table,
+    // where the policy's allow would have written a new entry.)
+    // A SYN without an answer: its entry, no slot.
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 42900, 443, TCP_SYN)), OK, "allowed: an entry");
+    assert!(drop_conntrack_entries(&f.pin) >= 1);
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 42900, 443, TCP_ACK)), OK, "allowed by the policy");
+    assert_eq!(drop_conntrack_entries(&f.pin), 1, "judged by the policy again: no slot from a bare SYN");
     assert_eq!(run(&mut f, e, &tcp4(web, srv, 43000, 443, TCP_SYN)), OK, "allowed: an entry");
     assert_eq!(run(&mut f, i, &tcp4(srv, web, 443, 43000, TCP_SYN | TCP_ACK)), OK, "its reply");
     assert!(drop_conntrack_entries(&f.pin) >= 1);
-    assert_eq!(run(&mut f, e, &tcp4(web, srv, 43000, 443, TCP_ACK)), OK, "the ACK passes from the slot its SYN wrote");
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 43000, 443, TCP_ACK)), OK, "the ACK");
+    assert_eq!(drop_conntrack_entries(&f.pin), 0, "the ACK passed from the slot the SYN-ACK wrote");
     assert_eq!(run(&mut f, i, &tcp4(srv, web, 443, 43000, TCP_ACK | 0x08)), OK, "data back from the slot the SYN-ACK wrote");
     // Not a bare SYN: the ingress policy (port 80 only) judges one on the same key.
     assert_eq!(run(&mut f, i, &tcp4(srv, web, 443, 43000, TCP_SYN)), SHOT, "a SYN is judged afresh");

@@ -129,7 +129,7 @@ pub fn track_existing(k: &CtKey, p: &Packet, now: u64, reply_hint: bool) -> Opti
     let tcp = p.proto == PROTO_TCP;
     let reply_first = !(tcp && p.tcp_flags & TCP_RST != 0)
         && !bare_syn(p)
-        && (reply_hint || (tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)));
+        && (reply_hint || syn_ack(p));
     let r = reverse(k);
     let (first, second, side) = if reply_first { (&r, k, 1) } else { (k, &r, 0) };
     if let Some((slot, pass)) = hit(first, p, now, side) {
@@ -147,6 +147,12 @@ pub fn track_existing(k: &CtKey, p: &Packet, now: u64, reply_hint: bool) -> Opti
 #[inline(always)]
 pub fn bare_syn(p: &Packet) -> bool {
     p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// A TCP SYN-ACK: the answer to a SYN.
+#[inline(always)]
+pub fn syn_ack(p: &Packet) -> bool {
+    p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)
 }
 
 /// `side` 0: the packet has the entry's own tuple (it comes from the side whose packet created

@@ -12,9 +12,13 @@
 //! SYN, FIN or RST is ever passed from the cache (here or in `lookup` via the general path),
 //! so a slot only repeats, for the same key, a verdict the table gave; an out-of-window RST
 //! (dropped, flow kept) bumps nothing and stores nothing. A slot is written by every packet the
-//! table vouches for but an RST (which ends the flow), a SYN-ACK or FIN too, and by the packet
-//! that creates an entry: what the table said of that key then, it says of the key's later
-//! packets that the cache may pass (neither a SYN nor an RST).
+//! table vouches for but an RST (which ends the flow) or a bare SYN, a SYN-ACK or FIN too, and
+//! by the packet that creates an entry but a bare SYN: what the table said of that key then, it
+//! says of the key's later packets that the cache may pass (neither a SYN nor an RST). A
+//! SYN-ACK that the table vouches for as a reply also writes the slot of its flow's own key
+//! (the SYN's, for the handshake's ACK): the entry is live, and the table passes its own key's
+//! packets that the cache may pass. (A connection's first packet writes no slot: most of the
+//! cost of a cold one, and many SYNs are never answered.)
 use aya_ebpf::{
     helpers::bpf_jiffies64,
     macros::map,
@@ -200,6 +204,33 @@ pub fn store(k: &CtKey, epoch: u32, now: u64, dir: u8, slot: u32) {
         e.at = now;
         e.slot = slot;
         e.dir = dir;
+        e.live = 1;
+    }
+}
+
+/// Caches, for a reply `k` that hit its flow's entry under `epoch` at `now`, the entry's own
+/// key: `k` turned (the other direction, source and destination swapped), the flow's
+/// direction. Written field by field from `k` (no turned copy on the stack, nor a turned `k`:
+/// the verifier would follow the rest of the program twice).
+#[inline(always)]
+pub fn store_turned(k: &CtKey, epoch: u32, now: u64, slot: u32) {
+    let w = words(k);
+    let i = index_of(w[0], w[1] ^ 1, w[6] ^ w[7] ^ w[8] ^ w[9], w[2] ^ w[3] ^ w[4] ^ w[5], w[10].rotate_left(16));
+    if let Some(e) = FLOW_CACHE.get_ptr_mut(i) {
+        let e = unsafe { &mut *e };
+        e.key.endpoint = k.endpoint;
+        e.key.dir = k.dir ^ 1;
+        e.key.proto = k.proto;
+        e.key.family = k.family;
+        e.key._pad = 0;
+        e.key.src = k.dst;
+        e.key.dst = k.src;
+        e.key.sport = k.dport;
+        e.key.dport = k.sport;
+        e.epoch = epoch;
+        e.at = now;
+        e.slot = slot;
+        e.dir = k.dir ^ 1;
         e.live = 1;
     }
 }

@@ -180,9 +180,12 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, isolated: bool, p: &Packe
     let cacheable =
         p.has_ports && !p.fragment && !(p.proto == PROTO_TCP && p.tcp_flags & (parse::TCP_SYN | parse::TCP_FIN | parse::TCP_RST) != 0);
     // What the table vouches for (a hit, a new entry) is cached for the next packets of the
-    // same key, but after an RST, which ends the flow (see `flowcache`).
+    // same key, but after an RST, which ends the flow (see `flowcache`), and after a bare SYN:
+    // the handshake's ACK gets its slot from the SYN-ACK (below), which sees the entry anyway,
+    // and the first packet of a connection writes no cold cache slot (many SYNs are never
+    // answered).
     let cache_ticks = if p.has_ports && !p.fragment { config::config().flow_cache_ticks } else { 0 };
-    let store = cache_ticks != 0 && !(p.proto == PROTO_TCP && p.tcp_flags & parse::TCP_RST != 0);
+    let store = cache_ticks != 0 && !(p.proto == PROTO_TCP && p.tcp_flags & parse::TCP_RST != 0) && !conntrack::bare_syn(p);
     let ticks = if cacheable { cache_ticks } else { 0 };
     let now = if cache_ticks != 0 { flowcache::now() } else { 0 };
     // (Unless the fast path already looked at this packet's slot.)
@@ -206,6 +209,13 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, isolated: bool, p: &Packe
             }
             if store {
                 flowcache::store(ct, epoch, now, flow.dir, flow.slot);
+                // A SYN-ACK, a reply: the flow's own tuple (its SYN's, which wrote no slot: see
+                // `store`) gets its slot too, for the handshake's ACK. What the table says of
+                // that key now (a live entry: its packets pass, but SYN, FIN and RST, which the
+                // cache never passes) is what the slot repeats.
+                if flow.dir != dir && conntrack::syn_ack(p) {
+                    flowcache::store_turned(ct, epoch, now, flow.slot);
+                }
             }
             fragments::remember(ep.id, dir, p, true);
             counters::count_policy(ep.id, flow.dir, flow.slot);
@@ -233,7 +243,7 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, isolated: bool, p: &Packe
         let looped = dir == DIR_INGRESS && skb.ingress_ifindex == skb.ifindex;
         let sole_v4 = (ep.flags & EP_SOLE_V4 != 0).then(|| u32::from_ne_bytes(ep.v4));
         created = conntrack::create(ct, p, slot, looped, sole_v4, ct_now);
-        // The flow's next packets (the handshake's ACK) pass from this CPU's cache.
+        // The flow's next packets pass from this CPU's cache.
         if created && store {
             flowcache::store(ct, epoch, now, dir, slot);
         }
