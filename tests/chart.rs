@@ -85,6 +85,7 @@ const FLAG_VALUES: &[(&str, &str, &str)] = &[
     ("manifests", "daemon.manifestsHostPath=/var/lib/netpol", "--manifests=/etc/netpol/manifests"),
     ("allow-private-bpffs", "daemon.allowPrivateBpffs=true", "--allow-private-bpffs"),
     ("poll-ms", "daemon.pollMs=50", "--poll-ms=50"),
+    ("crd-recheck-ms", "clusterNetworkPolicy.crdRecheckMs=500", "--crd-recheck-ms=500"),
     ("liveness-timeout", "daemon.livenessTimeoutSeconds=45", "--liveness-timeout=45"),
     ("attach", "daemon.attach=tc", "--attach=tc"),
     ("established", "daemon.established=revalidate", "--established=revalidate"),
