@@ -527,6 +527,8 @@ mod tests {
                 policy(&conv).invalid.as_ref().map(|i| format!("ClusterNetworkPolicy {i}")).as_deref(),
                 conv.errors[0].strip_suffix(CLUSTER_FAIL_CLOSED_NOTE)
             );
+            // What an Event on it says is the load error.
+            assert_eq!(crate::model::invalid_cluster_policy_message(policy(&conv)).as_ref(), Some(&conv.errors[0]));
         }
     }
 

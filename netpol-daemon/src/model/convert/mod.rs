@@ -126,11 +126,21 @@ pub fn cluster_policy_converted(value: &serde_json::Value) -> Converted {
     match cluster_policy_from_json(value) {
         Ok(conv) => Converted {
             object: Some(Object::ClusterPolicy(conv.policy)),
-            errors: conv.errors.iter().map(|e| format!("{CLUSTER_POLICY_KIND} {e}{CLUSTER_FAIL_CLOSED_NOTE}")).collect(),
+            errors: conv.errors.iter().map(cluster_fail_closed_message).collect(),
             warnings: vec![],
         },
         Err(errs) => Converted::of(CLUSTER_POLICY_KIND, Err(errs)),
     }
+}
+
+fn cluster_fail_closed_message(problem: &impl std::fmt::Display) -> String {
+    format!("{CLUSTER_POLICY_KIND} {problem}{CLUSTER_FAIL_CLOSED_NOTE}")
+}
+
+/// The reported message of a ClusterNetworkPolicy's first validation problem (`None` for a
+/// valid one): its first load error's text, for what else reports it (a Kubernetes Event).
+pub fn invalid_cluster_policy_message(policy: &ClusterPolicy) -> Option<String> {
+    policy.invalid.as_ref().map(cluster_fail_closed_message)
 }
 
 impl ApiObject for K8sNamespace {
