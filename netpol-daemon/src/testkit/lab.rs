@@ -153,6 +153,8 @@ pub struct Lab {
     children: Vec<Child>,
     /// Service manifests (ClusterIP services emulated with nftables DNAT).
     services: Vec<String>,
+    /// Node manifests ([`Lab::add_node`]), for ClusterNetworkPolicy `nodes` peers.
+    nodes: Vec<String>,
     next_if: u32,
     has_bridge: bool,
     /// Added to `netpol-daemon run`'s arguments (`--attach tc`).
@@ -189,6 +191,7 @@ impl Lab {
             daemon: None,
             children: Vec::new(),
             services: Vec::new(),
+            nodes: Vec::new(),
             next_if: 0,
             has_bridge: false,
             daemon_args: Vec::new(),
