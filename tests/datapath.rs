@@ -470,10 +470,12 @@ fn programs_pass_the_verifier_well_below_its_limits() {
         let verified = verified.expect("kernel reports verified_insns (5.16+)");
         let insns = insns.expect("translated size");
         eprintln!("{name}: {verified} instructions processed by the verifier, {insns} instructions, {jited:?} bytes JIT-compiled");
-        // The verifier's complexity limit is 1,000,000 processed instructions; 4,096 is the
-        // size limit of unprivileged programs. Stay far from both.
+        // The verifier's complexity limit is 1,000,000 processed instructions, and so is the
+        // size limit of privileged programs (4,096 is unprivileged programs', which netpol's,
+        // loaded with CAP_BPF, are not: the conntrack path's two look-ups in either order took
+        // it past 4,096). Stay far from both.
         assert!(verified < 200_000, "{name}: {verified} processed instructions");
-        assert!(insns < 4096, "{name}: {insns} instructions");
+        assert!(insns < 8192, "{name}: {insns} instructions");
     }
 }
 
@@ -736,6 +738,79 @@ fn a_forged_reply_routed_back_through_nat_does_not_open_the_isolated_egress() {
     assert_eq!(run(&mut f, e, &udp4(me, me, 8080, 5303)), OK, "self through a service");
     assert_eq!(looped(&mut f, &udp4(node, me, 5304, 8080)), OK);
     assert_eq!(run(&mut f, e, &udp4(me, node, 8080, 5304)), OK, "masqueraded self through a service");
+    // With the flow cache on, the same: the slot the looped frame's new entry writes holds
+    // that frame's own key, never its replies'.
+    f.dp.set_flow_cache(true).unwrap();
+    assert!(on_cpu(0));
+    assert_eq!(looped(&mut f, &udp4(x, me, 80, 5310)), OK);
+    assert_eq!(run(&mut f, e, &udp4(me, x, 5310, 80)), SHOT, "cache on: no reply vouched for");
+    assert_eq!(run(&mut f, e, &udp4(me, x, 5310, 80)), SHOT, "cache on: nor the second time");
+}
+
+/// A new connection's next packets pass from the flow cache: the packet that creates the
+/// entry writes its key's slot (the handshake's ACK), the SYN-ACK's conntrack hit the reply
+/// key's (the server's data). A bare SYN is never passed from a slot.
+#[test]
+fn a_new_connection_is_cached_from_its_first_packet_and_its_syn_ack() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    assert!(on_cpu(0));
+    let (web, srv) = (v4("10.1.0.10"), v4("10.2.0.5"));
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 43000, 443, TCP_SYN)), OK, "allowed: an entry");
+    assert_eq!(run(&mut f, i, &tcp4(srv, web, 443, 43000, TCP_SYN | TCP_ACK)), OK, "its reply");
+    assert!(drop_conntrack_entries(&f.pin) >= 1);
+    assert_eq!(run(&mut f, e, &tcp4(web, srv, 43000, 443, TCP_ACK)), OK, "the ACK passes from the slot its SYN wrote");
+    assert_eq!(run(&mut f, i, &tcp4(srv, web, 443, 43000, TCP_ACK | 0x08)), OK, "data back from the slot the SYN-ACK wrote");
+    // Not a bare SYN: the ingress policy (port 80 only) judges one on the same key.
+    assert_eq!(run(&mut f, i, &tcp4(srv, web, 443, 43000, TCP_SYN)), SHOT, "a SYN is judged afresh");
+    // Voided (new settings): the table no longer has the flow.
+    f.dp.set_config(&netpol_common::Config::default()).unwrap();
+    assert_eq!(run(&mut f, i, &tcp4(srv, web, 443, 43000, TCP_ACK)), SHOT, "voided, no entry");
+}
+
+/// Crafted frames around a new connection whose SYN wrote a flow-cache slot: every one gets
+/// the verdict it gets with the cache off (the table alone), and the ones conntrack drops are
+/// dropped. The slot holds the SYN's own key (its tuple, endpoint and direction): no reply, no
+/// other port or peer, no frame of the same tuple the other way, no bare SYN is passed from
+/// it; a refused attempt (an RST|ACK acknowledging the SYN) voids it.
+#[test]
+fn a_slot_written_at_syn_passes_nothing_the_table_would_drop() {
+    let Some(mut f) = fixture(POLICY) else { return };
+    assert!(on_cpu(0));
+    let (web, srv) = (v4("10.1.0.10"), v4("10.2.0.5"));
+    let (i, e) = (Direction::Ingress, Direction::Egress);
+    for (cache, sport) in [(false, 44000u16), (true, 44100)] {
+        f.dp.set_flow_cache(cache).unwrap();
+        let out = |fl: u8, seq: u32, ack: u32| with_seq(tcp4(web, srv, sport, 443, fl), seq, ack);
+        let back = |fl: u8, seq: u32, ack: u32| with_seq(tcp4(srv, web, 443, sport, fl), seq, ack);
+        let c = if cache { "cache on" } else { "cache off" };
+        assert_eq!(run(&mut f, e, &out(TCP_SYN, 5000, 0)), OK, "{c}: the SYN, allowed");
+        let cases = [
+            ("a bare SYN back on the reply tuple", back(TCP_SYN, 9000, 0)),
+            ("a reply to another source port", with_seq(tcp4(srv, web, 443, sport + 1, TCP_ACK), 9001, 5001)),
+            ("a reply from another port", with_seq(tcp4(srv, web, 444, sport, TCP_ACK), 9001, 5001)),
+            ("a reply from another peer", with_seq(tcp4(v4("10.2.0.6"), web, 443, sport, TCP_ACK), 9001, 5001)),
+            ("the SYN's own tuple coming in", with_seq(tcp4(web, srv, sport, 443, TCP_ACK), 5001, 9001)),
+            ("a blind RST back", back(TCP_RST, 0x7000_0000, 0)),
+        ];
+        for (what, frame) in &cases {
+            assert_eq!(run(&mut f, i, frame), SHOT, "{c}: {what}");
+        }
+        // The attempt refused: the entry is gone, and so is what the slot vouched for.
+        assert_eq!(run(&mut f, i, &back(TCP_RST | TCP_ACK, 0, 5001)), OK, "{c}: refused");
+        assert!(drop_conntrack_entries(&f.pin) == 0, "{c}: the refusal removed the entry");
+        assert_eq!(run(&mut f, i, &back(TCP_SYN | TCP_ACK, 9000, 5001)), SHOT, "{c}: no SYN-ACK after the refusal");
+        assert_eq!(run(&mut f, i, &back(TCP_ACK, 9001, 5001)), SHOT, "{c}: no reply after the refusal");
+        // A connection set up (its SYN-ACK's hit writes the reply key's slot), then reset by
+        // the pod: the server's next packet is judged by policy again, and dropped.
+        let out = |fl: u8, seq: u32, ack: u32| with_seq(tcp4(web, srv, sport + 50, 443, fl), seq, ack);
+        let back = |fl: u8, seq: u32, ack: u32| with_seq(tcp4(srv, web, 443, sport + 50, fl), seq, ack);
+        assert_eq!(run(&mut f, e, &out(TCP_SYN, 5000, 0)), OK, "{c}");
+        assert_eq!(run(&mut f, i, &back(TCP_SYN | TCP_ACK, 9000, 5001)), OK, "{c}: the SYN-ACK");
+        assert_eq!(run(&mut f, i, &back(TCP_ACK, 9001, 5001)), OK, "{c}: the server's data");
+        assert_eq!(run(&mut f, e, &out(TCP_RST, 5001, 0)), OK, "{c}: reset by the pod");
+        assert_eq!(run(&mut f, i, &back(TCP_ACK, 9002, 5001)), SHOT, "{c}: nothing back after the reset");
+    }
 }
 
 fn frame(s: IpAddr, d: IpAddr, proto: u8, sp: u16, dp: u16, flags: u8) -> Vec<u8> {
@@ -1380,6 +1455,7 @@ fn programs_loaded_to_debug_log_their_decisions_and_cost_nothing_otherwise() {
     for ((name, _, off_insns, off_jited), (_, _, on_insns, on_jited)) in off_stats.iter().zip(&on_stats) {
         eprintln!("{name}: --bpf-debug off {off_insns:?} instructions, {off_jited:?} bytes JIT-compiled; on {on_insns:?}, {on_jited:?}");
         let (off_insns, on_insns) = (off_insns.unwrap(), on_insns.unwrap());
-        assert!(off_insns < 4096 && on_insns > off_insns + 2000, "{name}: {off_insns} instructions off, {on_insns} on");
+        // (The bound: see `programs_pass_the_verifier_well_below_its_limits`.)
+        assert!(off_insns < 8192 && on_insns > off_insns + 2000, "{name}: {off_insns} instructions off, {on_insns} on");
     }
 }

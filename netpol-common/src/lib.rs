@@ -66,6 +66,22 @@ pub const ENDPOINTS_ARRAY_SIZE: u32 = 65_536;
 
 /// [`PolicyValue::flags`]: every protocol and port is allowed.
 pub const POLICY_ALLOW_ALL: u32 = 1;
+/// [`PolicyValue::flags`]: besides the port set's ports, every packet of a protocol other than
+/// TCP, UDP and SCTP (ICMP...) is allowed. What a ClusterNetworkPolicy that denies some ports
+/// leaves open. (Not port-less TCP/UDP/SCTP packets: a fragment without its first fragment's
+/// verdict needs [`POLICY_ALLOW_ALL`].) The slot is in the same bits as for `POLICY_ALLOW_ALL`.
+pub const POLICY_ALLOW_OTHER: u32 = 2;
+/// [`PolicyValue::flags`]: a cluster policy denies the other protocols (than TCP, UDP, SCTP),
+/// its slot in bits 16-23 (for the deny counters).
+pub const POLICY_DENY_OTHER: u32 = 4;
+/// [`PolicyValue::flags`]: cluster policies deny some ports: a port the port set does not
+/// allow is looked up again under `portset | PORTSET_DENIED` for the slot that denied it.
+pub const POLICY_HAS_DENIES: u32 = 8;
+/// Where [`POLICY_DENY_OTHER`]'s slot is in [`PolicyValue::flags`].
+pub const POLICY_DENY_SLOT_SHIFT: u32 = 16;
+/// The port set id bit under which a port set's denied ports are (`POLICY_PORTS` entries whose
+/// slot is the denying policy's).
+pub const PORTSET_DENIED: u32 = 1 << 31;
 
 /// Upper bound on endpoint ids (pods with programs on this node); sizes the counter array.
 pub const MAX_ENDPOINTS: u32 = 4096;
@@ -163,6 +179,9 @@ pub mod maps {
     pub const EVENT_DROPS: &str = "EVENT_DROPS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const POLICY_COUNTERS: &str = "POLICY_COUNTERS";
+    /// Per CPU, per endpoint, direction and policy slot: packets a cluster policy's rule
+    /// denied (indexed as `POLICY_COUNTERS`).
+    pub const POLICY_DENY_COUNTERS: &str = "POLICY_DENY_COUNTERS";
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
     pub const FLOW_EPOCH: &str = "FLOW_EPOCH";
     pub const ENDPOINT_ADDRS: &str = "ENDPOINT_ADDRS";
@@ -423,7 +442,7 @@ pub fn flow_cache_ticks(c: &Config) -> u32 {
 /// A per-CPU flow-cache slot (`FLOW_CACHE`, direct-mapped by a hash of the key): a packet
 /// whose own conntrack key is here, stored less than `flow_cache_ticks` ago under the
 /// endpoint's current `FLOW_EPOCH`, continues its flow without a conntrack lookup. Written
-/// only after a conntrack hit; anything that ends flows of an endpoint (a TCP RST, a port
+/// after a conntrack hit and when an entry is created; anything that ends flows of an endpoint (a TCP RST, a port
 /// re-used after FIN, the daemon cutting flows) bumps the endpoint's epoch, which voids its
 /// slots on every CPU.
 #[repr(C)]

@@ -111,26 +111,41 @@ pub struct Flow {
     pub pass: bool,
 }
 
-/// Looks the packet up in the table (forward, then reply). Returns the flow when the packet
-/// belongs to a live tracked one; refreshes the entry and follows TCP teardown.
+/// The coarse clock conntrack keeps time by (read once per packet).
 #[inline(always)]
-pub fn track_existing(k: &CtKey, p: &Packet) -> Option<Flow> {
-    let now = unsafe { now_ns() };
-    if let Some((slot, pass)) = hit(k, p, now, 0) {
-        return Some(Flow { dir: k.dir, slot, pass });
+pub fn now() -> u64 {
+    unsafe { now_ns() }
+}
+
+/// Looks the packet up in the table (forward, then reply; a SYN-ACK, or with `reply_hint`,
+/// reply first). Returns the flow when the packet belongs to a live tracked one; refreshes the
+/// entry and follows TCP teardown.
+///
+/// The order only spares look-ups: where both entries exist (a flow and the reverse one,
+/// each allowed on its own), either vouches for the packet; an RST, whose verdict depends on
+/// the entry's sequence state, is always looked up forward first, as before.
+#[inline(always)]
+pub fn track_existing(k: &CtKey, p: &Packet, now: u64, reply_hint: bool) -> Option<Flow> {
+    let tcp = p.proto == PROTO_TCP;
+    let reply_first = !(tcp && p.tcp_flags & TCP_RST != 0)
+        && !bare_syn(p)
+        && (reply_hint || (tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)));
+    let r = reverse(k);
+    let (first, second, side) = if reply_first { (&r, k, 1) } else { (k, &r, 0) };
+    if let Some((slot, pass)) = hit(first, p, now, side) {
+        return Some(Flow { dir: first.dir, slot, pass });
     }
     // A bare SYN is never a reply (`hit` refuses it as one): the reverse look-up, a random
     // bucket of a large table and so the dearest step of a new connection, is not made.
     if bare_syn(p) {
         return None;
     }
-    let r = reverse(k);
-    hit(&r, p, now, 1).map(|(slot, pass)| Flow { dir: r.dir, slot, pass })
+    hit(second, p, now, side ^ 1).map(|(slot, pass)| Flow { dir: second.dir, slot, pass })
 }
 
 /// A TCP SYN without ACK: it opens a connection, it never answers one.
 #[inline(always)]
-fn bare_syn(p: &Packet) -> bool {
+pub fn bare_syn(p: &Packet) -> bool {
     p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
@@ -184,20 +199,14 @@ fn hit(k: &CtKey, p: &Packet, now: u64, side: u8) -> Option<(u32, bool)> {
         // flow cache (which never caches SYN, FIN or RST) sends each flow's packets here again
         // at least once per `flow_cache_ticks` (<= 1 s), so the established fast path writes
         // nothing.
-        if side == 0 {
-            v.seq[0] = p.tcp_seq;
-            v.flags |= CT_SEQ0;
-            if p.tcp_flags & TCP_ACK != 0 {
-                v.ack[0] = p.tcp_ack;
-                v.flags |= CT_ACK0;
-            }
-        } else {
-            v.seq[1] = p.tcp_seq;
-            v.flags |= CT_SEQ1;
-            if p.tcp_flags & TCP_ACK != 0 {
-                v.ack[1] = p.tcp_ack;
-                v.flags |= CT_ACK1;
-            }
+        // (Indexed by the side, not branched on it: `track_existing` picks the side at run
+        // time, and each branch would be in both of its copies of this function.)
+        let s = side as usize & 1;
+        v.seq[s] = p.tcp_seq;
+        v.flags |= CT_SEQ0 << s;
+        if p.tcp_flags & TCP_ACK != 0 {
+            v.ack[s] = p.tcp_ack;
+            v.flags |= CT_ACK0 << s;
         }
     }
     v.last_seen_ns = now;
@@ -255,8 +264,9 @@ fn in_window(x: u32, reference: u32) -> bool {
 /// `looped`: an ingress packet that entered the node through this same interface (the kernel's
 /// `ingress_ifindex`): the pod sent it and the node routed it back, possibly rewritten by NAT.
 /// `sole_v4`: the endpoint's one IPv4 address, where it owns no other (`EP_SOLE_V4`).
+/// `now`: the packet's [`now`].
 #[inline(always)]
-pub fn create(k: &mut CtKey, p: &Packet, slot: u32, looped: bool, sole_v4: Option<u32>) -> bool {
+pub fn create(k: &mut CtKey, p: &Packet, slot: u32, looped: bool, sole_v4: Option<u32>, now: u64) -> bool {
     if !p.has_ports {
         return false;
     }
@@ -296,7 +306,7 @@ pub fn create(k: &mut CtKey, p: &Packet, slot: u32, looped: bool, sole_v4: Optio
     // The new value is written in a per-CPU scratch slot, not on the stack (which is full).
     let Some(v) = CT_SCRATCH.get_ptr_mut(0) else { return false };
     let v = unsafe { &mut *v };
-    v.last_seen_ns = unsafe { now_ns() };
+    v.last_seen_ns = now;
     v.flags = flags;
     v.policy = slot;
     v.seq = [p.tcp_seq, 0];

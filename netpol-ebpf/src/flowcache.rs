@@ -9,9 +9,12 @@
 //! What the table decides about a packet depends on its key (its own tuple, endpoint and
 //! direction) and its TCP flags only: a hairpin-created entry vouches for no replies whatever
 //! the packet, a bare SYN is never a reply, RSTs are checked against the sequence state. No
-//! SYN, FIN or RST is ever cached (here or in `lookup` via the general path), so a slot only
-//! repeats, for the same key, a verdict the table gave; an out-of-window RST (dropped, flow
-//! kept) bumps nothing and stores nothing.
+//! SYN, FIN or RST is ever passed from the cache (here or in `lookup` via the general path),
+//! so a slot only repeats, for the same key, a verdict the table gave; an out-of-window RST
+//! (dropped, flow kept) bumps nothing and stores nothing. A slot is written by every packet the
+//! table vouches for but an RST (which ends the flow), a SYN-ACK or FIN too, and by the packet
+//! that creates an entry: what the table said of that key then, it says of the key's later
+//! packets that the cache may pass (neither a SYN nor an RST).
 use aya_ebpf::{
     helpers::bpf_jiffies64,
     macros::map,
@@ -171,7 +174,22 @@ pub fn lookup(k: &CtKey, ticks: u32, now: u64) -> Option<(u8, u32)> {
     Some((e.dir, e.slot))
 }
 
-/// Caches a conntrack hit made under `epoch` at `now`.
+/// Whether this CPU's slot of `k` holds `k` as a reply (a flow tracked the other way),
+/// whatever its age: a hint for the order of the conntrack look-ups, never a verdict.
+#[inline(always)]
+pub fn holds_reply(k: &CtKey) -> bool {
+    let w = words(k);
+    let Some(e) = FLOW_CACHE.get_ptr(index(w)) else { return false };
+    let e = unsafe { &*e };
+    let ew = words(&e.key);
+    let mut diff = 0;
+    for i in 0..WORDS {
+        diff |= ew[i] ^ w[i];
+    }
+    e.live != 0 && diff == 0 && e.dir != k.dir
+}
+
+/// Caches a conntrack hit (or a new entry) made under `epoch` at `now`.
 #[inline(always)]
 pub fn store(k: &CtKey, epoch: u32, now: u64, dir: u8, slot: u32) {
     if let Some(e) = FLOW_CACHE.get_ptr_mut(index(words(k))) {

@@ -179,8 +179,12 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, isolated: bool, p: &Packe
     // close connections always take the conntrack path, which follows their state).
     let cacheable =
         p.has_ports && !p.fragment && !(p.proto == PROTO_TCP && p.tcp_flags & (parse::TCP_SYN | parse::TCP_FIN | parse::TCP_RST) != 0);
-    let ticks = if cacheable { config::config().flow_cache_ticks } else { 0 };
-    let now = if ticks != 0 { flowcache::now() } else { 0 };
+    // What the table vouches for (a hit, a new entry) is cached for the next packets of the
+    // same key, but after an RST, which ends the flow (see `flowcache`).
+    let cache_ticks = if p.has_ports && !p.fragment { config::config().flow_cache_ticks } else { 0 };
+    let store = cache_ticks != 0 && !(p.proto == PROTO_TCP && p.tcp_flags & parse::TCP_RST != 0);
+    let ticks = if cacheable { cache_ticks } else { 0 };
+    let now = if cache_ticks != 0 { flowcache::now() } else { 0 };
     // (Unless the fast path already looked at this packet's slot.)
     if ticks != 0 && !matches!(fast, flowcache::Fast::Missed) {
         if let Some((flow_dir, slot)) = flowcache::lookup(ct, ticks, now) {
@@ -188,15 +192,19 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, isolated: bool, p: &Packe
             return Decision::Pass;
         }
     }
+    // Read before the conntrack lookup: a flow ended after it voids what is cached here.
+    let epoch = if store { flowcache::epoch(ep.id) } else { 0 };
+    let ct_now = if p.has_ports { conntrack::now() } else { 0 };
     if p.has_ports {
-        // Read before the conntrack lookup: a flow ended after it voids what is cached here.
-        let epoch = if ticks != 0 { flowcache::epoch(ep.id) } else { 0 };
-        if let Some(flow) = conntrack::track_existing(ct, p) {
+        // A reply whose slot this CPU's cache still holds (aged out) is looked up as one first
+        // (never asked for a bare SYN, which is never a reply: no slot read for it).
+        let reply_hint = cache_ticks != 0 && !conntrack::bare_syn(p) && flowcache::holds_reply(ct);
+        if let Some(flow) = conntrack::track_existing(ct, p, ct_now, reply_hint) {
             if !flow.pass {
                 // An RST of a tracked flow outside the receiver's window: dropped, the flow stays.
                 return drop(DROP_TCP_RST);
             }
-            if ticks != 0 {
+            if store {
                 flowcache::store(ct, epoch, now, flow.dir, flow.slot);
             }
             fragments::remember(ep.id, dir, p, true);
@@ -205,10 +213,12 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, isolated: bool, p: &Packe
         }
     }
     // Some(slot of the allowing policy, or SLOT_NONE when no policy had to allow it).
+    // The slot of the cluster policy that denied it, if one did.
+    let mut denied_by = SLOT_NONE;
     let allowed_by = if !isolated || (dir == DIR_INGRESS && policy::is_node_addr(p.family, &p.src)) {
         Some(SLOT_NONE)
     } else {
-        policy::allowed(ep.id, dir, p)
+        policy::allowed(ep.id, dir, p).map_err(|s| denied_by = s).ok()
     };
     let v = match allowed_by {
         Some(_) => VERDICT_ALLOW,
@@ -222,7 +232,11 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, isolated: bool, p: &Packe
         let skb = unsafe { &*ctx.skb.skb };
         let looped = dir == DIR_INGRESS && skb.ingress_ifindex == skb.ifindex;
         let sole_v4 = (ep.flags & EP_SOLE_V4 != 0).then(|| u32::from_ne_bytes(ep.v4));
-        created = conntrack::create(ct, p, slot, looped, sole_v4);
+        created = conntrack::create(ct, p, slot, looped, sole_v4, ct_now);
+        // The flow's next packets (the handshake's ACK) pass from this CPU's cache.
+        if created && store {
+            flowcache::store(ct, epoch, now, dir, slot);
+        }
     }
     fragments::remember(ep.id, dir, p, v != VERDICT_DENY);
     if early && v == VERDICT_DENY {
@@ -232,6 +246,10 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, isolated: bool, p: &Packe
         counters::count_policy(ep.id, dir, slot);
     }
     let outcome = if v == VERDICT_DENY { policy_drop(ep) } else { v };
+    if v == VERDICT_DENY {
+        counters::count_policy_denied(ep.id, dir, denied_by);
+        return Decision::Judged { outcome, slot: denied_by, report: true };
+    }
     Decision::Judged { outcome, slot, report: v != VERDICT_ALLOW || created }
 }
 

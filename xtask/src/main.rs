@@ -367,6 +367,8 @@ fn bench(quick: bool) -> Result<()> {
             (&bin, vec!["daemon", &daemon, "10000", "2000", "10"]),
             (&bin, vec!["kube", &daemon, "10000", "2000", "100", "20", "1"]),
             (&lab, vec!["throughput", "2", "1", &svg]),
+            (&lab, vec!["connrate", "1", "1"]),
+            (&lab, vec!["churn", "10000", "10", "1000"]),
         ]
     } else {
         vec![
@@ -377,6 +379,8 @@ fn bench(quick: bool) -> Result<()> {
             (&bin, vec!["daemon", &daemon, "10000", "2000", "40"]),
             (&bin, vec!["kube", &daemon, "10000", "2000", "100", "100", "3"]),
             (&lab, vec!["throughput", "2", "15", &svg]),
+            (&lab, vec!["connrate", "2", "5"]),
+            (&lab, vec!["churn", "10000", "30", "1000"]),
         ]
     };
     for (prog, args) in runs {

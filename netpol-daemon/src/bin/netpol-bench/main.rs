@@ -52,6 +52,10 @@ enum Cmd {
     Packet {
         #[arg(default_value_t = 1_000_000)]
         repeat: u32,
+        /// One more column: 1,000 rules with this many ClusterNetworkPolicies beside them (0:
+        /// none).
+        #[arg(long, default_value_t = 100)]
+        cluster_policies: usize,
     },
     /// Control-plane latency: a change to maps programmed, in process.
     Control {
@@ -107,7 +111,7 @@ fn main() {
             bulk_bench(pods, policies, changed, forced.is_some());
             ("bulk", Ok(()))
         }
-        Cmd::Packet { repeat } => ("packet", packet_bench(&[10, 100, 1000, 10_000], repeat)),
+        Cmd::Packet { repeat, cluster_policies } => ("packet", packet_bench(&[10, 100, 1000, 10_000], cluster_policies, repeat)),
         Cmd::Control { pods, policies, changes } => ("control", control_bench(pods, policies, changes)),
         Cmd::Daemon { daemon, pods, policies, changes } => ("daemon", daemon_bench(&daemon, pods, policies, changes)),
         Cmd::Kube { daemon, pods, policies, services, changes, bursts } => {

@@ -53,7 +53,42 @@ fn rules_policy(n: usize) -> String {
     y
 }
 
-pub fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
+/// `cluster_policies` cluster policies (half Admin, half Baseline, by priority) selecting the
+/// pod, each with rules in both directions that split address classes (CIDRs, pod sets) but,
+/// as in a cluster where they guard other traffic, decide none of the bench's packets.
+fn cluster_policies(k: usize) -> String {
+    let mut y = String::new();
+    for i in 0..k {
+        let tier = if i < k / 2 { "Admin" } else { "Baseline" };
+        y.push_str(&format!(
+            "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: guard-{i}}}\nspec:\n  tier: {tier}\n  priority: {i}\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - {{action: Deny, from: [{{namespaces: {{matchLabels: {{tenant: t{i}}}}}}}]}}\n  - {{action: Pass, from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{role: r{i}}}}}}}}}], protocols: [{{tcp: {{destinationPort: {{number: {}}}}}}}]}}\n  egress:\n  - {{action: Deny, to: [{{networks: [172.{}.{}.0/24]}}]}}\n  - {{action: Pass, to: [{{networks: [10.0.0.0/8]}}], protocols: [{{tcp: {{destinationPort: {{range: {{start: 1, end: 1023}}}}}}}}]}}\n",
+            2000 + i,
+            16 + i / 256,
+            i % 256
+        ));
+    }
+    y
+}
+
+/// One column of the tables: `rules` ingress rules, and `cnps` cluster policies beside them.
+#[derive(Clone, Copy)]
+struct Column {
+    rules: usize,
+    cnps: usize,
+}
+
+impl Column {
+    fn label(&self) -> String {
+        match self.cnps {
+            0 => format!("{} rules", self.rules),
+            k => format!("{} rules + {k} ClusterNetworkPolicies", self.rules),
+        }
+    }
+}
+
+/// `counts`: the rule counts; with `cnps` > 0, one more column: 1,000 rules and that many
+/// cluster policies (compared with the 1,000-rule column round by round).
+pub fn packet_bench(counts: &[usize], cnps: usize, repeat: u32) -> anyhow::Result<()> {
     println!("## Per-packet cost (BPF_PROG_TEST_RUN, kernel-measured ns per run)\n");
     println!(
         "Every rule count has its programs and maps loaded at once; {ROUNDS} rounds each measure every case at every rule count in turn \
@@ -65,19 +100,25 @@ pub fn packet_bench(counts: &[usize], repeat: u32) -> anyhow::Result<()> {
          interleaved with the first packets (blocks of 100 per rule count), and the first packet is also given minus the \
          single-run harness (medians).\n"
     );
+    let mut columns: Vec<Column> = counts.iter().map(|&rules| Column { rules, cnps: 0 }).collect();
+    if cnps > 0 {
+        columns.push(Column { rules: 1000, cnps });
+    }
     let mut setups = Vec::new();
-    for &n in counts {
-        setups.push(setup(n, n == counts[0])?);
+    for (j, c) in columns.iter().enumerate() {
+        setups.push(setup(*c, j == 0)?);
     }
     let samples = rounds(&mut setups, repeat)?;
     let singles = single_runs(&mut setups)?;
-    print_table(counts, &samples, &singles);
+    print_table(&columns, counts.len(), &samples, &singles);
     Ok(())
 }
 
-/// Loads the programs with maps of their own and programs a pod with `n` ingress rules.
-fn setup(n: usize, show_stats: bool) -> anyhow::Result<Setup> {
-    let pin = PinDir::new(format!("/sys/fs/bpf/netpol-bench-{}-{n}", std::process::id()));
+/// Loads the programs with maps of their own and programs a pod with the column's ingress
+/// rules (and cluster policies).
+fn setup(col: Column, show_stats: bool) -> anyhow::Result<Setup> {
+    let n = col.rules;
+    let pin = PinDir::new(format!("/sys/fs/bpf/netpol-bench-{}-{n}-{}", std::process::id(), col.cnps));
     let mut dp = Datapath::load_detached(&pin.0)?;
     if show_stats {
         println!("Programs as loaded by this kernel (verifier-processed instructions; BPF instructions after verification; JIT bytes):\n");
@@ -88,7 +129,9 @@ fn setup(n: usize, show_stats: bool) -> anyhow::Result<Setup> {
         println!();
     }
     let mut loaded = netpol_daemon::source::manifests::Loaded::default();
-    netpol_daemon::source::manifests::load_text(std::path::Path::new("bench.yaml"), &rules_policy(n), &mut loaded);
+    let text = rules_policy(n) + &cluster_policies(col.cnps);
+    netpol_daemon::source::manifests::load_text(std::path::Path::new("bench.yaml"), &text, &mut loaded);
+    anyhow::ensure!(loaded.cluster.cluster_policies.len() == col.cnps, "{} cluster policies loaded", loaded.cluster.cluster_policies.len());
     anyhow::ensure!(loaded.errors.is_empty(), "{:?}", loaded.errors);
     let node = compiler::compile_node(&loaded.cluster, "n");
     let ifaces: BTreeMap<ObjKey, Iface> = [(ObjKey::new("t", "web"), Iface { ifindex: 1, ifname: "lo".into() })].into();
@@ -153,6 +196,37 @@ struct Singles {
     /// same flow each time and a new one (a new source port) each time.
     other_port: Vec<f64>,
     other_port_new: Vec<f64>,
+    /// The server side of one short connection (the packets of [`CONNECTION`] through the
+    /// pod's two programs, a new flow each time): the sum of its single runs.
+    connection: Vec<f64>,
+}
+
+/// A short TCP connection as the server pod's programs see it (TCP_CRR with the server
+/// closing first): (into the pod?, TCP flags) of each packet.
+const CONNECTION: [(bool, u8); 8] = [
+    (true, TCP_SYN),
+    (false, TCP_SYN | TCP_ACK),
+    (true, TCP_ACK),
+    (true, TCP_ACK | 0x08),
+    (false, TCP_ACK | 0x08),
+    (false, TCP_FIN | TCP_ACK),
+    (true, TCP_FIN | TCP_ACK),
+    (false, TCP_ACK),
+];
+
+/// The packets of one [`CONNECTION`] from `peer:sport` to the pod's `port`, each a single run:
+/// the sum of their kernel-measured durations.
+fn connection(dp: &mut Datapath, peer: Ipv4Addr, sport: u16, port: u16) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for (inward, flags) in CONNECTION {
+        let (dir, frame) = if inward {
+            (Direction::Ingress, tcp4(peer, web(), sport, port, flags))
+        } else {
+            (Direction::Egress, tcp4(web(), peer, port, sport, flags))
+        };
+        total += one(dp, dir, &frame, 0, 1)?;
+    }
+    Ok(total)
 }
 
 /// Single runs per rule count: 2,000 of each kind (each first packet a new flow), run by run
@@ -175,6 +249,7 @@ fn single_runs(setups: &mut [Setup]) -> anyhow::Result<Vec<Singles>> {
                 o.other_port.push(single(&mut s.dp, Direction::Ingress, &other_port, 2)?);
                 let new_flow = tcp4(s.src, web(), sport, s.port + 1, TCP_SYN);
                 o.other_port_new.push(single(&mut s.dp, Direction::Ingress, &new_flow, 2)?);
+                o.connection.push(connection(&mut s.dp, s.src, sport + 20000, s.port)?);
             }
         }
     }
@@ -187,15 +262,26 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn print_table(counts: &[usize], samples: &[Vec<Vec<f64>>], singles: &[Singles]) {
-    let last = counts.len() - 1;
+/// `rule_columns`: how many of `columns` are plain rule counts (the ratio column compares the
+/// last of them with the first); a column after them (cluster policies) gets a ratio column of
+/// its own against the 1,000-rule column.
+fn print_table(columns: &[Column], rule_columns: usize, samples: &[Vec<Vec<f64>>], singles: &[Singles]) {
+    let last = rule_columns - 1;
+    let with_cnps = (columns.len() > rule_columns).then(|| {
+        let base = columns.iter().position(|c| c.cnps == 0 && c.rules == 1000).expect("a 1,000-rule column");
+        (base, rule_columns)
+    });
     print!("| case |");
-    for n in counts {
-        print!(" {n} rules |");
+    for c in columns {
+        print!(" {} |", c.label());
     }
-    println!(" {}/{} (per round) |", counts[last], counts[0]);
+    print!(" {}/{} (per round) |", columns[last].rules, columns[0].rules);
+    if let Some((_, j)) = with_cnps {
+        print!(" with {} ClusterNetworkPolicies / without, at 1,000 rules (per round) |", columns[j].cnps);
+    }
+    println!();
     print!("| --- |");
-    for _ in 0..=counts.len() {
+    for _ in 0..=columns.len() + with_cnps.is_some() as usize {
         print!(" --- |");
     }
     println!();
@@ -210,7 +296,12 @@ fn print_table(counts: &[usize], samples: &[Vec<Vec<f64>>], singles: &[Singles])
             print!(" {:.0} ns |", median(cell));
         }
         let ratios: Vec<f64> = samples[c][last].iter().zip(&samples[c][0]).map(|(a, b)| a / b).collect();
-        println!(" {:.2}x |", median(&ratios));
+        print!(" {:.2}x |", median(&ratios));
+        if let Some((base, j)) = with_cnps {
+            let ratios: Vec<f64> = samples[c][j].iter().zip(&samples[c][base]).map(|(a, b)| a / b).collect();
+            print!(" {:.2}x |", median(&ratios));
+        }
+        println!();
     }
     // Net of the harness, round by round.
     for (c, name) in [
@@ -219,7 +310,7 @@ fn print_table(counts: &[usize], samples: &[Vec<Vec<f64>>], singles: &[Singles])
     ] {
         print!("| {name} |");
         let net: Vec<Vec<f64>> =
-            (0..counts.len()).map(|j| samples[c][j].iter().zip(&samples[HARNESS][j]).map(|(a, h)| a - h).collect()).collect();
+            (0..columns.len()).map(|j| samples[c][j].iter().zip(&samples[HARNESS][j]).map(|(a, h)| a - h).collect()).collect();
         for cell in &net {
             print!(" {:.0} ns |", median(cell));
         }
@@ -250,12 +341,12 @@ fn print_table(counts: &[usize], samples: &[Vec<Vec<f64>>], singles: &[Singles])
         println!(" |");
     }
     println!();
-    print_stages(counts, singles);
+    print_stages(columns, singles);
 }
 
 /// Where a first packet's time goes: single runs of packets that stop at each stage of its
 /// path, each row net of the single-run harness.
-fn print_stages(counts: &[usize], singles: &[Singles]) {
+fn print_stages(columns: &[Column], singles: &[Singles]) {
     println!(
         "Where the first packet's time goes: single runs of SYNs that stop at each stage of its path (interleaved with the \
          rows above; medians minus the single-run harness): denied for a peer no rule names (the endpoint, the parse, the \
@@ -263,12 +354,12 @@ fn print_stages(counts: &[usize], singles: &[Singles]) {
          flow every time, then a new flow (source port) every time; the first packet (allowed: the conntrack entry written).\n"
     );
     print!("| stage |");
-    for n in counts {
-        print!(" {n} rules |");
+    for c in columns {
+        print!(" {} |", c.label());
     }
     println!();
     print!("| --- |");
-    for _ in counts {
+    for _ in columns {
         print!(" --- |");
     }
     println!();
@@ -286,6 +377,14 @@ fn print_stages(counts: &[usize], singles: &[Singles]) {
         }
         println!();
     }
+    print!(
+        "| a whole short connection at the server pod ({} packets through its two programs, TCP_CRR's, the server closing first), summed |",
+        CONNECTION.len()
+    );
+    for s in singles {
+        print!(" {:.0} ns |", median(&s.connection) - CONNECTION.len() as f64 * median(&s.harness));
+    }
+    println!();
     println!();
 }
 

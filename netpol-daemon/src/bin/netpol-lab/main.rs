@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 use netpol_daemon::metrics::sample;
 use netpol_daemon::testkit::lab::{self, Lab};
 
+mod churn;
+mod connrate;
 mod dashboard;
 mod throughput;
 
@@ -228,6 +230,31 @@ enum Cmd {
     /// The demo's lab with traffic running, scraped by Prometheus, and the Grafana
     /// dashboard's preview page screenshotted by headless Chromium (`cargo xtask dashboard`).
     Dashboard(dashboard::Args),
+    /// New TCP connections (TCP_CRR) and UDP request/response through the programs, against
+    /// no program and iptables, at 10, 1,000 and 10,000 policies.
+    Connrate {
+        /// Seconds per run.
+        #[arg(default_value_t = 2.0)]
+        seconds: f64,
+        /// Interleaved rounds.
+        #[arg(default_value_t = 3)]
+        repeats: usize,
+        /// Policy counts (default: 10, 1,000 and 10,000).
+        policies: Vec<usize>,
+    },
+    /// TCP connections paced at a rate through netpol: conntrack fill, evictions, drops,
+    /// connect latency.
+    Churn {
+        /// Connections per second offered.
+        #[arg(default_value_t = 10_000.0)]
+        rate: f64,
+        /// Seconds.
+        #[arg(default_value_t = 30.0)]
+        seconds: f64,
+        /// Policies selecting the server.
+        #[arg(default_value_t = 1_000)]
+        policies: usize,
+    },
 }
 
 fn main() {
@@ -243,6 +270,11 @@ fn main() {
         Cmd::Demo => demo(daemon),
         Cmd::Throughput { seconds, repeats, svg } => throughput::run(daemon, seconds, repeats, svg.as_deref()),
         Cmd::Dashboard(args) => dashboard::run(daemon, args),
+        Cmd::Connrate { seconds, repeats, policies } => {
+            let counts = if policies.is_empty() { vec![10, 1_000, 10_000] } else { policies };
+            connrate::run(&daemon, seconds, repeats, &counts)
+        }
+        Cmd::Churn { rate, seconds, policies } => churn::churn(&daemon, rate, seconds, policies),
     };
     if let Err(e) = r {
         eprintln!("netpol-lab: {e:#}");

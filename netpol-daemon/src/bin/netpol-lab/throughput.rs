@@ -11,13 +11,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use netpol_daemon::testkit::lab::Lab;
 
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
-const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
-const PORT: u16 = 5201;
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+pub const PORT: u16 = 5201;
 
 /// `n` policies selecting the server: n-1 decoys (a /24 and a port each), then the one that
 /// allows the client; the client's egress allows the server and DNS.
-fn policies(n: usize) -> String {
+pub fn policies(n: usize) -> String {
     let mut s = String::new();
     for i in 0..n.saturating_sub(1) {
         let _ = write!(
@@ -34,34 +34,40 @@ fn policies(n: usize) -> String {
 }
 
 /// The same policies as iptables rules in the node's FORWARD chain, as iptables-based agents
-/// write them: established flows first, then one rule per (peer, port), then drop.
-fn iptables_rules(n: usize) -> String {
-    let mut s = String::from("*filter\n:NETPOL-BENCH - [0:0]\n-A FORWARD -j NETPOL-BENCH\n");
+/// write them: established flows first, then the sender's egress chain (its allows return,
+/// anything else is dropped) and the receiver's ingress chain (one rule per (peer, port),
+/// then drop), so that a new flow walks both: the client's egress before the server's ingress
+/// decoys, as a policy allowing the client out never lets it past the server's ingress.
+pub fn iptables_rules(n: usize) -> String {
+    let mut s = String::from("*filter\n");
+    for chain in IPT_CHAINS {
+        let _ = writeln!(s, ":{chain} - [0:0]");
+    }
+    s.push_str("-A FORWARD -j NETPOL-BENCH\n");
     s.push_str("-A NETPOL-BENCH -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n");
+    let _ = writeln!(s, "-A NETPOL-BENCH -s {CLIENT_IP}/32 -j NETPOL-BENCH-EGRESS");
+    let _ = writeln!(s, "-A NETPOL-BENCH -d {SERVER_IP}/32 -j NETPOL-BENCH-INGRESS");
     // Client egress.
     for proto in ["tcp", "udp"] {
-        let _ = writeln!(s, "-A NETPOL-BENCH -s {CLIENT_IP}/32 -d {SERVER_IP}/32 -p {proto} --dport {PORT} -j ACCEPT");
-        let _ = writeln!(s, "-A NETPOL-BENCH -s {CLIENT_IP}/32 -p {proto} --dport 53 -j ACCEPT");
+        let _ = writeln!(s, "-A NETPOL-BENCH-EGRESS -d {SERVER_IP}/32 -p {proto} --dport {PORT} -j RETURN");
+        let _ = writeln!(s, "-A NETPOL-BENCH-EGRESS -p {proto} --dport 53 -j RETURN");
     }
-    let _ = writeln!(s, "-A NETPOL-BENCH -s {CLIENT_IP}/32 -j DROP");
+    s.push_str("-A NETPOL-BENCH-EGRESS -j DROP\n");
     // Server ingress.
     for i in 0..n.saturating_sub(1) {
-        let _ = writeln!(
-            s,
-            "-A NETPOL-BENCH -d {SERVER_IP}/32 -s 10.{}.{}.0/24 -p tcp --dport {} -j ACCEPT",
-            100 + i / 250,
-            i % 250,
-            10000 + i
-        );
+        let _ = writeln!(s, "-A NETPOL-BENCH-INGRESS -s 10.{}.{}.0/24 -p tcp --dport {} -j ACCEPT", 100 + i / 250, i % 250, 10000 + i);
     }
     for proto in ["tcp", "udp"] {
-        let _ = writeln!(s, "-A NETPOL-BENCH -d {SERVER_IP}/32 -s {CLIENT_IP}/32 -p {proto} --dport {PORT} -j ACCEPT");
+        let _ = writeln!(s, "-A NETPOL-BENCH-INGRESS -s {CLIENT_IP}/32 -p {proto} --dport {PORT} -j ACCEPT");
     }
-    let _ = writeln!(s, "-A NETPOL-BENCH -d {SERVER_IP}/32 -j DROP\nCOMMIT");
+    s.push_str("-A NETPOL-BENCH-INGRESS -j DROP\nCOMMIT\n");
     s
 }
 
-fn iptables_restore(netns: &str, rules: &str) -> Result<()> {
+/// The chains of [`iptables_rules`].
+const IPT_CHAINS: [&str; 3] = ["NETPOL-BENCH", "NETPOL-BENCH-EGRESS", "NETPOL-BENCH-INGRESS"];
+
+pub fn iptables_restore(netns: &str, rules: &str) -> Result<()> {
     use std::io::Write;
     let mut child = Command::new("ip")
         .args(["netns", "exec", netns, "iptables-restore", "--noflush"])
@@ -75,9 +81,12 @@ fn iptables_restore(netns: &str, rules: &str) -> Result<()> {
     Ok(())
 }
 
-fn iptables_clear(netns: &str) {
-    for args in [vec!["-D", "FORWARD", "-j", "NETPOL-BENCH"], vec!["-F", "NETPOL-BENCH"], vec!["-X", "NETPOL-BENCH"]] {
-        // Quiet: the chain is not there before the first round.
+pub fn iptables_clear(netns: &str) {
+    let mut steps = vec![vec!["-D", "FORWARD", "-j", "NETPOL-BENCH"]];
+    steps.extend(IPT_CHAINS.iter().map(|c| vec!["-F", c]));
+    steps.extend(IPT_CHAINS.iter().map(|c| vec!["-X", c]));
+    for args in steps {
+        // Quiet: the chains are not there before the first round.
         let _ = Command::new("ip")
             .args(["netns", "exec", netns, "iptables"])
             .args(&args)
@@ -131,7 +140,7 @@ fn iperf(lab: &Lab, udp: bool, secs: u32) -> Result<f64> {
 
 /// Run time and run count summed over the loaded programs named `names` (kernel BPF statistics,
 /// counted while [`aya::sys::enable_stats`] is held).
-fn stats_of(names: &[&str]) -> Result<(u64, u64)> {
+pub fn stats_of(names: &[&str]) -> Result<(u64, u64)> {
     let (mut ns, mut runs) = (0u64, 0u64);
     for p in aya::programs::loaded_programs() {
         let p = p?;
@@ -147,7 +156,7 @@ fn stats_of(names: &[&str]) -> Result<(u64, u64)> {
 /// around a run (on this VM's clock they are most of what a netpol run is charged). Measured
 /// on netpol's no-op classifier with BPF_PROG_TEST_RUN, which runs it through the same
 /// accounting.
-fn accounting_floor() -> Result<f64> {
+pub fn accounting_floor() -> Result<f64> {
     use netpol_common::programs::NOOP;
     let pin = PathBuf::from(format!("/sys/fs/bpf/netpol-lab-floor-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&pin);
@@ -172,7 +181,7 @@ fn accounting_floor() -> Result<f64> {
 }
 
 /// Busy time of each CPU so far, in nanoseconds (/proc/stat: user, nice, system, irq, softirq).
-fn cpu_busy_ns() -> Result<Vec<u64>> {
+pub fn cpu_busy_ns() -> Result<Vec<u64>> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
@@ -245,14 +254,14 @@ fn account(lab: &Lab, case: &str, secs: u32, repeats: usize, out: &mut Vec<Accou
 
 /// Ratios of `runs` to `base` run by run (each pair ran back to back): the median and the
 /// range.
-fn paired(runs: &[f64], base: &[f64]) -> (f64, f64, f64) {
+pub fn paired(runs: &[f64], base: &[f64]) -> (f64, f64, f64) {
     let r: Vec<f64> = runs.iter().zip(base).map(|(x, b)| x / b).collect();
     let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = r.iter().copied().fold(0.0, f64::max);
     (median(r), lo, hi)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
@@ -320,13 +329,19 @@ fn svg(rows: &[Row]) -> String {
     s
 }
 
-/// A lab of its own: the client and server pods, iperf3 listening in the server.
-fn bench_lab() -> Result<Lab> {
+/// A lab of its own with the client and server pods (nothing listening yet).
+pub fn pair_lab() -> Result<Lab> {
     let mut lab = Lab::new()?;
     lab.add_namespace("bench", &[]);
     lab.add_pod("bench", "client", CLIENT_IP, &[("app", "client")], &[], &[])?;
     lab.add_pod("bench", "server", SERVER_IP, &[("app", "server")], &[], &[])?;
     lab.write_cluster_manifest()?;
+    Ok(lab)
+}
+
+/// [`pair_lab`] with iperf3 listening in the server.
+fn bench_lab() -> Result<Lab> {
+    let mut lab = pair_lab()?;
     lab.spawn_in("bench/server", "iperf3", &["-s", "-p", &PORT.to_string()])?;
     std::thread::sleep(Duration::from_millis(500));
     Ok(lab)
