@@ -66,6 +66,11 @@ pub const ENDPOINTS_ARRAY_SIZE: u32 = 65_536;
 
 /// [`PolicyValue::flags`]: every protocol and port is allowed.
 pub const POLICY_ALLOW_ALL: u32 = 1;
+/// [`PolicyValue::flags`]: besides the port set's ports, every packet of a protocol other than
+/// TCP, UDP and SCTP (ICMP...) is allowed. What a ClusterNetworkPolicy that denies some ports
+/// leaves open. (Not port-less TCP/UDP/SCTP packets: a fragment without its first fragment's
+/// verdict needs [`POLICY_ALLOW_ALL`].) The slot is in the same bits as for `POLICY_ALLOW_ALL`.
+pub const POLICY_ALLOW_OTHER: u32 = 2;
 
 /// Upper bound on endpoint ids (pods with programs on this node); sizes the counter array.
 pub const MAX_ENDPOINTS: u32 = 4096;

@@ -337,14 +337,18 @@ impl EntryCache {
                 let Some(identity) = self.class_ids[*class] else { continue };
                 let value = match allow {
                     Allow::All(slot) => PolicyValue { portset: 0, flags: POLICY_ALLOW_ALL | (*slot as u32) << POLICY_SLOT_SHIFT },
-                    Allow::Ports(ps) => {
+                    Allow::Ports(with_other) => {
+                        // Port sets are shared by their ports; other protocols are a flag of
+                        // the entry.
+                        let ps = &with_other.ports_only();
                         let id = portsets.id(ps);
                         self.port_sets.entry(id).or_insert_with(|| {
                             let mut m = HashMap::default();
                             portset_entries(id, ps, &mut m);
                             PortSetUse { entries: m.into_iter().collect(), users: 0, live: false }
                         });
-                        PolicyValue { portset: id, flags: 0 }
+                        let flags = with_other.other().map_or(0, |s| POLICY_ALLOW_OTHER | (s as u32) << POLICY_SLOT_SHIFT);
+                        PolicyValue { portset: id, flags }
                     }
                 };
                 entries.push((PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] }, value));
@@ -474,7 +478,10 @@ pub fn lookup_slot(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::I
     if v.flags & POLICY_ALLOW_ALL != 0 {
         return Some((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
     }
-    let (Some(_), Some(port)) = (Protocol::from_number(proto), port) else { return None };
+    if Protocol::from_number(proto).is_none() {
+        return (v.flags & POLICY_ALLOW_OTHER != 0).then_some((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
+    }
+    let port = port?;
     // The longest matching prefix decides, as in the LPM trie.
     d.ports
         .iter()

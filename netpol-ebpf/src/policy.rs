@@ -95,9 +95,12 @@ pub fn allowed(endpoint: u32, dir: u8, p: &Packet) -> Option<u32> {
     if v.flags & POLICY_ALLOW_ALL != 0 {
         return Some((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
     }
-    // Only port-carrying protocols can match a port rule; ICMP and non-first fragments need an
-    // "all traffic" rule.
-    if !p.has_ports || !matches!(p.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
+    // Only port-carrying protocols can match a port rule; other protocols (ICMP...) need an
+    // "all traffic" rule or the other-protocols flag, non-first fragments an "all traffic" rule.
+    if !matches!(p.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
+        return (v.flags & POLICY_ALLOW_OTHER != 0).then_some((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
+    }
+    if !p.has_ports {
         return None;
     }
     let pkey = Key::new(PORT_KEY_FIXED_BITS + 16, PortKey { portset: v.portset, proto: p.proto, _pad: 0, port: p.dport.to_be_bytes() });

@@ -8,7 +8,7 @@ use anyhow::{anyhow, Result};
 use serde::Serialize;
 
 use super::{load, resolve, End, Output};
-use crate::compiler::{self, Explanation};
+use crate::compiler::{self, ChainStep, Explanation};
 use crate::model::{self, Cluster, Direction, PortRef, Protocol};
 
 /// One end of the connection as given and as resolved.
@@ -43,6 +43,51 @@ pub struct RuleRef {
     pub ports: Option<Vec<String>>,
 }
 
+/// One step of the walk through the ClusterNetworkPolicy tiers.
+#[derive(Clone, Debug, Serialize)]
+pub struct TierStepRef {
+    /// `Admin`, `NetworkPolicy`, `Baseline`, or `default`.
+    pub tier: String,
+    /// The cluster policy (none for the NetworkPolicy tier and the default).
+    pub policy: Option<String>,
+    /// `spec.ingress[0]`, with the rule's name when it has one.
+    pub rule: Option<String>,
+    /// `Accept`, `Deny`, `Pass`; for the NetworkPolicies `allow` or `deny`; `allow` by default.
+    pub action: String,
+}
+
+impl TierStepRef {
+    fn of(s: &ChainStep, dir: Direction) -> TierStepRef {
+        match s {
+            ChainStep::Rule(r) => {
+                let name = r.rule_name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default();
+                TierStepRef {
+                    tier: format!("{:?}", r.tier),
+                    policy: Some(r.policy.clone()),
+                    rule: Some(format!("spec.{}[{}]{name}", dir.as_str(), r.index)),
+                    action: format!("{:?}", r.action),
+                }
+            }
+            ChainStep::NetworkPolicy { allowed } => TierStepRef {
+                tier: "NetworkPolicy".into(),
+                policy: None,
+                rule: None,
+                action: if *allowed { "allow" } else { "deny" }.into(),
+            },
+            ChainStep::Default => TierStepRef { tier: "default".into(), policy: None, rule: None, action: "allow".into() },
+        }
+    }
+
+    /// `Admin pass (POLICY spec.egress[1])`, `NetworkPolicy allow`.
+    fn text(&self) -> String {
+        let at = match (&self.policy, &self.rule) {
+            (Some(p), Some(r)) => format!(" ({p} {r})"),
+            _ => String::new(),
+        };
+        format!("{} {}{at}", self.tier, self.action.to_lowercase())
+    }
+}
+
 /// The verdict at one end: the source's egress, the destination's ingress.
 #[derive(Clone, Debug, Serialize)]
 pub struct EndVerdict {
@@ -56,6 +101,9 @@ pub struct EndVerdict {
     pub verdict: &'static str,
     pub policies: Vec<PolicyRef>,
     pub rules: Vec<RuleRef>,
+    /// Where ClusterNetworkPolicies select the pod in this direction: the tiers' steps, in
+    /// order (empty otherwise).
+    pub tiers: Vec<TierStepRef>,
 }
 
 /// What `explain` finds.
@@ -98,7 +146,13 @@ fn end_verdict(e: &Explanation, cluster: &Cluster, who: String) -> EndVerdict {
     let policies = e
         .policies
         .iter()
-        .map(|p| PolicyRef { name: p.to_string(), invalid: cluster.policies.get(p).and_then(|p| p.invalid.clone()) })
+        .map(|p| match compiler::cluster_policy_of(p) {
+            Some((tier, name)) => PolicyRef {
+                name: format!("ClusterNetworkPolicy {name} ({tier:?} tier)"),
+                invalid: cluster.cluster_policies.get(name).and_then(|p| p.invalid.clone()),
+            },
+            None => PolicyRef { name: p.to_string(), invalid: cluster.policies.get(p).and_then(|p| p.invalid.clone()) },
+        })
         .collect();
     let rules = e
         .allowing_rules
@@ -114,7 +168,8 @@ fn end_verdict(e: &Explanation, cluster: &Cluster, who: String) -> EndVerdict {
         })
         .collect();
     let verdict = if e.isolated { verdict_name(e.verdict) } else { "allowed" };
-    EndVerdict { direction: e.dir.as_str(), at: who, enforced: true, isolated: e.isolated, verdict, policies, rules }
+    let tiers = e.chain.iter().map(|s| TierStepRef::of(s, e.dir)).collect();
+    EndVerdict { direction: e.dir.as_str(), at: who, enforced: true, isolated: e.isolated, verdict, policies, rules, tiers }
 }
 
 /// What `explain` finds for one connection.
@@ -139,6 +194,7 @@ pub fn explain_report(dir: Option<&Path>, from: &str, to: &str, port: Option<u16
                 verdict: "allowed",
                 policies: Vec::new(),
                 rules: Vec::new(),
+                tiers: Vec::new(),
             }),
             Some(key) => {
                 let index = compiler::Index::new(c);
@@ -206,8 +262,15 @@ fn describe(e: &EndVerdict, out: &mut String) {
             None => p.name.clone(),
         })
         .collect();
-    let _ = writeln!(out, "  {d} at {who}: {verdict} (isolated by {})", pols.join(", "));
-    if e.rules.is_empty() {
+    let by = if e.tiers.is_empty() { "isolated by" } else { "selected by" };
+    let _ = writeln!(out, "  {d} at {who}: {verdict} ({by} {})", pols.join(", "));
+    if !e.tiers.is_empty() {
+        let steps: Vec<String> = e.tiers.iter().map(TierStepRef::text).collect();
+        let _ = writeln!(out, "    tiers: {}", steps.join(" -> "));
+    }
+    // The NetworkPolicies' rules matter where they decided (always, without cluster policies).
+    let np_decided = e.tiers.is_empty() || e.tiers.iter().any(|s| s.tier == "NetworkPolicy");
+    if np_decided && e.rules.is_empty() {
         let _ = writeln!(out, "    no {d} rule of those policies matches this peer, port and protocol");
     }
     for r in &e.rules {

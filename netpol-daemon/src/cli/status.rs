@@ -195,8 +195,8 @@ fn peers(r: &Rule) -> String {
 fn allowed(a: &Allowed) -> String {
     match a {
         Allowed::All { .. } => "everything".into(),
-        Allowed::Ports { portset, ports } if ports.is_empty() => format!("nothing (port set {portset} has no entries)"),
-        Allowed::Ports { ports, .. } => {
+        Allowed::Ports { portset, ports, other_slot: None } if ports.is_empty() => format!("nothing (port set {portset} has no entries)"),
+        Allowed::Ports { ports, other_slot, .. } => {
             let mut by_proto: Vec<(String, Vec<String>)> = Vec::new();
             for r in ports {
                 let text = match (r.from, r.to) {
@@ -209,7 +209,11 @@ fn allowed(a: &Allowed) -> String {
                     None => by_proto.push((r.protocol.clone(), vec![text])),
                 }
             }
-            by_proto.iter().map(|(p, v)| format!("{p} {}", v.join(", "))).collect::<Vec<_>>().join("; ")
+            let mut parts: Vec<String> = by_proto.iter().map(|(p, v)| format!("{p} {}", v.join(", "))).collect();
+            if other_slot.is_some() {
+                parts.push("other protocols (ICMP...)".into());
+            }
+            parts.join("; ")
         }
     }
 }
@@ -236,9 +240,10 @@ mod tests {
     #[test]
     fn rules_read_as_peers_and_ports() {
         let r = |p: &str, from, to| PortRange { protocol: p.into(), from, to, slot: 0 };
-        let a = Allowed::Ports { portset: 3, ports: vec![r("TCP", 8000, 8100), r("TCP", 9092, 9092), r("UDP", 0, 65535)] };
+        let a =
+            Allowed::Ports { portset: 3, ports: vec![r("TCP", 8000, 8100), r("TCP", 9092, 9092), r("UDP", 0, 65535)], other_slot: None };
         assert_eq!(allowed(&a), "TCP 8000-8100, 9092; UDP all ports");
-        assert_eq!(allowed(&Allowed::Ports { portset: 4, ports: vec![] }), "nothing (port set 4 has no entries)");
+        assert_eq!(allowed(&Allowed::Ports { portset: 4, ports: vec![], other_slot: None }), "nothing (port set 4 has no entries)");
         assert_eq!(allowed(&Allowed::All { slot: 1 }), "everything");
         let rule = Rule {
             identity: 5,

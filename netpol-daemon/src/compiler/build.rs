@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::index::{block_holds, has_named, isolating, PeerResolver, PeerSet};
 use super::state::{add_service_allows, backends_of, class_ports, GroupState, RuleState, State};
+use super::tiers::{selecting_tiers, Tiers};
 use super::*;
 use ipnet::IpNet;
 
@@ -21,14 +22,15 @@ static EPOCH: AtomicU64 = AtomicU64::new(1);
 /// updates start from.
 pub(super) fn build(index: &Index, local: &[&Pod]) -> (NodePolicy, State) {
     let isolating_of: Vec<[Vec<&Policy>; 2]> = local.iter().map(|pod| isolating(index.cluster, pod)).collect();
-    let rules = resolve_rules(index, &isolating_of);
+    let tiers_of: Vec<[Tiers; 2]> = local.iter().map(|pod| selecting_tiers(index.cluster, pod)).collect();
+    let rules = resolve_rules(index, &isolating_of, &tiers_of);
     let (named_groups, any_named) = rules.named_groups();
     let cands = candidates(index, &rules.groups, &named_groups, any_named);
     let members = membership(&rules.groups, &cands.prefixes);
     let mut st = rules.into_state(index.cluster, named_groups, any_named, cands.service_of);
     let (classes, table) = classify(&mut st, index, &cands.prefixes, members);
     let prefixes = prune(table);
-    let pods = compile_local(&mut st, index.cluster, &classes, &prefixes, local, isolating_of);
+    let pods = compile_local(&mut st, index.cluster, &classes, &prefixes, local, isolating_of, tiers_of);
     let epoch = EPOCH.fetch_add(1, Ordering::Relaxed);
     (NodePolicy { epoch, classes, prefixes, pods, prefix_gen: 0, touched_prefixes: BTreeMap::new() }, st)
 }
@@ -43,10 +45,15 @@ struct Rules<'a> {
     groups: Vec<PeerSet<'a>>,
     group_states: Vec<GroupState>,
     group_ids: HashMap<PeerSet<'a>, u32>,
+    /// ClusterNetworkPolicy rules: per (policy, direction), per rule its group.
+    cluster_groups: HashMap<(String, Direction), Vec<Option<u32>>>,
+    /// Groups of cluster egress rules with named ports.
+    cluster_named: BTreeSet<u32>,
 }
 
-/// Resolves the rules of every (policy, direction) isolating some local pod, once each.
-fn resolve_rules<'a>(index: &Index<'a>, isolating_of: &[[Vec<&'a Policy>; 2]]) -> Rules<'a> {
+/// Resolves the rules of every (policy, direction) isolating some local pod, and of every
+/// (cluster policy, direction) selecting one, once each.
+fn resolve_rules<'a>(index: &Index<'a>, isolating_of: &[[Vec<&'a Policy>; 2]], tiers_of: &[[Tiers<'a>; 2]]) -> Rules<'a> {
     let mut used: BTreeMap<(&ObjKey, Direction), &'a Policy> = BTreeMap::new();
     for per_dir in isolating_of {
         for (d, v) in Direction::BOTH.into_iter().zip(per_dir) {
@@ -62,23 +69,49 @@ fn resolve_rules<'a>(index: &Index<'a>, isolating_of: &[[Vec<&'a Policy>; 2]]) -
         for (i, rule) in pol.rules(dir).iter().enumerate() {
             let set = peers.peer_set(pol, rule);
             let any = matches!(set, PeerSet::Any);
-            let group = out.group_of(set, rule, pol);
+            let group = out.group_of(set, |set| GroupState::new(set, rule, pol));
             let rref = RuleRef { policy: pol.key.clone(), dir, index: i };
             out.rules.push(RuleState { rref, rule: rule.clone(), group, any, named_egress: dir == Direction::Egress && has_named(rule) });
         }
         out.rule_range.entry(key.clone()).or_default()[dir as usize] = Some((first, out.rules.len()));
     }
+    let mut used_cluster: BTreeMap<(&str, Direction), &'a ClusterPolicy> = BTreeMap::new();
+    for per_dir in tiers_of {
+        for (d, t) in Direction::BOTH.into_iter().zip(per_dir) {
+            for p in t.admin.iter().chain(&t.baseline) {
+                used_cluster.insert((&p.name, d), *p);
+            }
+        }
+    }
+    for ((name, dir), pol) in used_cluster {
+        let groups = pol.rules(dir).iter().map(|rule| out.cluster_group(&mut peers, rule, dir)).collect();
+        out.cluster_groups.insert((name.to_string(), dir), groups);
+    }
     out
 }
 
 impl<'a> Rules<'a> {
-    /// The group of peer set `set` (of `rule` of `policy`), registered if new.
-    fn group_of(&mut self, set: PeerSet<'a>, rule: &Rule, policy: &Policy) -> u32 {
+    /// The group of a cluster policy rule's peers (`None`: it has none, it matches nothing).
+    fn cluster_group(&mut self, peers: &mut PeerResolver<'_, 'a>, rule: &'a ClusterRule, dir: Direction) -> Option<u32> {
+        if rule.peers.is_empty() {
+            return None;
+        }
+        let set = peers.cluster_peer_set(rule);
+        let g = self.group_of(set, |set| GroupState::cluster(set, rule));
+        let named = rule.ports.iter().flatten().any(|p| matches!(p, ClusterPort::Named(_)));
+        if dir == Direction::Egress && named {
+            self.cluster_named.insert(g);
+        }
+        Some(g)
+    }
+
+    /// The group of peer set `set`, registered (its state made by `state`) if new.
+    fn group_of(&mut self, set: PeerSet<'a>, state: impl FnOnce(&PeerSet<'a>) -> GroupState) -> u32 {
         if let Some(g) = self.group_ids.get(&set) {
             return *g;
         }
         let g = self.groups.len() as u32;
-        self.group_states.push(GroupState::new(&set, rule, policy));
+        self.group_states.push(state(&set));
         self.groups.push(set.clone());
         self.group_ids.insert(set, g);
         g
@@ -86,7 +119,8 @@ impl<'a> Rules<'a> {
 
     /// The groups of egress rules with named ports, and whether one of them is every peer.
     fn named_groups(&self) -> (BTreeSet<u32>, bool) {
-        let named: BTreeSet<u32> = self.rules.iter().filter(|r| r.named_egress).map(|r| r.group).collect();
+        let mut named: BTreeSet<u32> = self.rules.iter().filter(|r| r.named_egress).map(|r| r.group).collect();
+        named.extend(self.cluster_named.iter().copied());
         let any = named.iter().any(|g| matches!(self.groups[*g as usize], PeerSet::Any));
         (named, any)
     }
@@ -98,6 +132,7 @@ impl<'a> Rules<'a> {
             group_classes: vec![Vec::new(); self.group_states.len()],
             rules: self.rules,
             rule_range: self.rule_range,
+            cluster_groups: self.cluster_groups,
             groups: self.group_states,
             named_groups,
             any_named,
@@ -240,11 +275,12 @@ fn compile_local(
     prefixes: &BTreeMap<IpNet, usize>,
     local: &[&Pod],
     isolating_of: Vec<[Vec<&Policy>; 2]>,
+    tiers_of: Vec<[Tiers; 2]>,
 ) -> BTreeMap<ObjKey, CompiledPod> {
     let backends = backends_of(cluster, classes, prefixes);
     let mut pods = BTreeMap::new();
-    for (pod, per_dir) in local.iter().zip(isolating_of) {
-        let mut out = st.compile_pod(classes, pod, &per_dir);
+    for ((pod, per_dir), tiers) in local.iter().zip(isolating_of).zip(tiers_of) {
+        let mut out = st.compile_pod(classes, pod, &per_dir, &tiers);
         if let Some(dp) = out.egress.as_mut() {
             add_service_allows(dp, classes, &backends);
         }

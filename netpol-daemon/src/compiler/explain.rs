@@ -4,7 +4,20 @@
 use std::net::IpAddr;
 
 use super::state::rule_allow;
+use super::tiers::{cluster_policy_of, rule_traffic, TierStep};
 use super::*;
+
+/// One step of the walk through the tiers for a packet, in the order taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChainStep {
+    /// A cluster policy rule matched first in its tier: Accept and Deny decide, Pass goes on
+    /// to the next tier.
+    Rule(TierStep),
+    /// The NetworkPolicies isolating the pod decided: allowed, or not.
+    NetworkPolicy { allowed: bool },
+    /// No tier decided: allowed by default.
+    Default,
+}
 
 /// Why a packet is allowed or denied in one direction at one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,6 +33,9 @@ pub struct Explanation {
     pub allowed: bool,
     /// Allow, or Audit (an audit-mode policy would drop it; it passes), or Deny.
     pub verdict: Verdict,
+    /// Where cluster policies select the pod in this direction: the walk through the tiers
+    /// (e.g. Admin pass, then the NetworkPolicies allow). Empty otherwise.
+    pub chain: Vec<ChainStep>,
 }
 
 /// Explains the compiled verdict for `pod` (compiled in `node`) in direction `dir`.
@@ -33,8 +49,15 @@ pub fn explain(
     port: Option<u16>,
 ) -> Explanation {
     let verdict = node.verdict(pod, dir, peer, proto, port);
-    let mut out =
-        Explanation { dir, isolated: false, policies: Vec::new(), allowing_rules: Vec::new(), allowed: verdict.passes(), verdict };
+    let mut out = Explanation {
+        dir,
+        isolated: false,
+        policies: Vec::new(),
+        allowing_rules: Vec::new(),
+        allowed: verdict.passes(),
+        verdict,
+        chain: Vec::new(),
+    };
     let (Some(compiled), Some(p)) = (node.pods.get(pod), cluster.pods.get(pod)) else { return out };
     let Some(dp) = compiled.dir(dir) else { return out };
     out.isolated = true;
@@ -65,6 +88,69 @@ pub fn explain(
                 out.allowing_rules.push(r);
             }
         }
+    }
+    if dp.policies.iter().any(|k| cluster_policy_of(k).is_some()) {
+        // The chain of the first target the pod may reach (or of the first target).
+        let chains: Vec<Vec<ChainStep>> = targets
+            .iter()
+            .map(|(addr, proto, port)| {
+                let class = if class.service.is_some() && dir == Direction::Egress { &node.classes[node.class_of(*addr)] } else { class };
+                let np_allows = out.allowing_rules.iter().any(|r| {
+                    let rule = &cluster.policies[&r.policy].rules(dir)[r.index];
+                    (rule.peers.is_none() || class.rules.binary_search(r).is_ok())
+                        && rule_allow(p, dir, rule, class, 0).permits(*proto, *port)
+                });
+                chain(cluster, &dp.policies, p, dir, class, *proto, *port, np_allows)
+            })
+            .collect();
+        let allows = |c: &Vec<ChainStep>| match c.last() {
+            Some(ChainStep::Rule(s)) => s.action == Action::Accept,
+            Some(ChainStep::NetworkPolicy { allowed }) => *allowed,
+            Some(ChainStep::Default) | None => true,
+        };
+        out.chain = chains.iter().find(|c| allows(c)).or(chains.first()).cloned().unwrap_or_default();
+    }
+    out
+}
+
+/// The walk through the tiers of a packet to a peer of `class` at `pod` in `dir`, whose
+/// policy list is `policies` (Admin, NetworkPolicy, Baseline); `np_allows`: some rule of the
+/// isolating NetworkPolicies allows the packet.
+#[allow(clippy::too_many_arguments)]
+fn chain(
+    cluster: &Cluster,
+    policies: &[ObjKey],
+    pod: &Pod,
+    dir: Direction,
+    class: &ClassKey,
+    proto: u8,
+    port: Option<u16>,
+    np_allows: bool,
+) -> Vec<ChainStep> {
+    let mut out = Vec::new();
+    let tier_walk = |tier: Tier, out: &mut Vec<ChainStep>| -> Option<Action> {
+        for (t, name) in policies.iter().filter_map(cluster_policy_of) {
+            let Some(pol) = cluster.cluster_policies.get(name).filter(|_| t == tier) else { continue };
+            for (index, rule) in pol.rules(dir).iter().enumerate() {
+                let r = ClusterRuleRef { policy: name.to_string(), dir, index };
+                if class.cluster_rules.binary_search(&r).is_ok() && rule_traffic(rule, pod, dir, class).holds(proto, port) {
+                    let step = TierStep { tier, policy: name.to_string(), index, rule_name: rule.name.clone(), action: rule.action };
+                    out.push(ChainStep::Rule(step));
+                    return Some(rule.action);
+                }
+            }
+        }
+        None
+    };
+    if matches!(tier_walk(Tier::Admin, &mut out), Some(Action::Accept | Action::Deny)) {
+        return out;
+    }
+    if policies.iter().any(|k| cluster_policy_of(k).is_none()) {
+        out.push(ChainStep::NetworkPolicy { allowed: np_allows });
+        return out;
+    }
+    if !matches!(tier_walk(Tier::Baseline, &mut out), Some(Action::Accept | Action::Deny)) {
+        out.push(ChainStep::Default);
     }
     out
 }

@@ -100,7 +100,10 @@ impl NodeCompiler {
         if self.state.is_some() && changes.is_empty() {
             return UpdateKind::Unchanged;
         }
-        let structural = changes.all || changes.namespaces || changes.policies || changes.services;
+        // Cluster policies are compiled in full compiles only (their tiers are walked per
+        // pod and class; the incremental path does not follow them yet).
+        let tiers = changes.cluster_policies || !cluster.cluster_policies.is_empty();
+        let structural = changes.all || changes.namespaces || changes.policies || changes.services || tiers;
         let grown = self.policy.classes.len() > 2 * self.classes_at_full + 64;
         let big = self.fallback && full_is_cheaper(changes.pods.len(), cluster.pods.len());
         if !structural && !grown && !big {
@@ -157,7 +160,7 @@ fn apply_pods(st: &mut State, out: &mut NodePolicy, cluster: &Cluster, node: &st
     add_new_classes(st, out, cluster, &new_classes, &changed_local);
     // The node's changed pods, compiled from their policies.
     for (pod, iso) in &local_now {
-        let c = st.compile_pod(&out.classes, pod, iso);
+        let c = st.compile_pod(&out.classes, pod, iso, &Default::default());
         st.set_local(&pod.key, iso);
         out.pods.insert(pod.key.clone(), c);
     }

@@ -130,7 +130,7 @@ pub(super) enum PeerSet<'a> {
     Any,
     /// Address blocks, and the addresses of the selected pods.
     Some {
-        blocks: Vec<&'a IpBlock>,
+        blocks: Vec<Cow<'a, IpBlock>>,
         pod_ips: PodIps,
     },
 }
@@ -171,7 +171,7 @@ impl<'i, 'a> PeerResolver<'i, 'a> {
         let mut lists: Vec<PodIps> = Vec::new();
         for peer in peers {
             match peer {
-                Peer::IpBlock(b) => blocks.push(b),
+                Peer::IpBlock(b) => blocks.push(Cow::Borrowed(b)),
                 Peer::Pods { namespaces, pods } => lists.push(self.pod_ips(&policy.key.namespace, namespaces, pods)),
             }
         }
@@ -184,6 +184,45 @@ impl<'i, 'a> PeerResolver<'i, 'a> {
             _ => PodIps::of(lists.iter().flat_map(|l| l.iter().copied())),
         };
         PeerSet::Some { blocks, pod_ips }
+    }
+
+    /// The peers of a ClusterNetworkPolicy rule: its pods (never host-network ones), its
+    /// networks and the addresses of its nodes.
+    pub(super) fn cluster_peer_set(&mut self, rule: &'a ClusterRule) -> PeerSet<'a> {
+        let mut blocks: Vec<Cow<'a, IpBlock>> = Vec::new();
+        let mut lists: Vec<PodIps> = Vec::new();
+        for peer in &rule.peers {
+            match peer {
+                ClusterPeer::Pods(set) => lists.push(self.pod_set_ips(set)),
+                ClusterPeer::Networks(nets) => {
+                    blocks.extend(nets.iter().map(|n| Cow::Owned(IpBlock { cidr: n.trunc(), except: Vec::new() })))
+                }
+                ClusterPeer::Nodes(sel) => {
+                    let nodes = self.index.cluster.nodes.values().filter(|n| sel.matches(&n.labels));
+                    let hosts =
+                        nodes.flat_map(|n| n.addresses.iter().map(|a| Cow::Owned(IpBlock { cidr: IpNet::from(*a), except: Vec::new() })));
+                    blocks.extend(hosts);
+                }
+            }
+        }
+        blocks.sort_by_key(|b| (b.cidr, b.except.clone()));
+        blocks.dedup();
+        lists.dedup();
+        let pod_ips = match lists.len() {
+            0 => self.empty.clone(),
+            1 => lists.pop().unwrap(),
+            _ => PodIps::of(lists.iter().flat_map(|l| l.iter().copied())),
+        };
+        PeerSet::Some { blocks, pod_ips }
+    }
+
+    /// The addresses of the pods of a ClusterNetworkPolicy pod set (as a NetworkPolicy peer
+    /// with both selectors: the same key, the same list).
+    fn pod_set_ips(&mut self, set: &'a PodSet) -> PodIps {
+        let index = self.index;
+        let nss = Some(set.namespaces.clone());
+        let pick = || PodIps::of(index.peer_pods("", &nss, &set.pods).iter().flat_map(|p| p.ips.iter().copied()));
+        self.pod_peers.entry((Some(&set.namespaces), &set.pods, None)).or_insert_with(pick).clone()
     }
 
     /// The addresses of the pods one pod peer of a policy in `policy_ns` selects.

@@ -33,11 +33,31 @@ pub struct PortRange {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortSet {
     ranges: BTreeMap<Protocol, Vec<PortRange>>,
+    /// Every packet of another protocol than TCP, UDP and SCTP (ICMP...) too, by the policy in
+    /// the slot. Only the cluster tiers leave that open beside ports (a NetworkPolicy rule
+    /// allows all traffic or ports).
+    other: Option<Slot>,
 }
 
 impl PortSet {
     pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
+        self.ranges.is_empty() && self.other.is_none()
+    }
+
+    /// The slot allowing other protocols than TCP, UDP and SCTP, if they are allowed.
+    pub fn other(&self) -> Option<Slot> {
+        self.other
+    }
+
+    /// Allows other protocols than TCP, UDP and SCTP by the policy in `slot` (the lower slot
+    /// keeps them).
+    pub fn add_other(&mut self, slot: Slot) {
+        self.other = Some(self.other.map_or(slot, |s| s.min(slot)));
+    }
+
+    /// The same ports without the other protocols (what the POLICY_PORTS entries hold).
+    pub fn ports_only(&self) -> PortSet {
+        PortSet { ranges: self.ranges.clone(), other: None }
     }
 
     /// Adds `lo..=hi` attributed to slot 0.
@@ -92,6 +112,9 @@ impl PortSet {
                 self.add_from(*p, r.lo, r.hi, r.slot);
             }
         }
+        if let Some(s) = other.other {
+            self.add_other(s);
+        }
     }
 
     /// The slot of the policy allowing `port`, if allowed.
@@ -145,9 +168,9 @@ impl Allow {
     pub fn decides(&self, proto: u8, port: Option<u16>) -> Option<Slot> {
         match self {
             Allow::All(s) => Some(*s),
-            Allow::Ports(ps) => match (Protocol::from_number(proto), port) {
-                (Some(p), Some(port)) => ps.slot(p, port),
-                _ => None,
+            Allow::Ports(ps) => match Protocol::from_number(proto) {
+                Some(p) => port.and_then(|port| ps.slot(p, port)),
+                None => ps.other,
             },
         }
     }
@@ -165,12 +188,22 @@ pub struct RuleRef {
     pub index: usize,
 }
 
+/// Identifies one ClusterNetworkPolicy rule: policy name, direction, index in its list.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterRuleRef {
+    pub policy: String,
+    pub dir: Direction,
+    pub index: usize,
+}
+
 /// What all addresses of a class have in common. The empty key is the class of addresses no
 /// rule names (identity 0 in the datapath).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClassKey {
     /// Rules with explicit peers whose peers contain the addresses.
     pub rules: Vec<RuleRef>,
+    /// ClusterNetworkPolicy rules whose peers contain the addresses, sorted.
+    pub cluster_rules: Vec<ClusterRuleRef>,
     /// The container ports of the pod owning the address, when an egress rule with a named
     /// port covers it: (name, protocol, port), sorted.
     pub ports: Vec<(String, Protocol, u16)>,

@@ -31,12 +31,14 @@ mod index;
 mod ir;
 mod pending;
 mod state;
+mod tiers;
 
-pub use explain::{explain, Explanation};
+pub use explain::{explain, ChainStep, Explanation};
 pub use incremental::{full_is_cheaper, NodeCompiler, UpdateKind, FULL_FRACTION, INCREMENTAL_MAX_ALWAYS};
 pub use index::Index;
-pub use ir::{slot_of, Allow, ClassKey, CompiledPod, DirPolicy, NodePolicy, PortRange, PortSet, RuleRef, Slot};
+pub use ir::{slot_of, Allow, ClassKey, ClusterRuleRef, CompiledPod, DirPolicy, NodePolicy, PortRange, PortSet, RuleRef, Slot};
 pub use pending::{pending_isolation, pending_pod, PendingIface};
+pub use tiers::{cluster_policy_key, cluster_policy_of, TierStep, SLOT_DEFAULT};
 
 use crate::model::*;
 use index::isolating;

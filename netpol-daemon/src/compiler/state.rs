@@ -9,6 +9,7 @@ use std::net::IpAddr;
 
 use super::index::PeerSet;
 use super::ir::class_in;
+use super::tiers::{self, cluster_policy_key, TierRule, Tiers};
 use super::*;
 use ipnet::IpNet;
 
@@ -38,7 +39,21 @@ impl GroupState {
             Peer::Pods { namespaces, pods } => Some((namespaces.clone(), pods.clone(), policy.key.namespace.clone())),
             Peer::IpBlock(_) => None,
         });
-        GroupState { any: false, blocks: blocks.iter().map(|b| (*b).clone()).collect(), pods: pods.collect() }
+        GroupState { any: false, blocks: blocks.iter().map(|b| b.as_ref().clone()).collect(), pods: pods.collect() }
+    }
+
+    /// The state of `set`, the peers of a ClusterNetworkPolicy rule (its pod sets select
+    /// across namespaces; networks and node addresses are its blocks).
+    pub(super) fn cluster(set: &PeerSet, rule: &ClusterRule) -> GroupState {
+        let blocks = match set {
+            PeerSet::Some { blocks, .. } => blocks.iter().map(|b| b.as_ref().clone()).collect(),
+            PeerSet::Any => Vec::new(),
+        };
+        let pods = rule.peers.iter().filter_map(|p| match p {
+            ClusterPeer::Pods(set) => Some((Some(set.namespaces.clone()), set.pods.clone(), String::new())),
+            _ => None,
+        });
+        GroupState { any: false, blocks, pods: pods.collect() }
     }
 
     /// Does the set (not every peer) hold `addr`, whose selectable pods are `owners`?
@@ -76,6 +91,9 @@ pub(super) struct State {
     pub(super) service_of: HashMap<IpAddr, ObjKey>,
     /// The node's pods: their isolating policies per direction (ingress, egress).
     pub(super) local: BTreeMap<ObjKey, [Vec<ObjKey>; 2]>,
+    /// ClusterNetworkPolicy rules in use on the node: per (policy, direction), per rule its
+    /// peer set (`None`: no peers, the rule matches nothing).
+    pub(super) cluster_groups: HashMap<(String, Direction), Vec<Option<u32>>>,
     /// Addresses of every selectable pod (what a changed pod had before).
     pub(super) pod_ips: HashMap<ObjKey, Vec<IpAddr>>,
     /// The other way: per address, the selectable pods holding it, in key order. A changed
@@ -135,10 +153,15 @@ impl State {
         !self.named_groups.is_empty() && (self.any_named || members.iter().any(|g| self.named_groups.contains(g)))
     }
 
-    /// A pod's tables (cluster IPs aside) under its isolating policies per direction.
-    pub(super) fn compile_pod(&self, classes: &[ClassKey], pod: &Pod, iso: &[Vec<&Policy>; 2]) -> CompiledPod {
+    /// A pod's tables (cluster IPs aside) under its isolating policies and the cluster
+    /// policies selecting it, per direction.
+    pub(super) fn compile_pod(&self, classes: &[ClassKey], pod: &Pod, iso: &[Vec<&Policy>; 2], tiers: &[Tiers; 2]) -> CompiledPod {
         let dir_policy = |dir: Direction| {
             let policies = &iso[dir as usize];
+            let tiers = &tiers[dir as usize];
+            if !tiers.is_empty() {
+                return Some(self.tiered_dir(classes, pod, dir, policies, tiers));
+            }
             if policies.is_empty() {
                 return None;
             }
@@ -150,10 +173,78 @@ impl State {
         CompiledPod { key: pod.key.clone(), ips: pod.ips.clone(), ingress, egress, pending: None }
     }
 
+    /// A pod's table in a direction where cluster policies select it: per class, what the
+    /// tiers let through ([`tiers::tiered_allow`]). Its policy list: the Admin tier's, the
+    /// isolating NetworkPolicies, the Baseline tier's.
+    fn tiered_dir(&self, classes: &[ClassKey], pod: &Pod, dir: Direction, policies: &[&Policy], tiers: &Tiers) -> DirPolicy {
+        let np_keys: Vec<ObjKey> = policies.iter().map(|p| p.key.clone()).collect();
+        let np = (!np_keys.is_empty()).then(|| self.dir_allows(classes, pod, dir, &self.pod_rules(&np_keys, dir)));
+        let admin_keys = tiers.admin.iter().map(|p| cluster_policy_key(Tier::Admin, &p.name));
+        let baseline_keys = tiers.baseline.iter().map(|p| cluster_policy_key(Tier::Baseline, &p.name));
+        let keys: Vec<ObjKey> = admin_keys.chain(np_keys.iter().cloned()).chain(baseline_keys).collect();
+        // The classes some rule draws a line around; every other class is treated as class 0.
+        let mut relevant: BTreeSet<usize> = np.iter().flat_map(|a| a.keys().copied()).collect();
+        relevant.insert(0);
+        let baseline_offset = tiers.admin.len() + np_keys.len();
+        let tier_groups = |list: &[&ClusterPolicy], offset: usize| -> Vec<(usize, usize, Slot, Option<u32>)> {
+            let mut out = Vec::new();
+            for (i, p) in list.iter().enumerate() {
+                let groups = &self.cluster_groups[&(p.name.clone(), dir)];
+                out.extend(groups.iter().enumerate().map(|(r, g)| (i, r, slot_of(offset + i), *g)));
+            }
+            out
+        };
+        let admin = tier_groups(&tiers.admin, 0);
+        let baseline = tier_groups(&tiers.baseline, baseline_offset);
+        for (_, _, _, g) in admin.iter().chain(&baseline) {
+            if let Some(g) = g {
+                relevant.extend(self.group_classes[*g as usize].iter().copied());
+            }
+        }
+
+        let mut allows = BTreeMap::new();
+        let mut base: Option<Allow> = None;
+        for ci in relevant {
+            let np_allow = np.as_ref().map(|m| m.get(&ci).or_else(|| m.get(&0)).cloned().unwrap_or_else(Allow::nothing));
+            let a = tiers::tiered_allow(
+                &tier_rules(&tiers.admin, &admin, &self.class_groups[ci]),
+                np_allow.as_ref(),
+                tiers.admin.len(),
+                &tier_rules(&tiers.baseline, &baseline, &self.class_groups[ci]),
+                dir,
+                pod,
+                &classes[ci],
+            );
+            match &base {
+                None => {
+                    base = Some(a.clone());
+                    if !a.is_nothing() {
+                        allows.insert(ci, a);
+                    }
+                }
+                Some(b) if *b != a => {
+                    allows.insert(ci, a);
+                }
+                Some(_) => {}
+            }
+        }
+        DirPolicy { allows, policies: keys, audit: false }
+    }
+
     /// Registers a new class; returns its index.
     pub(super) fn add_class(&mut self, classes: &mut Vec<ClassKey>, key: ClassId) -> usize {
         let id = classes.len();
+        let mut cluster_rules: Vec<ClusterRuleRef> = Vec::new();
+        for ((policy, dir), groups) in &self.cluster_groups {
+            for (index, g) in groups.iter().enumerate() {
+                if g.is_some_and(|g| key.0.binary_search(&g).is_ok()) {
+                    cluster_rules.push(ClusterRuleRef { policy: policy.clone(), dir: *dir, index });
+                }
+            }
+        }
+        cluster_rules.sort();
         classes.push(ClassKey {
+            cluster_rules,
             rules: self.rules.iter().filter(|r| !r.any && key.0.binary_search(&r.group).is_ok()).map(|r| r.rref.clone()).collect(),
             ports: key.1.clone(),
             service: key.2.clone(),
@@ -249,6 +340,13 @@ impl State {
         };
         (members, ports, self.service_of.get(&addr).cloned())
     }
+}
+
+/// The rules of a tier's policies (`list`) as resolved (policy index, rule index, slot,
+/// group), for a class whose groups are `class_groups`.
+fn tier_rules<'r>(list: &[&'r ClusterPolicy], resolved: &[(usize, usize, Slot, Option<u32>)], class_groups: &[u32]) -> Vec<TierRule<'r>> {
+    let held = |g: &Option<u32>| g.is_some_and(|g| class_groups.binary_search(&g).is_ok());
+    resolved.iter().map(|(i, r, slot, g)| TierRule { policy: list[*i], index: *r, slot: *slot, peers_hold_class: held(g) }).collect()
 }
 
 /// The named container ports of `pod` as a class carries them: (name, protocol, port), sorted.

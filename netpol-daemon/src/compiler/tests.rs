@@ -1154,3 +1154,5 @@ fn a_change_of_most_pods_falls_back_to_a_full_compile_with_the_same_result() {
     assert!(verdict_table(&c, auto.policy()) == verdict_table(&c, &compile_node(&c, &node)));
     assert!(!full_is_cheaper(INCREMENTAL_MAX_ALWAYS, 100), "small changes are never a full compile");
 }
+
+mod tiers;

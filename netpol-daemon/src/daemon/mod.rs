@@ -249,7 +249,7 @@ impl Daemon {
         let t_load = Instant::now();
         let span = tracing::info_span!("load", ms = tracing::field::Empty);
         let _load = span.enter();
-        let (ch, mut errors) = match ctx.source.refresh(&mut st.cluster, ctx.cfg.audit_all) {
+        let (ch, errors) = match ctx.source.refresh(&mut st.cluster, ctx.cfg.audit_all) {
             Ok(Some(loaded)) => loaded,
             Ok(None) => return true,
             Err(e) => {
@@ -257,7 +257,6 @@ impl Daemon {
                 return false;
             }
         };
-        errors.extend(cluster_policies_not_enforced(&st.cluster));
         // How long ago the change was made, as of now.
         let (age, now) = (ctx.source.take_change_age(), Instant::now());
         ctx.shared.flows.pods_changed(&st.cluster, &ch);
@@ -324,14 +323,6 @@ fn start_program_log(datapath: &mut Datapath, stop: &Arc<AtomicBool>) -> Result<
 }
 
 /// Logs the load problems not logged before.
-/// ClusterNetworkPolicies are read and validated but not compiled yet: each one is a load
-/// error (logged, counted in the metrics) so that none is taken for enforced.
-fn cluster_policies_not_enforced(cluster: &crate::model::Cluster) -> impl Iterator<Item = String> + '_ {
-    cluster.cluster_policies.keys().map(|name| {
-        format!("ClusterNetworkPolicy {name}: not enforced: this netpol compiles NetworkPolicies only (docs/cluster-network-policy.md)")
-    })
-}
-
 fn log_new_load_errors(errors: &[String], logged: &[String]) {
     for e in errors {
         if !logged.contains(e) {
@@ -340,28 +331,5 @@ fn log_new_load_errors(errors: &[String], logged: &[String]) {
             let what = if e.contains(crate::model::FAIL_CLOSED_NOTE) { "invalid" } else { "skipped" };
             tracing::error!("{what}: {e}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{cluster_policy_from_json, Cluster, Object};
-
-    #[test]
-    fn every_cluster_policy_is_reported_as_not_enforced() {
-        let mut cluster = Cluster::default();
-        assert_eq!(cluster_policies_not_enforced(&cluster).count(), 0);
-        let json = serde_json::json!({
-            "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
-            "metadata": {"name": "no-metadata"},
-            "spec": {"tier": "Admin", "priority": 10, "subject": {"namespaces": {}},
-                     "egress": [{"action": "Deny", "to": [{"networks": ["169.254.169.254/32"]}]}]}
-        });
-        let converted = cluster_policy_from_json(&json).expect("a valid policy");
-        cluster.insert(Object::ClusterPolicy(converted.policy));
-        let errors: Vec<String> = cluster_policies_not_enforced(&cluster).collect();
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        assert!(errors[0].starts_with("ClusterNetworkPolicy no-metadata: not enforced"), "{errors:?}");
     }
 }

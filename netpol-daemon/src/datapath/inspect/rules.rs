@@ -43,8 +43,14 @@ pub struct PortRange {
 pub enum Allowed {
     /// Every protocol and port (`POLICY_ALLOW_ALL`).
     All { slot: u32 },
-    /// The ports of set `portset` (empty: the set has no `POLICY_PORTS` entry, nothing passes).
-    Ports { portset: u32, ports: Vec<PortRange> },
+    /// The ports of set `portset` (empty: the set has no `POLICY_PORTS` entry, nothing passes),
+    /// and with `other_slot`, every protocol other than TCP, UDP and SCTP (`POLICY_ALLOW_OTHER`).
+    Ports {
+        portset: u32,
+        ports: Vec<PortRange>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        other_slot: Option<u32>,
+    },
 }
 
 /// One `POLICY` entry of an endpoint and direction: the peer class and what it may do.
@@ -167,7 +173,8 @@ impl Tables {
             return Allowed::All { slot: (v.flags >> POLICY_SLOT_SHIFT) & 0xff };
         }
         let entries = self.ports.get(&v.portset).map(Vec::as_slice).unwrap_or(&[]);
-        Allowed::Ports { portset: v.portset, ports: port_ranges(entries) }
+        let other_slot = (v.flags & POLICY_ALLOW_OTHER != 0).then_some((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
+        Allowed::Ports { portset: v.portset, ports: port_ranges(entries), other_slot }
     }
 }
 
