@@ -273,9 +273,37 @@ fn describe(e: &EndVerdict, out: &mut String) {
     if np_decided && e.rules.is_empty() {
         let _ = writeln!(out, "    no {d} rule of those policies matches this peer, port and protocol");
     }
-    for r in &e.rules {
+    for r in e.rules.iter().filter(|_| np_decided) {
         let peers = r.peers.map_or_else(|| "any peer".to_string(), |n| format!("{n} peer(s)"));
         let ports = r.ports.as_ref().map_or_else(|| "all ports and protocols".to_string(), |p| p.join(", "));
         let _ = writeln!(out, "    allowed by {}: {} ({peers}; {ports})", r.policy, r.field);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's worked example (deploy/examples/cluster-network-policy): each guardrail
+    /// holds against what the namespace's NetworkPolicies say, and the tier chain says why.
+    #[test]
+    fn the_guardrail_example_decides_as_the_readme_says() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/cluster-network-policy");
+        let cases = [
+            ("shop/api", "169.254.169.254", 80, false, "Admin deny (no-cloud-metadata spec.egress[0] (instance-metadata))"),
+            ("monitoring/prometheus", "shop/mysql", 9104, true, "Admin accept (monitoring-scrapes spec.ingress[0] (prometheus))"),
+            ("shop/api", "shop/mysql", 3306, true, "NetworkPolicy allow"),
+            ("blog/wordpress", "shop/mysql", 3306, false, "NetworkPolicy deny"),
+            ("blog/wordpress", "shop/api", 8080, false, "Baseline deny (tenant-isolation spec.ingress[0] (other-tenants))"),
+            ("monitoring/prometheus", "blog/wordpress", 8080, true, "default allow"),
+        ];
+        for (from, to, port, allowed, ingress_or_egress) in cases {
+            let r = explain_report(Some(&dir), from, to, Some(port), "TCP").unwrap();
+            assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+            assert_eq!(r.allowed, allowed, "{from} -> {to}:{port}\n{}", r.text());
+            let chains: Vec<String> =
+                r.ends.iter().map(|e| e.tiers.iter().map(TierStepRef::text).collect::<Vec<_>>().join(" -> ")).collect();
+            assert!(chains.iter().any(|c| c == ingress_or_egress), "{from} -> {to}:{port}: {chains:?}");
+        }
     }
 }
