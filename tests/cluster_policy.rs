@@ -79,6 +79,12 @@ fn an_admin_deny_of_some_ports_leaves_other_ports_and_protocols_open() {
     );
     let denied = packets(&lab, "t", "b", "ingress", "deny");
     assert!(denied >= 5.0, "b's ingress drops are counted: {denied}");
+    // ...and the ones its rule judged (the SYNs to 8081, the denied datagram's first fragment;
+    // not the later fragments, which follow their first's verdict, nor those without a first)
+    // are counted against the cluster policy.
+    let m = lab.metrics().unwrap();
+    let by = sample(&m, "netpol_policy_denied_packets_total{namespace=\"t\",pod=\"b\",direction=\"ingress\",policy=\"Admin:deny-8081\"}");
+    assert!(by.is_some_and(|n| n >= 3.0 && n <= denied - 4.0), "denies counted against Admin:deny-8081: {by:?} of {denied}\n{m}");
 }
 
 /// Tier order with real connections: an Admin Accept beats a NetworkPolicy's default deny

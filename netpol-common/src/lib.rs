@@ -71,6 +71,17 @@ pub const POLICY_ALLOW_ALL: u32 = 1;
 /// leaves open. (Not port-less TCP/UDP/SCTP packets: a fragment without its first fragment's
 /// verdict needs [`POLICY_ALLOW_ALL`].) The slot is in the same bits as for `POLICY_ALLOW_ALL`.
 pub const POLICY_ALLOW_OTHER: u32 = 2;
+/// [`PolicyValue::flags`]: a cluster policy denies the other protocols (than TCP, UDP, SCTP),
+/// its slot in bits 16-23 (for the deny counters).
+pub const POLICY_DENY_OTHER: u32 = 4;
+/// [`PolicyValue::flags`]: cluster policies deny some ports: a port the port set does not
+/// allow is looked up again under `portset | PORTSET_DENIED` for the slot that denied it.
+pub const POLICY_HAS_DENIES: u32 = 8;
+/// Where [`POLICY_DENY_OTHER`]'s slot is in [`PolicyValue::flags`].
+pub const POLICY_DENY_SLOT_SHIFT: u32 = 16;
+/// The port set id bit under which a port set's denied ports are (`POLICY_PORTS` entries whose
+/// slot is the denying policy's).
+pub const PORTSET_DENIED: u32 = 1 << 31;
 
 /// Upper bound on endpoint ids (pods with programs on this node); sizes the counter array.
 pub const MAX_ENDPOINTS: u32 = 4096;
@@ -168,6 +179,9 @@ pub mod maps {
     pub const EVENT_DROPS: &str = "EVENT_DROPS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const POLICY_COUNTERS: &str = "POLICY_COUNTERS";
+    /// Per CPU, per endpoint, direction and policy slot: packets a cluster policy's rule
+    /// denied (indexed as `POLICY_COUNTERS`).
+    pub const POLICY_DENY_COUNTERS: &str = "POLICY_DENY_COUNTERS";
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
     pub const FLOW_EPOCH: &str = "FLOW_EPOCH";
     pub const ENDPOINT_ADDRS: &str = "ENDPOINT_ADDRS";

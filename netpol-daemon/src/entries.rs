@@ -104,14 +104,21 @@ pub fn id_key(cidr: &IpNet) -> Lpm<IdKey> {
     (ID_KEY_FIXED_BITS + cidr.prefix_len() as u32, IdKey { family: addr_family(cidr.addr()), _pad: [0; 3], addr: addr_bytes(cidr.addr()) })
 }
 
+/// The POLICY_PORTS entries of port set `id`: its allowed ports under `id`, the ports a
+/// cluster policy denies under `id | PORTSET_DENIED` (each with its policy's slot).
 pub fn portset_entries(id: u32, ps: &PortSet, out: &mut HashMap<Lpm<PortKey>, PortValue>) {
-    for (proto, ranges) in ps.iter() {
-        for r in ranges {
-            for (value, len) in port_prefixes(r.lo, r.hi) {
-                out.insert(
-                    (PORT_KEY_FIXED_BITS + len as u32, PortKey { portset: id, proto: proto.number(), _pad: 0, port: value.to_be_bytes() }),
-                    PortValue { slot: r.slot as u32 },
-                );
+    for (set, list) in [(id, ps.iter().collect::<Vec<_>>()), (id | PORTSET_DENIED, ps.iter_denied().collect())] {
+        for (proto, ranges) in list {
+            for r in ranges {
+                for (value, len) in port_prefixes(r.lo, r.hi) {
+                    out.insert(
+                        (
+                            PORT_KEY_FIXED_BITS + len as u32,
+                            PortKey { portset: set, proto: proto.number(), _pad: 0, port: value.to_be_bytes() },
+                        ),
+                        PortValue { slot: r.slot as u32 },
+                    );
+                }
             }
         }
     }
@@ -347,7 +354,13 @@ impl EntryCache {
                             portset_entries(id, ps, &mut m);
                             PortSetUse { entries: m.into_iter().collect(), users: 0, live: false }
                         });
-                        let flags = with_other.other().map_or(0, |s| POLICY_ALLOW_OTHER | (s as u32) << POLICY_SLOT_SHIFT);
+                        let mut flags = with_other.other().map_or(0, |s| POLICY_ALLOW_OTHER | (s as u32) << POLICY_SLOT_SHIFT);
+                        if let Some(s) = with_other.denied_other() {
+                            flags |= POLICY_DENY_OTHER | (s as u32) << POLICY_DENY_SLOT_SHIFT;
+                        }
+                        if ps.has_denies() {
+                            flags |= POLICY_HAS_DENIES;
+                        }
                         PolicyValue { portset: id, flags }
                     }
                 };
@@ -464,6 +477,12 @@ pub fn lookup(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::IpAddr
 
 /// Emulates the BPF policy lookup on map contents: the slot of the allowing policy.
 pub fn lookup_slot(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::IpAddr, proto: u8, port: Option<u16>) -> Option<u32> {
+    lookup_result(d, endpoint, dir, peer, proto, port).ok()
+}
+
+/// Emulates the BPF policy lookup on map contents: `Ok(allowing slot)`, or `Err(denying
+/// cluster policy's slot, or SLOT_NONE)`.
+pub fn lookup_result(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::IpAddr, proto: u8, port: Option<u16>) -> Result<u32, u32> {
     let full = id_key(&IpNet::from(peer));
     let identity = d
         .identities
@@ -474,20 +493,30 @@ pub fn lookup_slot(d: &Desired, endpoint: u32, dir: Direction, peer: std::net::I
         .max_by_key(|((len, _), _)| *len)
         .map_or(0, |(_, id)| *id);
     let key = |identity| PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] };
-    let v = d.policy.get(&key(identity)).or_else(|| d.policy.get(&key(0)))?;
+    let v = d.policy.get(&key(identity)).or_else(|| d.policy.get(&key(0))).ok_or(SLOT_NONE)?;
     if v.flags & POLICY_ALLOW_ALL != 0 {
-        return Some((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
+        return Ok((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
     }
     if Protocol::from_number(proto).is_none() {
-        return (v.flags & POLICY_ALLOW_OTHER != 0).then_some((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
+        if v.flags & POLICY_ALLOW_OTHER != 0 {
+            return Ok((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
+        }
+        return Err(if v.flags & POLICY_DENY_OTHER != 0 { (v.flags >> POLICY_DENY_SLOT_SHIFT) & 0xff } else { SLOT_NONE });
     }
-    let port = port?;
+    let port = port.ok_or(SLOT_NONE)?;
     // The longest matching prefix decides, as in the LPM trie.
-    d.ports
-        .iter()
-        .filter(|((len, k), _)| k.portset == v.portset && k.proto == proto && covers_port(*len, k, port))
-        .max_by_key(|((len, _), _)| *len)
-        .map(|(_, v)| v.slot)
+    let in_set = |set: u32| {
+        d.ports
+            .iter()
+            .filter(|((len, k), _)| k.portset == set && k.proto == proto && covers_port(*len, k, port))
+            .max_by_key(|((len, _), _)| *len)
+            .map(|(_, v)| v.slot)
+    };
+    match in_set(v.portset) {
+        Some(slot) => Ok(slot),
+        None if v.flags & POLICY_HAS_DENIES != 0 => Err(in_set(v.portset | PORTSET_DENIED).unwrap_or(SLOT_NONE)),
+        None => Err(SLOT_NONE),
+    }
 }
 
 /// Does the POLICY_PORTS key `(len, k)` cover `port` (its port set and protocol aside)?

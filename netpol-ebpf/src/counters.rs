@@ -11,6 +11,21 @@ static COUNTERS: PerCpuArray<Count> = PerCpuArray::pinned(MAX_ENDPOINTS * COUNTE
 #[map(name = "POLICY_COUNTERS")]
 static POLICY_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_ENDPOINTS * 2 * POLICY_SLOTS, 0);
 
+#[map(name = "POLICY_DENY_COUNTERS")]
+static POLICY_DENY_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_ENDPOINTS * 2 * POLICY_SLOTS, 0);
+
+/// Counts a packet that the cluster policy in `slot` of `endpoint` denied in `dir` (nothing
+/// for `SLOT_NONE`: a NetworkPolicy's default deny, counted per pod only).
+#[inline(always)]
+pub fn count_policy_denied(endpoint: u32, dir: u8, slot: u32) {
+    if endpoint >= MAX_ENDPOINTS || slot >= POLICY_SLOTS {
+        return;
+    }
+    if let Some(c) = POLICY_DENY_COUNTERS.get_ptr_mut(policy_counter_index(endpoint, dir & 1, slot)) {
+        unsafe { *c += 1 };
+    }
+}
+
 /// Counts a packet of a flow that the policy in `slot` of `endpoint` allowed in `dir`.
 #[inline(always)]
 pub fn count_policy(endpoint: u32, dir: u8, slot: u32) {

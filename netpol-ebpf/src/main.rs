@@ -205,10 +205,12 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, isolated: bool, p: &Packe
         }
     }
     // Some(slot of the allowing policy, or SLOT_NONE when no policy had to allow it).
+    // The slot of the cluster policy that denied it, if one did.
+    let mut denied_by = SLOT_NONE;
     let allowed_by = if !isolated || (dir == DIR_INGRESS && policy::is_node_addr(p.family, &p.src)) {
         Some(SLOT_NONE)
     } else {
-        policy::allowed(ep.id, dir, p)
+        policy::allowed(ep.id, dir, p).map_err(|s| denied_by = s).ok()
     };
     let v = match allowed_by {
         Some(_) => VERDICT_ALLOW,
@@ -232,6 +234,10 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, isolated: bool, p: &Packe
         counters::count_policy(ep.id, dir, slot);
     }
     let outcome = if v == VERDICT_DENY { policy_drop(ep) } else { v };
+    if v == VERDICT_DENY {
+        counters::count_policy_denied(ep.id, dir, denied_by);
+        return Decision::Judged { outcome, slot: denied_by, report: true };
+    }
     Decision::Judged { outcome, slot, report: v != VERDICT_ALLOW || created }
 }
 

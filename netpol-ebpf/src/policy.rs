@@ -73,10 +73,11 @@ pub fn source_owned(ep: &EndpointInfo, p: &Packet) -> bool {
     unsafe { ENDPOINT_ADDRS.get(&k) }.is_some()
 }
 
-/// Does the union of the endpoint's policies allow this packet in direction `dir`? `Some`:
-/// the slot of a policy that allows it.
+/// Does the union of the endpoint's policies allow this packet in direction `dir`? `Ok`: the
+/// slot of a policy that allows it; `Err`: the slot of the cluster policy that denied it, or
+/// `SLOT_NONE` (a default deny).
 #[inline(always)]
-pub fn allowed(endpoint: u32, dir: u8, p: &Packet) -> Option<u32> {
+pub fn allowed(endpoint: u32, dir: u8, p: &Packet) -> Result<u32, u32> {
     let peer = if dir == DIR_INGRESS { p.src } else { p.dst };
     let bits = if p.family == FAMILY_V4 { 32 } else { 128 };
     let id_key = Key::new(ID_KEY_FIXED_BITS + bits, IdKey { family: p.family, _pad: [0; 3], addr: peer });
@@ -88,21 +89,36 @@ pub fn allowed(endpoint: u32, dir: u8, p: &Packet) -> Option<u32> {
         Some(v) => v,
         None if identity != 0 => {
             let key0 = PolicyKey { endpoint, identity: 0, dir, _pad: [0; 3] };
-            unsafe { POLICY.get(&key0) }?
+            unsafe { POLICY.get(&key0) }.ok_or(SLOT_NONE)?
         }
-        None => return None,
+        None => return Err(SLOT_NONE),
     };
     if v.flags & POLICY_ALLOW_ALL != 0 {
-        return Some((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
+        return Ok((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
     }
     // Only port-carrying protocols can match a port rule; other protocols (ICMP...) need an
     // "all traffic" rule or the other-protocols flag, non-first fragments an "all traffic" rule.
     if !matches!(p.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
-        return (v.flags & POLICY_ALLOW_OTHER != 0).then_some((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
+        if v.flags & POLICY_ALLOW_OTHER != 0 {
+            return Ok((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
+        }
+        if v.flags & POLICY_DENY_OTHER != 0 {
+            return Err((v.flags >> POLICY_DENY_SLOT_SHIFT) & 0xff);
+        }
+        return Err(SLOT_NONE);
     }
     if !p.has_ports {
-        return None;
+        return Err(SLOT_NONE);
     }
-    let pkey = Key::new(PORT_KEY_FIXED_BITS + 16, PortKey { portset: v.portset, proto: p.proto, _pad: 0, port: p.dport.to_be_bytes() });
-    POLICY_PORTS.get(&pkey).map(|v| v.slot)
+    let port = p.dport.to_be_bytes();
+    let pkey = Key::new(PORT_KEY_FIXED_BITS + 16, PortKey { portset: v.portset, proto: p.proto, _pad: 0, port });
+    if let Some(a) = POLICY_PORTS.get(&pkey) {
+        return Ok(a.slot);
+    }
+    // Which cluster policy denied it: looked up only where one denies some ports.
+    if v.flags & POLICY_HAS_DENIES == 0 {
+        return Err(SLOT_NONE);
+    }
+    let dkey = Key::new(PORT_KEY_FIXED_BITS + 16, PortKey { portset: v.portset | PORTSET_DENIED, proto: p.proto, _pad: 0, port });
+    Err(POLICY_PORTS.get(&dkey).map_or(SLOT_NONE, |d| d.slot))
 }

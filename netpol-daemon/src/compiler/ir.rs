@@ -37,6 +37,11 @@ pub struct PortSet {
     /// the slot. Only the cluster tiers leave that open beside ports (a NetworkPolicy rule
     /// allows all traffic or ports).
     other: Option<Slot>,
+    /// Ports a cluster policy rule denies, with that policy's slot; and the other protocols,
+    /// when one denies them. For the deny counters only: what `ranges` does not allow is
+    /// denied whether it is here or not.
+    denied: BTreeMap<Protocol, Vec<PortRange>>,
+    denied_other: Option<Slot>,
 }
 
 impl PortSet {
@@ -55,9 +60,40 @@ impl PortSet {
         self.other = Some(self.other.map_or(slot, |s| s.min(slot)));
     }
 
-    /// The same ports without the other protocols (what the POLICY_PORTS entries hold).
+    /// The same ports without the other protocols (what the POLICY_PORTS entries hold, under
+    /// the set's id and, for the denied ports, its id with `PORTSET_DENIED`).
     pub fn ports_only(&self) -> PortSet {
-        PortSet { ranges: self.ranges.clone(), other: None }
+        PortSet { ranges: self.ranges.clone(), other: None, denied: self.denied.clone(), denied_other: None }
+    }
+
+    /// Notes `lo..=hi` as denied by the cluster policy in `slot` (the lower slot keeps them).
+    pub fn add_denied(&mut self, proto: Protocol, lo: u16, hi: u16, slot: Slot) {
+        add_range(self.denied.entry(proto).or_default(), lo, hi, slot);
+    }
+
+    /// Notes the other protocols as denied by the cluster policy in `slot`.
+    pub fn add_denied_other(&mut self, slot: Slot) {
+        self.denied_other = Some(self.denied_other.map_or(slot, |s| s.min(slot)));
+    }
+
+    /// The slot of the cluster policy that denies `port`, if one does.
+    pub fn denied_slot(&self, proto: Protocol, port: u16) -> Option<Slot> {
+        let rs = self.denied.get(&proto)?;
+        let i = rs.partition_point(|r| r.hi < port);
+        (i < rs.len() && rs[i].lo <= port).then(|| rs[i].slot)
+    }
+
+    pub fn denied_other(&self) -> Option<Slot> {
+        self.denied_other
+    }
+
+    /// Does a cluster policy deny some ports (their drops are attributed by a second lookup)?
+    pub fn has_denies(&self) -> bool {
+        !self.denied.is_empty()
+    }
+
+    pub fn iter_denied(&self) -> impl Iterator<Item = (Protocol, &[PortRange])> {
+        self.denied.iter().map(|(p, r)| (*p, r.as_slice()))
     }
 
     /// Adds `lo..=hi` attributed to slot 0.
@@ -68,45 +104,18 @@ impl PortSet {
     /// Adds `lo..=hi` allowed by the policy in `slot`; where the set already has ports, the
     /// lower slot keeps them.
     pub fn add_from(&mut self, proto: Protocol, lo: u16, hi: u16, slot: Slot) {
-        let v = self.ranges.entry(proto).or_default();
-        let (lo32, hi32) = (lo as u32, hi as u32);
-        let mut out: Vec<PortRange> = Vec::with_capacity(v.len() + 3);
-        // Next port of lo..=hi not yet emitted.
-        let mut next = lo32;
-        for r in v.iter() {
-            let (a, b) = (r.lo as u32, r.hi as u32);
-            if b < lo32 || a > hi32 {
-                out.push(*r);
-                continue;
-            }
-            if a < lo32 {
-                out.push(PortRange { lo: r.lo, hi: lo - 1, slot: r.slot });
-            }
-            if next < a {
-                out.push(PortRange { lo: next as u16, hi: (a - 1) as u16, slot });
-            }
-            let (s, e) = (a.max(lo32), b.min(hi32));
-            out.push(PortRange { lo: s as u16, hi: e as u16, slot: r.slot.min(slot) });
-            if b > hi32 {
-                out.push(PortRange { lo: hi + 1, hi: r.hi, slot: r.slot });
-            }
-            next = e + 1;
-        }
-        if next <= hi32 {
-            out.push(PortRange { lo: next as u16, hi, slot });
-        }
-        out.sort_unstable();
-        let mut merged: Vec<PortRange> = Vec::with_capacity(out.len());
-        for r in out {
-            match merged.last_mut() {
-                Some(last) if last.slot == r.slot && r.lo as u32 == last.hi as u32 + 1 => last.hi = r.hi,
-                _ => merged.push(r),
-            }
-        }
-        *v = merged;
+        add_range(self.ranges.entry(proto).or_default(), lo, hi, slot);
     }
 
     pub fn union(&mut self, other: &PortSet) {
+        for (p, rs) in &other.denied {
+            for r in rs {
+                self.add_denied(*p, r.lo, r.hi, r.slot);
+            }
+        }
+        if let Some(s) = other.denied_other {
+            self.add_denied_other(s);
+        }
         for (p, rs) in &other.ranges {
             for r in rs {
                 self.add_from(*p, r.lo, r.hi, r.slot);
@@ -131,6 +140,46 @@ impl PortSet {
     pub fn iter(&self) -> impl Iterator<Item = (Protocol, &[PortRange])> {
         self.ranges.iter().map(|(p, r)| (*p, r.as_slice()))
     }
+}
+
+/// Adds `lo..=hi` with `slot` to sorted disjoint ranges; where they already have ports, the
+/// lower slot keeps them (adjacent ranges of one slot merge).
+fn add_range(v: &mut Vec<PortRange>, lo: u16, hi: u16, slot: Slot) {
+    let (lo32, hi32) = (lo as u32, hi as u32);
+    let mut out: Vec<PortRange> = Vec::with_capacity(v.len() + 3);
+    // Next port of lo..=hi not yet emitted.
+    let mut next = lo32;
+    for r in v.iter() {
+        let (a, b) = (r.lo as u32, r.hi as u32);
+        if b < lo32 || a > hi32 {
+            out.push(*r);
+            continue;
+        }
+        if a < lo32 {
+            out.push(PortRange { lo: r.lo, hi: lo - 1, slot: r.slot });
+        }
+        if next < a {
+            out.push(PortRange { lo: next as u16, hi: (a - 1) as u16, slot });
+        }
+        let (s, e) = (a.max(lo32), b.min(hi32));
+        out.push(PortRange { lo: s as u16, hi: e as u16, slot: r.slot.min(slot) });
+        if b > hi32 {
+            out.push(PortRange { lo: hi + 1, hi: r.hi, slot: r.slot });
+        }
+        next = e + 1;
+    }
+    if next <= hi32 {
+        out.push(PortRange { lo: next as u16, hi, slot });
+    }
+    out.sort_unstable();
+    let mut merged: Vec<PortRange> = Vec::with_capacity(out.len());
+    for r in out {
+        match merged.last_mut() {
+            Some(last) if last.slot == r.slot && r.lo as u32 == last.hi as u32 + 1 => last.hi = r.hi,
+            _ => merged.push(r),
+        }
+    }
+    *v = merged;
 }
 
 /// What a prefix allows.
@@ -177,6 +226,17 @@ impl Allow {
 
     pub fn permits(&self, proto: u8, port: Option<u16>) -> bool {
         self.decides(proto, port).is_some()
+    }
+
+    /// The slot of the cluster policy that denies the packet, if it is denied by one.
+    pub fn denied_by(&self, proto: u8, port: Option<u16>) -> Option<Slot> {
+        match self {
+            Allow::All(_) => None,
+            Allow::Ports(ps) => match Protocol::from_number(proto) {
+                Some(p) => port.and_then(|port| ps.denied_slot(p, port)),
+                None => ps.denied_other(),
+            },
+        }
     }
 }
 
@@ -231,6 +291,15 @@ pub struct DirPolicy {
 impl DirPolicy {
     pub fn allow_for(&self, class: usize) -> Option<&Allow> {
         self.allows.get(&class).or_else(|| self.allows.get(&0))
+    }
+
+    /// The cluster policy that the datapath counts a denied packet against, if one denied it.
+    pub fn denied_by(&self, class: usize, proto: u8, port: Option<u16>) -> Option<&ObjKey> {
+        let a = self.allow_for(class)?;
+        if a.permits(proto, port) {
+            return None;
+        }
+        self.policies.get(a.denied_by(proto, port)? as usize)
     }
 
     /// The policy that the datapath counts an allowed packet against (some policy whose

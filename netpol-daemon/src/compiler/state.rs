@@ -218,7 +218,8 @@ impl State {
             match &base {
                 None => {
                     base = Some(a.clone());
-                    if !a.is_nothing() {
+                    // (An entry that allows nothing still names the policies that deny.)
+                    if a != Allow::nothing() {
                         allows.insert(ci, a);
                     }
                 }

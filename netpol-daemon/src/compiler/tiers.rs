@@ -136,6 +136,18 @@ impl Traffic {
         }
     }
 
+    /// Notes the traffic in `ps` as denied by the cluster policy in `slot`.
+    fn deny_into(&self, ps: &mut PortSet, slot: Slot) {
+        for (proto, ranges) in &self.ports {
+            for (lo, hi) in ranges {
+                ps.add_denied(*proto, *lo, *hi, slot);
+            }
+        }
+        if self.other {
+            ps.add_denied_other(slot);
+        }
+    }
+
     /// The part of `self` that a NetworkPolicy allow permits, with the allowing slots
     /// (shifted by `offset`: the cluster policies ahead in the pod's list), into `ps`.
     fn allow_where(&self, allow: &Allow, offset: usize, ps: &mut PortSet) {
@@ -264,8 +276,8 @@ pub struct TierStep {
 }
 
 /// Walks `rules` (in evaluation order) over `open`: each matching rule takes what it matches
-/// from what is still open. Accepted parts go into `allowed`; passed parts are returned;
-/// denied parts are gone. `on_take` sees each (rule, part taken).
+/// from what is still open. Accepted parts go into `allowed`, denied parts into its denied
+/// ports (for the deny counters); passed parts are returned. `on_take` sees each (rule, part taken).
 pub(super) fn walk(
     rules: &[TierRule],
     dir: Direction,
@@ -291,7 +303,7 @@ pub(super) fn walk(
         on_take(r, &taken);
         match rule.action {
             Action::Accept => taken.allow_into(allowed, r.slot),
-            Action::Deny => {}
+            Action::Deny => taken.deny_into(allowed, r.slot),
             Action::Pass => passed.union(taken),
         }
     }

@@ -22,14 +22,19 @@ use crate::model::{Direction, ObjKey};
 /// Per programmed pod and direction: its endpoint id and the labels of its policy slots.
 pub type SlotLabels = Vec<(u32, ObjKey, u8, Vec<String>)>;
 
-/// Counts folded out of POLICY_COUNTERS when the meaning of slots changed: (pod, direction,
-/// policy label) -> packets.
+/// Counts folded out of POLICY_COUNTERS (and POLICY_DENY_COUNTERS: direction with
+/// [`RETIRED_DENIED`]) when the meaning of slots changed: (pod, direction, policy label) ->
+/// packets.
 pub type RetiredCounts = BTreeMap<(ObjKey, u8, String), u64>;
+
+/// Marks a [`RetiredCounts`] direction as denied packets (POLICY_DENY_COUNTERS).
+pub const RETIRED_DENIED: u8 = 2;
 
 /// The counter maps, and what the policy slots of each endpoint mean.
 pub(super) struct Counters {
     counters: PerCpuArray<MapData, Count>,
     policy_counters: PerCpuArray<MapData, u64>,
+    policy_deny_counters: PerCpuArray<MapData, u64>,
     /// Per endpoint id and direction: later fragments dropped before their first fragment.
     frag_early: PerCpuArray<MapData, u64>,
     /// Per endpoint id and direction: the policies whose slots its POLICY_COUNTERS hold.
@@ -43,6 +48,7 @@ impl Counters {
         Ok(Counters {
             counters: take(ebpf, maps::COUNTERS)?,
             policy_counters: take(ebpf, maps::POLICY_COUNTERS)?,
+            policy_deny_counters: take(ebpf, maps::POLICY_DENY_COUNTERS)?,
             frag_early: take(ebpf, maps::FRAG_EARLY)?,
             slot_policies: HashMap::default(),
             retired_counts: BTreeMap::new(),
@@ -58,6 +64,7 @@ impl Counters {
             zero(&mut self.frag_early, id * 2 + dir as u32);
             for slot in 0..POLICY_SLOTS {
                 zero(&mut self.policy_counters, policy_counter_index(id, dir, slot));
+                zero(&mut self.policy_deny_counters, policy_counter_index(id, dir, slot));
             }
             self.slot_policies.remove(&(id, dir));
         }
@@ -90,11 +97,13 @@ impl Counters {
     fn retire_slots(&mut self, pod: &ObjKey, id: u32, d: u8, old: &[ObjKey]) {
         for slot in 0..(old.len() as u32).min(POLICY_SLOTS) {
             let idx = policy_counter_index(id, d, slot);
-            let n: u64 = self.policy_counters.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0);
-            if n > 0 {
-                *self.retired_counts.entry((pod.clone(), d, slot_label(old, slot))).or_default() += n;
+            for (map, dir) in [(&mut self.policy_counters, d), (&mut self.policy_deny_counters, d | RETIRED_DENIED)] {
+                let n: u64 = map.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0);
+                if n > 0 {
+                    *self.retired_counts.entry((pod.clone(), dir, slot_label(old, slot))).or_default() += n;
+                }
+                zero(map, idx);
             }
-            zero(&mut self.policy_counters, idx);
         }
     }
 
@@ -138,6 +147,7 @@ pub fn slot_label(policies: &[ObjKey], slot: u32) -> String {
 pub struct CounterReader {
     map: PerCpuArray<MapData, Count>,
     policy: PerCpuArray<MapData, u64>,
+    policy_denied: PerCpuArray<MapData, u64>,
     frag_early: PerCpuArray<MapData, u64>,
     event_drops: PerCpuArray<MapData, u64>,
     conntrack: MapData,
@@ -155,6 +165,7 @@ impl CounterReader {
         Ok(CounterReader {
             map: open_array(pin_dir, maps::COUNTERS)?,
             policy: open_array(pin_dir, maps::POLICY_COUNTERS)?,
+            policy_denied: open_array(pin_dir, maps::POLICY_DENY_COUNTERS)?,
             frag_early: open_array(pin_dir, maps::FRAG_EARLY)?,
             event_drops: open_array(pin_dir, maps::EVENT_DROPS)?,
             conntrack: MapData::from_pin(pin_dir.join(maps::CONNTRACK)).with_context(|| format!("opening {}", maps::CONNTRACK))?,
@@ -183,6 +194,11 @@ impl CounterReader {
     /// Packets of flows that the policy in `slot` of `endpoint` allowed in `dir`.
     pub fn read_policy(&self, endpoint: u32, dir: u8, slot: u32) -> u64 {
         self.policy.get(&policy_counter_index(endpoint, dir, slot), 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// Packets that the cluster policy in `slot` of `endpoint` denied in `dir`.
+    pub fn read_policy_denied(&self, endpoint: u32, dir: u8, slot: u32) -> u64 {
+        self.policy_denied.get(&policy_counter_index(endpoint, dir, slot), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
     /// Later fragments of `endpoint` in `dir` dropped because their first fragment had not

@@ -52,7 +52,7 @@ mod test_run;
 
 pub use addrs::node_addr_for_pods;
 pub use attach::{AttachCounts, AttachMode};
-pub use counters::{slot_label, CounterReader, RetiredCounts, SlotLabels};
+pub use counters::{slot_label, CounterReader, RetiredCounts, SlotLabels, RETIRED_DENIED};
 pub use events::{read_event, EventControl, FlowEvents};
 pub use maps::{check_bpffs_outlives_daemon, ensure_bpffs, EBPF_OBJECT};
 pub use program_log::ProgramLog;

@@ -11,7 +11,7 @@ use prometheus::proto::{Bucket, Counter, Gauge, Histogram as HistogramProto, Lab
 use prometheus::Encoder;
 
 use super::status::{Histogram, Status, LATENCY_BUCKETS};
-use crate::datapath::CounterReader;
+use crate::datapath::{CounterReader, RETIRED_DENIED};
 use crate::model::ObjKey;
 
 /// A counter family: name, help and the field of a [`Count`] it exports.
@@ -109,6 +109,7 @@ pub fn families(status: &Status, ready: bool, counters: Option<&CounterReader>, 
     packets(status, counters, out);
     fragments_early_dropped(status, counters, out);
     policy_allowed(status, counters, out);
+    policy_denied(status, counters, out);
     isolation(status, out);
     status.programming_latency.family(
         "netpol_programming_latency_seconds",
@@ -180,8 +181,36 @@ fn fragments_early_dropped(status: &Status, counters: Option<&CounterReader>, ou
     }
 }
 
+/// Packets a cluster policy's rule denied, per pod, direction and policy (`Admin:NAME`,
+/// `Baseline:NAME`; a NetworkPolicy's default deny is counted per pod in
+/// `netpol_packets_total`).
+fn policy_denied(status: &Status, counters: Option<&CounterReader>, out: &mut Families) {
+    let mut counts: BTreeMap<(ObjKey, u8, String), u64> = BTreeMap::new();
+    for ((pod, dir, label), n) in &status.policy_retired {
+        if dir & RETIRED_DENIED != 0 {
+            *counts.entry((pod.clone(), dir & 1, label.clone())).or_default() += n;
+        }
+    }
+    if let Some(c) = counters {
+        for (id, pod, dir, labels) in &status.policy_slots {
+            for (slot, label) in labels.iter().enumerate().filter(|(_, l)| l.contains(':')) {
+                *counts.entry((pod.clone(), *dir, label.clone())).or_default() += c.read_policy_denied(*id, *dir, slot as u32);
+            }
+        }
+    }
+    let mut f = out.counter(
+        "netpol_policy_denied_packets_total",
+        "Packets a ClusterNetworkPolicy rule denied, per pod, direction and policy (Admin:NAME or Baseline:NAME).",
+    );
+    for ((pod, dir, policy), n) in &counts {
+        let d = if *dir == DIR_INGRESS { "ingress" } else { "egress" };
+        f.sample(&pod_labels(pod, &[("direction", d), ("policy", policy)]), *n as f64);
+    }
+}
+
 fn policy_allowed(status: &Status, counters: Option<&CounterReader>, out: &mut Families) {
-    let mut policy_counts: BTreeMap<(ObjKey, u8, String), u64> = status.policy_retired.clone();
+    let mut policy_counts: BTreeMap<(ObjKey, u8, String), u64> =
+        status.policy_retired.iter().filter(|((_, d, _), _)| d & RETIRED_DENIED == 0).map(|(k, n)| (k.clone(), *n)).collect();
     if let Some(c) = counters {
         for (id, pod, dir, labels) in &status.policy_slots {
             for (slot, label) in labels.iter().enumerate() {

@@ -124,6 +124,24 @@ fn decided_by(c: &Cluster, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, p
     }
 }
 
+/// The cluster policy a denied packet is counted against: the Admin policy whose Deny rule
+/// matched first, else (no NetworkPolicy isolating the pod) the Baseline one; none for a
+/// NetworkPolicy's default deny.
+fn denied_by(c: &Cluster, pod: &Pod, dir: Direction, peer: IpAddr, proto: u8, port: Option<u16>) -> Option<ObjKey> {
+    let denied = |tier| match reference::tier_action(c, tier, pod, dir, peer, proto, port) {
+        Some((Action::Deny, p, _)) => Some(Some(cluster_policy_key(tier, &p.name))),
+        Some((Action::Accept, _, _)) => Some(None),
+        _ => None,
+    };
+    if let Some(by) = denied(Tier::Admin) {
+        return by;
+    }
+    if reference::allowing_policies(c, pod, dir, peer, proto, port).is_some() {
+        return None;
+    }
+    denied(Tier::Baseline).flatten()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(400), ..ProptestConfig::default() })]
 
@@ -159,6 +177,12 @@ proptest! {
                                     None => want == Verdict::Allow,
                                 };
                                 prop_assert_eq!(ends_allowed, want == Verdict::Allow, "chain: seed {} pod {} {:?} peer {} proto {} port {:?}: {:?}", seed, pod.key, dir, peer, proto, port, e.chain);
+                            }
+                            if let (Some(dp), Verdict::Deny, None) = (node.pods[&pod.key].dir(dir), want, c.service_with_ip(peer)) {
+                                let slot = entries::lookup_result(&d, ids[&pod.key], dir, peer, proto, port).expect_err("denied");
+                                let by = dp.policies.get(slot as usize);
+                                prop_assert_eq!(dp.denied_by(node.class_of(peer), proto, port), by);
+                                prop_assert_eq!(by.cloned(), denied_by(&c, pod, dir, peer, proto, port), "deny attribution: seed {} pod {} {:?} peer {} proto {} port {:?}: slot {} of {:?}", seed, pod.key, dir, peer, proto, port, slot, dp.policies);
                             }
                             if let (Some(dp), Verdict::Allow, None) = (node.pods[&pod.key].dir(dir), want, c.service_with_ip(peer)) {
                                 let slot = entries::lookup_slot(&d, ids[&pod.key], dir, peer, proto, port);

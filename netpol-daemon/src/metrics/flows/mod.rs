@@ -163,7 +163,8 @@ impl Flow {
         };
         let policy = key.and_then(|k| {
             let labels = names.slots.get(&(ev.endpoint, dir))?;
-            labels.get(ev.slot as usize).map(|l| format!("{}/{l}", k.namespace))
+            // A cluster policy (`Admin:NAME`) is no namespace's.
+            labels.get(ev.slot as usize).map(|l| if l.contains(':') { l.clone() } else { format!("{}/{l}", k.namespace) })
         });
         let reason = match verdict {
             FlowVerdict::Denied => drop_reason(outcome),
