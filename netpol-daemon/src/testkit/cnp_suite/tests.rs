@@ -73,21 +73,12 @@ fn the_data_is_consistent_with_the_world() {
     }
 }
 
-/// Tests whose policies netpol's conversion cannot read as written yet, and the problem it
-/// reports: their probes are left to the lab test. An entry that no longer applies fails
-/// [`the_reference_evaluator_agrees_with_every_probe`] (remove it then).
-const CONVERSION_GAPS: [(&str, &str); 2] = [
-    ("CNPAdminTierEgressNodePeers", "nodes: node peers are not supported by netpol"),
-    ("CNPBaselineTierEgressNodePeers", "nodes: node peers are not supported by netpol"),
-];
-
 #[test]
 fn the_reference_evaluator_agrees_with_every_probe() {
     let world = world();
     let mut failures = Vec::new();
     let mut probes = 0;
     for t in tests() {
-        let gap = CONVERSION_GAPS.iter().find(|(n, _)| *n == t.name).map(|(_, why)| *why);
         let mut state = State::new(world.clone(), t.objects(&data_dir()).unwrap());
         for st in &t.subtests {
             for step in &st.steps {
@@ -99,13 +90,7 @@ fn the_reference_evaluator_agrees_with_every_probe() {
                     Step::Probe(p) => p,
                 };
                 let (c, errors) = state.cluster().unwrap();
-                match gap {
-                    None => assert!(errors.is_empty(), "{} / {}: {errors:#?}", t.name, st.name),
-                    Some(why) => {
-                        assert!(!errors.is_empty() && errors.iter().all(|e| e.contains(why)), "{}: {errors:#?}", t.name);
-                        continue;
-                    }
-                }
+                assert!(errors.is_empty(), "{} / {}: {errors:#?}", t.name, st.name);
                 probes += 1;
                 if state.reference(&c, p).unwrap() != p.allow {
                     failures.push(format!("{} / {}: {p}: the test expects {}", t.name, st.name, verdict(p.allow)));
@@ -114,8 +99,7 @@ fn the_reference_evaluator_agrees_with_every_probe() {
         }
     }
     assert!(failures.is_empty(), "{} of {probes} probes disagree:\n{}", failures.len(), failures.join("\n"));
-    // 301 in all, less the 9 of the node-peer tests.
-    assert_eq!(probes, 292);
+    assert_eq!(probes, 301);
 }
 
 fn verdict(allow: bool) -> &'static str {
