@@ -58,7 +58,7 @@ fn helm_lint_passes_at_the_defaults_and_with_every_option_on() {
     run(Command::new(&helm).current_dir(root()).args(["lint", "--strict", CHART]));
     run(Command::new(&helm).current_dir(root()).args(["lint", "--strict", CHART]).args([
         "--set",
-        "metrics.podMonitor.enabled=true,metrics.serviceMonitor.enabled=true,daemon.manifestsHostPath=/var/lib/netpol,daemon.audit=true,grafana.dashboard.enabled=true",
+        "metrics.podMonitor.enabled=true,metrics.serviceMonitor.enabled=true,daemon.manifestsHostPath=/var/lib/netpol,daemon.audit=true,grafana.dashboard.enabled=true,clusterNetworkPolicy.installCRD=true",
     ]));
 }
 
@@ -85,6 +85,7 @@ const FLAG_VALUES: &[(&str, &str, &str)] = &[
     ("manifests", "daemon.manifestsHostPath=/var/lib/netpol", "--manifests=/etc/netpol/manifests"),
     ("allow-private-bpffs", "daemon.allowPrivateBpffs=true", "--allow-private-bpffs"),
     ("poll-ms", "daemon.pollMs=50", "--poll-ms=50"),
+    ("crd-recheck-ms", "clusterNetworkPolicy.crdRecheckMs=500", "--crd-recheck-ms=500"),
     ("liveness-timeout", "daemon.livenessTimeoutSeconds=45", "--liveness-timeout=45"),
     ("attach", "daemon.attach=tc", "--attach=tc"),
     ("established", "daemon.established=revalidate", "--established=revalidate"),
@@ -405,4 +406,25 @@ fn mount_bpffs_init_container_mounts_only_where_none_is() {
             .arg(format!("{before} && {script} && {count}")));
         assert_eq!(out.trim(), "1", "{case}: exactly one bpffs at /sys/fs/bpf afterwards");
     }
+}
+
+/// The ClusterNetworkPolicy CRD: not installed by default (the daemon runs without it); with
+/// clusterNetworkPolicy.installCRD it is deploy/crds' file as vendored, kept on uninstall (its
+/// removal would delete every ClusterNetworkPolicy of the cluster).
+#[test]
+fn the_cluster_network_policy_crd_is_optional_and_kept_on_uninstall() {
+    assert!(Objects::of(&helm_template(&[]), "chart").crds.is_empty(), "no CRD by default");
+    let o = Objects::of(&helm_template(&["clusterNetworkPolicy.installCRD=true"]), "chart");
+    assert_eq!(o.crds.len(), 1);
+    let rendered = &o.crds[0];
+    let vendored = Objects::of(&documents(&std::fs::read_to_string(root().join(CNP_CRD)).unwrap()), CNP_CRD).crds.remove(0);
+    assert_eq!(rendered.metadata.name, vendored.metadata.name);
+    // Compared typed: helm's toYaml writes whole numbers of the schema (maximum: 65535) alike.
+    assert!(rendered.spec == vendored.spec, "the chart's CRD spec differs from {CNP_CRD}");
+    let annotations = rendered.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(annotations.get("helm.sh/resource-policy").map(String::as_str), Some("keep"));
+    assert_eq!(annotations.get("policy.networking.k8s.io/channel").map(String::as_str), Some("experimental"));
+    // The chart reads the very file deploy/crds holds (a link, not a copy that could drift).
+    let link = root().join(CHART).join("crds-optional/policy.networking.k8s.io_clusternetworkpolicies.yaml");
+    assert_eq!(std::fs::canonicalize(link).unwrap(), std::fs::canonicalize(root().join(CNP_CRD)).unwrap());
 }

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use manifests::*;
+use netpol_daemon::model;
 use serde_json::Value;
 
 /// The objects of the files kustomization.yaml lists (each typed), checking it lists every
@@ -308,4 +309,39 @@ echo "$node: $*" >>"{l}""#,
     }
     assert_eq!(calls.lines().filter(|l| l.contains("ip route")).count(), 6, "{calls}");
     assert!(!refused_ok, "a node without the CNI plugins must stop the script");
+}
+
+/// deploy/crds: upstream's experimental ClusterNetworkPolicy CRD as vendored (its header names
+/// where from, and the license), installed by its own kustomization, serving exactly the
+/// resource the daemon watches; the kind e2e installs it.
+#[test]
+fn the_vendored_crd_is_upstreams_and_serves_what_the_daemon_watches() {
+    let text = std::fs::read_to_string(root().join(CNP_CRD)).unwrap();
+    for says in [
+        "https://github.com/kubernetes-sigs/network-policy-api",
+        "config/crd/experimental/policy.networking.k8s.io_clusternetworkpolicies.yaml",
+        "0eec1b0e5fa92715b4c0f4c48d3c8d2913ed2159",
+        "Apache-2.0",
+    ] {
+        assert!(text.lines().take_while(|l| l.starts_with('#')).any(|l| l.contains(says)), "{CNP_CRD}: its header must name {says}");
+    }
+    let rendered = kustomize("deploy/crds");
+    assert_eq!(rendered, documents(&text), "deploy/crds installs the file as vendored");
+    let o = Objects::of(&rendered, "deploy/crds");
+    let spec = &o.crds[0].spec;
+    assert_eq!(
+        (spec.group.as_str(), spec.names.plural.as_str(), spec.names.kind.as_str()),
+        (model::CLUSTER_POLICY_GROUP, model::CLUSTER_POLICY_PLURAL, model::CLUSTER_POLICY_KIND)
+    );
+    assert_eq!(spec.scope, "Cluster");
+    assert!(netpol_daemon::source::kube::WATCHED.contains(&(model::CLUSTER_POLICY_GROUP, model::CLUSTER_POLICY_PLURAL)));
+    let version = spec.versions.iter().find(|v| v.name == model::CLUSTER_POLICY_VERSION).expect("the version netpol reads");
+    assert!(version.served && version.storage);
+    // The experimental channel: egress peers have nodes (and domainNames) fields.
+    let schema = serde_json::to_value(&version.schema).unwrap();
+    let peer = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["egress"]["items"]["properties"]["to"]["items"]["properties"];
+    assert!(peer.get("nodes").is_some() && peer.get("domainNames").is_some(), "not the experimental CRD: {peer}");
+    let script = kind_file("run.sh");
+    assert!(script.contains(r#"kubectl apply -k "$ROOT/deploy/crds""#), "run.sh installs the CRD (kustomize)");
+    assert!(script.contains("clusterNetworkPolicy.installCRD=true"), "run.sh installs the CRD (helm)");
 }

@@ -9,10 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use netpol_daemon::model::{ChangeSet, Cluster, Labels, ObjKey};
-use netpol_daemon::source::kube::{KubeSource, COALESCE};
+use netpol_daemon::source::kube::{Intervals, KubeSource, COALESCE};
 use netpol_daemon::source::Source;
 use netpol_daemon::testkit::apiserver::{ApiServer, LoggedRequest};
 use serde_json::{json, Value};
+
+/// How often the source looks for the ClusterNetworkPolicy CRD while it is not installed.
+const CRD_RECHECK: Duration = Duration::from_millis(200);
 
 const T: Duration = Duration::from_secs(30);
 const NAMESPACES: usize = 5;
@@ -94,7 +97,7 @@ fn source(server: &ApiServer) -> Watched {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let client = server.client(&rt);
     Watched {
-        src: KubeSource::with_client(rt, client, "node-1", Duration::from_millis(500)),
+        src: KubeSource::with_client(rt, client, "node-1", Intervals { probe: Duration::from_millis(500), crd_recheck: CRD_RECHECK }),
         model: Cluster::default(),
         errors: vec![],
         changed: ChangeSet::default(),
@@ -193,9 +196,10 @@ fn pod_lists(server: &ApiServer) -> Vec<LoggedRequest> {
     server.requests().into_iter().filter(|r| r.is_list_of(PODS)).collect()
 }
 
-/// Every list of any watched resource (a relist, when made after the initial sync).
+/// Every list of any watched resource (a relist, when made after the initial sync). A list
+/// answered 404 is not one: it is the source looking for a CRD not installed.
 fn lists(server: &ApiServer) -> Vec<LoggedRequest> {
-    server.requests().into_iter().filter(|r| r.method == "GET" && !r.is_watch() && r.path != "/version").collect()
+    server.requests().into_iter().filter(|r| r.method == "GET" && !r.is_watch() && r.path != "/version" && r.status != 404).collect()
 }
 
 fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
@@ -494,4 +498,76 @@ fn streaming_lists_send_the_initial_state_on_the_watch() {
     let reqs = server.requests();
     assert_eq!(reqs.len(), 1, "one watch, no list: {reqs:#?}");
     assert_eq!((reqs[0].param("sendInitialEvents"), reqs[0].param("resourceVersionMatch")), (Some("true"), Some("NotOlderThan")));
+}
+
+const CNPS: &str = "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies";
+
+/// A ClusterNetworkPolicy denying egress to `peer` (a JSON peer) from every pod.
+fn cluster_policy(name: &str, peer: Value) -> Value {
+    json!({"metadata": {"name": name},
+           "spec": {"tier": "Admin", "priority": 10, "subject": {"namespaces": {}}, "egress": [{"action": "Deny", "to": [peer]}]}})
+}
+
+/// The ClusterNetworkPolicy CRD may be installed after the daemon started, or never: without
+/// it the source is ready and healthy (a 404 is "not installed", no watch error), and looks
+/// again every CRD_RECHECK; once installed its objects reach the model (an invalid one
+/// reported at its field, enforced fail-closed), and removing the CRD drops them all.
+#[test]
+fn cluster_network_policies_are_watched_while_their_crd_is_installed() {
+    let server = ApiServer::start();
+    populate(&server, 5);
+    let mut w = source(&server);
+    converges(&mut w, T, mirrors(&server));
+    assert!(w.model.cluster_policies.is_empty());
+    // Looked for, answered 404, and again CRD_RECHECK later; no failure for it.
+    wait_for("two looks for the CRD", T, || server.requests().iter().filter(|r| r.path == CNPS && r.status == 404).count() >= 2);
+    assert!(w.src.healthy() && w.src.watch_errors() == 0, "{} watch errors", w.src.watch_errors());
+
+    server.install_crd("clusternetworkpolicies");
+    server.apply("clusternetworkpolicies", cluster_policy("metadata", json!({"networks": ["169.254.169.254/32"]})));
+    server.apply("clusternetworkpolicies", cluster_policy("dns-names", json!({"domainNames": ["example.com"]})));
+    let c = converges(&mut w, T, |c| c.cluster_policies.len() == 2);
+    assert_eq!(c.cluster_policies["metadata"].invalid, None);
+    assert!(c.cluster_policies["dns-names"].invalid.is_some(), "kept, fail-closed");
+    let problem = "ClusterNetworkPolicy dns-names: spec.egress[0].to[0].domainNames: domain name peers are not supported";
+    assert!(w.errors.iter().any(|e| e.starts_with(problem)), "{:?}", w.errors);
+    // Deleted: gone from the model, its problem with it.
+    server.delete("clusternetworkpolicies", "", "dns-names");
+    converges(&mut w, T, |c| c.cluster_policies.len() == 1);
+    assert!(!w.errors.iter().any(|e| e.contains("dns-names")), "{:?}", w.errors);
+
+    // The CRD removed: every ClusterNetworkPolicy goes; still healthy, nothing counted failed.
+    server.remove_crd("clusternetworkpolicies");
+    converges(&mut w, T, |c| c.cluster_policies.is_empty());
+    assert!(w.src.healthy() && w.src.watch_errors() == 0, "{} watch errors", w.src.watch_errors());
+    // Installed again: watched again.
+    server.install_crd("clusternetworkpolicies");
+    server.apply("clusternetworkpolicies", cluster_policy("again", json!({"nodes": {}})));
+    let c = converges(&mut w, T, |c| c.cluster_policies.contains_key("again"));
+    assert_eq!(c.cluster_policies["again"].egress[0].peers, [netpol_daemon::model::ClusterPeer::Nodes(Default::default())]);
+    assert!(converges(&mut w, T, mirrors(&server)).pods.len() == 5, "the rest of the model untouched");
+}
+
+/// Nodes (what ClusterNetworkPolicy `nodes` peers select): their labels and IP addresses reach
+/// the model, and changes and deletions follow.
+#[test]
+fn nodes_reach_the_model_with_their_labels_and_addresses() {
+    let node = |name: &str, zone: &str, ip: &str| {
+        json!({"metadata": {"name": name, "labels": {"zone": zone}},
+               "status": {"addresses": [{"type": "Hostname", "address": name}, {"type": "InternalIP", "address": ip}]}})
+    };
+    let server = ApiServer::start();
+    populate(&server, 5);
+    server.apply("nodes", node("node-1", "a", "172.18.0.2"));
+    server.apply("nodes", node("node-2", "b", "172.18.0.3"));
+    let mut w = source(&server);
+    let c = converges(&mut w, T, |c| c.nodes.len() == 2);
+    assert_eq!(c.nodes["node-2"].addresses, ["172.18.0.3".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(c.nodes["node-1"].labels["zone"], "a");
+    w.changed = ChangeSet::default();
+    server.apply("nodes", node("node-2", "c", "172.18.0.9"));
+    server.delete("nodes", "", "node-1");
+    let c = converges(&mut w, T, |c| c.nodes.len() == 1 && c.nodes["node-2"].labels["zone"] == "c");
+    assert_eq!(c.nodes["node-2"].addresses, ["172.18.0.9".parse::<std::net::IpAddr>().unwrap()]);
+    assert!(w.changed.nodes && !w.changed.policies && w.changed.pods.is_empty(), "{:?}", w.changed);
 }

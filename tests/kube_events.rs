@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netpol_daemon::metrics::kube_events::{self, Counters, KubeEvents, Limits, Problem, Reason, REPORTING_CONTROLLER};
-use netpol_daemon::model::{self, Cluster, ObjKey, Object};
+use netpol_daemon::model::{self, Cluster, Kind, ObjKey, Object};
 use netpol_daemon::testkit::apiserver::{ApiServer, LoggedRequest};
 use serde_json::{json, Value};
 
@@ -115,7 +115,7 @@ fn a_new_message_is_a_new_event_and_a_policy_not_enforced_gets_its_own() {
     server.apply("networkpolicies", policy("db", 70000));
     let (mut events, counters, _rt) = reporter(&server, Limits::default());
     let db = ObjKey::new("shop", "db");
-    let problem = |reason, message: &str| Problem { policy: db.clone(), reason, message: message.into() };
+    let problem = |reason, message: &str| Problem { kind: Kind::Policy, policy: db.clone(), reason, message: message.into() };
     events.loaded(vec![problem(Reason::InvalidPolicy, "NetworkPolicy shop/db: one")]);
     wait_until("the first Event", || count(&server, "POST") == 1);
     events.loaded(vec![problem(Reason::InvalidPolicy, "NetworkPolicy shop/db: two")]);
@@ -214,6 +214,92 @@ fn the_daemon_writes_an_event_for_an_invalid_policy() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(count(&server, "POST"), 1, "{}", daemon_log());
     assert_eq!(server.objects("events").len(), 1);
+}
+
+/// A ClusterNetworkPolicy `name` whose egress rule has a domainNames peer (unsupported: the
+/// rule fails closed), or a networks peer.
+fn cluster_policy(name: &str, domain_names: bool) -> Value {
+    let peer = if domain_names { json!({"domainNames": ["example.com"]}) } else { json!({"networks": ["192.0.2.0/24"]}) };
+    json!({"apiVersion": model::CLUSTER_POLICY_API_VERSION, "kind": "ClusterNetworkPolicy", "metadata": {"name": name},
+           "spec": {"tier": "Admin", "priority": 5, "subject": {"namespaces": {}}, "egress": [{"action": "Accept", "to": [peer]}]}})
+}
+
+const DOMAIN_NAMES_ERROR: &str = "spec.egress[0].to[0].domainNames: domain name peers are not supported by netpol";
+
+/// An invalid ClusterNetworkPolicy (cluster-scoped) gets its Event too: regarding it (no
+/// namespace, its uid), in namespace `default`, with the load error as its note.
+#[test]
+fn an_invalid_cluster_network_policy_gets_an_event_regarding_it() {
+    let server = ApiServer::start();
+    server.install_crd("clusternetworkpolicies");
+    server.apply("clusternetworkpolicies", cluster_policy("dns", true));
+    server.apply("clusternetworkpolicies", cluster_policy("nets", false));
+    let mut cluster = Cluster::default();
+    let mut errors = Vec::new();
+    for obj in server.objects("clusternetworkpolicies") {
+        let conv = model::from_json(obj).unwrap();
+        errors.extend(conv.errors);
+        cluster.insert(conv.object.unwrap());
+    }
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].starts_with(&format!("ClusterNetworkPolicy dns: {DOMAIN_NAMES_ERROR}")), "{errors:?}");
+    let problems = kube_events::invalid_policies(&cluster);
+    assert_eq!(
+        problems.iter().map(|p| (p.kind, p.policy_name())).collect::<Vec<_>>(),
+        [(Kind::ClusterPolicy, "ClusterNetworkPolicy dns".into())]
+    );
+    let (mut events, counters, _rt) = reporter(&server, Limits::default());
+    events.loaded(problems);
+    wait_until("an Event", || count(&server, "POST") == 1);
+    let ev = &server.objects("events")[0];
+    let uid = server.get("clusternetworkpolicies", "", "dns").unwrap()["metadata"]["uid"].clone();
+    assert_eq!(
+        ev["regarding"],
+        json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy", "name": "dns", "uid": uid})
+    );
+    assert_eq!((ev["metadata"]["namespace"].as_str(), ev["note"].as_str()), (Some("default"), Some(errors[0].as_str())));
+    assert_eq!((ev["reason"].as_str(), ev["action"].as_str()), (Some("InvalidPolicy"), Some("EnforceFailClosed")));
+    assert_eq!(counters.created.load(Ordering::SeqCst), 1);
+}
+
+/// The daemon in Kubernetes mode starts, becomes ready and stays up without the
+/// ClusterNetworkPolicy CRD; installed later, an invalid ClusterNetworkPolicy is logged,
+/// counted and given an Event naming the object and field; deleted, its error goes; the CRD's
+/// removal leaves the daemon up and healthy.
+#[test]
+fn the_daemon_runs_without_the_crd_and_reports_an_invalid_cluster_network_policy() {
+    let Some(mut lab) = common::lab() else { return };
+    let addr: std::net::SocketAddr = "127.0.0.1:16444".parse().unwrap();
+    let server = ApiServer::start_in_netns(&lab.node_netns, addr).unwrap();
+    let kubeconfig = lab.dir.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    lab.daemon_args.push("--crd-recheck-ms=200".into());
+    // start_daemon_kube waits for /readyz: ready without the CRD.
+    lab.start_daemon_kube(std::path::Path::new(common::DAEMON), &kubeconfig).unwrap();
+    let metric = |name: &str| netpol_daemon::metrics::sample(&lab.metrics().unwrap_or_default(), name);
+    wait_until("the CRD looked for", || lab.daemon_log().contains("the CRD is not installed"));
+    assert_eq!((metric("netpol_source_up"), metric("netpol_source_errors_total")), (Some(1.0), Some(0.0)), "{}", lab.daemon_log());
+
+    server.install_crd("clusternetworkpolicies");
+    server.apply("clusternetworkpolicies", cluster_policy("dns", true));
+    wait_until("an Event on the ClusterNetworkPolicy", || !server.objects("events").is_empty());
+    let ev = &server.objects("events")[0];
+    let note = ev["note"].as_str().unwrap().to_string();
+    assert!(note.starts_with(&format!("ClusterNetworkPolicy dns: {DOMAIN_NAMES_ERROR}")), "{note}");
+    assert_eq!((ev["regarding"]["kind"].as_str(), ev["regarding"]["name"].as_str()), (Some("ClusterNetworkPolicy"), Some("dns")));
+    let log = lab.daemon_log();
+    assert!(log.contains(&format!("invalid: {note}")), "the log line says what the Event says:\n{log}");
+    wait_until("the load error counted", || metric("netpol_manifest_errors") == Some(1.0));
+    server.delete("clusternetworkpolicies", "", "dns");
+    wait_until("the error gone with the object", || metric("netpol_manifest_errors") == Some(0.0));
+    // Invalid again, then the CRD removed: the error goes with it; the daemon stays up.
+    server.apply("clusternetworkpolicies", cluster_policy("dns", true));
+    wait_until("the load error counted again", || metric("netpol_manifest_errors") == Some(1.0));
+    server.remove_crd("clusternetworkpolicies");
+    wait_until("every ClusterNetworkPolicy dropped", || metric("netpol_manifest_errors") == Some(0.0));
+    wait_until("the removal logged", || lab.daemon_log().contains("the CRD was removed"));
+    assert_eq!((metric("netpol_source_up"), metric("netpol_source_errors_total")), (Some(1.0), Some(0.0)), "{}", lab.daemon_log());
+    assert!(matches!(lab.http_get("/readyz"), Ok((200, _))), "{}", lab.daemon_log());
 }
 
 /// Kills and reaps the daemon on drop.

@@ -104,3 +104,38 @@ fn an_api_server_outage_with_compaction_never_opens_and_the_relist_converges() {
     let m = lab.metrics().unwrap();
     assert!(sample(&m, "netpol_source_errors_total").is_some_and(|e| e >= 1.0), "the failed watches are counted: {m}");
 }
+
+/// A ClusterNetworkPolicy that arrives with its CRD, installed after the daemon started, is
+/// enforced (an Admin Deny over what no NetworkPolicy restricts), and removing the CRD lifts
+/// it: the daemon started without the CRD, found it on its own (--crd-recheck-ms), and never
+/// counted the missing CRD as a source error.
+#[test]
+fn a_cluster_network_policy_is_enforced_once_its_crd_is_installed_and_lifted_with_it() {
+    let Some(mut lab) = common::lab() else { return };
+    lab.add_namespace("shop", &[("team", "shop")]);
+    lab.add_pod("shop", "db", ip("10.244.0.30"), &[("app", "db")], &[5432], &[]).unwrap();
+    lab.add_pod("shop", "web", ip("10.244.0.31"), &[("app", "web")], &[], &[]).unwrap();
+    let server = ApiServer::start_in_netns(&lab.node_netns, "127.0.0.1:16445".parse().unwrap()).unwrap();
+    server.apply_yaml(&lab.cluster_manifest()).unwrap();
+    let kubeconfig = lab.dir.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    lab.daemon_args.push("--crd-recheck-ms=200".into());
+    lab.start_daemon_kube(Path::new(common::DAEMON), &kubeconfig).unwrap();
+    common::wait_endpoints(&lab, 2, 30, "both pods attached");
+    assert!(lab.tcp("web", "db", 5432), "no policy yet");
+
+    server.install_crd("clusternetworkpolicies");
+    server
+        .apply_yaml(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-db}\n\
+             spec: {tier: Admin, priority: 1, subject: {namespaces: {matchLabels: {team: shop}}},\n\
+             egress: [{action: Deny, to: [{networks: [10.244.0.30/32]}], protocols: [{tcp: {destinationPort: {number: 5432}}}]}]}\n",
+        )
+        .unwrap();
+    wait_until(&lab, "the Admin deny enforced", Duration::from_secs(30), || !lab.tcp("web", "db", 5432));
+    server.remove_crd("clusternetworkpolicies");
+    wait_until(&lab, "the deny lifted with the CRD", Duration::from_secs(30), || lab.tcp("web", "db", 5432));
+    let m = lab.metrics().unwrap();
+    assert_eq!((sample(&m, "netpol_source_up"), sample(&m, "netpol_source_errors_total")), (Some(1.0), Some(0.0)), "{}", lab.daemon_log());
+    assert_eq!(sample(&m, "netpol_manifest_errors"), Some(0.0), "{}", lab.daemon_log());
+}

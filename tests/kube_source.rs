@@ -9,9 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netpol_daemon::model::{Cluster, ObjKey};
-use netpol_daemon::source::kube::KubeSource;
+use netpol_daemon::source::kube::{Intervals, KubeSource};
 use netpol_daemon::source::Source;
 use serde_json::{json, Value};
+
+/// How often the source looks for the ClusterNetworkPolicy CRD while it is not installed.
+const CRD_RECHECK: Duration = Duration::from_millis(200);
 
 /// Every request target the fake API server was sent (path and query).
 static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
@@ -82,6 +85,7 @@ fn fake_api(routes: Routes, down: Arc<AtomicBool>) -> String {
                         "/api/v1/pods" => "PodList",
                         "/api/v1/services" => "ServiceList",
                         "/apis/discovery.k8s.io/v1/endpointslices" => "EndpointSliceList",
+                        "/api/v1/nodes" => "NodeList",
                         _ => "NetworkPolicyList",
                     };
                     let body = json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": "10"}, "items": items}).to_string();
@@ -126,6 +130,17 @@ fn shop_routes() -> Routes {
         (vec![json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "shop", "resourceVersion": "6"}, "spec": {"clusterIP": "10.96.3.3", "selector": {"app": "db"}, "ports": [{"port": 5432}]}})], vec![]),
     );
     routes.insert("/apis/discovery.k8s.io/v1/endpointslices", (vec![], vec![]));
+    routes.insert(
+        "/api/v1/nodes",
+        (
+            vec![
+                json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1", "labels": {"zone": "a"}, "resourceVersion": "7"},
+                     "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.2"}]}}),
+            ],
+            vec![],
+        ),
+    );
+    // No route for ClusterNetworkPolicies: their CRD is not installed (404), which is no failure.
     routes
 }
 
@@ -141,7 +156,7 @@ fn lists_and_watch_events_reach_the_cluster_model() {
         let cfg = kube::Config::new(url.parse().unwrap());
         kube::Client::try_from(cfg).unwrap()
     };
-    let mut src = KubeSource::with_client(rt, client, "node-1", Duration::from_millis(500));
+    let mut src = KubeSource::with_client(rt, client, "node-1", Intervals { probe: Duration::from_millis(500), crd_recheck: CRD_RECHECK });
     // Taken as the daemon loop takes it: wait for a change, refresh the model.
     let (mut c, mut errors) = (Cluster::default(), Vec::new());
     let t0 = Instant::now();
@@ -161,6 +176,8 @@ fn lists_and_watch_events_reach_the_cluster_model() {
     assert!(first.namespaces && first.policies && first.services && first.pods.contains(&ObjKey::new("shop", "db-1")), "{first:?}");
     assert!(c.pods.contains_key(&ObjKey::new("shop", "web-2")), "the watch event was applied");
     assert_eq!(c.namespaces["shop"].labels.get("team").map(|s| s.as_str()), Some("a"));
+    assert_eq!(c.nodes["node-1"].addresses, ["172.18.0.2".parse::<std::net::IpAddr>().unwrap()]);
+    assert!(c.cluster_policies.is_empty() && src.watch_errors() == 0, "the CRD is not installed: no ClusterNetworkPolicy, no error");
     assert!(c.policies.contains_key(&ObjKey::new("shop", "db")));
     assert_eq!(c.services[&ObjKey::new("shop", "db")].cluster_ips, vec!["10.96.3.3".parse::<std::net::IpAddr>().unwrap()]);
     // The invalid policy is reported with its field and enforced fail-closed (isolating

@@ -175,6 +175,11 @@ struct RunArgs {
     /// Kubernetes API); the periodic work (interface look-ups, full rescans) runs on these.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
+    /// While the ClusterNetworkPolicy CRD (policy.networking.k8s.io/v1alpha2) is not
+    /// installed, how often (milliseconds) the daemon looks whether it is now: a CRD installed
+    /// later is watched within this. The daemon runs without it (no ClusterNetworkPolicies).
+    #[arg(long, default_value_t = netpol_daemon::source::kube::DEFAULT_CRD_RECHECK.as_millis() as u64, value_parser = clap::value_parser!(u64).range(100..))]
+    crd_recheck_ms: u64,
     /// What a policy change does to flows already tracked: `keep` lets them run until
     /// they end or idle out (new connections follow the new policy at once); `revalidate`
     /// re-checks every tracked flow after each change and cuts those no longer allowed.
@@ -227,6 +232,7 @@ impl RunArgs {
             bpffs: self.bpffs,
             allow_private_bpffs: self.allow_private_bpffs,
             poll_interval: Duration::from_millis(self.poll_ms),
+            crd_recheck: Duration::from_millis(self.crd_recheck_ms),
             revalidate_established: self.established == "revalidate",
             audit_all: self.audit,
             datapath_config: netpol_common::Config {

@@ -9,6 +9,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -59,6 +60,8 @@ pub fn documents(text: &str) -> Vec<Value> {
 }
 
 pub const CHART: &str = "deploy/chart";
+/// The vendored ClusterNetworkPolicy CRD (optional).
+pub const CNP_CRD: &str = "deploy/crds/policy.networking.k8s.io_clusternetworkpolicies.yaml";
 pub const RELEASE: &str = "netpol";
 pub const NAMESPACE: &str = "netpol-system";
 
@@ -132,6 +135,7 @@ pub struct Objects {
     pub jobs: Vec<Job>,
     pub services: Vec<Service>,
     pub monitors: Vec<Value>,
+    pub crds: Vec<CustomResourceDefinition>,
 }
 
 impl Objects {
@@ -151,6 +155,7 @@ impl Objects {
                 "ConfigMap" => o.config_maps.push(typed(v, &what)),
                 "Job" => o.jobs.push(typed(v, &what)),
                 "Service" => o.services.push(typed(v, &what)),
+                "CustomResourceDefinition" => o.crds.push(typed(v, &what)),
                 "PodMonitor" | "ServiceMonitor" => {
                     assert_eq!(v["apiVersion"], "monitoring.coreos.com/v1", "{what}");
                     o.monitors.push(v.clone())

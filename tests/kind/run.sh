@@ -155,9 +155,16 @@ pod_cidr() {
 install_netpol() {
   kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f -
   kubectl label namespace "$NAMESPACE" pod-security.kubernetes.io/enforce=privileged --overwrite
+  # With the (optional) ClusterNetworkPolicy CRD: the daemon watches its objects.
   case "$INSTALL" in
-    helm) "$(helm_bin)" install netpol "$ROOT/deploy/chart" --namespace "$NAMESPACE" --wait --timeout 5m ;;
-    kustomize) kubectl apply -k "$ROOT/deploy" ;;
+    helm)
+      "$(helm_bin)" install netpol "$ROOT/deploy/chart" --namespace "$NAMESPACE" \
+        --set clusterNetworkPolicy.installCRD=true --wait --timeout 5m
+      ;;
+    kustomize)
+      kubectl apply -k "$ROOT/deploy/crds"
+      kubectl apply -k "$ROOT/deploy"
+      ;;
     *) die "INSTALL=$INSTALL: helm or kustomize" ;;
   esac
   kubectl -n "$NAMESPACE" rollout status daemonset/netpol --timeout=180s
@@ -171,6 +178,7 @@ uninstall_netpol() {
       kubectl -n "$NAMESPACE" wait --for=condition=complete job/netpol-uninstall --timeout=10m
       kubectl delete -k "$ROOT/deploy/uninstall"
       kubectl delete -k "$ROOT/deploy" --ignore-not-found
+      kubectl delete -k "$ROOT/deploy/crds" --ignore-not-found
       ;;
   esac
   local node

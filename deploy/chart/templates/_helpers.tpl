@@ -65,6 +65,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 - --flow-cache={{ ternary "on" "off" $d.flowCache }}
 - --log-denied={{ int64 $d.logDenied }}
 - --poll-ms={{ int64 $d.pollMs }}
+- --crd-recheck-ms={{ int64 .Values.clusterNetworkPolicy.crdRecheckMs }}
 - --liveness-timeout={{ int64 $d.livenessTimeoutSeconds }}
 - --attach={{ $d.attach }}
 - --log-format={{ $d.logFormat }}

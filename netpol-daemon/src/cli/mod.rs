@@ -85,7 +85,7 @@ pub fn load(dir: Option<&Path>) -> Result<(Cluster, Vec<String>)> {
         None => {
             // No node of its own: every pod is kept in the slim form, which holds all that
             // rules match on (labels, addresses, named ports), for `explain` and `check`.
-            let mut src = crate::source::kube::KubeSource::start("")?;
+            let mut src = crate::source::kube::KubeSource::start("", Default::default())?;
             let t0 = std::time::Instant::now();
             while !src.ready() {
                 if t0.elapsed() > std::time::Duration::from_secs(60) {

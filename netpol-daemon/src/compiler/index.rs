@@ -175,15 +175,7 @@ impl<'i, 'a> PeerResolver<'i, 'a> {
                 Peer::Pods { namespaces, pods } => lists.push(self.pod_ips(&policy.key.namespace, namespaces, pods)),
             }
         }
-        blocks.sort_by_key(|b| (b.cidr, b.except.clone()));
-        blocks.dedup();
-        lists.dedup();
-        let pod_ips = match lists.len() {
-            0 => self.empty.clone(),
-            1 => lists.pop().unwrap(),
-            _ => PodIps::of(lists.iter().flat_map(|l| l.iter().copied())),
-        };
-        PeerSet::Some { blocks, pod_ips }
+        self.assemble(blocks, lists)
     }
 
     /// The peers of a ClusterNetworkPolicy rule: its pods (never host-network ones), its
@@ -205,6 +197,12 @@ impl<'i, 'a> PeerResolver<'i, 'a> {
                 }
             }
         }
+        self.assemble(blocks, lists)
+    }
+
+    /// A peer set from a rule's blocks and its pod peers' address lists (sorted, distinct; one
+    /// list shared as it is, several merged).
+    fn assemble(&self, mut blocks: Vec<Cow<'a, IpBlock>>, mut lists: Vec<PodIps>) -> PeerSet<'a> {
         blocks.sort_by_key(|b| (b.cidr, b.except.clone()));
         blocks.dedup();
         lists.dedup();

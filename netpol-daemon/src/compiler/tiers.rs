@@ -126,25 +126,29 @@ impl Traffic {
 
     /// Adds the traffic to `ps` as allowed by the policy in `slot`.
     fn allow_into(&self, ps: &mut PortSet, slot: Slot) {
-        for (proto, ranges) in &self.ports {
-            for (lo, hi) in ranges {
-                ps.add_from(*proto, *lo, *hi, slot);
-            }
-        }
-        if self.other {
-            ps.add_other(slot);
-        }
+        self.add_to(ps, slot, false);
     }
 
     /// Notes the traffic in `ps` as denied by the cluster policy in `slot`.
     fn deny_into(&self, ps: &mut PortSet, slot: Slot) {
+        self.add_to(ps, slot, true);
+    }
+
+    /// The traffic into `ps`'s allowed ports or (`denied`) its denied ports, with `slot`.
+    fn add_to(&self, ps: &mut PortSet, slot: Slot, denied: bool) {
         for (proto, ranges) in &self.ports {
-            for (lo, hi) in ranges {
-                ps.add_denied(*proto, *lo, *hi, slot);
+            for &(lo, hi) in ranges {
+                if denied {
+                    ps.add_denied(*proto, lo, hi, slot);
+                } else {
+                    ps.add_from(*proto, lo, hi, slot);
+                }
             }
         }
-        if self.other {
-            ps.add_denied_other(slot);
+        match (self.other, denied) {
+            (true, false) => ps.add_other(slot),
+            (true, true) => ps.add_denied_other(slot),
+            _ => {}
         }
     }
 

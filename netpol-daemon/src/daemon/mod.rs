@@ -22,7 +22,7 @@ use crate::metrics::kube_events::{self, KubeEvents};
 use crate::metrics::{self, Shared};
 use crate::model::{ChangeSet, Cluster};
 use crate::source::directory::ManifestsDir;
-use crate::source::kube::KubeSource;
+use crate::source::kube::{Intervals, KubeSource};
 use crate::source::Source;
 use interfaces::Interfaces;
 use pass::Pass;
@@ -38,6 +38,9 @@ pub struct RunConfig {
     /// Start even when the pins under `bpffs` would vanish with the daemon's mount namespace.
     pub allow_private_bpffs: bool,
     pub poll_interval: Duration,
+    /// Kubernetes mode: how often the ClusterNetworkPolicy CRD is looked for while it is not
+    /// installed.
+    pub crd_recheck: Duration,
     /// Re-check tracked flows against each new policy and cut those no longer allowed.
     pub revalidate_established: bool,
     /// Every policy in audit mode.
@@ -120,7 +123,10 @@ impl Daemon {
         // are attached ahead to the interfaces already there.
         let source: Box<dyn Source> = match &cfg.manifests {
             Some(dir) => Box::new(ManifestsDir::new(dir.clone())),
-            None => Box::new(KubeSource::start(&cfg.node_name)?),
+            None => {
+                let intervals = Intervals { crd_recheck: cfg.crd_recheck, ..Intervals::default() };
+                Box::new(KubeSource::start(&cfg.node_name, intervals)?)
+            }
         };
         let mut datapath = load_datapath(&cfg)?;
         start_program_log(&mut datapath, stop)?;
@@ -328,7 +334,8 @@ fn log_new_load_errors(errors: &[String], logged: &[String]) {
         if !logged.contains(e) {
             // Invalid policies are enforced fail-closed (their message says so); other
             // invalid objects are skipped.
-            let what = if e.contains(crate::model::FAIL_CLOSED_NOTE) { "invalid" } else { "skipped" };
+            let fail_closed = [crate::model::FAIL_CLOSED_NOTE, crate::model::CLUSTER_FAIL_CLOSED_NOTE];
+            let what = if fail_closed.iter().any(|note| e.contains(note)) { "invalid" } else { "skipped" };
             tracing::error!("{what}: {e}");
         }
     }

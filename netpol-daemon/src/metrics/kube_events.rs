@@ -1,7 +1,9 @@
-//! Kubernetes Events (events.k8s.io/v1) on the NetworkPolicies this node cannot enforce as
-//! written: a policy that is invalid (enforced fail-closed; reason `InvalidPolicy`) and a policy
-//! isolating a local pod the node could not program (its entries do not fit the maps, an attach
-//! failed; reason `NotEnforced`). Each Event's note is the daemon's log line about the problem.
+//! Kubernetes Events (events.k8s.io/v1) on the policies this node cannot enforce as written:
+//! a NetworkPolicy or ClusterNetworkPolicy that is invalid (enforced fail-closed; reason
+//! `InvalidPolicy`) and a policy isolating a local pod the node could not program (its entries
+//! do not fit the maps, an attach failed; reason `NotEnforced`). Each Event's note is the
+//! daemon's log line about the problem. An Event on a ClusterNetworkPolicy (cluster-scoped) is
+//! in namespace `default`, as kube's Recorder puts Events on cluster-scoped objects.
 //!
 //! The daemon hands the current problems over after each load ([`KubeEvents::loaded`]) and each
 //! sync ([`KubeEvents::synced`]); that never blocks its loop: a task on a runtime of its own reads
@@ -19,13 +21,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::compiler::NodePolicy;
-use crate::model::{invalid_policy_message, Cluster, ObjKey};
+use crate::model::{self, invalid_cluster_policy_message, invalid_policy_message, Cluster, Kind, ObjKey};
 
 /// What the ClusterRole grants the reporter, as (API group, resource, verbs): nothing else
 /// (checked against deploy/ by a test).
@@ -71,19 +74,36 @@ impl Reason {
 /// One problem with one policy, as an Event reports it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Problem {
+    /// [`Kind::Policy`] (a NetworkPolicy) or [`Kind::ClusterPolicy`] (its `policy` key has no
+    /// namespace).
+    pub kind: Kind,
     pub policy: ObjKey,
     pub reason: Reason,
     /// The log line's message (the Event's note).
     pub message: String,
 }
 
-/// The invalid policies of the model, each with its first load error.
+impl Problem {
+    /// The policy, as the log names it: `NetworkPolicy NS/NAME`, `ClusterNetworkPolicy NAME`.
+    pub fn policy_name(&self) -> String {
+        match self.kind {
+            Kind::ClusterPolicy => format!("{} {}", model::CLUSTER_POLICY_KIND, self.policy.name),
+            _ => format!("NetworkPolicy {}", self.policy),
+        }
+    }
+}
+
+/// The invalid NetworkPolicies and ClusterNetworkPolicies of the model, each with its first
+/// load error.
 pub fn invalid_policies(cluster: &Cluster) -> Vec<Problem> {
-    cluster
-        .policies
+    let invalid =
+        |kind, policy: ObjKey, message: Option<String>| Some(Problem { kind, policy, reason: Reason::InvalidPolicy, message: message? });
+    let policies = cluster.policies.values().filter_map(|p| invalid(Kind::Policy, p.key.clone(), invalid_policy_message(p)));
+    let cluster_policies = cluster
+        .cluster_policies
         .values()
-        .filter_map(|p| Some(Problem { policy: p.key.clone(), reason: Reason::InvalidPolicy, message: invalid_policy_message(p)? }))
-        .collect()
+        .filter_map(|p| invalid(Kind::ClusterPolicy, ObjKey::new("", p.name.clone()), invalid_cluster_policy_message(p)));
+    policies.chain(cluster_policies).collect()
 }
 
 /// The policies a sync could not enforce: each policy isolating a local pod that one of the
@@ -103,7 +123,10 @@ pub fn not_enforced(node: &NodePolicy, errors: &[String]) -> Vec<Problem> {
             }
         }
     }
-    first.into_iter().map(|(p, m)| Problem { policy: p.clone(), reason: Reason::NotEnforced, message: m.clone() }).collect()
+    first
+        .into_iter()
+        .map(|(p, m)| Problem { kind: Kind::Policy, policy: p.clone(), reason: Reason::NotEnforced, message: m.clone() })
+        .collect()
 }
 
 /// How many Events a node writes, and how often a problem that stays is said again.
@@ -140,7 +163,7 @@ impl Counters {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
         out.counter(
             "netpol_kube_events_total",
-            "Kubernetes Events written on NetworkPolicies this node cannot enforce as written: created, or an Event's series patched (the problem still there).",
+            "Kubernetes Events written on policies (NetworkPolicies, ClusterNetworkPolicies) this node cannot enforce as written: created, or an Event's series patched (the problem still there).",
         )
         .sample(&[("verb", "create")], n(&self.created))
         .sample(&[("verb", "patch")], n(&self.patched));
@@ -325,16 +348,13 @@ impl Task {
                 t.written = Some(Instant::now());
                 let counter = if repeat { &self.counters.patched } else { &self.counters.created };
                 counter.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("Kubernetes Event {} on NetworkPolicy {}: {}", p.reason.as_str(), p.policy, p.message);
+                tracing::debug!("Kubernetes Event {} on {}: {}", p.reason.as_str(), p.policy_name(), p.message);
                 self.failing = false;
             }
             Err(e) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
                 if !std::mem::replace(&mut self.failing, true) {
-                    tracing::warn!(
-                        "writing a Kubernetes Event on NetworkPolicy {}: {e} (further failures are counted, not logged)",
-                        p.policy
-                    );
+                    tracing::warn!("writing a Kubernetes Event on {}: {e} (further failures are counted, not logged)", p.policy_name());
                 }
             }
         }
@@ -346,17 +366,20 @@ impl Task {
         if let Some(r) = self.tracked.get(p).and_then(|t| t.regarding.clone()) {
             return Some(r);
         }
-        let api: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), &p.policy.namespace);
-        let uid = match api.get_opt(&p.policy.name).await {
-            Ok(Some(np)) => np.metadata.uid,
+        let uid = match self.policy_uid(p).await {
+            Ok(Some(uid)) => uid,
             Ok(None) => return None,
             // Unreachable, say: the Event without the uid.
             Err(_) => None,
         };
+        let (api_version, kind, namespace) = match p.kind {
+            Kind::ClusterPolicy => (model::CLUSTER_POLICY_API_VERSION, model::CLUSTER_POLICY_KIND, None),
+            _ => ("networking.k8s.io/v1", "NetworkPolicy", Some(p.policy.namespace.clone())),
+        };
         let r = ObjectReference {
-            api_version: Some("networking.k8s.io/v1".into()),
-            kind: Some("NetworkPolicy".into()),
-            namespace: Some(p.policy.namespace.clone()),
+            api_version: Some(api_version.into()),
+            kind: Some(kind.into()),
+            namespace,
             name: Some(p.policy.name.clone()),
             uid: uid.clone(),
             ..Default::default()
@@ -365,6 +388,25 @@ impl Task {
             self.tracked.get_mut(p)?.regarding = Some(r.clone());
         }
         Some(r)
+    }
+}
+
+impl Task {
+    /// The uid of the policy `p` is about (`Ok(None)`: it is gone).
+    async fn policy_uid(&self, p: &Problem) -> kube::Result<Option<Option<String>>> {
+        let name = &p.policy.name;
+        Ok(match p.kind {
+            Kind::ClusterPolicy => {
+                let gvk = GroupVersionKind::gvk(model::CLUSTER_POLICY_GROUP, model::CLUSTER_POLICY_VERSION, model::CLUSTER_POLICY_KIND);
+                let resource = ApiResource::from_gvk_with_plural(&gvk, model::CLUSTER_POLICY_PLURAL);
+                let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+                api.get_opt(name).await?.map(|o| o.metadata.uid)
+            }
+            _ => {
+                let api: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), &p.policy.namespace);
+                api.get_opt(name).await?.map(|np| np.metadata.uid)
+            }
+        })
     }
 }
 

@@ -121,6 +121,9 @@ impl Cluster {
             Object::ClusterPolicy(p) => {
                 self.cluster_policies.insert(p.name.clone(), p);
             }
+            Object::Node(n) => {
+                self.nodes.insert(n.name.clone(), n);
+            }
         }
     }
 }
@@ -134,10 +137,17 @@ pub enum Kind {
     Service,
     EndpointSlice,
     ClusterPolicy,
+    Node,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [Kind::Namespace, Kind::Pod, Kind::Policy, Kind::Service, Kind::EndpointSlice, Kind::ClusterPolicy];
+    pub const ALL: [Kind; 7] =
+        [Kind::Namespace, Kind::Pod, Kind::Policy, Kind::Service, Kind::EndpointSlice, Kind::ClusterPolicy, Kind::Node];
+
+    /// Cluster-scoped: its objects' keys have no namespace.
+    pub fn cluster_scoped(self) -> bool {
+        matches!(self, Kind::Namespace | Kind::ClusterPolicy | Kind::Node)
+    }
 }
 
 impl Object {
@@ -149,10 +159,12 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::ClusterPolicy(_) => Kind::ClusterPolicy,
+            Object::Node(_) => Kind::Node,
         }
     }
 
-    /// The object's key (a namespace's or a ClusterNetworkPolicy's: no namespace, its name).
+    /// The object's key (a namespace's, a ClusterNetworkPolicy's or a node's: no namespace, its
+    /// name).
     pub fn key(&self) -> ObjKey {
         match self {
             Object::Namespace(ns) => ObjKey::new("", ns.name.clone()),
@@ -161,6 +173,7 @@ impl Object {
             Object::Service(s) => s.key.clone(),
             Object::EndpointSlice(s) => s.key.clone(),
             Object::ClusterPolicy(p) => ObjKey::new("", p.name.clone()),
+            Object::Node(n) => ObjKey::new("", n.name.clone()),
         }
     }
 }
@@ -196,6 +209,7 @@ impl Cluster {
             Object::Service(s) => ch.services |= put_one(&mut self.services, s.key.clone(), s),
             Object::EndpointSlice(s) => ch.endpoint_slices |= put_one(&mut self.endpoint_slices, s.key.clone(), s),
             Object::ClusterPolicy(p) => ch.cluster_policies |= put_one(&mut self.cluster_policies, p.name.clone(), p),
+            Object::Node(n) => ch.nodes |= put_one(&mut self.nodes, n.name.clone(), n),
         }
     }
 
@@ -212,6 +226,7 @@ impl Cluster {
             Kind::Service => ch.services |= self.services.remove(key).is_some(),
             Kind::EndpointSlice => ch.endpoint_slices |= self.endpoint_slices.remove(key).is_some(),
             Kind::ClusterPolicy => ch.cluster_policies |= self.cluster_policies.remove(&key.name).is_some(),
+            Kind::Node => ch.nodes |= self.nodes.remove(&key.name).is_some(),
         }
     }
 
@@ -224,6 +239,7 @@ impl Cluster {
             Kind::Service => self.services.keys().cloned().collect(),
             Kind::EndpointSlice => self.endpoint_slices.keys().cloned().collect(),
             Kind::ClusterPolicy => self.cluster_policies.keys().map(|n| ObjKey::new("", n.clone())).collect(),
+            Kind::Node => self.nodes.keys().map(|n| ObjKey::new("", n.clone())).collect(),
         }
     }
 }
@@ -239,6 +255,8 @@ pub struct ChangeSet {
     pub endpoint_slices: bool,
     /// ClusterNetworkPolicies (the compiler does not read them yet: no recompilation needed).
     pub cluster_policies: bool,
+    /// Nodes (what ClusterNetworkPolicy `nodes` peers select).
+    pub nodes: bool,
     /// Pods added, removed or changed.
     pub pods: BTreeSet<ObjKey>,
 }
@@ -255,6 +273,7 @@ impl ChangeSet {
             && !self.services
             && !self.endpoint_slices
             && !self.cluster_policies
+            && !self.nodes
             && self.pods.is_empty()
     }
 
@@ -265,6 +284,7 @@ impl ChangeSet {
         self.services |= o.services;
         self.endpoint_slices |= o.endpoint_slices;
         self.cluster_policies |= o.cluster_policies;
+        self.nodes |= o.nodes;
         self.pods.extend(o.pods);
     }
 }
@@ -284,6 +304,7 @@ impl Cluster {
             services: !differ(&self.services, &new.services).is_empty(),
             endpoint_slices: !differ(&self.endpoint_slices, &new.endpoint_slices).is_empty(),
             cluster_policies: !differ(&self.cluster_policies, &new.cluster_policies).is_empty(),
+            nodes: !differ(&self.nodes, &new.nodes).is_empty(),
             pods: differ(&self.pods, &new.pods).into_iter().collect(),
         };
         *self = new;

@@ -2,7 +2,7 @@
 //! EndpointSlices, the vocabulary every other part of the daemon speaks. Everything the
 //! compiler sees has been checked here; errors name the object and the field at fault.
 //!
-//! - [`objects`]: the object types (keys, pods, policies, rules, peers, services, ...).
+//! - [`objects`]: the object types (keys, pods, policies, rules, peers, services, nodes, ...).
 //! - [`cluster_policy`]: ClusterNetworkPolicies (tiers, priorities, ordered Accept/Deny/Pass
 //!   rules).
 //! - [`labels`]: label sets and the selectors that match them.
@@ -23,9 +23,10 @@ mod objects;
 pub use cluster::{ChangeSet, Cluster, Kind, Verdict};
 pub use cluster_policy::{every_address, Action, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, PodSet, Tier};
 pub use convert::{
-    cluster_policy_from_json, endpoint_slice_from_k8s, from_json, from_k8s, invalid_policy_message, json_key, namespace_from_k8s,
-    pod_from_k8s, policy_from_k8s, policy_stand_in, service_from_k8s, valid_port_name, ApiObject, Converted, ConvertedClusterPolicy,
-    ConvertedPolicy, Object, CLUSTER_FAIL_CLOSED_NOTE, CLUSTER_POLICY_API_VERSION, CLUSTER_POLICY_KIND, FAIL_CLOSED_NOTE,
+    cluster_policy_converted, cluster_policy_from_json, endpoint_slice_from_k8s, from_json, from_k8s, invalid_cluster_policy_message,
+    invalid_policy_message, json_key, namespace_from_k8s, node_from_k8s, pod_from_k8s, policy_from_k8s, policy_stand_in, service_from_k8s,
+    valid_port_name, ApiObject, Converted, ConvertedClusterPolicy, ConvertedPolicy, Object, CLUSTER_FAIL_CLOSED_NOTE,
+    CLUSTER_POLICY_API_VERSION, CLUSTER_POLICY_GROUP, CLUSTER_POLICY_KIND, CLUSTER_POLICY_PLURAL, CLUSTER_POLICY_VERSION, FAIL_CLOSED_NOTE,
 };
 pub use ipnet::IpNet;
 pub use labels::{Labels, Selector};

@@ -89,6 +89,7 @@ struct Owners {
     services: Holders<ObjKey>,
     endpoint_slices: Holders<ObjKey>,
     cluster_policies: Holders<String>,
+    nodes: Holders<String>,
 }
 
 impl Owners {
@@ -111,6 +112,7 @@ impl Owners {
         one(&mut self.services, &c.services, file, holds);
         one(&mut self.endpoint_slices, &c.endpoint_slices, file, holds);
         one(&mut self.cluster_policies, &c.cluster_policies, file, holds);
+        one(&mut self.nodes, &c.nodes, file, holds);
     }
 }
 
@@ -138,6 +140,7 @@ enum ObjRef {
     Service(ObjKey),
     EndpointSlice(ObjKey),
     ClusterPolicy(String),
+    Node(String),
 }
 
 impl ObjRef {
@@ -148,6 +151,7 @@ impl ObjRef {
         v.extend(c.services.keys().map(|k| ObjRef::Service(k.clone())));
         v.extend(c.endpoint_slices.keys().map(|k| ObjRef::EndpointSlice(k.clone())));
         v.extend(c.cluster_policies.keys().map(|k| ObjRef::ClusterPolicy(k.clone())));
+        v.extend(c.nodes.keys().map(|k| ObjRef::Node(k.clone())));
         v
     }
 
@@ -163,6 +167,7 @@ impl ObjRef {
             ObjRef::Service(k) => one(k, &from.services, &mut into.services),
             ObjRef::EndpointSlice(k) => one(k, &from.endpoint_slices, &mut into.endpoint_slices),
             ObjRef::ClusterPolicy(k) => one(k, &from.cluster_policies, &mut into.cluster_policies),
+            ObjRef::Node(k) => one(k, &from.nodes, &mut into.nodes),
         }
     }
 }
@@ -350,6 +355,7 @@ impl DirReader {
                 .is_empty(),
             cluster_policies: !reconcile(&sources, files, &owners.cluster_policies, |c| &c.cluster_policies, &mut into.cluster_policies)
                 .is_empty(),
+            nodes: !reconcile(&sources, files, &owners.nodes, |c| &c.nodes, &mut into.nodes).is_empty(),
         })
     }
 
@@ -484,6 +490,7 @@ fn merge(into: &mut Cluster, from: &Cluster) {
     into.services.extend(from.services.iter().map(|(k, v)| (k.clone(), v.clone())));
     into.endpoint_slices.extend(from.endpoint_slices.iter().map(|(k, v)| (k.clone(), v.clone())));
     into.cluster_policies.extend(from.cluster_policies.iter().map(|(k, v)| (k.clone(), v.clone())));
+    into.nodes.extend(from.nodes.iter().map(|(k, v)| (k.clone(), v.clone())));
 }
 
 /// Adds to `now` the objects of `prev` it lacks; returns how many.
@@ -504,6 +511,7 @@ fn keep_missing(now: &mut Cluster, prev: &Cluster) -> usize {
         + fill(&mut now.services, &prev.services)
         + fill(&mut now.endpoint_slices, &prev.endpoint_slices)
         + fill(&mut now.cluster_policies, &prev.cluster_policies)
+        + fill(&mut now.nodes, &prev.nodes)
 }
 
 /// Adds the objects of one file's text to `out`. JSON files (one or more JSON values) are
@@ -667,6 +675,32 @@ mod tests {
         assert!(!ch.cluster_policies && into.cluster_policies["c"].invalid.is_none(), "{ch:?}");
         std::fs::remove_file(&f).unwrap();
         assert!(r.update(&dir, &mut into).unwrap().cluster_policies && into.cluster_policies.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn nodes_load_and_go_with_their_file() {
+        let dir = std::env::temp_dir().join(format!("netpol-dirnodes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("nodes.yaml");
+        let node = |name: &str, ip: &str| {
+            format!("---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{zone: a}}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n")
+        };
+        let mut r = DirReader::default();
+        let mut into = Cluster::default();
+        std::fs::write(&f, node("n1", "172.18.0.2") + &node("n2", "172.18.0.3")).unwrap();
+        let ch = r.update(&dir, &mut into).unwrap();
+        assert!(ch.nodes && !ch.policies && r.errors().is_empty(), "{ch:?} {:?}", r.errors());
+        assert_eq!(into.nodes["n2"].addresses, ["172.18.0.3".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!(into.nodes["n1"].labels.get("zone").map(String::as_str), Some("a"));
+        // One node's address changes: only nodes changed.
+        std::fs::write(&f, node("n1", "172.18.0.2") + &node("n2", "172.18.0.9")).unwrap();
+        let ch = r.update(&dir, &mut into).unwrap();
+        assert_eq!(ch, ChangeSet { nodes: true, ..Default::default() });
+        assert_eq!(into.nodes["n2"].addresses, ["172.18.0.9".parse::<std::net::IpAddr>().unwrap()]);
+        std::fs::remove_file(&f).unwrap();
+        assert!(r.update(&dir, &mut into).unwrap().nodes && into.nodes.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -24,10 +24,11 @@ use manifest::json_map;
 mod node;
 mod observe;
 mod probe;
+mod sctp;
 mod serve;
 pub use craft::Capture;
 pub use observe::Observer;
-pub use probe::{probe_tcp, probe_udp, resolve};
+pub use probe::{probe_tcp, probe_udp, reach_tcp, reach_udp, resolve, Reach};
 
 pub const NODE_NAME: &str = "lab-node";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
@@ -153,6 +154,8 @@ pub struct Lab {
     children: Vec<Child>,
     /// Service manifests (ClusterIP services emulated with nftables DNAT).
     services: Vec<String>,
+    /// Node manifests ([`Lab::add_node`]), for ClusterNetworkPolicy `nodes` peers.
+    nodes: Vec<String>,
     next_if: u32,
     has_bridge: bool,
     /// Added to `netpol-daemon run`'s arguments (`--attach tc`).
@@ -189,6 +192,7 @@ impl Lab {
             daemon: None,
             children: Vec::new(),
             services: Vec::new(),
+            nodes: Vec::new(),
             next_if: 0,
             has_bridge: false,
             daemon_args: Vec::new(),
@@ -240,7 +244,13 @@ impl Lab {
     }
 
     pub fn add_external(&mut self, name: &str, ip: Ipv4Addr) -> Result<usize> {
-        self.add_endpoint("external", name, ip, &[], &[], &[], false, false)
+        self.add_external_serving(name, ip, &[], &[])
+    }
+
+    /// An outside host (not in the manifests) with TCP and UDP servers, e.g. another node
+    /// whose host-network pods serve there.
+    pub fn add_external_serving(&mut self, name: &str, ip: Ipv4Addr, tcp: &[u16], udp: &[u16]) -> Result<usize> {
+        self.add_endpoint("external", name, ip, &[], tcp, udp, false, false)
     }
 
     /// The node's bridge (created on first use).

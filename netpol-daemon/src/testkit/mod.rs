@@ -6,6 +6,7 @@
 //! tests get it through netpol-daemon's dev-dependency on itself with the feature on; the
 //! `netpol-lab` and `netpol-bench` tools require the feature (`cargo xtask build` passes it).
 pub mod apiserver;
+pub mod cnp_suite;
 pub mod exposition;
 pub mod lab;
 pub mod reference;

@@ -517,11 +517,30 @@ mod tests {
         c.insert(conv.object.unwrap());
         apply(&mut c, &cnp("rest", "Baseline", 1, "gryffindor", "  egress: [{action: Deny, to: [{networks: [0.0.0.0/0]}]}]\n"));
         assert!(!conn(&c, "harry-potter-0", "192.0.2.7", TCP, 443), "the accept matches nothing: the baseline denies");
-        let text = cnp("nodes", "Admin", 2, "slytherin", "  egress: [{action: Pass, to: [{nodes: {}}]}]\n");
+        let text = cnp("dns-pass", "Admin", 2, "slytherin", "  egress: [{action: Pass, to: [{domainNames: [example.com]}]}]\n");
         c.insert(from_json(serde_norway::from_str(&text).unwrap()).unwrap().object.unwrap());
         apply(&mut c, "kind: NetworkPolicy\nmetadata: {name: open, namespace: network-policy-conformance-slytherin}\nspec: {podSelector: {}, policyTypes: [Egress], egress: [{}]}");
         assert!(!conn(&c, "draco-malfoy-0", LUNA, TCP, 80), "the pass denies all, whatever the NetworkPolicy allows");
         assert!(conn(&c, "luna-lovegood-0", DRACO, TCP, 80));
+    }
+
+    /// `nodes` peers, through the conversion of Node and policy manifests: the addresses of the
+    /// nodes the selector selects (CNPAdminTierEgressNodePeers' deny-then-allow).
+    #[test]
+    fn node_peers_select_the_addresses_of_the_nodes_by_label() {
+        let mut c = world();
+        let node = |name: &str, role: &str, addr: &str| {
+            format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{role: {role}}}}}\nstatus: {{addresses: [{{type: InternalIP, address: {addr}}}]}}")
+        };
+        apply(&mut c, &format!("{}\n---\n{}", node("cp", "control-plane", "172.18.0.2"), node("w1", "worker", "172.18.0.3")));
+        let rules = "  egress: [{action: Accept, to: [{nodes: {matchLabels: {role: control-plane}}}], protocols: [{tcp: {destinationPort: {number: 6443}}}]}, \
+                     {action: Deny, to: [{nodes: {}}]}]\n";
+        apply(&mut c, &cnp("api-only", "Admin", 1, "gryffindor", rules));
+        assert!(conn(&c, "harry-potter-0", "172.18.0.2", TCP, 6443), "the control plane's API port");
+        assert!(!conn(&c, "harry-potter-0", "172.18.0.2", TCP, 22));
+        assert!(!conn(&c, "harry-potter-0", "172.18.0.3", TCP, 6443), "a worker: only the deny selects it");
+        assert!(conn(&c, "harry-potter-0", "172.18.0.4", TCP, 22), "no node has that address");
+        assert!(conn(&c, "draco-malfoy-0", "172.18.0.3", TCP, 22), "slytherin is not a subject");
     }
 
     /// A pod reaching its own pod IP is not subject to ClusterNetworkPolicy; through a

@@ -2,7 +2,8 @@
 //! typed API object for them, so the few serde structs of the v1alpha2 schema are here, each
 //! field read on its own so that a problem is reported at its path. Unknown fields are
 //! ignored, as the API server prunes them from a custom resource; a peer left with no field
-//! (one of a newer API version, pruned) fails closed, as the API asks of implementations.
+//! (one of a newer API version, pruned) fails closed, as the API asks of implementations, and
+//! so does a `domainNames` peer, which netpol does not support.
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -13,6 +14,11 @@ use crate::model::{cidr, Action, ClusterPeer, ClusterPolicy, ClusterPort, Cluste
 
 pub const CLUSTER_POLICY_KIND: &str = "ClusterNetworkPolicy";
 pub const CLUSTER_POLICY_API_VERSION: &str = "policy.networking.k8s.io/v1alpha2";
+/// Where the API server serves them once their CRD (optional: deploy/crds) is installed:
+/// group, version and resource (cluster-scoped).
+pub const CLUSTER_POLICY_GROUP: &str = "policy.networking.k8s.io";
+pub const CLUSTER_POLICY_VERSION: &str = "v1alpha2";
+pub const CLUSTER_POLICY_PLURAL: &str = "clusternetworkpolicies";
 
 /// Appended to a ClusterNetworkPolicy's validation errors where they are reported.
 pub const CLUSTER_FAIL_CLOSED_NOTE: &str =
@@ -106,8 +112,8 @@ fn object_name(value: &Value) -> Option<&str> {
 /// Validates and converts a ClusterNetworkPolicy's JSON. Every problem is reported.
 ///
 /// The policy is never dropped for a problem (that would leave open what it was meant to
-/// deny: fail open). A rule at fault, or one netpol cannot enforce (a `nodes` or
-/// `domainNames` peer), takes its fail-closed form ([`ClusterRule::fail_closed`]); a problem
+/// deny: fail open). A rule at fault, or one netpol cannot enforce (a `domainNames` peer),
+/// takes its fail-closed form ([`ClusterRule::fail_closed`]); a problem
 /// of the policy itself (tier, priority, subject, spec) puts every rule in that form, with
 /// an unreadable tier taken as Admin, an unreadable priority as 0 (first) and an unreadable
 /// subject as every pod. Only a policy without a name (which cannot be keyed) is an error
@@ -289,7 +295,7 @@ fn rule(errs: &mut Errs, path: &str, v: &Value, peer_field: &str) -> (ClusterRul
 }
 
 /// One peer. Ingress peers have only `namespaces` and `pods` (any other field of a manifest
-/// is one the API server would prune); `nodes` and `domainNames` are not supported by netpol.
+/// is one the API server would prune); `domainNames` is not supported by netpol.
 fn peer(errs: &mut Errs, path: &str, v: &Value, egress: bool) -> Option<ClusterPeer> {
     let mut p: ApiPeer = read(errs, path, v)?;
     if !egress {
@@ -308,10 +314,6 @@ fn peer(errs: &mut Errs, path: &str, v: &Value, egress: bool) -> Option<ClusterP
             return None;
         }
     }
-    if p.nodes.is_some() {
-        errs.push(format!("{path}.nodes"), "node peers are not supported by netpol");
-        return None;
-    }
     if p.domain_names.is_some() {
         errs.push(format!("{path}.domainNames"), "domain name peers are not supported by netpol");
         return None;
@@ -322,6 +324,9 @@ fn peer(errs: &mut Errs, path: &str, v: &Value, egress: bool) -> Option<ClusterP
     }
     if let Some(pods) = &p.pods {
         return namespaced_pods(errs, &format!("{path}.pods"), pods).map(ClusterPeer::Pods);
+    }
+    if let Some(nodes) = &p.nodes {
+        return selector(errs, &format!("{path}.nodes"), Some(nodes)).map(ClusterPeer::Nodes);
     }
     let path = format!("{path}.networks");
     let networks = list(errs, &path, p.networks.as_deref(), true);
@@ -411,6 +416,11 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn the_api_version_is_the_group_and_version_served() {
+        assert_eq!(CLUSTER_POLICY_API_VERSION, format!("{CLUSTER_POLICY_GROUP}/{CLUSTER_POLICY_VERSION}"));
+    }
+
     /// A ClusterNetworkPolicy `p` with `spec` (YAML flow text) converted as a manifest's.
     fn convert(spec: &str) -> Converted {
         let text = format!("apiVersion: {CLUSTER_POLICY_API_VERSION}\nkind: ClusterNetworkPolicy\nmetadata: {{name: p}}\nspec: {spec}\n");
@@ -449,6 +459,23 @@ mod tests {
         assert!(set.namespaces.is_everything() && !set.pods.is_everything());
     }
 
+    /// `nodes` (experimental) selects Nodes by their labels: an empty selector every node.
+    #[test]
+    fn node_peers_convert_to_their_selector() {
+        let conv = convert(&format!(
+            "{{{SUBJECT}, egress: [{{action: Deny, to: [{{nodes: {{matchLabels: {{node-role.kubernetes.io/control-plane: ''}}}}}}, {{nodes: {{}}}}], \
+             protocols: [{{tcp: {{destinationPort: {{number: 6443}}}}}}]}}]}}"
+        ));
+        assert!(conv.errors.is_empty(), "{conv:?}");
+        let e = &policy(&conv).egress[0];
+        let [ClusterPeer::Nodes(control_plane), ClusterPeer::Nodes(every)] = e.peers.as_slice() else { panic!("{e:?}") };
+        let labels = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<crate::model::Labels>();
+        assert!(control_plane.matches(&labels(&[("node-role.kubernetes.io/control-plane", "")])));
+        assert!(!control_plane.matches(&labels(&[("kubernetes.io/hostname", "worker")])));
+        assert!(every.is_everything());
+        assert_eq!((e.action, e.ports.as_deref()), (Action::Deny, Some(&[ClusterPort::Range(Protocol::Tcp, 6443, 6443)][..])));
+    }
+
     /// Each problem is reported at its field, as `ClusterNetworkPolicy p: FIELD: WHAT`.
     #[test]
     fn each_error_names_its_field() {
@@ -481,7 +508,10 @@ mod tests {
             (rule(&format!("{{name: {}, action: Deny, from: [{{namespaces: {{}}}}]}}", "n".repeat(101))), "spec.ingress[0].name: is longer than 100"),
             (egress("{action: Deny, to: [{networks: [10.0.0.0/8, 10.0.0.300/32]}]}"), "spec.egress[0].to[0].networks[1]: invalid CIDR"),
             (egress("{action: Accept, to: [{domainNames: [example.com]}]}"), "spec.egress[0].to[0].domainNames: domain name peers are not supported"),
-            (egress("{action: Deny, to: [{nodes: {}}]}"), "spec.egress[0].to[0].nodes: node peers are not supported"),
+            (egress("{action: Deny, to: [{nodes: {matchExpressions: [{key: k, operator: Near}]}}]}"), "spec.egress[0].to[0].nodes.matchExpressions[0]"),
+            (egress("{action: Deny, to: [{nodes: {}, networks: [10.0.0.0/8]}]}"), "spec.egress[0].to[0]: must set exactly one"),
+            (egress("{action: Deny, to: [{nodes: {}}], protocols: [{destinationNamedPort: web}]}"), "spec.egress[0]: networks/nodes/domainNames peer cannot be set with namedPorts"),
+            (rule("{action: Deny, from: [{nodes: {}}]}"), "spec.ingress[0].from[0]: sets none of namespaces or pods"),
             (egress("{action: Deny, to: [{networks: [10.0.0.0/8]}], protocols: [{destinationNamedPort: web}]}"), "spec.egress[0]: networks/nodes/domainNames peer cannot be set with namedPorts"),
             (egress("{action: Deny, to: [{pods: {podSelector: {}}}], protocols: [{destinationNamedPort: ''}]}"), "spec.egress[0].protocols[0].destinationNamedPort: must not be empty"),
             (egress("{action: Deny, to: 7}"), "spec.egress[0]: invalid type"),
@@ -497,6 +527,8 @@ mod tests {
                 policy(&conv).invalid.as_ref().map(|i| format!("ClusterNetworkPolicy {i}")).as_deref(),
                 conv.errors[0].strip_suffix(CLUSTER_FAIL_CLOSED_NOTE)
             );
+            // What an Event on it says is the load error.
+            assert_eq!(crate::model::invalid_cluster_policy_message(policy(&conv)).as_ref(), Some(&conv.errors[0]));
         }
     }
 
@@ -517,7 +549,7 @@ mod tests {
     #[test]
     fn unsupported_or_invalid_rules_fail_closed() {
         let conv = convert(&format!(
-            "{{{SUBJECT}, egress: [{{action: Accept, to: [{{domainNames: [example.com]}}]}}, {{action: Pass, to: [{{nodes: {{}}}}], protocols: [{{tcp: {{destinationPort: {{number: 80}}}}}}]}}, \
+            "{{{SUBJECT}, egress: [{{action: Accept, to: [{{domainNames: [example.com]}}]}}, {{action: Pass, to: [{{domainNames: [example.com]}}], protocols: [{{tcp: {{destinationPort: {{number: 80}}}}}}]}}, \
              {{action: Accept, to: [{{networks: [10.0.0.0/8]}}]}}, {{action: Bogus, to: [{{namespaces: {{}}}}]}}]}}"
         ));
         assert_eq!(conv.errors.len(), 3, "{conv:?}");

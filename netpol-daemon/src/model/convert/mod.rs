@@ -2,23 +2,24 @@
 //! point both sources call ([`from_k8s`] for typed objects, [`from_json`] for manifest text), so
 //! that a manifest and the API server's copy of an object become the same model object and the
 //! same reported problems. Errors name the kind, the object and the field at fault.
-use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod, Service as K8sService};
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod, Service as K8sService};
 use k8s_openapi::api::discovery::v1::EndpointSlice as K8sEndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::Resource;
 
-use super::{ClusterPolicy, EndpointSlice, FieldError, Namespace, ObjKey, Pod, Policy, Protocol, Service};
+use super::{ClusterPolicy, EndpointSlice, FieldError, Namespace, Node, ObjKey, Pod, Policy, Protocol, Service};
 
 mod cluster_policy;
 mod policy;
 mod resources;
 
 pub use cluster_policy::{
-    cluster_policy_from_json, ConvertedClusterPolicy, CLUSTER_FAIL_CLOSED_NOTE, CLUSTER_POLICY_API_VERSION, CLUSTER_POLICY_KIND,
+    cluster_policy_from_json, ConvertedClusterPolicy, CLUSTER_FAIL_CLOSED_NOTE, CLUSTER_POLICY_API_VERSION, CLUSTER_POLICY_GROUP,
+    CLUSTER_POLICY_KIND, CLUSTER_POLICY_PLURAL, CLUSTER_POLICY_VERSION,
 };
 pub use policy::{invalid_policy_message, policy_from_k8s, policy_stand_in, ConvertedPolicy, FAIL_CLOSED_NOTE};
-pub use resources::{endpoint_slice_from_k8s, namespace_from_k8s, pod_from_k8s, service_from_k8s};
+pub use resources::{endpoint_slice_from_k8s, namespace_from_k8s, node_from_k8s, pod_from_k8s, service_from_k8s};
 
 /// One object of the model, of any kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +31,8 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     /// A ClusterNetworkPolicy (cluster-scoped: its key has no namespace).
     ClusterPolicy(ClusterPolicy),
+    /// A Node (cluster-scoped), for ClusterNetworkPolicy `nodes` peers.
+    Node(Node),
 }
 
 /// One API object converted: what the model keeps of it and what to report.
@@ -80,6 +83,7 @@ pub fn from_json(value: serde_json::Value) -> Option<Converted> {
         K8sService::KIND => typed_from_json::<K8sService>(value),
         K8sEndpointSlice::KIND => typed_from_json::<K8sEndpointSlice>(value),
         CLUSTER_POLICY_KIND => cluster_policy_converted(&value),
+        K8sNode::KIND => typed_from_json::<K8sNode>(value),
         _ => return None,
     })
 }
@@ -116,21 +120,46 @@ fn policy_from_json(value: serde_json::Value) -> Converted {
     }
 }
 
-/// A ClusterNetworkPolicy is kept (its faulty rules fail closed) and its problems reported.
-fn cluster_policy_converted(value: &serde_json::Value) -> Converted {
+/// A ClusterNetworkPolicy's JSON (a manifest's, or the API server's copy: there is no typed
+/// object) converted: it is kept (its faulty rules fail closed) and its problems reported.
+pub fn cluster_policy_converted(value: &serde_json::Value) -> Converted {
     match cluster_policy_from_json(value) {
         Ok(conv) => Converted {
             object: Some(Object::ClusterPolicy(conv.policy)),
-            errors: conv.errors.iter().map(|e| format!("{CLUSTER_POLICY_KIND} {e}{CLUSTER_FAIL_CLOSED_NOTE}")).collect(),
+            errors: conv.errors.iter().map(cluster_fail_closed_message).collect(),
             warnings: vec![],
         },
         Err(errs) => Converted::of(CLUSTER_POLICY_KIND, Err(errs)),
     }
 }
 
+fn cluster_fail_closed_message(problem: &impl std::fmt::Display) -> String {
+    format!("{CLUSTER_POLICY_KIND} {problem}{CLUSTER_FAIL_CLOSED_NOTE}")
+}
+
+/// The reported message of a ClusterNetworkPolicy's first validation problem (`None` for a
+/// valid one): its first load error's text, for what else reports it (a Kubernetes Event).
+pub fn invalid_cluster_policy_message(policy: &ClusterPolicy) -> Option<String> {
+    policy.invalid.as_ref().map(cluster_fail_closed_message)
+}
+
 impl ApiObject for K8sNamespace {
     fn convert(&self) -> Converted {
         Converted::of(Self::KIND, namespace_from_k8s(self).map(|n| Some(Object::Namespace(n))).map_err(|e| vec![e]))
+    }
+}
+
+/// A node is kept with the addresses that parse; the others are reported.
+impl ApiObject for K8sNode {
+    fn convert(&self) -> Converted {
+        match node_from_k8s(self) {
+            Ok((node, errs)) => Converted {
+                object: Some(Object::Node(node)),
+                errors: errs.iter().map(|e| format!("{} {e}", Self::KIND)).collect(),
+                warnings: vec![],
+            },
+            Err(e) => Converted::of(Self::KIND, Err(vec![e])),
+        }
     }
 }
 
@@ -235,6 +264,26 @@ mod tests {
         assert_eq!(conv.errors, ["Pod a/x: spec.containers[0].ports[0].containerPort: 0 is not in 1-65535"]);
         assert!(conv.object.is_none());
         assert!(from_json(json("kind: ConfigMap\nmetadata: {name: x}\n")).is_none());
+    }
+
+    /// A Node keeps its labels and its InternalIP and ExternalIP addresses (not its names); an
+    /// address that does not parse is reported at its field, the node kept without it.
+    #[test]
+    fn a_node_keeps_its_labels_and_ip_addresses() {
+        let text = "apiVersion: v1\nkind: Node\nmetadata: {name: w1, labels: {role: worker}}\nstatus: {addresses: [\
+                    {type: Hostname, address: w1}, {type: InternalIP, address: 172.18.0.3}, {type: ExternalIP, address: 'fd00::3'}, \
+                    {type: InternalIP, address: 172.18.0.3}, {type: InternalDNS, address: w1.local}, {type: ExternalIP, address: 300.1.1.1}]}\n";
+        let typed: K8sNode = serde_json::from_value(json(text)).unwrap();
+        let conv = from_json(json(text)).unwrap();
+        assert_eq!(conv, from_k8s(&typed));
+        let Some(Object::Node(n)) = &conv.object else { panic!("{conv:?}") };
+        assert_eq!(n.name, "w1");
+        assert_eq!(n.labels.get("role").map(String::as_str), Some("worker"));
+        assert_eq!(n.addresses, ["172.18.0.3".parse::<std::net::IpAddr>().unwrap(), "fd00::3".parse().unwrap()]);
+        assert_eq!(conv.errors, ["Node w1: status.addresses[5].address: invalid IP address \"300.1.1.1\" (type ExternalIP)"]);
+        assert_eq!(conv.object.as_ref().map(|o| (o.kind(), o.key())), Some((crate::model::Kind::Node, ObjKey::new("", "w1"))));
+        let unnamed = from_json(json("kind: Node\nmetadata: {}\n")).unwrap();
+        assert_eq!((unnamed.object, unnamed.errors.as_slice()), (None, &["Node <unnamed>: metadata.name: is required".to_string()][..]));
     }
 
     #[test]

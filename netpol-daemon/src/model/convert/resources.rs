@@ -1,18 +1,48 @@
-//! Namespaces, pods, services and EndpointSlices from their API objects: the fields the
+//! Namespaces, pods, services, EndpointSlices and nodes from their API objects: the fields the
 //! compiler reads, checked.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod, PodSpec, PodStatus, Service as K8sService};
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod, PodSpec, PodStatus, Service as K8sService};
 use k8s_openapi::api::discovery::v1::EndpointSlice as K8sEndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{meta_key, protocol, valid_port_name, Errs};
-use crate::model::{ContainerPort, EndpointSlice, FieldError, Namespace, Pod, Protocol, Service, ServicePort, TargetPort};
+use crate::model::{ContainerPort, EndpointSlice, FieldError, Namespace, Node, Pod, Protocol, Service, ServicePort, TargetPort};
 
 pub fn namespace_from_k8s(ns: &K8sNamespace) -> Result<Namespace, FieldError> {
     let key = meta_key("Namespace", &ns.metadata, false)?;
     Ok(Namespace::new(key.name, ns.metadata.labels.clone().unwrap_or_default()))
+}
+
+/// The `status.addresses` types that are IP addresses of the node (`Hostname` and the DNS
+/// types are names): what a ClusterNetworkPolicy `nodes` peer matches.
+const NODE_IP_TYPES: [&str; 2] = ["InternalIP", "ExternalIP"];
+
+/// Converts an API node: its labels and its InternalIP and ExternalIP addresses (each once).
+/// An address of those types that does not parse is reported (second of the pair) and left
+/// out; the node is kept with the others, since dropping it would leave every one of its
+/// addresses unmatched by the peers selecting it.
+pub fn node_from_k8s(node: &K8sNode) -> Result<(Node, Vec<FieldError>), FieldError> {
+    let Some(name) = node.metadata.name.clone().filter(|n| !n.is_empty()) else {
+        return Err(FieldError { object: "<unnamed>".into(), field: "metadata.name".into(), message: "is required".into() });
+    };
+    let object = name.clone();
+    let mut errs = Errs { object: &object, list: vec![] };
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    let listed = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for (i, a) in listed.into_iter().flatten().enumerate() {
+        if !NODE_IP_TYPES.contains(&a.type_.as_str()) {
+            continue;
+        }
+        match a.address.parse::<IpAddr>() {
+            Ok(ip) if !addresses.contains(&ip) => addresses.push(ip),
+            Ok(_) => {}
+            Err(_) => errs.push(format!("status.addresses[{i}].address"), format!("invalid IP address {:?} (type {})", a.address, a.type_)),
+        }
+    }
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    Ok((Node { name, labels, addresses }, errs.list))
 }
 
 /// Converts an API pod. Returns `Ok(None)` for pods that no longer hold an address

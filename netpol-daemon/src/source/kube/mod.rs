@@ -1,6 +1,7 @@
 //! The Kubernetes source, event-driven: one watcher per kind (Namespaces, Pods,
-//! NetworkPolicies, Services, EndpointSlices) on a tokio runtime of its own converts each
-//! object as it arrives ([`watch`]) and queues the change; the daemon loop sleeps on that queue
+//! NetworkPolicies, Services, EndpointSlices, Nodes, and ClusterNetworkPolicies when their CRD
+//! is installed) on a tokio runtime of its own converts each object as it arrives ([`watch`])
+//! and queues the change; the daemon loop sleeps on that queue
 //! ([`Source::wait`] wakes at the first event) and applies exactly the queued changes to its
 //! model ([`apply`]), a relist diffed once. The model is the only copy of the cluster: no
 //! reflector store of API objects beside it. While the API server is unreachable nothing
@@ -10,14 +11,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 
 use super::Source;
-use crate::model::{ChangeSet, Cluster, Kind};
+use crate::model::{self, ChangeSet, Cluster, Kind};
 
 mod apply;
 mod watch;
@@ -27,8 +29,34 @@ use watch::{Health, Inbox, Sink};
 
 /// The resources watched, as (API group, resource): what the ClusterRole must grant
 /// get/list/watch on (checked against deploy/ by a test).
-pub const WATCHED: &[(&str, &str)] =
-    &[("", "namespaces"), ("", "pods"), ("", "services"), ("discovery.k8s.io", "endpointslices"), ("networking.k8s.io", "networkpolicies")];
+pub const WATCHED: &[(&str, &str)] = &[
+    ("", "namespaces"),
+    ("", "pods"),
+    ("", "services"),
+    ("", "nodes"),
+    ("discovery.k8s.io", "endpointslices"),
+    ("networking.k8s.io", "networkpolicies"),
+    (model::CLUSTER_POLICY_GROUP, model::CLUSTER_POLICY_PLURAL),
+];
+
+/// How often the source looks at the API server on its own (besides the watches' events).
+#[derive(Clone, Copy, Debug)]
+pub struct Intervals {
+    /// The API server is asked for its version (see [`watch::probe`]).
+    pub probe: Duration,
+    /// While the ClusterNetworkPolicy CRD is not installed, whether it is now.
+    pub crd_recheck: Duration,
+}
+
+impl Default for Intervals {
+    fn default() -> Self {
+        Intervals { probe: Duration::from_secs(10), crd_recheck: DEFAULT_CRD_RECHECK }
+    }
+}
+
+/// `--crd-recheck-ms`'s default: a CRD installed after the daemon started is watched within
+/// this (the check is one list request per node that the API server answers 404).
+pub const DEFAULT_CRD_RECHECK: Duration = Duration::from_secs(10);
 
 /// The pods the API server sends: every node's (peers are matched by address), but not those
 /// that finished (phase Succeeded or Failed: their address may already belong to a new pod; the
@@ -56,14 +84,13 @@ pub struct KubeSource {
 impl KubeSource {
     /// Connects with in-cluster config or KUBECONFIG and starts the watchers; `node`: the node
     /// enforced (pods of other nodes are kept slimmer).
-    pub fn start(node: &str) -> Result<KubeSource> {
+    pub fn start(node: &str, intervals: Intervals) -> Result<KubeSource> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("kube").build()?;
         let client = rt.block_on(Client::try_default()).context("Kubernetes client (in-cluster config or KUBECONFIG)")?;
-        Ok(KubeSource::with_client(rt, client, node, Duration::from_secs(10)))
+        Ok(KubeSource::with_client(rt, client, node, intervals))
     }
 
-    /// `probe_every`: how often the API server is asked for its version (see [`watch::probe`]).
-    pub fn with_client(rt: tokio::runtime::Runtime, client: Client, node: &str, probe_every: Duration) -> KubeSource {
+    pub fn with_client(rt: tokio::runtime::Runtime, client: Client, node: &str, intervals: Intervals) -> KubeSource {
         let sink = Sink { inbox: Arc::default(), health: Arc::new(Health::new()), node: node.into() };
         let all = watcher::Config::default;
         watch::spawn(&rt, Api::<Namespace>::all(client.clone()), all(), Kind::Namespace, sink.clone());
@@ -71,11 +98,16 @@ impl KubeSource {
         watch::spawn(&rt, Api::<NetworkPolicy>::all(client.clone()), all(), Kind::Policy, sink.clone());
         watch::spawn(&rt, Api::<Service>::all(client.clone()), all(), Kind::Service, sink.clone());
         watch::spawn(&rt, Api::<EndpointSlice>::all(client.clone()), all(), Kind::EndpointSlice, sink.clone());
-        watch::probe(&rt, client, sink.health.clone(), probe_every);
+        watch::spawn(&rt, Api::<Node>::all(client.clone()), all(), Kind::Node, sink.clone());
+        let cnps = Api::<DynamicObject>::all_with(client.clone(), &cluster_policy_resource());
+        let (kind, convert) = (Kind::ClusterPolicy, model::cluster_policy_converted);
+        watch::spawn_optional(&rt, cnps, kind, model::CLUSTER_POLICY_KIND, convert, sink.clone(), intervals.crd_recheck);
+        watch::probe(&rt, client, sink.health.clone(), intervals.probe);
         KubeSource { inbox: sink.inbox, health: sink.health, problems: Problems::default(), oldest: None, last_taken: None, _rt: rt }
     }
 
-    /// Watch errors so far (each followed by a relist with backoff).
+    /// Watch errors so far (each followed by a relist with backoff; a resource whose CRD is not
+    /// installed is none).
     pub fn watch_errors(&self) -> u64 {
         self.health.errors.load(Ordering::SeqCst)
     }
@@ -148,4 +180,10 @@ impl Source for KubeSource {
     fn take_change_age(&mut self) -> Option<Duration> {
         self.oldest.take().map(|t| t.elapsed())
     }
+}
+
+/// The ClusterNetworkPolicy resource, for kube's dynamic API (there is no typed object).
+pub fn cluster_policy_resource() -> ApiResource {
+    let gvk = GroupVersionKind::gvk(model::CLUSTER_POLICY_GROUP, model::CLUSTER_POLICY_VERSION, model::CLUSTER_POLICY_KIND);
+    ApiResource::from_gvk_with_plural(&gvk, model::CLUSTER_POLICY_PLURAL)
 }

@@ -2,12 +2,17 @@
 //! error or a `410 Gone`), each turning what it hears into [`Change`]s on the [`Inbox`] the
 //! daemon waits on. Objects are converted to the model's slim form here, as they arrive, and
 //! the API's copy is dropped: nothing else keeps them.
+//!
+//! A resource of a CRD that may not be installed (ClusterNetworkPolicy) is watched by
+//! [`spawn_optional`]: a `404 Not Found` is "not installed" (an empty list, not a failure),
+//! checked again every so often, and the CRD's removal drops every object of it.
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
+use kube::api::DynamicObject;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Resource};
@@ -77,8 +82,8 @@ pub struct Health {
     pub errors: AtomicU64,
 }
 
-/// How many kinds are watched: all but ClusterNetworkPolicy, not enforced yet (issue 22).
-const WATCHED: usize = Kind::ALL.len() - 1;
+/// How many kinds are watched: all of them.
+const WATCHED: usize = Kind::ALL.len();
 
 /// The version probe's bit in [`Health::failing`], past the watchers' (one per [`Kind`]).
 const PROBE: u32 = 1 << Kind::ALL.len();
@@ -124,10 +129,9 @@ pub struct Sink {
     pub node: Arc<str>,
 }
 
-/// Converts one API object; a pod of another node keeps only what rules match on (labels,
+/// One object as converted; a pod of another node keeps only what rules match on (labels,
 /// namespace, addresses, named container ports). Warnings are logged once per text.
-fn record<K: ApiObject + Resource>(kind: Kind, obj: &K, node: &str, warned: &mut HashSet<String>) -> Record {
-    let mut converted = model::from_k8s(obj);
+fn record(kind: Kind, key: ObjKey, mut converted: Converted, node: &str, warned: &mut HashSet<String>) -> Record {
     for w in std::mem::take(&mut converted.warnings) {
         if warned.insert(w.clone()) {
             tracing::warn!("{w}");
@@ -139,16 +143,16 @@ fn record<K: ApiObject + Resource>(kind: Kind, obj: &K, node: &str, warned: &mut
             p.ports.shrink_to_fit();
         }
     }
-    Record { kind, key: key_of(kind, obj), converted }
+    Record { kind, key, converted }
 }
 
-/// The key the model gives `obj` ([`Object::key`]: a namespace's has no namespace).
+/// The key the model gives `obj` ([`Object::key`]: a cluster-scoped object's has no namespace).
 fn key_of<K: Resource>(kind: Kind, obj: &K) -> ObjKey {
     let meta = obj.meta();
     let name = meta.name.clone().unwrap_or_default();
-    match kind {
-        Kind::Namespace => ObjKey::new("", name),
-        _ => ObjKey::new(meta.namespace.clone().unwrap_or_default(), name),
+    match kind.cluster_scoped() {
+        true => ObjKey::new("", name),
+        false => ObjKey::new(meta.namespace.clone().unwrap_or_default(), name),
     }
 }
 
@@ -160,30 +164,113 @@ where
     K::DynamicType: Default,
 {
     let stream = watcher(api, cfg).default_backoff();
+    let what = K::plural(&Default::default()).to_string();
     rt.spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        let mut warned = HashSet::new();
-        let mut listing: Option<Vec<Record>> = None;
-        while let Some(ev) = stream.next().await {
-            let ev = match ev {
-                Ok(ev) => ev,
-                Err(e) => {
-                    sink.health.errors.fetch_add(1, Ordering::SeqCst);
-                    sink.health.watch(kind, false);
-                    tracing::warn!("watch {}: {e}; keeping the last state, relisting with backoff", K::plural(&Default::default()));
-                    continue;
-                }
-            };
+        follow(stream, Watch { kind, what: &what, sink: &sink, optional: false }, |o: &K| model::from_k8s(o)).await;
+    });
+}
+
+/// A resource of a CRD, watched whether or not the CRD is installed: `api`'s resource, read
+/// as `kind` by `convert` (from the object's JSON: there is no typed object), `what` naming it
+/// in the log. While the API server answers `404 Not Found` (the CRD is not installed, or was
+/// removed) the kind is listed empty: none of its objects is in the model, the source stays
+/// healthy and ready; every `recheck` the watch is tried again.
+pub fn spawn_optional(
+    rt: &tokio::runtime::Runtime,
+    api: Api<DynamicObject>,
+    kind: Kind,
+    what: &'static str,
+    convert: fn(&serde_json::Value) -> Converted,
+    sink: Sink,
+    recheck: Duration,
+) {
+    rt.spawn(async move {
+        let convert = |o: &DynamicObject| match serde_json::to_value(o) {
+            Ok(v) => convert(&v),
+            Err(e) => Converted { errors: vec![format!("{what} {}: {e}", key_of(kind, o))], ..Default::default() },
+        };
+        let mut first = true;
+        loop {
+            let stream = watcher(api.clone(), watcher::Config::default()).default_backoff();
+            let listed = follow(stream, Watch { kind, what, sink: &sink, optional: true }, convert).await;
+            // Not found: nothing of it is in the cluster (any more). Said once, until a list
+            // shows the CRD installed again.
             sink.health.watch(kind, true);
-            match ev {
-                Event::Apply(o) => sink.inbox.push(Change::Put(Box::new(record(kind, &o, &sink.node, &mut warned)))),
-                Event::Delete(o) => sink.inbox.push(Change::Gone(kind, key_of(kind, &o))),
-                Event::Init => listing = Some(Vec::new()),
-                Event::InitApply(o) => listing.get_or_insert_with(Vec::new).push(record(kind, &o, &sink.node, &mut warned)),
-                Event::InitDone => sink.inbox.push(Change::Listed(kind, listing.take().unwrap_or_default())),
+            if listed || first {
+                sink.inbox.push(Change::Listed(kind, Vec::new()));
+                if listed {
+                    tracing::warn!("{what}: the CRD was removed: none is enforced any more (checking again every {recheck:?})");
+                } else {
+                    tracing::info!("{what}: the CRD is not installed: none is enforced (checking again every {recheck:?})");
+                }
             }
+            first = false;
+            tokio::time::sleep(recheck).await;
         }
     });
+}
+
+/// What [`follow`] follows: the kind, its name for the log, where changes go, and whether a
+/// `404 Not Found` ends it (an optional resource, [`spawn_optional`]).
+struct Watch<'a> {
+    kind: Kind,
+    what: &'a str,
+    sink: &'a Sink,
+    optional: bool,
+}
+
+/// A `404 Not Found` from the API server: the resource is not served (a CRD not installed).
+fn not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
+/// Turns the watcher's events into changes on the inbox until the stream ends (it does not:
+/// the watcher retries with backoff) or, for an optional resource, the API server answers
+/// `404 Not Found`; then returns whether a list of it was delivered.
+async fn follow<K: Resource>(
+    stream: impl Stream<Item = Result<Event<K>, watcher::Error>>,
+    w: Watch<'_>,
+    convert: impl Fn(&K) -> Converted,
+) -> bool {
+    let (kind, sink) = (w.kind, w.sink);
+    let mut stream = std::pin::pin!(stream);
+    let mut warned = HashSet::new();
+    let mut listing: Option<Vec<Record>> = None;
+    let mut listed = false;
+    let mut rec = |o: &K| record(kind, key_of(kind, o), convert(o), &sink.node, &mut warned);
+    while let Some(ev) = stream.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) if w.optional && not_found(&e) => return listed,
+            Err(e) => {
+                sink.health.errors.fetch_add(1, Ordering::SeqCst);
+                sink.health.watch(kind, false);
+                tracing::warn!("watch {}: {e}; keeping the last state, relisting with backoff", w.what);
+                continue;
+            }
+        };
+        sink.health.watch(kind, true);
+        match ev {
+            Event::Apply(o) => sink.inbox.push(Change::Put(Box::new(rec(&o)))),
+            Event::Delete(o) => sink.inbox.push(Change::Gone(kind, key_of(kind, &o))),
+            Event::Init => listing = Some(Vec::new()),
+            Event::InitApply(o) => listing.get_or_insert_with(Vec::new).push(rec(&o)),
+            Event::InitDone => {
+                if w.optional && !listed {
+                    tracing::info!("{}: the CRD is installed: watching", w.what);
+                }
+                listed = true;
+                sink.inbox.push(Change::Listed(kind, listing.take().unwrap_or_default()))
+            }
+        }
+    }
+    listed
 }
 
 /// Asks the API server for its version every `every`: a watch that resumes quietly after an

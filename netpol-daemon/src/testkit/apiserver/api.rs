@@ -49,9 +49,16 @@ pub fn handle(shared: &Shared, req: &Request, out: &mut impl Write, logged: &mut
     }
 }
 
+/// What the real server answers on a path it does not serve (a CRD's, before it is
+/// installed): not a `Status`, plain text.
+const PAGE_NOT_FOUND: &[u8] = b"404 page not found\n";
+
 fn answer(shared: &Shared, req: &Request) -> Result<Reply, ApiError> {
-    let target =
-        parse_target(&req.path).ok_or_else(|| ApiError::new(404, "NotFound", "the server could not find the requested resource"))?;
+    let target = {
+        let store = shared.store.lock().unwrap();
+        parse_target(&req.path, &|r| store.served(r))
+    };
+    let Some(target) = target else { return Ok(Reply::Json(404, PAGE_NOT_FOUND.to_vec())) };
     let json = |code, v: &Value| Ok(Reply::Json(code, serde_json::to_vec(v).expect("a JSON value serializes")));
     match (req.method.as_str(), target) {
         ("GET", Target::Version) => json(200, &version()),
@@ -82,14 +89,15 @@ fn answer(shared: &Shared, req: &Request) -> Result<Reply, ApiError> {
     }
 }
 
-fn parse_target(path: &str) -> Option<Target> {
+/// What `path` names among the resources `served` (built in, or of a CRD installed).
+fn parse_target(path: &str, served: &dyn Fn(&Resource) -> bool) -> Option<Target> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segs.as_slice() {
         ["version"] => return Some(Target::Version),
         ["api"] => return Some(Target::Discovery(json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}))),
-        ["apis"] => return Some(Target::Discovery(api_groups())),
-        ["api", v] => return api_resources("", v).map(Target::Discovery),
-        ["apis", g, v] => return api_resources(g, v).map(Target::Discovery),
+        ["apis"] => return Some(Target::Discovery(api_groups(served))),
+        ["api", v] => return api_resources("", v, served).map(Target::Discovery),
+        ["apis", g, v] => return api_resources(g, v, served).map(Target::Discovery),
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
         _ => return None,
@@ -103,7 +111,8 @@ fn parse_target(path: &str) -> Option<Target> {
         [p, n] => (*p, Some(n.to_string())),
         _ => return None,
     };
-    let res = Resource::named(plural).filter(|r| r.group == group && r.version == version && (r.namespaced || namespace.is_none()))?;
+    let res = Resource::named(plural)
+        .filter(|r| r.group == group && r.version == version && (r.namespaced || namespace.is_none()) && served(r))?;
     Some(match name {
         None => Target::Collection { res, namespace },
         Some(name) => Target::Object { res, namespace, name },
@@ -115,9 +124,9 @@ fn version() -> Value {
            "buildDate": "2024-01-01T00:00:00Z", "goVersion": "go1.22", "compiler": "gc", "platform": "linux/amd64"})
 }
 
-fn api_groups() -> Value {
+fn api_groups(served: &dyn Fn(&Resource) -> bool) -> Value {
     let mut groups: Vec<Value> = Vec::new();
-    for r in RESOURCES.iter().filter(|r| !r.group.is_empty()) {
+    for r in RESOURCES.iter().filter(|r| !r.group.is_empty() && served(r)) {
         if !groups.iter().any(|g| g["name"] == r.group) {
             let gv = json!({"groupVersion": r.api_version(), "version": r.version});
             groups.push(json!({"name": r.group, "versions": [gv], "preferredVersion": gv}));
@@ -126,11 +135,11 @@ fn api_groups() -> Value {
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
-fn api_resources(group: &str, version: &str) -> Option<Value> {
+fn api_resources(group: &str, version: &str, served: &dyn Fn(&Resource) -> bool) -> Option<Value> {
     let verbs = ["create", "delete", "get", "list", "patch", "update", "watch"];
     let resources: Vec<Value> = RESOURCES
         .iter()
-        .filter(|r| r.group == group && r.version == version)
+        .filter(|r| r.group == group && r.version == version && served(r))
         .map(|r| {
             json!({"name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs})
         })
@@ -315,6 +324,8 @@ mod tests {
 
     #[test]
     fn paths_name_what_the_api_serves() {
+        let all = |_: &Resource| true;
+        let parse_target = |path: &str| parse_target(path, &all);
         let t = parse_target("/api/v1/namespaces/shop/pods/web-1");
         assert!(
             matches!(t, Some(Target::Object { res, namespace: Some(ns), name }) if res.plural == "pods" && ns == "shop" && name == "web-1")
@@ -325,7 +336,15 @@ mod tests {
         assert!(matches!(parse_target("/apis/networking.k8s.io/v1/networkpolicies"), Some(Target::Collection { namespace: None, .. })));
         assert!(parse_target("/apis/networking.k8s.io/v2/networkpolicies").is_none());
         assert!(parse_target("/api/v1/namespaces/a/namespaces").is_none(), "namespaces are cluster-scoped");
-        assert!(matches!(parse_target("/apis"), Some(Target::Discovery(v)) if v["groups"].as_array().unwrap().len() == 3));
+        assert!(matches!(parse_target("/apis"), Some(Target::Discovery(v)) if v["groups"].as_array().unwrap().len() == 4));
+        // A CRD's resource is served only while the CRD is installed.
+        let cnps = "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies";
+        assert!(matches!(parse_target(cnps), Some(Target::Collection { namespace: None, .. })));
+        let builtin = |r: &Resource| !r.crd;
+        assert!(super::parse_target(cnps, &builtin).is_none());
+        assert!(super::parse_target("/apis/policy.networking.k8s.io/v1alpha2", &builtin).is_none());
+        assert!(matches!(super::parse_target("/apis", &builtin), Some(Target::Discovery(v)) if v["groups"].as_array().unwrap().len() == 3));
+        assert!(matches!(parse_target("/api/v1/nodes/n1"), Some(Target::Object { res, namespace: None, .. }) if res.kind == "Node"));
     }
 
     #[test]

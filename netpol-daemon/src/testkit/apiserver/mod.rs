@@ -2,9 +2,11 @@
 //! server speaking the list/watch protocol kube-rs (and client-go) talk to, so the daemon's
 //! real Kubernetes source runs against it unchanged, through a `kube::Client` or KUBECONFIG.
 //!
-//! It serves namespaces, pods, services, endpointslices (discovery.k8s.io/v1),
+//! It serves namespaces, pods, services, nodes, endpointslices (discovery.k8s.io/v1),
 //! networkpolicies (networking.k8s.io/v1) and events (events.k8s.io/v1, created and patched
-//! by clients and recorded), plus `/version` and discovery. Objects are `serde_json::Value`s
+//! by clients and recorded), plus `/version` and discovery; and clusternetworkpolicies
+//! (policy.networking.k8s.io/v1alpha2) once their CRD is installed ([`ApiServer::install_crd`]:
+//! before that, and after [`ApiServer::remove_crd`], a 404 as from a real server without it). Objects are `serde_json::Value`s
 //! stamped with one global resourceVersion counter; see `store` for the storage, `api` for
 //! lists (paging with `limit`/`continue`, `resourceVersion`/`resourceVersionMatch`,
 //! selectors) and `watch` for watch streams (chunked events, bookmarks, 410 Gone).
@@ -218,6 +220,21 @@ impl ApiServer {
             rv = self.shared.modify(|store| store.put(res, obj)).map_err(|e| anyhow!("{kind}: {}", e.message))?.metadata_rv();
         }
         Ok(rv)
+    }
+
+    /// Installs the CRD of `resource` (a plural: "clusternetworkpolicies"): until then, and
+    /// after [`ApiServer::remove_crd`], every request on it is answered 404 and it is not in
+    /// discovery, as on a real server without the CRD.
+    pub fn install_crd(&self, resource: &str) {
+        let res = resource_named(resource);
+        self.shared.modify(|store| store.install(res));
+    }
+
+    /// Removes the CRD of `resource`: its objects are deleted (DELETED events), the watch
+    /// streams on it end, and it is answered 404 from then on.
+    pub fn remove_crd(&self, resource: &str) {
+        let res = resource_named(resource);
+        self.shared.modify(|store| store.uninstall(res));
     }
 
     /// Deletes an object (namespace "" for a cluster-scoped one); returns the deletion's

@@ -24,17 +24,33 @@ pub struct Resource {
     pub version: &'static str,
     pub kind: &'static str,
     pub namespaced: bool,
+    /// Defined by a CRD: served only once installed ([`Store::install`]); until then (and once
+    /// the CRD is removed) the API server answers 404, as for any path it does not serve.
+    pub crd: bool,
+}
+
+const fn builtin(plural: &'static str, group: &'static str, kind: &'static str, namespaced: bool) -> Resource {
+    Resource { plural, group, version: "v1", kind, namespaced, crd: false }
 }
 
 /// Everything the server serves: what netpol watches, plus events.k8s.io Events (recorded for
 /// tests of the daemon's Kubernetes Events).
 pub const RESOURCES: &[Resource] = &[
-    Resource { plural: "namespaces", group: "", version: "v1", kind: "Namespace", namespaced: false },
-    Resource { plural: "pods", group: "", version: "v1", kind: "Pod", namespaced: true },
-    Resource { plural: "services", group: "", version: "v1", kind: "Service", namespaced: true },
-    Resource { plural: "endpointslices", group: "discovery.k8s.io", version: "v1", kind: "EndpointSlice", namespaced: true },
-    Resource { plural: "networkpolicies", group: "networking.k8s.io", version: "v1", kind: "NetworkPolicy", namespaced: true },
-    Resource { plural: "events", group: "events.k8s.io", version: "v1", kind: "Event", namespaced: true },
+    builtin("namespaces", "", "Namespace", false),
+    builtin("pods", "", "Pod", true),
+    builtin("services", "", "Service", true),
+    builtin("nodes", "", "Node", false),
+    builtin("endpointslices", "discovery.k8s.io", "EndpointSlice", true),
+    builtin("networkpolicies", "networking.k8s.io", "NetworkPolicy", true),
+    builtin("events", "events.k8s.io", "Event", true),
+    Resource {
+        plural: "clusternetworkpolicies",
+        group: "policy.networking.k8s.io",
+        version: "v1alpha2",
+        kind: "ClusterNetworkPolicy",
+        namespaced: false,
+        crd: true,
+    },
 ];
 
 impl Resource {
@@ -156,6 +172,17 @@ struct WatchQueue {
     resource: &'static str,
     epoch: u64,
     pending: Vec<Change>,
+    /// The stream is to end (cleanly) once its pending changes are sent: its resource's CRD
+    /// was removed.
+    ended: bool,
+}
+
+/// What an open watch stream is to send: the changes queued for it, the resourceVersion all
+/// changes up to which have been queued, and whether it ends after them.
+pub struct Pending {
+    pub changes: Vec<Change>,
+    pub rv: u64,
+    pub ended: bool,
 }
 
 pub struct Store {
@@ -167,13 +194,39 @@ pub struct Store {
     tables: HashMap<&'static str, Table>,
     watchers: HashMap<u64, WatchQueue>,
     next_watcher: u64,
+    /// The CRD resources installed (by plural).
+    installed: std::collections::HashSet<&'static str>,
 }
 
 impl Store {
     pub fn new() -> Store {
         let tables = RESOURCES.iter().map(|r| (r.plural, Table::default())).collect();
         // Starts above 0: "0" means "any version" to the API.
-        Store { rv: 1, compacted: 0, epoch: 0, tables, watchers: HashMap::new(), next_watcher: 0 }
+        Store { rv: 1, compacted: 0, epoch: 0, tables, watchers: HashMap::new(), next_watcher: 0, installed: Default::default() }
+    }
+
+    /// `res` is served: built in, or its CRD installed.
+    pub fn served(&self, res: &Resource) -> bool {
+        !res.crd || self.installed.contains(res.plural)
+    }
+
+    /// Installs the CRD of `res`: it is served from now on.
+    pub fn install(&mut self, res: &'static Resource) {
+        assert!(res.crd, "{} is built in, not defined by a CRD", res.plural);
+        self.installed.insert(res.plural);
+    }
+
+    /// Removes the CRD of `res`, as the real server does: every object of it is deleted (a
+    /// DELETED event each), then the open watch streams on it end and it is no longer served.
+    pub fn uninstall(&mut self, res: &'static Resource) {
+        let keys: Vec<String> = self.table(res).objects.keys().cloned().collect();
+        for key in keys {
+            self.delete(res, &key);
+        }
+        for w in self.watchers.values_mut().filter(|w| w.resource == res.plural) {
+            w.ended = true;
+        }
+        self.installed.remove(res.plural);
     }
 
     /// The current (latest) resourceVersion.
@@ -202,6 +255,9 @@ impl Store {
     /// change, as on the real server. The stored object carries its new resourceVersion, a uid,
     /// and `apiVersion`/`kind`.
     pub fn put(&mut self, res: &'static Resource, mut obj: Value) -> Result<Arc<Value>, ApiError> {
+        if !self.served(res) {
+            return Err(ApiError::new(404, "NotFound", format!("{}.{}: the CRD is not installed", res.plural, res.group)));
+        }
         let key = object_key(res, &obj)?;
         let prev = self.table(res).objects.get(&key).cloned();
         obj["apiVersion"] = res.api_version().into();
@@ -310,16 +366,16 @@ impl Store {
 
     fn open_queue(&mut self, res: &'static Resource) -> u64 {
         self.next_watcher += 1;
-        self.watchers.insert(self.next_watcher, WatchQueue { resource: res.plural, epoch: self.epoch, pending: Vec::new() });
+        let queue = WatchQueue { resource: res.plural, epoch: self.epoch, pending: Vec::new(), ended: false };
+        self.watchers.insert(self.next_watcher, queue);
         self.next_watcher
     }
 
-    /// The changes queued for stream `id` and the current resourceVersion (all changes up to it
-    /// have been queued); None once the stream is to be cut.
-    pub fn take_pending(&mut self, id: u64) -> Option<(Vec<Change>, u64)> {
+    /// What stream `id` is to send now; None once the stream is to be cut.
+    pub fn take_pending(&mut self, id: u64) -> Option<Pending> {
         let epoch = self.epoch;
         let w = self.watchers.get_mut(&id).filter(|w| w.epoch == epoch)?;
-        Some((std::mem::take(&mut w.pending), self.rv))
+        Some(Pending { changes: std::mem::take(&mut w.pending), rv: self.rv, ended: w.ended })
     }
 
     pub fn close_watch(&mut self, id: u64) {

@@ -12,6 +12,8 @@
 //! - A selector is applied to each change's before and after: an object that stops matching
 //!   is DELETED for this watcher, one that starts matching is ADDED.
 //! - When the server cuts its connections the stream breaks off in the middle of an event.
+//! - When a CRD is removed the streams on its resource end (after the DELETED events of its
+//!   objects), as the real server ends them.
 use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +22,7 @@ use serde_json::{json, Value};
 
 use super::http::{Chunked, Request};
 use super::select::Filter;
-use super::store::{ApiError, Change, ChangeType, Resource};
+use super::store::{ApiError, Change, ChangeType, Pending, Resource};
 use super::{Answer, Shared};
 
 /// What a watch request asks for.
@@ -133,13 +135,13 @@ pub fn stream(
     loop {
         let next_bookmark = last_bookmark + shared.controls.lock().unwrap().bookmark_every;
         let wake = if p.bookmarks { next_bookmark.min(deadline) } else { deadline };
-        let Some((changes, rv)) = wait_for_changes(shared, start.id, wake) else {
+        let Some(Pending { changes, rv, ended }) = wait_for_changes(shared, start.id, wake) else {
             body.cut();
             return Ok(Answer { keep_alive: false });
         };
         cursor = send_changes(&mut body, &changes, filter, cursor)?;
         let now = Instant::now();
-        if now >= deadline {
+        if now >= deadline || ended {
             body.finish()?;
             return Ok(Answer { keep_alive: true });
         }
@@ -152,15 +154,15 @@ pub fn stream(
     }
 }
 
-/// The changes queued for stream `id`, waiting until there are some or `wake`; None when
-/// the stream is to be cut.
-fn wait_for_changes(shared: &Shared, id: u64, wake: Instant) -> Option<(Vec<Change>, u64)> {
+/// The changes queued for stream `id`, waiting until there are some, the stream ends or
+/// `wake`; None when the stream is to be cut.
+fn wait_for_changes(shared: &Shared, id: u64, wake: Instant) -> Option<Pending> {
     let mut store = shared.store.lock().unwrap();
     loop {
-        let (changes, rv) = store.take_pending(id)?;
+        let pending = store.take_pending(id)?;
         let now = Instant::now();
-        if !changes.is_empty() || now >= wake {
-            return Some((changes, rv));
+        if !pending.changes.is_empty() || pending.ended || now >= wake {
+            return Some(pending);
         }
         store = shared.changed.wait_timeout(store, wake - now).unwrap().0;
     }

@@ -1,6 +1,8 @@
 //! Connectivity probes from inside the lab's namespaces: a TCP line exchange, a UDP
-//! request/answer, and DNS lookups (A records, over UDP or TCP).
-use std::io::{Read, Write};
+//! request/answer (as a yes or no, or as [`Reach`]: how it failed), and DNS lookups (A
+//! records, over UDP or TCP).
+use std::fmt;
+use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -50,6 +52,84 @@ impl Lab {
         } else {
             self.pod(who).ip
         }
+    }
+}
+
+/// How a connection attempt ended: answered, refused (a TCP reset, an ICMP port unreachable,
+/// an SCTP ABORT), or nothing came back in time (what a policy's drop looks like; the
+/// conformance suite requires a timeout for a denied connection), or another error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reach {
+    Connected,
+    Refused,
+    Timeout,
+    Failed(String),
+}
+
+impl fmt::Display for Reach {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Reach::Connected => f.write_str("connected"),
+            Reach::Refused => f.write_str("refused"),
+            Reach::Timeout => f.write_str("timeout"),
+            Reach::Failed(e) => write!(f, "failed: {e}"),
+        }
+    }
+}
+
+impl Lab {
+    /// A TCP or UDP exchange from `from` (a pod, an outside host or "node") to `dst:port`.
+    pub fn reach(&self, from: &str, udp: bool, dst: Ipv4Addr, port: u16, timeout: Duration) -> Reach {
+        let src = self.source_netns(from);
+        let dst = SocketAddr::new(IpAddr::V4(dst), port);
+        let run = move || if udp { reach_udp(dst, timeout) } else { reach_tcp(dst, timeout) };
+        in_netns(&src, run).unwrap_or_else(|e| Reach::Failed(format!("{e:#}")))
+    }
+}
+
+/// Connects and exchanges a line (the answer must come within `timeout` too).
+pub fn reach_tcp(dst: SocketAddr, timeout: Duration) -> Reach {
+    let mut s = match TcpStream::connect_timeout(&dst, timeout) {
+        Ok(s) => s,
+        Err(e) => return io_reach(e),
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    if let Err(e) = s.write_all(b"ping\n") {
+        return io_reach(e);
+    }
+    let mut buf = [0u8; 128];
+    match s.read(&mut buf) {
+        Ok(n) if n > 0 => Reach::Connected,
+        Ok(_) => Reach::Failed("closed without an answer".into()),
+        Err(e) => io_reach(e),
+    }
+}
+
+/// Sends a datagram on a connected socket (so that an ICMP error reads as refused) and waits
+/// for the answer.
+pub fn reach_udp(dst: SocketAddr, timeout: Duration) -> Reach {
+    let any = if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let s = match UdpSocket::bind(any).and_then(|s| s.connect(dst).map(|_| s)) {
+        Ok(s) => s,
+        Err(e) => return Reach::Failed(e.to_string()),
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    if let Err(e) = s.send(b"ping\n") {
+        return io_reach(e);
+    }
+    let mut buf = [0u8; 128];
+    match s.recv(&mut buf) {
+        Ok(n) if n > 0 => Reach::Connected,
+        Ok(_) => Reach::Failed("empty answer".into()),
+        Err(e) => io_reach(e),
+    }
+}
+
+fn io_reach(e: std::io::Error) -> Reach {
+    match e.kind() {
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset => Reach::Refused,
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => Reach::Timeout,
+        _ => Reach::Failed(e.to_string()),
     }
 }
 
