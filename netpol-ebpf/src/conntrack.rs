@@ -127,9 +127,7 @@ pub fn now() -> u64 {
 #[inline(always)]
 pub fn track_existing(k: &CtKey, p: &Packet, now: u64, reply_hint: bool) -> Option<Flow> {
     let tcp = p.proto == PROTO_TCP;
-    let reply_first = !(tcp && p.tcp_flags & TCP_RST != 0)
-        && !bare_syn(p)
-        && (reply_hint || syn_ack(p));
+    let reply_first = !(tcp && p.tcp_flags & TCP_RST != 0) && !bare_syn(p) && (reply_hint || syn_ack(p));
     let r = reverse(k);
     let (first, second, side) = if reply_first { (&r, k, 1) } else { (k, &r, 0) };
     if let Some((slot, pass)) = hit(first, p, now, side) {
