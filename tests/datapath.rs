@@ -4,6 +4,7 @@
 //! headers) are covered here.
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -116,6 +117,9 @@ fn ports_protocols_ranges_and_address_classes() {
         ("tcp 80 from 10/8", tcp4(v4("10.1.1.1"), web, 40000, 80, TCP_SYN), OK),
         ("tcp 80 from the except", tcp4(v4("10.9.1.1"), web, 40000, 80, TCP_SYN), SHOT),
         ("tcp 81", tcp4(v4("10.1.1.1"), web, 40000, 81, TCP_SYN), SHOT),
+        // (The class's one port, held in its POLICY entry: the protocol is compared too.)
+        ("udp 80 from 10/8: the one TCP port opens no UDP", udp4(v4("10.1.1.1"), web, 40000, 80), SHOT),
+        ("sctp 80 from 10/8", ipv4(v4("10.1.1.1"), web, 132, 5000, 80, 0, 0), SHOT),
         ("tcp 80 from outside 10/8", tcp4(v4("11.1.1.1"), web, 40000, 80, TCP_SYN), SHOT),
         ("udp 53 from anywhere", udp4(v4("192.0.2.1"), web, 5353, 53), OK),
         ("tcp 53: the UDP rule does not open TCP", tcp4(v4("192.0.2.1"), web, 5353, 53, TCP_SYN), SHOT),
@@ -970,6 +974,62 @@ fn tracked_flows_of_the_older_conntrack_layout_are_migrated_at_load() {
     f.dp.set_flow_cache(false).unwrap();
     assert_eq!(run(&mut f, Direction::Ingress, &tcp4(srv, web, 443, 41000, TCP_ACK)), OK, "the migrated flow's reply");
     assert_eq!(run(&mut f, Direction::Ingress, &tcp4(srv, web, 443, 41001, TCP_ACK)), SHOT, "an untracked one");
+}
+
+#[test]
+fn policy_entries_of_the_older_map_are_copied_at_load_and_it_is_never_written_again() {
+    if unsafe { libc::geteuid() } != 0 {
+        let msg = "datapath tests need root (BPF_PROG_TEST_RUN)";
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    use aya::maps::{HashMap, Map, MapData};
+    use netpol_common::{maps, PolicyKey, PolicyValue, POLICY_ALLOW_ALL};
+    let pin = PathBuf::from(format!("/sys/fs/bpf/netpol-test-{}-policy-v1", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin);
+    std::fs::create_dir_all(&pin).unwrap();
+    // What an older daemon left pinned: POLICY (hash, 12-byte keys, 8-byte values) with one
+    // entry: endpoint 7 lets everything in.
+    let key = PolicyKey { endpoint: 7, identity: 0, dir: 0, _pad: [0; 3] };
+    let old = PolicyValue { portset: 0, flags: POLICY_ALLOW_ALL };
+    let mut a = [0u64; 16];
+    // BPF_MAP_CREATE: BPF_MAP_TYPE_HASH (1), key 12, value 8, 1024 entries.
+    a[0] = 1 | (12u64 << 32);
+    a[1] = 8 | (1024u64 << 32);
+    let fd = bpf(0, &mut a);
+    assert!(fd >= 0, "creating the old map: {}", std::io::Error::last_os_error());
+    let mut a = [0u64; 16];
+    a[0] = fd as u64;
+    a[1] = &key as *const PolicyKey as u64;
+    a[2] = &old as *const PolicyValue as u64;
+    assert_eq!(bpf(2, &mut a), 0, "BPF_MAP_UPDATE_ELEM: {}", std::io::Error::last_os_error());
+    let path = std::ffi::CString::new(pin.join(maps::POLICY_V1).to_str().unwrap()).unwrap();
+    let mut a = [0u64; 16];
+    a[0] = path.as_ptr() as u64;
+    a[1] = fd as u64;
+    assert_eq!(bpf(6, &mut a), 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // (The fd stays open: the old programs' hold on the map, read after the sync below.)
+    let old_map = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+
+    let read = |md: MapData| -> Vec<(PolicyKey, PolicyValue)> {
+        let m: HashMap<MapData, PolicyKey, PolicyValue> = HashMap::try_from(Map::HashMap(md)).unwrap();
+        m.iter().map(Result::unwrap).collect()
+    };
+    // Loaded: the entry is in the new map, the old pin gone.
+    let dp = Datapath::load_detached_with(&pin, false).expect("loading the programs");
+    assert!(!pin.join(maps::POLICY_V1).exists(), "the old pin is gone");
+    assert_eq!(read(MapData::from_pin(pin.join(maps::POLICY)).unwrap()), vec![(key, old)], "copied");
+    drop(dp);
+    // A sync (after a restart over the same pins) writes the new map only: one-port entries
+    // (egress to 10.2/16: TCP 443), endpoint 7 (no pod of this sync) gone; the old map, which the
+    // programs of the older daemon still read, stays as it was.
+    let f = fixture_at(pin.clone(), POLICY, false);
+    let new = read(MapData::from_pin(pin.join(maps::POLICY)).unwrap());
+    assert!(new.iter().any(|(k, v)| k.dir == 1 && v.one_port() == Some((6, 443, 0))), "{new:?}");
+    assert!(!new.iter().any(|(k, _)| k.endpoint == 7), "{new:?}");
+    assert_eq!(read(MapData::from_fd(old_map).unwrap()), vec![(key, old)], "the old map is never written");
+    drop(f);
 }
 
 /// Neighbour discovery passes unchecked only as the link uses it (RFC 4861): hop limit 255, no

@@ -98,7 +98,7 @@ fn default_deny_ingress_then_allow_labelled_pods_and_live_edit() {
     assert!(denied_bytes >= 42.0 * denied && denied_bytes == v("netpol_bytes_total", &broker("ingress", "verdict", "deny")).unwrap());
     // Map pressure: the allowed connections are tracked flows; the policies are gone by now.
     assert!(v("netpol_bpf_map_entries", &[("map", "CONNTRACK2")]).is_some_and(|n| n >= 1.0), "{m}");
-    assert_eq!(v("netpol_bpf_map_entries", &[("map", "POLICY")]), Some(0.0), "{m}");
+    assert_eq!(v("netpol_bpf_map_entries", &[("map", "POLICY2")]), Some(0.0), "{m}");
     assert_eq!(v("netpol_bpf_map_capacity", &[("map", "CONNTRACK2")]), Some(netpol_common::CONNTRACK_MAX as f64));
     assert!(v("process_resident_memory_bytes", &[]).is_some_and(|b| b > 1e6), "{m}");
     assert_eq!(lab.http_get("/healthz").unwrap().0, 200);

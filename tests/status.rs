@@ -210,9 +210,9 @@ fn status_reads_what_the_compiler_intended_from_the_maps_and_keeps_reading_them_
     assert_eq!(node["node_addresses"], serde_json::json!([GATEWAY_IP.to_string(), NODE_IP.to_string()]));
     let fill = |doc: &Value, map: &str| doc["maps"].as_array().unwrap().iter().find(|m| m["map"] == map).cloned().unwrap();
     assert_eq!(fill(&node, "ENDPOINTS")["entries"], 4);
-    assert_eq!(fill(&node, "POLICY")["capacity"], netpol_common::POLICY_MAX);
+    assert_eq!(fill(&node, "POLICY2")["capacity"], netpol_common::POLICY_MAX);
     let policy_entries: u64 = eps.iter().map(|e| e["policy_entries"].as_u64().unwrap()).sum();
-    assert_eq!(fill(&node, "POLICY")["entries"], policy_entries, "every POLICY entry belongs to an endpoint");
+    assert_eq!(fill(&node, "POLICY2")["entries"], policy_entries, "every POLICY entry belongs to an endpoint");
 
     // Traffic is counted and tracked: an allowed connection into the broker.
     check(
@@ -303,14 +303,24 @@ fn status_shows_a_map_entry_changed_by_hand() {
     assert!(!allows(&outside["allowed"], "TCP", 7777));
     check(&lab, &[("outside2", "broker", "tcp", 7777, false)]);
 
-    // Port 7777 added to the outside class's port set, and the apps class's entry deleted.
-    let portset = outside["allowed"]["portset"].as_u64().unwrap() as u32;
-    let md = MapData::from_pin(lab.pin_dir.join(maps::POLICY_PORTS)).unwrap();
-    let mut ports: LpmTrie<MapData, PortKey, PortValue> = LpmTrie::try_from(Map::from_map_data(md).unwrap()).unwrap();
-    let key = PortKey { portset, proto: PROTO_TCP, _pad: 0, port: 7777u16.to_be_bytes() };
-    ports.insert(&Key::new(PORT_KEY_FIXED_BITS + 16, key), PortValue { slot: 0 }, 0).unwrap();
+    // Port 7777 added to the outside class's ports, and the apps class's entry deleted. The
+    // outside class allows one port, held inline in its entry: the entry becomes a reference to
+    // a port set of its own (no id the daemon interns) holding that port and 7777.
     let md = MapData::from_pin(lab.pin_dir.join(maps::POLICY)).unwrap();
     let mut policy: BpfHashMap<MapData, PolicyKey, PolicyValue> = BpfHashMap::try_from(Map::from_map_data(md).unwrap()).unwrap();
+    let outside_key = PolicyKey { endpoint: id, identity: outside["identity"].as_u64().unwrap() as u32, dir: DIR_INGRESS, _pad: [0; 3] };
+    let inline = policy.get(&outside_key, 0).unwrap();
+    let (proto, port, slot) = inline.one_port().expect("the outside class allows one port, inline");
+    assert_eq!((proto, port), (PROTO_TCP, 9092));
+    let portset = 0x00ff_fff0;
+    let md = MapData::from_pin(lab.pin_dir.join(maps::POLICY_PORTS)).unwrap();
+    let mut ports: LpmTrie<MapData, PortKey, PortValue> = LpmTrie::try_from(Map::from_map_data(md).unwrap()).unwrap();
+    for port in [port, 7777] {
+        let key = PortKey { portset, proto: PROTO_TCP, _pad: 0, port: port.to_be_bytes() };
+        ports.insert(&Key::new(PORT_KEY_FIXED_BITS + 16, key), PortValue { slot }, 0).unwrap();
+    }
+    let flags = inline.flags & !(POLICY_ONE_PORT | 0xff << POLICY_ONE_PORT_SLOT_SHIFT);
+    policy.insert(outside_key, PolicyValue { portset, flags }, 0).unwrap();
     let identity = apps["identity"].as_u64().unwrap() as u32;
     policy.remove(&PolicyKey { endpoint: id, identity, dir: DIR_INGRESS, _pad: [0; 3] }).unwrap();
 

@@ -15,8 +15,10 @@
 //!    identity 0. This is what keeps the per-endpoint tables small: a rule that allows "every
 //!    pod of every namespace" is one entry per endpoint, not one per pod.
 //! 2. `POLICY`: hash from ([`PolicyKey`]: endpoint, identity, direction) to [`PolicyValue`]: an
-//!    interned port set, or "all traffic". A missing identity falls back to the endpoint's
-//!    identity-0 entry (what its rules without peer restriction allow); missing too: denied.
+//!    interned port set, or "all traffic", or the one (protocol, port) allowed, inline
+//!    ([`POLICY_ONE_PORT`]: the third look-up is not made). A missing identity falls back to
+//!    the endpoint's identity-0 entry (what its rules without peer restriction allow); missing
+//!    too: denied.
 //! 3. `POLICY_PORTS`: LPM trie keyed by ([`PortKey`]: port set id, protocol, port). A port range
 //!    is stored as at most 30 port prefixes, so `endPort` ranges of any width cost O(log) entries.
 //!
@@ -79,6 +81,23 @@ pub const POLICY_DENY_OTHER: u32 = 4;
 pub const POLICY_HAS_DENIES: u32 = 8;
 /// Where [`POLICY_DENY_OTHER`]'s slot is in [`PolicyValue::flags`].
 pub const POLICY_DENY_SLOT_SHIFT: u32 = 16;
+/// [`PolicyValue::flags`]: the port set is one port of one protocol (the common "this peer on
+/// port P" rule), held in [`PolicyValue::portset`] itself ([`one_port_portset`]) with its slot
+/// in bits 24-31, so that a new flow's verdict takes no `POLICY_PORTS` walk. Never with
+/// [`POLICY_HAS_DENIES`] (whose look-up needs a port set id) nor [`POLICY_ALLOW_ALL`].
+pub const POLICY_ONE_PORT: u32 = 16;
+/// Where [`POLICY_ONE_PORT`]'s slot is in [`PolicyValue::flags`].
+pub const POLICY_ONE_PORT_SLOT_SHIFT: u32 = 24;
+/// The bit that marks a [`POLICY_ONE_PORT`] value's `portset` (never an interned port set id,
+/// so that no `POLICY_PORTS` entry can ever match it).
+pub const PORTSET_ONE_PORT: u32 = 1 << 30;
+
+/// A [`POLICY_ONE_PORT`] value's `portset`: the marker bit, the protocol in bits 16-23, the
+/// port (host order) in bits 0-15: what the programs compare with the packet's.
+#[inline(always)]
+pub const fn one_port_portset(proto: u8, port: u16) -> u32 {
+    PORTSET_ONE_PORT | (proto as u32) << 16 | port as u32
+}
 /// The port set id bit under which a port set's denied ports are (`POLICY_PORTS` entries whose
 /// slot is the denying policy's).
 pub const PORTSET_DENIED: u32 = 1 << 31;
@@ -156,7 +175,13 @@ pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const ENDPOINTS_ARRAY: &str = "ENDPOINTS_ARRAY";
     pub const IDENTITIES: &str = "IDENTITIES";
-    pub const POLICY: &str = "POLICY";
+    /// Renamed from `POLICY` when its values gained [`POLICY_ONE_PORT`](super::POLICY_ONE_PORT)
+    /// (same layout, a new meaning): a program of an older daemon, still attached until the
+    /// first sync replaces it, keeps reading the old map, which this daemon copies here at
+    /// load and never writes ([`POLICY_V1`]), so it never reads a value it misunderstands.
+    pub const POLICY: &str = "POLICY2";
+    /// The pin of the previous encoding, copied and removed at load.
+    pub const POLICY_V1: &str = "POLICY";
     pub const POLICY_PORTS: &str = "POLICY_PORTS";
     /// Renamed from `CONNTRACK` when [`CtValue`](super::CtValue) grew the TCP sequence
     /// state: a pinned map keeps its layout, so a restarted daemon gets a new map under the
@@ -293,6 +318,21 @@ pub struct PolicyKey {
 pub struct PolicyValue {
     pub portset: u32,
     pub flags: u32,
+}
+
+impl PolicyValue {
+    /// Whether the value refers to an interned port set (its `POLICY_PORTS` entries).
+    pub const fn uses_port_set(&self) -> bool {
+        self.flags & (POLICY_ALLOW_ALL | POLICY_ONE_PORT) == 0
+    }
+
+    /// The inline port of a [`POLICY_ONE_PORT`] value: (protocol, port, slot).
+    pub const fn one_port(&self) -> Option<(u8, u16, u32)> {
+        if self.flags & POLICY_ONE_PORT == 0 {
+            return None;
+        }
+        Some(((self.portset >> 16) as u8, self.portset as u16, self.flags >> POLICY_ONE_PORT_SLOT_SHIFT))
+    }
 }
 
 /// Data part of the `POLICY_PORTS` LPM key. The prefix length counts [`PORT_KEY_FIXED_BITS`]

@@ -7,7 +7,7 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 
 use netpol_common::*;
 
-use crate::compiler::{Allow, ClassKey, CompiledPod, NodePolicy, PortSet};
+use crate::compiler::{Allow, ClassKey, CompiledPod, NodePolicy, PortSet, Slot};
 use crate::model::cidr::{self, addr_bytes, addr_family};
 use crate::model::{Direction, ObjKey, Protocol};
 use ipnet::IpNet;
@@ -122,6 +122,17 @@ pub fn portset_entries(id: u32, ps: &PortSet, out: &mut HashMap<Lpm<PortKey>, Po
             }
         }
     }
+}
+
+/// A port set that is one port of one protocol, none denied: (protocol, port, slot), what a
+/// [`POLICY_ONE_PORT`] value holds instead of a port set id.
+fn one_port(ps: &PortSet) -> Option<(u8, u16, Slot)> {
+    if ps.has_denies() {
+        return None;
+    }
+    let mut ranges = ps.iter().flat_map(|(proto, ranges)| ranges.iter().map(move |r| (proto, r)));
+    let (proto, r) = ranges.next()?;
+    (ranges.next().is_none() && r.lo == r.hi).then_some((proto.number(), r.lo, r.slot))
 }
 
 /// The map contents for a compiled node, given each programmed pod's endpoint id.
@@ -345,23 +356,30 @@ impl EntryCache {
                 let value = match allow {
                     Allow::All(slot) => PolicyValue { portset: 0, flags: POLICY_ALLOW_ALL | (*slot as u32) << POLICY_SLOT_SHIFT },
                     Allow::Ports(with_other) => {
-                        // Port sets are shared by their ports; other protocols are a flag of
-                        // the entry.
+                        // Other protocols are a flag of the entry.
                         let ps = &with_other.ports_only();
-                        let id = portsets.id(ps);
-                        self.port_sets.entry(id).or_insert_with(|| {
-                            let mut m = HashMap::default();
-                            portset_entries(id, ps, &mut m);
-                            PortSetUse { entries: m.into_iter().collect(), users: 0, live: false }
-                        });
                         let mut flags = with_other.other().map_or(0, |s| POLICY_ALLOW_OTHER | (s as u32) << POLICY_SLOT_SHIFT);
                         if let Some(s) = with_other.denied_other() {
                             flags |= POLICY_DENY_OTHER | (s as u32) << POLICY_DENY_SLOT_SHIFT;
                         }
-                        if ps.has_denies() {
-                            flags |= POLICY_HAS_DENIES;
+                        if let Some((proto, port, slot)) = one_port(ps) {
+                            PolicyValue {
+                                portset: one_port_portset(proto, port),
+                                flags: flags | POLICY_ONE_PORT | (slot as u32) << POLICY_ONE_PORT_SLOT_SHIFT,
+                            }
+                        } else {
+                            // Port sets are shared by their ports.
+                            let id = portsets.id(ps);
+                            self.port_sets.entry(id).or_insert_with(|| {
+                                let mut m = HashMap::default();
+                                portset_entries(id, ps, &mut m);
+                                PortSetUse { entries: m.into_iter().collect(), users: 0, live: false }
+                            });
+                            if ps.has_denies() {
+                                flags |= POLICY_HAS_DENIES;
+                            }
+                            PolicyValue { portset: id, flags }
                         }
-                        PolicyValue { portset: id, flags }
                     }
                 };
                 entries.push((PolicyKey { endpoint, identity, dir: dir.datapath(), _pad: [0; 3] }, value));
@@ -375,7 +393,7 @@ impl EntryCache {
         for (k, v) in old {
             let was = self.cur.policy.remove(k);
             edit.policy.entry(*k).or_insert(was);
-            if v.flags & POLICY_ALLOW_ALL == 0 {
+            if v.uses_port_set() {
                 if let Some(u) = self.port_sets.get_mut(&v.portset) {
                     u.users -= 1;
                     edit.port_sets.insert(v.portset);
@@ -389,7 +407,7 @@ impl EntryCache {
         for (k, v) in new {
             let was = self.cur.policy.insert(*k, *v);
             edit.policy.entry(*k).or_insert(was);
-            if v.flags & POLICY_ALLOW_ALL == 0 {
+            if v.uses_port_set() {
                 self.port_sets.get_mut(&v.portset).expect("derived with the entry").users += 1;
                 edit.port_sets.insert(v.portset);
             }
@@ -504,6 +522,9 @@ pub fn lookup_result(d: &Desired, endpoint: u32, dir: Direction, peer: std::net:
         return Err(if v.flags & POLICY_DENY_OTHER != 0 { (v.flags >> POLICY_DENY_SLOT_SHIFT) & 0xff } else { SLOT_NONE });
     }
     let port = port.ok_or(SLOT_NONE)?;
+    if let Some((one_proto, one, slot)) = v.one_port() {
+        return if (one_proto, one) == (proto, port) { Ok(slot) } else { Err(SLOT_NONE) };
+    }
     // The longest matching prefix decides, as in the LPM trie.
     let in_set = |set: u32| {
         d.ports

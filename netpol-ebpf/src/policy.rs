@@ -17,7 +17,7 @@ static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0)
 #[map(name = "IDENTITIES")]
 static IDENTITIES: LpmTrie<IdKey, u32> = LpmTrie::pinned(IDENTITIES_MAX, 0);
 
-#[map(name = "POLICY")]
+#[map(name = "POLICY2")]
 static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(POLICY_MAX, 0);
 
 #[map(name = "POLICY_PORTS")]
@@ -108,6 +108,14 @@ pub fn allowed(endpoint: u32, dir: u8, p: &Packet) -> Result<u32, u32> {
         return Err(SLOT_NONE);
     }
     if !p.has_ports {
+        return Err(SLOT_NONE);
+    }
+    // The one port of the class, inline in the value: a compare, not a walk of the trie (no
+    // denied ports go with it: see POLICY_ONE_PORT).
+    if v.flags & POLICY_ONE_PORT != 0 {
+        if v.portset == one_port_portset(p.proto, p.dport) {
+            return Ok(v.flags >> POLICY_ONE_PORT_SLOT_SHIFT);
+        }
         return Err(SLOT_NONE);
     }
     let port = p.dport.to_be_bytes();

@@ -88,6 +88,35 @@ pub(super) fn migrate_conntrack_v1(pin_dir: &Path, new: &mut BpfHashMap<MapData,
     let _ = std::fs::remove_file(&path);
 }
 
+/// When POLICY values gained `POLICY_ONE_PORT` (a port inline where there was a port set id,
+/// same layout) the map was renamed (`POLICY2`): a daemon started over the pins of an older
+/// one copies the old `POLICY` entries (each means there what it meant) into the new map, so
+/// that its programs enforce the old state until the first sync, and removes the old pin. The
+/// old programs, attached until that sync swaps them, keep the old map, which is never written
+/// again: they never meet a value they would misread. Errors only cost the old entries (the new
+/// programs deny in the meantime what those allowed), never the start.
+pub(super) fn migrate_policy_v1(pin_dir: &Path, new: &mut BpfHashMap<MapData, PolicyKey, PolicyValue>) {
+    let path = pin_dir.join(maps::POLICY_V1);
+    if !path.exists() {
+        return;
+    }
+    let copied = (|| -> Result<usize> {
+        let old: BpfHashMap<MapData, PolicyKey, PolicyValue> = BpfHashMap::try_from(Map::HashMap(MapData::from_pin(&path)?))?;
+        let mut n = 0;
+        for item in old.iter() {
+            let (k, v) = item?;
+            new.insert(k, v, 0)?;
+            n += 1;
+        }
+        Ok(n)
+    })();
+    match copied {
+        Ok(n) => tracing::info!("copied {n} entries of the old {} map", maps::POLICY_V1),
+        Err(e) => tracing::warn!("old {} map not copied ({e:#}); the first sync programs it afresh", maps::POLICY_V1),
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Pinned maps whose layout differs from this build's (a daemon of an older version left
 /// them: e.g. `EndpointInfo` grew, `COUNTERS` got bytes and drop reasons) cannot be re-used: the
 /// verifier would reject programs reading past their values. They are unpinned, so that new

@@ -124,7 +124,7 @@ impl Datapath {
         }
         let mut ebpf = maps::load_object(pin_dir, bpf_debug)?;
         let endpoints = endpoints::Endpoints::adopt(&mut ebpf, pin_dir)?;
-        let tables = sync::Tables::adopt(&mut ebpf)?;
+        let tables = sync::Tables::adopt(&mut ebpf, pin_dir)?;
         let addrs = addrs::Addrs::adopt(&mut ebpf)?;
         let counters = counters::Counters::take(&mut ebpf)?;
         let conntrack = conntrack::Conntrack::take(&mut ebpf, pin_dir)?;

@@ -6,6 +6,7 @@
 //! wanted goes last, once nothing refers to it. Errors are reported per pod; the rest of the
 //! node stays programmed, and the next sync compares everything again.
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use anyhow::Result;
 use aya::maps::lpm_trie::LpmTrie;
@@ -14,7 +15,7 @@ use aya::Ebpf;
 use netpol_common::*;
 
 use super::endpoints::endpoint_info;
-use super::maps::take;
+use super::maps::{migrate_policy_v1, take};
 use super::mirror::{MapMirror, Scope, Written};
 use super::{Datapath, HashMap, Iface, Limits, Pods, SyncReport};
 use crate::compiler::NodePolicy;
@@ -134,9 +135,11 @@ pub(super) struct Pass {
 impl Tables {
     /// Takes the maps with what a previous daemon left: it keeps enforcing until the first sync
     /// replaces it entry by entry. New class and port-set ids start above the adopted ones.
-    pub fn adopt(ebpf: &mut Ebpf) -> Result<Tables> {
+    pub fn adopt(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Tables> {
         let identities: Identities = MapMirror::adopt(take(ebpf, maps::IDENTITIES)?)?;
-        let policy: Policy = MapMirror::adopt(take(ebpf, maps::POLICY)?)?;
+        let mut policy = take(ebpf, maps::POLICY)?;
+        migrate_policy_v1(pin_dir, &mut policy);
+        let policy: Policy = MapMirror::adopt(policy)?;
         let ports: Ports = MapMirror::adopt(take(ebpf, maps::POLICY_PORTS)?)?;
         let classes = identities.installed().values().copied().chain(policy.installed().keys().map(|k| k.identity));
         let max_class = classes.max().unwrap_or(0);

@@ -386,11 +386,11 @@ mod tests {
     fn map_capacity_is_exported_for_every_map_and_entries_for_those_known() {
         let st = Status { identity_entries: 7, policy_entries: 11, port_entries: 3, ..Default::default() };
         let text = render(&st, true, None);
-        assert_eq!(sample(&text, "netpol_bpf_map_entries{map=\"POLICY\"}"), Some(11.0));
+        assert_eq!(sample(&text, "netpol_bpf_map_entries{map=\"POLICY2\"}"), Some(11.0));
         assert_eq!(sample(&text, "netpol_bpf_map_entries{map=\"IDENTITIES\"}"), Some(7.0));
         assert_eq!(sample(&text, "netpol_bpf_map_entries{map=\"POLICY_PORTS\"}"), Some(3.0));
         assert_eq!(sample(&text, "netpol_bpf_map_entries{map=\"ENDPOINTS\"}"), Some(0.0));
-        assert_eq!(sample(&text, "netpol_bpf_map_capacity{map=\"POLICY\"}"), Some(POLICY_MAX as f64));
+        assert_eq!(sample(&text, "netpol_bpf_map_capacity{map=\"POLICY2\"}"), Some(POLICY_MAX as f64));
         assert_eq!(sample(&text, "netpol_bpf_map_capacity{map=\"CONNTRACK2\"}"), Some(CONNTRACK_MAX as f64));
         // Without the pinned maps there is no conntrack count (rather than a false 0).
         assert_eq!(sample(&text, "netpol_bpf_map_entries{map=\"CONNTRACK2\"}"), None);

@@ -146,7 +146,7 @@ fn the_exposition_is_valid_text_format_with_process_and_build_metrics() {
     assert_eq!(v("netpol_programming_latency_seconds_bucket", &[("le", "0.25")]), Some(2.0));
     assert_eq!(v("netpol_pod_fail_closed", &[("namespace", "a\"b"), ("pod", "x\\y")]), Some(1.0));
     assert_eq!(v("netpol_kube_events_total", &[("verb", "create")]), Some(4.0));
-    assert_eq!(v("netpol_bpf_map_entries", &[("map", "POLICY")]), Some(5.0));
+    assert_eq!(v("netpol_bpf_map_entries", &[("map", "POLICY2")]), Some(5.0));
     assert_eq!(v("netpol_syncs_total", &[]), Some(2.0));
     let commit = build_info::COMMIT.unwrap_or("unknown");
     assert_eq!(v("netpol_build_info", &[("version", build_info::VERSION), ("commit", commit), ("rustc", build_info::RUSTC)]), Some(1.0));

@@ -43,7 +43,8 @@ pub struct PortRange {
 pub enum Allowed {
     /// Every protocol and port (`POLICY_ALLOW_ALL`).
     All { slot: u32 },
-    /// The ports of set `portset` (empty: the set has no `POLICY_PORTS` entry, nothing passes),
+    /// The ports of set `portset` (empty: the set has no `POLICY_PORTS` entry, nothing passes;
+    /// `portset` 0: one port, held in the entry itself, `POLICY_ONE_PORT`),
     /// and with `other_slot`, every protocol other than TCP, UDP and SCTP (`POLICY_ALLOW_OTHER`).
     Ports {
         portset: u32,
@@ -172,8 +173,11 @@ impl Tables {
         if v.flags & POLICY_ALLOW_ALL != 0 {
             return Allowed::All { slot: (v.flags >> POLICY_SLOT_SHIFT) & 0xff };
         }
-        let entries = self.ports.get(&v.portset).map(Vec::as_slice).unwrap_or(&[]);
         let other_slot = (v.flags & POLICY_ALLOW_OTHER != 0).then_some((v.flags >> POLICY_SLOT_SHIFT) & 0xff);
+        if let Some((proto, port, slot)) = v.one_port() {
+            return Allowed::Ports { portset: 0, ports: vec![range(proto, port as u32, port as u32, slot)], other_slot };
+        }
+        let entries = self.ports.get(&v.portset).map(Vec::as_slice).unwrap_or(&[]);
         Allowed::Ports { portset: v.portset, ports: port_ranges(entries), other_slot }
     }
 }
